@@ -1,0 +1,301 @@
+//! Bringing a node's data plane up and down: the overlay device, the programs, their links
+//! and pins, and the route that sends the overlay network to the device.
+//!
+//! Design notes: everything the kernel needs to keep forwarding lives in bpffs under the
+//! node's pin directory (maps by name, links as `link_*`), so the agent process holds no
+//! state the data plane depends on. Maps are loaded with `map_pin_path`: when a pin exists,
+//! aya reuses that map, so a restarted agent keeps routes and counters. TC links are attached
+//! before the previous pin is removed (TCX runs both for a moment, the old one first); native
+//! XDP allows one program, so its old link goes first.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    programs::{
+        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use ipnet::Ipv4Net;
+use overlay_common::{config_flags, map_names, prog_names, DataplaneConfig, EncapMode};
+
+use crate::{
+    maps::Maps,
+    netdev::{self, Link},
+};
+
+/// The object built from `overlay-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay-ebpf"));
+
+pub const LINK_ENCAP: &str = "link_encap";
+pub const LINK_DECAP_TC: &str = "link_decap_tc";
+pub const LINK_DECAP_XDP: &str = "link_decap_xdp";
+
+/// Where decapsulation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapHook {
+    /// Native XDP (for physical NICs: runs before GRO and skb allocation).
+    Xdp,
+    /// TCX ingress (for virtual underlays, where native XDP disables GSO on the peer).
+    Tc,
+    /// XDP when the underlay is a physical NIC whose driver supports native mode, else TC.
+    Auto,
+}
+
+/// Everything needed to bring one node's data plane up.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub iface: String,
+    pub public_ip: Ipv4Addr,
+    pub network: Ipv4Net,
+    pub subnet: Ipv4Net,
+    pub mode: EncapMode,
+    pub vni: u32,
+    pub port: u16,
+    pub device: String,
+    pub decap_hook: DecapHook,
+    pub bpffs_dir: PathBuf,
+    /// Overlay MTU; default: the underlay's minus the encapsulation overhead.
+    pub mtu: Option<u32>,
+}
+
+/// A node whose data plane is up.
+pub struct Dataplane {
+    pub maps: Maps,
+    pub device: Link,
+    pub underlay: Link,
+    /// The hook decapsulation ended up on (`Auto` resolved).
+    pub decap_hook: DecapHook,
+    pub mtu: u32,
+    /// Keeps the loaded objects (and aya-log's map) alive while the agent runs.
+    pub ebpf: Ebpf,
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Create the pin directory (root-only: maps hold the network's topology) on a bpffs.
+fn prepare_pin_dir(dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) && !is_bpffs(dir) {
+        bail!(
+            "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` \
+             (or run `cargo xtask setup`)",
+            parent.display()
+        );
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {} to root", dir.display()))?;
+    Ok(())
+}
+
+/// Pin `link` at `path`, replacing (and so detaching) whatever link was pinned there.
+fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+    remove_pin(path)?;
+    link.pin(path).with_context(|| format!("pinning link at {}", path.display()))?;
+    Ok(())
+}
+
+fn remove_pin(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing pin {}", path.display())),
+    }
+}
+
+fn overlay_peer_name(device: &str) -> String {
+    let mut peer = format!("{device}-p");
+    peer.truncate(15);
+    peer
+}
+
+/// Bring the node's data plane up (idempotent: an existing device, maps and links are
+/// reused or replaced in place).
+pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
+    prepare_pin_dir(&spec.bpffs_dir)?;
+    let underlay = netdev::require_link(&spec.iface)?;
+    let mtu = match spec.mtu {
+        Some(m) => m,
+        None => underlay
+            .mtu
+            .checked_sub(spec.mode.overhead() as u32)
+            .context("underlay MTU is smaller than the encapsulation overhead")?,
+    };
+    match spec.mode {
+        EncapMode::Vxlan => {
+            netdev::ensure_vxlan(&spec.device, spec.vni, spec.port, spec.public_ip, &spec.iface)?;
+        }
+        EncapMode::Udp => {
+            netdev::ensure_veth(&spec.device, &overlay_peer_name(&spec.device))?;
+        }
+    }
+    netdev::configure_up(&spec.device, Some(mtu))?;
+    netdev::set_device_address(&spec.device, spec.subnet.network())?;
+    let device = netdev::require_link(&spec.device)?;
+
+    let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> =
+        map_names::ALL.iter().map(|m| (*m, spec.bpffs_dir.join(m))).collect();
+    for (name, path) in &pins {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).context(
+        "loading the eBPF programs failed (root, a kernel with BTF and TCX are needed; \
+         if the maps' layout changed, run `overlay-agent teardown` first)",
+    )?;
+    let mut maps = Maps::take(&mut ebpf)?;
+    maps.set_config(&DataplaneConfig {
+        mode: spec.mode as u32,
+        vni: spec.vni,
+        port: spec.port,
+        flags: config_flags::READY,
+        underlay_ifindex: underlay.ifindex,
+        overlay_ifindex: device.ifindex,
+        underlay_ip: spec.public_ip.octets(),
+        local_subnet: spec.subnet.network().octets(),
+        local_prefix_len: spec.subnet.prefix_len() as u32,
+        vtep_mac: device.mac,
+        _pad: [0; 2],
+    })?;
+
+    attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress)
+        .and_then(|l| pin_link(l, &spec.bpffs_dir.join(LINK_ENCAP)))
+        .context("attaching encapsulation to the overlay device")?;
+
+    let decap_hook = attach_decap(&mut ebpf, spec, &underlay)?;
+    netdev::route_network(spec.network, &spec.device)?;
+    Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
+}
+
+fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType) -> Result<FdLink> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("verifier rejected {name}"))?;
+    let id = prog
+        .attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .with_context(|| format!("attaching {name} to {iface} (TCX needs Linux >= 6.6)"))?;
+    let link = prog.take_link(id)?;
+    Ok(FdLink::try_from(link)?)
+}
+
+fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(prog_names::XDP_DECAP)
+        .context("program xdp_decap missing from the object")?
+        .try_into()?;
+    prog.load().context("verifier rejected xdp_decap")?;
+    let id = prog.attach(iface, XdpMode::Driver).with_context(|| {
+        format!("attaching XDP in native (driver) mode to {iface}; its driver may not support it: try --decap-hook tc")
+    })?;
+    let link = prog.take_link(id)?;
+    Ok(FdLink::try_from(link)?)
+}
+
+fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link) -> Result<DecapHook> {
+    let dir = &spec.bpffs_dir;
+    let want = match spec.decap_hook {
+        DecapHook::Auto if underlay.kind.is_none() => DecapHook::Xdp,
+        DecapHook::Auto => {
+            tracing::info!(iface = %spec.iface, kind = ?underlay.kind, "virtual underlay: decap in TC");
+            DecapHook::Tc
+        }
+        h => h,
+    };
+    if want == DecapHook::Xdp {
+        remove_pin(&dir.join(LINK_DECAP_XDP))?;
+        match attach_xdp(ebpf, &spec.iface) {
+            Ok(link) => {
+                pin_link(link, &dir.join(LINK_DECAP_XDP))?;
+                remove_pin(&dir.join(LINK_DECAP_TC))?;
+                return Ok(DecapHook::Xdp);
+            }
+            Err(e) if spec.decap_hook == DecapHook::Auto => {
+                tracing::warn!(error = format!("{e:#}"), "native XDP unavailable; decap in TC");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let link = attach_tc(ebpf, prog_names::TC_INGRESS_DECAP, &spec.iface, TcAttachType::Ingress)
+        .context("attaching decapsulation to the underlay")?;
+    pin_link(link, &dir.join(LINK_DECAP_TC))?;
+    remove_pin(&dir.join(LINK_DECAP_XDP))?;
+    Ok(DecapHook::Tc)
+}
+
+/// What `status` reports about a node's data plane.
+#[derive(Debug)]
+pub struct Status {
+    pub config: DataplaneConfig,
+    pub device: Option<String>,
+    pub underlay: Option<String>,
+    pub decap_hook: Option<DecapHook>,
+    pub encap_attached: bool,
+}
+
+impl Status {
+    pub fn is_up(&self) -> bool {
+        self.config.is_ready() && self.encap_attached && self.decap_hook.is_some()
+    }
+}
+
+pub fn status(dir: &Path) -> Result<Status> {
+    let maps = Maps::open(dir)?;
+    let config = maps.config()?;
+    let decap_hook = if dir.join(LINK_DECAP_XDP).exists() {
+        Some(DecapHook::Xdp)
+    } else if dir.join(LINK_DECAP_TC).exists() {
+        Some(DecapHook::Tc)
+    } else {
+        None
+    };
+    Ok(Status {
+        device: netdev::name_of(config.overlay_ifindex),
+        underlay: netdev::name_of(config.underlay_ifindex),
+        encap_attached: dir.join(LINK_ENCAP).exists(),
+        decap_hook,
+        config,
+    })
+}
+
+/// Remove everything `up` made: links (detaching the programs), pinned maps, the overlay
+/// device (and with it the overlay route) and the pin directory.
+pub fn teardown(dir: &Path) -> Result<()> {
+    let device = Maps::open(dir)
+        .ok()
+        .and_then(|m| m.config().ok())
+        .filter(|c| c.is_ready())
+        .and_then(|c| netdev::name_of(c.overlay_ifindex));
+    for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP] {
+        remove_pin(&dir.join(link))?;
+    }
+    for map in map_names::ALL {
+        remove_pin(&dir.join(map))?;
+    }
+    if let Some(dev) = device {
+        if netdev::link(&dev)?.is_some() {
+            netdev::delete_link(&dev)?;
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}

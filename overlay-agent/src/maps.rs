@@ -1,0 +1,222 @@
+//! The only code that touches the eBPF maps: a typed API over the pinned maps of one node.
+//!
+//! Routes (`VTEP_BY_SUBNET`) and peers (`PEER_STATS`) are kept consistent here: a peer is a
+//! member exactly while at least one route points at its underlay address, because decap
+//! accepts frames only from members.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{
+        lpm_trie::Key, Array, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        PerCpuValues,
+    },
+    Ebpf,
+};
+use ipnet::Ipv4Net;
+use overlay_common::{
+    map_names, Counter, DataplaneConfig, Ipv4Prefix, PeerAddr, PeerStats, Vtep,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {name} is not pinned at {path}: is the data plane up on this node? ({source})")]
+    NotPinned {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} is missing from the loaded programs")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("cannot count CPUs: {0}")]
+    Cpus(String),
+    #[error("no route for {0}")]
+    NoSuchRoute(Ipv4Net),
+}
+
+type Result<T> = std::result::Result<T, MapsError>;
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// A route as operators and the control plane see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub subnet: Ipv4Net,
+    /// The peer's underlay address (flannel's PublicIP).
+    pub public_ip: Ipv4Addr,
+    /// The peer's VTEP MAC (zero for the udp backend).
+    pub vtep_mac: [u8; 6],
+}
+
+/// Per-peer counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerTotals {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+pub struct Maps {
+    routes: LpmTrie<MapData, Ipv4Prefix, Vtep>,
+    peers: PerCpuHashMap<MapData, PeerAddr, PeerStats>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, DataplaneConfig>,
+}
+
+pub fn pin_path(dir: &Path, map: &str) -> PathBuf {
+    dir.join(map)
+}
+
+fn typed<T>(name: &'static str, map: Map) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(map).map_err(map_err(name))
+}
+
+impl Maps {
+    /// Open the maps pinned under `dir` (no program needs to be loaded or running).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let open = |name: &'static str| -> Result<Map> {
+            let path = pin_path(dir, name);
+            let data = MapData::from_pin(&path)
+                .map_err(|source| MapsError::NotPinned { name, path: path.clone(), source })?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        Ok(Self {
+            routes: typed(map_names::VTEP_BY_SUBNET, open(map_names::VTEP_BY_SUBNET)?)?,
+            peers: typed(map_names::PEER_STATS, open(map_names::PEER_STATS)?)?,
+            counters: typed(map_names::COUNTERS, open(map_names::COUNTERS)?)?,
+            config: typed(map_names::DP_CONFIG, open(map_names::DP_CONFIG)?)?,
+        })
+    }
+
+    /// Take the maps out of freshly loaded programs.
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing(name));
+        Ok(Self {
+            routes: typed(map_names::VTEP_BY_SUBNET, take(map_names::VTEP_BY_SUBNET)?)?,
+            peers: typed(map_names::PEER_STATS, take(map_names::PEER_STATS)?)?,
+            counters: typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?,
+            config: typed(map_names::DP_CONFIG, take(map_names::DP_CONFIG)?)?,
+        })
+    }
+
+    pub fn config(&self) -> Result<DataplaneConfig> {
+        self.config.get(&0, 0).map_err(map_err(map_names::DP_CONFIG))
+    }
+
+    pub fn set_config(&mut self, cfg: &DataplaneConfig) -> Result<()> {
+        self.config.set(0, cfg, 0).map_err(map_err(map_names::DP_CONFIG))
+    }
+
+    /// Add or replace the route for `route.subnet`, and make its peer a member.
+    pub fn upsert_route(&mut self, route: &Route) -> Result<()> {
+        let key = Key::new(route.subnet.prefix_len() as u32, route.subnet.network().octets());
+        let old = self.routes.get(&key, 0).ok();
+        let peer = route.public_ip.octets();
+        if !self.peer_is_member(&peer)? {
+            let zeros = vec![PeerStats::default(); nr_cpus()?];
+            let values = PerCpuValues::try_from(zeros)
+                .map_err(|e| MapsError::Cpus(format!("per-CPU values: {e}")))?;
+            self.peers.insert(peer, values, 0).map_err(map_err(map_names::PEER_STATS))?;
+        }
+        let value = Vtep { underlay_ip: peer, vtep_mac: route.vtep_mac, _pad: [0; 2] };
+        self.routes.insert(&key, value, 0).map_err(map_err(map_names::VTEP_BY_SUBNET))?;
+        if let Some(old) = old {
+            if old.underlay_ip != peer {
+                self.forget_peer_if_unused(old.underlay_ip)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove the route for `subnet`; its peer stops being a member if no route is left.
+    pub fn remove_route(&mut self, subnet: Ipv4Net) -> Result<()> {
+        let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
+        let old = self.routes.get(&key, 0).map_err(|_| MapsError::NoSuchRoute(subnet))?;
+        self.routes.remove(&key).map_err(map_err(map_names::VTEP_BY_SUBNET))?;
+        self.forget_peer_if_unused(old.underlay_ip)
+    }
+
+    fn peer_is_member(&self, peer: &PeerAddr) -> Result<bool> {
+        match self.peers.get(peer, 0) {
+            Ok(_) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(map_err(map_names::PEER_STATS)(e)),
+        }
+    }
+
+    fn forget_peer_if_unused(&mut self, peer: PeerAddr) -> Result<()> {
+        let still_used = self.routes()?.iter().any(|r| r.public_ip.octets() == peer);
+        if !still_used {
+            match self.peers.remove(&peer) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::PEER_STATS)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// All routes, sorted by subnet.
+    pub fn routes(&self) -> Result<Vec<Route>> {
+        let mut out = Vec::new();
+        for item in self.routes.iter() {
+            let (key, v) = item.map_err(map_err(map_names::VTEP_BY_SUBNET))?;
+            let subnet = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)
+                .expect("the kernel keeps prefix lengths <= 32 for 4-byte keys");
+            out.push(Route {
+                subnet,
+                public_ip: Ipv4Addr::from(v.underlay_ip),
+                vtep_mac: v.vtep_mac,
+            });
+        }
+        out.sort_by_key(|r| r.subnet);
+        Ok(out)
+    }
+
+    /// Outcome counters summed over CPUs, in `Counter` order.
+    pub fn counters(&self) -> Result<[u64; Counter::COUNT]> {
+        let mut out = [0u64; Counter::COUNT];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let values = self.counters.get(&(i as u32), 0).map_err(map_err(map_names::COUNTERS))?;
+            *slot = values.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Per-peer counters summed over CPUs, by peer address.
+    pub fn peer_totals(&self) -> Result<BTreeMap<Ipv4Addr, PeerTotals>> {
+        let mut out = BTreeMap::new();
+        for item in self.peers.iter() {
+            let (peer, values) = item.map_err(map_err(map_names::PEER_STATS))?;
+            let mut t = PeerTotals::default();
+            for v in values.iter() {
+                t.tx_packets += v.tx_packets;
+                t.tx_bytes += v.tx_bytes;
+                t.rx_packets += v.rx_packets;
+                t.rx_bytes += v.rx_bytes;
+            }
+            out.insert(Ipv4Addr::from(peer), t);
+        }
+        Ok(out)
+    }
+}
+
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))
+}

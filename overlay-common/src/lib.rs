@@ -1,0 +1,279 @@
+//! Wire constants, map key/value layouts and pure header helpers shared by the eBPF programs
+//! (`overlay-ebpf`) and the node agent (`overlay-agent`).
+//!
+//! Map layouts are ABI between two separately compiled programs and the pinned maps that
+//! outlive both: every struct is `repr(C)`, has explicit padding and a compile-time size
+//! check. Changing a layout means giving the map a new name, never reusing a field.
+#![no_std]
+
+pub mod wire;
+
+pub use wire::*;
+
+/// Names of the maps as the programs declare them and as they are pinned under the
+/// per-node bpffs directory. Kept under 16 bytes (the kernel truncates map names).
+pub mod map_names {
+    /// LPM trie: overlay subnet -> remote VTEP ([`crate::Vtep`]).
+    pub const VTEP_BY_SUBNET: &str = "VTEP_BY_SUBNET";
+    /// Per-CPU hash: peer underlay address -> [`crate::PeerStats`]. Membership is what
+    /// decap checks: a frame from an address not in this map is dropped.
+    pub const PEER_STATS: &str = "PEER_STATS";
+    /// Per-CPU array indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Array with one [`crate::DataplaneConfig`].
+    pub const DP_CONFIG: &str = "DP_CONFIG";
+    pub const ALL: [&str; 4] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG];
+}
+
+/// Names of the programs (the functions in `overlay-ebpf`).
+pub mod prog_names {
+    pub const TC_EGRESS_ENCAP: &str = "tc_egress_encap";
+    pub const TC_INGRESS_DECAP: &str = "tc_ingress_decap";
+    pub const XDP_DECAP: &str = "xdp_decap";
+}
+
+/// Default capacity of the route and peer maps (flags may override it at load time).
+pub const MAX_ROUTES: u32 = 16384;
+pub const MAX_PEERS: u32 = 16384;
+
+/// The encapsulation a node uses, as flannel's `Backend.Type`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EncapMode {
+    /// VXLAN: outer IPv4/UDP/VXLAN header plus an inner Ethernet header (50 bytes).
+    Vxlan = 1,
+    /// flannel's udp backend: the raw inner IPv4 packet as UDP payload (28 bytes).
+    Udp = 2,
+}
+
+impl EncapMode {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Vxlan),
+            2 => Some(Self::Udp),
+            _ => None,
+        }
+    }
+    /// Bytes the encapsulation adds in front of the inner IPv4 packet (the outer
+    /// Ethernet header is not counted: it replaces the inner one on the wire).
+    pub const fn overhead(self) -> usize {
+        match self {
+            Self::Vxlan => VXLAN_OVERHEAD,
+            Self::Udp => UDP_OVERHEAD,
+        }
+    }
+}
+
+/// Value of `VTEP_BY_SUBNET`: where to send packets for a remote subnet.
+/// Written by the agent only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Vtep {
+    /// The remote node's underlay IPv4 address (flannel's `PublicIP`), network byte order.
+    pub underlay_ip: [u8; 4],
+    /// The remote node's VTEP MAC (flannel's `BackendData.VtepMAC`): the inner destination
+    /// MAC of VXLAN frames we send it. Unused (zero) for the udp backend.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Vtep>() == 12);
+
+/// Key data of `VTEP_BY_SUBNET` entries: an IPv4 prefix in network byte order (the LPM
+/// key is `{prefix_len: u32 host order, data: Ipv4Prefix}`).
+pub type Ipv4Prefix = [u8; 4];
+
+/// Key of `PEER_STATS`: a peer's underlay IPv4 address, network byte order.
+pub type PeerAddr = [u8; 4];
+
+/// Value of `PEER_STATS` (one per CPU). The agent inserts zeroed entries when a peer
+/// appears; the programs increment them. Bytes count the inner IPv4 packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PeerStats {
+    /// Packets encapsulated towards this peer (TC egress).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets from this peer decapsulated and delivered.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
+
+/// Flags in [`DataplaneConfig::flags`].
+pub mod config_flags {
+    /// The agent has written a complete configuration; programs pass everything until set.
+    pub const READY: u16 = 1 << 0;
+}
+
+/// The single entry of `DP_CONFIG`. Written by the agent at start-up, read by every program
+/// on every packet (an array lookup, cheaper than re-loading programs to change a constant).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DataplaneConfig {
+    /// [`EncapMode`] as u32.
+    pub mode: u32,
+    /// VXLAN network identifier, host byte order (low 24 bits).
+    pub vni: u32,
+    /// UDP destination port of the encapsulation, host byte order.
+    pub port: u16,
+    /// [`config_flags`].
+    pub flags: u16,
+    /// ifindex of the underlay interface (encap redirects there).
+    pub underlay_ifindex: u32,
+    /// ifindex of the overlay device (decap delivers there).
+    pub overlay_ifindex: u32,
+    /// This node's underlay address (outer source), network byte order.
+    pub underlay_ip: [u8; 4],
+    /// This node's subnet (inner destinations accepted by decap), network byte order.
+    pub local_subnet: [u8; 4],
+    /// Prefix length of `local_subnet`.
+    pub local_prefix_len: u32,
+    /// This node's VTEP MAC: the overlay device's MAC, inner source MAC on encap and
+    /// destination MAC of decapsulated frames handed to the overlay device.
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 40);
+
+impl DataplaneConfig {
+    pub fn is_ready(&self) -> bool {
+        self.flags & config_flags::READY != 0
+    }
+    pub fn encap_mode(&self) -> Option<EncapMode> {
+        EncapMode::from_u32(self.mode)
+    }
+    /// Whether `addr` (network order) lies in this node's subnet.
+    pub fn is_local(&self, addr: [u8; 4]) -> bool {
+        prefix_contains(self.local_subnet, self.local_prefix_len, addr)
+    }
+}
+
+/// Whether `addr` lies in `prefix/len` (both network byte order).
+#[inline(always)]
+pub fn prefix_contains(prefix: [u8; 4], len: u32, addr: [u8; 4]) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let len = if len > 32 { 32 } else { len };
+    let mask = u32::MAX << (32 - len);
+    (u32::from_be_bytes(prefix) & mask) == (u32::from_be_bytes(addr) & mask)
+}
+
+/// Outcomes counted per CPU in `COUNTERS`. One shared enum for both sides: the agent
+/// prints these names. Values are counter indexes, never program return codes. Never
+/// renumber: add at the end.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Inner packet encapsulated and sent to a peer.
+    Encapsulated = 0,
+    /// Tunnel frame decapsulated and delivered.
+    Decapsulated = 1,
+    /// Encap: no route for the inner destination (dropped).
+    NoRoute = 2,
+    /// Encap: not an IPv4 packet on the overlay device (dropped).
+    EncapNotIpv4 = 3,
+    /// Encap: the kernel refused to grow the packet or redirect it (dropped).
+    EncapFailed = 4,
+    /// Decap: tunnel frame from an underlay address not in the peer table (dropped).
+    UnknownPeer = 5,
+    /// Decap: VXLAN frame with another VNI (dropped).
+    WrongVni = 6,
+    /// Decap: VXLAN header flags other than exactly the I flag (dropped).
+    BadVxlanFlags = 7,
+    /// Decap: frame to our port too short for its headers (dropped).
+    Truncated = 8,
+    /// Decap: outer IPv4 with options to our port (dropped).
+    OuterIpOptions = 9,
+    /// Decap: outer IPv4 fragment to our port (dropped).
+    OuterFragment = 10,
+    /// Decap: inner payload is not an IPv4 packet (dropped).
+    InnerNotIpv4 = 11,
+    /// Decap: inner destination is not in this node's subnet (dropped).
+    NotLocalSubnet = 12,
+    /// Decap: inner source is not in the sending peer's subnets (dropped).
+    SpoofedSource = 13,
+    /// Decap: the kernel refused to shrink or redirect the packet (dropped).
+    DecapFailed = 14,
+    /// A program ran before the agent wrote its configuration (passed).
+    NotConfigured = 15,
+}
+
+impl Counter {
+    pub const COUNT: usize = 16;
+    pub const ALL: [Counter; Self::COUNT] = [
+        Self::Encapsulated,
+        Self::Decapsulated,
+        Self::NoRoute,
+        Self::EncapNotIpv4,
+        Self::EncapFailed,
+        Self::UnknownPeer,
+        Self::WrongVni,
+        Self::BadVxlanFlags,
+        Self::Truncated,
+        Self::OuterIpOptions,
+        Self::OuterFragment,
+        Self::InnerNotIpv4,
+        Self::NotLocalSubnet,
+        Self::SpoofedSource,
+        Self::DecapFailed,
+        Self::NotConfigured,
+    ];
+    /// The name operators see (`overlay-agent stats`, metrics).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Encapsulated => "encapsulated",
+            Self::Decapsulated => "decapsulated",
+            Self::NoRoute => "no_route",
+            Self::EncapNotIpv4 => "encap_not_ipv4",
+            Self::EncapFailed => "encap_failed",
+            Self::UnknownPeer => "unknown_peer",
+            Self::WrongVni => "wrong_vni",
+            Self::BadVxlanFlags => "bad_vxlan_flags",
+            Self::Truncated => "truncated",
+            Self::OuterIpOptions => "outer_ip_options",
+            Self::OuterFragment => "outer_fragment",
+            Self::InnerNotIpv4 => "inner_not_ipv4",
+            Self::NotLocalSubnet => "not_local_subnet",
+            Self::SpoofedSource => "spoofed_source",
+            Self::DecapFailed => "decap_failed",
+            Self::NotConfigured => "not_configured",
+        }
+    }
+    /// Whether this outcome drops the packet.
+    pub const fn is_drop(self) -> bool {
+        !matches!(self, Self::Encapsulated | Self::Decapsulated | Self::NotConfigured)
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // aya 0.14's Pod is its own trait; the orphan rule puts these impls here.
+    unsafe impl aya::Pod for super::Vtep {}
+    unsafe impl aya::Pod for super::PeerStats {}
+    unsafe impl aya::Pod for super::DataplaneConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_table_is_complete_and_in_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "Counter::ALL[{i}] is {c:?}");
+        }
+    }
+
+    #[test]
+    fn prefix_contains_matches_cidr_semantics() {
+        assert!(prefix_contains([10, 244, 1, 0], 24, [10, 244, 1, 77]));
+        assert!(!prefix_contains([10, 244, 1, 0], 24, [10, 244, 2, 1]));
+        assert!(prefix_contains([0, 0, 0, 0], 0, [8, 8, 8, 8]));
+        assert!(prefix_contains([10, 244, 1, 5], 32, [10, 244, 1, 5]));
+        assert!(!prefix_contains([10, 244, 1, 5], 32, [10, 244, 1, 6]));
+    }
+}

@@ -1,0 +1,358 @@
+//! Wire formats: flannel's VXLAN and UDP encapsulations, and small pure helpers to build and
+//! check their headers. Used by the eBPF programs on the packet path (so: no allocation, no
+//! slices of unknown length, constant indexes) and unit-tested on the host.
+
+use crate::Counter;
+
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const VXLAN_HLEN: usize = 8;
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Linux's (and flannel's) VXLAN port; IANA's 4789 is not what flannel uses.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// flannel's udp backend port.
+pub const DEFAULT_UDP_PORT: u16 = 8285;
+pub const DEFAULT_VNI: u32 = 1;
+
+/// Outer IPv4 + UDP + VXLAN + inner Ethernet: the MTU cost of VXLAN.
+pub const VXLAN_OVERHEAD: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+/// Outer IPv4 + UDP: the MTU cost of flannel's udp encapsulation.
+pub const UDP_OVERHEAD: usize = IPV4_HLEN + UDP_HLEN;
+const _: () = assert!(VXLAN_OVERHEAD == 50 && UDP_OVERHEAD == 28);
+
+/// Bytes written in front of the inner IPv4 packet by VXLAN encap (outer Ethernet included).
+pub const VXLAN_ENCAP_HDR: usize = ETH_HLEN + VXLAN_OVERHEAD;
+/// Bytes written in front of the inner IPv4 packet by udp encap (outer Ethernet included).
+pub const UDP_ENCAP_HDR: usize = ETH_HLEN + UDP_OVERHEAD;
+/// Offset of the UDP payload in a tunnel frame without IPv4 options.
+pub const TUNNEL_PAYLOAD_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
+
+/// The VXLAN "I" flag: the VNI field is valid (RFC 7348). The only flag flannel sets.
+pub const VXLAN_FLAG_I: u8 = 0x08;
+
+/// TTL of the outer header (the kernel vxlan device's default too).
+pub const OUTER_TTL: u8 = 64;
+
+/// Outer UDP source port from a flow hash, in the ephemeral range as the kernel vxlan
+/// device does, so ECMP and RSS spread flows while a flow keeps its port.
+#[inline(always)]
+pub fn source_port(flow_hash: u32) -> u16 {
+    0xc000 | (flow_hash as u16 & 0x3fff)
+}
+
+/// The Internet checksum of a 20-byte IPv4 header (checksum field taken as is; zero it
+/// first when building).
+#[inline(always)]
+pub fn ipv4_checksum(hdr: &[u8; IPV4_HLEN]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < IPV4_HLEN {
+        sum += u16::from_be_bytes([hdr[i], hdr[i + 1]]) as u32;
+        i += 2;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Outer IPv4 + UDP headers for a tunnel packet whose UDP payload is `payload_len` bytes.
+/// The UDP checksum is left 0 (allowed for IPv4; the kernel vxlan device accepts it).
+#[inline(always)]
+fn write_ipv4_udp(
+    out: &mut [u8],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload_len: usize,
+) {
+    let udp_len = (UDP_HLEN + payload_len) as u16;
+    let tot_len = (IPV4_HLEN as u16).wrapping_add(udp_len);
+    let mut ip = [0u8; IPV4_HLEN];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
+    ip[8] = OUTER_TTL;
+    ip[9] = IPPROTO_UDP;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let csum = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    out[..IPV4_HLEN].copy_from_slice(&ip);
+    out[IPV4_HLEN..IPV4_HLEN + 2].copy_from_slice(&sport.to_be_bytes());
+    out[IPV4_HLEN + 2..IPV4_HLEN + 4].copy_from_slice(&dport.to_be_bytes());
+    out[IPV4_HLEN + 4..IPV4_HLEN + 6].copy_from_slice(&udp_len.to_be_bytes());
+    out[IPV4_HLEN + 6..IPV4_HLEN + 8].copy_from_slice(&[0, 0]);
+}
+
+/// What an encapsulating program needs to know about one packet.
+#[derive(Clone, Copy, Debug)]
+pub struct EncapParams {
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Length of the inner IPv4 packet.
+    pub inner_len: usize,
+    /// Outer Ethernet addresses. With `bpf_redirect_neigh` the kernel rewrites them, but the
+    /// destination must be unicast or the helper drops the packet.
+    pub outer_src_mac: [u8; 6],
+    pub outer_dst_mac: [u8; 6],
+}
+
+#[inline(always)]
+fn write_eth(out: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
+    out[0..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
+    out[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+}
+
+/// Everything in front of the inner IPv4 packet of a VXLAN frame: outer Ethernet, IPv4,
+/// UDP, VXLAN (I flag, `vni`), and the inner Ethernet header from `inner_src_mac` (our
+/// VtepMAC) to `inner_dst_mac` (the peer's VtepMAC, which stock flannel nodes require).
+#[inline(always)]
+pub fn vxlan_encap_header(
+    p: &EncapParams,
+    vni: u32,
+    inner_src_mac: [u8; 6],
+    inner_dst_mac: [u8; 6],
+) -> [u8; VXLAN_ENCAP_HDR] {
+    let mut h = [0u8; VXLAN_ENCAP_HDR];
+    write_eth(&mut h[..ETH_HLEN], p.outer_dst_mac, p.outer_src_mac);
+    let payload = VXLAN_HLEN + ETH_HLEN + p.inner_len;
+    write_ipv4_udp(
+        &mut h[ETH_HLEN..TUNNEL_PAYLOAD_OFF],
+        p.src_ip,
+        p.dst_ip,
+        p.src_port,
+        p.dst_port,
+        payload,
+    );
+    let v = TUNNEL_PAYLOAD_OFF;
+    h[v] = VXLAN_FLAG_I;
+    let vni = (vni & 0x00ff_ffff) << 8;
+    h[v + 4..v + 8].copy_from_slice(&vni.to_be_bytes());
+    write_eth(&mut h[v + VXLAN_HLEN..], inner_dst_mac, inner_src_mac);
+    h
+}
+
+/// Everything in front of the inner IPv4 packet of a flannel-udp frame: outer Ethernet,
+/// IPv4 and UDP. The payload is the raw inner packet.
+#[inline(always)]
+pub fn udp_encap_header(p: &EncapParams) -> [u8; UDP_ENCAP_HDR] {
+    let mut h = [0u8; UDP_ENCAP_HDR];
+    write_eth(&mut h[..ETH_HLEN], p.outer_dst_mac, p.outer_src_mac);
+    write_ipv4_udp(
+        &mut h[ETH_HLEN..],
+        p.src_ip,
+        p.dst_ip,
+        p.src_port,
+        p.dst_port,
+        p.inner_len,
+    );
+    h
+}
+
+/// The EtherType of an Ethernet header, host order.
+#[inline(always)]
+pub fn ethertype(eth: &[u8; ETH_HLEN]) -> u16 {
+    u16::from_be_bytes([eth[12], eth[13]])
+}
+
+/// What the fixed part of an IPv4 header says about a possible tunnel frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ipv4Class {
+    /// Not UDP (or not IPv4 at all): not ours, pass it on.
+    NotUdp,
+    /// A UDP datagram (or its first fragment). `header_len` is IHL * 4.
+    Udp {
+        header_len: usize,
+        /// More-fragments set (with offset 0): a first fragment.
+        first_fragment: bool,
+    },
+    /// A non-first fragment: no UDP header to look at; not ours to judge.
+    LaterFragment,
+}
+
+/// Classify a 20-byte IPv4 header.
+#[inline(always)]
+pub fn classify_ipv4(ip: &[u8; IPV4_HLEN]) -> Ipv4Class {
+    if ip[0] >> 4 != 4 || ip[9] != IPPROTO_UDP {
+        return Ipv4Class::NotUdp;
+    }
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & 0x1fff != 0 {
+        return Ipv4Class::LaterFragment;
+    }
+    Ipv4Class::Udp {
+        header_len: ((ip[0] & 0x0f) as usize) * 4,
+        first_fragment: frag & 0x2000 != 0,
+    }
+}
+
+/// The UDP destination port of a UDP header, host order.
+#[inline(always)]
+pub fn udp_dst_port(udp: &[u8; UDP_HLEN]) -> u16 {
+    u16::from_be_bytes([udp[2], udp[3]])
+}
+
+/// Check a VXLAN header: exactly the I flag, reserved bits zero, and our VNI.
+#[inline(always)]
+pub fn check_vxlan(h: &[u8; VXLAN_HLEN], vni: u32) -> Result<(), Counter> {
+    if h[0] != VXLAN_FLAG_I || h[1] != 0 || h[2] != 0 || h[3] != 0 || h[7] != 0 {
+        return Err(Counter::BadVxlanFlags);
+    }
+    let got = u32::from_be_bytes([0, h[4], h[5], h[6]]);
+    if got != (vni & 0x00ff_ffff) {
+        return Err(Counter::WrongVni);
+    }
+    Ok(())
+}
+
+/// Source and destination of an inner IPv4 header, or `InnerNotIpv4`.
+#[inline(always)]
+pub fn inner_ipv4_addrs(ip: &[u8; IPV4_HLEN]) -> Result<([u8; 4], [u8; 4]), Counter> {
+    if ip[0] >> 4 != 4 || (ip[0] & 0x0f) < 5 {
+        return Err(Counter::InnerNotIpv4);
+    }
+    Ok((
+        [ip[12], ip[13], ip[14], ip[15]],
+        [ip[16], ip[17], ip[18], ip[19]],
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(inner_len: usize) -> EncapParams {
+        EncapParams {
+            src_ip: [192, 168, 50, 1],
+            dst_ip: [192, 168, 50, 2],
+            src_port: source_port(0xdead_beef),
+            dst_port: DEFAULT_VXLAN_PORT,
+            inner_len,
+            outer_src_mac: [2, 0, 0, 0, 0, 1],
+            outer_dst_mac: [2, 0, 0, 0, 0, 2],
+        }
+    }
+
+    #[test]
+    fn ipv4_checksum_matches_a_known_header() {
+        // Example header from RFC 1071 style worked examples (wikipedia's IPv4 checksum).
+        let mut h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(ipv4_checksum(&h), 0xb861);
+        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        assert_eq!(ipv4_checksum(&h), 0, "a header with its checksum sums to zero");
+    }
+
+    #[test]
+    fn vxlan_header_has_flannel_layout() {
+        let h = vxlan_encap_header(&params(100), 1, [0xaa; 6], [0xbb; 6]);
+        assert_eq!(h.len(), 64);
+        assert_eq!(ethertype(h[..14].try_into().unwrap()), ETH_P_IPV4);
+        let ip: [u8; 20] = h[14..34].try_into().unwrap();
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 20 + 8 + 8 + 14 + 100);
+        assert_eq!(ip[9], IPPROTO_UDP);
+        assert_eq!(ipv4_checksum(&ip), 0, "outer checksum must verify");
+        assert_eq!(&ip[12..16], &[192, 168, 50, 1]);
+        assert_eq!(&ip[16..20], &[192, 168, 50, 2]);
+        let udp: [u8; 8] = h[34..42].try_into().unwrap();
+        assert_eq!(udp_dst_port(&udp), 8472);
+        assert!(u16::from_be_bytes([udp[0], udp[1]]) >= 0xc000);
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 8 + 8 + 14 + 100);
+        assert_eq!(&h[42..50], &[0x08, 0, 0, 0, 0, 0, 1, 0], "I flag, VNI 1");
+        assert_eq!(&h[50..56], &[0xbb; 6], "inner destination is the peer's VtepMAC");
+        assert_eq!(&h[56..62], &[0xaa; 6], "inner source is our VtepMAC");
+        assert_eq!(&h[62..64], &[0x08, 0x00]);
+        check_vxlan(h[42..50].try_into().unwrap(), 1).expect("own header checks");
+    }
+
+    #[test]
+    fn udp_header_carries_the_raw_packet() {
+        let mut p = params(84);
+        p.dst_port = DEFAULT_UDP_PORT;
+        let h = udp_encap_header(&p);
+        assert_eq!(h.len(), 42);
+        let ip: [u8; 20] = h[14..34].try_into().unwrap();
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 20 + 8 + 84);
+        assert_eq!(ipv4_checksum(&ip), 0);
+        let udp: [u8; 8] = h[34..42].try_into().unwrap();
+        assert_eq!(udp_dst_port(&udp), 8285);
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 8 + 84);
+    }
+
+    #[test]
+    fn vni_is_24_bits_big_endian() {
+        let h = vxlan_encap_header(&params(0), 0x00ab_cdef, [0; 6], [0; 6]);
+        assert_eq!(&h[46..50], &[0xab, 0xcd, 0xef, 0]);
+    }
+
+    #[test]
+    fn check_vxlan_rejects_other_vni_and_flags() {
+        let ok = [0x08, 0, 0, 0, 0, 0, 7, 0];
+        assert_eq!(check_vxlan(&ok, 7), Ok(()));
+        assert_eq!(check_vxlan(&ok, 1), Err(Counter::WrongVni));
+        let no_i = [0x00, 0, 0, 0, 0, 0, 7, 0];
+        assert_eq!(check_vxlan(&no_i, 7), Err(Counter::BadVxlanFlags));
+        let gbp = [0x88, 0, 0, 0, 0, 0, 7, 0];
+        assert_eq!(check_vxlan(&gbp, 7), Err(Counter::BadVxlanFlags));
+        let reserved = [0x08, 0, 0, 0, 0, 0, 7, 1];
+        assert_eq!(check_vxlan(&reserved, 7), Err(Counter::BadVxlanFlags));
+    }
+
+    #[test]
+    fn classify_ipv4_sees_udp_options_and_fragments() {
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[9] = IPPROTO_UDP;
+        assert_eq!(
+            classify_ipv4(&ip),
+            Ipv4Class::Udp { header_len: 20, first_fragment: false }
+        );
+        ip[0] = 0x46;
+        assert_eq!(
+            classify_ipv4(&ip),
+            Ipv4Class::Udp { header_len: 24, first_fragment: false }
+        );
+        ip[6] = 0x20; // MF
+        assert_eq!(
+            classify_ipv4(&ip),
+            Ipv4Class::Udp { header_len: 24, first_fragment: true }
+        );
+        ip[7] = 0x10; // offset 16
+        assert_eq!(classify_ipv4(&ip), Ipv4Class::LaterFragment);
+        ip[9] = 6;
+        assert_eq!(classify_ipv4(&ip), Ipv4Class::NotUdp);
+        ip[9] = IPPROTO_UDP;
+        ip[0] = 0x65;
+        assert_eq!(classify_ipv4(&ip), Ipv4Class::NotUdp, "IPv6 version nibble");
+    }
+
+    #[test]
+    fn inner_addrs_need_an_ipv4_header() {
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[12..16].copy_from_slice(&[10, 244, 1, 2]);
+        ip[16..20].copy_from_slice(&[10, 244, 2, 3]);
+        assert_eq!(inner_ipv4_addrs(&ip), Ok(([10, 244, 1, 2], [10, 244, 2, 3])));
+        ip[0] = 0x60;
+        assert_eq!(inner_ipv4_addrs(&ip), Err(Counter::InnerNotIpv4));
+    }
+
+    #[test]
+    fn source_port_stays_in_the_ephemeral_range() {
+        for h in [0u32, 1, 0x3fff, 0x4000, u32::MAX] {
+            let p = source_port(h);
+            assert!(p >= 0xc000, "{h:#x} -> {p}");
+        }
+        assert_ne!(source_port(1), source_port(2));
+    }
+}

@@ -1,0 +1,210 @@
+//! Decapsulation.
+//!
+//! Attached: the underlay interface, either as TCX ingress (`tc_ingress_decap`, for virtual
+//! underlays where native XDP would cost GSO) or as native XDP (`xdp_decap`, for NICs).
+//! Sees: every frame the node receives on its underlay.
+//! Does: accepts only tunnel frames for us: UDP to our port, outer IPv4 without options or
+//! fragmentation, from an underlay address in the peer table, with our VNI and exactly the I
+//! flag (VXLAN), carrying an IPv4 packet for this node's subnet whose source belongs to the
+//! sending peer. It strips the outer headers (keeping GSO sizes) and delivers the inner
+//! packet: TC redirects it into the overlay device's ingress, so the host routes it to the
+//! container bridge exactly as if the kernel vxlan device had decapsulated it (and
+//! rp_filter sees it arrive on the device its source routes through); XDP passes it up the
+//! underlay's stack, which routes it the same way.
+//! Not handled: everything that is not addressed to our port passes untouched; frames to our
+//! port that fail a check are dropped and counted by reason.
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+    },
+    btf_maps::lpm_trie::Key,
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use overlay_common::{
+    check_vxlan, classify_ipv4, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
+    DataplaneConfig, EncapMode, Ipv4Class, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
+    UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
+};
+
+use crate::{
+    maps::{account_peer, config, count, is_peer, Direction, VTEP_BY_SUBNET},
+    packet::Packet,
+};
+
+/// What to do with a frame that is not (or not a valid) tunnel frame for us.
+enum Verdict {
+    /// Not ours: let the kernel have it, untouched.
+    Pass,
+    /// Ours but invalid: drop and count.
+    Drop(Counter),
+}
+
+impl From<Counter> for Verdict {
+    fn from(c: Counter) -> Self {
+        Verdict::Drop(c)
+    }
+}
+
+/// A valid tunnel frame, ready to strip.
+struct Tunnel {
+    peer: [u8; 4],
+    /// Outer Ethernet header: destination (our underlay MAC), then source.
+    outer_eth: [u8; ETH_HLEN],
+    /// Bytes between the outer Ethernet header and the inner IPv4 header.
+    strip: usize,
+    inner_len: usize,
+}
+
+/// The one decision both hooks share.
+#[inline(always)]
+fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> {
+    let len = p.len();
+    let eth: [u8; ETH_HLEN] = p.read(0).ok_or(Verdict::Pass)?;
+    if ethertype(&eth) != ETH_P_IPV4 {
+        return Err(Verdict::Pass);
+    }
+    // An IPv4 frame too short for its header: the stack would drop it too.
+    let ip: [u8; IPV4_HLEN] = p.read(ETH_HLEN).ok_or(Counter::Truncated)?;
+    let (ihl, first_fragment) = match classify_ipv4(&ip) {
+        Ipv4Class::Udp { header_len, first_fragment } if header_len >= IPV4_HLEN => {
+            (header_len, first_fragment)
+        }
+        _ => return Err(Verdict::Pass),
+    };
+    let udp: [u8; UDP_HLEN] = p.read(ETH_HLEN + ihl).ok_or(Counter::Truncated)?;
+    if udp_dst_port(&udp) != cfg.port {
+        return Err(Verdict::Pass);
+    }
+    // From here on the frame is addressed to us.
+    if ihl != IPV4_HLEN {
+        return Err(Counter::OuterIpOptions.into());
+    }
+    if first_fragment {
+        return Err(Counter::OuterFragment.into());
+    }
+    let peer = [ip[12], ip[13], ip[14], ip[15]];
+    let (strip, inner_ip) = match cfg.encap_mode() {
+        Some(EncapMode::Vxlan) => {
+            let vx: [u8; VXLAN_HLEN] = p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
+            let ieth: [u8; ETH_HLEN] =
+                p.read(TUNNEL_PAYLOAD_OFF + VXLAN_HLEN).ok_or(Counter::Truncated)?;
+            let iip: [u8; IPV4_HLEN] = p
+                .read(TUNNEL_PAYLOAD_OFF + VXLAN_HLEN + ETH_HLEN)
+                .ok_or(Counter::Truncated)?;
+            if !is_peer(&peer) {
+                return Err(Counter::UnknownPeer.into());
+            }
+            check_vxlan(&vx, cfg.vni)?;
+            if ethertype(&ieth) != ETH_P_IPV4 {
+                return Err(Counter::InnerNotIpv4.into());
+            }
+            (VXLAN_OVERHEAD, iip)
+        }
+        Some(EncapMode::Udp) => {
+            let iip: [u8; IPV4_HLEN] = p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
+            if !is_peer(&peer) {
+                return Err(Counter::UnknownPeer.into());
+            }
+            (UDP_OVERHEAD, iip)
+        }
+        None => return Err(Verdict::Pass),
+    };
+    let (inner_src, inner_dst) = inner_ipv4_addrs(&inner_ip)?;
+    if !cfg.is_local(inner_dst) {
+        return Err(Counter::NotLocalSubnet.into());
+    }
+    // The inner source must belong to a subnet leased by the very peer that sent it.
+    let key = Key { prefix_len: 32, data: inner_src };
+    match VTEP_BY_SUBNET.get(&key) {
+        Some(v) if v.underlay_ip == peer => {}
+        _ => return Err(Counter::SpoofedSource.into()),
+    }
+    Ok(Tunnel {
+        peer,
+        outer_eth: eth,
+        strip,
+        inner_len: len - ETH_HLEN - strip,
+    })
+}
+
+#[inline(always)]
+fn ready_config() -> Option<DataplaneConfig> {
+    match config() {
+        Some(c) if c.is_ready() => Some(c),
+        _ => None,
+    }
+}
+
+#[classifier]
+pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
+    match try_tc_decap(&ctx) {
+        Ok(action) => action,
+        Err(Verdict::Pass) => TC_ACT_OK as i32,
+        Err(Verdict::Drop(reason)) => {
+            count(reason);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// Ok(TC_ACT_REDIRECT) into the overlay device's ingress; Err(Pass) for frames that are not
+/// ours; Err(Drop(reason)) otherwise.
+#[inline(always)]
+fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
+    let Some(cfg) = ready_config() else {
+        return Err(Verdict::Pass);
+    };
+    let t = classify(ctx, &cfg)?;
+    // FIXED_GSO: without it gso_size grows by the overhead and bulk TCP collapses.
+    ctx.adjust_room(-(t.strip as i32), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
+        .map_err(|_| Counter::DecapFailed)?;
+    // The overlay device takes the frame as its own only if addressed to its MAC.
+    let mut eth = [0u8; ETH_HLEN];
+    eth[0..6].copy_from_slice(&cfg.vtep_mac);
+    eth[6..12].copy_from_slice(&t.outer_eth[6..12]);
+    eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
+    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
+    count(Counter::Decapsulated);
+    Ok(unsafe { bpf_redirect(cfg.overlay_ifindex, BPF_F_INGRESS as u64) } as i32)
+}
+
+#[xdp]
+pub fn xdp_decap(ctx: XdpContext) -> u32 {
+    match try_xdp_decap(&ctx) {
+        Ok(action) => action,
+        Err(Verdict::Pass) => xdp_action::XDP_PASS,
+        Err(Verdict::Drop(reason)) => {
+            count(reason);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+/// Ok(XDP_PASS) with the inner packet behind a fresh Ethernet header (the underlay's stack
+/// then routes it); Err(Pass) for frames that are not ours; Err(Drop(reason)) otherwise.
+#[inline(always)]
+fn try_xdp_decap(ctx: &XdpContext) -> Result<u32, Verdict> {
+    let Some(cfg) = ready_config() else {
+        return Err(Verdict::Pass);
+    };
+    let t = classify(ctx, &cfg)?;
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, t.strip as i32) } != 0 {
+        return Err(Counter::DecapFailed.into());
+    }
+    let start = ctx.data();
+    if start + ETH_HLEN > ctx.data_end() {
+        return Err(Counter::DecapFailed.into());
+    }
+    // Keep the outer addresses (to our underlay MAC, so the stack takes it as PACKET_HOST).
+    let mut eth = t.outer_eth;
+    eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    unsafe { core::ptr::write_unaligned(start as *mut [u8; ETH_HLEN], eth) };
+    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
+    count(Counter::Decapsulated);
+    Ok(xdp_action::XDP_PASS)
+}

@@ -1,0 +1,74 @@
+//! Every map the programs use, declared once, with BTF so that `bpftool map dump` prints
+//! field names. Layouts and names come from `overlay-common`; the agent pins them all under
+//! the node's bpffs directory and is the only writer of routes, peers and configuration.
+
+use aya_ebpf::{
+    btf_maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap},
+    macros::btf_map,
+};
+use overlay_common::{
+    Counter, DataplaneConfig, Ipv4Prefix, PeerAddr, PeerStats, Vtep, MAX_PEERS, MAX_ROUTES,
+};
+
+/// Remote subnet -> VTEP. Longest-prefix match on the inner destination (encap) and on the
+/// inner source (decap's anti-spoofing check).
+#[btf_map]
+pub static VTEP_BY_SUBNET: LpmTrie<Ipv4Prefix, Vtep, { MAX_ROUTES as usize }> = LpmTrie::new();
+
+/// Peer underlay address -> per-CPU traffic counters. Presence is membership.
+#[btf_map]
+pub static PEER_STATS: PerCpuHashMap<PeerAddr, PeerStats, { MAX_PEERS as usize }> =
+    PerCpuHashMap::new();
+
+/// Outcome counters, indexed by `Counter`.
+#[btf_map]
+pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT }> = PerCpuArray::new();
+
+/// The node's data-plane configuration (one entry).
+#[btf_map]
+pub static DP_CONFIG: Array<DataplaneConfig, 1> = Array::new();
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // Per-CPU slot: no other CPU writes it, and a program is not preempted mid-update.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn config() -> Option<DataplaneConfig> {
+    DP_CONFIG.get(0).copied()
+}
+
+pub enum Direction {
+    Tx,
+    Rx,
+}
+
+/// Add one packet of `bytes` to a known peer's counters; `false` if the peer is unknown.
+#[inline(always)]
+pub fn account_peer(peer: &PeerAddr, dir: Direction, bytes: u64) -> bool {
+    match PEER_STATS.get_ptr_mut(peer) {
+        Some(p) => {
+            let s = unsafe { &mut *p };
+            match dir {
+                Direction::Tx => {
+                    s.tx_packets += 1;
+                    s.tx_bytes += bytes;
+                }
+                Direction::Rx => {
+                    s.rx_packets += 1;
+                    s.rx_bytes += bytes;
+                }
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn is_peer(peer: &PeerAddr) -> bool {
+    PEER_STATS.get_ptr(peer).is_some()
+}

@@ -1,0 +1,42 @@
+//! Bounds-checked, fixed-size reads from a packet, the same way for TC (`bpf_skb_load_bytes`,
+//! which also reads non-linear data) and XDP (direct access checked against `data_end`), so
+//! that the decap decision in `ingress.rs` is written once for both hooks.
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+pub trait Packet {
+    /// Length of the frame from the Ethernet header on.
+    fn len(&self) -> usize;
+    /// `N` bytes at `off`, or `None` if the frame is shorter.
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.load::<[u8; N]>(off).ok()
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+    #[inline(always)]
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        // Keep the offset provably small for the verifier (IHL gives at most 60).
+        if off > 128 {
+            return None;
+        }
+        let start = self.data() + off;
+        if start + N > self.data_end() {
+            return None;
+        }
+        Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+    }
+}
