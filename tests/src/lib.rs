@@ -1,0 +1,439 @@
+//! Clusters of network namespaces for the integration tests, the demo and the benchmarks.
+//!
+//! A cluster is an underlay namespace holding a bridge, N node namespaces joined to it by
+//! veth (each node's `eth0`, 192.168.100.<n>/24), and in each node a docker0-like bridge
+//! (10.244.<n>.1/24) with container namespaces behind veths. Every name carries a prefix
+//! unique to the process and cluster, so tests run in parallel; every address lives only
+//! inside these namespaces. Dropping the cluster kills the agents it started (by pid),
+//! removes its bpffs directories and deletes its namespaces, also when a test panics.
+
+pub mod capture;
+pub mod netns;
+pub mod traffic;
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ipnet::Ipv4Net;
+pub use netns::Netns;
+use overlay_agent::maps::{Maps, PeerTotals};
+use overlay_common::Counter;
+
+/// The overlay network every cluster uses.
+pub const NETWORK: &str = "10.244.0.0/16";
+pub const UNDERLAY_MTU: u32 = 1500;
+
+/// Fail loudly (never skip) when the tests cannot run here.
+pub fn require_root() {
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "these tests create network namespaces and load eBPF: run them as root (cargo xtask test)");
+    assert!(
+        Path::new("/sys/fs/bpf").exists() && is_mountpoint("/sys/fs/bpf"),
+        "bpffs is not mounted at /sys/fs/bpf: run `cargo xtask setup`"
+    );
+}
+
+fn is_mountpoint(path: &str) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(4) == Some(path)))
+        .unwrap_or(false)
+}
+
+/// The agent binary: $OVERLAY_AGENT_BIN, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    let p = std::env::var_os("OVERLAY_AGENT_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/overlay-agent")
+    });
+    assert!(
+        p.exists(),
+        "agent binary {} not found: build it (cargo xtask test does) or set OVERLAY_AGENT_BIN",
+        p.display()
+    );
+    p
+}
+
+/// Run a command, failing with its output if it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan,
+    Udp,
+}
+
+impl Backend {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+            Backend::Udp => "udp",
+        }
+    }
+    pub fn port(self) -> u16 {
+        match self {
+            Backend::Vxlan => 8472,
+            Backend::Udp => 8285,
+        }
+    }
+    pub fn device(self) -> &'static str {
+        match self {
+            Backend::Vxlan => "flannel.1",
+            Backend::Udp => "flannel0",
+        }
+    }
+    pub fn overhead(self) -> u32 {
+        match self {
+            Backend::Vxlan => 50,
+            Backend::Udp => 28,
+        }
+    }
+}
+
+/// How a node forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Our agent, with decapsulation on this hook (`tc` or `xdp`).
+    Agent { decap_hook: &'static str },
+    /// Set up as flannel's vxlan backend sets a node up: kernel vxlan device, static ARP,
+    /// FDB and route entries. No agent.
+    StockFlannel,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub backend: Backend,
+    pub nodes: Vec<NodeKind>,
+    pub containers_per_node: usize,
+    /// Fill every agent's routes to every other node (else the test does it).
+    pub full_mesh: bool,
+}
+
+impl ClusterSpec {
+    pub fn agents(backend: Backend, decap_hook: &'static str, n: usize) -> Self {
+        Self {
+            backend,
+            nodes: vec![NodeKind::Agent { decap_hook }; n],
+            containers_per_node: 2,
+            full_mesh: true,
+        }
+    }
+}
+
+pub struct Node {
+    /// 1-based.
+    pub index: usize,
+    pub kind: NodeKind,
+    pub ns: Netns,
+    pub containers: Vec<Netns>,
+    pub underlay_ip: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    pub bpffs_dir: PathBuf,
+    pub vtep_mac: [u8; 6],
+    agent: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Node {
+    /// The address of container `k` (0-based).
+    pub fn container_ip(&self, k: usize) -> Ipv4Addr {
+        let o = self.subnet.network().octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 2 + k as u8)
+    }
+    /// The data plane's counters (summed over CPUs), read from the pinned maps.
+    pub fn counters(&self) -> [u64; Counter::COUNT] {
+        Maps::open(&self.bpffs_dir).and_then(|m| m.counters()).unwrap_or_else(|e| {
+            panic!("reading counters of node {}: {e}", self.index)
+        })
+    }
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters()[c as usize]
+    }
+    pub fn peer_totals(&self, peer: Ipv4Addr) -> PeerTotals {
+        let all = Maps::open(&self.bpffs_dir)
+            .and_then(|m| m.peer_totals())
+            .unwrap_or_else(|e| panic!("reading peers of node {}: {e}", self.index));
+        all.get(&peer).copied().unwrap_or_default()
+    }
+    /// Run the agent CLI inside this node.
+    pub fn agent_cli(&self, args: &[&str]) -> Result<String> {
+        let bin = agent_bin();
+        let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
+        cmd.args(args).arg("--bpffs-dir").arg(&self.bpffs_dir);
+        run(&mut cmd)
+    }
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub backend: Backend,
+    pub underlay: Netns,
+    pub nodes: Vec<Node>,
+    pub workdir: PathBuf,
+    /// Extra namespaces a test attached to the underlay (deleted with the cluster).
+    extra: Vec<Netns>,
+}
+
+static CLUSTERS: AtomicU32 = AtomicU32::new(0);
+
+/// A prefix unique to this process and cluster, short enough for interface-free names.
+fn unique_prefix(tag: &str) -> String {
+    let n = CLUSTERS.fetch_add(1, Ordering::SeqCst);
+    format!("ov{}{}-{}", std::process::id(), tag, n)
+}
+
+pub fn underlay_ip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 100, index as u8)
+}
+
+impl Cluster {
+    /// Build the namespaces, start the agents, and (if `full_mesh`) fill the routes.
+    pub fn new(tag: &str, spec: &ClusterSpec) -> Result<Self> {
+        let prefix = unique_prefix(tag);
+        let workdir = std::env::temp_dir().join(&prefix);
+        fs::create_dir_all(&workdir)?;
+        let underlay = Netns::new(&format!("{prefix}-ul"))?;
+        let mut cluster = Cluster {
+            prefix: prefix.clone(),
+            backend: spec.backend,
+            underlay,
+            nodes: Vec::new(),
+            workdir,
+            extra: Vec::new(),
+        };
+        let ul = cluster.underlay.name().to_string();
+        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        for (i, kind) in spec.nodes.iter().enumerate() {
+            let node = cluster.add_node(i + 1, *kind, spec)?;
+            cluster.nodes.push(node);
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.start_node(i)?;
+        }
+        if spec.full_mesh {
+            cluster.full_mesh()?;
+        }
+        Ok(cluster)
+    }
+
+    fn add_node(&self, index: usize, kind: NodeKind, spec: &ClusterSpec) -> Result<Node> {
+        let ns = Netns::new(&format!("{}-n{index}", self.prefix))?;
+        let n = ns.name().to_string();
+        let ul = self.underlay.name();
+        let port = format!("p{index}");
+        ip(&["-n", ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
+        ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
+        let uip = underlay_ip(index);
+        ip(&["-n", &n, "addr", "add", &format!("{uip}/24"), "dev", "eth0"])?;
+        ip(&["-n", &n, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
+        ip(&["-n", &n, "link", "set", "lo", "up"])?;
+        ns.sysctl("net.ipv4.ip_forward", "1")?;
+        let subnet: Ipv4Net = format!("10.244.{index}.0/24").parse()?;
+        let gw = Ipv4Addr::new(10, 244, index as u8, 1);
+        ip(&["-n", &n, "link", "add", "docker0", "type", "bridge"])?;
+        ip(&["-n", &n, "addr", "add", &format!("{gw}/24"), "dev", "docker0"])?;
+        ip(&["-n", &n, "link", "set", "docker0", "up"])?;
+        let mtu = (UNDERLAY_MTU - spec.backend.overhead()).to_string();
+        let mut containers = Vec::new();
+        for k in 0..spec.containers_per_node {
+            let c = Netns::new(&format!("{}-n{index}c{k}", self.prefix))?;
+            let veth = format!("veth{k}");
+            ip(&["-n", &n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", c.name()])?;
+            ip(&["-n", &n, "link", "set", &veth, "master", "docker0", "up"])?;
+            let cip = Ipv4Addr::new(10, 244, index as u8, 2 + k as u8);
+            ip(&["-n", c.name(), "addr", "add", &format!("{cip}/24"), "dev", "eth0"])?;
+            ip(&["-n", c.name(), "link", "set", "eth0", "mtu", &mtu, "up"])?;
+            ip(&["-n", c.name(), "link", "set", "lo", "up"])?;
+            ip(&["-n", c.name(), "route", "add", "default", "via", &gw.to_string()])?;
+            containers.push(c);
+        }
+        Ok(Node {
+            index,
+            kind,
+            ns,
+            containers,
+            underlay_ip: uip,
+            subnet,
+            bpffs_dir: PathBuf::from("/sys/fs/bpf").join(format!("{}-n{index}", self.prefix)),
+            vtep_mac: [0; 6],
+            agent: None,
+            log: self.workdir.join(format!("agent-n{index}.log")),
+        })
+    }
+
+    fn start_node(&mut self, i: usize) -> Result<()> {
+        let backend = self.backend;
+        let node = &mut self.nodes[i];
+        match node.kind {
+            NodeKind::Agent { decap_hook } => {
+                let log = fs::File::create(&node.log)?;
+                let bin = agent_bin();
+                let mut cmd = node.ns.command(bin.to_str().expect("utf-8 path"));
+                cmd.args(["--iface", "eth0", "--network", NETWORK])
+                    .args(["--subnet", &node.subnet.to_string()])
+                    .args(["--backend", backend.flag(), "--decap-hook", decap_hook])
+                    .arg("--bpffs-dir")
+                    .arg(&node.bpffs_dir)
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log);
+                node.agent = Some(cmd.spawn().context("starting the agent")?);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    if node.agent_cli(&["status"]).is_ok() {
+                        break;
+                    }
+                    if let Some(status) = node.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                        bail!("agent on node {} exited ({status}) before the data plane was up:\n{}", node.index, node.log_text());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("agent on node {} not up within 30 s:\n{}", node.index, node.log_text());
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            NodeKind::StockFlannel => {
+                assert_eq!(backend, Backend::Vxlan, "stock flannel nodes are set up for vxlan only");
+                let n = node.ns.name().to_string();
+                ip(&[
+                    "-n", &n, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local",
+                    &node.underlay_ip.to_string(), "dev", "eth0", "dstport", "8472", "nolearning",
+                ])?;
+                ip(&["-n", &n, "link", "set", "flannel.1", "mtu", "1450", "up"])?;
+                ip(&["-n", &n, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel.1"])?;
+            }
+        }
+        node.vtep_mac = link_mac(&node.ns, backend.device())?;
+        Ok(())
+    }
+
+    /// Give every node a route to every other node, the way each kind does it.
+    pub fn full_mesh(&self) -> Result<()> {
+        for a in &self.nodes {
+            for b in &self.nodes {
+                if a.index != b.index {
+                    self.add_route(a, b)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make `from` route `to`'s subnet to `to`.
+    pub fn add_route(&self, from: &Node, to: &Node) -> Result<()> {
+        match from.kind {
+            NodeKind::Agent { .. } => {
+                let mac = overlay_agent::netdev::format_mac(&to.vtep_mac);
+                from.agent_cli(&[
+                    "route", "add", &to.subnet.to_string(), "--public-ip",
+                    &to.underlay_ip.to_string(), "--vtep-mac", &mac,
+                ])?;
+            }
+            NodeKind::StockFlannel => {
+                // flannel's vxlan backend: route via the peer's VTEP address (its subnet's
+                // network address) onlink, a permanent ARP entry for it, an FDB entry to
+                // the peer's public IP.
+                let n = from.ns.name();
+                let gw = to.subnet.network().to_string();
+                let mac = overlay_agent::netdev::format_mac(&to.vtep_mac);
+                ip(&["-n", n, "neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel.1", "nud", "permanent"])?;
+                run(Command::new("bridge").args([
+                    "-n", n, "fdb", "replace", &mac, "dev", "flannel.1", "dst",
+                    &to.underlay_ip.to_string(), "self", "permanent",
+                ]))?;
+                ip(&["-n", n, "route", "replace", &to.subnet.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, index: usize) -> &Node {
+        &self.nodes[index - 1]
+    }
+
+    /// Attach a namespace that is not a node to the underlay, with address `addr`/24.
+    pub fn add_underlay_host(&mut self, name: &str, addr: Ipv4Addr) -> Result<Netns> {
+        let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
+        let ul = self.underlay.name();
+        let port = format!("x{}", self.extra.len());
+        ip(&["-n", ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
+        ip(&["-n", ns.name(), "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
+        ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
+        let handle = ns.handle();
+        self.extra.push(ns);
+        Ok(handle)
+    }
+}
+
+/// The MAC address of `dev` inside `ns`.
+pub fn link_mac(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
+    let out = ip(&["-n", ns.name(), "-json", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let mac = v[0]["address"].as_str().context("no address")?;
+    overlay_agent::netdev::parse_mac(mac).context("bad MAC")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.agent.take() {
+                // Our own child, by pid.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if node.bpffs_dir.exists() {
+                if let Err(e) = fs::remove_dir_all(&node.bpffs_dir) {
+                    eprintln!("cleanup: removing {}: {e}", node.bpffs_dir.display());
+                }
+            }
+        }
+        // Namespaces are deleted by their own Drop (containers, nodes, extras, underlay).
+        self.nodes.clear();
+        self.extra.clear();
+        let _ = fs::remove_dir_all(&self.workdir);
+    }
+}
+
+/// Wait (bounded) until `f` holds; false if it never did.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

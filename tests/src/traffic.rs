@@ -1,0 +1,149 @@
+//! Traffic between namespaces: ping, a verified TCP bulk transfer, and UDP probes.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::Netns;
+
+/// `count` pings from `from` to `dst`; Ok if all were answered.
+pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32) -> Result<()> {
+    from.run(
+        "ping",
+        &["-c", &count.to_string(), "-W", "2", "-i", "0.2", "-q", &dst.to_string()],
+    )
+    .map(drop)
+    .with_context(|| format!("ping {} -> {dst}", from.name()))
+}
+
+/// The byte at stream offset `i` of the transfer pattern (a hash of the offset, so the
+/// receiver can check every byte however TCP splits the stream).
+fn fill_pattern(buf: &mut [u8], start: u64) {
+    for (j, b) in buf.iter_mut().enumerate() {
+        let i = start + j as u64;
+        let mut z = (i >> 3).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        *b = (z >> ((i & 7) * 8)) as u8;
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Send `bytes` over TCP from a socket in `from` to a listener in `to` at `to_ip`; the
+/// receiver checks every byte against the sender's pattern.
+pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Result<Transfer> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = to.spawn(move || -> Result<u64> {
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        tx.send(l.local_addr()?.port())?;
+        let (mut s, _) = l.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let (mut buf, mut expect) = (vec![0u8; 65536], vec![0u8; 65536]);
+        let mut got = 0u64;
+        loop {
+            let n = s.read(&mut buf).context("receiving")?;
+            if n == 0 {
+                return Ok(got);
+            }
+            fill_pattern(&mut expect[..n], got);
+            if buf[..n] != expect[..n] {
+                bail!("corrupted data at offset {got}");
+            }
+            got += n as u64;
+        }
+    });
+    let port = rx.recv_timeout(Duration::from_secs(10)).context("server did not start")?;
+    let started = Instant::now();
+    let client = from.spawn(move || -> Result<()> {
+        let addr = SocketAddr::V4(SocketAddrV4::new(to_ip, port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = vec![0u8; 65536];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            fill_pattern(&mut buf[..n], bytes - left);
+            s.write_all(&buf[..n]).context("sending")?;
+            left -= n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    });
+    client.join().expect("client thread")??;
+    let got = server.join().expect("server thread")??;
+    if got != bytes {
+        bail!("sent {bytes} bytes, received {got}");
+    }
+    Ok(Transfer { bytes: got, elapsed: started.elapsed() })
+}
+
+/// A UDP socket in a namespace collecting whatever arrives until stopped.
+pub struct UdpProbe {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Result<Vec<Vec<u8>>>>>,
+}
+
+impl UdpProbe {
+    pub fn start(ns: &Netns, addr: SocketAddrV4) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = stop.clone();
+        let thread = ns.spawn(move || -> Result<Vec<Vec<u8>>> {
+            let sock = match UdpSocket::bind(addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let _ = tx.send(Ok(()));
+            let mut got = Vec::new();
+            let mut buf = [0u8; 65536];
+            while !s2.load(Ordering::SeqCst) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    got.push(buf[..n].to_vec());
+                }
+            }
+            Ok(got)
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(Self { stop, thread }),
+            Ok(Err(e)) => bail!("binding {addr}: {e}"),
+            Err(_) => bail!("probe on {addr} did not start"),
+        }
+    }
+
+    /// Stop and return the datagrams received.
+    pub fn finish(self) -> Vec<Vec<u8>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("probe thread").and_then(|r| r).expect("probe failed")
+    }
+}
+
+/// Send each payload as one UDP datagram from `bind` (inside `ns`) to `to`.
+pub fn send_udp(ns: &Netns, bind: SocketAddrV4, to: SocketAddrV4, payloads: Vec<Vec<u8>>) -> Result<()> {
+    ns.enter(move || -> Result<()> {
+        let s = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+        for p in payloads {
+            s.send_to(&p, to).with_context(|| format!("sending to {to}"))?;
+        }
+        Ok(())
+    })?
+}
