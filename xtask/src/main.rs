@@ -1,1 +1,132 @@
-fn main(){}
+//! Developer workflows: `cargo xtask setup | build | test | demo`.
+//!
+//! xtask depends on nothing that needs the eBPF toolchain, so `setup` can run on a fresh
+//! machine before anything eBPF has been built.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Set up, build, test and demo the overlay network")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the project needs (apt packages, nightly rust-src, bpf-linker) and
+    /// mount bpffs. Idempotent; fast when everything is present.
+    Setup,
+    /// Set up, then build the agent (debug, or --release).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run every test (unit and namespace integration tests; root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run a local 3-node demo cluster in network namespaces (root).
+    Demo {
+        /// Keep the cluster until Ctrl-C instead of cleaning up when the demo is done.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace_root());
+    c
+}
+
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn build_agent(release: bool) -> Result<PathBuf> {
+    let mut c = cargo();
+    c.args(["build", "--package", "overlay-agent", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    status(&mut c).context("building the agent")?;
+    Ok(target_dir().join(if release { "release" } else { "debug" }).join("overlay-agent"))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} creates network namespaces and loads eBPF programs: run it as root");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => {
+            setup::run()?;
+            let bin = build_agent(release)?;
+            println!("built {}", bin.display());
+            Ok(())
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            require_root("cargo xtask test")?;
+            let agent = build_agent(false)?;
+            let mut c = cargo();
+            c.args(["test", "--workspace", "--no-fail-fast"])
+                .args(&args)
+                .env("OVERLAY_AGENT_BIN", &agent)
+                .env("RUST_BACKTRACE", "1");
+            status(&mut c).context("tests failed")
+        }
+        Cmd::Demo { keep } => {
+            setup::run()?;
+            require_root("cargo xtask demo")?;
+            let agent = build_agent(false)?;
+            status(cargo().args(["build", "--package", "overlay-tests", "--bin", "overlay-demo"]))?;
+            let demo = target_dir().join("debug").join("overlay-demo");
+            let mut c = Command::new(demo);
+            c.env("OVERLAY_AGENT_BIN", &agent);
+            if keep {
+                c.arg("--keep");
+            }
+            // Ctrl-C reaches the demo too; it cleans up and exits. Wait for it.
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+            status(&mut c)
+        }
+    }
+}
