@@ -164,3 +164,53 @@ impl RunArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(args: &[&str]) -> Result<NodeSpec> {
+        let mut argv = vec!["overlay-agent", "--iface", "eth0", "--public-ip", "192.168.1.10"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv)?;
+        cli.run.node_spec(cli.bpffs_dir)
+    }
+
+    #[test]
+    fn defaults_follow_flannel() {
+        let s = spec(&["--network", "10.244.0.0/16", "--subnet", "10.244.3.0/24"]).unwrap();
+        assert_eq!((s.mode, s.vni, s.port, s.device.as_str()), (EncapMode::Vxlan, 1, 8472, "flannel.1"));
+        assert_eq!(s.bpffs_dir, PathBuf::from("/sys/fs/bpf/overlay"));
+        assert_eq!(s.decap_hook, DecapHook::Auto);
+        let s = spec(&["--network", "10.244.0.0/16", "--subnet", "10.244.3.0/24", "--backend", "udp"]).unwrap();
+        assert_eq!((s.mode, s.port, s.device.as_str()), (EncapMode::Udp, 8285, "flannel0"));
+        let s = spec(&["--network", "10.244.0.0/16", "--subnet", "10.244.3.0/24", "--vni", "42"]).unwrap();
+        assert_eq!(s.device, "flannel.42");
+    }
+
+    #[test]
+    fn inconsistent_networks_are_refused_with_the_flag_named() {
+        let cases = [
+            (vec!["--network", "10.244.0.0/16", "--subnet", "10.245.1.0/24"], "inside --network"),
+            (vec!["--network", "10.244.0.0/16", "--subnet", "10.244.0.0/16"], "smaller subnet"),
+            (vec!["--network", "10.244.0.1/16", "--subnet", "10.244.1.0/24"], "--network 10.244.0.1/16 has host bits"),
+            (vec!["--network", "10.244.0.0/16", "--subnet", "10.244.1.7/24"], "--subnet 10.244.1.7/24 has host bits"),
+            (vec!["--subnet", "10.244.1.0/24"], "--network is required"),
+            (vec!["--network", "10.244.0.0/16"], "--subnet is required"),
+            (vec!["--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--vni", "16777216"], "24 bits"),
+        ];
+        for (args, want) in cases {
+            let err = format!("{:#}", spec(&args).expect_err(&format!("{args:?} must be refused")));
+            assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn bad_cidrs_and_macs_are_parse_errors() {
+        assert!(Cli::try_parse_from(["overlay-agent", "--network", "10.244.0.0/33"]).is_err());
+        assert!(Cli::try_parse_from(["overlay-agent", "--network", "banana"]).is_err());
+        let e = Cli::try_parse_from(["overlay-agent", "route", "add", "10.244.2.0/24", "--public-ip", "1.2.3.4", "--vtep-mac", "nope"])
+            .expect_err("bad MAC");
+        assert!(e.to_string().contains("is not a MAC address"), "{e}");
+    }
+}

@@ -208,16 +208,22 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink> {
     Ok(FdLink::try_from(link)?)
 }
 
+/// The hook to try first. `Auto`: native XDP on a physical NIC (no rtnetlink kind), TC on
+/// virtual devices (veth, bridges, bonds...), where native XDP costs GSO on the peer.
+pub fn resolve_hook(requested: DecapHook, underlay_kind: Option<&str>) -> DecapHook {
+    match requested {
+        DecapHook::Auto if underlay_kind.is_none() => DecapHook::Xdp,
+        DecapHook::Auto => DecapHook::Tc,
+        h => h,
+    }
+}
+
 fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link) -> Result<DecapHook> {
     let dir = &spec.bpffs_dir;
-    let want = match spec.decap_hook {
-        DecapHook::Auto if underlay.kind.is_none() => DecapHook::Xdp,
-        DecapHook::Auto => {
-            tracing::info!(iface = %spec.iface, kind = ?underlay.kind, "virtual underlay: decap in TC");
-            DecapHook::Tc
-        }
-        h => h,
-    };
+    let want = resolve_hook(spec.decap_hook, underlay.kind.as_deref());
+    if spec.decap_hook == DecapHook::Auto && want == DecapHook::Tc {
+        tracing::info!(iface = %spec.iface, kind = ?underlay.kind, "virtual underlay: decap in TC");
+    }
     if want == DecapHook::Xdp {
         remove_pin(&dir.join(LINK_DECAP_XDP))?;
         match attach_xdp(ebpf, &spec.iface) {
@@ -297,5 +303,26 @@ pub fn teardown(dir: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_hook_is_xdp_on_nics_and_tc_on_virtual_devices() {
+        assert_eq!(resolve_hook(DecapHook::Auto, None), DecapHook::Xdp);
+        for kind in ["veth", "bridge", "vxlan", "bond"] {
+            assert_eq!(resolve_hook(DecapHook::Auto, Some(kind)), DecapHook::Tc, "{kind}");
+        }
+        assert_eq!(resolve_hook(DecapHook::Xdp, Some("veth")), DecapHook::Xdp, "explicit choice wins");
+        assert_eq!(resolve_hook(DecapHook::Tc, None), DecapHook::Tc);
+    }
+
+    #[test]
+    fn udp_overlay_peer_name_fits_ifnamsiz() {
+        assert_eq!(overlay_peer_name("flannel0"), "flannel0-p");
+        assert!(overlay_peer_name("a-very-long-devname").len() <= 15);
     }
 }

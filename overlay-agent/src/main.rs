@@ -83,16 +83,37 @@ fn run_agent(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         subnet = %spec.subnet,
         "data plane up"
     );
+    let mut dp = dp;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let logs = program_logs(&mut dp.ebpf);
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: exiting, the data plane keeps forwarding"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting, the data plane keeps forwarding"),
+            r = logs => r?,
         }
         anyhow::Ok(())
     })?;
     drop(dp);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Forward the programs' aya-log records (failure paths only) to our log until cancelled.
+async fn program_logs(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "program logs unavailable");
+            return std::future::pending().await;
+        }
+    };
+    let mut fd = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
+        .context("polling the program log ring buffer")?;
+    loop {
+        let mut guard = fd.readable_mut().await.context("program log ring buffer")?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }

@@ -24,6 +24,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::error;
 use overlay_common::{
     check_vxlan, classify_ipv4, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
     DataplaneConfig, EncapMode, Ipv4Class, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
@@ -146,6 +147,9 @@ pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
         Err(Verdict::Pass) => TC_ACT_OK as i32,
         Err(Verdict::Drop(reason)) => {
             count(reason);
+            if reason == Counter::DecapFailed {
+                error!(&ctx, "tc decap failed: the kernel refused adjust_room/store");
+            }
             TC_ACT_SHOT as i32
         }
     }
@@ -180,6 +184,9 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
         Err(Verdict::Pass) => xdp_action::XDP_PASS,
         Err(Verdict::Drop(reason)) => {
             count(reason);
+            if reason == Counter::DecapFailed {
+                error!(&ctx, "xdp decap failed: bpf_xdp_adjust_head refused");
+            }
             xdp_action::XDP_DROP
         }
     }

@@ -23,6 +23,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_log_ebpf::error;
 use overlay_common::{
     ethertype, source_port, udp_encap_header, vxlan_encap_header, Counter, EncapMode,
     EncapParams, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, UDP_OVERHEAD, VXLAN_OVERHEAD,
@@ -50,6 +51,10 @@ pub fn tc_egress_encap(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
+            if reason == Counter::EncapFailed {
+                // Rare (a kernel helper refused): worth a log line; never per normal packet.
+                error!(&ctx, "encap failed: the kernel refused adjust_room/store/redirect_neigh");
+            }
             TC_ACT_SHOT as i32
         }
     }

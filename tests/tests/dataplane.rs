@@ -309,3 +309,32 @@ fn bpftool_dumps_the_route_map_with_field_names() {
     assert_eq!(ip, &serde_json::json!([192, 168, 100, 2]), "{out}");
     assert!(entry["formatted"]["value"]["vtep_mac"].is_array(), "{out}");
 }
+
+/// The typed route API keeps peer membership equal to "some route points at this address":
+/// decap trusts exactly the peers that routes name.
+#[test]
+fn peers_follow_routes() {
+    let spec = ClusterSpec { full_mesh: false, ..ClusterSpec::agents(Backend::Vxlan, "tc", 3) };
+    let c = cluster("pr", &spec);
+    let (n1, n2, n3) = (c.node(1), c.node(2), c.node(3));
+    let peers = || -> Vec<Ipv4Addr> {
+        overlay_agent::maps::Maps::open(&n1.bpffs_dir).and_then(|m| m.peer_totals()).expect("peers").keys().copied().collect()
+    };
+    assert!(peers().is_empty());
+    let add = |subnet: &str, to: &overlay_tests::Node| {
+        let mac = overlay_agent::netdev::format_mac(&to.vtep_mac);
+        ok("route add", n1.agent_cli(&["route", "add", subnet, "--public-ip", &to.underlay_ip.to_string(), "--vtep-mac", &mac]));
+    };
+    add("10.244.2.0/24", n2);
+    add("10.244.20.0/24", n2);
+    assert_eq!(peers(), vec![n2.underlay_ip]);
+    ok("route del", n1.agent_cli(&["route", "del", "10.244.20.0/24"]));
+    assert_eq!(peers(), vec![n2.underlay_ip], "node 2 still has a route");
+    // Re-pointing a subnet moves membership.
+    add("10.244.2.0/24", n3);
+    assert_eq!(peers(), vec![n3.underlay_ip], "node 2 lost its last route");
+    ok("route del", n1.agent_cli(&["route", "del", "10.244.2.0/24"]));
+    assert!(peers().is_empty());
+    let err = n1.agent_cli(&["route", "del", "10.244.2.0/24"]).expect_err("deleting a missing route fails");
+    assert!(format!("{err:#}").contains("no route for 10.244.2.0/24"), "{err:#}");
+}
