@@ -221,8 +221,14 @@ pub fn ensure_veth(name: &str, peer: &str) -> Result<Link> {
 }
 
 /// Set the MTU (if given), turn ARP off (the egress program answers for every neighbour,
-/// and an ARP request would only be dropped) and bring the link up.
+/// and an ARP request would only be dropped), give it no IPv6 link-local address (IPv4 only:
+/// router solicitations and DAD would only be dropped and counted by the egress program) and
+/// bring the link up.
 pub fn configure_up(name: &str, mtu: Option<u32>) -> Result<()> {
+    if !require_link(name)?.up {
+        // addrgenmode can only change while the link is down.
+        ip(&["link", "set", "dev", name, "addrgenmode", "none"])?;
+    }
     let mut args = vec!["link", "set", "dev", name];
     let mtu_s;
     if let Some(m) = mtu {

@@ -127,6 +127,9 @@ pub struct ClusterSpec {
     pub containers_per_node: usize,
     /// Fill every agent's routes to every other node (else the test does it).
     pub full_mesh: bool,
+    /// Put each node in its own underlay subnet behind a router (the underlay namespace)
+    /// instead of one shared L2 segment.
+    pub routed_underlay: bool,
 }
 
 impl ClusterSpec {
@@ -136,6 +139,7 @@ impl ClusterSpec {
             nodes: vec![NodeKind::Agent { decap_hook }; n],
             containers_per_node: 2,
             full_mesh: true,
+            routed_underlay: false,
         }
     }
 }
@@ -228,8 +232,12 @@ impl Cluster {
             extra: Vec::new(),
         };
         let ul = cluster.underlay.name().to_string();
-        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        if spec.routed_underlay {
+            cluster.underlay.sysctl("net.ipv4.ip_forward", "1")?;
+        } else {
+            ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+            ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        }
         for (i, kind) in spec.nodes.iter().enumerate() {
             let node = cluster.add_node(i + 1, *kind, spec)?;
             cluster.nodes.push(node);
@@ -249,11 +257,23 @@ impl Cluster {
         let ul = self.underlay.name();
         let port = format!("p{index}");
         ip(&["-n", ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n])?;
-        ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
-        let uip = underlay_ip(index);
+        let uip = if spec.routed_underlay {
+            // Node i: 192.168.(100+i).2/24 behind the router's 192.168.(100+i).1.
+            let gw = Ipv4Addr::new(192, 168, 100 + index as u8, 1);
+            ip(&["-n", ul, "addr", "add", &format!("{gw}/24"), "dev", &port])?;
+            ip(&["-n", ul, "link", "set", &port, "up"])?;
+            Ipv4Addr::new(192, 168, 100 + index as u8, 2)
+        } else {
+            ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
+            underlay_ip(index)
+        };
         ip(&["-n", &n, "addr", "add", &format!("{uip}/24"), "dev", "eth0"])?;
         ip(&["-n", &n, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
         ip(&["-n", &n, "link", "set", "lo", "up"])?;
+        if spec.routed_underlay {
+            let gw = Ipv4Addr::new(192, 168, 100 + index as u8, 1);
+            ip(&["-n", &n, "route", "add", "192.168.0.0/16", "via", &gw.to_string()])?;
+        }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
         let subnet: Ipv4Net = format!("10.244.{index}.0/24").parse()?;
         let gw = Ipv4Addr::new(10, 244, index as u8, 1);
@@ -379,7 +399,7 @@ impl Cluster {
         &self.nodes[index - 1]
     }
 
-    /// Attach a namespace that is not a node to the underlay, with address `addr`/24.
+    /// Attach a namespace that is not a node to the (bridged) underlay, with address `addr`/24.
     pub fn add_underlay_host(&mut self, name: &str, addr: Ipv4Addr) -> Result<Netns> {
         let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
         let ul = self.underlay.name();

@@ -276,6 +276,7 @@ fn stock_flannel_vxlan_node_interoperates_both_ways() {
         ],
         containers_per_node: 2,
         full_mesh: true,
+        routed_underlay: false,
     };
     let c = cluster("sf", &spec);
     let (n1, n2, stock) = (c.node(1), c.node(2), c.node(3));
@@ -337,4 +338,22 @@ fn peers_follow_routes() {
     assert!(peers().is_empty());
     let err = n1.agent_cli(&["route", "del", "10.244.2.0/24"]).expect_err("deleting a missing route fails");
     assert!(format!("{err:#}").contains("no route for 10.244.2.0/24"), "{err:#}");
+}
+
+/// Nodes in different underlay subnets behind a router: the kernel resolves the outer next
+/// hop (bpf_redirect_neigh), so encapsulated traffic crosses the router both ways.
+#[test]
+fn routed_underlay_carries_traffic_through_a_router() {
+    let spec = ClusterSpec { routed_underlay: true, ..ClusterSpec::agents(Backend::Vxlan, "tc", 3) };
+    let c = cluster("ru", &spec);
+    let (n1, n2, n3) = (c.node(1), c.node(2), c.node(3));
+    assert_ne!(n1.underlay_ip.octets()[2], n2.underlay_ip.octets()[2], "nodes must be in different subnets");
+    ok("1 -> 2", ping(&n1.containers[0], n2.container_ip(0), 3));
+    ok("3 -> 1", ping(&n3.containers[1], n1.container_ip(1), 3));
+    ok("TCP 2 -> 3", tcp_transfer(&n2.containers[0], &n3.containers[0], n3.container_ip(0), BULK));
+    assert!(n3.peer_totals(n2.underlay_ip).rx_bytes >= BULK);
+    for n in &c.nodes {
+        assert_eq!(n.counter(Counter::EncapFailed), 0, "node {}", n.index);
+        assert_eq!(n.counter(Counter::EncapNotIpv4), 0, "node {}: the overlay device sends no IPv6", n.index);
+    }
 }
