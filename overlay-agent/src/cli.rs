@@ -1,30 +1,41 @@
 //! Command line: running the agent (flanneld's place) and the admin subcommands.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{ffi::OsString, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use overlay_common::{EncapMode, DEFAULT_UDP_PORT, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 
-use crate::dataplane::{DecapHook, NodeSpec};
+use crate::{
+    daemon::DaemonOptions,
+    dataplane::{DecapHook, NodeSpec},
+    lease::registry::{EtcdOptions, DEFAULT_PREFIX},
+};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "overlay-agent",
     version,
     about = "Overlay network node agent: flannel's contracts, an eBPF data plane",
-    long_about = "Without a subcommand, runs the node agent: creates the overlay device, loads \
-        and attaches the eBPF encapsulation (TC egress on the device) and decapsulation (XDP \
-        or TC ingress on the underlay), pins them under --bpffs-dir, routes the overlay \
-        network to the device and waits for SIGTERM. The data plane keeps forwarding after \
-        the agent exits; `teardown` removes it.",
+    long_about = "Without a subcommand, runs the node agent in flanneld's place: reads the \
+        network config from etcd, leases a subnet for this node, writes the subnet file, brings \
+        up the eBPF data plane (TC egress encapsulation on the overlay device, XDP or TC ingress \
+        decapsulation on the underlay, pinned under --bpffs-dir) and keeps its routes equal to \
+        the leases in etcd. The data plane keeps forwarding after the agent exits; `teardown` \
+        removes it.\n\nflanneld's flags are accepted as flanneld spells them, Go style \
+        included (-etcd-cafile=F works like --etcd-cafile F), and every flag can be set as an \
+        environment variable FLANNELD_<FLAG> (e.g. FLANNELD_ETCD_ENDPOINTS).\n\nWith \
+        --network and --subnet it runs without etcd (static mode; routes via `route add`).",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     /// Directory on bpffs holding this node's pinned maps and links.
-    #[arg(long, global = true, default_value = "/sys/fs/bpf/overlay", env = "OVERLAY_BPFFS_DIR")]
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/overlay", env = "FLANNELD_BPFFS_DIR")]
     pub bpffs_dir: PathBuf,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -50,6 +61,65 @@ impl From<Backend> for EncapMode {
     }
 }
 
+/// How to reach etcd (flanneld's flags; also used by the admin subcommands).
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// Comma-separated etcd endpoints.
+    #[arg(long, global = true, env = "FLANNELD_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd prefix holding `config` and `subnets/`.
+    #[arg(long, global = true, env = "FLANNELD_ETCD_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    #[arg(long, global = true, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, global = true, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, global = true, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user name.
+    #[arg(long, global = true, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// etcd password (prefer the environment variable: command lines are visible to all users).
+    #[arg(long, global = true, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            prefix: self.etcd_prefix.clone(),
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+        }
+    }
+}
+
+/// `24h`, `90m`, `30s` or plain seconds.
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 24h, 90m or 30s"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    if secs == 0 {
+        return Err("a lease TTL must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Underlay interface (default: the interface of the default route).
@@ -58,29 +128,48 @@ pub struct RunArgs {
     /// This node's underlay address (default: the first IPv4 address of --iface).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
-    /// The whole overlay network (flannel's `Network`), e.g. 10.244.0.0/16.
-    #[arg(long)]
-    pub network: Option<Ipv4Net>,
-    /// This node's subnet of the network, e.g. 10.244.1.0/24.
-    #[arg(long)]
-    pub subnet: Option<Ipv4Net>,
-    /// Encapsulation.
-    #[arg(long, value_enum, default_value = "vxlan")]
-    pub backend: Backend,
-    /// VXLAN network identifier.
-    #[arg(long, default_value_t = DEFAULT_VNI)]
-    pub vni: u32,
-    /// UDP port of the encapsulation [default: 8472 for vxlan, 8285 for udp].
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Overlay device name [default: flannel.<VNI> for vxlan, flannel0 for udp].
-    #[arg(long)]
-    pub device: Option<String>,
+    /// Where to write the node's subnet for docker (flannel's subnet.env).
+    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    pub subnet_file: PathBuf,
+    /// Renew the lease this many minutes before it expires.
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60)]
+    pub subnet_lease_renew_margin: u64,
+    /// TTL of the subnet lease in etcd (e.g. 24h, 90m, 30s).
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub subnet_lease_ttl: Duration,
+    /// Masquerade traffic from the overlay network to destinations outside it.
+    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub ip_masq: bool,
+    /// Address to serve /healthz on (with --healthz-port).
+    #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
+    pub healthz_ip: Ipv4Addr,
+    /// Port to serve /healthz on (0: off).
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    pub healthz_port: u16,
     /// Where decapsulation runs.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
     pub decap_hook: DecapHook,
-    /// Overlay MTU [default: underlay MTU - 50 (vxlan) or - 28 (udp)].
-    #[arg(long)]
+
+    /// Static mode (no etcd): the whole overlay network, e.g. 10.244.0.0/16.
+    #[arg(long, env = "FLANNELD_NETWORK", requires = "subnet", help_heading = "Static mode (without etcd)")]
+    pub network: Option<Ipv4Net>,
+    /// Static mode: this node's subnet of the network, e.g. 10.244.1.0/24.
+    #[arg(long, env = "FLANNELD_SUBNET", requires = "network", help_heading = "Static mode (without etcd)")]
+    pub subnet: Option<Ipv4Net>,
+    /// Static mode: encapsulation.
+    #[arg(long, env = "FLANNELD_BACKEND", value_enum, default_value = "vxlan", help_heading = "Static mode (without etcd)")]
+    pub backend: Backend,
+    /// Static mode: VXLAN network identifier.
+    #[arg(long, env = "FLANNELD_VNI", default_value_t = DEFAULT_VNI, help_heading = "Static mode (without etcd)")]
+    pub vni: u32,
+    /// Static mode: UDP port [default: 8472 for vxlan, 8285 for udp].
+    #[arg(long, env = "FLANNELD_PORT", help_heading = "Static mode (without etcd)")]
+    pub port: Option<u16>,
+    /// Static mode: overlay device name [default: flannel.<VNI> for vxlan, flannel0 for udp].
+    #[arg(long, env = "FLANNELD_DEVICE", help_heading = "Static mode (without etcd)")]
+    pub device: Option<String>,
+    /// Static mode: overlay MTU [default: underlay MTU - 50 (vxlan) or - 28 (udp)].
+    #[arg(long, env = "FLANNELD_MTU", help_heading = "Static mode (without etcd)")]
     pub mtu: Option<u32>,
 }
 
@@ -97,6 +186,35 @@ pub enum Command {
     Route(RouteCommand),
     /// Remove everything the agent made: links, pinned maps, overlay device and route.
     Teardown,
+    /// Read, write or check the network config in etcd (`<prefix>/config`).
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// List the subnet leases in etcd: subnet, node address, backend, VtepMAC, time left.
+    Leases,
+    /// Show one lease in etcd.
+    Lease {
+        /// The lease's subnet, e.g. 172.17.98.0/24 (or its key form 172.17.98.0-24).
+        subnet: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the network config stored in etcd.
+    Get,
+    /// Validate and store a network config (JSON argument, or --file).
+    Set {
+        json: Option<String>,
+        #[arg(long, conflicts_with = "json")]
+        file: Option<PathBuf>,
+    },
+    /// Check a network config (JSON argument, --file, or the one in etcd) and print it with
+    /// flannel's defaults filled in.
+    Validate {
+        json: Option<String>,
+        #[arg(long, conflicts_with = "json")]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,7 +238,22 @@ fn parse_mac_arg(s: &str) -> std::result::Result<[u8; 6], String> {
 }
 
 impl RunArgs {
-    /// Resolve defaults and check consistency.
+    /// Options of the etcd-driven agent.
+    pub fn daemon_options(&self, etcd: &EtcdArgs, bpffs_dir: PathBuf) -> DaemonOptions {
+        DaemonOptions {
+            etcd: etcd.options(),
+            iface: self.iface.clone(),
+            public_ip: self.public_ip,
+            subnet_file: self.subnet_file.clone(),
+            lease_ttl: self.subnet_lease_ttl,
+            renew_margin: Duration::from_secs(self.subnet_lease_renew_margin * 60),
+            decap_hook: self.decap_hook,
+            bpffs_dir,
+            ip_masq: self.ip_masq,
+        }
+    }
+
+    /// Static mode: resolve defaults and check consistency.
     pub fn node_spec(&self, bpffs_dir: PathBuf) -> Result<NodeSpec> {
         let network = self.network.context("--network is required (e.g. 10.244.0.0/16)")?;
         let subnet = self.subnet.context("--subnet is required (e.g. 10.244.1.0/24)")?;
@@ -165,6 +298,36 @@ impl RunArgs {
     }
 }
 
+/// Accept Go's flag syntax as flanneld users write it: `-etcd-cafile=F` and `-ip-masq` mean
+/// `--etcd-cafile=F` and `--ip-masq`. Only single-dash words naming one of our long flags are
+/// rewritten; short flags (`-h`) and values are left alone.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    fn longs(cmd: &clap::Command, out: &mut Vec<String>) {
+        out.extend(cmd.get_arguments().filter_map(|a| a.get_long().map(str::to_string)));
+        for sub in cmd.get_subcommands() {
+            longs(sub, out);
+        }
+    }
+    let mut known = Vec::new();
+    longs(&Cli::command(), &mut known);
+    known.extend(["help".to_string(), "version".to_string()]);
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let Some(s) = a.to_str() else { return a };
+            if i == 0 || s.starts_with("--") || !s.starts_with('-') || s.len() <= 2 {
+                return a;
+            }
+            let name = s[1..].split('=').next().unwrap_or("");
+            if known.iter().any(|k| k == name) {
+                OsString::from(format!("-{s}"))
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,14 +358,80 @@ mod tests {
             (vec!["--network", "10.244.0.0/16", "--subnet", "10.244.0.0/16"], "smaller subnet"),
             (vec!["--network", "10.244.0.1/16", "--subnet", "10.244.1.0/24"], "--network 10.244.0.1/16 has host bits"),
             (vec!["--network", "10.244.0.0/16", "--subnet", "10.244.1.7/24"], "--subnet 10.244.1.7/24 has host bits"),
-            (vec!["--subnet", "10.244.1.0/24"], "--network is required"),
-            (vec!["--network", "10.244.0.0/16"], "--subnet is required"),
+            (vec!["--subnet", "10.244.1.0/24"], "--network"),
+            (vec!["--network", "10.244.0.0/16"], "--subnet"),
             (vec!["--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--vni", "16777216"], "24 bits"),
         ];
         for (args, want) in cases {
             let err = format!("{:#}", spec(&args).expect_err(&format!("{args:?} must be refused")));
             assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
         }
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        let argv = normalize_args(args.iter().map(OsString::from));
+        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn the_seeds_option_string_parses_go_style() {
+        let cli = parse(&[
+            "overlay-agent", "--ip-masq",
+            "--etcd-endpoints=https://192.168.1.251:2379,https://192.168.1.252:2379,https://192.168.1.253:2379",
+            "-etcd-cafile=/opt/kubernetes/ssl/ca.pem", "--etcd-certfile=/opt/kubernetes/ssl/server.pem",
+            "--etcd-keyfile=/opt/kubernetes/ssl/server-key.pem",
+        ]);
+        assert!(cli.run.ip_masq);
+        assert_eq!(cli.etcd.etcd_endpoints.len(), 3);
+        assert_eq!(cli.etcd.etcd_endpoints[1], "https://192.168.1.252:2379");
+        assert_eq!(cli.etcd.etcd_cafile, Some(PathBuf::from("/opt/kubernetes/ssl/ca.pem")));
+        assert_eq!(cli.etcd.etcd_keyfile, Some(PathBuf::from("/opt/kubernetes/ssl/server-key.pem")));
+        assert!(cli.command.is_none());
+    }
+
+    #[test]
+    fn go_style_and_gnu_style_flags_mean_the_same() {
+        let a = parse(&["overlay-agent", "-etcd-prefix=/x", "-iface", "eth1", "-ip-masq=false", "-subnet-lease-renew-margin=5"]);
+        let b = parse(&["overlay-agent", "--etcd-prefix", "/x", "--iface=eth1", "--subnet-lease-renew-margin", "5"]);
+        assert_eq!(a.etcd.etcd_prefix, "/x");
+        assert_eq!(a.etcd.etcd_prefix, b.etcd.etcd_prefix);
+        assert_eq!(a.run.iface, b.run.iface);
+        assert!(!a.run.ip_masq);
+        assert_eq!(a.run.subnet_lease_renew_margin, 5);
+        // A value that looks like a flag is not rewritten when it is not one of ours.
+        let c = parse(&["overlay-agent", "route", "del", "10.1.0.0/24"]);
+        assert!(matches!(c.command, Some(Command::Route(RouteCommand::Del { .. }))));
+    }
+
+    #[test]
+    fn defaults_are_flanneld_defaults() {
+        let cli = parse(&["overlay-agent"]);
+        assert_eq!(cli.etcd.etcd_endpoints, vec!["http://127.0.0.1:2379"]);
+        assert_eq!(cli.etcd.etcd_prefix, "/coreos.com/network");
+        assert_eq!(cli.run.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(cli.run.subnet_lease_renew_margin, 60);
+        assert_eq!(cli.run.subnet_lease_ttl, Duration::from_secs(24 * 3600));
+        assert!(!cli.run.ip_masq);
+    }
+
+    #[test]
+    fn lease_ttl_durations() {
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        for bad in ["", "h", "10d", "-5s", "0s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn help_never_shows_the_password() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--etcd-password"));
+        std::env::set_var("FLANNELD_ETCD_PASSWORD", "s3cret-in-env");
+        let help = Cli::command().render_long_help().to_string();
+        std::env::remove_var("FLANNELD_ETCD_PASSWORD");
+        assert!(!help.contains("s3cret-in-env"), "{help}");
     }
 
     #[test]

@@ -124,10 +124,9 @@ fn overlay_peer_name(device: &str) -> String {
     peer
 }
 
-/// Bring the node's data plane up (idempotent: an existing device, maps and links are
-/// reused or replaced in place).
-pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
-    prepare_pin_dir(&spec.bpffs_dir)?;
+/// The overlay device as the spec wants it (created or kept), its MTU, and the underlay.
+/// Called before a lease is claimed: the device's MAC is the VtepMAC the lease announces.
+pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32)> {
     let underlay = netdev::require_link(&spec.iface)?;
     let mtu = match spec.mtu {
         Some(m) => m,
@@ -145,8 +144,16 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         }
     }
     netdev::configure_up(&spec.device, Some(mtu))?;
-    netdev::set_device_address(&spec.device, spec.subnet.network())?;
     let device = netdev::require_link(&spec.device)?;
+    Ok((underlay, device, mtu))
+}
+
+/// Bring the node's data plane up (idempotent: an existing device, maps and links are
+/// reused or replaced in place).
+pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
+    prepare_pin_dir(&spec.bpffs_dir)?;
+    let (underlay, device, mtu) = prepare_device(spec)?;
+    netdev::set_device_address(&spec.device, spec.subnet.network())?;
 
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> =

@@ -1,6 +1,38 @@
 //! The node agent: brings up the eBPF data plane of one node and keeps its maps.
 pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod lease;
+pub mod reconcile;
+pub mod subnet_file;
 pub mod dataplane;
 pub mod maps;
 pub mod netdev;
 pub mod report;
+
+use anyhow::{Context as _, Result};
+
+/// Forward the programs' aya-log records (failure paths only) to our log, for as long as the
+/// returned future is polled.
+pub fn program_logs(ebpf: &mut aya::Ebpf) -> impl std::future::Future<Output = Result<()>> + 'static {
+    let logger = aya_log::EbpfLogger::init(ebpf);
+    async move {
+        let logger = match logger {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "program logs unavailable");
+                return std::future::pending().await;
+            }
+        };
+        // SAFETY: the logger owns its ring buffer's fd, which stays open and unchanged for
+        // as long as the AsyncFd owns the logger.
+        let mut fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("polling the program log ring buffer")?;
+        loop {
+            let mut guard = fd.readable_mut().await.context("program log ring buffer")?;
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }
+}

@@ -1,10 +1,11 @@
-use std::process::ExitCode;
+use std::{path::Path, process::ExitCode};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::Parser as _;
 use overlay_agent::{
-    cli::{Cli, Command, RouteCommand, RunArgs},
-    dataplane,
+    cli::{normalize_args, Cli, Command, ConfigCommand, RouteCommand, RunArgs},
+    config, daemon, dataplane,
+    lease::{parse_subnet_key, registry::Registry},
     maps::{Maps, Route},
     netdev, report,
 };
@@ -15,7 +16,7 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(normalize_args(std::env::args_os()));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -25,10 +26,34 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot handle SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: exiting, the data plane keeps forwarding"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting, the data plane keeps forwarding"),
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
-    let dir = cli.bpffs_dir;
+    let dir = cli.bpffs_dir.clone();
     match cli.command {
-        None => run_agent(&cli.run, dir),
+        None if cli.run.subnet.is_some() => run_static(&cli.run, dir),
+        None => {
+            let opts = cli.run.daemon_options(&cli.etcd, dir);
+            runtime()?.block_on(daemon::run(opts, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::Routes) => {
             print!("{}", report::routes_table(&Maps::open(&dir)?.routes()?));
             Ok(ExitCode::SUCCESS)
@@ -63,13 +88,105 @@ fn run(cli: Cli) -> Result<ExitCode> {
             dataplane::teardown(&dir)?;
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Config(cmd)) => config_command(&cli.etcd, cmd),
+        Some(Command::Leases) => runtime()?.block_on(async {
+            let mut reg = Registry::connect(&cli.etcd.options()).await?;
+            let listing = reg.list_leases().await?;
+            let mut rows = Vec::new();
+            for l in &listing.leases {
+                rows.push((l.clone(), reg.time_left(l.etcd_lease).await?));
+            }
+            print!("{}", report::leases_table(&rows));
+            for (key, e) in &listing.malformed {
+                println!("malformed: {key}: {e}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        Some(Command::Lease { subnet }) => runtime()?.block_on(async {
+            let net = subnet
+                .parse::<ipnet::Ipv4Net>()
+                .ok()
+                .or_else(|| parse_subnet_key(&subnet).ok())
+                .with_context(|| format!("{subnet:?} is neither 10.1.2.0/24 nor 10.1.2.0-24"))?;
+            let mut reg = Registry::connect(&cli.etcd.options()).await?;
+            let Some(l) = reg.get_lease(&net).await? else {
+                bail!("no lease for {net} at {}", reg.lease_key(&net));
+            };
+            let left = reg.time_left(l.etcd_lease).await?;
+            println!("key:       {}", reg.lease_key(&net));
+            println!("value:     {}", l.attrs.to_json());
+            print!("{}", report::leases_table(&[(l, left)]));
+            Ok(ExitCode::SUCCESS)
+        }),
     }
 }
 
-/// The agent: bring the data plane up, then wait for a signal. The data plane stays.
-fn run_agent(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
+fn config_json(json: Option<String>, file: Option<&Path>) -> Result<Option<String>> {
+    match (json, file) {
+        (Some(j), _) => Ok(Some(j)),
+        (None, Some(f)) => Ok(Some(std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?)),
+        (None, None) => Ok(None),
+    }
+}
+
+fn config_command(etcd: &overlay_agent::cli::EtcdArgs, cmd: ConfigCommand) -> Result<ExitCode> {
+    let rt = runtime()?;
+    match cmd {
+        ConfigCommand::Get => rt.block_on(async {
+            let mut reg = Registry::connect(&etcd.options()).await?;
+            match reg.get_config().await? {
+                Some(c) => {
+                    println!("{c}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => bail!("no network config at {}", reg.config_key()),
+            }
+        }),
+        ConfigCommand::Set { json, file } => {
+            let json = config_json(json, file.as_deref())?.context("give the config as an argument or with --file")?;
+            let cfg = config::parse(&json)?;
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
+            rt.block_on(async {
+                let mut reg = Registry::connect(&etcd.options()).await?;
+                reg.put_config(json.trim()).await?;
+                println!("stored at {}", reg.config_key());
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        ConfigCommand::Validate { json, file } => {
+            let json = match config_json(json, file.as_deref())? {
+                Some(j) => j,
+                None => rt.block_on(async {
+                    let mut reg = Registry::connect(&etcd.options()).await?;
+                    reg.get_config().await?.with_context(|| format!("no network config at {}", reg.config_key()))
+                })?,
+            };
+            let cfg = config::parse(&json)?;
+            for w in &cfg.warnings {
+                println!("warning: {w}");
+            }
+            println!(
+                "valid: Network={} SubnetLen={} SubnetMin={} SubnetMax={} Backend={} VNI={} Port={} ({} subnets)",
+                cfg.network,
+                cfg.subnet_len,
+                cfg.subnet_min,
+                cfg.subnet_max,
+                cfg.backend.type_name(),
+                cfg.backend.vni,
+                cfg.backend.port,
+                cfg.subnets().count()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Static mode (no etcd): bring the data plane up, then wait for a signal. It stays.
+fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
     let spec = args.node_spec(dir)?;
-    let dp = dataplane::up(&spec)?;
+    let mut dp = dataplane::up(&spec)?;
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("net.ipv4.ip_forward is 0: containers will not be reachable across nodes");
     }
@@ -81,39 +198,14 @@ fn run_agent(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         public_ip = %spec.public_ip,
         decap = ?dp.decap_hook,
         subnet = %spec.subnet,
-        "data plane up"
+        "data plane up (static mode)"
     );
-    let mut dp = dp;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let logs = program_logs(&mut dp.ebpf);
+    runtime()?.block_on(async {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: exiting, the data plane keeps forwarding"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: exiting, the data plane keeps forwarding"),
-            r = logs => r?,
+            _ = shutdown_signal() => {}
+            r = overlay_agent::program_logs(&mut dp.ebpf) => r?,
         }
         anyhow::Ok(())
     })?;
-    drop(dp);
     Ok(ExitCode::SUCCESS)
-}
-
-/// Forward the programs' aya-log records (failure paths only) to our log until cancelled.
-async fn program_logs(ebpf: &mut aya::Ebpf) -> Result<()> {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "program logs unavailable");
-            return std::future::pending().await;
-        }
-    };
-    let mut fd = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE)
-        .context("polling the program log ring buffer")?;
-    loop {
-        let mut guard = fd.readable_mut().await.context("program log ring buffer")?;
-        guard.get_inner_mut().flush();
-        guard.clear_ready();
-    }
 }

@@ -45,3 +45,15 @@ pub fn stats_table(
     }
     s
 }
+
+/// `overlay-agent leases`: one row per lease, with the seconds left on its etcd lease.
+pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
+    let mut s = format!("{:<20} {:<16} {:<8} {:<18} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT");
+    for (l, left) in rows {
+        let backend = if l.attrs.backend_type.is_empty() { "udp" } else { l.attrs.backend_type.as_str() };
+        let mac = l.attrs.vtep_mac().map(|m| format_mac(&m)).unwrap_or_else(|_| "-".into());
+        let left = if *left < 0 { "no TTL".to_string() } else { format!("{}h{:02}m{:02}s", left / 3600, left / 60 % 60, left % 60) };
+        let _ = writeln!(s, "{:<20} {:<16} {:<8} {:<18} {}", l.subnet.to_string(), l.attrs.public_ip.to_string(), backend, mac, left);
+    }
+    s
+}

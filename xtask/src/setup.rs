@@ -25,6 +25,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     // etcd-client needs protoc to build.
     ("protobuf-compiler", "/usr/bin/protoc"),
+    // The tests and the demo run a real etcd (3.4, as in the seed) and etcdctl.
+    ("etcd-server", "/usr/bin/etcd"),
+    ("etcd-client", "/usr/bin/etcdctl"),
+    // TLS material for the etcd TLS tests.
+    ("openssl", "/usr/bin/openssl"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,343 @@
+//! flannel's network configuration (`<prefix>/config`): parsing, defaults and validation.
+//!
+//! Design notes: flannel decodes this JSON with Go's encoding/json, which matches keys
+//! case-insensitively, so `{"network": ...}` works there and must work here. Fields flannel
+//! defines that this agent does not implement (IPv6, nftables, other backends' options) are
+//! accepted with a warning; unknown fields too (flannel ignores them silently). What would make
+//! the network wrong (bad CIDRs, inconsistent subnet ranges, an unsupported backend) is refused
+//! with a message naming the field.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use overlay_common::{EncapMode, DEFAULT_UDP_PORT, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("network config is not valid JSON: {0} (did you write it with the etcd v3 API? `etcdctl put <prefix>/config '{{\"Network\":...}}'`)")]
+    Json(String),
+    #[error("network config must be a JSON object")]
+    NotAnObject,
+    #[error("network config: {field} is required")]
+    Missing { field: &'static str },
+    #[error("network config: {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+/// The backend and its options, as this agent runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub mode: EncapMode,
+    pub vni: u32,
+    pub port: u16,
+    /// Overlay MTU from `Backend.MTU` (vxlan), if set.
+    pub mtu: Option<u32>,
+}
+
+impl BackendConfig {
+    /// The name flannel uses in `BackendType`.
+    pub fn type_name(&self) -> &'static str {
+        match self.mode {
+            EncapMode::Vxlan => "vxlan",
+            EncapMode::Udp => "udp",
+        }
+    }
+}
+
+/// A validated network configuration with flannel's defaults applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub network: Ipv4Net,
+    pub subnet_len: u8,
+    /// First and last subnet (network addresses) leases may use.
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+    pub backend: BackendConfig,
+    /// What was accepted but is ignored, for the log.
+    pub warnings: Vec<String>,
+}
+
+impl NetworkConfig {
+    /// Every subnet leases may use, from SubnetMin to SubnetMax.
+    pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
+        let step = 1u64 << (32 - self.subnet_len);
+        let (min, max) = (u32::from(self.subnet_min) as u64, u32::from(self.subnet_max) as u64);
+        (min..=max).step_by(step as usize).map(move |a| {
+            Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("length <= 32")
+        })
+    }
+
+    /// Whether `subnet` is one this configuration can lease.
+    pub fn fits(&self, subnet: &Ipv4Net) -> bool {
+        subnet.prefix_len() == self.subnet_len
+            && subnet.network() >= self.subnet_min
+            && subnet.network() <= self.subnet_max
+            && self.network.contains(subnet)
+    }
+}
+
+/// Look a key up the way Go's encoding/json does: exact match first, then case-insensitive.
+fn get<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    obj.get(key).or_else(|| obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+}
+
+fn has(obj: &Map<String, Value>, key: &str) -> bool {
+    get(obj, key).is_some_and(|v| !v.is_null())
+}
+
+fn uint(obj: &Map<String, Value>, key: &'static str) -> Result<Option<u64>, ConfigError> {
+    match get(obj, key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| invalid(key, format!("must be a non-negative integer, got {v}"))),
+    }
+}
+
+fn string<'a>(obj: &'a Map<String, Value>, key: &'static str) -> Result<Option<&'a str>, ConfigError> {
+    match get(obj, key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(invalid(key, format!("must be a string, got {v}"))),
+    }
+}
+
+fn boolean(obj: &Map<String, Value>, key: &'static str) -> Result<Option<bool>, ConfigError> {
+    match get(obj, key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(invalid(key, format!("must be true or false, got {v}"))),
+    }
+}
+
+fn ipv4(obj: &Map<String, Value>, key: &'static str) -> Result<Option<Ipv4Addr>, ConfigError> {
+    string(obj, key)?
+        .map(|s| s.parse().map_err(|_| invalid(key, format!("{s:?} is not an IPv4 address"))))
+        .transpose()
+}
+
+const TOP_LEVEL: &[&str] = &[
+    "Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend", "EnableIPv4", "EnableIPv6",
+    "IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax", "EnableNFTables",
+];
+
+/// Parse and validate flannel's network config JSON.
+pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
+    let value: Value = serde_json::from_str(json).map_err(|e| ConfigError::Json(e.to_string()))?;
+    let obj = value.as_object().ok_or(ConfigError::NotAnObject)?;
+    let mut warnings = Vec::new();
+
+    if boolean(obj, "EnableIPv4")? == Some(false) {
+        return Err(invalid("EnableIPv4", "false is not supported: this agent runs IPv4 overlays"));
+    }
+    if boolean(obj, "EnableIPv6")? == Some(true) || has(obj, "IPv6Network") {
+        warnings.push("IPv6 (EnableIPv6/IPv6Network) is not supported; only the IPv4 network is set up".into());
+    }
+    if boolean(obj, "EnableNFTables")?.is_some() {
+        warnings.push("EnableNFTables is ignored by this agent".into());
+    }
+    for k in obj.keys() {
+        if !TOP_LEVEL.iter().any(|t| t.eq_ignore_ascii_case(k)) {
+            warnings.push(format!("unknown field {k:?} ignored"));
+        }
+    }
+
+    let network_s = string(obj, "Network")?.ok_or(ConfigError::Missing { field: "Network" })?;
+    let network: Ipv4Net = network_s
+        .parse()
+        .map_err(|_| invalid("Network", format!("{network_s:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
+    if network.addr() != network.network() {
+        return Err(invalid("Network", format!("{network} has host bits set; did you mean {}?", network.trunc())));
+    }
+    if network.prefix_len() > 28 {
+        return Err(invalid("Network", format!("{network} is smaller than /28")));
+    }
+
+    let subnet_len = match uint(obj, "SubnetLen")? {
+        None | Some(0) if network.prefix_len() <= 22 => 24,
+        None | Some(0) => network.prefix_len() + 2,
+        Some(n) if n > 30 => return Err(invalid("SubnetLen", format!("{n} is longer than /30"))),
+        Some(n) => n as u8,
+    };
+    if subnet_len <= network.prefix_len() {
+        return Err(invalid(
+            "SubnetLen",
+            format!("/{subnet_len} must be longer than Network's /{}", network.prefix_len()),
+        ));
+    }
+    let size = 1u64 << (32 - subnet_len);
+    let net_start = u32::from(network.network()) as u64;
+    let net_end = u32::from(network.broadcast()) as u64;
+    let check = |field: &'static str, addr: Ipv4Addr| -> Result<Ipv4Addr, ConfigError> {
+        let a = u32::from(addr) as u64;
+        if a % size != 0 {
+            return Err(invalid(field, format!("{addr} is not on a /{subnet_len} boundary")));
+        }
+        if a < net_start || a > net_end {
+            return Err(invalid(field, format!("{addr} is outside Network {network}")));
+        }
+        Ok(addr)
+    };
+    let subnet_min = match ipv4(obj, "SubnetMin")? {
+        Some(a) => check("SubnetMin", a)?,
+        None => Ipv4Addr::from((net_start + size) as u32),
+    };
+    let subnet_max = match ipv4(obj, "SubnetMax")? {
+        Some(a) => check("SubnetMax", a)?,
+        None => Ipv4Addr::from((net_end + 1 - size) as u32),
+    };
+    if subnet_min > subnet_max {
+        return Err(invalid("SubnetMin", format!("{subnet_min} is above SubnetMax {subnet_max}")));
+    }
+
+    let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
+    Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, warnings })
+}
+
+fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<BackendConfig, ConfigError> {
+    let empty = Map::new();
+    let obj = match v {
+        None | Some(Value::Null) => &empty,
+        Some(Value::Object(o)) => o,
+        Some(v) => return Err(invalid("Backend", format!("must be an object, got {v}"))),
+    };
+    // flannel's code (not its docs) defaults to udp when Backend.Type is absent.
+    let ty = string(obj, "Type")?.unwrap_or("udp");
+    let port = uint(obj, "Port")?;
+    let port = match port {
+        Some(p) if p > 65535 => return Err(invalid("Backend.Port", format!("{p} is not a UDP port"))),
+        Some(p) => p as u16,
+        None => 0,
+    };
+    match ty.to_ascii_lowercase().as_str() {
+        "vxlan" => {
+            let vni = match uint(obj, "VNI")? {
+                None | Some(0) => DEFAULT_VNI,
+                Some(v) if v > 0x00ff_ffff => return Err(invalid("Backend.VNI", format!("{v} does not fit in 24 bits"))),
+                Some(v) => v as u32,
+            };
+            let mtu = match uint(obj, "MTU")? {
+                None | Some(0) => None,
+                Some(m) if !(68..=65535).contains(&m) => return Err(invalid("Backend.MTU", format!("{m} is not a usable MTU"))),
+                Some(m) => Some(m as u32),
+            };
+            for k in ["DirectRouting", "GBP", "Learning", "MacPrefix"] {
+                if has(obj, k) {
+                    warnings.push(format!("Backend.{k} is not supported by this agent and is ignored"));
+                }
+            }
+            Ok(BackendConfig {
+                mode: EncapMode::Vxlan,
+                vni,
+                port: if port == 0 { DEFAULT_VXLAN_PORT } else { port },
+                mtu,
+            })
+        }
+        "udp" => Ok(BackendConfig {
+            mode: EncapMode::Udp,
+            vni: DEFAULT_VNI,
+            port: if port == 0 { DEFAULT_UDP_PORT } else { port },
+            mtu: None,
+        }),
+        other => Err(invalid(
+            "Backend.Type",
+            format!("{other:?} is not supported (this agent implements \"vxlan\" and \"udp\")"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(json: &str) -> NetworkConfig {
+        parse(json).unwrap_or_else(|e| panic!("{json}: {e}"))
+    }
+
+    #[test]
+    fn seed_config_gets_flannel_defaults() {
+        let c = ok(r#"{"Network":"172.17.0.0/16","Backend":{"Type":"vxlan"}}"#);
+        assert_eq!(c.network, "172.17.0.0/16".parse().unwrap());
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, Ipv4Addr::new(172, 17, 1, 0));
+        assert_eq!(c.subnet_max, Ipv4Addr::new(172, 17, 255, 0));
+        assert_eq!(c.backend, BackendConfig { mode: EncapMode::Vxlan, vni: 1, port: 8472, mtu: None });
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(c.subnets().count(), 255);
+    }
+
+    #[test]
+    fn defaults_table() {
+        // (json, subnet_len, min, max, mode, port)
+        let cases = [
+            (r#"{"Network":"10.0.0.0/8"}"#, 24, "10.0.1.0", "10.255.255.0", EncapMode::Udp, 8285),
+            (r#"{"Network":"10.1.0.0/22","Backend":{"Type":"udp","Port":9000}}"#, 24, "10.1.1.0", "10.1.3.0", EncapMode::Udp, 9000),
+            (r#"{"Network":"10.1.0.0/24","Backend":{"Type":"vxlan","Port":4789}}"#, 26, "10.1.0.64", "10.1.0.192", EncapMode::Vxlan, 4789),
+            (r#"{"Network":"10.1.0.0/28","Backend":{"Type":"VXLAN"}}"#, 30, "10.1.0.4", "10.1.0.12", EncapMode::Vxlan, 8472),
+            (r#"{"network":"10.2.0.0/16","subnetlen":25,"backend":{"type":"vxlan","vni":7}}"#, 25, "10.2.0.128", "10.2.255.128", EncapMode::Vxlan, 8472),
+            (r#"{"Network":"10.2.0.0/16","SubnetMin":"10.2.10.0","SubnetMax":"10.2.20.0","Backend":{"Type":"vxlan"}}"#, 24, "10.2.10.0", "10.2.20.0", EncapMode::Vxlan, 8472),
+        ];
+        for (json, len, min, max, mode, port) in cases {
+            let c = ok(json);
+            assert_eq!(c.subnet_len, len, "{json}");
+            assert_eq!(c.subnet_min.to_string(), min, "{json}");
+            assert_eq!(c.subnet_max.to_string(), max, "{json}");
+            assert_eq!((c.backend.mode, c.backend.port), (mode, port), "{json}");
+        }
+        assert_eq!(ok(r#"{"network":"10.2.0.0/16","backend":{"type":"vxlan","vni":7}}"#).backend.vni, 7);
+    }
+
+    #[test]
+    fn invalid_configs_name_the_field() {
+        let cases = [
+            ("not json", "not valid JSON"),
+            ("[1,2]", "must be a JSON object"),
+            (r#"{"Backend":{"Type":"vxlan"}}"#, "Network is required"),
+            (r#"{"Network":"10.0.0.0"}"#, "Network: \"10.0.0.0\" is not an IPv4 CIDR"),
+            (r#"{"Network":"10.0.0.0/33"}"#, "Network: \"10.0.0.0/33\" is not an IPv4 CIDR"),
+            (r#"{"Network":"fd00::/64"}"#, "Network: \"fd00::/64\" is not an IPv4 CIDR"),
+            (r#"{"Network":"10.0.0.1/16"}"#, "Network: 10.0.0.1/16 has host bits set"),
+            (r#"{"Network":"10.0.0.0/29"}"#, "Network: 10.0.0.0/29 is smaller than /28"),
+            (r#"{"Network":42}"#, "Network: must be a string"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":16}"#, "SubnetLen: /16 must be longer"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#, "SubnetLen: 31 is longer than /30"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":"24"}"#, "SubnetLen: must be a non-negative integer"),
+            (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.128"}"#, "SubnetMin: 10.0.1.128 is not on a /24 boundary"),
+            (r#"{"Network":"10.0.0.0/16","SubnetMax":"10.1.0.0"}"#, "SubnetMax: 10.1.0.0 is outside Network"),
+            (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.8.0"}"#, "SubnetMin: 10.0.9.0 is above SubnetMax"),
+            (r#"{"Network":"10.0.0.0/16","SubnetMin":"x"}"#, "SubnetMin: \"x\" is not an IPv4 address"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#, "Backend.Type: \"host-gw\" is not supported"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#, "Backend.Port: 70000 is not a UDP port"),
+            (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "Backend: must be an object"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv4":false,"EnableIPv6":true}"#, "EnableIPv4: false is not supported"),
+        ];
+        for (json, want) in cases {
+            let e = parse(json).expect_err(json).to_string();
+            assert!(e.contains(want), "{json}: expected {want:?} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn unsupported_flannel_fields_are_accepted_with_warnings() {
+        let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","EnableNFTables":false,
+                     "Backend":{"Type":"vxlan","DirectRouting":true},"Colour":"blue"}"#);
+        let w = c.warnings.join("\n");
+        for want in ["IPv6", "EnableNFTables", "DirectRouting", "\"Colour\""] {
+            assert!(w.contains(want), "missing warning about {want}: {w}");
+        }
+    }
+
+    #[test]
+    fn fits_checks_length_and_range() {
+        let c = ok(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.5.0","SubnetMax":"10.0.9.0"}"#);
+        assert!(c.fits(&"10.0.5.0/24".parse().unwrap()));
+        assert!(c.fits(&"10.0.9.0/24".parse().unwrap()));
+        assert!(!c.fits(&"10.0.4.0/24".parse().unwrap()));
+        assert!(!c.fits(&"10.0.10.0/24".parse().unwrap()));
+        assert!(!c.fits(&"10.0.6.0/25".parse().unwrap()));
+    }
+}

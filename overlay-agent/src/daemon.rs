@@ -1,0 +1,437 @@
+//! The agent in flanneld's place: config -> lease -> data plane -> watch -> reconcile.
+//!
+//! Design notes:
+//! - etcd trouble is never fatal once the data plane is up: the maps keep forwarding with the
+//!   last known routes while the agent retries with backoff (100 ms doubling to 5 s).
+//! - The watch starts at the listed revision + 1, so no change between list and watch is
+//!   lost. When etcd has compacted that revision (or the stream breaks), the agent lists
+//!   again and reconciles in full, which also removes routes that no lease backs any more
+//!   (flannel #2554: routes of peers deleted while the daemon was down stayed forever).
+//! - flannel exits when its own lease disappears; this agent re-claims it (the same subnet
+//!   if still free) and says so loudly, because exiting would leave the node's containers
+//!   unreachable until someone restarts it.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ipnet::Ipv4Net;
+use overlay_common::EncapMode;
+
+use crate::{
+    config::{self, NetworkConfig},
+    dataplane::{self, DecapHook, NodeSpec},
+    lease::{
+        manager::{self, Choice},
+        registry::{EtcdOptions, LeaseEvent, Registry, RegistryError},
+        LeaseAttrs,
+    },
+    maps::{Maps, MapsError},
+    netdev, reconcile,
+    subnet_file::{self, SubnetEnv},
+};
+
+#[derive(Clone, Debug)]
+pub struct DaemonOptions {
+    pub etcd: EtcdOptions,
+    pub iface: Option<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub subnet_file: PathBuf,
+    pub lease_ttl: Duration,
+    pub renew_margin: Duration,
+    pub decap_hook: DecapHook,
+    pub bpffs_dir: PathBuf,
+    pub ip_masq: bool,
+}
+
+/// Exponential backoff between etcd retries.
+struct Backoff(Duration);
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+    fn new() -> Self {
+        Self(Self::MIN)
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+    fn reset(&mut self) {
+        self.0 = Self::MIN;
+    }
+}
+
+/// Run `op` until it succeeds or fails with an error retrying cannot fix.
+async fn retry<T, F>(what: &str, reg: &mut Registry, mut op: F) -> Result<T>
+where
+    F: for<'a> FnMut(&'a mut Registry) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, RegistryError>> + 'a>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match op(reg).await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, retry_in = ?backoff.0, "{what} failed; etcd unavailable, retrying (the data plane keeps forwarding)");
+                backoff.wait().await;
+            }
+            Err(e) => return Err(e).context(what.to_string()),
+        }
+    }
+}
+
+async fn connect(opts: &EtcdOptions) -> Result<Registry> {
+    let mut backoff = Backoff::new();
+    loop {
+        match Registry::connect(opts).await {
+            Ok(r) => return Ok(r),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, retry_in = ?backoff.0, "cannot reach etcd; retrying");
+                backoff.wait().await;
+            }
+            Err(e) => return Err(e).context("connecting to etcd"),
+        }
+    }
+}
+
+/// Wait for a network config at `<prefix>/config` (logged retries, as flanneld does);
+/// refuse an invalid one.
+async fn network_config(reg: &mut Registry) -> Result<NetworkConfig> {
+    let mut logged = false;
+    loop {
+        let raw = retry("reading the network config", reg, |r| Box::pin(r.get_config())).await?;
+        match raw {
+            Some(json) => {
+                let cfg = config::parse(&json).with_context(|| format!("invalid network config at {}", reg.config_key()))?;
+                for w in &cfg.warnings {
+                    tracing::warn!("network config: {w}");
+                }
+                return Ok(cfg);
+            }
+            None => {
+                if !logged {
+                    tracing::warn!(key = %reg.config_key(), "no network config yet; waiting for one (etcdctl put {} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}')", reg.config_key());
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// This node's lease.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    subnet: Ipv4Net,
+    etcd_lease: i64,
+    renew_at: Instant,
+}
+
+struct Daemon {
+    opts: DaemonOptions,
+    reg: Registry,
+    cfg: NetworkConfig,
+    attrs: LeaseAttrs,
+    spec: NodeSpec,
+    held: Held,
+    maps: Maps,
+    /// Kept for the lifetime of the agent (program logs).
+    _dataplane: dataplane::Dataplane,
+    malformed_leases: u64,
+}
+
+fn renew_after(opts: &DaemonOptions, ttl_secs: i64) -> Duration {
+    let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
+    if opts.renew_margin < ttl {
+        ttl - opts.renew_margin
+    } else {
+        ttl / 2
+    }
+}
+
+/// Claim a subnet for this node (flannel's algorithm, `manager::choose`).
+async fn acquire(
+    reg: &mut Registry,
+    cfg: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<Ipv4Net>,
+    opts: &DaemonOptions,
+) -> Result<Held> {
+    for _attempt in 0..10 {
+        let listing = retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?;
+        let choice = manager::choose(cfg, &listing.leases, attrs.public_ip, previous, &mut rand::rng());
+        match choice {
+            Choice::Reuse { subnet, etcd_lease } => {
+                let ttl = if etcd_lease == 0 {
+                    0
+                } else {
+                    retry("renewing our lease", reg, |r| {
+                        let a = attrs.clone();
+                        Box::pin(async move {
+                            r.update(&subnet, &a, etcd_lease).await?;
+                            r.keep_alive(etcd_lease).await
+                        })
+                    })
+                    .await?
+                };
+                if ttl > 0 {
+                    tracing::info!(%subnet, "reusing this node's existing lease");
+                    return Ok(Held { subnet, etcd_lease, renew_at: Instant::now() + renew_after(opts, ttl) });
+                }
+                // Expired meanwhile, or written without a TTL: claim it afresh below.
+                let _ = retry("removing a lease without TTL", reg, move |r| Box::pin(async move { r.delete_lease(&subnet).await })).await;
+            }
+            Choice::Claim(order) => {
+                for subnet in order {
+                    let ttl = opts.lease_ttl;
+                    let claimed = retry("claiming a subnet", reg, |r| {
+                        let a = attrs.clone();
+                        Box::pin(async move { r.claim(&subnet, &a, ttl).await })
+                    })
+                    .await?;
+                    if let Some(etcd_lease) = claimed {
+                        tracing::info!(%subnet, "leased a subnet");
+                        let renew = renew_after(opts, ttl.as_secs() as i64);
+                        return Ok(Held { subnet, etcd_lease, renew_at: Instant::now() + renew });
+                    }
+                    tracing::info!(%subnet, "subnet taken concurrently; choosing again");
+                }
+            }
+            Choice::Exhausted => bail!(
+                "no free subnet in {} (SubnetMin {} .. SubnetMax {}, /{}): every subnet is leased; \
+                 widen Network or remove stale leases (overlay-agent leases)",
+                cfg.network,
+                cfg.subnet_min,
+                cfg.subnet_max,
+                cfg.subnet_len
+            ),
+        }
+    }
+    bail!("could not claim a subnet after 10 attempts: other nodes kept taking the chosen ones")
+}
+
+pub fn default_device(mode: EncapMode, vni: u32) -> String {
+    match mode {
+        EncapMode::Vxlan => format!("flannel.{vni}"),
+        EncapMode::Udp => "flannel0".to_string(),
+    }
+}
+
+/// Run the agent until `shutdown` resolves. The data plane stays up afterwards.
+pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    tokio::select! {
+        r = run_inner(opts) => r,
+        _ = shutdown => Ok(()),
+    }
+}
+
+async fn run_inner(opts: DaemonOptions) -> Result<()> {
+    let mut reg = connect(&opts.etcd).await?;
+    let cfg = network_config(&mut reg).await?;
+    let iface = match &opts.iface {
+        Some(i) => i.clone(),
+        None => netdev::default_route_iface()?,
+    };
+    let public_ip = match opts.public_ip {
+        Some(ip) => ip,
+        None => netdev::first_ipv4(&iface)?,
+    };
+    let mode = cfg.backend.mode;
+    let mut spec = NodeSpec {
+        iface,
+        public_ip,
+        network: cfg.network,
+        subnet: cfg.network, // replaced by the leased subnet below
+        mode,
+        vni: cfg.backend.vni,
+        port: cfg.backend.port,
+        device: default_device(mode, cfg.backend.vni),
+        decap_hook: opts.decap_hook,
+        bpffs_dir: opts.bpffs_dir.clone(),
+        mtu: cfg.backend.mtu,
+    };
+    let (_, device, _) = dataplane::prepare_device(&spec)?;
+    let attrs = match mode {
+        EncapMode::Vxlan => LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac),
+        EncapMode::Udp => LeaseAttrs::udp(public_ip),
+    };
+    let previous = subnet_file::read_previous_subnet(&opts.subnet_file);
+    let held = acquire(&mut reg, &cfg, &attrs, previous, &opts).await?;
+    spec.subnet = held.subnet;
+    let mut dp = dataplane::up(&spec)?;
+    let maps = Maps::open(&spec.bpffs_dir)?;
+    if opts.ip_masq {
+        tracing::warn!("--ip-masq: masquerade rules are not installed by this version yet");
+    }
+    write_subnet_file(&opts, &cfg, held.subnet, dp.mtu)?;
+    tracing::info!(
+        subnet = %held.subnet, public_ip = %public_ip, device = %spec.device,
+        vtep_mac = %netdev::format_mac(&dp.device.mac), decap = ?dp.decap_hook, mtu = dp.mtu,
+        "lease held, data plane up, subnet file written"
+    );
+    let logs = crate::program_logs(&mut dp.ebpf);
+    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, _dataplane: dp, malformed_leases: 0 };
+    tokio::select! {
+        r = d.watch_loop() => r,
+        r = logs => r,
+    }
+}
+
+fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, subnet: Ipv4Net, mtu: u32) -> Result<()> {
+    let env = SubnetEnv { network: cfg.network, subnet, mtu, ip_masq: opts.ip_masq };
+    subnet_file::write(&opts.subnet_file, &env)?;
+    Ok(())
+}
+
+enum Wake {
+    Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
+    Renew,
+}
+
+impl Daemon {
+    /// List, reconcile, watch; again after compaction or a broken stream. Never returns
+    /// except on a fatal error.
+    async fn watch_loop(&mut self) -> Result<()> {
+        let mut backoff = Backoff::new();
+        loop {
+            let listing = retry("listing leases", &mut self.reg, |r| Box::pin(r.list_leases())).await?;
+            for (key, e) in &listing.malformed {
+                self.malformed_leases += 1;
+                tracing::warn!(key = %key, error = %e, "skipping a lease that is not in flannel's format");
+            }
+            if !listing.leases.iter().any(|l| l.subnet == self.held.subnet && l.attrs.public_ip == self.attrs.public_ip) {
+                self.lost_lease("missing from etcd").await?;
+                continue;
+            }
+            self.reconcile_all(&listing.leases)?;
+            let mut stream = match self.reg.watch(listing.revision + 1).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff.0, "cannot watch leases; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            loop {
+                let wake = tokio::select! {
+                    m = stream.message() => Wake::Watch(m),
+                    _ = tokio::time::sleep_until(self.held.renew_at.into()) => Wake::Renew,
+                };
+                match wake {
+                    Wake::Renew => self.renew().await?,
+                    Wake::Watch(Ok(Some(resp))) => {
+                        if resp.canceled() {
+                            if resp.compact_revision() > 0 {
+                                tracing::warn!(compacted_to = resp.compact_revision(), "etcd compacted the watched revision; listing again");
+                            } else {
+                                tracing::warn!(reason = resp.cancel_reason(), "etcd cancelled the watch; listing again");
+                            }
+                            break;
+                        }
+                        let events = self.reg.events(&resp);
+                        for ev in events {
+                            self.handle(ev).await?;
+                        }
+                    }
+                    Wake::Watch(Ok(None)) | Wake::Watch(Err(_)) => {
+                        tracing::warn!(retry_in = ?backoff.0, "lost the etcd watch; reconnecting and listing again");
+                        backoff.wait().await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Make the maps hold exactly the routes the leases ask for.
+    fn reconcile_all(&mut self, leases: &[crate::lease::Lease]) -> Result<()> {
+        let (desired, skipped) = reconcile::desired_routes(leases, self.spec.mode, self.held.subnet, self.attrs.public_ip);
+        for (subnet, e) in skipped {
+            self.malformed_leases += 1;
+            tracing::warn!(%subnet, error = %e, "lease skipped");
+        }
+        let changes = reconcile::diff(&self.maps.routes()?, &desired);
+        for r in &changes.upsert {
+            self.maps.upsert_route(r)?;
+        }
+        for s in &changes.remove {
+            tracing::info!(subnet = %s, "removing a route no lease backs");
+            self.maps.remove_route(*s)?;
+        }
+        tracing::info!(routes = desired.len(), added_or_changed = changes.upsert.len(), removed = changes.remove.len(), "routes reconciled with etcd");
+        Ok(())
+    }
+
+    async fn handle(&mut self, ev: LeaseEvent) -> Result<()> {
+        match ev {
+            LeaseEvent::Put(lease) if lease.subnet == self.held.subnet => {
+                if lease.attrs.public_ip != self.attrs.public_ip {
+                    tracing::error!(subnet = %lease.subnet, other = %lease.attrs.public_ip, "our subnet's lease now names another node");
+                }
+            }
+            LeaseEvent::Put(lease) => match reconcile::route_for(&lease, self.spec.mode, self.held.subnet, self.attrs.public_ip) {
+                Ok(Some(route)) => {
+                    self.maps.upsert_route(&route)?;
+                    tracing::info!(subnet = %route.subnet, public_ip = %route.public_ip, "route added or updated");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.malformed_leases += 1;
+                    tracing::warn!(subnet = %lease.subnet, error = %e, "lease skipped");
+                }
+            },
+            LeaseEvent::Delete(subnet) if subnet == self.held.subnet => {
+                self.lost_lease("deleted from etcd").await?;
+            }
+            LeaseEvent::Delete(subnet) => match self.maps.remove_route(subnet) {
+                Ok(()) => tracing::info!(%subnet, "route removed (lease deleted or expired)"),
+                Err(MapsError::NoSuchRoute(_)) => {}
+                Err(e) => return Err(e.into()),
+            },
+            LeaseEvent::Malformed(key, e) => {
+                self.malformed_leases += 1;
+                tracing::warn!(%key, error = %e, "skipping a lease that is not in flannel's format");
+            }
+        }
+        Ok(())
+    }
+
+    async fn renew(&mut self) -> Result<()> {
+        let id = self.held.etcd_lease;
+        match self.reg.keep_alive(id).await {
+            Ok(ttl) if ttl > 0 => {
+                self.held.renew_at = Instant::now() + renew_after(&self.opts, ttl);
+                tracing::info!(subnet = %self.held.subnet, ttl_secs = ttl, "lease renewed");
+                Ok(())
+            }
+            Ok(_) => self.lost_lease("expired before it could be renewed").await,
+            Err(e) => {
+                let again = Duration::from_secs(60).min(self.opts.lease_ttl / 10).max(Duration::from_secs(1));
+                tracing::warn!(error = %e, retry_in = ?again, "renewing the lease failed; retrying");
+                self.held.renew_at = Instant::now() + again;
+                Ok(())
+            }
+        }
+    }
+
+    /// Our lease is gone: claim it again (the same subnet if still free).
+    async fn lost_lease(&mut self, why: &str) -> Result<()> {
+        let old = self.held.subnet;
+        tracing::error!(subnet = %old, "THIS NODE'S LEASE WAS {why}; re-acquiring (the same subnet if still free)", why = why.to_uppercase());
+        let held = acquire(&mut self.reg, &self.cfg, &self.attrs, Some(old), &self.opts).await?;
+        self.held = held;
+        if held.subnet != old {
+            tracing::error!(old = %old, new = %held.subnet, "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
+            self.spec.subnet = held.subnet;
+            let dp = dataplane::up(&self.spec)?;
+            write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
+            self._dataplane = dp;
+        } else {
+            tracing::warn!(subnet = %old, "re-acquired the same subnet");
+        }
+        Ok(())
+    }
+}

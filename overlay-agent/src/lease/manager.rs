@@ -1,0 +1,143 @@
+//! Choosing this node's subnet, as flannel's local manager does: reuse our existing lease
+//! (same PublicIP) if it still fits the config, else the subnet of the old subnet file if it
+//! is free and fits, else a random free subnet among the first 100. The choice is a pure
+//! function of the config and the leases; claiming it (a create-if-absent transaction) and
+//! renewing it are in `registry`, driven from the daemon.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use rand::seq::IndexedRandom as _;
+
+use super::Lease;
+use crate::config::NetworkConfig;
+
+/// How many free subnets flannel picks among (spreads concurrent starters).
+pub const CANDIDATES: usize = 100;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// Our own lease (same PublicIP), still valid under the config: renew it.
+    Reuse { subnet: Ipv4Net, etcd_lease: i64 },
+    /// Try to claim these, in order (the previous subnet first, then a random free one).
+    Claim(Vec<Ipv4Net>),
+    /// No subnet left between SubnetMin and SubnetMax.
+    Exhausted,
+}
+
+/// Subnets in the config's range that no lease overlaps, in address order.
+pub fn free_subnets<'a>(cfg: &'a NetworkConfig, leases: &'a [Lease]) -> impl Iterator<Item = Ipv4Net> + 'a {
+    cfg.subnets().filter(move |s| !leases.iter().any(|l| l.subnet.contains(s) || s.contains(&l.subnet)))
+}
+
+pub fn choose(
+    cfg: &NetworkConfig,
+    leases: &[Lease],
+    public_ip: Ipv4Addr,
+    previous: Option<Ipv4Net>,
+    rng: &mut impl rand::Rng,
+) -> Choice {
+    if let Some(l) = leases.iter().find(|l| l.attrs.public_ip == public_ip && cfg.fits(&l.subnet)) {
+        return Choice::Reuse { subnet: l.subnet, etcd_lease: l.etcd_lease };
+    }
+    let free: Vec<Ipv4Net> = free_subnets(cfg, leases).take(CANDIDATES).collect();
+    let mut order = Vec::new();
+    if let Some(prev) = previous {
+        let taken = leases.iter().any(|l| l.subnet.contains(&prev) || prev.contains(&l.subnet));
+        if cfg.fits(&prev) && !taken {
+            order.push(prev);
+        }
+    }
+    match free.choose(rng) {
+        Some(s) if !order.contains(s) => order.push(*s),
+        Some(_) => {}
+        None if order.is_empty() => return Choice::Exhausted,
+        None => {}
+    }
+    Choice::Claim(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng as _;
+
+    use super::*;
+    use crate::{config, lease::LeaseAttrs};
+
+    fn cfg(json: &str) -> NetworkConfig {
+        config::parse(json).unwrap()
+    }
+    fn lease(subnet: &str, ip: [u8; 4]) -> Lease {
+        Lease { subnet: subnet.parse().unwrap(), attrs: LeaseAttrs::udp(Ipv4Addr::from(ip)), etcd_lease: 7 }
+    }
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(1)
+    }
+
+    #[test]
+    fn reuses_our_lease_when_it_still_fits() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16"}"#);
+        let leases = [lease("10.0.5.0/24", [1, 1, 1, 1]), lease("10.0.9.0/24", [2, 2, 2, 2])];
+        assert_eq!(
+            choose(&c, &leases, Ipv4Addr::new(2, 2, 2, 2), None, &mut rng()),
+            Choice::Reuse { subnet: "10.0.9.0/24".parse().unwrap(), etcd_lease: 7 }
+        );
+    }
+
+    #[test]
+    fn does_not_reuse_a_lease_the_config_no_longer_allows() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.20.0"}"#);
+        let leases = [lease("10.0.9.0/24", [2, 2, 2, 2])];
+        assert!(matches!(choose(&c, &leases, Ipv4Addr::new(2, 2, 2, 2), None, &mut rng()), Choice::Claim(_)));
+    }
+
+    #[test]
+    fn prefers_the_previous_subnet_when_free() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16"}"#);
+        let prev: Ipv4Net = "10.0.42.0/24".parse().unwrap();
+        match choose(&c, &[], Ipv4Addr::new(3, 3, 3, 3), Some(prev), &mut rng()) {
+            Choice::Claim(order) => assert_eq!(order[0], prev),
+            other => panic!("{other:?}"),
+        }
+        // Taken by someone else: not first.
+        let leases = [lease("10.0.42.0/24", [9, 9, 9, 9])];
+        match choose(&c, &leases, Ipv4Addr::new(3, 3, 3, 3), Some(prev), &mut rng()) {
+            Choice::Claim(order) => assert!(!order.contains(&prev)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn picks_among_the_first_hundred_free_subnets() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16"}"#);
+        let leases = [lease("10.0.1.0/24", [1, 1, 1, 1])];
+        let mut r = rng();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            match choose(&c, &leases, Ipv4Addr::new(5, 5, 5, 5), None, &mut r) {
+                Choice::Claim(order) => {
+                    let o = order[0].network().octets();
+                    assert!((2..=101).contains(&o[2]), "{} is not among the first 100 free", order[0]);
+                    seen.insert(o[2]);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(seen.len() > 50, "choices should spread, saw {}", seen.len());
+    }
+
+    #[test]
+    fn exhaustion_is_reported() {
+        let c = cfg(r#"{"Network":"10.0.0.0/28"}"#); // /30 subnets: .4, .8, .12
+        let leases = [lease("10.0.0.4/30", [1, 1, 1, 1]), lease("10.0.0.8/30", [2, 2, 2, 2]), lease("10.0.0.12/30", [3, 3, 3, 3])];
+        assert_eq!(choose(&c, &leases, Ipv4Addr::new(4, 4, 4, 4), None, &mut rng()), Choice::Exhausted);
+    }
+
+    #[test]
+    fn overlapping_leases_of_other_lengths_block_subnets() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16"}"#);
+        let leases = [lease("10.0.0.0/20", [1, 1, 1, 1])];
+        let free: Vec<_> = free_subnets(&c, &leases).take(1).collect();
+        assert_eq!(free[0], "10.0.16.0/24".parse::<Ipv4Net>().unwrap());
+    }
+}

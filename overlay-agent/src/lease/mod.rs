@@ -1,0 +1,152 @@
+//! Subnet leases: flannel's lease value and key formats (this module), etcd I/O
+//! (`registry`), and the choice, reuse and renewal of this node's subnet (`manager`).
+
+pub mod manager;
+pub mod registry;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeaseFormatError {
+    #[error("subnet key {0:?} is not of the form <ip>-<prefix length>, e.g. 10.244.1.0-24")]
+    BadKey(String),
+    #[error("lease value is not flannel's lease JSON: {0}")]
+    BadValue(String),
+    #[error("vxlan lease without BackendData.VtepMAC (or with a malformed one)")]
+    NoVtepMac,
+}
+
+/// The last path element of a lease key: `10.244.1.0-24`.
+pub fn subnet_key(subnet: &Ipv4Net) -> String {
+    format!("{}-{}", subnet.network(), subnet.prefix_len())
+}
+
+pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
+    let bad = || LeaseFormatError::BadKey(key.to_string());
+    let (ip, len) = key.rsplit_once('-').ok_or_else(bad)?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let net = Ipv4Net::new(ip, len).map_err(|_| bad())?;
+    if net.network() != ip {
+        return Err(bad());
+    }
+    Ok(net)
+}
+
+/// flannel's lease value, field for field (`etcdctl get` shows the same JSON for our leases
+/// as for a stock node's). Unknown fields are ignored, as flannel does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LeaseAttrs {
+    #[serde(rename = "PublicIP")]
+    pub public_ip: Ipv4Addr,
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<String>,
+    #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
+    pub backend_type: String,
+    #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
+    pub backend_data: Option<serde_json::Value>,
+}
+
+/// `BackendData` of flannel's vxlan backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct VxlanData {
+    #[serde(rename = "VNI")]
+    vni: u32,
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: String,
+}
+
+impl LeaseAttrs {
+    /// What our vxlan backend writes.
+    pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep_mac: [u8; 6]) -> Self {
+        let data = VxlanData { vni, vtep_mac: crate::netdev::format_mac(&vtep_mac) };
+        Self {
+            public_ip,
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: Some(serde_json::to_value(data).expect("plain struct")),
+        }
+    }
+
+    /// What flannel's udp backend writes: the public IP only.
+    pub fn udp(public_ip: Ipv4Addr) -> Self {
+        Self { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None }
+    }
+
+    pub fn parse(json: &[u8]) -> Result<Self, LeaseFormatError> {
+        serde_json::from_slice(json).map_err(|e| LeaseFormatError::BadValue(e.to_string()))
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("lease attrs serialise")
+    }
+
+    /// The VtepMAC of a vxlan lease.
+    pub fn vtep_mac(&self) -> Result<[u8; 6], LeaseFormatError> {
+        let data: VxlanData = self
+            .backend_data
+            .clone()
+            .and_then(|d| serde_json::from_value(d).ok())
+            .ok_or(LeaseFormatError::NoVtepMac)?;
+        crate::netdev::parse_mac(&data.vtep_mac).ok_or(LeaseFormatError::NoVtepMac)
+    }
+}
+
+/// A lease as read from etcd.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lease {
+    pub subnet: Ipv4Net,
+    pub attrs: LeaseAttrs,
+    /// The etcd lease the key is attached to (0: none).
+    pub etcd_lease: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Written by a stock flannel v0.2x vxlan node (flannel's README / CONTRACTS.md).
+    const STOCK_VXLAN: &str = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}"#;
+    /// Written by flannel v0.11's udp backend (the seed's era): no backend fields.
+    const STOCK_UDP: &str = r#"{"PublicIP":"192.168.1.252"}"#;
+
+    #[test]
+    fn reads_stock_flannel_leases() {
+        let v = LeaseAttrs::parse(STOCK_VXLAN.as_bytes()).unwrap();
+        assert_eq!(v.public_ip, Ipv4Addr::new(192, 168, 64, 3));
+        assert_eq!(v.backend_type, "vxlan");
+        assert_eq!(v.vtep_mac().unwrap(), [0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44]);
+        let u = LeaseAttrs::parse(STOCK_UDP.as_bytes()).unwrap();
+        assert_eq!(u.public_ip, Ipv4Addr::new(192, 168, 1, 252));
+        assert_eq!(u.vtep_mac(), Err(LeaseFormatError::NoVtepMac));
+    }
+
+    #[test]
+    fn writes_what_stock_flannel_writes() {
+        let v = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 64, 3), 1, [0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44]);
+        assert_eq!(v.to_json(), STOCK_VXLAN);
+        assert_eq!(LeaseAttrs::udp(Ipv4Addr::new(10, 0, 0, 1)).to_json(), r#"{"PublicIP":"10.0.0.1","PublicIPv6":null}"#);
+    }
+
+    #[test]
+    fn malformed_values_are_errors_not_panics() {
+        for bad in ["", "{", "null", "[]", r#"{"PublicIP":"nope"}"#, r#"{"PublicIP":"fd00::1"}"#, r#"{"BackendType":"vxlan"}"#] {
+            assert!(LeaseAttrs::parse(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        let no_mac = LeaseAttrs::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1}}"#).unwrap();
+        assert_eq!(no_mac.vtep_mac(), Err(LeaseFormatError::NoVtepMac));
+    }
+
+    #[test]
+    fn subnet_keys_round_trip_and_reject_garbage() {
+        let n: Ipv4Net = "172.17.98.0/24".parse().unwrap();
+        assert_eq!(subnet_key(&n), "172.17.98.0-24");
+        assert_eq!(parse_subnet_key("172.17.98.0-24").unwrap(), n);
+        for bad in ["172.17.98.0/24", "172.17.98.0-33", "172.17.98.1-24", "x-24", "172.17.98.0-", "-24", ""] {
+            assert!(parse_subnet_key(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! flannel's subnet file (`--subnet-file`, default /run/flannel/subnet.env), which docker's
+//! unit reads: written atomically (temporary file in the same directory, fsync, rename).
+
+use std::{
+    fs,
+    io::Write as _,
+    net::Ipv4Addr,
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Ipv4Net,
+    /// The node's subnet; written as its first usable address, as flannel does.
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+    pub ip_masq: bool,
+}
+
+impl SubnetEnv {
+    pub fn render(&self) -> String {
+        let first = Ipv4Addr::from(u32::from(self.subnet.network()) + 1);
+        format!(
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            self.network,
+            first,
+            self.subnet.prefix_len(),
+            self.mtu,
+            self.ip_masq
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetFileError {
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Replace `path` with `env` atomically (readers see the old or the new file, never half).
+pub fn write(path: &Path, env: &SubnetEnv) -> Result<(), SubnetFileError> {
+    let err = |source| SubnetFileError::Write { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(err)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("subnet.env"),
+        std::process::id()
+    ));
+    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(&tmp).map_err(err)?;
+    f.write_all(env.render().as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)?;
+    Ok(())
+}
+
+/// The subnet a previous run wrote (FLANNEL_SUBNET), if the file exists and parses.
+pub fn read_previous_subnet(path: &Path) -> Option<Ipv4Net> {
+    let text = fs::read_to_string(path).ok()?;
+    parse_subnet_line(&text)
+}
+
+fn parse_subnet_line(text: &str) -> Option<Ipv4Net> {
+    let v = text.lines().find_map(|l| l.trim().strip_prefix("FLANNEL_SUBNET="))?;
+    let n: Ipv4Net = v.trim().trim_matches('"').parse().ok()?;
+    Some(n.trunc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> SubnetEnv {
+        SubnetEnv {
+            network: "172.17.0.0/16".parse().unwrap(),
+            subnet: "172.17.98.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: true,
+        }
+    }
+
+    #[test]
+    fn renders_flannels_format() {
+        assert_eq!(
+            env().render(),
+            "FLANNEL_NETWORK=172.17.0.0/16\nFLANNEL_SUBNET=172.17.98.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
+    }
+
+    #[test]
+    fn write_replaces_atomically_and_reads_back() {
+        let dir = std::env::temp_dir().join(format!("subnet-env-test-{}", std::process::id()));
+        let path = dir.join("run/flannel/subnet.env");
+        write(&path, &env()).unwrap();
+        let mut e2 = env();
+        e2.subnet = "172.17.99.0/24".parse().unwrap();
+        write(&path, &e2).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), e2.render());
+        assert_eq!(read_previous_subnet(&path), Some("172.17.99.0/24".parse().unwrap()));
+        let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file may be left behind");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn previous_subnet_tolerates_garbage() {
+        assert_eq!(parse_subnet_line("FLANNEL_SUBNET=10.1.2.1/24\n"), Some("10.1.2.0/24".parse().unwrap()));
+        assert_eq!(parse_subnet_line("FLANNEL_SUBNET=garbage\n"), None);
+        assert_eq!(parse_subnet_line(""), None);
+    }
+}
