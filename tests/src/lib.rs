@@ -8,6 +8,7 @@
 //! removes its bpffs directories and deletes its namespaces, also when a test panics.
 
 pub mod capture;
+pub mod etcd;
 pub mod netns;
 pub mod traffic;
 
@@ -21,6 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+pub use etcd::Etcd;
 use ipnet::Ipv4Net;
 pub use netns::Netns;
 use overlay_agent::maps::{Maps, PeerTotals};
@@ -28,6 +30,14 @@ use overlay_common::Counter;
 
 /// The overlay network every cluster uses.
 pub const NETWORK: &str = "10.244.0.0/16";
+/// Where a cluster's etcd serves clients (on the underlay bridge, inside the underlay
+/// namespace).
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
+
+/// flannel's config for NETWORK with `backend`, as the seed writes it.
+pub fn network_config(backend: Backend) -> String {
+    format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{}"}}}}"#, backend.flag())
+}
 pub const UNDERLAY_MTU: u32 = 1500;
 
 /// Fail loudly (never skip) when the tests cannot run here.
@@ -130,6 +140,27 @@ pub struct ClusterSpec {
     /// Put each node in its own underlay subnet behind a router (the underlay namespace)
     /// instead of one shared L2 segment.
     pub routed_underlay: bool,
+    pub control: Control,
+}
+
+/// Where nodes get their subnets and routes.
+#[derive(Clone, Debug)]
+pub enum Control {
+    /// Subnets 10.244.<n>.0/24 given on the command line; routes by `route add`.
+    Static,
+    /// A real etcd holding `config` (network config JSON); agents lease subnets and watch.
+    Etcd { tls: bool, config: String },
+}
+
+impl ClusterSpec {
+    /// Agents driven by a real etcd with the seed's kind of config.
+    pub fn etcd(backend: Backend, decap_hook: &'static str, n: usize) -> Self {
+        Self {
+            full_mesh: false,
+            control: Control::Etcd { tls: false, config: network_config(backend) },
+            ..Self::agents(backend, decap_hook, n)
+        }
+    }
 }
 
 impl ClusterSpec {
@@ -140,6 +171,7 @@ impl ClusterSpec {
             containers_per_node: 2,
             full_mesh: true,
             routed_underlay: false,
+            control: Control::Static,
         }
     }
 }
@@ -156,6 +188,11 @@ pub struct Node {
     pub vtep_mac: [u8; 6],
     agent: Option<Child>,
     pub log: PathBuf,
+    /// The agent's --subnet-file.
+    pub subnet_file: PathBuf,
+    /// The command line the agent was started with (for restarts).
+    agent_args: Vec<String>,
+    mtu: u32,
 }
 
 impl Node {
@@ -192,6 +229,53 @@ impl Node {
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Start the agent with `args` and wait (bounded) until its data plane is up and, with
+    /// etcd, its subnet file is written.
+    fn spawn_agent(&mut self, args: &[String], needs_subnet_file: bool) -> Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log_start = log.metadata()?.len() as usize;
+        let bin = agent_bin();
+        let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
+        cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        self.agent = Some(cmd.spawn().context("starting the agent")?);
+        self.agent_args = args.to_vec();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // With etcd, this run's own readiness line (a restarted node has the old data
+            // plane and subnet file already).
+            let ready = !needs_subnet_file
+                || self.log_text().get(log_start..).is_some_and(|t| t.contains("lease held, data plane up"));
+            if ready && self.agent_cli(&["status"]).is_ok() && (!needs_subnet_file || self.subnet_file.exists()) {
+                return Ok(());
+            }
+            if let Some(status) = self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("agent on node {} exited ({status}) before the data plane was up:\n{}", self.index, self.log_text());
+            }
+            if Instant::now() > deadline {
+                bail!("agent on node {} not up within 30 s:\n{}", self.index, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the agent process has exited (and its status).
+    pub fn agent_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The routes in this node's maps.
+    pub fn routes(&self) -> Vec<overlay_agent::maps::Route> {
+        Maps::open(&self.bpffs_dir).and_then(|m| m.routes()).unwrap_or_else(|e| panic!("routes of node {}: {e}", self.index))
+    }
+}
+
+/// FLANNEL_SUBNET (as the subnet it lies in) and FLANNEL_MTU of a subnet file.
+pub fn parse_subnet_env(text: &str) -> Option<(Ipv4Net, u32)> {
+    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
+    let subnet: Ipv4Net = get("FLANNEL_SUBNET=")?.parse().ok()?;
+    let mtu = get("FLANNEL_MTU=")?.parse().ok()?;
+    Some((subnet.trunc(), mtu))
 }
 
 pub struct Cluster {
@@ -202,6 +286,8 @@ pub struct Cluster {
     pub workdir: PathBuf,
     /// Extra namespaces a test attached to the underlay (deleted with the cluster).
     extra: Vec<Netns>,
+    pub etcd: Option<Etcd>,
+    spec: ClusterSpec,
 }
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -230,20 +316,26 @@ impl Cluster {
             nodes: Vec::new(),
             workdir,
             extra: Vec::new(),
+            etcd: None,
+            spec: spec.clone(),
         };
         let ul = cluster.underlay.name().to_string();
+        ip(&["-n", &ul, "link", "set", "lo", "up"])?;
         if spec.routed_underlay {
             cluster.underlay.sysctl("net.ipv4.ip_forward", "1")?;
         } else {
             ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
             ip(&["-n", &ul, "link", "set", "br0", "up"])?;
         }
-        for (i, kind) in spec.nodes.iter().enumerate() {
-            let node = cluster.add_node(i + 1, *kind, spec)?;
-            cluster.nodes.push(node);
+        if let Control::Etcd { tls, config } = &spec.control {
+            assert!(!spec.routed_underlay, "etcd clusters use the bridged underlay");
+            ip(&["-n", &ul, "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
+            let etcd = Etcd::start(&cluster.underlay, ETCD_IP, &cluster.workdir, *tls)?;
+            etcd.etcdctl(&["put", "/coreos.com/network/config", config])?;
+            cluster.etcd = Some(etcd);
         }
-        for i in 0..cluster.nodes.len() {
-            cluster.start_node(i)?;
+        for kind in spec.nodes.clone() {
+            cluster.join(kind)?;
         }
         if spec.full_mesh {
             cluster.full_mesh()?;
@@ -251,7 +343,39 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn add_node(&self, index: usize, kind: NodeKind, spec: &ClusterSpec) -> Result<Node> {
+    /// Add a node (later than the others, if the cluster is already up) and start it.
+    pub fn join(&mut self, kind: NodeKind) -> Result<&Node> {
+        let index = self.nodes.len() + 1;
+        let node = self.add_node(index, kind)?;
+        self.nodes.push(node);
+        self.start_node(index - 1)?;
+        Ok(&self.nodes[index - 1])
+    }
+
+    pub fn etcd(&self) -> &Etcd {
+        self.etcd.as_ref().expect("this cluster has no etcd")
+    }
+
+    /// SIGTERM the agent of node `index` and wait for it (its data plane stays).
+    pub fn stop_agent(&mut self, index: usize) -> Result<()> {
+        let node = &mut self.nodes[index - 1];
+        if let Some(mut child) = node.agent.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Start node `index`'s agent again with the same command line.
+    pub fn restart_agent(&mut self, index: usize) -> Result<()> {
+        self.stop_agent(index)?;
+        let node = &mut self.nodes[index - 1];
+        let args = node.agent_args.clone();
+        node.spawn_agent(&args, matches!(self.spec.control, Control::Etcd { .. }))
+    }
+
+    fn add_node(&self, index: usize, kind: NodeKind) -> Result<Node> {
+        let spec = &self.spec;
         let ns = Netns::new(&format!("{}-n{index}", self.prefix))?;
         let n = ns.name().to_string();
         let ul = self.underlay.name();
@@ -275,69 +399,80 @@ impl Cluster {
             ip(&["-n", &n, "route", "add", "192.168.0.0/16", "via", &gw.to_string()])?;
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        let subnet: Ipv4Net = format!("10.244.{index}.0/24").parse()?;
-        let gw = Ipv4Addr::new(10, 244, index as u8, 1);
-        ip(&["-n", &n, "link", "add", "docker0", "type", "bridge"])?;
-        ip(&["-n", &n, "addr", "add", &format!("{gw}/24"), "dev", "docker0"])?;
-        ip(&["-n", &n, "link", "set", "docker0", "up"])?;
-        let mtu = (UNDERLAY_MTU - spec.backend.overhead()).to_string();
-        let mut containers = Vec::new();
-        for k in 0..spec.containers_per_node {
-            let c = Netns::new(&format!("{}-n{index}c{k}", self.prefix))?;
-            let veth = format!("veth{k}");
-            ip(&["-n", &n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", c.name()])?;
-            ip(&["-n", &n, "link", "set", &veth, "master", "docker0", "up"])?;
-            let cip = Ipv4Addr::new(10, 244, index as u8, 2 + k as u8);
-            ip(&["-n", c.name(), "addr", "add", &format!("{cip}/24"), "dev", "eth0"])?;
-            ip(&["-n", c.name(), "link", "set", "eth0", "mtu", &mtu, "up"])?;
-            ip(&["-n", c.name(), "link", "set", "lo", "up"])?;
-            ip(&["-n", c.name(), "route", "add", "default", "via", &gw.to_string()])?;
-            containers.push(c);
-        }
+        // Static clusters give node n 10.244.<n>.0/24; with etcd, agents lease theirs and
+        // stock flannel nodes get a hand-written lease for 10.244.<100+n>.0/24.
+        let subnet: Ipv4Net = match (&spec.control, kind) {
+            (Control::Etcd { .. }, NodeKind::StockFlannel) => format!("10.244.{}.0/24", 100 + index).parse()?,
+            _ => format!("10.244.{index}.0/24").parse()?,
+        };
         Ok(Node {
             index,
             kind,
             ns,
-            containers,
+            containers: Vec::new(),
             underlay_ip: uip,
             subnet,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(format!("{}-n{index}", self.prefix)),
             vtep_mac: [0; 6],
             agent: None,
             log: self.workdir.join(format!("agent-n{index}.log")),
+            subnet_file: self.workdir.join(format!("n{index}-subnet.env")),
+            agent_args: Vec::new(),
+            mtu: UNDERLAY_MTU - spec.backend.overhead(),
         })
+    }
+
+    /// The docker0-like bridge (first address of the node's subnet) and its containers.
+    fn add_containers(&mut self, i: usize) -> Result<()> {
+        let count = self.spec.containers_per_node;
+        let prefix = self.prefix.clone();
+        let node = &mut self.nodes[i];
+        let n = node.ns.name().to_string();
+        let o = node.subnet.network().octets();
+        let gw = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1);
+        ip(&["-n", &n, "link", "add", "docker0", "type", "bridge"])?;
+        ip(&["-n", &n, "addr", "add", &format!("{gw}/{}", node.subnet.prefix_len()), "dev", "docker0"])?;
+        ip(&["-n", &n, "link", "set", "docker0", "up"])?;
+        let mtu = node.mtu.to_string();
+        for k in 0..count {
+            let c = Netns::new(&format!("{prefix}-n{}c{k}", node.index))?;
+            let veth = format!("veth{k}");
+            ip(&["-n", &n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", c.name()])?;
+            ip(&["-n", &n, "link", "set", &veth, "master", "docker0", "up"])?;
+            let cip = node.container_ip(k);
+            ip(&["-n", c.name(), "addr", "add", &format!("{cip}/{}", node.subnet.prefix_len()), "dev", "eth0"])?;
+            ip(&["-n", c.name(), "link", "set", "eth0", "mtu", &mtu, "up"])?;
+            ip(&["-n", c.name(), "link", "set", "lo", "up"])?;
+            ip(&["-n", c.name(), "route", "add", "default", "via", &gw.to_string()])?;
+            node.containers.push(c);
+        }
+        Ok(())
     }
 
     fn start_node(&mut self, i: usize) -> Result<()> {
         let backend = self.backend;
+        let etcd_flags = self.etcd.as_ref().map(|e| e.agent_flags());
         let node = &mut self.nodes[i];
         match node.kind {
             NodeKind::Agent { decap_hook } => {
-                let log = fs::File::create(&node.log)?;
-                let bin = agent_bin();
-                let mut cmd = node.ns.command(bin.to_str().expect("utf-8 path"));
-                cmd.args(["--iface", "eth0", "--network", NETWORK])
-                    .args(["--subnet", &node.subnet.to_string()])
-                    .args(["--backend", backend.flag(), "--decap-hook", decap_hook])
-                    .arg("--bpffs-dir")
-                    .arg(&node.bpffs_dir)
-                    .env("RUST_LOG", "info")
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone()?)
-                    .stderr(log);
-                node.agent = Some(cmd.spawn().context("starting the agent")?);
-                let deadline = Instant::now() + Duration::from_secs(30);
-                loop {
-                    if node.agent_cli(&["status"]).is_ok() {
-                        break;
+                let mut args: Vec<String> = vec!["--iface".into(), "eth0".into(), "--decap-hook".into(), decap_hook.into()];
+                args.extend(["--bpffs-dir".into(), node.bpffs_dir.display().to_string()]);
+                match &etcd_flags {
+                    Some(flags) => {
+                        args.extend(flags.iter().cloned());
+                        args.extend(["--subnet-file".into(), node.subnet_file.display().to_string()]);
                     }
-                    if let Some(status) = node.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                        bail!("agent on node {} exited ({status}) before the data plane was up:\n{}", node.index, node.log_text());
-                    }
-                    if Instant::now() > deadline {
-                        bail!("agent on node {} not up within 30 s:\n{}", node.index, node.log_text());
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
+                    None => args.extend([
+                        "--network".into(), NETWORK.into(), "--subnet".into(), node.subnet.to_string(),
+                        "--backend".into(), backend.flag().into(),
+                    ]),
+                }
+                node.spawn_agent(&args, etcd_flags.is_some())?;
+                if etcd_flags.is_some() {
+                    let env = fs::read_to_string(&node.subnet_file)?;
+                    let (subnet, mtu) = parse_subnet_env(&env).with_context(|| format!("subnet file of node {}:\n{env}", node.index))?;
+                    node.subnet = subnet;
+                    node.mtu = mtu;
                 }
             }
             NodeKind::StockFlannel => {
@@ -352,7 +487,17 @@ impl Cluster {
             }
         }
         node.vtep_mac = link_mac(&node.ns, backend.device())?;
-        Ok(())
+        if let (NodeKind::StockFlannel, Some(etcd)) = (node.kind, &self.etcd) {
+            // What a stock flannel vxlan node writes for itself.
+            let value = format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+                node.underlay_ip,
+                overlay_agent::netdev::format_mac(&node.vtep_mac)
+            );
+            let key = format!("/coreos.com/network/subnets/{}-{}", node.subnet.network(), node.subnet.prefix_len());
+            etcd.etcdctl(&["put", &key, &value])?;
+        }
+        self.add_containers(i)
     }
 
     /// Give every node a route to every other node, the way each kind does it.
@@ -440,6 +585,7 @@ impl Drop for Cluster {
         // Namespaces are deleted by their own Drop (containers, nodes, extras, underlay).
         self.nodes.clear();
         self.extra.clear();
+        self.etcd = None;
         let _ = fs::remove_dir_all(&self.workdir);
     }
 }

@@ -274,9 +274,7 @@ fn stock_flannel_vxlan_node_interoperates_both_ways() {
             NodeKind::Agent { decap_hook: "xdp" },
             NodeKind::StockFlannel,
         ],
-        containers_per_node: 2,
-        full_mesh: true,
-        routed_underlay: false,
+        ..ClusterSpec::agents(Backend::Vxlan, "tc", 3)
     };
     let c = cluster("sf", &spec);
     let (n1, n2, stock) = (c.node(1), c.node(2), c.node(3));

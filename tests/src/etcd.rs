@@ -1,0 +1,131 @@
+//! A real etcd (Debian's etcd-server 3.4) for a test cluster, inside the cluster's underlay
+//! namespace so that agents in node namespaces reach it on a namespace-private address.
+//! Optionally TLS with client certificates, from a CA the test makes with openssl.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{run, wait_until, Netns};
+
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A CA, a server certificate for `ip` and a client certificate, in `dir`.
+    pub fn generate(dir: &Path, ip: Ipv4Addr) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let p = |n: &str| dir.join(n);
+        let ssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir)).context("openssl (apt package openssl)");
+        ssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=overlay-test-ca"])?;
+        for (name, cn, ext) in [
+            ("server", "etcd", format!("subjectAltName=IP:{ip},IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")),
+            ("client", "flanneld", "extendedKeyUsage=clientAuth\n".to_string()),
+        ] {
+            fs::write(p(&format!("{name}.ext")), ext)?;
+            ssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{name}-key.pem"), "-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}")])?;
+            ssl(&[
+                "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                "-out", &format!("{name}.pem"), "-days", "2", "-extfile", &format!("{name}.ext"),
+            ])?;
+        }
+        Ok(Self {
+            ca: p("ca.pem"),
+            server_cert: p("server.pem"),
+            server_key: p("server-key.pem"),
+            client_cert: p("client.pem"),
+            client_key: p("client-key.pem"),
+        })
+    }
+}
+
+pub struct Etcd {
+    child: Child,
+    ns: Netns,
+    pub endpoint: String,
+    pub tls: Option<TlsFiles>,
+    pub log: PathBuf,
+}
+
+impl Etcd {
+    /// Start etcd in `ns`, serving clients on `ip`:2379; wait until it is healthy.
+    pub fn start(ns: &Netns, ip: Ipv4Addr, dir: &Path, tls: bool) -> Result<Self> {
+        let data = dir.join("etcd-data");
+        fs::create_dir_all(&data)?;
+        let tls = if tls { Some(TlsFiles::generate(&dir.join("tls"), ip)?) } else { None };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{ip}:2379");
+        let log = dir.join("etcd.log");
+        let mut cmd = ns.command("etcd");
+        cmd.args(["--name", "default", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "default=http://127.0.0.1:2380"])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log)?)
+            .stderr(fs::File::create(dir.join("etcd.stderr.log"))?);
+        if let Some(t) = &tls {
+            cmd.arg("--cert-file").arg(&t.server_cert).arg("--key-file").arg(&t.server_key);
+            cmd.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
+        }
+        let child = cmd.spawn().context("starting etcd (apt package etcd-server)")?;
+        let etcd = Self { child, ns: ns.handle(), endpoint, tls, log };
+        if !wait_until(Duration::from_secs(30), || etcd.etcdctl(&["endpoint", "health"]).is_ok()) {
+            let err = fs::read_to_string(dir.join("etcd.stderr.log")).unwrap_or_default();
+            bail!("etcd did not become healthy within 30 s:\n{}", tail(&err, 40));
+        }
+        Ok(etcd)
+    }
+
+    /// Run `etcdctl` (v3 API) against this etcd, from its namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = self.ns.command("etcdctl");
+        cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint)).arg("--command-timeout=10s");
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client_cert.display()))
+                .arg(format!("--key={}", t.client_key.display()));
+        }
+        run(cmd.args(args))
+    }
+
+    /// The agent flags that reach this etcd, spelled as the seed spells them (Go style).
+    pub fn agent_flags(&self) -> Vec<String> {
+        let mut f = vec![format!("--etcd-endpoints={}", self.endpoint)];
+        if let Some(t) = &self.tls {
+            f.push(format!("-etcd-cafile={}", t.ca.display()));
+            f.push(format!("--etcd-certfile={}", t.client_cert.display()));
+            f.push(format!("--etcd-keyfile={}", t.client_key.display()));
+        }
+        f
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // Our own child, by pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

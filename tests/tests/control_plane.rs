@@ -1,0 +1,232 @@
+//! The etcd control plane against a real etcd server (Debian's etcd 3.4, started by the
+//! harness in the cluster's underlay namespace): convergence from etcd alone, flannel-format
+//! leases both ways, propagation of joins and deletions (measured and bounded), lease reuse
+//! after restart, exhaustion, malformed leases, and TLS.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use ipnet::Ipv4Net;
+use overlay_tests::{
+    require_root,
+    traffic::{ping, tcp_transfer},
+    wait_until, Backend, Cluster, ClusterSpec, Control, NodeKind,
+};
+
+/// Generous bound for a lease change to reach another node's maps on a loaded 2-core
+/// machine (typical: a few milliseconds; printed by the tests).
+const PROPAGATION_BOUND: Duration = Duration::from_secs(5);
+
+fn cluster(tag: &str, spec: &ClusterSpec) -> Cluster {
+    require_root();
+    Cluster::new(tag, spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"))
+}
+
+fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+fn subnets_of(c: &Cluster) -> Vec<Ipv4Net> {
+    c.nodes.iter().map(|n| n.subnet).collect()
+}
+
+/// Poll (every 2 ms) until `f` holds; the time it took, or None after `bound`.
+fn time_until(bound: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < bound {
+        if f() {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// Every agent's maps hold exactly the other nodes' subnets.
+fn converged(c: &Cluster) -> bool {
+    c.nodes.iter().filter(|n| matches!(n.kind, NodeKind::Agent { .. })).all(|n| {
+        let have: BTreeSet<Ipv4Net> = n.routes().iter().map(|r| r.subnet).collect();
+        let want: BTreeSet<Ipv4Net> = c.nodes.iter().filter(|o| o.index != n.index).map(|o| o.subnet).collect();
+        have == want
+    })
+}
+
+#[test]
+fn cluster_converges_from_etcd_alone_and_carries_traffic() {
+    let c = cluster("ec", &ClusterSpec::etcd(Backend::Vxlan, "tc", 3));
+    let subnets: BTreeSet<_> = subnets_of(&c).into_iter().collect();
+    assert_eq!(subnets.len(), 3, "no two nodes may hold the same subnet: {subnets:?}");
+    for s in &subnets {
+        assert!(s.prefix_len() == 24 && "10.244.0.0/16".parse::<Ipv4Net>().unwrap().contains(s), "{s}");
+    }
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)), "routes did not converge");
+
+    // etcdctl shows flannel-format leases written by our agents.
+    let out = ok("etcdctl get", c.etcd().etcdctl(&["get", "--prefix", "/coreos.com/network/subnets"]));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 6, "3 keys and 3 values expected:\n{out}");
+    for n in &c.nodes {
+        let key = format!("/coreos.com/network/subnets/{}-24", n.subnet.network());
+        let i = lines.iter().position(|l| *l == key).unwrap_or_else(|| panic!("no key {key} in\n{out}"));
+        let v: serde_json::Value = serde_json::from_str(lines[i + 1]).expect("lease JSON");
+        assert_eq!(v["PublicIP"], n.underlay_ip.to_string());
+        assert_eq!(v["BackendType"], "vxlan");
+        assert_eq!(v["BackendData"]["VNI"], 1);
+        assert_eq!(v["BackendData"]["VtepMAC"], overlay_agent::netdev::format_mac(&n.vtep_mac));
+        assert!(v.as_object().unwrap().contains_key("PublicIPv6"));
+    }
+
+    // The routes carry traffic.
+    for a in &c.nodes {
+        for b in &c.nodes {
+            if a.index != b.index {
+                ok("ping", ping(&a.containers[0], b.container_ip(1), 2));
+            }
+        }
+    }
+    ok("TCP", tcp_transfer(&c.node(1).containers[0], &c.node(3).containers[1], c.node(3).container_ip(1), 16 << 20));
+
+    // The admin subcommands read etcd as the seed's etcdctl steps do.
+    let leases = ok("leases", c.node(1).agent_cli(&["leases", &c.etcd().agent_flags()[0]]));
+    for n in &c.nodes {
+        assert!(leases.contains(&n.subnet.to_string()) && leases.contains(&n.underlay_ip.to_string()), "{leases}");
+    }
+    assert!(leases.contains("23h"), "time left should be close to the 24 h TTL:\n{leases}");
+    let cfg = ok("config get", c.node(2).agent_cli(&["config", "get", &c.etcd().agent_flags()[0]]));
+    assert!(cfg.contains("10.244.0.0/16"), "{cfg}");
+
+    // A value that is not flannel's format is skipped and the agents keep running.
+    ok("put garbage", c.etcd().etcdctl(&["put", "/coreos.com/network/subnets/10.244.250.0-24", "{not json"]));
+    ok("put bad key", c.etcd().etcdctl(&["put", "/coreos.com/network/subnets/banana", "{}"]));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(converged(&c), "garbage must not change routes");
+    for n in &c.nodes {
+        assert!(n.log_text().contains("not in flannel's format"), "node {} did not log the malformed lease:\n{}", n.index, n.log_text());
+    }
+    ok("ping after garbage", ping(&c.node(2).containers[0], c.node(1).container_ip(0), 1));
+}
+
+#[test]
+fn joins_and_deletions_reach_every_node_within_the_bound() {
+    let mut c = cluster("ej", &ClusterSpec::etcd(Backend::Vxlan, "tc", 2));
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+
+    // A node joining later.
+    let started = Instant::now();
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    let joined_at = started.elapsed();
+    let n3 = c.node(3).subnet;
+    let t_join = time_until(PROPAGATION_BOUND, || c.node(1).routes().iter().any(|r| r.subnet == n3) && c.node(2).routes().iter().any(|r| r.subnet == n3))
+        .unwrap_or_else(|| panic!("node 3's lease did not reach nodes 1 and 2 within {PROPAGATION_BOUND:?}"));
+    eprintln!("join: agent up in {joined_at:?}; its route reached the others {t_join:?} after that");
+    ok("ping new node", ping(&c.node(1).containers[0], c.node(3).container_ip(0), 2));
+
+    // A lease deleted by hand (etcdctl del): the other nodes drop the route.
+    let n2 = c.node(2).subnet;
+    let key = format!("/coreos.com/network/subnets/{}-24", n2.network());
+    let t0 = Instant::now();
+    ok("etcdctl del", c.etcd().etcdctl(&["del", &key]));
+    let t_del = time_until(PROPAGATION_BOUND, || {
+        !c.node(1).routes().iter().any(|r| r.subnet == n2) || !c.node(3).routes().iter().any(|r| r.subnet == n2)
+    });
+    eprintln!("delete: first node dropped the route after {:?}", t_del.map(|_| t0.elapsed()));
+    // Node 2's agent sees its own lease deleted and re-claims the same subnet, loudly.
+    assert!(
+        wait_until(PROPAGATION_BOUND, || c.etcd().etcdctl(&["get", &key]).is_ok_and(|o| o.contains(&c.node(2).underlay_ip.to_string()))),
+        "node 2 did not re-acquire its subnet:\n{}",
+        c.node(2).log_text()
+    );
+    assert!(c.node(2).log_text().contains("THIS NODE'S LEASE WAS DELETED FROM ETCD"), "{}", c.node(2).log_text());
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)), "routes did not come back after the re-claim");
+    ok("ping re-claimed node", ping(&c.node(3).containers[0], c.node(2).container_ip(0), 2));
+    assert!(t_join < PROPAGATION_BOUND);
+}
+
+#[test]
+fn restarted_agent_reuses_its_lease_and_removes_stale_routes() {
+    let mut c = cluster("er", &ClusterSpec::etcd(Backend::Vxlan, "tc", 3));
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+    let before = c.node(1).subnet;
+    let n3 = c.node(3).subnet;
+    ok("stop", c.stop_agent(1));
+    // While node 1's agent is down, node 3 leaves (its lease is deleted).
+    ok("stop 3", c.stop_agent(3));
+    ok("del", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24", n3.network())]));
+    // The data plane of node 1 kept forwarding without its agent.
+    ok("ping without agent", ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2));
+    assert!(c.node(1).routes().iter().any(|r| r.subnet == n3), "stale route should still be there before restart");
+    ok("restart", c.restart_agent(1));
+    let env = std::fs::read_to_string(&c.node(1).subnet_file).unwrap();
+    assert_eq!(overlay_tests::parse_subnet_env(&env).unwrap().0, before, "restart must keep the subnet");
+    assert!(c.node(1).log_text().contains("reusing this node's existing lease"), "{}", c.node(1).log_text());
+    // flannel #2554: the route of the node deleted while we were down is gone after start-up.
+    assert!(
+        wait_until(PROPAGATION_BOUND, || !c.node(1).routes().iter().any(|r| r.subnet == n3)),
+        "stale route for {n3} survived the restart"
+    );
+    ok("ping after restart", ping(&c.node(2).containers[0], c.node(1).container_ip(1), 2));
+}
+
+#[test]
+fn exhausted_network_fails_with_a_clear_error() {
+    // Two subnets only: 10.244.1.0/24 and 10.244.2.0/24.
+    let config = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.2.0","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config: config.into() },
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
+    };
+    let mut c = cluster("ex", &spec);
+    let err = c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()).expect_err("a third node cannot get a subnet");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("no free subnet in 10.244.0.0/16"), "{msg}");
+    let got: BTreeSet<_> = c.nodes[..2].iter().map(|n| n.subnet.to_string()).collect();
+    assert_eq!(got, BTreeSet::from(["10.244.1.0/24".to_string(), "10.244.2.0/24".to_string()]));
+}
+
+/// A lease written by hand in flannel's format (as a stock flannel node writes it) is picked
+/// up and routed; the stock node, set up from our leases, talks to ours both ways.
+#[test]
+fn hand_written_flannel_lease_is_routed_to_a_stock_node() {
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "tc" }, NodeKind::Agent { decap_hook: "xdp" }, NodeKind::StockFlannel],
+        full_mesh: false,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 3)
+    };
+    let c = cluster("eh", &spec);
+    let stock = c.node(3);
+    assert_eq!(stock.subnet, "10.244.103.0/24".parse::<Ipv4Net>().unwrap());
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)), "our agents did not route the hand-written lease");
+    for ours in [c.node(1), c.node(2)] {
+        let r = ours.routes().into_iter().find(|r| r.subnet == stock.subnet).unwrap();
+        assert_eq!(r.public_ip, stock.underlay_ip);
+        assert_eq!(r.vtep_mac, stock.vtep_mac);
+        // The stock node's side, as flanneld would set it from our leases.
+        ok("stock route", c.add_route(stock, ours));
+    }
+    for ours in [c.node(1), c.node(2)] {
+        ok("ours -> stock", ping(&ours.containers[0], stock.container_ip(0), 2));
+        ok("stock -> ours", ping(&stock.containers[1], ours.container_ip(1), 2));
+    }
+}
+
+#[test]
+fn agents_reach_etcd_over_tls_with_the_seeds_flags() {
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: true, config: overlay_tests::network_config(Backend::Vxlan) },
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
+    };
+    let c = cluster("et", &spec);
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+    ok("ping over a TLS-configured cluster", ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2));
+    // Without the client certificate etcd refuses us: the TLS really is in use.
+    let plain = c.node(1).agent_cli(&["leases", &format!("--etcd-endpoints=https://{}:2379", overlay_tests::ETCD_IP), &format!("--etcd-cafile={}", c.etcd().tls.as_ref().unwrap().ca.display())]);
+    assert!(plain.is_err(), "etcd accepted a client without a certificate: {plain:?}");
+    let listed = ok("leases over TLS", c.node(2).agent_cli(&[
+        "leases",
+        &c.etcd().agent_flags()[0], &c.etcd().agent_flags()[1], &c.etcd().agent_flags()[2], &c.etcd().agent_flags()[3],
+    ]));
+    assert!(listed.contains(&c.node(1).subnet.to_string()), "{listed}");
+}
+
