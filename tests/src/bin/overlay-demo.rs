@@ -1,7 +1,7 @@
-//! `cargo xtask demo`: a local 3-node cluster in network namespaces, shown as an operator
-//! wants to see it: each node's data plane and routes, pings and a transfer between
-//! containers on different nodes, and the counters that moved. Everything is removed at the
-//! end, or on Ctrl-C.
+//! `cargo xtask demo`: a local etcd and a 3-node cluster in network namespaces, shown as an
+//! operator wants to see it: the leases in etcd, each node's data plane and routes, pings and
+//! a transfer between containers on different nodes, and the counters that moved. Everything
+//! is removed at the end, or on Ctrl-C.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -43,9 +43,11 @@ fn main() {
 }
 
 fn demo(keep: bool) -> Result<()> {
-    section("building 3 nodes (network namespaces) on a shared underlay, 2 containers each");
-    let spec = ClusterSpec::agents(Backend::Vxlan, "auto", 3);
+    section("starting etcd, writing the network config, starting 3 nodes with an agent each");
+    println!("config: {}", overlay_tests::network_config(Backend::Vxlan));
+    let spec = ClusterSpec::etcd(Backend::Vxlan, "auto", 3);
     let cluster = Cluster::new("demo", &spec)?;
+    println!("etcd: {} (inside the demo's underlay namespace)", cluster.etcd().endpoint);
     for n in &cluster.nodes {
         println!(
             "node {}  underlay {:<15}  subnet {:<14}  containers {}",
@@ -72,6 +74,17 @@ fn demo(keep: bool) -> Result<()> {
 }
 
 fn show(c: &Cluster) -> Result<()> {
+    section("leases in etcd (etcdctl get --prefix /coreos.com/network/subnets)");
+    print!("{}", c.etcd().etcdctl(&["get", "--prefix", "/coreos.com/network/subnets"])?);
+    section("the same, as the agent lists them (overlay-agent leases)");
+    print!("{}", c.node(1).agent_cli(&["leases", &c.etcd().agent_flags()[0]])?);
+    section("each node's subnet file (what docker reads)");
+    for n in &c.nodes {
+        println!("-- node {} --", n.index);
+        print!("{}", std::fs::read_to_string(&n.subnet_file)?);
+    }
+    // Routes arrive from etcd within milliseconds; give a loaded machine a moment.
+    overlay_tests::wait_until(Duration::from_secs(5), || c.nodes.iter().all(|n| n.routes().len() == c.nodes.len() - 1));
     section("data plane and routes on each node (overlay-agent status / routes)");
     for n in &c.nodes {
         println!("-- node {} --", n.index);
