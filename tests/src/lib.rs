@@ -141,6 +141,8 @@ pub struct ClusterSpec {
     /// instead of one shared L2 segment.
     pub routed_underlay: bool,
     pub control: Control,
+    /// Extra agent flags (etcd mode), e.g. a short lease TTL.
+    pub agent_args: Vec<String>,
 }
 
 /// Where nodes get their subnets and routes.
@@ -172,6 +174,7 @@ impl ClusterSpec {
             full_mesh: true,
             routed_underlay: false,
             control: Control::Static,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -192,6 +195,7 @@ pub struct Node {
     pub subnet_file: PathBuf,
     /// The command line the agent was started with (for restarts).
     agent_args: Vec<String>,
+    agent_env: Vec<(String, String)>,
     mtu: u32,
 }
 
@@ -237,7 +241,7 @@ impl Node {
         let log_start = log.metadata()?.len() as usize;
         let bin = agent_bin();
         let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
-        cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.args(args).envs(self.agent_env.iter().cloned()).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.agent = Some(cmd.spawn().context("starting the agent")?);
         self.agent_args = args.to_vec();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -288,6 +292,7 @@ pub struct Cluster {
     extra: Vec<Netns>,
     pub etcd: Option<Etcd>,
     spec: ClusterSpec,
+    agent_env: Vec<(String, String)>,
 }
 
 static CLUSTERS: AtomicU32 = AtomicU32::new(0);
@@ -318,6 +323,7 @@ impl Cluster {
             extra: Vec::new(),
             etcd: None,
             spec: spec.clone(),
+            agent_env: Vec::new(),
         };
         let ul = cluster.underlay.name().to_string();
         ip(&["-n", &ul, "link", "set", "lo", "up"])?;
@@ -350,6 +356,12 @@ impl Cluster {
         self.nodes.push(node);
         self.start_node(index - 1)?;
         Ok(&self.nodes[index - 1])
+    }
+
+    /// Flags and environment for agents started from now on (etcd mode).
+    pub fn set_agent_args(&mut self, args: Vec<String>, env: Vec<(String, String)>) {
+        self.spec.agent_args = args;
+        self.agent_env = env;
     }
 
     pub fn etcd(&self) -> &Etcd {
@@ -418,6 +430,7 @@ impl Cluster {
             log: self.workdir.join(format!("agent-n{index}.log")),
             subnet_file: self.workdir.join(format!("n{index}-subnet.env")),
             agent_args: Vec::new(),
+            agent_env: Vec::new(),
             mtu: UNDERLAY_MTU - spec.backend.overhead(),
         })
     }
@@ -451,8 +464,15 @@ impl Cluster {
 
     fn start_node(&mut self, i: usize) -> Result<()> {
         let backend = self.backend;
-        let etcd_flags = self.etcd.as_ref().map(|e| e.agent_flags());
+        let etcd_flags = self.etcd.as_ref().map(|e| {
+            let overridden = self.spec.agent_args.iter().any(|a| a.starts_with("--etcd-endpoints"));
+            let mut f: Vec<String> = e.agent_flags().into_iter().filter(|a| !(overridden && a.starts_with("--etcd-endpoints"))).collect();
+            f.extend(self.spec.agent_args.iter().cloned());
+            f
+        });
+        let agent_env = self.agent_env.clone();
         let node = &mut self.nodes[i];
+        node.agent_env = agent_env;
         match node.kind {
             NodeKind::Agent { decap_hook } => {
                 let mut args: Vec<String> = vec!["--iface".into(), "eth0".into(), "--decap-hook".into(), decap_hook.into()];

@@ -230,3 +230,53 @@ fn agents_reach_etcd_over_tls_with_the_seeds_flags() {
     assert!(listed.contains(&c.node(1).subnet.to_string()), "{listed}");
 }
 
+
+/// With a short TTL the agent renews its lease before it expires, again and again.
+#[test]
+fn leases_are_renewed_before_they_expire() {
+    let spec = ClusterSpec {
+        agent_args: vec!["--subnet-lease-ttl=4s".into(), "--subnet-lease-renew-margin=1".into()],
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 1)
+    };
+    let c = cluster("rn", &spec);
+    let key = format!("/coreos.com/network/subnets/{}-24", c.node(1).subnet.network());
+    // Three TTLs: without renewal etcd would have deleted the key after one.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_secs(2));
+        let got = ok("get", c.etcd().etcdctl(&["get", &key]));
+        assert!(got.contains(&c.node(1).underlay_ip.to_string()), "lease expired:\n{}", c.node(1).log_text());
+    }
+    let renewals = c.node(1).log_text().matches("lease renewed").count();
+    assert!(renewals >= 4, "expected >= 4 renewals in 12 s with a 4 s TTL, saw {renewals}");
+    assert!(!c.node(1).log_text().contains("THIS NODE'S LEASE WAS"), "the lease must never lapse");
+}
+
+/// etcd with authentication on: agents log in with --etcd-username/--etcd-password (the
+/// password from FLANNELD_ETCD_PASSWORD, never on the command line), and a dead endpoint
+/// listed first does not stop them.
+#[test]
+fn username_password_and_several_endpoints() {
+    require_root();
+    let c = cluster("ea", &ClusterSpec { nodes: vec![], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) });
+    let e = c.etcd();
+    ok("user", e.etcdctl(&["user", "add", "root:rootpw"]));
+    ok("user", e.etcdctl(&["user", "add", "flannel:s3cret-pw"]));
+    ok("role", e.etcdctl(&["role", "add", "flannel"]));
+    ok("grant", e.etcdctl(&["role", "grant-permission", "--prefix=true", "flannel", "readwrite", "/coreos.com/network/"]));
+    ok("bind", e.etcdctl(&["user", "grant-role", "flannel", "flannel"]));
+    ok("auth", e.etcdctl(&["auth", "enable"]));
+    let endpoints = format!("--etcd-endpoints=http://192.168.100.253:2379,{}", e.endpoint);
+    let mut c = c;
+    c.set_agent_args(vec![endpoints.clone(), "--etcd-username=flannel".into()], vec![("FLANNELD_ETCD_PASSWORD".into(), "s3cret-pw".into())]);
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+    ok("ping", ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2));
+    for n in &c.nodes {
+        assert!(!n.log_text().contains("s3cret-pw"), "the password leaked into the log:\n{}", n.log_text());
+    }
+    // Wrong password: refused with etcd's reason, not a hang.
+    let bad = c.node(1).agent_cli(&["leases", &endpoints, "--etcd-username=flannel", "--etcd-password=wrong"]);
+    let msg = format!("{:#}", bad.expect_err("a wrong password must fail"));
+    assert!(msg.to_lowercase().contains("authentication failed") || msg.contains("invalid"), "{msg}");
+}
