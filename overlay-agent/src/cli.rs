@@ -191,6 +191,9 @@ pub enum Command {
     Config(ConfigCommand),
     /// List the subnet leases in etcd: subnet, node address, backend, VtepMAC, time left.
     Leases,
+    /// Write docker daemon options from the subnet file, as flannel's mk-docker-opts.sh does
+    /// (for the flanneld unit's ExecStartPost).
+    MkDockerOpts(crate::docker_opts::DockerOptsArgs),
     /// Show one lease in etcd.
     Lease {
         /// The lease's subnet, e.g. 172.17.98.0/24 (or its key form 172.17.98.0-24).

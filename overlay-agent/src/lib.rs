@@ -6,6 +6,7 @@ pub mod lease;
 pub mod reconcile;
 pub mod subnet_file;
 pub mod dataplane;
+pub mod docker_opts;
 pub mod maps;
 pub mod netdev;
 pub mod report;

@@ -89,6 +89,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Config(cmd)) => config_command(&cli.etcd, cmd),
+        Some(Command::MkDockerOpts(args)) => {
+            overlay_agent::docker_opts::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::Leases) => runtime()?.block_on(async {
             let mut reg = Registry::connect(&cli.etcd.options()).await?;
             let listing = reg.list_leases().await?;
