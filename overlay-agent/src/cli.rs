@@ -146,6 +146,13 @@ pub struct RunArgs {
     /// Port to serve /healthz on (0: off).
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
+    /// Add flannel's FLANNEL-FWD rules accepting overlay traffic in FORWARD (needed when
+    /// docker sets FORWARD's policy to DROP).
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    pub iptables_forward_rules: bool,
+    /// Seconds between checks that the iptables rules are still in place.
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    pub iptables_resync: u64,
     /// Where decapsulation runs.
     #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
     pub decap_hook: DecapHook,
@@ -253,6 +260,10 @@ impl RunArgs {
             decap_hook: self.decap_hook,
             bpffs_dir,
             ip_masq: self.ip_masq,
+            forward_rules: self.iptables_forward_rules,
+            iptables_resync: Duration::from_secs(self.iptables_resync.max(1)),
+            healthz: (self.healthz_port != 0)
+                .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),
         }
     }
 

@@ -12,8 +12,9 @@
 //!   unreachable until someone restarts it.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
@@ -24,6 +25,8 @@ use overlay_common::EncapMode;
 use crate::{
     config::{self, NetworkConfig},
     dataplane::{self, DecapHook, NodeSpec},
+    health::AgentState,
+    iptables::{self, ChainRules},
     lease::{
         manager::{self, Choice},
         registry::{EtcdOptions, LeaseEvent, Registry, RegistryError},
@@ -45,6 +48,12 @@ pub struct DaemonOptions {
     pub decap_hook: DecapHook,
     pub bpffs_dir: PathBuf,
     pub ip_masq: bool,
+    /// Install flannel's FLANNEL-FWD accept rules (flannel's --iptables-forward-rules).
+    pub forward_rules: bool,
+    /// How often iptables rules are checked and restored.
+    pub iptables_resync: Duration,
+    /// Where to serve /healthz, /readyz and /metrics (None: off).
+    pub healthz: Option<SocketAddr>,
 }
 
 /// Exponential backoff between etcd retries.
@@ -139,7 +148,15 @@ struct Daemon {
     maps: Maps,
     /// Kept for the lifetime of the agent (program logs).
     _dataplane: dataplane::Dataplane,
-    malformed_leases: u64,
+    state: Arc<AgentState>,
+    /// The iptables chains this node should have (masquerade and/or forward).
+    rules: Vec<ChainRules>,
+}
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
 }
 
 fn renew_after(opts: &DaemonOptions, ttl_secs: i64) -> Duration {
@@ -219,16 +236,44 @@ pub fn default_device(mode: EncapMode, vni: u32) -> String {
     }
 }
 
-/// Run the agent until `shutdown` resolves. The data plane stays up afterwards.
+/// Run the agent until `shutdown` resolves. The data plane stays up afterwards; the
+/// iptables rules are removed (flannel's behaviour on a clean exit).
 pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    tokio::select! {
-        r = run_inner(opts) => r,
-        _ = shutdown => Ok(()),
-    }
+    tokio::pin!(shutdown);
+    let state = Arc::new(AgentState::new(opts.bpffs_dir.clone()));
+    let health = {
+        let st = state.clone();
+        let addr = opts.healthz;
+        async move {
+            match addr {
+                Some(a) => crate::health::serve(a, st).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    tokio::pin!(health);
+    notify(&[sd_notify::NotifyState::Status("connecting to etcd")]);
+    let mut d = tokio::select! {
+        d = Daemon::start(opts, state) => d?,
+        r = &mut health => return r,
+        _ = &mut shutdown => return Ok(()),
+    };
+    let logs = crate::program_logs(&mut d._dataplane.ebpf);
+    let r = tokio::select! {
+        r = d.watch_loop() => r,
+        r = logs => r,
+        r = &mut health => r,
+        _ = &mut shutdown => Ok(()),
+    };
+    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("stopping; the data plane keeps forwarding")]);
+    d.remove_rules();
+    r
 }
 
-async fn run_inner(opts: DaemonOptions) -> Result<()> {
+impl Daemon {
+async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let mut reg = connect(&opts.etcd).await?;
+    notify(&[sd_notify::NotifyState::Status("waiting for the network config")]);
     let cfg = network_config(&mut reg).await?;
     let iface = match &opts.iface {
         Some(i) => i.clone(),
@@ -257,25 +302,51 @@ async fn run_inner(opts: DaemonOptions) -> Result<()> {
         EncapMode::Vxlan => LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac),
         EncapMode::Udp => LeaseAttrs::udp(public_ip),
     };
+    notify(&[sd_notify::NotifyState::Status("acquiring a subnet lease")]);
     let previous = subnet_file::read_previous_subnet(&opts.subnet_file);
     let held = acquire(&mut reg, &cfg, &attrs, previous, &opts).await?;
+    state.set_lease(held.subnet, held.renew_at + opts.renew_margin.min(opts.lease_ttl / 2));
     spec.subnet = held.subnet;
-    let mut dp = dataplane::up(&spec)?;
+    let dp = dataplane::up(&spec)?;
     let maps = Maps::open(&spec.bpffs_dir)?;
-    if opts.ip_masq {
-        tracing::warn!("--ip-masq: masquerade rules are not installed by this version yet");
-    }
-    write_subnet_file(&opts, &cfg, held.subnet, dp.mtu)?;
+    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, _dataplane: dp, state, rules: Vec::new() };
+    d.rules = d.wanted_rules();
+    d.ensure_rules().context("installing iptables rules")?;
+    write_subnet_file(&d.opts, &d.cfg, held.subnet, d._dataplane.mtu)?;
     tracing::info!(
-        subnet = %held.subnet, public_ip = %public_ip, device = %spec.device,
-        vtep_mac = %netdev::format_mac(&dp.device.mac), decap = ?dp.decap_hook, mtu = dp.mtu,
+        subnet = %held.subnet, public_ip = %public_ip, device = %d.spec.device,
+        vtep_mac = %netdev::format_mac(&d._dataplane.device.mac), decap = ?d._dataplane.decap_hook, mtu = d._dataplane.mtu,
         "lease held, data plane up, subnet file written"
     );
-    let logs = crate::program_logs(&mut dp.ebpf);
-    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, _dataplane: dp, malformed_leases: 0 };
-    tokio::select! {
-        r = d.watch_loop() => r,
-        r = logs => r,
+    Ok(d)
+}
+
+    fn wanted_rules(&self) -> Vec<ChainRules> {
+        let mut r = Vec::new();
+        if self.opts.ip_masq {
+            r.push(iptables::masquerade(self.cfg.network, self.held.subnet));
+        }
+        if self.opts.forward_rules {
+            r.push(iptables::forward(self.cfg.network));
+        }
+        r
+    }
+
+    /// Install or restore the iptables rules; true if something had to change.
+    fn ensure_rules(&self) -> Result<bool> {
+        let mut changed = false;
+        for r in &self.rules {
+            changed |= iptables::ensure(r)?;
+        }
+        Ok(changed)
+    }
+
+    fn remove_rules(&self) {
+        for r in &self.rules {
+            if let Err(e) = iptables::remove(r) {
+                tracing::warn!(chain = r.chain, error = %e, "removing iptables rules");
+            }
+        }
     }
 }
 
@@ -288,6 +359,7 @@ fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, subnet: Ipv4Net,
 enum Wake {
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
     Renew,
+    Resync,
 }
 
 impl Daemon {
@@ -298,7 +370,7 @@ impl Daemon {
         loop {
             let listing = retry("listing leases", &mut self.reg, |r| Box::pin(r.list_leases())).await?;
             for (key, e) in &listing.malformed {
-                self.malformed_leases += 1;
+                self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key = %key, error = %e, "skipping a lease that is not in flannel's format");
             }
             if !listing.leases.iter().any(|l| l.subnet == self.held.subnet && l.attrs.public_ip == self.attrs.public_ip) {
@@ -306,6 +378,11 @@ impl Daemon {
                 continue;
             }
             self.reconcile_all(&listing.leases)?;
+            if !self.state.ready.swap(true, Ordering::SeqCst) {
+                let status = format!("lease {} held; {} routes", self.held.subnet, self.maps.routes()?.len());
+                notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+                tracing::info!("ready: {status}");
+            }
             let mut stream = match self.reg.watch(listing.revision + 1).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -315,13 +392,24 @@ impl Daemon {
                 }
             };
             backoff.reset();
+            let mut resync = tokio::time::interval(self.opts.iptables_resync);
+            resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let wake = tokio::select! {
                     m = stream.message() => Wake::Watch(m),
                     _ = tokio::time::sleep_until(self.held.renew_at.into()) => Wake::Renew,
+                    _ = resync.tick() => Wake::Resync,
                 };
                 match wake {
                     Wake::Renew => self.renew().await?,
+                    Wake::Resync => match self.ensure_rules() {
+                        Ok(true) => {
+                            self.state.iptables_restores.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("iptables rules were missing or changed; restored");
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(error = %e, "checking iptables rules"),
+                    },
                     Wake::Watch(Ok(Some(resp))) => {
                         if resp.canceled() {
                             if resp.compact_revision() > 0 {
@@ -337,6 +425,8 @@ impl Daemon {
                         }
                     }
                     Wake::Watch(Ok(None)) | Wake::Watch(Err(_)) => {
+                        self.state.etcd_reconnects.fetch_add(1, Ordering::Relaxed);
+                        notify(&[sd_notify::NotifyState::Status("etcd unreachable; retrying (the data plane keeps forwarding)")]);
                         tracing::warn!(retry_in = ?backoff.0, "lost the etcd watch; reconnecting and listing again");
                         backoff.wait().await;
                         break;
@@ -350,7 +440,7 @@ impl Daemon {
     fn reconcile_all(&mut self, leases: &[crate::lease::Lease]) -> Result<()> {
         let (desired, skipped) = reconcile::desired_routes(leases, self.spec.mode, self.held.subnet, self.attrs.public_ip);
         for (subnet, e) in skipped {
-            self.malformed_leases += 1;
+            self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%subnet, error = %e, "lease skipped");
         }
         let changes = reconcile::diff(&self.maps.routes()?, &desired);
@@ -379,7 +469,7 @@ impl Daemon {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.malformed_leases += 1;
+                    self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(subnet = %lease.subnet, error = %e, "lease skipped");
                 }
             },
@@ -392,7 +482,7 @@ impl Daemon {
                 Err(e) => return Err(e.into()),
             },
             LeaseEvent::Malformed(key, e) => {
-                self.malformed_leases += 1;
+                self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%key, error = %e, "skipping a lease that is not in flannel's format");
             }
         }
@@ -404,6 +494,8 @@ impl Daemon {
         match self.reg.keep_alive(id).await {
             Ok(ttl) if ttl > 0 => {
                 self.held.renew_at = Instant::now() + renew_after(&self.opts, ttl);
+                self.state.lease_renewals.fetch_add(1, Ordering::Relaxed);
+                self.state.set_lease(self.held.subnet, Instant::now() + Duration::from_secs(ttl as u64));
                 tracing::info!(subnet = %self.held.subnet, ttl_secs = ttl, "lease renewed");
                 Ok(())
             }
@@ -423,12 +515,15 @@ impl Daemon {
         tracing::error!(subnet = %old, "THIS NODE'S LEASE WAS {why}; re-acquiring (the same subnet if still free)", why = why.to_uppercase());
         let held = acquire(&mut self.reg, &self.cfg, &self.attrs, Some(old), &self.opts).await?;
         self.held = held;
+        self.state.set_lease(held.subnet, held.renew_at);
         if held.subnet != old {
             tracing::error!(old = %old, new = %held.subnet, "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
             self.spec.subnet = held.subnet;
             let dp = dataplane::up(&self.spec)?;
             write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
             self._dataplane = dp;
+            self.rules = self.wanted_rules();
+            self.ensure_rules()?;
         } else {
             tracing::warn!(subnet = %old, "re-acquired the same subnet");
         }

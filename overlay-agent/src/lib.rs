@@ -7,6 +7,8 @@ pub mod reconcile;
 pub mod subnet_file;
 pub mod dataplane;
 pub mod docker_opts;
+pub mod health;
+pub mod iptables;
 pub mod maps;
 pub mod netdev;
 pub mod report;

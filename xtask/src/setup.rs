@@ -30,6 +30,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("etcd-client", "/usr/bin/etcdctl"),
     // TLS material for the etcd TLS tests.
     ("openssl", "/usr/bin/openssl"),
+    // --ip-masq and the forward rules (flannel's chains), as flannel and docker do.
+    ("iptables", "/usr/sbin/iptables"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,200 @@
+//! `--healthz-ip/--healthz-port`: `/healthz` (the process serves), `/readyz` (lease held,
+//! maps filled, subnet file written) and `/metrics` (Prometheus/OpenMetrics text).
+//!
+//! The agent's own figures live in `AgentState` (atomics, shared with the daemon); the data
+//! plane's counters are read from the pinned maps at each scrape by a prometheus-client
+//! `Collector`, so a scrape always shows what the kernel counted, even across agent restarts.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result};
+use http_body_util::Full;
+use hyper::{body::Bytes, Request, Response, StatusCode};
+use ipnet::Ipv4Net;
+use overlay_common::Counter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::Registry,
+};
+
+use crate::maps::Maps;
+
+/// What the daemon tells the health endpoints and metrics.
+#[derive(Debug)]
+pub struct AgentState {
+    pub ready: AtomicBool,
+    /// Our subnet and when its etcd lease expires unless renewed.
+    pub lease: Mutex<Option<(Ipv4Net, Instant)>>,
+    pub etcd_reconnects: AtomicU64,
+    pub malformed_leases: AtomicU64,
+    pub lease_renewals: AtomicU64,
+    pub iptables_restores: AtomicU64,
+    pub bpffs_dir: PathBuf,
+}
+
+impl AgentState {
+    pub fn new(bpffs_dir: PathBuf) -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            lease: Mutex::new(None),
+            etcd_reconnects: AtomicU64::new(0),
+            malformed_leases: AtomicU64::new(0),
+            lease_renewals: AtomicU64::new(0),
+            iptables_restores: AtomicU64::new(0),
+            bpffs_dir,
+        }
+    }
+
+    pub fn set_lease(&self, subnet: Ipv4Net, expires: Instant) {
+        *self.lease.lock().expect("lease lock") = Some((subnet, expires));
+    }
+}
+
+#[derive(Debug)]
+struct AgentCollector(Arc<AgentState>);
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(v);
+    g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        gauge(&mut e, "overlay_ready", "1 once the lease is held, the maps are filled and the subnet file is written", s.ready.load(Ordering::Relaxed) as i64)?;
+        let lease = *s.lease.lock().expect("lease lock");
+        {
+            let mut m = e.encode_descriptor("overlay_lease_info", "This node's subnet lease (value 1)", None, MetricType::Gauge)?;
+            if let Some((subnet, _)) = lease {
+                let labels = [("subnet", subnet.to_string())];
+                ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let left = lease.map(|(_, exp)| exp.saturating_duration_since(Instant::now()).as_secs() as i64).unwrap_or(0);
+        gauge(&mut e, "overlay_lease_expiry_seconds", "Seconds until the lease expires unless renewed", left)?;
+        counter(&mut e, "overlay_lease_renewals", "Lease renewals", s.lease_renewals.load(Ordering::Relaxed))?;
+        counter(&mut e, "overlay_etcd_reconnects", "Times the agent lost etcd and listed again", s.etcd_reconnects.load(Ordering::Relaxed))?;
+        counter(&mut e, "overlay_malformed_leases", "Lease keys or values skipped because they are not flannel's format", s.malformed_leases.load(Ordering::Relaxed))?;
+        counter(&mut e, "overlay_iptables_restores", "Times iptables rules were found missing or changed and restored", s.iptables_restores.load(Ordering::Relaxed))?;
+
+        let Ok(maps) = Maps::open(&s.bpffs_dir) else { return Ok(()) };
+        if let Ok(routes) = maps.routes() {
+            gauge(&mut e, "overlay_routes", "Entries in the route map (remote subnets)", routes.len() as i64)?;
+        }
+        if let Ok(counters) = maps.counters() {
+            let mut m = e.encode_descriptor("overlay_datapath_packets", "Packets by data-plane outcome (drops carry kind=drop)", None, MetricType::Counter)?;
+            for c in Counter::ALL {
+                let labels = [("outcome", c.name()), ("kind", if c.is_drop() { "drop" } else { "ok" })];
+                ConstCounter::new(counters[c as usize]).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        if let Ok(peers) = maps.peer_totals() {
+            gauge(&mut e, "overlay_peers", "Peers (nodes some route points at)", peers.len() as i64)?;
+            {
+                let mut m = e.encode_descriptor("overlay_peer_packets", "Packets to (tx) and from (rx) each peer", None, MetricType::Counter)?;
+                for (ip, t) in &peers {
+                    for (dir, v) in [("tx", t.tx_packets), ("rx", t.rx_packets)] {
+                        let labels = [("peer", ip.to_string()), ("direction", dir.to_string())];
+                        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            let mut m = e.encode_descriptor("overlay_peer_bytes", "Inner bytes to (tx) and from (rx) each peer", None, MetricType::Counter)?;
+            for (ip, t) in &peers {
+                for (dir, v) in [("tx", t.tx_bytes), ("rx", t.rx_bytes)] {
+                    let labels = [("peer", ip.to_string()), ("direction", dir.to_string())];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The metrics text for `state` (what /metrics serves).
+pub fn render_metrics(state: &Arc<AgentState>) -> Result<String> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(AgentCollector(state.clone())));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).context("encoding metrics")?;
+    Ok(out)
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
+
+fn handle(state: &Arc<AgentState>, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => respond(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready: no lease or data plane yet\n".into()),
+        "/metrics" => match render_metrics(state) {
+            Ok(text) => respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
+            Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e:#}\n")),
+        },
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /healthz, /readyz or /metrics\n".into()),
+    }
+}
+
+/// Serve until the future is dropped.
+pub async fn serve(addr: SocketAddr, state: Arc<AgentState>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for /healthz"))?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a health connection");
+                continue;
+            }
+        };
+        let st = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = handle(&st, &req);
+                async move { Ok::<_, std::convert::Infallible>(r) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                tracing::debug!(error = %e, "health connection");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_render_without_maps() {
+        let st = Arc::new(AgentState::new("/nonexistent".into()));
+        st.etcd_reconnects.fetch_add(3, Ordering::Relaxed);
+        st.set_lease("10.244.5.0/24".parse().unwrap(), Instant::now() + std::time::Duration::from_secs(100));
+        let text = render_metrics(&st).unwrap();
+        assert!(text.contains("overlay_etcd_reconnects_total 3"), "{text}");
+        assert!(text.contains("overlay_lease_info{subnet=\"10.244.5.0/24\"} 1"), "{text}");
+        assert!(text.contains("# TYPE overlay_lease_expiry_seconds gauge"), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+}

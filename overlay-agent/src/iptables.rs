@@ -1,0 +1,226 @@
+//! flannel's iptables rules: masquerading (`--ip-masq`, nat table, chain FLANNEL-POSTRTG
+//! jumped to from POSTROUTING) and forwarding (filter table, chain FLANNEL-FWD jumped to from
+//! FORWARD, so that docker's `FORWARD DROP` policy does not drop overlay traffic).
+//!
+//! Design notes: iptables, not nftables directly, because that is what flannel and docker use
+//! and what the seed's operators inspect (`iptables -t nat -S`); on current distributions the
+//! `iptables` command is the nf_tables backend, so the rules are nftables rules too. Each
+//! chain is replaced as a whole with `iptables-restore --noflush` (atomic: never half a rule
+//! set), only when a check finds it differs, and the jump into it is added if missing. The
+//! daemon re-checks periodically, so rules someone removed come back.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use ipnet::Ipv4Net;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("could not run {cmd}: {source} (is the iptables package installed?)")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{cmd} failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+}
+
+type Result<T> = std::result::Result<T, IptablesError>;
+
+/// One chain of ours: its rules, and the built-in chain that jumps to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainRules {
+    pub table: &'static str,
+    pub chain: &'static str,
+    /// The built-in chain holding the jump (POSTROUTING, FORWARD).
+    pub hook: &'static str,
+    pub comment: &'static str,
+    /// Each rule's arguments after `-A <chain>`.
+    pub rules: Vec<Vec<String>>,
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}
+
+/// flannel's masquerade rules, in flannel's order.
+pub fn masquerade(network: Ipv4Net, subnet: Ipv4Net) -> ChainRules {
+    let (n, s) = (network.to_string(), subnet.to_string());
+    ChainRules {
+        table: "nat",
+        chain: "FLANNEL-POSTRTG",
+        hook: "POSTROUTING",
+        comment: "flanneld masq",
+        rules: vec![
+            // Marked by kube-proxy (or anyone) as already handled.
+            words("-m mark --mark 0x4000/0x4000 -j RETURN"),
+            // Between containers: keep container addresses.
+            words(&format!("-s {s} -d {n} -j RETURN")),
+            words(&format!("-s {n} -d {s} -j RETURN")),
+            // From outside the overlay to our containers (e.g. NodePorts): untouched.
+            words(&format!("! -s {n} -d {s} -j RETURN")),
+            // Containers to the world: the node's address.
+            words(&format!("-s {n} ! -d 224.0.0.0/4 -j MASQUERADE --random-fully")),
+            // The host (or anything outside the overlay) to remote containers.
+            words(&format!("! -s {n} -d {n} -j MASQUERADE --random-fully")),
+        ],
+    }
+}
+
+/// flannel's forward rules: accept overlay traffic whatever FORWARD's policy is.
+pub fn forward(network: Ipv4Net) -> ChainRules {
+    let n = network.to_string();
+    ChainRules {
+        table: "filter",
+        chain: "FLANNEL-FWD",
+        hook: "FORWARD",
+        comment: "flanneld forward",
+        rules: vec![words(&format!("-s {n} -j ACCEPT")), words(&format!("-d {n} -j ACCEPT"))],
+    }
+}
+
+impl ChainRules {
+    /// A rule's full argument list, with our comment before the target.
+    fn rule_args(&self, rule: &[String]) -> Vec<String> {
+        let j = rule.iter().position(|w| w == "-j").unwrap_or(rule.len());
+        let mut v: Vec<String> = rule[..j].to_vec();
+        v.extend(["-m".into(), "comment".into(), "--comment".into(), self.comment.into()]);
+        v.extend(rule[j..].iter().cloned());
+        v
+    }
+
+    fn jump_args(&self) -> Vec<String> {
+        vec!["-m".into(), "comment".into(), "--comment".into(), self.comment.into(), "-j".into(), self.chain.into()]
+    }
+
+    /// The iptables-restore input that replaces our chain (and only it).
+    pub fn restore_input(&self) -> String {
+        let mut s = format!("*{}\n:{} - [0:0]\n", self.table, self.chain);
+        for r in &self.rules {
+            let args: Vec<String> = self
+                .rule_args(r)
+                .into_iter()
+                .map(|a| if a.contains(' ') { format!("\"{a}\"") } else { a })
+                .collect();
+            s.push_str(&format!("-A {} {}\n", self.chain, args.join(" ")));
+        }
+        s.push_str("COMMIT\n");
+        s
+    }
+}
+
+fn iptables(args: &[String]) -> Result<std::process::Output> {
+    let cmd = format!("iptables {}", args.join(" "));
+    Command::new("iptables").arg("-w").args(args).output().map_err(|source| IptablesError::Spawn { cmd, source })
+}
+
+fn iptables_ok(args: &[String]) -> Result<bool> {
+    Ok(iptables(args)?.status.success())
+}
+
+fn iptables_must(args: &[String]) -> Result<()> {
+    let out = iptables(args)?;
+    if !out.status.success() {
+        return Err(IptablesError::Failed {
+            cmd: format!("iptables {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// Whether our chain holds exactly our rules, in order. `iptables -S` prints rules in the
+/// same canonical form as `restore_input` writes them, so the texts are compared.
+fn chain_matches(r: &ChainRules) -> Result<bool> {
+    let out = iptables(&s(&["-t", r.table, "-S", r.chain]))?;
+    if !out.status.success() {
+        return Ok(false);
+    }
+    let have = String::from_utf8_lossy(&out.stdout);
+    let have: Vec<&str> = have.lines().filter(|l| l.starts_with("-A ")).collect();
+    let want = r.restore_input();
+    let want: Vec<&str> = want.lines().filter(|l| l.starts_with("-A ")).collect();
+    Ok(have == want)
+}
+
+/// Make the chain and the jump to it what they should be. Returns whether anything changed.
+pub fn ensure(r: &ChainRules) -> Result<bool> {
+    let mut changed = false;
+    if !chain_matches(r)? {
+        let input = r.restore_input();
+        let cmd = "iptables-restore --noflush".to_string();
+        let mut child = Command::new("iptables-restore")
+            .args(["-w", "--noflush"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| IptablesError::Spawn { cmd: cmd.clone(), source })?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes())
+            .map_err(|source| IptablesError::Spawn { cmd: cmd.clone(), source })?;
+        let out = child.wait_with_output().map_err(|source| IptablesError::Spawn { cmd: cmd.clone(), source })?;
+        if !out.status.success() {
+            return Err(IptablesError::Failed { cmd, stderr: format!("{}\ninput:\n{input}", String::from_utf8_lossy(&out.stderr).trim()) });
+        }
+        changed = true;
+    }
+    let mut check = s(&["-t", r.table, "-C", r.hook]);
+    check.extend(r.jump_args());
+    if !iptables_ok(&check)? {
+        let mut add = s(&["-t", r.table, "-A", r.hook]);
+        add.extend(r.jump_args());
+        iptables_must(&add)?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Remove the jump and the chain.
+pub fn remove(r: &ChainRules) -> Result<()> {
+    let mut del = s(&["-t", r.table, "-D", r.hook]);
+    del.extend(r.jump_args());
+    while iptables_ok(&del)? {}
+    let _ = iptables(&s(&["-t", r.table, "-F", r.chain]))?;
+    let _ = iptables(&s(&["-t", r.table, "-X", r.chain]))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_rules_are_flannels_in_order() {
+        let r = masquerade("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap());
+        let text = r.restore_input();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "*nat");
+        assert_eq!(lines[1], ":FLANNEL-POSTRTG - [0:0]");
+        let c = "-m comment --comment \"flanneld masq\"";
+        assert_eq!(lines[2], format!("-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 {c} -j RETURN"));
+        assert_eq!(lines[3], format!("-A FLANNEL-POSTRTG -s 10.244.7.0/24 -d 10.244.0.0/16 {c} -j RETURN"));
+        assert_eq!(lines[4], format!("-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d 10.244.7.0/24 {c} -j RETURN"));
+        assert_eq!(lines[5], format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.7.0/24 {c} -j RETURN"));
+        assert_eq!(lines[6], format!("-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {c} -j MASQUERADE --random-fully"));
+        assert_eq!(lines[7], format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {c} -j MASQUERADE --random-fully"));
+        assert_eq!(lines[8], "COMMIT");
+    }
+
+    #[test]
+    fn forward_rules_accept_the_network_both_ways() {
+        let r = forward("10.244.0.0/16".parse().unwrap());
+        assert_eq!((r.table, r.chain, r.hook), ("filter", "FLANNEL-FWD", "FORWARD"));
+        assert!(r.restore_input().contains("-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT"));
+        assert!(r.restore_input().contains("-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT"));
+    }
+}
