@@ -143,6 +143,10 @@ pub struct ClusterSpec {
     pub control: Control,
     /// Extra agent flags (etcd mode), e.g. a short lease TTL.
     pub agent_args: Vec<String>,
+    /// After an agent is ready, run the seed's ExecStartPost step
+    /// (`mk-docker-opts.sh -k DOCKER_NETWORK_OPTIONS -d <subnet file>`) and build the node's
+    /// bridge and containers from DOCKER_NETWORK_OPTIONS (--bip, --mtu) instead of subnet.env.
+    pub docker_opts_step: bool,
 }
 
 /// Where nodes get their subnets and routes.
@@ -175,6 +179,7 @@ impl ClusterSpec {
             routed_underlay: false,
             control: Control::Static,
             agent_args: Vec::new(),
+            docker_opts_step: false,
         }
     }
 }
@@ -197,6 +202,9 @@ pub struct Node {
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
     mtu: u32,
+    /// The NOTIFY_SOCKET the agent reports to (etcd mode), and what it said so far.
+    notify: Option<std::os::unix::net::UnixDatagram>,
+    pub notifications: Vec<String>,
 }
 
 impl Node {
@@ -234,33 +242,57 @@ impl Node {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Start the agent with `args` and wait (bounded) until its data plane is up and, with
-    /// etcd, its subnet file is written.
-    fn spawn_agent(&mut self, args: &[String], needs_subnet_file: bool) -> Result<()> {
+    /// Start the agent with `args` and wait (bounded) until it is ready: with etcd, until it
+    /// sends READY=1 on the NOTIFY_SOCKET this harness gives it (as systemd would); without,
+    /// until `overlay-agent status` says the data plane is up.
+    fn spawn_agent(&mut self, args: &[String], etcd: bool) -> Result<()> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let log_start = log.metadata()?.len() as usize;
         let bin = agent_bin();
         let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
         cmd.args(args).envs(self.agent_env.iter().cloned()).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        if etcd {
+            let path = self.log.with_extension("notify.sock");
+            let _ = fs::remove_file(&path);
+            let sock = std::os::unix::net::UnixDatagram::bind(&path).context("binding NOTIFY_SOCKET")?;
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            cmd.env("NOTIFY_SOCKET", &path);
+            self.notify = Some(sock);
+        }
+        let ready_before = self.notifications.iter().filter(|m| m.contains("READY=1")).count();
         self.agent = Some(cmd.spawn().context("starting the agent")?);
         self.agent_args = args.to_vec();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            // With etcd, this run's own readiness line (a restarted node has the old data
-            // plane and subnet file already).
-            let ready = !needs_subnet_file
-                || self.log_text().get(log_start..).is_some_and(|t| t.contains("lease held, data plane up"));
-            if ready && self.agent_cli(&["status"]).is_ok() && (!needs_subnet_file || self.subnet_file.exists()) {
+            let ready = if etcd {
+                self.read_notifications();
+                self.notifications.iter().filter(|m| m.contains("READY=1")).count() > ready_before
+            } else {
+                self.agent_cli(&["status"]).is_ok()
+            };
+            if ready {
                 return Ok(());
             }
             if let Some(status) = self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("agent on node {} exited ({status}) before the data plane was up:\n{}", self.index, self.log_text());
+                bail!("agent on node {} exited ({status}) before it was ready:\n{}", self.index, self.log_text());
             }
             if Instant::now() > deadline {
-                bail!("agent on node {} not up within 30 s:\n{}", self.index, self.log_text());
+                bail!("agent on node {} not ready within 30 s:\n{}", self.index, self.log_text());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            if !etcd {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+    }
+
+    /// Collect what the agent sent on its NOTIFY_SOCKET since the last call.
+    pub fn read_notifications(&mut self) -> &[String] {
+        if let Some(sock) = &self.notify {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                self.notifications.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        &self.notifications
     }
 
     /// Whether the agent process has exited (and its status).
@@ -272,6 +304,15 @@ impl Node {
     pub fn routes(&self) -> Vec<overlay_agent::maps::Route> {
         Maps::open(&self.bpffs_dir).and_then(|m| m.routes()).unwrap_or_else(|e| panic!("routes of node {}: {e}", self.index))
     }
+}
+
+/// `--bip` (as the subnet it lies in) and `--mtu` of a DOCKER_NETWORK_OPTIONS line.
+pub fn parse_docker_network_options(text: &str) -> Option<(Ipv4Net, u32)> {
+    let line = text.lines().find_map(|l| l.strip_prefix("DOCKER_NETWORK_OPTIONS="))?;
+    let opts = line.trim().trim_matches('"');
+    let get = |k: &str| opts.split_whitespace().find_map(|w| w.strip_prefix(k));
+    let bip: Ipv4Net = get("--bip=")?.parse().ok()?;
+    Some((bip.trunc(), get("--mtu=")?.parse().ok()?))
 }
 
 /// FLANNEL_SUBNET (as the subnet it lies in) and FLANNEL_MTU of a subnet file.
@@ -386,6 +427,10 @@ impl Cluster {
         node.spawn_agent(&args, matches!(self.spec.control, Control::Etcd { .. }))
     }
 
+    pub fn node_mut(&mut self, index: usize) -> &mut Node {
+        &mut self.nodes[index - 1]
+    }
+
     fn add_node(&self, index: usize, kind: NodeKind) -> Result<Node> {
         let spec = &self.spec;
         let ns = Netns::new(&format!("{}-n{index}", self.prefix))?;
@@ -432,6 +477,8 @@ impl Cluster {
             agent_args: Vec::new(),
             agent_env: Vec::new(),
             mtu: UNDERLAY_MTU - spec.backend.overhead(),
+            notify: None,
+            notifications: Vec::new(),
         })
     }
 
@@ -488,7 +535,19 @@ impl Cluster {
                     ]),
                 }
                 node.spawn_agent(&args, etcd_flags.is_some())?;
-                if etcd_flags.is_some() {
+                if etcd_flags.is_some() && self.spec.docker_opts_step {
+                    // The seed's ExecStartPost, through the drop-in wrapper.
+                    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/mk-docker-opts.sh");
+                    let f = node.subnet_file.display().to_string();
+                    run(Command::new("sh")
+                        .arg(&wrapper)
+                        .args(["-k", "DOCKER_NETWORK_OPTIONS", "-f", &f, "-d", &f])
+                        .env("OVERLAY_AGENT", agent_bin()))?;
+                    let env = fs::read_to_string(&node.subnet_file)?;
+                    let (bip, mtu) = parse_docker_network_options(&env).with_context(|| format!("docker options of node {}:\n{env}", node.index))?;
+                    node.subnet = bip;
+                    node.mtu = mtu;
+                } else if etcd_flags.is_some() {
                     let env = fs::read_to_string(&node.subnet_file)?;
                     let (subnet, mtu) = parse_subnet_env(&env).with_context(|| format!("subnet file of node {}:\n{env}", node.index))?;
                     node.subnet = subnet;

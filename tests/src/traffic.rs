@@ -96,7 +96,7 @@ pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Re
 /// A UDP socket in a namespace collecting whatever arrives until stopped.
 pub struct UdpProbe {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<Result<Vec<Vec<u8>>>>>,
+    thread: JoinHandle<Result<Result<Vec<(SocketAddr, Vec<u8>)>>>>,
 }
 
 impl UdpProbe {
@@ -104,7 +104,7 @@ impl UdpProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let s2 = stop.clone();
-        let thread = ns.spawn(move || -> Result<Vec<Vec<u8>>> {
+        let thread = ns.spawn(move || -> Result<Vec<(SocketAddr, Vec<u8>)>> {
             let sock = match UdpSocket::bind(addr) {
                 Ok(s) => s,
                 Err(e) => {
@@ -117,8 +117,8 @@ impl UdpProbe {
             let mut got = Vec::new();
             let mut buf = [0u8; 65536];
             while !s2.load(Ordering::SeqCst) {
-                if let Ok(n) = sock.recv(&mut buf) {
-                    got.push(buf[..n].to_vec());
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    got.push((from, buf[..n].to_vec()));
                 }
             }
             Ok(got)
@@ -132,6 +132,11 @@ impl UdpProbe {
 
     /// Stop and return the datagrams received.
     pub fn finish(self) -> Vec<Vec<u8>> {
+        self.finish_with_sources().into_iter().map(|(_, d)| d).collect()
+    }
+
+    /// Stop and return the datagrams received with the address each came from.
+    pub fn finish_with_sources(self) -> Vec<(SocketAddr, Vec<u8>)> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().expect("probe thread").and_then(|r| r).expect("probe failed")
     }
@@ -145,5 +150,20 @@ pub fn send_udp(ns: &Netns, bind: SocketAddrV4, to: SocketAddrV4, payloads: Vec<
             s.send_to(&p, to).with_context(|| format!("sending to {to}"))?;
         }
         Ok(())
+    })?
+}
+
+/// `GET path` over HTTP/1.1 from inside `ns`; the status code and the body.
+pub fn http_get(ns: &Netns, addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
+    let path = path.to_string();
+    ns.enter(move || -> Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
     })?
 }

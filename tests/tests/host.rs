@@ -1,0 +1,230 @@
+//! Host integration: what the seed's procedure relies on besides the overlay itself, with a
+//! real etcd in namespace clusters: systemd readiness, the subnet file and docker options,
+//! flannel's masquerade and forward rules with real traffic, health and metrics, and the
+//! seed's whole procedure end to end.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use overlay_tests::{
+    ip, require_root,
+    traffic::{http_get, ping, send_udp, tcp_transfer, UdpProbe},
+    wait_until, Backend, Cluster, ClusterSpec, Control, Netns,
+};
+
+fn cluster(tag: &str, spec: &ClusterSpec) -> Cluster {
+    require_root();
+    Cluster::new(tag, spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"))
+}
+
+fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+fn with_args(args: &[&str], n: usize) -> ClusterSpec {
+    ClusterSpec { agent_args: args.iter().map(|a| a.to_string()).collect(), ..ClusterSpec::etcd(Backend::Vxlan, "tc", n) }
+}
+
+#[test]
+fn readiness_and_stopping_are_notified_to_systemd() {
+    let mut c = cluster("nt", &with_args(&[], 1));
+    let n = c.node_mut(1);
+    let said = n.read_notifications().to_vec();
+    let ready = said.iter().position(|m| m.contains("READY=1")).unwrap_or_else(|| panic!("no READY=1 in {said:?}"));
+    assert!(said[..ready].iter().any(|m| m.contains("STATUS=acquiring a subnet lease")), "{said:?}");
+    assert!(said[ready].contains("STATUS=lease 10.244."), "READY=1 should come with a status: {said:?}");
+    // READY=1 comes after the subnet file is written (docker's unit may start right away).
+    let env = std::fs::read_to_string(&n.subnet_file).expect("subnet file written before READY=1");
+    assert!(env.contains("FLANNEL_SUBNET=10.244."), "{env}");
+    ok("stop", c.stop_agent(1));
+    let said = c.node_mut(1).read_notifications().to_vec();
+    assert!(said.iter().any(|m| m.contains("STOPPING=1")), "no STOPPING=1 in {said:?}");
+}
+
+/// A namespace outside the overlay, linked to `node`'s namespace (private addresses).
+fn outside_host(c: &Cluster, node: usize) -> Netns {
+    let ns = ok("netns", Netns::new(&format!("{}-out", c.prefix)));
+    let n = c.node(node).ns.name();
+    ok("veth", ip(&["-n", n, "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", ns.name()]));
+    ok("addr", ip(&["-n", n, "addr", "add", "172.30.0.1/24", "dev", "out0"]));
+    ok("up", ip(&["-n", n, "link", "set", "out0", "up"]));
+    ok("addr", ip(&["-n", ns.name(), "addr", "add", "172.30.0.2/24", "dev", "eth0"]));
+    ok("up", ip(&["-n", ns.name(), "link", "set", "eth0", "up"]));
+    ok("up", ip(&["-n", ns.name(), "link", "set", "lo", "up"]));
+    ns
+}
+
+fn iptables_s(c: &Cluster, node: usize, table: &str, chain: &str) -> anyhow::Result<String> {
+    c.node(node).ns.run("iptables", &["-w", "-t", table, "-S", chain])
+}
+
+#[test]
+fn ip_masq_hides_containers_going_outside_but_not_between_nodes() {
+    let mut c = cluster("mq", &with_args(&["--ip-masq", "--iptables-resync=1"], 2));
+    let outside = outside_host(&c, 1);
+    let (n1, n2) = (c.node(1), c.node(2));
+
+    // Container -> outside: seen with the node's address.
+    let probe = ok("probe", UdpProbe::start(&outside, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9000)));
+    let c0 = n1.container_ip(0);
+    ok("send", send_udp(&n1.containers[0], SocketAddrV4::new(c0, 0), SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 2), 9000), vec![b"out".to_vec()]));
+    std::thread::sleep(Duration::from_millis(300));
+    let got = probe.finish_with_sources();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.ip(), std::net::IpAddr::V4(Ipv4Addr::new(172, 30, 0, 1)), "outside must see the node's address, not {c0}");
+
+    // Container -> container on another node: keeps its address.
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9001)));
+    let src = n2.container_ip(1);
+    ok("send", send_udp(&n2.containers[1], SocketAddrV4::new(src, 0), SocketAddrV4::new(c0, 9001), vec![b"in".to_vec()]));
+    std::thread::sleep(Duration::from_millis(300));
+    let got = probe.finish_with_sources();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.ip(), std::net::IpAddr::V4(src), "cross-node traffic must keep the container address");
+
+    // The rules are flannel's, in flannel's order; removed ones come back.
+    let subnet = n1.subnet.to_string();
+    let rules = ok("iptables", iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG"));
+    let expected = [
+        "-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment \"flanneld masq\" -j RETURN".to_string(),
+        format!("-A FLANNEL-POSTRTG -s {subnet} -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG -s 10.244.0.0/16 -d {subnet} -m comment --comment \"flanneld masq\" -j RETURN"),
+        format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d {subnet} -m comment --comment \"flanneld masq\" -j RETURN"),
+        "-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully".to_string(),
+        "-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully".to_string(),
+    ];
+    let have: Vec<&str> = rules.lines().filter(|l| l.starts_with("-A")).collect();
+    assert_eq!(have, expected.iter().map(String::as_str).collect::<Vec<_>>());
+    ok("flush", c.node(1).ns.run("iptables", &["-w", "-t", "nat", "-F", "FLANNEL-POSTRTG"]));
+    ok("del jump", c.node(1).ns.run("iptables", &["-w", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq", "-j", "FLANNEL-POSTRTG"]));
+    assert!(
+        wait_until(Duration::from_secs(10), || iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG").is_ok_and(|r| r.lines().filter(|l| l.starts_with("-A")).count() == 6)
+            && iptables_s(&c, 1, "nat", "POSTROUTING").is_ok_and(|r| r.contains("-j FLANNEL-POSTRTG"))),
+        "removed rules were not restored:\n{}",
+        c.node(1).log_text()
+    );
+    assert!(c.node(1).log_text().contains("iptables rules were missing or changed; restored"));
+
+    // A clean shutdown removes them.
+    ok("stop", c.stop_agent(1));
+    assert!(iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG").is_err(), "chain must be gone after SIGTERM");
+    assert!(!ok("postrouting", iptables_s(&c, 1, "nat", "POSTROUTING")).contains("FLANNEL-POSTRTG"));
+    assert!(iptables_s(&c, 1, "filter", "FLANNEL-FWD").is_err(), "forward chain must be gone after SIGTERM");
+    drop(outside);
+}
+
+/// docker sets FORWARD's policy to DROP; flannel's forward rules keep overlay traffic going.
+#[test]
+fn forward_rules_keep_overlay_traffic_flowing_under_a_drop_policy() {
+    let c = cluster("fw", &with_args(&[], 2));
+    for n in &c.nodes {
+        ok("policy", n.ns.run("iptables", &["-w", "-P", "FORWARD", "DROP"]));
+    }
+    ok("ping with forward rules", ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2));
+    // Control: without them the same traffic is dropped.
+    for n in &c.nodes {
+        ok("del", n.ns.run("iptables", &["-w", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"]));
+    }
+    assert!(ping(&c.node(1).containers[0], c.node(2).container_ip(0), 1).is_err(), "the DROP policy should bite without the rules");
+}
+
+/// Parse OpenMetrics text into `name{labels} -> value`.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics text:\n{text}");
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {l:?}"));
+            (k.to_string(), v.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect()
+}
+
+#[test]
+fn health_endpoints_and_metrics_follow_the_traffic() {
+    let c = cluster("hm", &with_args(&["--healthz-ip=127.0.0.1", "--healthz-port=9101"], 2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9101);
+    assert_eq!(ok("healthz", http_get(&n1.ns, at, "/healthz")).0, 200);
+    assert_eq!(ok("readyz", http_get(&n1.ns, at, "/readyz")).0, 200);
+    assert_eq!(ok("404", http_get(&n1.ns, at, "/nope")).0, 404);
+    let (code, body) = ok("metrics", http_get(&n1.ns, at, "/metrics"));
+    assert_eq!(code, 200);
+    let before = parse_metrics(&body);
+    assert_eq!(before["overlay_ready"], 1.0);
+    assert_eq!(before["overlay_routes"], 1.0);
+    assert_eq!(before["overlay_peers"], 1.0);
+    assert_eq!(before[&format!("overlay_lease_info{{subnet=\"{}\"}}", n1.subnet)], 1.0);
+    let left = before["overlay_lease_expiry_seconds"];
+    assert!(left > 23.0 * 3600.0 && left <= 24.0 * 3600.0, "{left}");
+    assert!(before.contains_key("overlay_etcd_reconnects_total"));
+
+    let peer = n2.underlay_ip;
+    ok("TCP", tcp_transfer(&n1.containers[0], &n2.containers[0], n2.container_ip(0), 4 << 20));
+    let after = parse_metrics(&ok("metrics", http_get(&n1.ns, at, "/metrics")).1);
+    let key = |m: &str, labels: &str| format!("{m}{{{labels}}}");
+    let enc = key("overlay_datapath_packets_total", "outcome=\"encapsulated\",kind=\"ok\"");
+    assert!(after[&enc] > before[&enc], "{enc}: {} -> {}", before[&enc], after[&enc]);
+    let tx = key("overlay_peer_bytes_total", &format!("peer=\"{peer}\",direction=\"tx\""));
+    assert!(after[&tx] - before.get(&tx).copied().unwrap_or(0.0) >= (4 << 20) as f64, "{tx}");
+    let drops = key("overlay_datapath_packets_total", "outcome=\"unknown_peer\",kind=\"drop\"");
+    assert_eq!(after[&drops], 0.0);
+    // The peer's side counted the same traffic as received.
+    let rx = key("overlay_peer_bytes_total", &format!("peer=\"{}\",direction=\"rx\"", n1.underlay_ip));
+    let n2m = parse_metrics(&ok("metrics", http_get(&n2.ns, at, "/metrics")).1);
+    assert!(n2m[&rx] >= (4 << 20) as f64, "{rx}: {}", n2m[&rx]);
+}
+
+/// The seed's procedure with this agent in flanneld's place: the network config written with
+/// etcdctl (TLS), agents started as the seed's unit starts flanneld (`--ip-masq
+/// $FLANNEL_OPTIONS`, Go-style `-etcd-cafile`), readiness on NOTIFY_SOCKET, the ExecStartPost
+/// docker-options step (writing DOCKER_NETWORK_OPTIONS into subnet.env, as the seed does),
+/// containers on bridges set up from those options reaching each other across nodes, and the
+/// seed's `etcdctl ls`/`get` inspection.
+#[test]
+fn the_seeds_procedure_end_to_end() {
+    let config = r#"{"Network":"172.17.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: true, config: config.into() },
+        agent_args: vec!["--ip-masq".into()],
+        docker_opts_step: true,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
+    };
+    let mut c = cluster("sd", &spec);
+    for i in 1..=2 {
+        let said = c.node_mut(i).read_notifications().to_vec();
+        assert!(said.iter().any(|m| m.contains("READY=1")), "node {i}: {said:?}");
+    }
+    let (n1, n2) = (c.node(1), c.node(2));
+    for n in [n1, n2] {
+        assert!(n.subnet.to_string().starts_with("172.17."), "{}", n.subnet);
+        let env = std::fs::read_to_string(&n.subnet_file).unwrap();
+        let line = env.lines().find(|l| l.starts_with("DOCKER_NETWORK_OPTIONS=")).unwrap_or_else(|| panic!("{env}"));
+        let first = Ipv4Addr::from(u32::from(n.subnet.network()) + 1);
+        assert_eq!(line, format!("DOCKER_NETWORK_OPTIONS=\" --bip={first}/24 --ip-masq=false --mtu=1450 \""));
+    }
+    ok("ping 1->2", ping(&n1.containers[0], n2.container_ip(1), 3));
+    ok("ping 2->1", ping(&n2.containers[0], n1.container_ip(1), 3));
+    ok("TCP", tcp_transfer(&n2.containers[1], &n1.containers[0], n1.container_ip(0), 8 << 20));
+    // The seed's `etcdctl ls /coreos.com/network/subnets` and `get .../<subnet>` (v3 spelling).
+    let keys = ok("ls", c.etcd().etcdctl(&["get", "--prefix", "--keys-only", "/coreos.com/network/subnets"]));
+    for n in [n1, n2] {
+        let key = format!("/coreos.com/network/subnets/{}-24", n.subnet.network());
+        assert!(keys.contains(&key), "{keys}");
+        let v = ok("get", c.etcd().etcdctl(&["get", "--print-value-only", &key]));
+        let v: serde_json::Value = serde_json::from_str(v.trim()).unwrap();
+        assert_eq!(v["PublicIP"], n.underlay_ip.to_string());
+    }
+    let flags = c.etcd().agent_flags();
+    let mut args = vec!["lease".to_string(), n2.subnet.to_string()];
+    args.extend(flags);
+    let shown = ok("lease", n1.agent_cli(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(shown.contains(&n2.underlay_ip.to_string()) && shown.contains("vxlan"), "{shown}");
+    // --ip-masq is in force on every node.
+    for i in 1..=2 {
+        assert!(ok("nat", iptables_s(&c, i, "nat", "FLANNEL-POSTRTG")).contains("MASQUERADE"));
+    }
+}
