@@ -228,3 +228,42 @@ fn the_seeds_procedure_end_to_end() {
         assert!(ok("nat", iptables_s(&c, i, "nat", "FLANNEL-POSTRTG")).contains("MASQUERADE"));
     }
 }
+
+/// The seed's docker step with a real docker daemon on each node: dockerd started with
+/// $DOCKER_NETWORK_OPTIONS from the subnet file (as the seed's docker unit does), containers
+/// get addresses from the node's lease and the overlay MTU, and reach containers on the other
+/// node, through docker's own FORWARD DROP policy (flannel's forward rules let them pass).
+#[test]
+fn real_docker_containers_reach_each_other_across_nodes() {
+    let config = r#"{"Network":"172.17.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config: config.into() },
+        agent_args: vec!["--ip-masq".into()],
+        docker_opts_step: true,
+        containers_per_node: 0,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
+    };
+    let c = cluster("dk", &spec);
+    let mut daemons = Vec::new();
+    let mut addrs = Vec::new();
+    for n in &c.nodes {
+        let env = std::fs::read_to_string(&n.subnet_file).unwrap();
+        let opts = env.lines().find_map(|l| l.strip_prefix("DOCKER_NETWORK_OPTIONS=")).unwrap().trim_matches('"').to_string();
+        let mut d = ok("dockerd", overlay_tests::docker::Dockerd::start(&n.ns, &c.workdir.join(format!("docker-n{}", n.index)), &opts));
+        ok("image", d.import_busybox());
+        let ip = ok("run", d.run_container("c1"));
+        assert!(n.subnet.contains(&ip), "docker gave {ip}, outside the node's lease {}", n.subnet);
+        let mtu = ok("mtu", d.exec("c1", &["cat", "/sys/class/net/eth0/mtu"]));
+        assert_eq!(mtu.trim(), "1450", "container MTU must be the overlay MTU");
+        // dockerd sets FORWARD's policy to DROP when it has to turn forwarding on itself, as
+        // on a fresh host; this node had it on already, so set what docker would.
+        ok("policy", n.ns.run("iptables", &["-w", "-P", "FORWARD", "DROP"]));
+        let rules = ok("rules", n.ns.run("iptables", &["-w", "-S", "FORWARD"]));
+        assert!(rules.contains("-A FORWARD -j DOCKER-USER"), "dockerd's chains are in place:\n{rules}");
+        addrs.push(ip);
+        daemons.push(d);
+    }
+    ok("docker 1 -> 2", daemons[0].exec("c1", &["ping", "-c", "3", "-W", "2", &addrs[1].to_string()]).map(drop));
+    ok("docker 2 -> 1", daemons[1].exec("c1", &["ping", "-c", "3", "-W", "2", &addrs[0].to_string()]).map(drop));
+    drop(daemons);
+}

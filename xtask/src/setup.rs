@@ -32,6 +32,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "/usr/bin/openssl"),
     // --ip-masq and the forward rules (flannel's chains), as flannel and docker do.
     ("iptables", "/usr/sbin/iptables"),
+    // The seed's docker step, tested with a real dockerd (no service is started on install)
+    // and a busybox image built locally.
+    ("docker.io", "/usr/sbin/dockerd"),
+    ("busybox-static", "/usr/bin/busybox"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
