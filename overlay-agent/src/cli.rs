@@ -156,6 +156,10 @@ pub struct RunArgs {
     /// Where decapsulation runs.
     #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
     pub decap_hook: DecapHook,
+    /// The data plane: eBPF programs, or a TUN device with a userspace forwarder (flannel's udp
+    /// backend design; needs Backend.Type udp; forwarding stops when the agent exits).
+    #[arg(long, env = "FLANNELD_DATAPLANE", value_enum, default_value = "ebpf")]
+    pub dataplane: crate::daemon::DataplaneKind,
 
     /// Static mode (no etcd): the whole overlay network, e.g. 10.244.0.0/16.
     #[arg(long, env = "FLANNELD_NETWORK", requires = "subnet", help_heading = "Static mode (without etcd)")]
@@ -264,6 +268,7 @@ impl RunArgs {
             iptables_resync: Duration::from_secs(self.iptables_resync.max(1)),
             healthz: (self.healthz_port != 0)
                 .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),
+            dataplane: self.dataplane,
         }
     }
 

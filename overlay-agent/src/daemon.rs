@@ -54,6 +54,16 @@ pub struct DaemonOptions {
     pub iptables_resync: Duration,
     /// Where to serve /healthz, /readyz and /metrics (None: off).
     pub healthz: Option<SocketAddr>,
+    pub dataplane: DataplaneKind,
+}
+
+/// Which data plane forwards the node's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DataplaneKind {
+    /// TC/XDP programs in the kernel.
+    Ebpf,
+    /// A TUN device and a userspace UDP forwarder (flannel's udp backend design).
+    Tun,
 }
 
 /// Exponential backoff between etcd retries.
@@ -145,12 +155,24 @@ struct Daemon {
     attrs: LeaseAttrs,
     spec: NodeSpec,
     held: Held,
-    maps: Maps,
-    /// Kept for the lifetime of the agent (program logs).
-    _dataplane: dataplane::Dataplane,
+    maps: Box<dyn crate::tun::RouteTable>,
+    /// The eBPF data plane (kept for the lifetime of the agent: program logs).
+    ebpf: Option<dataplane::Dataplane>,
+    /// The TUN data plane (its threads run until the process exits).
+    tun: Option<crate::tun::TunDataplane>,
     state: Arc<AgentState>,
     /// The iptables chains this node should have (masquerade and/or forward).
     rules: Vec<ChainRules>,
+}
+
+/// A future that is `f` if given, else never ready.
+fn futures_either(f: Option<impl std::future::Future<Output = Result<()>>>) -> impl std::future::Future<Output = Result<()>> {
+    async move {
+        match f {
+            Some(f) => f.await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 fn notify(states: &[sd_notify::NotifyState]) {
@@ -258,7 +280,9 @@ pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output 
         r = &mut health => return r,
         _ = &mut shutdown => return Ok(()),
     };
-    let logs = crate::program_logs(&mut d._dataplane.ebpf);
+    // The log reader takes the ring buffer out of the loaded object and owns it, so the
+    // daemon can then borrow itself mutably.
+    let logs = futures_either(d.ebpf.as_mut().map(|dp| crate::program_logs(&mut dp.ebpf)));
     let r = tokio::select! {
         r = d.watch_loop() => r,
         r = logs => r,
@@ -297,25 +321,60 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         bpffs_dir: opts.bpffs_dir.clone(),
         mtu: cfg.backend.mtu,
     };
-    let (_, device, _) = dataplane::prepare_device(&spec)?;
-    let attrs = match mode {
-        EncapMode::Vxlan => LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac),
-        EncapMode::Udp => LeaseAttrs::udp(public_ip),
+    if opts.dataplane == DataplaneKind::Tun && mode != EncapMode::Udp {
+        bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
+    }
+    let attrs = match (mode, opts.dataplane) {
+        (EncapMode::Vxlan, _) => {
+            let (_, device, _) = dataplane::prepare_device(&spec)?;
+            LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
+        }
+        (EncapMode::Udp, _) => LeaseAttrs::udp(public_ip),
     };
     notify(&[sd_notify::NotifyState::Status("acquiring a subnet lease")]);
     let previous = subnet_file::read_previous_subnet(&opts.subnet_file);
     let held = acquire(&mut reg, &cfg, &attrs, previous, &opts).await?;
     state.set_lease(held.subnet, held.renew_at + opts.renew_margin.min(opts.lease_ttl / 2));
     spec.subnet = held.subnet;
-    let dp = dataplane::up(&spec)?;
-    let maps = Maps::open(&spec.bpffs_dir)?;
-    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, _dataplane: dp, state, rules: Vec::new() };
+    let (maps, ebpf, tun, mtu): (Box<dyn crate::tun::RouteTable>, _, _, u32) = match opts.dataplane {
+        DataplaneKind::Ebpf => {
+            let dp = dataplane::up(&spec)?;
+            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = ?dp.decap_hook, "eBPF data plane up");
+            let mtu = dp.mtu;
+            (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
+        }
+        DataplaneKind::Tun => {
+            let underlay = netdev::require_link(&spec.iface)?;
+            let mtu = match spec.mtu {
+                Some(m) => m,
+                None => underlay.mtu.saturating_sub(mode.overhead() as u32),
+            };
+            if let Some(old) = netdev::link(&spec.device)? {
+                tracing::warn!(device = %old.name, "replacing an existing device for the TUN data plane");
+                netdev::delete_link(&spec.device)?;
+            }
+            let dev = crate::tun::create_device(&spec.device, mtu)?;
+            netdev::configure_up(&spec.device, Some(mtu))?;
+            netdev::set_device_address(&spec.device, held.subnet.network())?;
+            netdev::route_network(cfg.network, &spec.device)?;
+            // ICMP errors the proxy writes come from the device's own address; without
+            // accept_local the kernel drops them as martians.
+            let knob = format!("/proc/sys/net/ipv4/conf/{}/accept_local", spec.device);
+            if let Err(e) = std::fs::write(&knob, "1") {
+                tracing::warn!(error = %e, %knob, "ICMP net-unreachable replies may be dropped");
+            }
+            let tun = crate::tun::start(dev, spec.port, held.subnet, mtu)?;
+            state.tun_stats.set(tun.stats.clone()).ok();
+            tracing::info!(device = %spec.device, port = spec.port, "TUN data plane up (userspace forwarding)");
+            (Box::new(tun.routes.clone()), None, Some(tun), mtu)
+        }
+    };
+    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, state, rules: Vec::new() };
     d.rules = d.wanted_rules();
     d.ensure_rules().context("installing iptables rules")?;
-    write_subnet_file(&d.opts, &d.cfg, held.subnet, d._dataplane.mtu)?;
+    write_subnet_file(&d.opts, &d.cfg, held.subnet, mtu)?;
     tracing::info!(
-        subnet = %held.subnet, public_ip = %public_ip, device = %d.spec.device,
-        vtep_mac = %netdev::format_mac(&d._dataplane.device.mac), decap = ?d._dataplane.decap_hook, mtu = d._dataplane.mtu,
+        subnet = %held.subnet, public_ip = %public_ip, device = %d.spec.device, mtu,
         "lease held, data plane up, subnet file written"
     );
     Ok(d)
@@ -518,10 +577,13 @@ impl Daemon {
         self.state.set_lease(held.subnet, held.renew_at);
         if held.subnet != old {
             tracing::error!(old = %old, new = %held.subnet, "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
+            if self.tun.is_some() {
+                bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
+            }
             self.spec.subnet = held.subnet;
             let dp = dataplane::up(&self.spec)?;
             write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
-            self._dataplane = dp;
+            self.ebpf = Some(dp);
             self.rules = self.wanted_rules();
             self.ensure_rules()?;
         } else {

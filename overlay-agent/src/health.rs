@@ -40,6 +40,8 @@ pub struct AgentState {
     pub lease_renewals: AtomicU64,
     pub iptables_restores: AtomicU64,
     pub bpffs_dir: PathBuf,
+    /// Set when the TUN data plane forwards (its counters replace the maps').
+    pub tun_stats: std::sync::OnceLock<Arc<crate::tun::TunStats>>,
 }
 
 impl AgentState {
@@ -52,6 +54,7 @@ impl AgentState {
             lease_renewals: AtomicU64::new(0),
             iptables_restores: AtomicU64::new(0),
             bpffs_dir,
+            tun_stats: std::sync::OnceLock::new(),
         }
     }
 
@@ -92,6 +95,22 @@ impl Collector for AgentCollector {
         counter(&mut e, "overlay_malformed_leases", "Lease keys or values skipped because they are not flannel's format", s.malformed_leases.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_iptables_restores", "Times iptables rules were found missing or changed and restored", s.iptables_restores.load(Ordering::Relaxed))?;
 
+        if let Some(t) = s.tun_stats.get() {
+            let mut m = e.encode_descriptor("overlay_datapath_packets", "Packets by data-plane outcome (drops carry kind=drop)", None, MetricType::Counter)?;
+            for (name, kind, v) in [
+                ("encapsulated", "ok", &t.encapsulated),
+                ("decapsulated", "ok", &t.decapsulated),
+                ("no_route", "drop", &t.no_route),
+                ("unknown_peer", "drop", &t.unknown_peer),
+                ("truncated", "drop", &t.malformed),
+                ("not_local_subnet", "drop", &t.not_local_subnet),
+                ("ttl_expired", "drop", &t.ttl_expired),
+            ] {
+                let labels = [("outcome", name), ("kind", kind)];
+                ConstCounter::new(v.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+            }
+            return Ok(());
+        }
         let Ok(maps) = Maps::open(&s.bpffs_dir) else { return Ok(()) };
         if let Ok(routes) = maps.routes() {
             gauge(&mut e, "overlay_routes", "Entries in the route map (remote subnets)", routes.len() as i64)?;

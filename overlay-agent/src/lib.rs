@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod lease;
 pub mod reconcile;
 pub mod subnet_file;
+pub mod tun;
 pub mod dataplane;
 pub mod docker_opts;
 pub mod health;

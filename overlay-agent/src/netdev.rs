@@ -125,9 +125,11 @@ pub fn link(name: &str) -> Result<Option<Link>> {
         Err(e) => return Err(e),
     };
     let Some(l) = links.into_iter().next() else { return Ok(None) };
-    let address = l.address.unwrap_or_default();
-    let mac = parse_mac(&address)
-        .ok_or_else(|| NetdevError::BadMac { name: l.ifname.clone(), mac: address })?;
+    // L3 devices (TUN) have no link-layer address: zero MAC.
+    let mac = match l.address.as_deref() {
+        None | Some("") => [0; 6],
+        Some(a) => parse_mac(a).ok_or_else(|| NetdevError::BadMac { name: l.ifname.clone(), mac: a.to_string() })?,
+    };
     let (kind, info_data) = match l.linkinfo {
         Some(i) => (i.info_kind, i.info_data),
         None => (None, None),

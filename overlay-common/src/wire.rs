@@ -224,9 +224,52 @@ pub fn inner_ipv4_addrs(ip: &[u8; IPV4_HLEN]) -> Result<([u8; 4], [u8; 4]), Coun
     ))
 }
 
+/// Decrement the TTL of the IPv4 header at the start of `pkt`, updating its checksum
+/// incrementally (RFC 1624), as flannel's udp proxy does on both sides. Returns false (and
+/// changes nothing) when the TTL is already 0 or 1: the packet must not be forwarded.
+#[inline(always)]
+pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
+    if pkt.len() < IPV4_HLEN || pkt[8] <= 1 {
+        return false;
+    }
+    pkt[8] -= 1;
+    // The 16-bit word holding the TTL (high byte) went down by 0x0100: the one's-complement
+    // checksum goes up by the same amount, with end-around carry.
+    let sum = u16::from_be_bytes([pkt[10], pkt[11]]) as u32 + 0x0100;
+    let sum = (sum & 0xffff) + (sum >> 16);
+    pkt[10..12].copy_from_slice(&(sum as u16).to_be_bytes());
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ttl_decrement_keeps_the_checksum_valid() {
+        for ttl in [2u8, 3, 64, 128, 255] {
+            for seed in 0u32..200 {
+                let mut h = [0u8; 20];
+                h[0] = 0x45;
+                h[2..4].copy_from_slice(&((seed % 1400) as u16 + 20).to_be_bytes());
+                h[4..6].copy_from_slice(&(seed as u16).wrapping_mul(7919).to_be_bytes());
+                h[8] = ttl;
+                h[9] = [1u8, 6, 17][seed as usize % 3];
+                h[12..16].copy_from_slice(&seed.wrapping_mul(2654435761).to_be_bytes());
+                h[16..20].copy_from_slice(&seed.wrapping_mul(40503).to_be_bytes());
+                let c = ipv4_checksum(&h);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+                assert!(decrement_ttl(&mut h));
+                assert_eq!(h[8], ttl - 1);
+                assert_eq!(ipv4_checksum(&h), 0, "ttl {ttl} seed {seed}: incremental update must match a full one");
+            }
+        }
+        let mut expiring = [0x45u8; 20];
+        expiring[8] = 1;
+        assert!(!decrement_ttl(&mut expiring));
+        assert_eq!(expiring[8], 1, "unchanged");
+        assert!(!decrement_ttl(&mut [0u8; 10]), "too short");
+    }
 
     fn params(inner_len: usize) -> EncapParams {
         EncapParams {

@@ -129,6 +129,8 @@ pub enum NodeKind {
     /// Set up as flannel's vxlan backend sets a node up: kernel vxlan device, static ARP,
     /// FDB and route entries. No agent.
     StockFlannel,
+    /// Our agent with `--dataplane tun` (etcd clusters with the udp backend).
+    TunAgent,
 }
 
 #[derive(Clone, Debug)]
@@ -526,8 +528,15 @@ impl Cluster {
         let node = &mut self.nodes[i];
         node.agent_env = agent_env;
         match node.kind {
-            NodeKind::Agent { decap_hook } => {
-                let mut args: Vec<String> = vec!["--iface".into(), "eth0".into(), "--decap-hook".into(), decap_hook.into()];
+            NodeKind::Agent { .. } | NodeKind::TunAgent => {
+                let mut args: Vec<String> = vec!["--iface".into(), "eth0".into()];
+                match node.kind {
+                    NodeKind::Agent { decap_hook } => args.extend(["--decap-hook".into(), decap_hook.into()]),
+                    _ => {
+                        assert!(etcd_flags.is_some(), "TUN nodes need an etcd cluster");
+                        args.extend(["--dataplane".into(), "tun".into()]);
+                    }
+                }
                 args.extend(["--bpffs-dir".into(), node.bpffs_dir.display().to_string()]);
                 match &etcd_flags {
                     Some(flags) => {
@@ -570,7 +579,9 @@ impl Cluster {
                 ip(&["-n", &n, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel.1"])?;
             }
         }
-        node.vtep_mac = link_mac(&node.ns, backend.device())?;
+        if node.kind != NodeKind::TunAgent {
+            node.vtep_mac = link_mac(&node.ns, backend.device())?;
+        }
         if let (NodeKind::StockFlannel, Some(etcd)) = (node.kind, &self.etcd) {
             // What a stock flannel vxlan node writes for itself.
             let value = format!(
@@ -599,7 +610,7 @@ impl Cluster {
     /// Make `from` route `to`'s subnet to `to`.
     pub fn add_route(&self, from: &Node, to: &Node) -> Result<()> {
         match from.kind {
-            NodeKind::Agent { .. } => {
+            NodeKind::Agent { .. } | NodeKind::TunAgent => {
                 let mac = overlay_agent::netdev::format_mac(&to.vtep_mac);
                 from.agent_cli(&[
                     "route", "add", &to.subnet.to_string(), "--public-ip",
