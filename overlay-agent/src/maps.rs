@@ -153,6 +153,16 @@ impl Maps {
         self.forget_peer_if_unused(old.underlay_ip)
     }
 
+    /// The peer the data plane would send `addr` to (one longest-prefix-match lookup, as the
+    /// encapsulation program does).
+    pub fn lookup(&self, addr: Ipv4Addr) -> Result<Option<Ipv4Addr>> {
+        match self.routes.get(&Key::new(32, addr.octets()), 0) {
+            Ok(v) => Ok(Some(Ipv4Addr::from(v.underlay_ip))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(map_names::VTEP_BY_SUBNET)(e)),
+        }
+    }
+
     fn peer_is_member(&self, peer: &PeerAddr) -> Result<bool> {
         match self.peers.get(peer, 0) {
             Ok(_) => Ok(true),

@@ -91,6 +91,11 @@ impl Etcd {
 
     /// Run `etcdctl` (v3 API) against this etcd, from its namespace.
     pub fn etcdctl(&self, args: &[&str]) -> Result<String> {
+        run(self.etcdctl_command().args(args))
+    }
+
+    /// An `etcdctl` command (v3 API, endpoint and TLS flags set) to add arguments to.
+    pub fn etcdctl_command(&self) -> Command {
         let mut cmd = self.ns.command("etcdctl");
         cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint)).arg("--command-timeout=10s");
         if let Some(t) = &self.tls {
@@ -98,7 +103,7 @@ impl Etcd {
                 .arg(format!("--cert={}", t.client_cert.display()))
                 .arg(format!("--key={}", t.client_key.display()));
         }
-        run(cmd.args(args))
+        cmd
     }
 
     /// The agent flags that reach this etcd, spelled as the seed spells them (Go style).

@@ -131,6 +131,9 @@ pub enum NodeKind {
     StockFlannel,
     /// Our agent with `--dataplane tun` (etcd clusters with the udp backend).
     TunAgent,
+    /// No overlay: nodes route each other's subnets via their underlay addresses (the
+    /// benchmark's ceiling).
+    PlainRouting,
 }
 
 #[derive(Clone, Debug)]
@@ -568,6 +571,7 @@ impl Cluster {
                     node.mtu = mtu;
                 }
             }
+            NodeKind::PlainRouting => {}
             NodeKind::StockFlannel => {
                 assert_eq!(backend, Backend::Vxlan, "stock flannel nodes are set up for vxlan only");
                 let n = node.ns.name().to_string();
@@ -579,7 +583,7 @@ impl Cluster {
                 ip(&["-n", &n, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel.1"])?;
             }
         }
-        if node.kind != NodeKind::TunAgent {
+        if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) {
             node.vtep_mac = link_mac(&node.ns, backend.device())?;
         }
         if let (NodeKind::StockFlannel, Some(etcd)) = (node.kind, &self.etcd) {
@@ -616,6 +620,9 @@ impl Cluster {
                     "route", "add", &to.subnet.to_string(), "--public-ip",
                     &to.underlay_ip.to_string(), "--vtep-mac", &mac,
                 ])?;
+            }
+            NodeKind::PlainRouting => {
+                ip(&["-n", from.ns.name(), "route", "replace", &to.subnet.to_string(), "via", &to.underlay_ip.to_string()])?;
             }
             NodeKind::StockFlannel => {
                 // flannel's vxlan backend: route via the peer's VTEP address (its subnet's

@@ -36,6 +36,18 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release) and benchmark the data plane against its baselines, or the
+    /// control plane (`bench control-plane`). Writes target/bench/ and BENCHMARKS.md (root).
+    Bench {
+        /// `control-plane` for the etcd/agent benchmark; nothing for the data plane.
+        what: Option<String>,
+        /// A short smoke run (does not update BENCHMARKS.md).
+        #[arg(long)]
+        quick: bool,
+        /// Interleaved runs per figure (median); default 3.
+        #[arg(long)]
+        runs: Option<u32>,
+    },
     /// Set up, build, and run a local 3-node demo cluster in network namespaces (root).
     Demo {
         /// Keep the cluster until Ctrl-C instead of cleaning up when the demo is done.
@@ -112,6 +124,32 @@ fn run(cli: Cli) -> Result<()> {
                 .env("OVERLAY_AGENT_BIN", &agent)
                 .env("RUST_BACKTRACE", "1");
             status(&mut c).context("tests failed")
+        }
+        Cmd::Bench { what, quick, runs } => {
+            setup::run()?;
+            require_root("cargo xtask bench")?;
+            let agent = build_agent(true)?;
+            status(cargo().args(["build", "--release", "--package", "overlay-tests", "--bin", "overlay-bench"]))?;
+            let mut c = Command::new(target_dir().join("release").join("overlay-bench"));
+            c.current_dir(workspace_root()).env("OVERLAY_AGENT_BIN", &agent);
+            match what.as_deref() {
+                None => {}
+                Some("control-plane") => {
+                    c.arg("control-plane");
+                }
+                Some(other) => bail!("unknown benchmark {other:?}: use `cargo xtask bench` or `cargo xtask bench control-plane`"),
+            }
+            c.arg("--out").arg(target_dir().join("bench"));
+            if quick {
+                c.arg("--quick");
+            } else {
+                c.arg("--markdown").arg(workspace_root().join("BENCHMARKS.md"));
+            }
+            if let Some(r) = runs {
+                c.args(["--runs", &r.to_string()]);
+            }
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+            status(&mut c)
         }
         Cmd::Demo { keep } => {
             setup::run()?;

@@ -22,6 +22,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "/usr/sbin/bpftool"),
     ("tcpdump", "/usr/bin/tcpdump"),
     ("iperf3", "/usr/bin/iperf3"),
+    ("sockperf", "/usr/bin/sockperf"),
     ("ethtool", "/usr/sbin/ethtool"),
     // etcd-client needs protoc to build.
     ("protobuf-compiler", "/usr/bin/protoc"),

@@ -1,0 +1,572 @@
+//! `cargo xtask bench`: the data plane against what users would otherwise run, side by side in
+//! one run on one machine: plain routing (the ceiling), the kernel vxlan device set up as
+//! flannel's vxlan backend does, our eBPF vxlan with TC and with XDP decapsulation, our eBPF
+//! udp encapsulation, and the TUN path (flannel's udp backend design).
+//!
+//! Each path is a 2-node namespace cluster with one container per node. Figures: TCP
+//! throughput (1 and 4 streams, iperf3), TCP request/response rate and latency (sockperf
+//! ping-pong, half round trip, p50/p99), 64-byte UDP packet rate (iperf3, receiver side) and
+//! CPU time per GB (whole machine, during the 1-stream run). Runs are interleaved (every path
+//! once, then again) and each figure is the median of the runs.
+//!
+//! `overlay-bench control-plane`: a real etcd holding 1000 and 5000 leases; time from agent
+//! start to filled maps, lease put/delete to map update (p50/p99), agent RSS.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use overlay_tests::{require_root, wait_until, Backend, Cluster, ClusterSpec, Control, NodeKind, Netns};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum PathKind {
+    Routing,
+    KernelVxlan,
+    EbpfVxlanTc,
+    EbpfVxlanXdp,
+    EbpfUdp,
+    TunUdp,
+}
+
+impl PathKind {
+    const ALL: [PathKind; 6] =
+        [Self::Routing, Self::KernelVxlan, Self::EbpfVxlanTc, Self::EbpfVxlanXdp, Self::EbpfUdp, Self::TunUdp];
+    fn label(self) -> &'static str {
+        match self {
+            Self::Routing => "routing (no encap)",
+            Self::KernelVxlan => "kernel vxlan (flannel)",
+            Self::EbpfVxlanTc => "eBPF vxlan, TC decap",
+            Self::EbpfVxlanXdp => "eBPF vxlan, XDP decap",
+            Self::EbpfUdp => "eBPF udp",
+            Self::TunUdp => "TUN udp (flannel udp)",
+        }
+    }
+    fn spec(self) -> ClusterSpec {
+        let two = |kind| ClusterSpec { nodes: vec![kind; 2], containers_per_node: 1, ..ClusterSpec::agents(Backend::Vxlan, "tc", 2) };
+        match self {
+            Self::Routing => two(NodeKind::PlainRouting),
+            Self::KernelVxlan => two(NodeKind::StockFlannel),
+            Self::EbpfVxlanTc => two(NodeKind::Agent { decap_hook: "tc" }),
+            Self::EbpfVxlanXdp => two(NodeKind::Agent { decap_hook: "xdp" }),
+            Self::EbpfUdp => ClusterSpec { backend: Backend::Udp, ..two(NodeKind::Agent { decap_hook: "tc" }) },
+            Self::TunUdp => ClusterSpec {
+                nodes: vec![NodeKind::TunAgent; 2],
+                containers_per_node: 1,
+                ..ClusterSpec::etcd(Backend::Udp, "tc", 2)
+            },
+        }
+    }
+}
+
+/// One run's figures for one path.
+#[derive(Clone, Debug, Default, Serialize)]
+struct Sample {
+    tcp1_gbps: f64,
+    tcp4_gbps: f64,
+    rr_tps: f64,
+    lat_p50_us: f64,
+    lat_p99_us: f64,
+    udp64_kpps: f64,
+    cpu_s_per_gb: f64,
+}
+
+const METRICS: [(&str, &str, bool); 7] = [
+    // (field, heading, higher is better)
+    ("tcp1_gbps", "TCP 1 Gbit/s", true),
+    ("tcp4_gbps", "TCP 4 Gbit/s", true),
+    ("rr_tps", "RR trans/s", true),
+    ("lat_p50_us", "p50 us", false),
+    ("lat_p99_us", "p99 us", false),
+    ("udp64_kpps", "UDP64 kpps", true),
+    ("cpu_s_per_gb", "CPU s/GB", false),
+];
+
+impl Sample {
+    fn get(&self, field: &str) -> f64 {
+        match field {
+            "tcp1_gbps" => self.tcp1_gbps,
+            "tcp4_gbps" => self.tcp4_gbps,
+            "rr_tps" => self.rr_tps,
+            "lat_p50_us" => self.lat_p50_us,
+            "lat_p99_us" => self.lat_p99_us,
+            "udp64_kpps" => self.udp64_kpps,
+            "cpu_s_per_gb" => self.cpu_s_per_gb,
+            _ => unreachable!("unknown metric {field}"),
+        }
+    }
+}
+
+struct Timing {
+    tcp: u32,
+    rr: u32,
+    udp: u32,
+}
+
+/// Busy CPU seconds of the whole machine so far.
+fn cpu_busy_seconds() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum();
+    busy / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A server in `ns`, stopped (by pid) when dropped.
+struct Server(Child);
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn iperf3_server(ns: &Netns, port: u16) -> Result<Server> {
+    let child = ns.command("iperf3").args(["-s", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(Server(child))
+}
+
+fn iperf3(ns: &Netns, to: Ipv4Addr, port: u16, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = vec!["-c".to_string(), to.to_string(), "-p".into(), port.to_string(), "-J".into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let out = ns.command("iperf3").args(&all).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("iperf3 {all:?}: {}", String::from_utf8_lossy(&out.stderr)))?;
+    if let Some(e) = v.get("error") {
+        bail!("iperf3 {all:?}: {e}");
+    }
+    Ok(v)
+}
+
+fn measure(c: &Cluster, t: &Timing, pb: &ProgressBar, label: &str) -> Result<Sample> {
+    let (client, server) = (&c.node(1).containers[0], &c.node(2).containers[0]);
+    let dst = c.node(2).container_ip(0);
+    let mut s = Sample::default();
+    let _srv = iperf3_server(server, 5201)?;
+
+    pb.set_message(format!("{label}: TCP, 1 stream"));
+    let cpu0 = cpu_busy_seconds();
+    let v = iperf3(client, dst, 5201, &["-t", &t.tcp.to_string()])?;
+    let cpu = cpu_busy_seconds() - cpu0;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 tcp result")?;
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    s.tcp1_gbps = bps / 1e9;
+    s.cpu_s_per_gb = if bytes > 0.0 { cpu / (bytes / 1e9) } else { 0.0 };
+
+    pb.set_message(format!("{label}: TCP, 4 streams"));
+    let v = iperf3(client, dst, 5201, &["-t", &t.tcp.to_string(), "-P", "4"])?;
+    s.tcp4_gbps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 -P 4 result")? / 1e9;
+
+    pb.set_message(format!("{label}: UDP, 64-byte payloads"));
+    let v = iperf3(client, dst, 5201, &["-u", "-l", "64", "-b", "0", "-t", &t.udp.to_string()])?;
+    let sum = &v["end"]["sum"];
+    let (packets, lost, secs) = (sum["packets"].as_f64().unwrap_or(0.0), sum["lost_packets"].as_f64().unwrap_or(0.0), sum["seconds"].as_f64().unwrap_or(1.0));
+    s.udp64_kpps = (packets - lost).max(0.0) / secs / 1e3;
+    drop(_srv);
+
+    pb.set_message(format!("{label}: TCP request/response"));
+    let srv = Server(server.command("sockperf").args(["sr", "--tcp", "-i", &dst.to_string(), "-p", "11111"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = client.run("sockperf", &["pp", "--tcp", "-i", &dst.to_string(), "-p", "11111", "-t", &t.rr.to_string()])?;
+    drop(srv);
+    let num_after = |key: &str| -> Option<f64> {
+        out.lines().find(|l| l.contains(key)).and_then(|l| l.split(key).nth(1)).and_then(|r| {
+            r.trim().trim_start_matches('=').split(|c: char| !(c.is_ascii_digit() || c == '.')).find(|w| !w.is_empty()).and_then(|w| w.parse().ok())
+        })
+    };
+    s.lat_p50_us = num_after("percentile 50.000").context("sockperf p50")?;
+    s.lat_p99_us = num_after("percentile 99.000").context("sockperf p99")?;
+    let valid = out.lines().find(|l| l.contains("[Valid Duration]")).context("sockperf summary")?;
+    let runtime = valid.split("RunTime=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|r| r.parse::<f64>().ok()).context("RunTime")?;
+    let received = valid.split("ReceivedMessages=").nth(1).and_then(|r| r.trim().parse::<f64>().ok()).context("ReceivedMessages")?;
+    s.rr_tps = received / runtime;
+    Ok(s)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return 0.0;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+}
+
+#[derive(Serialize)]
+struct PathResult {
+    path: PathKind,
+    label: &'static str,
+    median: BTreeMap<String, f64>,
+    runs: Vec<Sample>,
+    /// median / the same figure of the kernel vxlan device (for latencies and CPU: lower is better).
+    vs_kernel_vxlan: BTreeMap<String, f64>,
+    vs_tun: BTreeMap<String, f64>,
+    vs_routing: BTreeMap<String, f64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    date: String,
+    kernel: String,
+    machine: String,
+    quick: bool,
+    runs: usize,
+    paths: Vec<PathResult>,
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh").args(["-c", cmd]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2");
+    let mem = sh("awk '/MemTotal/ {printf \"%.0f GiB\", $2/1048576}' /proc/meminfo");
+    format!("{} cores ({}), {mem}", sh("nproc"), cpu.trim())
+}
+
+fn table(report: &Report) -> String {
+    let mut s = format!("| path | {} |\n|---|{}\n", METRICS.iter().map(|m| m.1).collect::<Vec<_>>().join(" | "), "---|".repeat(METRICS.len()));
+    for p in &report.paths {
+        let cells: Vec<String> = METRICS.iter().map(|(f, _, _)| fmt(p.median[*f])).collect();
+        s += &format!("| {} | {} |\n", p.label, cells.join(" | "));
+    }
+    for (title, pick) in [("ratio to the kernel vxlan device", 0), ("ratio to the TUN path", 1), ("ratio to plain routing", 2)] {
+        s += &format!("\n| {title} | {} |\n|---|{}\n", METRICS.iter().map(|m| m.1).collect::<Vec<_>>().join(" | "), "---|".repeat(METRICS.len()));
+        for p in &report.paths {
+            let r = match pick {
+                0 => &p.vs_kernel_vxlan,
+                1 => &p.vs_tun,
+                _ => &p.vs_routing,
+            };
+            let cells: Vec<String> = METRICS.iter().map(|(f, _, _)| format!("{:.2}x", r[*f])).collect();
+            s += &format!("| {} | {} |\n", p.label, cells.join(" | "));
+        }
+    }
+    s
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 1000.0 { format!("{v:.0}") } else if v >= 10.0 { format!("{v:.1}") } else { format!("{v:.2}") }
+}
+
+fn chart(report: &Report, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1100, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((2, 2));
+    let panel_metrics = [("tcp1_gbps", "TCP 1 stream, Gbit/s"), ("tcp4_gbps", "TCP 4 streams, Gbit/s"), ("lat_p50_us", "RR latency p50, us (lower is better)"), ("udp64_kpps", "UDP 64 B, kpps received")];
+    for (area, (field, title)) in panels.iter().zip(panel_metrics) {
+        let values: Vec<f64> = report.paths.iter().map(|p| p.median[field]).collect();
+        let max = values.iter().cloned().fold(0.0, f64::max).max(1e-9) * 1.15;
+        let mut ch = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(70)
+            .y_label_area_size(50)
+            .build_cartesian_2d((0..values.len() as i32).into_segmented(), 0.0..max)?;
+        let labels: Vec<&str> = report.paths.iter().map(|p| p.label).collect();
+        ch.configure_mesh()
+            .disable_x_mesh()
+            .x_label_formatter(&|v| match v {
+                SegmentValue::CenterOf(i) => labels.get(*i as usize).map(|s| s.replace(", ", "\n")).unwrap_or_default(),
+                _ => String::new(),
+            })
+            .x_label_style(("sans-serif", 10))
+            .draw()?;
+        ch.draw_series(values.iter().enumerate().map(|(i, v)| {
+            let colour = if report.paths[i].label.starts_with("eBPF") { BLUE.mix(0.7) } else { BLACK.mix(0.35) };
+            Rectangle::new([(SegmentValue::Exact(i as i32), 0.0), (SegmentValue::Exact(i as i32 + 1), *v)], colour.filled())
+        }))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result<()> {
+    let t = if quick { Timing { tcp: 1, rr: 1, udp: 1 } } else { Timing { tcp: 5, rr: 4, udp: 3 } };
+    let pb = ProgressBar::new((PathKind::ALL.len() * runs) as u64);
+    pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").unwrap());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb.set_message("building 6 two-node clusters");
+    let mut clusters = Vec::new();
+    for (i, p) in PathKind::ALL.iter().enumerate() {
+        let c = Cluster::new(&format!("b{i}"), &p.spec()).with_context(|| format!("setting up {}", p.label()))?;
+        // Every path must carry traffic before it is measured.
+        overlay_tests::traffic::ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2).with_context(|| format!("{} carries no traffic", p.label()))?;
+        clusters.push(c);
+    }
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); PathKind::ALL.len()];
+    for run in 0..runs {
+        for (i, p) in PathKind::ALL.iter().enumerate() {
+            let label = format!("run {}/{runs} · {}", run + 1, p.label());
+            samples[i].push(measure(&clusters[i], &t, &pb, &label).with_context(|| format!("measuring {}", p.label()))?);
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    drop(clusters);
+
+    let medians: Vec<BTreeMap<String, f64>> = samples
+        .iter()
+        .map(|runs| METRICS.iter().map(|(f, _, _)| (f.to_string(), median(runs.iter().map(|s| s.get(f)).collect()))).collect())
+        .collect();
+    let idx = |k: PathKind| PathKind::ALL.iter().position(|p| *p == k).unwrap();
+    let ratio = |m: &BTreeMap<String, f64>, base: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
+        METRICS.iter().map(|(f, _, _)| (f.to_string(), if base[*f] > 0.0 { m[*f] / base[*f] } else { 0.0 })).collect()
+    };
+    let report = Report {
+        date: sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
+        kernel: sh("uname -r"),
+        machine: machine(),
+        quick,
+        runs,
+        paths: PathKind::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PathResult {
+                path: *p,
+                label: p.label(),
+                vs_kernel_vxlan: ratio(&medians[i], &medians[idx(PathKind::KernelVxlan)]),
+                vs_tun: ratio(&medians[i], &medians[idx(PathKind::TunUdp)]),
+                vs_routing: ratio(&medians[i], &medians[idx(PathKind::Routing)]),
+                median: medians[i].clone(),
+                runs: samples[i].clone(),
+            })
+            .collect(),
+    };
+    fs::create_dir_all(out)?;
+    fs::write(out.join("dataplane.json"), serde_json::to_string_pretty(&report)?)?;
+    chart(&report, &out.join("dataplane.svg"))?;
+    let t = table(&report);
+    println!("{t}");
+    println!("JSON: {}\nchart: {}", out.join("dataplane.json").display(), out.join("dataplane.svg").display());
+    if let Some(md) = md {
+        write_benchmarks_md(md, &report, &t)?;
+        println!("updated {}", md.display());
+    }
+    Ok(())
+}
+
+fn write_benchmarks_md(md: &Path, report: &Report, table: &str) -> Result<()> {
+    let old = fs::read_to_string(md).unwrap_or_default();
+    let control = old.split_once("<!-- control-plane -->").map(|(_, c)| c.to_string()).unwrap_or_else(|| "\n_Not run yet: `cargo xtask bench control-plane`._\n".into());
+    let text = format!(
+        "# Benchmarks\n\nMeasured by `cargo xtask bench` ({runs} interleaved runs per figure, median) on {date}.\n\
+         Machine: {machine}; kernel {kernel}. Topology: two node namespaces joined by a veth underlay\n\
+         (MTU 1500) through a bridge, one container namespace per node behind a veth (MTU 1450 for\n\
+         vxlan and routing, 1472 for udp). Every path runs in the same process, one after the other.\n\n\
+         Figures: TCP throughput with iperf3 (1 and 4 streams), TCP request/response with sockperf\n\
+         ping-pong (transactions/s; latency is sockperf's half round trip, p50/p99), 64-byte UDP with\n\
+         iperf3 (packets/s received; sender-bound), and whole-machine busy CPU seconds per GB carried\n\
+         during the 1-stream TCP run. Ratios divide each path's median by the baseline's (for\n\
+         latency and CPU, lower is better).\n\n\
+         Reproduce: `cargo xtask bench` (as root; `--quick` for a smoke run, which does not update\n\
+         this file). Raw numbers: `target/bench/dataplane.json`; chart: `target/bench/dataplane.svg`.\n\n\
+         ## Data plane\n\n{table}\n<!-- control-plane -->{control}",
+        runs = report.runs,
+        date = report.date,
+        machine = report.machine,
+        kernel = report.kernel,
+    );
+    fs::write(md, text)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Control plane
+
+#[derive(Serialize)]
+struct ControlResult {
+    leases: usize,
+    start_to_maps_filled_ms: f64,
+    change_to_map_p50_ms: f64,
+    change_to_map_p99_ms: f64,
+    changes: usize,
+    agent_rss_mib: f64,
+}
+
+fn lease_value(i: usize) -> String {
+    let ip = Ipv4Addr::from(0x0a64_0000u32 + i as u32 + 10);
+    format!(
+        r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:{:02x}:{:02x}:{:02x}:01"}}}}"#,
+        (i >> 16) & 0xff,
+        (i >> 8) & 0xff,
+        i & 0xff
+    )
+}
+
+fn subnet(i: usize) -> String {
+    // 10.<8+i/256>.<i%256>.0/24: clear of the agent's own lease range (see config below).
+    format!("10.{}.{}.0", 8 + i / 256, i % 256)
+}
+
+/// Write `n` leases with a few etcdctl transactions (hundreds of keys each).
+fn put_leases(etcd: &overlay_tests::Etcd, range: std::ops::Range<usize>) -> Result<()> {
+    let indices: Vec<usize> = range.collect();
+    for chunk in indices.chunks(100) {
+        let mut txn = String::from("\n");
+        for i in chunk {
+            txn += &format!("put /coreos.com/network/subnets/{}-24 {}\n", subnet(*i), lease_value(*i));
+        }
+        // etcdctl txn reads: compares, blank line, success ops, blank line, failure ops,
+        // blank line.
+        txn += "\n\n";
+        let mut child = etcd_cmd(etcd, &["txn"])?.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(txn.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("etcdctl txn: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+fn etcd_cmd(etcd: &overlay_tests::Etcd, args: &[&str]) -> Result<Command> {
+    let mut c = etcd.etcdctl_command();
+    c.args(args);
+    Ok(c)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn control_plane_one(n: usize, changes: usize) -> Result<ControlResult> {
+    // 10.0.0.0/8 in /24s; the agent's own lease comes from SubnetMin..SubnetMax = 10.0.x.
+    let config = r#"{"Network":"10.0.0.0/8","SubnetMin":"10.0.1.0","SubnetMax":"10.0.200.0","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        nodes: vec![],
+        control: Control::Etcd { tls: false, config: config.into() },
+        containers_per_node: 0,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0)
+    };
+    let mut c = Cluster::new(&format!("cp{n}"), &spec)?;
+    put_leases(c.etcd(), 0..n)?;
+    let started = Instant::now();
+    c.join(NodeKind::Agent { decap_hook: "tc" })?;
+    let dir = c.node(1).bpffs_dir.clone();
+    let filled = wait_until(Duration::from_secs(20), || overlay_agent::maps::Maps::open(&dir).and_then(|m| m.routes()).is_ok_and(|r| r.len() >= n));
+    if !filled {
+        let have = overlay_agent::maps::Maps::open(&dir).and_then(|m| m.routes()).map(|r| r.len()).unwrap_or(0);
+        let listed = c.etcd().etcdctl(&["get", "--prefix", "--keys-only", "/coreos.com/network/subnets"]).unwrap_or_default();
+        bail!("maps not filled with {n} routes within 20 s (have {have}; etcd lists {} keys)\n{}", listed.lines().filter(|l| !l.is_empty()).count(), c.node(1).log_text());
+    }
+    let start_to_filled = started.elapsed();
+
+    // Changes: alternately add a new lease and delete it, from an etcd client inside the
+    // cluster's underlay namespace; time from issuing the write (so etcd's own commit is
+    // included) until one map lookup sees the change.
+    let endpoint = c.etcd().endpoint.clone();
+    let lat = c.underlay.enter(move || -> Result<Vec<f64>> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async move {
+            use overlay_agent::lease::{registry::{EtcdOptions, Registry}, LeaseAttrs};
+            let opts = EtcdOptions { endpoints: vec![endpoint], prefix: "/coreos.com/network".into(), ..Default::default() };
+            let mut reg = Registry::connect(&opts).await?;
+            let maps = overlay_agent::maps::Maps::open(&dir)?;
+            let mut lat = Vec::new();
+            for k in 0..changes {
+                let i = n + 10 + k / 2;
+                let net: ipnet::Ipv4Net = format!("{}/24", subnet(i)).parse()?;
+                let adding = k % 2 == 0;
+                let t0 = Instant::now();
+                if adding {
+                    reg.update(&net, &LeaseAttrs::parse(lease_value(i).as_bytes())?, 0).await?;
+                } else {
+                    reg.delete_lease(&net).await?;
+                }
+                let deadline = t0 + Duration::from_secs(10);
+                while maps.lookup(net.network())?.is_some() != adding {
+                    if Instant::now() > deadline {
+                        bail!("change {k} not seen in the map within 10 s");
+                    }
+                    std::hint::spin_loop();
+                }
+                lat.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            Ok(lat)
+        })
+    })??;
+    let mut lat = lat;
+    let pid = c.node(1).agent_pid().context("agent pid")?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    Ok(ControlResult {
+        leases: n,
+        start_to_maps_filled_ms: start_to_filled.as_secs_f64() * 1e3,
+        change_to_map_p50_ms: percentile(&mut lat.clone(), 50.0),
+        change_to_map_p99_ms: percentile(&mut lat, 99.0),
+        changes,
+        agent_rss_mib: rss_kib / 1024.0,
+    })
+}
+
+fn control_plane(quick: bool, out: &Path, md: Option<&Path>) -> Result<()> {
+    let sizes: &[usize] = if quick { &[200] } else { &[1000, 5000] };
+    let changes = if quick { 20 } else { 200 };
+    let mut results = Vec::new();
+    for &n in sizes {
+        eprintln!("control plane: {n} leases, {changes} changes...");
+        results.push(control_plane_one(n, changes)?);
+    }
+    let mut t = String::from("| leases | start to maps filled | change to map p50 | p99 | agent RSS |\n|---|---|---|---|---|\n");
+    for r in &results {
+        t += &format!(
+            "| {} | {:.0} ms | {:.2} ms | {:.2} ms | {:.1} MiB |\n",
+            r.leases, r.start_to_maps_filled_ms, r.change_to_map_p50_ms, r.change_to_map_p99_ms, r.agent_rss_mib
+        );
+    }
+    println!("{t}");
+    fs::create_dir_all(out)?;
+    fs::write(out.join("control-plane.json"), serde_json::to_string_pretty(&results)?)?;
+    if let Some(md) = md {
+        let old = fs::read_to_string(md).unwrap_or_else(|_| "# Benchmarks\n\n_Data plane not run yet: `cargo xtask bench`._\n".into());
+        let head = old.split_once("<!-- control-plane -->").map(|(h, _)| h.to_string()).unwrap_or(old);
+        let text = format!(
+            "{head}<!-- control-plane -->\n## Control plane\n\nMeasured by `cargo xtask bench control-plane` on {} (kernel {}): a real etcd\n\
+             holding N flannel-format vxlan leases, one agent (release build). Start to maps filled: from\n\
+             spawning the agent until its route map holds N routes. Change to map: from etcdctl's\n\
+             acknowledged put or delete of a lease until the map shows it ({} changes, half puts, half\n\
+             deletes). RSS: the agent's VmRSS afterwards.\n\n{t}",
+            sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
+            sh("uname -r"),
+            changes
+        );
+        fs::write(md, text)?;
+        println!("updated {}", md.display());
+    }
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let out = flag("--out").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target/bench"));
+    let md = flag("--markdown").map(PathBuf::from);
+    let runs = flag("--runs").and_then(|r| r.parse().ok()).unwrap_or(if quick { 1 } else { 3 });
+    require_root();
+    let r = if args.first().map(String::as_str) == Some("control-plane") {
+        control_plane(quick, &out, md.as_deref())
+    } else {
+        data_plane(quick, runs, &out, md.as_deref())
+    };
+    if let Err(e) = r {
+        eprintln!("overlay-bench: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,51 @@
+//! `overlay-bench --quick` (what `cargo xtask bench --quick` runs) produces numbers for every
+//! path and every figure, and the control-plane benchmark for its lease count. No
+//! thresholds: speed is judged by `cargo xtask bench`, never by a test.
+
+use std::process::Command;
+
+fn run_bench(args: &[&str], out: &std::path::Path) {
+    overlay_tests::require_root();
+    let st = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .env("OVERLAY_AGENT_BIN", overlay_tests::agent_bin())
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "overlay-bench {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&st.stdout), String::from_utf8_lossy(&st.stderr));
+}
+
+#[test]
+fn quick_data_plane_bench_measures_every_path() {
+    let out = std::env::temp_dir().join(format!("bench-quick-{}", std::process::id()));
+    run_bench(&["--quick"], &out);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("dataplane.json")).unwrap()).unwrap();
+    let paths = v["paths"].as_array().unwrap();
+    let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert_eq!(names, ["routing", "kernel_vxlan", "ebpf_vxlan_tc", "ebpf_vxlan_xdp", "ebpf_udp", "tun_udp"]);
+    for p in paths {
+        for (metric, value) in p["median"].as_object().unwrap() {
+            let x = value.as_f64().unwrap();
+            assert!(x.is_finite() && x > 0.0, "{}: {metric} = {x}", p["path"]);
+        }
+        assert_eq!(p["median"].as_object().unwrap().len(), 7);
+        assert!(p["vs_kernel_vxlan"]["tcp1_gbps"].as_f64().unwrap() > 0.0);
+    }
+    let svg = std::fs::read_to_string(out.join("dataplane.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("<rect"), "chart");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn quick_control_plane_bench_measures_propagation_and_memory() {
+    let out = std::env::temp_dir().join(format!("bench-cp-{}", std::process::id()));
+    run_bench(&["control-plane", "--quick"], &out);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("control-plane.json")).unwrap()).unwrap();
+    let r = &v[0];
+    for k in ["start_to_maps_filled_ms", "change_to_map_p50_ms", "change_to_map_p99_ms", "agent_rss_mib"] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {}", r[k]);
+    }
+    assert_eq!(r["leases"], 200);
+    std::fs::remove_dir_all(&out).unwrap();
+}
