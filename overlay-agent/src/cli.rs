@@ -120,6 +120,12 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DecapDelivery {
+    Direct,
+    Stack,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Underlay interface (default: the interface of the default route).
@@ -156,6 +162,12 @@ pub struct RunArgs {
     /// Where decapsulation runs.
     #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
     pub decap_hook: DecapHook,
+    /// How TC decap delivers to local containers: `direct` hands packets straight to the
+    /// container's veth when it can (fast; inbound packets skip the host's FORWARD chain, as
+    /// flannel's FLANNEL-FWD rules would accept them anyway), `stack` always goes through the
+    /// overlay device and the host's routing and netfilter.
+    #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "direct")]
+    pub decap_delivery: DecapDelivery,
     /// The data plane: eBPF programs, or a TUN device with a userspace forwarder (flannel's udp
     /// backend design; needs Backend.Type udp; forwarding stops when the agent exits).
     #[arg(long, env = "FLANNELD_DATAPLANE", value_enum, default_value = "ebpf")]
@@ -269,6 +281,7 @@ impl RunArgs {
             healthz: (self.healthz_port != 0)
                 .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),
             dataplane: self.dataplane,
+            direct_delivery: self.decap_delivery == DecapDelivery::Direct,
         }
     }
 
@@ -313,6 +326,7 @@ impl RunArgs {
             decap_hook: self.decap_hook,
             bpffs_dir,
             mtu: self.mtu,
+            direct_delivery: self.decap_delivery == DecapDelivery::Direct,
         })
     }
 }

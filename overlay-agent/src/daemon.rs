@@ -55,6 +55,7 @@ pub struct DaemonOptions {
     /// Where to serve /healthz, /readyz and /metrics (None: off).
     pub healthz: Option<SocketAddr>,
     pub dataplane: DataplaneKind,
+    pub direct_delivery: bool,
 }
 
 /// Which data plane forwards the node's traffic.
@@ -65,6 +66,10 @@ pub enum DataplaneKind {
     /// A TUN device and a userspace UDP forwarder (flannel's udp backend design).
     Tun,
 }
+
+/// How often the direct-delivery port map follows the bridges' forwarding databases. A new
+/// container's first packets take the overlay device's path until then.
+pub const PORT_SYNC: Duration = Duration::from_secs(1);
 
 /// Exponential backoff between etcd retries.
 struct Backoff(Duration);
@@ -320,6 +325,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         decap_hook: opts.decap_hook,
         bpffs_dir: opts.bpffs_dir.clone(),
         mtu: cfg.backend.mtu,
+        direct_delivery: opts.direct_delivery,
     };
     if opts.dataplane == DataplaneKind::Tun && mode != EncapMode::Udp {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
@@ -419,6 +425,7 @@ enum Wake {
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
     Renew,
     Resync,
+    Ports,
 }
 
 impl Daemon {
@@ -453,14 +460,22 @@ impl Daemon {
             backoff.reset();
             let mut resync = tokio::time::interval(self.opts.iptables_resync);
             resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ports = tokio::time::interval(PORT_SYNC);
+            ports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let wake = tokio::select! {
                     m = stream.message() => Wake::Watch(m),
                     _ = tokio::time::sleep_until(self.held.renew_at.into()) => Wake::Renew,
                     _ = resync.tick() => Wake::Resync,
+                    _ = ports.tick(), if self.ebpf.is_some() && self.opts.direct_delivery => Wake::Ports,
                 };
                 match wake {
                     Wake::Renew => self.renew().await?,
+                    Wake::Ports => {
+                        if let Ok(mut m) = Maps::open(&self.spec.bpffs_dir) {
+                            dataplane::sync_ports(&mut m);
+                        }
+                    }
                     Wake::Resync => match self.ensure_rules() {
                         Ok(true) => {
                             self.state.iptables_restores.fetch_add(1, Ordering::Relaxed);

@@ -63,6 +63,8 @@ pub struct NodeSpec {
     pub bpffs_dir: PathBuf,
     /// Overlay MTU; default: the underlay's minus the encapsulation overhead.
     pub mtu: Option<u32>,
+    /// Let TC decap hand packets straight to containers' veths (see `config_flags`).
+    pub direct_delivery: bool,
 }
 
 /// A node whose data plane is up.
@@ -170,7 +172,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         mode: spec.mode as u32,
         vni: spec.vni,
         port: spec.port,
-        flags: config_flags::READY,
+        flags: config_flags::READY | if spec.direct_delivery { config_flags::DIRECT_DELIVERY } else { 0 },
         underlay_ifindex: underlay.ifindex,
         overlay_ifindex: device.ifindex,
         underlay_ip: spec.public_ip.octets(),
@@ -331,5 +333,18 @@ mod tests {
     fn udp_overlay_peer_name_fits_ifnamsiz() {
         assert_eq!(overlay_peer_name("flannel0"), "flannel0-p");
         assert!(overlay_peer_name("a-very-long-devname").len() <= 15);
+    }
+}
+
+/// Keep the direct-delivery port map equal to the bridges' learned MACs; logs failures
+/// (the fast path then just has fewer answers, and the overlay device's path delivers).
+pub fn sync_ports(maps: &mut Maps) {
+    match netdev::bridge_ports() {
+        Ok(want) => {
+            if let Err(e) = maps.sync_ports(&want) {
+                tracing::warn!(error = %e, "updating the container port map");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "reading the bridges' forwarding database"),
     }
 }

@@ -204,10 +204,22 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         subnet = %spec.subnet,
         "data plane up (static mode)"
     );
+    let direct = spec.direct_delivery;
     runtime()?.block_on(async {
+        let logs = overlay_agent::program_logs(&mut dp.ebpf);
+        let ports = async {
+            let mut tick = tokio::time::interval(overlay_agent::daemon::PORT_SYNC);
+            loop {
+                tick.tick().await;
+                if direct {
+                    dataplane::sync_ports(&mut dp.maps);
+                }
+            }
+        };
         tokio::select! {
             _ = shutdown_signal() => {}
-            r = overlay_agent::program_logs(&mut dp.ebpf) => r?,
+            r = logs => r?,
+            _ = ports => {}
         }
         anyhow::Ok(())
     })?;

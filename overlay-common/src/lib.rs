@@ -22,7 +22,9 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// Array with one [`crate::DataplaneConfig`].
     pub const DP_CONFIG: &str = "DP_CONFIG";
-    pub const ALL: [&str; 4] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG];
+    /// Hash: container MAC -> [`crate::BridgePort`] (the direct-delivery fast path).
+    pub const PORT_BY_MAC: &str = "PORT_BY_MAC";
+    pub const ALL: [&str; 5] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, PORT_BY_MAC];
 }
 
 /// Names of the programs (the functions in `overlay-ebpf`).
@@ -35,6 +37,7 @@ pub mod prog_names {
 /// Default capacity of the route and peer maps (flags may override it at load time).
 pub const MAX_ROUTES: u32 = 16384;
 pub const MAX_PEERS: u32 = 16384;
+pub const MAX_PORTS: u32 = 4096;
 
 /// The encapsulation a node uses, as flannel's `Backend.Type`.
 #[repr(u32)]
@@ -105,7 +108,28 @@ const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
 pub mod config_flags {
     /// The agent has written a complete configuration; programs pass everything until set.
     pub const READY: u16 = 1 << 0;
+    /// TC decap may hand packets for local containers straight to the container's veth
+    /// (`bpf_fib_lookup` + `PORT_BY_MAC` + `bpf_redirect_peer`), bypassing the host's
+    /// forwarding path; otherwise (or when the lookup has no answer) they go through the
+    /// overlay device and the host's routing.
+    pub const DIRECT_DELIVERY: u16 = 1 << 1;
 }
+
+/// Key of `PORT_BY_MAC`: a container's MAC address as on the wire.
+pub type MacAddr = [u8; 6];
+
+/// Value of `PORT_BY_MAC`: where a container's MAC lives. Written by the agent from the
+/// bridge's forwarding database.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BridgePort {
+    /// ifindex of the host side of the container's veth (a port of the bridge).
+    pub ifindex: u32,
+    /// ifindex of the bridge that port belongs to (must be where the route points).
+    pub bridge_ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<BridgePort>() == 8);
 
 /// The single entry of `DP_CONFIG`. Written by the agent at start-up, read by every program
 /// on every packet (an array lookup, cheaper than re-loading programs to change a constant).
@@ -200,10 +224,12 @@ pub enum Counter {
     DecapFailed = 14,
     /// A program ran before the agent wrote its configuration (passed).
     NotConfigured = 15,
+    /// Decap: of the decapsulated packets, those handed straight to the container's veth.
+    DecapDirect = 16,
 }
 
 impl Counter {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
     pub const ALL: [Counter; Self::COUNT] = [
         Self::Encapsulated,
         Self::Decapsulated,
@@ -221,6 +247,7 @@ impl Counter {
         Self::SpoofedSource,
         Self::DecapFailed,
         Self::NotConfigured,
+        Self::DecapDirect,
     ];
     /// The name operators see (`overlay-agent stats`, metrics).
     pub const fn name(self) -> &'static str {
@@ -241,11 +268,12 @@ impl Counter {
             Self::SpoofedSource => "spoofed_source",
             Self::DecapFailed => "decap_failed",
             Self::NotConfigured => "not_configured",
+            Self::DecapDirect => "decap_direct",
         }
     }
     /// Whether this outcome drops the packet.
     pub const fn is_drop(self) -> bool {
-        !matches!(self, Self::Encapsulated | Self::Decapsulated | Self::NotConfigured)
+        !matches!(self, Self::Encapsulated | Self::Decapsulated | Self::NotConfigured | Self::DecapDirect)
     }
 }
 
@@ -255,6 +283,7 @@ mod user {
     unsafe impl aya::Pod for super::Vtep {}
     unsafe impl aya::Pod for super::PeerStats {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
+    unsafe impl aya::Pod for super::BridgePort {}
 }
 
 #[cfg(test)]

@@ -16,23 +16,24 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, xdp_action,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK,
+        TC_ACT_SHOT,
     },
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    check_vxlan, classify_ipv4, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
+    check_vxlan, classify_ipv4, config_flags, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
     DataplaneConfig, EncapMode, Ipv4Class, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
     UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
 };
 
 use crate::{
-    maps::{account_peer, config, count, is_peer, Direction, VTEP_BY_SUBNET},
+    maps::{account_peer, config, count, is_peer, Direction, PORT_BY_MAC, VTEP_BY_SUBNET},
     packet::Packet,
 };
 
@@ -174,7 +175,58 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
     account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
     count(Counter::Decapsulated);
+    if cfg.flags & config_flags::DIRECT_DELIVERY != 0 {
+        if let Some(action) = deliver_direct(ctx, &cfg)? {
+            count(Counter::DecapDirect);
+            return Ok(action);
+        }
+    }
     Ok(unsafe { bpf_redirect(cfg.overlay_ifindex, BPF_F_INGRESS as u64) } as i32)
+}
+
+/// The fast path: route the inner packet as the host would (`bpf_fib_lookup`, from the
+/// overlay device), find the container's veth from its MAC, forward (TTL - 1) and hand the
+/// packet straight into the container's namespace (`bpf_redirect_peer`). This skips the
+/// software segmentation the tunnel GSO state would cost on the bridge.
+///
+/// Ok(Some(TC_ACT_REDIRECT)) when delivered; Ok(None) when the fast path has no answer
+/// (nothing was changed: the caller takes the overlay device's path, which also makes the
+/// kernel resolve the neighbour or send ICMP); Err(DecapFailed) if a rewrite failed halfway.
+#[inline(always)]
+fn deliver_direct(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Option<i32>, Verdict> {
+    let Some(ip) = Packet::read::<IPV4_HLEN>(ctx, ETH_HLEN) else { return Ok(None) };
+    if ip[8] <= 1 {
+        return Ok(None); // the kernel sends time-exceeded
+    }
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = 2; // AF_INET
+    p.l4_protocol = ip[9];
+    // tot_len 0: the helper checks the skb against the MTU itself (GSO-aware).
+    p.ifindex = cfg.overlay_ifindex;
+    p.__bindgen_anon_2.tos = ip[1];
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let rc = unsafe {
+        fib_lookup(ctx.skb.skb as *mut _, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Ok(None);
+    }
+    let Some(port) = PORT_BY_MAC.get_ptr(&p.dmac).map(|v| unsafe { *v }) else { return Ok(None) };
+    if port.bridge_ifindex != p.ifindex {
+        return Ok(None);
+    }
+    // Forward: TTL - 1, checksum updated for the TTL/protocol word.
+    let old = u16::from_ne_bytes([ip[8], ip[9]]);
+    let new = u16::from_ne_bytes([ip[8] - 1, ip[9]]);
+    ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 2).map_err(|_| Counter::DecapFailed)?;
+    ctx.store(ETH_HLEN + 8, &(ip[8] - 1), 0).map_err(|_| Counter::DecapFailed)?;
+    let mut eth = [0u8; ETH_HLEN];
+    eth[0..6].copy_from_slice(&p.dmac);
+    eth[6..12].copy_from_slice(&p.smac);
+    eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
+    Ok(Some(unsafe { bpf_redirect_peer(port.ifindex, 0) } as i32))
 }
 
 #[xdp]

@@ -306,6 +306,11 @@ impl Node {
         self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Container MACs the agent has mapped to bridge ports (direct delivery).
+    pub fn mapped_ports(&self) -> usize {
+        Maps::open(&self.bpffs_dir).and_then(|m| m.ports()).map(|p| p.len()).unwrap_or(0)
+    }
+
     /// The routes in this node's maps.
     pub fn routes(&self) -> Vec<overlay_agent::maps::Route> {
         Maps::open(&self.bpffs_dir).and_then(|m| m.routes()).unwrap_or_else(|e| panic!("routes of node {}: {e}", self.index))
@@ -546,10 +551,13 @@ impl Cluster {
                         args.extend(flags.iter().cloned());
                         args.extend(["--subnet-file".into(), node.subnet_file.display().to_string()]);
                     }
-                    None => args.extend([
-                        "--network".into(), NETWORK.into(), "--subnet".into(), node.subnet.to_string(),
-                        "--backend".into(), backend.flag().into(),
-                    ]),
+                    None => {
+                        args.extend([
+                            "--network".into(), NETWORK.into(), "--subnet".into(), node.subnet.to_string(),
+                            "--backend".into(), backend.flag().into(),
+                        ]);
+                        args.extend(self.spec.agent_args.iter().cloned());
+                    }
                 }
                 node.spawn_agent(&args, etcd_flags.is_some())?;
                 if etcd_flags.is_some() && self.spec.docker_opts_step {

@@ -44,6 +44,16 @@ fn carries_traffic(tag: &str, backend: Backend, hook: &'static str) {
         }
     }
     let (n1, n2, n3) = (c.node(1), c.node(2), c.node(3));
+    if hook == "tc" {
+        // The pings taught the bridges the containers' MACs; the agents map them to ports.
+        for n in &c.nodes {
+            assert!(
+                wait_until(Duration::from_secs(5), || n.mapped_ports() >= n.containers.len()),
+                "node {}: containers not in the port map ({} mapped)", n.index, n.mapped_ports()
+            );
+        }
+    }
+    let direct_before = n2.counter(Counter::DecapDirect);
     let before = n2.peer_totals(n1.underlay_ip);
     let t = ok("TCP 1->2", tcp_transfer(&n1.containers[0], &n2.containers[1], n2.container_ip(1), BULK));
     eprintln!("{tag}: {} bytes node1->node2 in {:?}", t.bytes, t.elapsed);
@@ -56,6 +66,11 @@ fn carries_traffic(tag: &str, backend: Backend, hook: &'static str) {
         after.rx_bytes - before.rx_bytes
     );
     assert!(n1.peer_totals(n2.underlay_ip).tx_bytes >= BULK, "node 1 tx to node 2 not counted");
+    if hook == "tc" {
+        let direct = n2.counter(Counter::DecapDirect) - direct_before;
+        let all = after.rx_packets - before.rx_packets;
+        assert!(direct * 10 >= all * 9, "TC decap should deliver directly: {direct} of {all} packets");
+    }
     for n in &c.nodes {
         assert!(n.counter(Counter::Encapsulated) > 0, "node {} encapsulated nothing", n.index);
         assert!(n.counter(Counter::Decapsulated) > 0, "node {} decapsulated nothing", n.index);
@@ -235,8 +250,9 @@ fn hostile_frames(tag: &str, hook: &'static str) {
 
     // Control: the same path with a valid frame delivers it, so the checks above are what
     // stopped the others.
-    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, probe_port)));
-    ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, legit_src, victim, probe_port)]));
+    let control_port = probe_port + 1;
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, control_port)));
+    ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, legit_src, victim, control_port)]));
     let delivered = wait_until(Duration::from_secs(5), || n1.counter(Counter::Decapsulated) > before[Counter::Decapsulated as usize]);
     std::thread::sleep(Duration::from_millis(200));
     let got = probe.finish();
@@ -354,4 +370,22 @@ fn routed_underlay_carries_traffic_through_a_router() {
         assert_eq!(n.counter(Counter::EncapFailed), 0, "node {}", n.index);
         assert_eq!(n.counter(Counter::EncapNotIpv4), 0, "node {}: the overlay device sends no IPv6", n.index);
     }
+}
+
+/// `--decap-delivery stack`: every packet goes through the overlay device and the host's
+/// routing (no direct delivery), and traffic still flows.
+#[test]
+fn stack_delivery_goes_through_the_overlay_device() {
+    let spec = ClusterSpec {
+        agent_args: vec!["--decap-delivery".into(), "stack".into()],
+        ..ClusterSpec::agents(Backend::Vxlan, "tc", 2)
+    };
+    let c = cluster("sk", &spec);
+    let (n1, n2) = (c.node(1), c.node(2));
+    ok("ping", ping(&n1.containers[0], n2.container_ip(0), 3));
+    std::thread::sleep(Duration::from_millis(1500));
+    ok("TCP", tcp_transfer(&n1.containers[0], &n2.containers[1], n2.container_ip(1), 8 << 20));
+    assert!(n2.counter(Counter::Decapsulated) > 0);
+    assert_eq!(n2.counter(Counter::DecapDirect), 0, "stack delivery must not take the fast path");
+    assert_eq!(n2.mapped_ports(), 0, "no port map is kept without direct delivery");
 }
