@@ -448,6 +448,24 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_can_come_from_a_flanneld_variable() {
+        // Names no other test sets, so that parallel tests do not see them.
+        std::env::set_var("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "17");
+        std::env::set_var("FLANNELD_IPTABLES_RESYNC", "9");
+        let cli = parse(&["overlay-agent"]);
+        std::env::remove_var("FLANNELD_SUBNET_LEASE_RENEW_MARGIN");
+        std::env::remove_var("FLANNELD_IPTABLES_RESYNC");
+        assert_eq!(cli.run.subnet_lease_renew_margin, 17);
+        assert_eq!(cli.run.iptables_resync, 9);
+        // Every long flag of the agent declares its FLANNELD_ variable.
+        for a in Cli::command().get_arguments() {
+            let Some(long) = a.get_long() else { continue };
+            let want = format!("FLANNELD_{}", long.to_uppercase().replace('-', "_"));
+            assert_eq!(a.get_env().and_then(|e| e.to_str()), Some(want.as_str()), "--{long}");
+        }
+    }
+
+    #[test]
     fn lease_ttl_durations() {
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
         assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));

@@ -389,7 +389,10 @@ impl Cluster {
             assert!(!spec.routed_underlay, "etcd clusters use the bridged underlay");
             ip(&["-n", &ul, "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
             let etcd = Etcd::start(&cluster.underlay, ETCD_IP, &cluster.workdir, *tls)?;
-            etcd.etcdctl(&["put", "/coreos.com/network/config", config])?;
+            // An empty config means: the test writes it later.
+            if !config.is_empty() {
+                etcd.etcdctl(&["put", "/coreos.com/network/config", config])?;
+            }
             cluster.etcd = Some(etcd);
         }
         for kind in spec.nodes.clone() {
@@ -418,6 +421,23 @@ impl Cluster {
 
     pub fn etcd(&self) -> &Etcd {
         self.etcd.as_ref().expect("this cluster has no etcd")
+    }
+
+    /// Start an agent node without waiting for it to be ready (for tests of start-up).
+    pub fn spawn_unready(&mut self, kind: NodeKind) -> Result<usize> {
+        let index = self.nodes.len() + 1;
+        let mut node = self.add_node(index, kind)?;
+        let mut args: Vec<String> = vec!["--iface".into(), "eth0".into(), "--bpffs-dir".into(), node.bpffs_dir.display().to_string()];
+        args.extend(self.etcd().agent_flags());
+        args.extend(["--subnet-file".into(), node.subnet_file.display().to_string()]);
+        let log = fs::File::create(&node.log)?;
+        let bin = agent_bin();
+        let mut cmd = node.ns.command(bin.to_str().expect("utf-8 path"));
+        cmd.args(&args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        node.agent = Some(cmd.spawn()?);
+        node.agent_args = args;
+        self.nodes.push(node);
+        Ok(index)
     }
 
     /// SIGTERM the agent of node `index` and wait for it (its data plane stays).

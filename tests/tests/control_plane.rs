@@ -280,3 +280,37 @@ fn username_password_and_several_endpoints() {
     let msg = format!("{:#}", bad.expect_err("a wrong password must fail"));
     assert!(msg.to_lowercase().contains("authentication failed") || msg.contains("invalid"), "{msg}");
 }
+
+/// Without a network config the agent waits, says so, and starts as soon as one appears; an
+/// invalid one stops it with the field named.
+#[test]
+fn missing_config_is_waited_for_and_invalid_config_is_refused() {
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config: String::new() },
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0)
+    };
+    let mut c = cluster("mc", &spec);
+    let i = ok("spawn", c.spawn_unready(NodeKind::Agent { decap_hook: "tc" }));
+    assert!(
+        wait_until(Duration::from_secs(10), || c.node(i).log_text().contains("no network config yet")),
+        "{}",
+        c.node(i).log_text()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(c.node_mut(i).agent_exit().is_none(), "the agent must keep waiting");
+    assert!(!c.node(i).subnet_file.exists());
+    ok("put", c.etcd().etcdctl(&["put", "/coreos.com/network/config", &overlay_tests::network_config(Backend::Vxlan)]));
+    assert!(
+        wait_until(Duration::from_secs(10), || c.node(i).subnet_file.exists()),
+        "the agent did not start after the config appeared:\n{}",
+        c.node(i).log_text()
+    );
+
+    // A second agent against an invalid config exits with the field named.
+    ok("put", c.etcd().etcdctl(&["put", "/coreos.com/network/config", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#]));
+    let j = ok("spawn", c.spawn_unready(NodeKind::Agent { decap_hook: "tc" }));
+    assert!(wait_until(Duration::from_secs(10), || c.node_mut(j).agent_exit().is_some()), "an invalid config must stop the agent");
+    let status = c.node_mut(j).agent_exit().unwrap();
+    assert!(!status.success());
+    assert!(c.node(j).log_text().contains("Backend.Type: \"host-gw\" is not supported"), "{}", c.node(j).log_text());
+}

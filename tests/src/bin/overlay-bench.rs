@@ -50,6 +50,17 @@ impl PathKind {
             Self::TunUdp => "TUN udp (flannel udp)",
         }
     }
+    /// For the chart's axis.
+    fn short(self) -> &'static str {
+        match self {
+            Self::Routing => "routing",
+            Self::KernelVxlan => "kernel vxlan",
+            Self::EbpfVxlanTc => "eBPF vxlan TC",
+            Self::EbpfVxlanXdp => "eBPF vxlan XDP",
+            Self::EbpfUdp => "eBPF udp",
+            Self::TunUdp => "TUN udp",
+        }
+    }
     fn spec(self) -> ClusterSpec {
         let two = |kind| ClusterSpec { nodes: vec![kind; 2], containers_per_node: 1, ..ClusterSpec::agents(Backend::Vxlan, "tc", 2) };
         match self {
@@ -266,24 +277,29 @@ fn chart(report: &Report, path: &Path) -> Result<()> {
     for (area, (field, title)) in panels.iter().zip(panel_metrics) {
         let values: Vec<f64> = report.paths.iter().map(|p| p.median[field]).collect();
         let max = values.iter().cloned().fold(0.0, f64::max).max(1e-9) * 1.15;
+        let n = values.len();
         let mut ch = ChartBuilder::on(area)
             .caption(title, ("sans-serif", 18))
             .margin(10)
-            .x_label_area_size(70)
+            .x_label_area_size(30)
             .y_label_area_size(50)
-            .build_cartesian_2d((0..values.len() as i32).into_segmented(), 0.0..max)?;
-        let labels: Vec<&str> = report.paths.iter().map(|p| p.label).collect();
+            .build_cartesian_2d(0f64..n as f64, 0.0..max)?;
+        let labels: Vec<&str> = report.paths.iter().map(|p| p.path.short()).collect();
         ch.configure_mesh()
             .disable_x_mesh()
-            .x_label_formatter(&|v| match v {
-                SegmentValue::CenterOf(i) => labels.get(*i as usize).map(|s| s.replace(", ", "\n")).unwrap_or_default(),
-                _ => String::new(),
+            .x_labels(n * 2 + 1)
+            .x_label_formatter(&|v| {
+                let centre = v - v.floor();
+                if (centre - 0.5).abs() < 0.01 { labels.get(*v as usize).map(|s| s.to_string()).unwrap_or_default() } else { String::new() }
             })
-            .x_label_style(("sans-serif", 10))
+            .x_label_style(("sans-serif", 11))
             .draw()?;
         ch.draw_series(values.iter().enumerate().map(|(i, v)| {
             let colour = if report.paths[i].label.starts_with("eBPF") { BLUE.mix(0.7) } else { BLACK.mix(0.35) };
-            Rectangle::new([(SegmentValue::Exact(i as i32), 0.0), (SegmentValue::Exact(i as i32 + 1), *v)], colour.filled())
+            Rectangle::new([(i as f64 + 0.15, 0.0), (i as f64 + 0.85, *v)], colour.filled())
+        }))?;
+        ch.draw_series(values.iter().enumerate().map(|(i, v)| {
+            Text::new(fmt(*v), (i as f64 + 0.3, *v + max * 0.02), ("sans-serif", 11))
         }))?;
     }
     root.present()?;
