@@ -371,6 +371,25 @@ fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result
     Ok(())
 }
 
+/// The project's performance targets, checked against this run's medians.
+fn targets(report: &Report) -> String {
+    let get = |k: PathKind| report.paths.iter().find(|p| p.path == k).expect("every path measured");
+    let tc = get(PathKind::EbpfVxlanTc);
+    let checks = [
+        ("eBPF vxlan (TC) TCP 1 stream vs kernel vxlan", tc.vs_kernel_vxlan["tcp1_gbps"], 1.1, true),
+        ("eBPF vxlan (TC) TCP 1 stream vs TUN", tc.vs_tun["tcp1_gbps"], 8.0, true),
+        ("eBPF vxlan (TC) TCP 1 stream vs plain routing", tc.vs_routing["tcp1_gbps"], 0.9, true),
+        ("eBPF vxlan (TC) RR p50 latency vs kernel vxlan", tc.vs_kernel_vxlan["lat_p50_us"], 1.0, false),
+    ];
+    let mut s = String::from("| target | measured | wanted | met |\n|---|---|---|---|\n");
+    for (what, got, want, higher) in checks {
+        let met = if higher { got >= want } else { got <= want };
+        let op = if higher { ">=" } else { "<=" };
+        s += &format!("| {what} | {got:.2}x | {op} {want}x | {} |\n", if met { "yes" } else { "no" });
+    }
+    s
+}
+
 fn write_benchmarks_md(md: &Path, report: &Report, table: &str) -> Result<()> {
     let old = fs::read_to_string(md).unwrap_or_default();
     let control = old.split_once("<!-- control-plane -->").map(|(_, c)| c.to_string()).unwrap_or_else(|| "\n_Not run yet: `cargo xtask bench control-plane`._\n".into());
@@ -386,8 +405,13 @@ fn write_benchmarks_md(md: &Path, report: &Report, table: &str) -> Result<()> {
          latency and CPU, lower is better).\n\n\
          Reproduce: `cargo xtask bench` (as root; `--quick` for a smoke run, which does not update\n\
          this file). Raw numbers: `target/bench/dataplane.json`; chart: `target/bench/dataplane.svg`.\n\n\
-         ## Data plane\n\n{table}\n<!-- control-plane -->{control}",
+         ## Data plane\n\n{table}\n### Targets\n\n{targets}\n\
+         XDP decapsulation is slow here by construction: native XDP on a veth turns off GSO/TSO on\n\
+         its peer, so every segment crosses the underlay separately (see shared DATAPLANE.md); on a\n\
+         physical NIC XDP runs before GRO and has no such cost. `--decap-hook auto` picks TC on veth.\n\n\
+         <!-- control-plane -->{control}",
         runs = report.runs,
+        targets = targets(report),
         date = report.date,
         machine = report.machine,
         kernel = report.kernel,
