@@ -18,7 +18,10 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::{
     programs::{
-        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -168,6 +171,8 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
          if the maps' layout changed, run `overlay-agent teardown` first)",
     )?;
     let mut maps = Maps::take(&mut ebpf)?;
+    // What the pinned links were attached to, if a previous run left them (maps are reused).
+    let previous = maps.config().ok().filter(|c| c.is_ready());
     maps.set_config(&DataplaneConfig {
         mode: spec.mode as u32,
         vni: spec.vni,
@@ -182,13 +187,70 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         _pad: [0; 2],
     })?;
 
-    attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress)
-        .and_then(|l| pin_link(l, &spec.bpffs_dir.join(LINK_ENCAP)))
-        .context("attaching encapsulation to the overlay device")?;
+    let same_device = previous.is_some_and(|c| c.overlay_ifindex == device.ifindex);
+    let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
+    let encap_pin = spec.bpffs_dir.join(LINK_ENCAP);
+    if !(same_device && adopt_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &encap_pin)) {
+        attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress)
+            .and_then(|l| pin_link(l, &encap_pin))
+            .context("attaching encapsulation to the overlay device")?;
+    }
 
-    let decap_hook = attach_decap(&mut ebpf, spec, &underlay)?;
+    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
     netdev::route_network(spec.network, &spec.device)?;
     Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
+}
+
+/// Hitless restart: put the freshly loaded program `name` into the link pinned at `pin`
+/// with one atomic `bpf_link_update` (no moment without a program, no detach). False when
+/// there is no usable pinned link (then the caller attaches anew).
+fn adopt_tc(ebpf: &mut Ebpf, name: &str, pin: &Path) -> bool {
+    let result = (|| -> Result<()> {
+        let link = SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+        if prog.fd().is_err() {
+            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        }
+        let id = prog.attach_to_link(link)?;
+        // The pin keeps the (updated) link; our fd may go with the agent.
+        drop(prog.take_link(id)?);
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            tracing::info!(program = name, pin = %pin.display(), "adopted the pinned link: program replaced atomically");
+            true
+        }
+        Err(e) if pin.exists() => {
+            tracing::warn!(program = name, error = format!("{e:#}"), "cannot update the pinned link; attaching anew");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+fn adopt_xdp(ebpf: &mut Ebpf, pin: &Path) -> bool {
+    let result = (|| -> Result<()> {
+        let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
+        let prog: &mut Xdp = ebpf.program_mut(prog_names::XDP_DECAP).context("program missing")?.try_into()?;
+        if prog.fd().is_err() {
+            prog.load().context("verifier rejected xdp_decap")?;
+        }
+        let id = prog.attach_to_link(link)?;
+        drop(prog.take_link(id)?);
+        Ok(())
+    })();
+    match result {
+        Ok(()) => {
+            tracing::info!(pin = %pin.display(), "adopted the pinned XDP link: program replaced atomically");
+            true
+        }
+        Err(e) if pin.exists() => {
+            tracing::warn!(error = format!("{e:#}"), "cannot update the pinned XDP link; attaching anew");
+            false
+        }
+        Err(_) => false,
+    }
 }
 
 fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType) -> Result<FdLink> {
@@ -196,7 +258,9 @@ fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType) -> Resu
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the object"))?
         .try_into()?;
-    prog.load().with_context(|| format!("verifier rejected {name}"))?;
+    if prog.fd().is_err() {
+        prog.load().with_context(|| format!("verifier rejected {name}"))?;
+    }
     let id = prog
         .attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
         .with_context(|| format!("attaching {name} to {iface} (TCX needs Linux >= 6.6)"))?;
@@ -209,7 +273,9 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink> {
         .program_mut(prog_names::XDP_DECAP)
         .context("program xdp_decap missing from the object")?
         .try_into()?;
-    prog.load().context("verifier rejected xdp_decap")?;
+    if prog.fd().is_err() {
+        prog.load().context("verifier rejected xdp_decap")?;
+    }
     let id = prog.attach(iface, XdpMode::Driver).with_context(|| {
         format!("attaching XDP in native (driver) mode to {iface}; its driver may not support it: try --decap-hook tc")
     })?;
@@ -227,9 +293,19 @@ pub fn resolve_hook(requested: DecapHook, underlay_kind: Option<&str>) -> DecapH
     }
 }
 
-fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link) -> Result<DecapHook> {
+fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay: bool) -> Result<DecapHook> {
     let dir = &spec.bpffs_dir;
     let want = resolve_hook(spec.decap_hook, underlay.kind.as_deref());
+    if same_underlay {
+        let adopted = match want {
+            DecapHook::Xdp => adopt_xdp(ebpf, &dir.join(LINK_DECAP_XDP)).then_some(DecapHook::Xdp),
+            _ => adopt_tc(ebpf, prog_names::TC_INGRESS_DECAP, &dir.join(LINK_DECAP_TC)).then_some(DecapHook::Tc),
+        };
+        if let Some(hook) = adopted {
+            remove_pin(&dir.join(if hook == DecapHook::Xdp { LINK_DECAP_TC } else { LINK_DECAP_XDP }))?;
+            return Ok(hook);
+        }
+    }
     if spec.decap_hook == DecapHook::Auto && want == DecapHook::Tc {
         tracing::info!(iface = %spec.iface, kind = ?underlay.kind, "virtual underlay: decap in TC");
     }
@@ -307,6 +383,10 @@ pub fn teardown(dir: &Path) -> Result<()> {
         if netdev::link(&dev)?.is_some() {
             netdev::delete_link(&dev)?;
         }
+    }
+    // An agent that was killed (not stopped) leaves its rules; iptables may also be absent.
+    if let Err(e) = crate::iptables::remove_all() {
+        tracing::warn!(error = %e, "removing flannel's iptables chains");
     }
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),

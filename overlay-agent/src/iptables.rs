@@ -195,6 +195,13 @@ pub fn remove(r: &ChainRules) -> Result<()> {
     Ok(())
 }
 
+/// Remove both of flannel's chains, whatever subnet they were for (teardown).
+pub fn remove_all() -> Result<()> {
+    let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
+    remove(&masquerade(any, any))?;
+    remove(&forward(any))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

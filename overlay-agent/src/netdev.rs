@@ -157,6 +157,8 @@ struct JsonAddrs {
 struct JsonAddr {
     family: String,
     local: String,
+    #[serde(default)]
+    prefixlen: u8,
 }
 
 /// The first IPv4 address of `name`.
@@ -244,6 +246,12 @@ pub fn configure_up(name: &str, mtu: Option<u32>) -> Result<()> {
 /// Give the overlay device exactly one address, the subnet's network address as a /32 (as
 /// flannel does): the source the host uses to reach remote containers.
 pub fn set_device_address(name: &str, addr: Ipv4Addr) -> Result<()> {
+    // Already right (an agent restart): leave it, so host traffic never loses its source.
+    let a: Vec<JsonAddrs> = ip_json(&["-json", "-4", "addr", "show", "dev", name])?;
+    let have: Vec<(&str, u8)> = a.iter().flat_map(|a| a.addr_info.iter()).filter(|i| i.family == "inet").map(|i| (i.local.as_str(), i.prefixlen)).collect();
+    if have == [(addr.to_string().as_str(), 32)] {
+        return Ok(());
+    }
     ip(&["-4", "addr", "flush", "dev", name])?;
     ip(&["addr", "add", &format!("{addr}/32"), "dev", name]).map(drop)
 }

@@ -52,6 +52,9 @@ impl TlsFiles {
 
 pub struct Etcd {
     child: Child,
+    /// How it was started, to start it again (same data directory) after `stop`.
+    args: Vec<std::ffi::OsString>,
+    dir: PathBuf,
     ns: Netns,
     pub endpoint: String,
     pub tls: Option<TlsFiles>,
@@ -67,26 +70,62 @@ impl Etcd {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoint = format!("{scheme}://{ip}:2379");
         let log = dir.join("etcd.log");
-        let mut cmd = ns.command("etcd");
-        cmd.args(["--name", "default", "--data-dir"])
-            .arg(&data)
-            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "default=http://127.0.0.1:2380"])
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log)?)
-            .stderr(fs::File::create(dir.join("etcd.stderr.log"))?);
-        if let Some(t) = &tls {
-            cmd.arg("--cert-file").arg(&t.server_cert).arg("--key-file").arg(&t.server_key);
-            cmd.arg("--trusted-ca-file").arg(&t.ca).arg("--client-cert-auth");
+        let mut args: Vec<std::ffi::OsString> = vec!["--name".into(), "default".into(), "--data-dir".into(), data.into()];
+        for a in ["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint] {
+            args.push(a.into());
         }
-        let child = cmd.spawn().context("starting etcd (apt package etcd-server)")?;
-        let etcd = Self { child, ns: ns.handle(), endpoint, tls, log };
-        if !wait_until(Duration::from_secs(30), || etcd.etcdctl(&["endpoint", "health"]).is_ok()) {
-            let err = fs::read_to_string(dir.join("etcd.stderr.log")).unwrap_or_default();
+        for a in ["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380"] {
+            args.push(a.into());
+        }
+        args.extend(["--initial-cluster".into(), "default=http://127.0.0.1:2380".into()]);
+        if let Some(t) = &tls {
+            args.extend(["--cert-file".into(), t.server_cert.clone().into(), "--key-file".into(), t.server_key.clone().into()]);
+            args.extend(["--trusted-ca-file".into(), t.ca.clone().into(), "--client-cert-auth".into()]);
+        }
+        let child = Self::spawn(ns, &args, dir)?;
+        let etcd = Self { child, args, dir: dir.to_path_buf(), ns: ns.handle(), endpoint, tls, log };
+        etcd.wait_healthy()?;
+        Ok(etcd)
+    }
+
+    fn spawn(ns: &Netns, args: &[std::ffi::OsString], dir: &Path) -> Result<Child> {
+        let out = fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log"))?;
+        let err = fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.stderr.log"))?;
+        ns.command("etcd")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .context("starting etcd (apt package etcd-server)")
+    }
+
+    fn wait_healthy(&self) -> Result<()> {
+        if !wait_until(Duration::from_secs(30), || self.etcdctl(&["endpoint", "health"]).is_ok()) {
+            let err = fs::read_to_string(self.dir.join("etcd.stderr.log")).unwrap_or_default();
             bail!("etcd did not become healthy within 30 s:\n{}", tail(&err, 40));
         }
-        Ok(etcd)
+        Ok(())
+    }
+
+    /// Stop etcd (SIGKILL, our child by pid): an outage.
+    pub fn stop(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Start it again on the same data directory and wait until it is healthy.
+    pub fn restart(&mut self) -> Result<()> {
+        self.child = Self::spawn(&self.ns, &self.args, &self.dir)?;
+        self.wait_healthy()
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> Result<i64> {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v[0]["Status"]["header"]["revision"].as_i64().context("no revision in endpoint status")
     }
 
     /// Run `etcdctl` (v3 API) against this etcd, from its namespace.
@@ -117,6 +156,7 @@ impl Etcd {
         f
     }
 
+    /// Mutable access (stop/restart) through the cluster.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -423,6 +423,33 @@ impl Cluster {
         self.etcd.as_ref().expect("this cluster has no etcd")
     }
 
+    pub fn etcd_mut(&mut self) -> &mut Etcd {
+        self.etcd.as_mut().expect("this cluster has no etcd")
+    }
+
+    /// Add `count` agent nodes, then start all their agents at once (no waiting).
+    pub fn spawn_many_unready(&mut self, count: usize) -> Result<Vec<usize>> {
+        let first = self.nodes.len() + 1;
+        for i in 0..count {
+            let node = self.add_node(first + i, NodeKind::Agent { decap_hook: "tc" })?;
+            self.nodes.push(node);
+        }
+        let flags = self.etcd().agent_flags();
+        for i in 0..count {
+            let node = &mut self.nodes[first - 1 + i];
+            let mut args: Vec<String> = vec!["--iface".into(), "eth0".into(), "--bpffs-dir".into(), node.bpffs_dir.display().to_string()];
+            args.extend(flags.iter().cloned());
+            args.extend(["--subnet-file".into(), node.subnet_file.display().to_string()]);
+            let log = fs::File::create(&node.log)?;
+            let bin = agent_bin();
+            let mut cmd = node.ns.command(bin.to_str().expect("utf-8 path"));
+            cmd.args(&args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+            node.agent = Some(cmd.spawn()?);
+            node.agent_args = args;
+        }
+        Ok((first..first + count).collect())
+    }
+
     /// Start an agent node without waiting for it to be ready (for tests of start-up).
     pub fn spawn_unready(&mut self, kind: NodeKind) -> Result<usize> {
         let index = self.nodes.len() + 1;
@@ -445,6 +472,16 @@ impl Cluster {
         let node = &mut self.nodes[index - 1];
         if let Some(mut child) = node.agent.take() {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL the agent of node `index` (no clean-up at all) and reap it.
+    pub fn kill_agent(&mut self, index: usize) -> Result<()> {
+        let node = &mut self.nodes[index - 1];
+        if let Some(mut child) = node.agent.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
             child.wait()?;
         }
         Ok(())

@@ -167,3 +167,81 @@ pub fn http_get(ns: &Netns, addr: SocketAddrV4, path: &str) -> Result<(u16, Stri
         Ok((status, body))
     })?
 }
+
+/// A sequence-numbered UDP stream from one namespace to another, to count loss exactly.
+pub struct UdpStream {
+    stop: Arc<AtomicBool>,
+    sender: JoinHandle<Result<Result<u64>>>,
+    receiver: JoinHandle<Result<Result<Vec<u64>>>>,
+    recv_stop: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StreamResult {
+    pub sent: u64,
+    pub received: u64,
+    /// Sequence numbers sent but never received.
+    pub lost: u64,
+}
+
+impl UdpStream {
+    /// Start sending `pps` datagrams per second from `from` to `to_ip:port` (a receiver in `to`).
+    pub fn start(from: &Netns, to: &Netns, to_ip: Ipv4Addr, port: u16, pps: u32) -> Result<Self> {
+        let recv_stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rs = recv_stop.clone();
+        let receiver = to.spawn(move || -> Result<Vec<u64>> {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let _ = tx.send(());
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            while !rs.load(Ordering::SeqCst) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    if n >= 8 {
+                        seen.push(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")));
+                    }
+                }
+            }
+            Ok(seen)
+        });
+        rx.recv_timeout(Duration::from_secs(10)).context("stream receiver did not start")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let sender = from.spawn(move || -> Result<u64> {
+            let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            let dst = SocketAddrV4::new(to_ip, port);
+            let batch = 10u64;
+            let interval = Duration::from_secs_f64(batch as f64 / pps as f64);
+            let mut seq = 0u64;
+            let mut next = Instant::now();
+            while !st.load(Ordering::SeqCst) {
+                for _ in 0..batch {
+                    let mut p = [0u8; 32];
+                    p[..8].copy_from_slice(&seq.to_be_bytes());
+                    sock.send_to(&p, dst)?;
+                    seq += 1;
+                }
+                next += interval;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            Ok(seq)
+        });
+        Ok(Self { stop, sender, receiver, recv_stop })
+    }
+
+    /// Stop sending, let stragglers arrive, and count.
+    pub fn finish(self) -> Result<StreamResult> {
+        self.stop.store(true, Ordering::SeqCst);
+        let sent = self.sender.join().expect("sender thread")??;
+        std::thread::sleep(Duration::from_millis(500));
+        self.recv_stop.store(true, Ordering::SeqCst);
+        let mut seen = self.receiver.join().expect("receiver thread")??;
+        seen.sort_unstable();
+        seen.dedup();
+        let received = seen.iter().filter(|s| **s < sent).count() as u64;
+        Ok(StreamResult { sent, received, lost: sent - received })
+    }
+}

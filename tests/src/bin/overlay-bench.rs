@@ -579,9 +579,9 @@ fn control_plane(quick: bool, out: &Path, md: Option<&Path>) -> Result<()> {
         let text = format!(
             "{head}<!-- control-plane -->\n## Control plane\n\nMeasured by `cargo xtask bench control-plane` on {} (kernel {}): a real etcd\n\
              holding N flannel-format vxlan leases, one agent (release build). Start to maps filled: from\n\
-             spawning the agent until its route map holds N routes. Change to map: from etcdctl's\n\
-             acknowledged put or delete of a lease until the map shows it ({} changes, half puts, half\n\
-             deletes). RSS: the agent's VmRSS afterwards.\n\n{t}",
+             spawning the agent until its route map holds N routes. Change to map: from issuing a put or\n\
+             delete of a lease (an etcd client in the cluster's namespace; etcd's commit included) until\n\
+             one map lookup shows it ({} changes, half puts, half deletes). RSS: the agent's VmRSS afterwards.\n\n{t}",
             sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
             sh("uname -r"),
             changes
