@@ -168,6 +168,12 @@ pub struct RunArgs {
     /// overlay device and the host's routing and netfilter.
     #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "direct")]
     pub decap_delivery: DecapDelivery,
+    /// Capacity of the route map: remote subnets the node can route to.
+    #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]
+    pub max_routes: u32,
+    /// Capacity of the peer map: remote nodes the node accepts tunnel frames from.
+    #[arg(long, env = "FLANNELD_MAX_PEERS", default_value_t = overlay_common::MAX_PEERS)]
+    pub max_peers: u32,
     /// The data plane: eBPF programs, or a TUN device with a userspace forwarder (flannel's udp
     /// backend design; needs Backend.Type udp; forwarding stops when the agent exits).
     #[arg(long, env = "FLANNELD_DATAPLANE", value_enum, default_value = "ebpf")]
@@ -282,6 +288,8 @@ impl RunArgs {
                 .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),
             dataplane: self.dataplane,
             direct_delivery: self.decap_delivery == DecapDelivery::Direct,
+            max_routes: self.max_routes,
+            max_peers: self.max_peers,
         }
     }
 
@@ -327,6 +335,8 @@ impl RunArgs {
             bpffs_dir,
             mtu: self.mtu,
             direct_delivery: self.decap_delivery == DecapDelivery::Direct,
+            max_routes: self.max_routes,
+            max_peers: self.max_peers,
         })
     }
 }

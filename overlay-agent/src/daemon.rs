@@ -56,6 +56,8 @@ pub struct DaemonOptions {
     pub healthz: Option<SocketAddr>,
     pub dataplane: DataplaneKind,
     pub direct_delivery: bool,
+    pub max_routes: u32,
+    pub max_peers: u32,
 }
 
 /// Which data plane forwards the node's traffic.
@@ -326,6 +328,8 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         bpffs_dir: opts.bpffs_dir.clone(),
         mtu: cfg.backend.mtu,
         direct_delivery: opts.direct_delivery,
+        max_routes: opts.max_routes,
+        max_peers: opts.max_peers,
     };
     if opts.dataplane == DataplaneKind::Tun && mode != EncapMode::Udp {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
@@ -519,7 +523,7 @@ impl Daemon {
         }
         let changes = reconcile::diff(&self.maps.routes()?, &desired);
         for r in &changes.upsert {
-            self.maps.upsert_route(r)?;
+            self.add_route(r);
         }
         for s in &changes.remove {
             tracing::info!(subnet = %s, "removing a route no lease backs");
@@ -538,8 +542,9 @@ impl Daemon {
             }
             LeaseEvent::Put(lease) => match reconcile::route_for(&lease, self.spec.mode, self.held.subnet, self.attrs.public_ip) {
                 Ok(Some(route)) => {
-                    self.maps.upsert_route(&route)?;
-                    tracing::info!(subnet = %route.subnet, public_ip = %route.public_ip, "route added or updated");
+                    if self.add_route(&route) {
+                        tracing::info!(subnet = %route.subnet, public_ip = %route.public_ip, "route added or updated");
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -561,6 +566,22 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Add or update a route; a failure (a full map) is logged and counted, never fatal and
+    /// never silent: the rest of the routes keep working.
+    fn add_route(&mut self, r: &crate::maps::Route) -> bool {
+        match self.maps.upsert_route(r) {
+            Ok(()) => true,
+            Err(e) => {
+                self.state.route_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    subnet = %r.subnet, public_ip = %r.public_ip, error = %e,
+                    "could not add the route: the route or peer map is probably full (raise --max-routes / --max-peers)"
+                );
+                false
+            }
+        }
     }
 
     async fn renew(&mut self) -> Result<()> {

@@ -68,6 +68,9 @@ pub struct NodeSpec {
     pub mtu: Option<u32>,
     /// Let TC decap hand packets straight to containers' veths (see `config_flags`).
     pub direct_delivery: bool,
+    /// Capacity of the route map (remote subnets) and of the peer map (remote nodes).
+    pub max_routes: u32,
+    pub max_peers: u32,
 }
 
 /// A node whose data plane is up.
@@ -166,9 +169,11 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
+    loader.map_max_entries(map_names::VTEP_BY_SUBNET, spec.max_routes);
+    loader.map_max_entries(map_names::PEER_STATS, spec.max_peers);
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF programs failed (root, a kernel with BTF and TCX are needed; \
-         if the maps' layout changed, run `overlay-agent teardown` first)",
+         if the maps' layout or --max-routes/--max-peers changed, run `overlay-agent teardown` first)",
     )?;
     let mut maps = Maps::take(&mut ebpf)?;
     // What the pinned links were attached to, if a previous run left them (maps are reused).

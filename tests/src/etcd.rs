@@ -121,6 +121,28 @@ impl Etcd {
         self.wait_healthy()
     }
 
+    /// Put many keys with a few etcdctl transactions (100 keys each). Values must not contain
+    /// whitespace (etcdctl's txn syntax).
+    pub fn put_many(&self, kvs: &[(String, String)]) -> Result<()> {
+        use std::io::Write as _;
+        for chunk in kvs.chunks(100) {
+            // etcdctl txn reads: compares, blank line, success ops, blank line, failure ops,
+            // blank line.
+            let mut txn = String::from("\n");
+            for (k, v) in chunk {
+                txn += &format!("put {k} {v}\n");
+            }
+            txn += "\n\n";
+            let mut child = self.etcdctl_command().arg("txn").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+            child.stdin.take().context("stdin")?.write_all(txn.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("etcdctl txn: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(())
+    }
+
     /// The store's current revision.
     pub fn revision(&self) -> Result<i64> {
         let out = self.etcdctl(&["endpoint", "status", "-w", "json"])?;

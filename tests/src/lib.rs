@@ -384,6 +384,11 @@ impl Cluster {
         } else {
             ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
             ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+            // The underlay is a plain switch: where br_netfilter is loaded (docker loads it),
+            // it would validate and drop malformed IPv4 frames before they reach the nodes.
+            for knob in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables", "bridge-nf-call-arptables"] {
+                let _ = cluster.underlay.sysctl(&format!("net.bridge.{knob}"), "0");
+            }
         }
         if let Control::Etcd { tls, config } = &spec.control {
             assert!(!spec.routed_underlay, "etcd clusters use the bridged underlay");

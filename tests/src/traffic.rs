@@ -245,3 +245,35 @@ impl UdpStream {
         Ok(StreamResult { sent, received, lost: sent - received })
     }
 }
+
+/// Send raw Ethernet frames on `iface` inside `ns` (AF_PACKET), e.g. malformed tunnel frames.
+pub fn send_raw_frames(ns: &Netns, iface: &str, frames: Vec<Vec<u8>>) -> Result<()> {
+    let iface = std::ffi::CString::new(iface)?;
+    ns.enter(move || -> Result<()> {
+        let ifindex = unsafe { libc::if_nametoindex(iface.as_ptr()) };
+        if ifindex == 0 {
+            bail!("no interface {iface:?}");
+        }
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
+        }
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        let mut result = Ok(());
+        for f in &frames {
+            addr.sll_addr[..6].copy_from_slice(&f[..6.min(f.len())]);
+            let n = unsafe {
+                libc::sendto(fd, f.as_ptr() as *const _, f.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            };
+            if n < 0 {
+                result = Err(anyhow::anyhow!("sending a {}-byte frame: {}", f.len(), std::io::Error::last_os_error()));
+                break;
+            }
+        }
+        unsafe { libc::close(fd) };
+        result
+    })?
+}

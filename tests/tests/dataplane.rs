@@ -269,6 +269,94 @@ fn hostile_frames(tag: &str, hook: &'static str) {
     ok("underlay TCP", tcp_transfer(&evil, &n1.ns, n1.underlay_ip, 1 << 20));
 }
 
+/// An outer Ethernet + IPv4 (`ihl` words, flags/fragment word `frag`) + UDP header to `dport`,
+/// followed by `payload`, from `src` to `dst`.
+fn raw_frame(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, ihl: u8, frag: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let opts = (ihl as usize - 5) * 4;
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 0x42]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let tot = (20 + opts + 8 + payload.len()) as u16;
+    let mut ip = vec![0x40 | ihl, 0];
+    ip.extend_from_slice(&tot.to_be_bytes());
+    ip.extend_from_slice(&[0, 1]);
+    ip.extend_from_slice(&frag.to_be_bytes());
+    ip.extend_from_slice(&[64, 17, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    ip.extend(std::iter::repeat(1u8).take(opts)); // NOP options
+    // The checksum covers the options too.
+    let mut sum: u32 = ip.chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Frames below the UDP layer, sent raw from a peer: outer IPv4 options, fragments, and a
+/// tunnel frame cut at every length from the Ethernet header to the end of the UDP header.
+/// Each is dropped and counted; a frame of another EtherType moves no counter; and the
+/// valid frame built the same way is delivered.
+fn malformed_outer_frames(tag: &str, hook: &'static str) {
+    let c = cluster(tag, &ClusterSpec::agents(Backend::Vxlan, hook, 2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let n1_mac = ok("mac", overlay_tests::link_mac(&n1.ns, "eth0"));
+    let port = 9997;
+    let payload = vxlan_payload(0x08, 1, n1.vtep_mac, n2.container_ip(0), n1.container_ip(0), port);
+    let frame = |ihl, frag| raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, ihl, frag, 8472, &payload);
+    let valid = frame(5, 0);
+    let mut frames = vec![frame(6, 0), frame(15, 0), frame(5, 0x2000)];
+    let cut: Vec<Vec<u8>> = (14..42).map(|n| valid[..n].to_vec()).collect();
+    frames.extend(cut.iter().cloned());
+    let mut other = valid.clone();
+    other[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental EtherType
+    frames.push(other);
+
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+    let before = n1.counters();
+    ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", frames));
+    let expect = [(Counter::OuterIpOptions, 2), (Counter::OuterFragment, 1), (Counter::Truncated, cut.len() as u64)];
+    let settled = wait_until(Duration::from_secs(5), || {
+        let now = n1.counters();
+        expect.iter().all(|(c, n)| now[*c as usize] - before[*c as usize] >= *n)
+    });
+    let now = n1.counters();
+    let deltas: Vec<_> = expect.iter().map(|(c, n)| (c.name(), *n, now[*c as usize] - before[*c as usize])).collect();
+    assert!(settled, "drop counters (name, expected, got): {deltas:?}");
+    for (c, n) in expect {
+        assert_eq!(now[c as usize] - before[c as usize], n, "{}: exactly one count per frame", c.name());
+    }
+    let total_drops = |v: &[u64; Counter::COUNT]| Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| v[*c as usize]).sum::<u64>();
+    assert_eq!(total_drops(&now) - total_drops(&before), 3 + cut.len() as u64, "the other-EtherType frame must move no counter");
+    assert_eq!(now[Counter::Decapsulated as usize], before[Counter::Decapsulated as usize]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(probe.finish().is_empty(), "no malformed frame may reach the container");
+    // Control: the valid frame, sent the same way, is delivered.
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port + 100)));
+    let payload = vxlan_payload(0x08, 1, n1.vtep_mac, n2.container_ip(0), n1.container_ip(0), port + 100);
+    ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", vec![raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, 5, 0, 8472, &payload)]));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(probe.finish(), vec![b"hostile".to_vec()], "the valid raw frame must be delivered");
+}
+
+#[test]
+fn malformed_outer_frames_are_dropped_and_counted_with_tc_decap() {
+    malformed_outer_frames("mt", "tc");
+}
+
+#[test]
+fn malformed_outer_frames_are_dropped_and_counted_with_xdp_decap() {
+    malformed_outer_frames("mx", "xdp");
+}
+
 #[test]
 fn hostile_frames_are_dropped_and_counted_with_tc_decap() {
     hostile_frames("ht", "tc");

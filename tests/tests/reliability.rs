@@ -213,3 +213,56 @@ fn twenty_agents_racing_never_share_a_subnet() {
     let keys = ok("get", c.etcd().etcdctl(&["get", "--prefix", "--keys-only", "/coreos.com/network/subnets"]));
     assert_eq!(keys.lines().filter(|l| !l.is_empty()).count(), 16, "{keys}");
 }
+
+fn fake_leases(range: std::ops::Range<usize>) -> Vec<(String, String)> {
+    range
+        .map(|i| {
+            let ip = Ipv4Addr::from(0x0a64_0000u32 + i as u32 + 10);
+            let value = format!(
+                r#"{{"PublicIP":"{ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"02:00:00:{:02x}:{:02x}:01"}}}}"#,
+                (i >> 8) & 0xff,
+                i & 0xff
+            );
+            (format!("/coreos.com/network/subnets/10.{}.{}.0-24", 8 + i / 256, i % 256), value)
+        })
+        .collect()
+}
+
+fn big_network(tag: &str, args: &[&str]) -> Cluster {
+    let config = r#"{"Network":"10.0.0.0/8","SubnetMin":"10.0.1.0","SubnetMax":"10.0.200.0","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        control: overlay_tests::Control::Etcd { tls: false, config: config.into() },
+        agent_args: args.iter().map(|a| a.to_string()).collect(),
+        containers_per_node: 0,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0)
+    };
+    cluster(tag, &spec)
+}
+
+/// Map capacities are flags; when the route map is full the agent says so in its log and
+/// its metrics, keeps the routes it has, and keeps running.
+#[test]
+fn a_full_route_map_is_an_error_and_a_metric_not_silent_loss() {
+    let mut c = big_network("fm", &["--max-routes=100", "--max-peers=100", "--healthz-ip=127.0.0.1", "--healthz-port=9103"]);
+    ok("leases", c.etcd().put_many(&fake_leases(0..150)));
+    ok("join", c.join(overlay_tests::NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    let n = c.node(1);
+    assert!(wait_until(Duration::from_secs(20), || n.log_text().contains("the route or peer map is probably full")), "{}", n.log_text());
+    let routes = n.routes().len();
+    assert!((99..=100).contains(&routes), "the map should be filled to capacity, holds {routes}");
+    let (_, metrics) = ok("metrics", overlay_tests::traffic::http_get(&n.ns, std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9103), "/metrics"));
+    let errors: f64 = metrics.lines().find_map(|l| l.strip_prefix("overlay_route_errors_total ")).and_then(|v| v.parse().ok()).unwrap();
+    assert!(errors >= 50.0, "route errors not counted: {errors}");
+    assert!(c.node_mut(1).agent_exit().is_none(), "a full map must not stop the agent");
+}
+
+/// With the default capacities, 5000 peers all get their routes.
+#[test]
+fn five_thousand_peers_fit_with_default_capacities() {
+    let mut c = big_network("5k", &[]);
+    ok("leases", c.etcd().put_many(&fake_leases(0..5000)));
+    ok("join", c.join(overlay_tests::NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    let n = c.node(1);
+    assert!(wait_until(Duration::from_secs(30), || n.routes().len() == 5000), "have {} routes", n.routes().len());
+    assert!(!n.log_text().contains("probably full"));
+}
