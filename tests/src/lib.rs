@@ -456,40 +456,27 @@ impl Cluster {
     }
 
     /// Start an agent node without waiting for it to be ready (for tests of start-up).
-    pub fn spawn_unready(&mut self, kind: NodeKind) -> Result<usize> {
-        let index = self.nodes.len() + 1;
-        let mut node = self.add_node(index, kind)?;
-        let mut args: Vec<String> = vec!["--iface".into(), "eth0".into(), "--bpffs-dir".into(), node.bpffs_dir.display().to_string()];
-        args.extend(self.etcd().agent_flags());
-        args.extend(["--subnet-file".into(), node.subnet_file.display().to_string()]);
-        let log = fs::File::create(&node.log)?;
-        let bin = agent_bin();
-        let mut cmd = node.ns.command(bin.to_str().expect("utf-8 path"));
-        cmd.args(&args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        node.agent = Some(cmd.spawn()?);
-        node.agent_args = args;
-        self.nodes.push(node);
-        Ok(index)
+    pub fn spawn_unready(&mut self, _kind: NodeKind) -> Result<usize> {
+        Ok(self.spawn_many_unready(1)?[0])
+    }
+
+    /// Send `signal` to the agent of node `index` (our child, by pid) and reap it.
+    fn end_agent(&mut self, index: usize, signal: i32) -> Result<()> {
+        if let Some(mut child) = self.nodes[index - 1].agent.take() {
+            unsafe { libc::kill(child.id() as i32, signal) };
+            child.wait()?;
+        }
+        Ok(())
     }
 
     /// SIGTERM the agent of node `index` and wait for it (its data plane stays).
     pub fn stop_agent(&mut self, index: usize) -> Result<()> {
-        let node = &mut self.nodes[index - 1];
-        if let Some(mut child) = node.agent.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            child.wait()?;
-        }
-        Ok(())
+        self.end_agent(index, libc::SIGTERM)
     }
 
     /// SIGKILL the agent of node `index` (no clean-up at all) and reap it.
     pub fn kill_agent(&mut self, index: usize) -> Result<()> {
-        let node = &mut self.nodes[index - 1];
-        if let Some(mut child) = node.agent.take() {
-            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-            child.wait()?;
-        }
-        Ok(())
+        self.end_agent(index, libc::SIGKILL)
     }
 
     /// Start node `index`'s agent again with the same command line.
