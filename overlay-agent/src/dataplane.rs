@@ -163,6 +163,9 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     let (underlay, device, mtu) = prepare_device(spec)?;
     netdev::set_device_address(&spec.device, spec.subnet.network())?;
 
+    if EBPF_OBJECT.is_empty() {
+        bail!("this agent was built with AYA_BUILD_SKIP=1 and carries no eBPF programs; build it with `cargo xtask build`");
+    }
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> =
         map_names::ALL.iter().map(|m| (*m, spec.bpffs_dir.join(m))).collect();

@@ -3,6 +3,7 @@
 //! xtask depends on nothing that needs the eBPF toolchain, so `setup` can run on a fresh
 //! machine before anything eBPF has been built.
 
+mod fuzz;
 mod setup;
 
 use std::{
@@ -47,6 +48,12 @@ enum Cmd {
         /// Interleaved runs per figure (median); default 3.
         #[arg(long)]
         runs: Option<u32>,
+    },
+    /// Run every fuzz target (cargo fuzz, nightly) for a while each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
     },
     /// Set up, build, and run a local 3-node demo cluster in network namespaces (root).
     Demo {
@@ -123,7 +130,13 @@ fn run(cli: Cli) -> Result<()> {
                 .args(&args)
                 .env("OVERLAY_AGENT_BIN", &agent)
                 .env("RUST_BACKTRACE", "1");
-            status(&mut c).context("tests failed")
+            status(&mut c).context("tests failed")?;
+            // The fuzzers, briefly: a smoke run that every target builds and survives.
+            fuzz::run(5)
+        }
+        Cmd::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz::run(seconds)
         }
         Cmd::Bench { what, quick, runs } => {
             setup::run()?;
