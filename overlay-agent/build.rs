@@ -19,9 +19,12 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(&out, b"")?;
         }
     }
+    println!("cargo:rerun-if-env-changed=CARGO_FEATURE_UPGRADE_VARIANT");
+    let variant = std::env::var_os("CARGO_FEATURE_UPGRADE_VARIANT").is_some();
     let pkg = aya_build::Package {
         name: "overlay-ebpf",
         root_dir: root,
+        features: if variant { &["upgrade-variant"] } else { &[] },
         ..Default::default()
     };
     aya_build::build_ebpf([pkg], aya_build::Toolchain::default())

@@ -143,6 +143,7 @@ fn ready_config() -> Option<DataplaneConfig> {
 
 #[classifier]
 pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
+    crate::upgrade_variant_mark();
     match try_tc_decap(&ctx) {
         Ok(action) => action,
         Err(Verdict::Pass) => TC_ACT_OK as i32,

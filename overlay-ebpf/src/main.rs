@@ -8,6 +8,21 @@ mod maps;
 mod packet;
 mod tc_egress;
 
+/// Read once per packet by the `upgrade-variant` build only, so that its programs differ.
+#[cfg(feature = "upgrade-variant")]
+#[unsafe(no_mangle)]
+static UPGRADE_VARIANT: u32 = 2;
+
+#[cfg(feature = "upgrade-variant")]
+#[inline(always)]
+pub fn upgrade_variant_mark() {
+    let _ = unsafe { core::ptr::read_volatile(&UPGRADE_VARIANT) };
+}
+
+#[cfg(not(feature = "upgrade-variant"))]
+#[inline(always)]
+pub fn upgrade_variant_mark() {}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -47,6 +47,7 @@ const UDP_ROOM_FLAGS: u64 =
 
 #[classifier]
 pub fn tc_egress_encap(ctx: TcContext) -> i32 {
+    crate::upgrade_variant_mark();
     match try_encap(&ctx) {
         Ok(action) => action,
         Err(reason) => {

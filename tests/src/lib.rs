@@ -208,6 +208,8 @@ pub struct Node {
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
     mtu: u32,
+    /// The agent binary, when not `agent_bin()` (an upgrade).
+    bin: Option<PathBuf>,
     /// The NOTIFY_SOCKET the agent reports to (etcd mode), and what it said so far.
     notify: Option<std::os::unix::net::UnixDatagram>,
     pub notifications: Vec<String>,
@@ -253,7 +255,7 @@ impl Node {
     /// until `overlay-agent status` says the data plane is up.
     fn spawn_agent(&mut self, args: &[String], etcd: bool) -> Result<()> {
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let bin = agent_bin();
+        let bin = self.bin.clone().unwrap_or_else(agent_bin);
         let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
         cmd.args(args).envs(self.agent_env.iter().cloned()).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         if etcd {
@@ -479,6 +481,17 @@ impl Cluster {
         self.end_agent(index, libc::SIGKILL)
     }
 
+    /// Replace node `index`'s agent by another build (`bin`), same command line, the way an
+    /// operator upgrades: stop (SIGTERM), start the new binary.
+    pub fn upgrade_agent(&mut self, index: usize, bin: &Path) -> Result<()> {
+        self.stop_agent(index)?;
+        let etcd = matches!(self.spec.control, Control::Etcd { .. });
+        let node = &mut self.nodes[index - 1];
+        node.bin = Some(bin.to_path_buf());
+        let args = node.agent_args.clone();
+        node.spawn_agent(&args, etcd)
+    }
+
     /// Start node `index`'s agent again with the same command line.
     pub fn restart_agent(&mut self, index: usize) -> Result<()> {
         self.stop_agent(index)?;
@@ -539,6 +552,7 @@ impl Cluster {
             mtu: UNDERLAY_MTU - spec.backend.overhead(),
             notify: None,
             notifications: Vec::new(),
+            bin: None,
         })
     }
 

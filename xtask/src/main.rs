@@ -124,11 +124,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             require_root("cargo xtask test")?;
+            // A second build whose programs differ, for the live-upgrade test; then the
+            // default build (which stays target/debug/overlay-agent).
+            status(cargo().args(["build", "--package", "overlay-agent", "--bins", "--features", "upgrade-variant"]))
+                .context("building the upgrade-variant agent")?;
+            let upgrade = target_dir().join("upgrade");
+            std::fs::create_dir_all(&upgrade)?;
+            std::fs::copy(target_dir().join("debug/overlay-agent"), upgrade.join("overlay-agent"))?;
             let agent = build_agent(false)?;
             let mut c = cargo();
             c.args(["test", "--workspace", "--exclude", "overlay-ebpf", "--no-fail-fast"])
                 .args(&args)
                 .env("OVERLAY_AGENT_BIN", &agent)
+                .env("OVERLAY_AGENT_UPGRADE_BIN", upgrade.join("overlay-agent"))
                 .env("RUST_BACKTRACE", "1");
             status(&mut c).context("tests failed")?;
             // The fuzzers, briefly: a smoke run that every target builds and survives.
