@@ -184,6 +184,7 @@ fn etcd_outage_loses_no_packet_and_is_caught_up() {
     std::thread::sleep(Duration::from_secs(outage));
     ok("ping during the outage", ping(&c.node(2).containers[1], c.node(1).container_ip(1), 2));
     ok("restart etcd", c.etcd_mut().restart());
+    let back = std::time::Instant::now();
     // Before the agents' backoff brings them back: a change and a compaction.
     let fake = r#"{"PublicIP":"192.168.100.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:77"}}"#;
     ok("put", c.etcd().etcdctl(&["put", "/coreos.com/network/subnets/10.244.177.0-24", fake]));
@@ -199,6 +200,7 @@ fn etcd_outage_loses_no_packet_and_is_caught_up() {
         );
         assert!(n.log_text().contains("etcd unavailable") || n.log_text().contains("lost the etcd watch"), "node {}: outage not logged", n.index);
     }
+    eprintln!("etcd healthy again -> both agents had the change made during the outage: {:?}", back.elapsed());
     let r = ok("stream", stream.finish());
     eprintln!("outage {outage} s: UDP sent {} received {} lost {}", r.sent, r.received, r.lost);
     assert_eq!(r.lost, 0, "packets lost during the etcd outage: {r:?}");

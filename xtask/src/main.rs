@@ -105,6 +105,25 @@ fn build_agent(release: bool) -> Result<PathBuf> {
     Ok(target_dir().join(if release { "release" } else { "debug" }).join("overlay-agent"))
 }
 
+/// Run `cargo test`, echoing its output, and add up its `test result:` lines.
+fn run_counting_tests(c: &mut Command) -> Result<(u64, u64, bool)> {
+    use std::io::BufRead as _;
+    let mut child = c.stdout(std::process::Stdio::piped()).spawn().context("running cargo test")?;
+    let out = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |key: &str| rest.split(';').find_map(|p| p.trim().strip_suffix(key)).and_then(|n| n.trim().split_whitespace().last()?.parse::<u64>().ok()).unwrap_or(0);
+            passed += num(" passed");
+            failed += num(" failed");
+        }
+    }
+    let st = child.wait()?;
+    Ok((passed, failed, st.success()))
+}
+
 fn require_root(what: &str) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("{what} creates network namespaces and loads eBPF programs: run it as root");
@@ -138,9 +157,15 @@ fn run(cli: Cli) -> Result<()> {
                 .env("OVERLAY_AGENT_BIN", &agent)
                 .env("OVERLAY_AGENT_UPGRADE_BIN", upgrade.join("overlay-agent"))
                 .env("RUST_BACKTRACE", "1");
-            status(&mut c).context("tests failed")?;
+            let (passed, failed, ok) = run_counting_tests(&mut c)?;
+            if !ok {
+                println!("tests: {passed} passed, {failed} failed");
+                bail!("tests failed");
+            }
             // The fuzzers, briefly: a smoke run that every target builds and survives.
-            fuzz::run(5)
+            let fuzzed = fuzz::run(5);
+            println!("tests: {passed} passed, {failed} failed");
+            fuzzed
         }
         Cmd::Fuzz { seconds } => {
             setup::run()?;
