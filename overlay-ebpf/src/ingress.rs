@@ -59,6 +59,18 @@ struct Tunnel {
     /// Bytes between the outer Ethernet header and the inner IPv4 header.
     strip: usize,
     inner_len: usize,
+    /// What the fast path routes on, from the inner header as classified (no reload).
+    inner: InnerFields,
+}
+
+/// The inner IPv4 fields direct delivery needs (kept small: the BPF stack is 512 bytes).
+#[derive(Clone, Copy)]
+struct InnerFields {
+    tos: u8,
+    ttl: u8,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
 }
 
 /// The one decision both hooks share.
@@ -130,6 +142,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         outer_eth: eth,
         strip,
         inner_len: len - ETH_HLEN - strip,
+        inner: InnerFields { tos: inner_ip[1], ttl: inner_ip[8], proto: inner_ip[9], src: inner_src, dst: inner_dst },
     })
 }
 
@@ -177,7 +190,7 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
     count(Counter::Decapsulated);
     if cfg.flags & config_flags::DIRECT_DELIVERY != 0 {
-        if let Some(action) = deliver_direct(ctx, &cfg)? {
+        if let Some(action) = deliver_direct(ctx, &cfg, &t.inner)? {
             count(Counter::DecapDirect);
             return Ok(action);
         }
@@ -194,19 +207,18 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
 /// (nothing was changed: the caller takes the overlay device's path, which also makes the
 /// kernel resolve the neighbour or send ICMP); Err(DecapFailed) if a rewrite failed halfway.
 #[inline(always)]
-fn deliver_direct(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Option<i32>, Verdict> {
-    let Some(ip) = Packet::read::<IPV4_HLEN>(ctx, ETH_HLEN) else { return Ok(None) };
-    if ip[8] <= 1 {
+fn deliver_direct(ctx: &TcContext, cfg: &DataplaneConfig, ip: &InnerFields) -> Result<Option<i32>, Verdict> {
+    if ip.ttl <= 1 {
         return Ok(None); // the kernel sends time-exceeded
     }
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = 2; // AF_INET
-    p.l4_protocol = ip[9];
+    p.l4_protocol = ip.proto;
     // tot_len 0: the helper checks the skb against the MTU itself (GSO-aware).
     p.ifindex = cfg.overlay_ifindex;
-    p.__bindgen_anon_2.tos = ip[1];
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    p.__bindgen_anon_2.tos = ip.tos;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst);
     let rc = unsafe {
         fib_lookup(ctx.skb.skb as *mut _, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
     };
@@ -218,10 +230,10 @@ fn deliver_direct(ctx: &TcContext, cfg: &DataplaneConfig) -> Result<Option<i32>,
         return Ok(None);
     }
     // Forward: TTL - 1, checksum updated for the TTL/protocol word.
-    let old = u16::from_ne_bytes([ip[8], ip[9]]);
-    let new = u16::from_ne_bytes([ip[8] - 1, ip[9]]);
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
     ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 2).map_err(|_| Counter::DecapFailed)?;
-    ctx.store(ETH_HLEN + 8, &(ip[8] - 1), 0).map_err(|_| Counter::DecapFailed)?;
+    ctx.store(ETH_HLEN + 8, &(ip.ttl - 1), 0).map_err(|_| Counter::DecapFailed)?;
     let mut eth = [0u8; ETH_HLEN];
     eth[0..6].copy_from_slice(&p.dmac);
     eth[6..12].copy_from_slice(&p.smac);
