@@ -213,7 +213,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
 /// with one atomic `bpf_link_update` (no moment without a program, no detach). False when
 /// there is no usable pinned link (then the caller attaches anew).
 fn adopt_tc(ebpf: &mut Ebpf, name: &str, pin: &Path) -> bool {
-    let result = (|| -> Result<()> {
+    adopted(name, pin, (|| {
         let link = SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
         let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
         if prog.fd().is_err() {
@@ -223,22 +223,12 @@ fn adopt_tc(ebpf: &mut Ebpf, name: &str, pin: &Path) -> bool {
         // The pin keeps the (updated) link; our fd may go with the agent.
         drop(prog.take_link(id)?);
         Ok(())
-    })();
-    match result {
-        Ok(()) => {
-            tracing::info!(program = name, pin = %pin.display(), "adopted the pinned link: program replaced atomically");
-            true
-        }
-        Err(e) if pin.exists() => {
-            tracing::warn!(program = name, error = format!("{e:#}"), "cannot update the pinned link; attaching anew");
-            false
-        }
-        Err(_) => false,
-    }
+    })())
 }
 
+/// As `adopt_tc`, for the XDP decap link.
 fn adopt_xdp(ebpf: &mut Ebpf, pin: &Path) -> bool {
-    let result = (|| -> Result<()> {
+    adopted(prog_names::XDP_DECAP, pin, (|| {
         let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
         let prog: &mut Xdp = ebpf.program_mut(prog_names::XDP_DECAP).context("program missing")?.try_into()?;
         if prog.fd().is_err() {
@@ -247,14 +237,18 @@ fn adopt_xdp(ebpf: &mut Ebpf, pin: &Path) -> bool {
         let id = prog.attach_to_link(link)?;
         drop(prog.take_link(id)?);
         Ok(())
-    })();
+    })())
+}
+
+/// Log an adoption's outcome; whether the pinned link now runs the new program.
+fn adopted(program: &str, pin: &Path, result: Result<()>) -> bool {
     match result {
         Ok(()) => {
-            tracing::info!(pin = %pin.display(), "adopted the pinned XDP link: program replaced atomically");
+            tracing::info!(program, pin = %pin.display(), "adopted the pinned link: program replaced atomically");
             true
         }
         Err(e) if pin.exists() => {
-            tracing::warn!(error = format!("{e:#}"), "cannot update the pinned XDP link; attaching anew");
+            tracing::warn!(program, error = format!("{e:#}"), "cannot update the pinned link; attaching anew");
             false
         }
         Err(_) => false,

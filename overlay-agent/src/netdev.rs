@@ -14,17 +14,17 @@ use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
-    #[error("could not run `ip {args}`: {source} (is iproute2 installed?)")]
+    #[error("could not run `{cmd}`: {source} (is iproute2 installed?)")]
     Spawn {
-        args: String,
+        cmd: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("`ip {args}` failed: {stderr}")]
-    Failed { args: String, stderr: String },
-    #[error("unexpected output from `ip {args}`: {source}")]
+    #[error("`{cmd}` failed: {stderr}")]
+    Failed { cmd: String, stderr: String },
+    #[error("unexpected output from `{cmd}`: {source}")]
     Parse {
-        args: String,
+        cmd: String,
         #[source]
         source: serde_json::Error,
     },
@@ -40,25 +40,24 @@ pub enum NetdevError {
 
 type Result<T> = std::result::Result<T, NetdevError>;
 
-fn ip(args: &[&str]) -> Result<String> {
-    let joined = args.join(" ");
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| NetdevError::Spawn { args: joined.clone(), source })?;
+/// Run an iproute2 tool (`ip`, `bridge`); its stdout, or a typed error naming the command.
+fn run_tool(program: &str, args: &[&str]) -> Result<String> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let out = Command::new(program).args(args).output().map_err(|source| NetdevError::Spawn { cmd: cmd.clone(), source })?;
     if !out.status.success() {
-        return Err(NetdevError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        return Err(NetdevError::Failed { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<String> {
+    run_tool("ip", args)
 }
 
 fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<T> {
     let out = ip(args)?;
     let out = if out.trim().is_empty() { "[]" } else { out.as_str() };
-    serde_json::from_str(out).map_err(|source| NetdevError::Parse { args: args.join(" "), source })
+    serde_json::from_str(out).map_err(|source| NetdevError::Parse { cmd: format!("ip {}", args.join(" ")), source })
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,9 +289,9 @@ struct JsonFdb {
 /// ifindex: what direct delivery needs to find a container's veth. Permanent and `self`
 /// entries (the bridge's and ports' own addresses, multicast) are left out.
 pub fn bridge_ports() -> Result<std::collections::BTreeMap<[u8; 6], overlay_common::BridgePort>> {
-    let out = ip_like("bridge", &["-json", "fdb", "show"])?;
+    let out = run_tool("bridge", &["-json", "fdb", "show"])?;
     let entries: Vec<JsonFdb> = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
-        .map_err(|source| NetdevError::Parse { args: "bridge -json fdb show".into(), source })?;
+        .map_err(|source| NetdevError::Parse { cmd: "bridge -json fdb show".into(), source })?;
     let mut map = std::collections::BTreeMap::new();
     for e in entries {
         let (Some(port), Some(master)) = (e.ifname, e.master) else { continue };
@@ -306,15 +305,6 @@ pub fn bridge_ports() -> Result<std::collections::BTreeMap<[u8; 6], overlay_comm
         map.insert(mac, overlay_common::BridgePort { ifindex, bridge_ifindex: bridge });
     }
     Ok(map)
-}
-
-fn ip_like(program: &str, args: &[&str]) -> Result<String> {
-    let joined = format!("{program} {}", args.join(" "));
-    let out = Command::new(program).args(args).output().map_err(|source| NetdevError::Spawn { args: joined.clone(), source })?;
-    if !out.status.success() {
-        return Err(NetdevError::Failed { args: joined, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The ifindex of interface `name` in this namespace.
