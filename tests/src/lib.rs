@@ -254,21 +254,8 @@ impl Node {
     /// sends READY=1 on the NOTIFY_SOCKET this harness gives it (as systemd would); without,
     /// until `overlay-agent status` says the data plane is up.
     fn spawn_agent(&mut self, args: &[String], etcd: bool) -> Result<()> {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let bin = self.bin.clone().unwrap_or_else(agent_bin);
-        let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
-        cmd.args(args).envs(self.agent_env.iter().cloned()).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-        if etcd {
-            let path = self.log.with_extension("notify.sock");
-            let _ = fs::remove_file(&path);
-            let sock = std::os::unix::net::UnixDatagram::bind(&path).context("binding NOTIFY_SOCKET")?;
-            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
-            cmd.env("NOTIFY_SOCKET", &path);
-            self.notify = Some(sock);
-        }
         let ready_before = self.notifications.iter().filter(|m| m.contains("READY=1")).count();
-        self.agent = Some(cmd.spawn().context("starting the agent")?);
-        self.agent_args = args.to_vec();
+        self.start_agent_process(args, etcd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = if etcd {
@@ -290,6 +277,54 @@ impl Node {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+
+    /// Start the agent process with `args` (log appended to `self.log`; with `notify`, a
+    /// NOTIFY_SOCKET of ours), without waiting for anything.
+    fn start_agent_process(&mut self, args: &[String], notify: bool) -> Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let bin = self.bin.clone().unwrap_or_else(agent_bin);
+        let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
+        cmd.args(args).envs(self.agent_env.iter().cloned()).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        if notify {
+            let path = self.log.with_extension("notify.sock");
+            let _ = fs::remove_file(&path);
+            let sock = std::os::unix::net::UnixDatagram::bind(&path).context("binding NOTIFY_SOCKET")?;
+            sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            cmd.env("NOTIFY_SOCKET", &path);
+            self.notify = Some(sock);
+        }
+        self.agent = Some(cmd.spawn().context("starting the agent")?);
+        self.agent_args = args.to_vec();
+        Ok(())
+    }
+
+    /// The agent's command line for this node: with `etcd_flags` (etcd mode), else static
+    /// mode with `static_extra` appended.
+    fn command_line(&self, etcd_flags: Option<&[String]>, backend: Backend, static_extra: &[String]) -> Vec<String> {
+        let mut args: Vec<String> = vec!["--iface".into(), "eth0".into()];
+        match self.kind {
+            NodeKind::Agent { decap_hook } => args.extend(["--decap-hook".into(), decap_hook.into()]),
+            _ => {
+                assert!(etcd_flags.is_some(), "TUN nodes need an etcd cluster");
+                args.extend(["--dataplane".into(), "tun".into()]);
+            }
+        }
+        args.extend(["--bpffs-dir".into(), self.bpffs_dir.display().to_string()]);
+        match etcd_flags {
+            Some(flags) => {
+                args.extend(flags.iter().cloned());
+                args.extend(["--subnet-file".into(), self.subnet_file.display().to_string()]);
+            }
+            None => {
+                args.extend([
+                    "--network".into(), NETWORK.into(), "--subnet".into(), self.subnet.to_string(),
+                    "--backend".into(), backend.flag().into(),
+                ]);
+                args.extend(static_extra.iter().cloned());
+            }
+        }
+        args
     }
 
     /// Collect what the agent sent on its NOTIFY_SOCKET since the last call.
@@ -441,24 +476,19 @@ impl Cluster {
             let node = self.add_node(first + i, NodeKind::Agent { decap_hook: "tc" })?;
             self.nodes.push(node);
         }
-        let flags = self.etcd().agent_flags();
+        let mut flags = self.etcd().agent_flags();
+        flags.extend(self.spec.agent_args.iter().cloned());
+        let backend = self.backend;
         for i in 0..count {
             let node = &mut self.nodes[first - 1 + i];
-            let mut args: Vec<String> = vec!["--iface".into(), "eth0".into(), "--bpffs-dir".into(), node.bpffs_dir.display().to_string()];
-            args.extend(flags.iter().cloned());
-            args.extend(["--subnet-file".into(), node.subnet_file.display().to_string()]);
-            let log = fs::File::create(&node.log)?;
-            let bin = agent_bin();
-            let mut cmd = node.ns.command(bin.to_str().expect("utf-8 path"));
-            cmd.args(&args).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
-            node.agent = Some(cmd.spawn()?);
-            node.agent_args = args;
+            let args = node.command_line(Some(&flags), backend, &[]);
+            node.start_agent_process(&args, false)?;
         }
         Ok((first..first + count).collect())
     }
 
     /// Start an agent node without waiting for it to be ready (for tests of start-up).
-    pub fn spawn_unready(&mut self, _kind: NodeKind) -> Result<usize> {
+    pub fn spawn_unready(&mut self) -> Result<usize> {
         Ok(self.spawn_many_unready(1)?[0])
     }
 
@@ -600,28 +630,7 @@ impl Cluster {
         node.agent_env = agent_env;
         match node.kind {
             NodeKind::Agent { .. } | NodeKind::TunAgent => {
-                let mut args: Vec<String> = vec!["--iface".into(), "eth0".into()];
-                match node.kind {
-                    NodeKind::Agent { decap_hook } => args.extend(["--decap-hook".into(), decap_hook.into()]),
-                    _ => {
-                        assert!(etcd_flags.is_some(), "TUN nodes need an etcd cluster");
-                        args.extend(["--dataplane".into(), "tun".into()]);
-                    }
-                }
-                args.extend(["--bpffs-dir".into(), node.bpffs_dir.display().to_string()]);
-                match &etcd_flags {
-                    Some(flags) => {
-                        args.extend(flags.iter().cloned());
-                        args.extend(["--subnet-file".into(), node.subnet_file.display().to_string()]);
-                    }
-                    None => {
-                        args.extend([
-                            "--network".into(), NETWORK.into(), "--subnet".into(), node.subnet.to_string(),
-                            "--backend".into(), backend.flag().into(),
-                        ]);
-                        args.extend(self.spec.agent_args.iter().cloned());
-                    }
-                }
+                let args = node.command_line(etcd_flags.as_deref(), backend, &self.spec.agent_args);
                 node.spawn_agent(&args, etcd_flags.is_some())?;
                 if etcd_flags.is_some() && self.spec.docker_opts_step {
                     // The seed's ExecStartPost, through the drop-in wrapper.

@@ -290,7 +290,7 @@ fn missing_config_is_waited_for_and_invalid_config_is_refused() {
         ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0)
     };
     let mut c = cluster("mc", &spec);
-    let i = ok("spawn", c.spawn_unready(NodeKind::Agent { decap_hook: "tc" }));
+    let i = ok("spawn", c.spawn_unready());
     assert!(
         wait_until(Duration::from_secs(10), || c.node(i).log_text().contains("no network config yet")),
         "{}",
@@ -308,7 +308,7 @@ fn missing_config_is_waited_for_and_invalid_config_is_refused() {
 
     // A second agent against an invalid config exits with the field named.
     ok("put", c.etcd().etcdctl(&["put", "/coreos.com/network/config", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#]));
-    let j = ok("spawn", c.spawn_unready(NodeKind::Agent { decap_hook: "tc" }));
+    let j = ok("spawn", c.spawn_unready());
     assert!(wait_until(Duration::from_secs(10), || c.node_mut(j).agent_exit().is_some()), "an invalid config must stop the agent");
     let status = c.node_mut(j).agent_exit().unwrap();
     assert!(!status.success());

@@ -178,6 +178,19 @@ fn health_endpoints_and_metrics_follow_the_traffic() {
     assert!(n2m[&rx] >= (4 << 20) as f64, "{rx}: {}", n2m[&rx]);
 }
 
+/// The seed's cluster: its network config, agents started with `--ip-masq`, and the unit's
+/// ExecStartPost docker-options step.
+fn seed_spec(tls: bool, containers_per_node: usize) -> ClusterSpec {
+    let config = r#"{"Network":"172.17.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    ClusterSpec {
+        control: Control::Etcd { tls, config: config.into() },
+        agent_args: vec!["--ip-masq".into()],
+        docker_opts_step: true,
+        containers_per_node,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
+    }
+}
+
 /// The seed's procedure with this agent in flanneld's place: the network config written with
 /// etcdctl (TLS), agents started as the seed's unit starts flanneld (`--ip-masq
 /// $FLANNEL_OPTIONS`, Go-style `-etcd-cafile`), readiness on NOTIFY_SOCKET, the ExecStartPost
@@ -186,14 +199,7 @@ fn health_endpoints_and_metrics_follow_the_traffic() {
 /// seed's `etcdctl ls`/`get` inspection.
 #[test]
 fn the_seeds_procedure_end_to_end() {
-    let config = r#"{"Network":"172.17.0.0/16","Backend":{"Type":"vxlan"}}"#;
-    let spec = ClusterSpec {
-        control: Control::Etcd { tls: true, config: config.into() },
-        agent_args: vec!["--ip-masq".into()],
-        docker_opts_step: true,
-        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
-    };
-    let mut c = cluster("sd", &spec);
+    let mut c = cluster("sd", &seed_spec(true, 2));
     for i in 1..=2 {
         let said = c.node_mut(i).read_notifications().to_vec();
         assert!(said.iter().any(|m| m.contains("READY=1")), "node {i}: {said:?}");
@@ -235,15 +241,7 @@ fn the_seeds_procedure_end_to_end() {
 /// node, through docker's own FORWARD DROP policy (flannel's forward rules let them pass).
 #[test]
 fn real_docker_containers_reach_each_other_across_nodes() {
-    let config = r#"{"Network":"172.17.0.0/16","Backend":{"Type":"vxlan"}}"#;
-    let spec = ClusterSpec {
-        control: Control::Etcd { tls: false, config: config.into() },
-        agent_args: vec!["--ip-masq".into()],
-        docker_opts_step: true,
-        containers_per_node: 0,
-        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
-    };
-    let c = cluster("dk", &spec);
+    let c = cluster("dk", &seed_spec(false, 0));
     let mut daemons = Vec::new();
     let mut addrs = Vec::new();
     for n in &c.nodes {
