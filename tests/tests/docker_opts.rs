@@ -61,3 +61,57 @@ fn missing_subnet_file_fails_instead_of_writing_options_without_bip() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read the subnet file"));
     assert!(!dir.join("out.env").exists(), "nothing may be written");
 }
+
+/// The seed installs the script and the agent side by side into /opt/kubernetes/bin, which is
+/// not on systemd's PATH, and names the script by its full path in ExecStartPost. The script
+/// finds the agent beside itself (whatever the working directory and however it is named),
+/// else on PATH, else as $OVERLAY_AGENT, and says what to do when none holds.
+#[test]
+fn wrapper_finds_the_agent_beside_it_on_path_or_by_variable() {
+    use std::os::unix::fs::{symlink, PermissionsExt as _};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let base = std::env::temp_dir().join(format!("mkdo-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (beside, alone, cwd, bindir) = (base.join("opt/kubernetes/bin"), base.join("alone"), base.join("cwd"), base.join("bin"));
+    for d in [&beside, &alone, &cwd, &bindir] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for d in [&beside, &alone] {
+        let script = d.join("mk-docker-opts.sh");
+        std::fs::copy(root.join("../dist/mk-docker-opts.sh"), &script).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    symlink(overlay_tests::agent_bin(), beside.join("overlay-agent")).unwrap();
+    symlink(overlay_tests::agent_bin(), bindir.join("overlay-agent")).unwrap();
+    let subnet_env = root.join("fixtures/subnet-masq.env");
+    let want = "DOCKER_NETWORK_OPTIONS=\" --bip=172.17.98.1/24 --ip-masq=false --mtu=1450 \"";
+    let run = |script: &Path, path: &str, agent: Option<&Path>| {
+        let out = cwd.join("docker.env");
+        let _ = std::fs::remove_file(&out);
+        let mut cmd = Command::new(script);
+        cmd.args(["-k", "DOCKER_NETWORK_OPTIONS", "-f"]).arg(&subnet_env).arg("-d").arg(&out).current_dir(&cwd).env_clear().env("PATH", path);
+        if let Some(a) = agent {
+            cmd.env("OVERLAY_AGENT", a);
+        }
+        let o = cmd.output().unwrap();
+        (o.status, String::from_utf8_lossy(&o.stderr).into_owned(), std::fs::read_to_string(&out).ok())
+    };
+    // Beside it: by absolute path (systemd's ExecStartPost) and by a relative one.
+    for script in [beside.join("mk-docker-opts.sh"), Path::new("../opt/kubernetes/bin/mk-docker-opts.sh").to_path_buf()] {
+        let (st, err, got) = run(&script, "/usr/bin:/bin", None);
+        assert!(st.success(), "{}: {err}", script.display());
+        assert!(got.as_deref().is_some_and(|g| g.contains(want)), "{}: {got:?}", script.display());
+    }
+    let alone_script = alone.join("mk-docker-opts.sh");
+    let on_path = format!("{}:/usr/bin:/bin", bindir.display());
+    let (st, err, got) = run(&alone_script, &on_path, None);
+    assert!(st.success() && got.is_some_and(|g| g.contains(want)), "on PATH: {err}");
+    let (st, err, got) = run(&alone_script, "/usr/bin:/bin", Some(&overlay_tests::agent_bin()));
+    assert!(st.success() && got.is_some_and(|g| g.contains(want)), "OVERLAY_AGENT: {err}");
+    // Nowhere: a clear error, nothing written.
+    let (st, err, got) = run(&alone_script, "/usr/bin:/bin", None);
+    assert_eq!(st.code(), Some(127), "{err}");
+    assert!(err.contains("OVERLAY_AGENT") && err.contains("beside"), "{err}");
+    assert!(got.is_none(), "nothing may be written: {got:?}");
+    std::fs::remove_dir_all(&base).unwrap();
+}
