@@ -457,14 +457,36 @@ mod tests {
         assert!(!cli.run.ip_masq);
     }
 
+    /// Run the calling test `name` again in a child process of this test binary, with `vars`
+    /// in the child's environment: no test changes the environment that tests running
+    /// beside it read. True in the child (which makes the assertions); in the parent, false
+    /// once the child has passed.
+    fn in_child_with_env(name: &str, vars: &[(&str, &str)]) -> bool {
+        const CHILD: &str = "OVERLAY_AGENT_TEST_CHILD";
+        let test = format!("{}::{name}", module_path!().split_once("::").map_or(module_path!(), |(_, m)| m));
+        if std::env::var_os(CHILD).is_some_and(|v| v == test.as_str()) {
+            return true;
+        }
+        let exe = std::env::current_exe().expect("the test binary");
+        let out = std::process::Command::new(exe)
+            .args([test.as_str(), "--exact", "--test-threads=1", "--nocapture"])
+            .env(CHILD, &test)
+            .envs(vars.iter().copied())
+            .output()
+            .expect("running the test binary again");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{test} failed in its child process:\n{text}");
+        assert!(text.contains("1 passed"), "{test} did not run in its child process:\n{text}");
+        false
+    }
+
     #[test]
     fn every_flag_can_come_from_a_flanneld_variable() {
-        // Names no other test sets, so that parallel tests do not see them.
-        std::env::set_var("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "17");
-        std::env::set_var("FLANNELD_IPTABLES_RESYNC", "9");
+        let vars = [("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "17"), ("FLANNELD_IPTABLES_RESYNC", "9")];
+        if !in_child_with_env("every_flag_can_come_from_a_flanneld_variable", &vars) {
+            return;
+        }
         let cli = parse(&["overlay-agent"]);
-        std::env::remove_var("FLANNELD_SUBNET_LEASE_RENEW_MARGIN");
-        std::env::remove_var("FLANNELD_IPTABLES_RESYNC");
         assert_eq!(cli.run.subnet_lease_renew_margin, 17);
         assert_eq!(cli.run.iptables_resync, 9);
         // Every long flag of the agent declares its FLANNELD_ variable.
@@ -487,11 +509,12 @@ mod tests {
 
     #[test]
     fn help_never_shows_the_password() {
+        if !in_child_with_env("help_never_shows_the_password", &[("FLANNELD_ETCD_PASSWORD", "s3cret-in-env")]) {
+            return;
+        }
+        assert_eq!(std::env::var("FLANNELD_ETCD_PASSWORD").as_deref(), Ok("s3cret-in-env"));
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("--etcd-password"));
-        std::env::set_var("FLANNELD_ETCD_PASSWORD", "s3cret-in-env");
-        let help = Cli::command().render_long_help().to_string();
-        std::env::remove_var("FLANNELD_ETCD_PASSWORD");
         assert!(!help.contains("s3cret-in-env"), "{help}");
     }
 
