@@ -44,9 +44,13 @@ impl Capture {
         Ok(Self { child, file })
     }
 
-    /// Stop (SIGINT to our tcpdump, by pid) and return the frames captured.
-    pub fn finish(mut self) -> Result<Vec<Vec<u8>>> {
-        std::thread::sleep(Duration::from_millis(300));
+    /// Wait (bounded: 10 s) until the frames captured so far satisfy `enough` (tcpdump
+    /// writes each packet as it comes, `-U`), then stop (SIGINT to our tcpdump, by pid) and
+    /// return every frame captured.
+    pub fn finish_when(mut self, enough: impl Fn(&[Vec<u8>]) -> bool) -> Result<Vec<Vec<u8>>> {
+        crate::wait_until(Duration::from_secs(10), || {
+            std::fs::read(&self.file).ok().and_then(|d| parse_pcap(&d).ok()).is_some_and(|f| enough(&f))
+        });
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         self.child.wait()?;
         let data = std::fs::read(&self.file)?;

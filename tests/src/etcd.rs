@@ -178,6 +178,22 @@ impl Etcd {
         f
     }
 
+    /// How many KV reads (Range RPCs) etcd has answered, from its /metrics: proof that a
+    /// client keeps polling. Plain-HTTP etcd only.
+    pub fn reads_served(&self) -> Result<u64> {
+        let addr: std::net::SocketAddrV4 =
+            self.endpoint.strip_prefix("http://").context("etcd's metrics are read over plain HTTP only")?.parse()?;
+        let (status, body) = crate::traffic::http_get(&self.ns, addr, "/metrics")?;
+        if status != 200 {
+            bail!("etcd /metrics answered {status}");
+        }
+        body.lines()
+            .find(|l| l.starts_with("grpc_server_handled_total{") && l.contains(r#"grpc_code="OK""#) && l.contains(r#"grpc_method="Range""#))
+            .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .context("no Range count in etcd's /metrics")
+    }
+
     /// Mutable access (stop/restart) through the cluster.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -4,8 +4,8 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -96,15 +96,17 @@ pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Re
 /// A UDP socket in a namespace collecting whatever arrives until stopped.
 pub struct UdpProbe {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<Result<Vec<(SocketAddr, Vec<u8>)>>>>,
+    got: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    thread: JoinHandle<Result<Result<()>>>,
 }
 
 impl UdpProbe {
     pub fn start(ns: &Netns, addr: SocketAddrV4) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let got = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        let s2 = stop.clone();
-        let thread = ns.spawn(move || -> Result<Vec<(SocketAddr, Vec<u8>)>> {
+        let (s2, g2) = (stop.clone(), got.clone());
+        let thread = ns.spawn(move || -> Result<()> {
             let sock = match UdpSocket::bind(addr) {
                 Ok(s) => s,
                 Err(e) => {
@@ -114,31 +116,33 @@ impl UdpProbe {
             };
             sock.set_read_timeout(Some(Duration::from_millis(50)))?;
             let _ = tx.send(Ok(()));
-            let mut got = Vec::new();
             let mut buf = [0u8; 65536];
             while !s2.load(Ordering::SeqCst) {
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    got.push((from, buf[..n].to_vec()));
+                    g2.lock().expect("probe lock").push((from, buf[..n].to_vec()));
                 }
             }
-            Ok(got)
+            Ok(())
         });
         match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Ok(())) => Ok(Self { stop, thread }),
+            Ok(Ok(())) => Ok(Self { stop, got, thread }),
             Ok(Err(e)) => bail!("binding {addr}: {e}"),
             Err(_) => bail!("probe on {addr} did not start"),
         }
     }
 
-    /// Stop and return the datagrams received.
-    pub fn finish(self) -> Vec<Vec<u8>> {
-        self.finish_with_sources().into_iter().map(|(_, d)| d).collect()
+    /// Wait (bounded: 10 s) until `count` datagrams have arrived, stop, and return all the
+    /// datagrams received (fewer if they never came, more if more came).
+    pub fn finish_after(self, count: usize) -> Vec<Vec<u8>> {
+        self.finish_after_with_sources(count).into_iter().map(|(_, d)| d).collect()
     }
 
-    /// Stop and return the datagrams received with the address each came from.
-    pub fn finish_with_sources(self) -> Vec<(SocketAddr, Vec<u8>)> {
+    /// As `finish_after`, with the address each datagram came from.
+    pub fn finish_after_with_sources(self, count: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+        crate::wait_until(Duration::from_secs(10), || self.got.lock().expect("probe lock").len() >= count);
         self.stop.store(true, Ordering::SeqCst);
-        self.thread.join().expect("probe thread").and_then(|r| r).expect("probe failed")
+        self.thread.join().expect("probe thread").and_then(|r| r).expect("probe failed");
+        std::mem::take(&mut *self.got.lock().expect("probe lock"))
     }
 }
 
@@ -172,8 +176,10 @@ pub fn http_get(ns: &Netns, addr: SocketAddrV4, path: &str) -> Result<(u16, Stri
 pub struct UdpStream {
     stop: Arc<AtomicBool>,
     sender: JoinHandle<Result<Result<u64>>>,
-    receiver: JoinHandle<Result<Result<Vec<u64>>>>,
+    receiver: JoinHandle<Result<Result<(Vec<u64>, u64)>>>,
     recv_stop: Arc<AtomicBool>,
+    /// Datagrams the receiver has taken so far.
+    arrived: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -182,17 +188,45 @@ pub struct StreamResult {
     pub received: u64,
     /// Sequence numbers sent but never received.
     pub lost: u64,
+    /// Of those, datagrams the receiving kernel dropped because our receiver's socket buffer
+    /// was full (the receiving namespace's UDP RcvbufErrors): the test's reader fell behind,
+    /// not the network.
+    pub receiver_overflows: u64,
 }
+
+/// The receiving namespace's UDP RcvbufErrors (read from a thread inside it).
+fn udp_rcvbuf_errors() -> Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().context("no Udp: header")?, udp.next().context("no Udp: values")?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors").context("no RcvbufErrors")?;
+    values.split_whitespace().nth(at).context("short Udp: line")?.parse().context("RcvbufErrors")
+}
+
+/// A receive buffer that rides out a reader starved of CPU for a second on a loaded machine
+/// (an XDP-passed frame costs a page of buffer, so the default holds only ~90 datagrams).
+const STREAM_RCVBUF: libc::c_int = 16 << 20;
 
 impl UdpStream {
     /// Start sending `pps` datagrams per second from `from` to `to_ip:port` (a receiver in `to`).
     pub fn start(from: &Netns, to: &Netns, to_ip: Ipv4Addr, port: u16, pps: u32) -> Result<Self> {
+        use std::os::fd::AsRawFd as _;
         let recv_stop = Arc::new(AtomicBool::new(false));
+        let arrived = Arc::new(AtomicU64::new(0));
         let (tx, rx) = std::sync::mpsc::channel();
-        let rs = recv_stop.clone();
-        let receiver = to.spawn(move || -> Result<Vec<u64>> {
+        let (rs, arr) = (recv_stop.clone(), arrived.clone());
+        let receiver = to.spawn(move || -> Result<(Vec<u64>, u64)> {
             let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))?;
+            // SO_RCVBUFFORCE: above rmem_max, as root may.
+            let size = STREAM_RCVBUF;
+            let rc = unsafe {
+                libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size as *const _ as *const libc::c_void, std::mem::size_of_val(&size) as u32)
+            };
+            if rc != 0 {
+                bail!("SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+            }
             sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+            let overflows_before = udp_rcvbuf_errors()?;
             let _ = tx.send(());
             let mut seen = Vec::new();
             let mut buf = [0u8; 64];
@@ -200,10 +234,11 @@ impl UdpStream {
                 if let Ok(n) = sock.recv(&mut buf) {
                     if n >= 8 {
                         seen.push(u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")));
+                        arr.fetch_add(1, Ordering::SeqCst);
                     }
                 }
             }
-            Ok(seen)
+            Ok((seen, udp_rcvbuf_errors()? - overflows_before))
         });
         rx.recv_timeout(Duration::from_secs(10)).context("stream receiver did not start")?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -229,20 +264,25 @@ impl UdpStream {
             }
             Ok(seq)
         });
-        Ok(Self { stop, sender, receiver, recv_stop })
+        Ok(Self { stop, sender, receiver, recv_stop, arrived })
     }
 
-    /// Stop sending, let stragglers arrive, and count.
+    /// Datagrams received so far.
+    pub fn received_so_far(&self) -> u64 {
+        self.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Stop sending, wait (bounded: 10 s) until every datagram sent has arrived, and count.
     pub fn finish(self) -> Result<StreamResult> {
         self.stop.store(true, Ordering::SeqCst);
         let sent = self.sender.join().expect("sender thread")??;
-        std::thread::sleep(Duration::from_millis(500));
+        crate::wait_until(Duration::from_secs(10), || self.arrived.load(Ordering::SeqCst) >= sent);
         self.recv_stop.store(true, Ordering::SeqCst);
-        let mut seen = self.receiver.join().expect("receiver thread")??;
+        let (mut seen, receiver_overflows) = self.receiver.join().expect("receiver thread")??;
         seen.sort_unstable();
         seen.dedup();
         let received = seen.iter().filter(|s| **s < sent).count() as u64;
-        Ok(StreamResult { sent, received, lost: sent - received })
+        Ok(StreamResult { sent, received, lost: sent - received, receiver_overflows })
     }
 }
 

@@ -71,8 +71,7 @@ fn ip_masq_hides_containers_going_outside_but_not_between_nodes() {
     let probe = ok("probe", UdpProbe::start(&outside, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9000)));
     let c0 = n1.container_ip(0);
     ok("send", send_udp(&n1.containers[0], SocketAddrV4::new(c0, 0), SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 2), 9000), vec![b"out".to_vec()]));
-    std::thread::sleep(Duration::from_millis(300));
-    let got = probe.finish_with_sources();
+    let got = probe.finish_after_with_sources(1);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0.ip(), std::net::IpAddr::V4(Ipv4Addr::new(172, 30, 0, 1)), "outside must see the node's address, not {c0}");
 
@@ -80,8 +79,7 @@ fn ip_masq_hides_containers_going_outside_but_not_between_nodes() {
     let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9001)));
     let src = n2.container_ip(1);
     ok("send", send_udp(&n2.containers[1], SocketAddrV4::new(src, 0), SocketAddrV4::new(c0, 9001), vec![b"in".to_vec()]));
-    std::thread::sleep(Duration::from_millis(300));
-    let got = probe.finish_with_sources();
+    let got = probe.finish_after_with_sources(1);
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].0.ip(), std::net::IpAddr::V4(src), "cross-node traffic must keep the container address");
 
@@ -106,7 +104,12 @@ fn ip_masq_hides_containers_going_outside_but_not_between_nodes() {
         "removed rules were not restored:\n{}",
         c.node(1).log_text()
     );
-    assert!(c.node(1).log_text().contains("iptables rules were missing or changed; restored"));
+    // The agent logs the restore after making it: wait for the line too.
+    assert!(
+        wait_until(Duration::from_secs(10), || c.node(1).log_text().contains("iptables rules were missing or changed; restored")),
+        "the restore was not logged:\n{}",
+        c.node(1).log_text()
+    );
 
     // A clean shutdown removes them.
     ok("stop", c.stop_agent(1));

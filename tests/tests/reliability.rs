@@ -65,11 +65,32 @@ impl TcpLoop {
         Self { stop, done, thread }
     }
 
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::SeqCst)
+    }
+
     fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
         let errors = self.thread.join().unwrap();
         (self.done.load(Ordering::SeqCst), errors)
     }
+}
+
+/// Wait (bounded, generously) until both kinds of traffic have made progress from where they
+/// are now: `datagrams` more UDP datagrams delivered and two more TCP transfers completed.
+fn wait_for_traffic(what: &str, stream: &UdpStream, tcp: &TcpLoop, datagrams: u64) {
+    let (udp0, tcp0) = (stream.received_so_far(), tcp.done());
+    assert!(
+        wait_until(Duration::from_secs(30), || stream.received_so_far() >= udp0 + datagrams && tcp.done() >= tcp0 + 2),
+        "{what}: traffic stalled: {} datagrams and {} TCP transfers since",
+        stream.received_so_far() - udp0,
+        tcp.done() - tcp0
+    );
+}
+
+/// How often the agent's log says it put a new program into a pinned link.
+fn adoptions(c: &Cluster, node: usize) -> usize {
+    c.node(node).log_text().matches("adopted the pinned link").count()
 }
 
 /// Programs stay attached through pinned links and maps stay pinned: an agent killed with
@@ -81,20 +102,22 @@ fn agent_sigkill_and_restart_lose_no_packet() {
         let mut c = cluster(&format!("hk{hook}"), &ClusterSpec::etcd(Backend::Vxlan, if hook == "tc" { "tc" } else { "xdp" }, 2));
         let stream = ok("stream", UdpStream::start(&c.node(1).containers[0], &c.node(2).containers[0], c.node(2).container_ip(0), 7000, 5000));
         let tcp = TcpLoop::start(&c, 2, 1);
-        std::thread::sleep(Duration::from_millis(800));
+        wait_for_traffic("before the kills", &stream, &tcp, 2000);
         let encap_pin = c.node(2).bpffs_dir.join("link_encap");
         let decap_pin = c.node(2).bpffs_dir.join(if hook == "tc" { "link_decap_tc" } else { "link_decap_xdp" });
         let (encap_before, decap_before) = (prog_id(&encap_pin), prog_id(&decap_pin));
         for node in [2, 1] {
             ok("kill", c.kill_agent(node));
-            std::thread::sleep(Duration::from_millis(800)); // forwarding with no agent at all
+            wait_for_traffic(&format!("{hook}: node {node} with no agent at all"), &stream, &tcp, 2000);
+            let adopted_before = adoptions(&c, node);
             ok("restart", c.restart_agent(node));
-            assert!(c.node(node).log_text().contains("adopted the pinned link"), "node {node}:\n{}", c.node(node).log_text());
-            std::thread::sleep(Duration::from_millis(500));
+            // Both programs (encapsulation and decapsulation) went into their pinned links.
+            assert_eq!(adoptions(&c, node), adopted_before + 2, "node {node}:\n{}", c.node(node).log_text());
+            wait_for_traffic(&format!("{hook}: node {node} restarted"), &stream, &tcp, 2000);
         }
         let r = ok("stream", stream.finish());
         let (transfers, errors) = tcp.finish();
-        eprintln!("{hook}: UDP sent {} received {} lost {}; {transfers} TCP transfers", r.sent, r.received, r.lost);
+        eprintln!("{hook}: UDP sent {} received {} lost {} (receiver overflows {}); {transfers} TCP transfers", r.sent, r.received, r.lost, r.receiver_overflows);
         assert!(r.sent > 10_000, "the stream should have run at ~5000 pps: {r:?}");
         assert_eq!(r.lost, 0, "{hook}: packets lost across agent kills and restarts: {r:?}");
         assert!(errors.is_empty(), "TCP transfers failed: {errors:?}");
@@ -125,22 +148,22 @@ fn upgrade_to_a_changed_program_loses_no_packet() {
     let mut c = cluster("up", &ClusterSpec::etcd(Backend::Vxlan, "tc", 2));
     let stream = ok("stream", UdpStream::start(&c.node(1).containers[0], &c.node(2).containers[0], c.node(2).container_ip(0), 7002, 5000));
     let tcp = TcpLoop::start(&c, 2, 1);
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for_traffic("before the upgrade", &stream, &tcp, 2000);
     let pins = [c.node(2).bpffs_dir.join("link_encap"), c.node(2).bpffs_dir.join("link_decap_tc")];
     let before: Vec<String> = pins.iter().map(|p| prog_tag(p)).collect();
     ok("upgrade", c.upgrade_agent(2, &upgrade));
-    std::thread::sleep(Duration::from_millis(700));
     let after: Vec<String> = pins.iter().map(|p| prog_tag(p)).collect();
     for (b, a) in before.iter().zip(&after) {
         assert_ne!(a, b, "the upgraded build's program must be a different program");
     }
+    wait_for_traffic("after the upgrade", &stream, &tcp, 2000);
     ok("downgrade", c.upgrade_agent(2, &overlay_tests::agent_bin()));
-    std::thread::sleep(Duration::from_millis(500));
     let back: Vec<String> = pins.iter().map(|p| prog_tag(p)).collect();
     assert_eq!(back, before, "downgrading restores the original programs");
+    wait_for_traffic("after the downgrade", &stream, &tcp, 2000);
     let r = ok("stream", stream.finish());
     let (transfers, errors) = tcp.finish();
-    eprintln!("upgrade: UDP sent {} received {} lost {}; {transfers} TCP transfers", r.sent, r.received, r.lost);
+    eprintln!("upgrade: UDP sent {} received {} lost {} (receiver overflows {}); {transfers} TCP transfers", r.sent, r.received, r.lost, r.receiver_overflows);
     assert_eq!(r.lost, 0, "packets lost across the upgrade: {r:?}");
     assert!(errors.is_empty() && transfers > 0, "TCP: {errors:?}");
 }
@@ -181,8 +204,17 @@ fn etcd_outage_loses_no_packet_and_is_caught_up() {
     let mut c = cluster("eo", &spec);
     let stream = ok("stream", UdpStream::start(&c.node(1).containers[0], &c.node(2).containers[0], c.node(2).container_ip(0), 7001, 3000));
     ok("stop etcd", c.etcd_mut().stop());
-    std::thread::sleep(Duration::from_secs(outage));
+    let down = std::time::Instant::now();
+    let outage_seen = |n: &overlay_tests::Node| n.log_text().contains("etcd unavailable") || n.log_text().contains("lost the etcd watch");
+    // The outage lasts `outage` seconds, and both agents notice it meanwhile.
+    assert!(
+        wait_until(Duration::from_secs(outage + 30), || down.elapsed() >= Duration::from_secs(outage) && c.nodes.iter().all(outage_seen)),
+        "the agents did not notice the outage:\n{}\n{}",
+        c.node(1).log_text(),
+        c.node(2).log_text()
+    );
     ok("ping during the outage", ping(&c.node(2).containers[1], c.node(1).container_ip(1), 2));
+    let renewed_before: Vec<usize> = c.nodes.iter().map(|n| n.log_text().matches("lease renewed").count()).collect();
     ok("restart etcd", c.etcd_mut().restart());
     let back = std::time::Instant::now();
     // Before the agents' backoff brings them back: a change and a compaction.
@@ -198,18 +230,17 @@ fn etcd_outage_loses_no_packet_and_is_caught_up() {
             n.index,
             n.log_text()
         );
-        assert!(n.log_text().contains("etcd unavailable") || n.log_text().contains("lost the etcd watch"), "node {}: outage not logged", n.index);
     }
     eprintln!("etcd healthy again -> both agents had the change made during the outage: {:?}", back.elapsed());
     let r = ok("stream", stream.finish());
-    eprintln!("outage {outage} s: UDP sent {} received {} lost {}", r.sent, r.received, r.lost);
+    eprintln!("outage {outage} s: UDP sent {} received {} lost {} (receiver overflows {})", r.sent, r.received, r.lost, r.receiver_overflows);
     assert_eq!(r.lost, 0, "packets lost during the etcd outage: {r:?}");
     // Leases renewed after the outage (a 20 s TTL renews every 10 s).
-    for n in &c.nodes {
+    for (n, before) in c.nodes.iter().zip(renewed_before) {
         let key = format!("/coreos.com/network/subnets/{}-24", n.subnet.network());
         assert!(
-            wait_until(Duration::from_secs(25), || n.log_text().matches("lease renewed").count() >= 1),
-            "node {} never renewed its lease:\n{}",
+            wait_until(Duration::from_secs(40), || n.log_text().matches("lease renewed").count() > before),
+            "node {} did not renew its lease after the outage:\n{}",
             n.index,
             n.log_text()
         );
