@@ -1,14 +1,17 @@
-//! Developer workflows: `cargo xtask setup | build | test | demo`.
+//! Developer workflows: `cargo xtask setup | build | test | demo | bench | fuzz | fresh-check`.
 //!
 //! xtask depends on nothing that needs the eBPF toolchain, so `setup` can run on a fresh
 //! machine before anything eBPF has been built.
 
+mod fresh;
 mod fuzz;
 mod setup;
 
 use std::{
+    fs,
+    io::Write as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Child, Command, ExitCode, ExitStatus, Stdio},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -61,6 +64,18 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// In a fresh Debian 12 root (debootstrap; the host's rustup toolchains seen through a
+    /// copy-on-write overlay), run `cargo xtask setup` and `cargo xtask build` on a clean clone
+    /// of HEAD, and run the built agent (root; about 6 minutes).
+    FreshCheck {
+        /// Keep the root under target/fresh-check/ instead of removing it.
+        #[arg(long)]
+        keep: bool,
+        /// Also copy the uncommitted changes under PATH into the clone (repeatable), to
+        /// check work before committing it.
+        #[arg(long, value_name = "PATH")]
+        uncommitted: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,7 +92,7 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
@@ -93,6 +108,58 @@ pub fn status(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed ({st})");
     }
     Ok(())
+}
+
+/// The standard output of a command that must succeed.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// How many lines of its log a failed quiet command shows.
+const LOG_TAIL_LINES: usize = 30;
+
+/// Runs `cmd` quietly: no input, its output appended to `log`; a failure shows the log's tail.
+pub fn status_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let st = spawn_logged(cmd, log)?.wait().with_context(|| format!("waiting for {cmd:?}"))?;
+    check_logged(cmd, st, log)
+}
+
+/// Starts `cmd` with no input and its output appended to `log` (after the command line).
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    writeln!(file, "$ {cmd:?}")?;
+    cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file).spawn().with_context(|| format!("running {cmd:?}"))
+}
+
+/// An error with the last lines of `log` unless `st` is a success.
+pub fn check_logged(cmd: &Command, st: ExitStatus, log: &Path) -> Result<()> {
+    if st.success() {
+        return Ok(());
+    }
+    let text = fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    bail!("{cmd:?} failed ({st}); the last lines of {}:\n{tail}", log.display())
+}
+
+/// Runs `step` behind a progress line: `{line}... ` and then `done in N s` or `failed`.
+pub fn with_progress<T>(line: &str, step: impl FnOnce() -> Result<T>) -> Result<T> {
+    eprint!("{line}... ");
+    let started = std::time::Instant::now();
+    let result = step();
+    match &result {
+        Ok(_) => eprintln!("done in {} s", started.elapsed().as_secs()),
+        Err(_) => eprintln!("failed"),
+    }
+    result
 }
 
 fn build_agent(release: bool) -> Result<PathBuf> {
@@ -115,7 +182,7 @@ fn run_counting_tests(c: &mut Command) -> Result<(u64, u64, bool)> {
         let line = line?;
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
-            let num = |key: &str| rest.split(';').find_map(|p| p.trim().strip_suffix(key)).and_then(|n| n.trim().split_whitespace().last()?.parse::<u64>().ok()).unwrap_or(0);
+            let num = |key: &str| rest.split(';').find_map(|p| p.trim().strip_suffix(key)).and_then(|n| n.split_whitespace().last()?.parse::<u64>().ok()).unwrap_or(0);
             passed += num(" passed");
             failed += num(" failed");
         }
@@ -212,5 +279,6 @@ fn run(cli: Cli) -> Result<()> {
             unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             status(&mut c)
         }
+        Cmd::FreshCheck { keep, uncommitted } => fresh::run(keep, &uncommitted),
     }
 }

@@ -1,7 +1,10 @@
 //! What a fresh machine needs, installed by the project itself (CI runs on a clean clone):
-//! Debian packages, nightly's rust-src, bpf-linker built against nightly's own libLLVM, and
-//! a mounted bpffs. Each step checks first, so a machine that has everything is done in
-//! about a second.
+//! a kernel with BTF and TCX, a nightly whose LLVM bpf-linker supports, Debian packages,
+//! nightly's rust-src, bpf-linker built against nightly's own libLLVM, and a mounted bpffs.
+//! The cheap checks come first, so a machine that cannot work is refused before minutes of
+//! installing; each step checks before it acts, so a machine that has everything is done in
+//! about a second. apt and `cargo install` write to logs under target/setup/ and the terminal
+//! gets one line each (the log's tail on failure).
 
 use std::{
     fs,
@@ -11,9 +14,12 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::status;
+use crate::{output, status, status_logged, with_progress};
 
-/// Debian packages and a file each one installs (cheaper to check than dpkg).
+/// Debian packages and the file each one provides that the project uses (cheaper to check
+/// than dpkg, and it is what matters). Not here: what cargo needs before it can build xtask
+/// at all, on any machine with rustup (README, Requirements): ca-certificates (crates.io
+/// over TLS) and a C toolchain to link with (gcc's `cc`, libc6-dev).
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/bin/ip"),
     ("iputils-ping", "/usr/bin/ping"),
@@ -24,8 +30,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "/usr/bin/iperf3"),
     ("sockperf", "/usr/bin/sockperf"),
     ("ethtool", "/usr/sbin/ethtool"),
-    // etcd-client needs protoc to build.
+    // etcd-client's build script runs protoc on etcd's .proto files, which import
+    // google/protobuf/descriptor.proto: that file comes from libprotobuf-dev, which
+    // protobuf-compiler only recommends.
     ("protobuf-compiler", "/usr/bin/protoc"),
+    ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
+    // libfuzzer-sys (cargo xtask fuzz, and the fuzz smoke run of cargo xtask test) compiles
+    // libFuzzer with the C++ compiler `c++`.
+    ("g++", "/usr/bin/c++"),
     // The tests and the demo run a real etcd (3.4, as in the seed) and etcdctl.
     ("etcd-server", "/usr/bin/etcd"),
     ("etcd-client", "/usr/bin/etcdctl"),
@@ -33,18 +45,30 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "/usr/bin/openssl"),
     // --ip-masq and the forward rules (flannel's chains), as flannel and docker do.
     ("iptables", "/usr/sbin/iptables"),
-    // The seed's docker step, tested with a real dockerd (no service is started on install)
+    // The seed's docker step, tested with a real dockerd (the tests start it themselves)
     // and a busybox image built locally.
     ("docker.io", "/usr/sbin/dockerd"),
     ("busybox-static", "/usr/bin/busybox"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The LLVM majors bpf-linker 0.13.0 can be built for: its `llvm-21`, `llvm-22` and `llvm-23`
+/// features (its Cargo.toml).
+const BPF_LINKER_LLVM_MAJORS: &[u32] = &[21, 22, 23];
+/// A nightly whose LLVM bpf-linker supports, tested here (LLVM 22).
+const KNOWN_GOOD_NIGHTLY: &str = "nightly-2026-05-19";
+
+/// TCX, which the agent attaches its TC programs with, came in Linux 6.6.
+const MIN_KERNEL: (u32, u32) = (6, 6);
+/// The kernel's BTF, which the programs' CO-RE relocations and BTF maps need.
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 pub fn run() -> Result<()> {
-    apt_packages().context("installing Debian packages")?;
+    kernel().context("checking the kernel")?;
+    let llvm = nightly_llvm_major().context("checking the nightly toolchain")?;
+    apt_install(APT_PACKAGES, &log_dir()?.join("apt.log"), "setup").context("installing Debian packages")?;
     rust_src().context("adding rust-src to the nightly toolchain")?;
-    bpf_linker().context("installing bpf-linker")?;
+    bpf_linker(llvm).context("installing bpf-linker")?;
     bpffs().context("mounting bpffs at /sys/fs/bpf")?;
     Ok(())
 }
@@ -53,46 +77,118 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .filter(|(_, file)| !Path::new(file).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("missing packages {missing:?}; run `cargo xtask setup` as root (it uses apt-get)");
-    }
-    eprintln!("setup: installing {}", missing.join(" "));
-    let apt = || {
-        let mut c = Command::new("apt-get");
-        c.env("DEBIAN_FRONTEND", "noninteractive");
-        c
-    };
-    status(apt().args(["update", "-qq"]))?;
-    status(apt().args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing))
-        .with_context(|| format!("apt-get install {}", missing.join(" ")))?;
-    for (pkg, file) in APT_PACKAGES {
-        if !Path::new(file).exists() {
-            bail!("package {pkg} installed but {file} is still missing");
+fn kernel() -> Result<()> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").context("reading /proc/sys/kernel/osrelease")?;
+    check_kernel(release.trim(), Path::new(KERNEL_BTF).exists())
+}
+
+/// Refuses a kernel release older than MIN_KERNEL, or a kernel without BTF, naming all that
+/// is missing at once.
+fn check_kernel(release: &str, has_btf: bool) -> Result<()> {
+    let (major, minor) = MIN_KERNEL;
+    let mut missing = Vec::new();
+    match kernel_version(release) {
+        Some(v) if v >= MIN_KERNEL => {}
+        Some(_) => missing.push(format!("Linux {major}.{minor} or later for TCX links (this is {release})")),
+        None => {
+            missing.push(format!("Linux {major}.{minor} or later for TCX links (release {release:?} does not parse)"))
         }
+    }
+    if !has_btf {
+        missing.push(format!("BTF at {KERNEL_BTF} (a kernel built with CONFIG_DEBUG_INFO_BTF=y)"));
+    }
+    if !missing.is_empty() {
+        bail!("the eBPF data plane needs {}", missing.join(" and "));
     }
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+/// The major and minor version of a kernel release string: "6.18.44-fc-v657" -> (6, 18).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit());
+    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
+}
+
+/// `rustc +nightly` with rustup told not to download a missing toolchain (it cannot here, and
+/// a clear error beats a download attempt).
+fn nightly_rustc() -> Command {
+    let mut c = Command::new("rustc");
+    c.arg("+nightly").env("RUSTUP_AUTO_INSTALL", "0");
+    c
+}
+
+/// The LLVM major of the nightly toolchain, refused unless bpf-linker can be built for it.
+fn nightly_llvm_major() -> Result<u32> {
+    let vv = output(nightly_rustc().arg("-vV"))
+        .context("the eBPF programs build with nightly: install it with `rustup toolchain install nightly`")?;
+    let (version, major) = rustc_llvm_major(&vv)?;
+    check_llvm_major(version, major)?;
+    Ok(major)
+}
+
+/// The version line and the LLVM major of `rustc -vV` output:
+/// ("rustc 1.97.0-nightly (e50aa6fba 2026-05-19)", 22).
+fn rustc_llvm_major(vv: &str) -> Result<(&str, u32)> {
+    let version = vv.lines().next().unwrap_or_default().trim();
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .with_context(|| format!("`{version} -vV` names no LLVM version"))?;
+    let major =
+        llvm.split('.').next().and_then(|m| m.parse().ok()).with_context(|| format!("LLVM version {llvm:?}"))?;
+    Ok((version, major))
+}
+
+fn check_llvm_major(version: &str, major: u32) -> Result<()> {
+    if BPF_LINKER_LLVM_MAJORS.contains(&major) {
+        return Ok(());
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let supported = BPF_LINKER_LLVM_MAJORS.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    bail!(
+        "nightly {version} has LLVM {major}; bpf-linker {BPF_LINKER_VERSION} supports LLVM {supported}; install a \
+         nightly whose LLVM is one of those as the `nightly` toolchain, e.g. {KNOWN_GOOD_NIGHTLY} (LLVM 22)"
+    )
+}
+
+/// target/setup/, where the installers' logs go.
+fn log_dir() -> Result<PathBuf> {
+    let dir = crate::target_dir().join("setup");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Installs the packages whose file is missing, with apt's output in `log` (rewritten) and one
+/// line on the terminal, prefixed `who:`. `apt-get update` runs only when something is missing.
+pub fn apt_install(packages: &[(&str, &str)], log: &Path, who: &str) -> Result<()> {
+    let missing: Vec<&str> =
+        packages.iter().filter(|(_, file)| !Path::new(file).exists()).map(|(pkg, _)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing packages {missing:?}; run `cargo xtask {who}` as root (it uses apt-get)");
+    }
+    let noun = if missing.len() == 1 { "package" } else { "packages" };
+    with_progress(&format!("{who}: installing {} {noun} ({})", missing.len(), missing.join(" ")), || {
+        fs::write(log, "").with_context(|| format!("creating {}", log.display()))?;
+        let apt = || {
+            let mut c = Command::new("apt-get");
+            c.env("DEBIAN_FRONTEND", "noninteractive").args(["-o", "Dpkg::Use-Pty=0"]);
+            c
+        };
+        status_logged(apt().arg("update"), log)?;
+        status_logged(apt().args(["install", "-y", "--no-install-recommends"]).args(&missing), log)?;
+        for (pkg, file) in packages {
+            if !Path::new(file).exists() {
+                bail!("package {pkg} was installed but {file} is still missing (log: {})", log.display());
+            }
+        }
+        Ok(())
+    })
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    let s = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("the nightly toolchain is needed to build eBPF (rustup toolchain install nightly)")?;
+    let s = output(nightly_rustc().args(["--print", "sysroot"]))?;
     Ok(PathBuf::from(s.trim()))
 }
 
@@ -103,16 +199,6 @@ fn rust_src() -> Result<()> {
     }
     eprintln!("setup: rustup component add rust-src --toolchain nightly");
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-}
-
-/// The LLVM major version of nightly's rustc, e.g. 22.
-fn llvm_major() -> Result<u32> {
-    let v = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
-    let line = v
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .context("`rustc +nightly -vV` names no LLVM version")?;
-    line.split('.').next().and_then(|m| m.parse().ok()).with_context(|| format!("LLVM version {line:?}"))
 }
 
 /// nightly's own libLLVM shared library (bpf-linker links against it).
@@ -128,7 +214,7 @@ fn nightly_libllvm(major: u32) -> Result<PathBuf> {
     bail!("no {prefix}* in {}: this nightly ships no shared libLLVM", lib.display())
 }
 
-fn home() -> Result<PathBuf> {
+pub fn home() -> Result<PathBuf> {
     std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")
 }
 
@@ -141,8 +227,7 @@ fn bpf_linker_works(llvm_dir: &Path, libllvm: &Path) -> bool {
             .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
-fn bpf_linker() -> Result<()> {
-    let major = llvm_major()?;
+fn bpf_linker(major: u32) -> Result<()> {
     let libllvm = nightly_libllvm(major)?;
     // Outside /tmp: bpf-linker's rpath points here, and a dangling rpath breaks it.
     let prefix = home()?.join(".cache/overlay-ebpf/llvm");
@@ -150,30 +235,34 @@ fn bpf_linker() -> Result<()> {
     if bpf_linker_works(&prefix, &libllvm) {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)", libllvm.display());
-    fs::create_dir_all(&lib)?;
-    let file_name = libllvm.file_name().context("libLLVM file name")?;
-    for link in [lib.join("libLLVM.so"), lib.join(file_name)] {
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
-    }
     let feature = format!("llvm-{major}");
-    let st = crate::cargo()
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--force"])
-        .args(["--no-default-features", "--features", &feature])
-        .env("LLVM_PREFIX", &prefix)
-        .status()?;
-    if !st.success() {
-        bail!(
-            "cargo install bpf-linker {BPF_LINKER_VERSION} --features {feature} failed; if the \
-             feature does not exist, this bpf-linker has no support for nightly's LLVM {major}"
-        );
-    }
-    fs::write(prefix.join("stamp"), libllvm.display().to_string())?;
-    if !bpf_linker_works(&prefix, &libllvm) {
-        bail!("bpf-linker was installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH?");
-    }
-    Ok(())
+    let log = log_dir()?.join("bpf-linker.log");
+    let line = format!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} ({feature}, against nightly's libLLVM; about a minute)"
+    );
+    with_progress(&line, || {
+        fs::write(&log, "").with_context(|| format!("creating {}", log.display()))?;
+        fs::create_dir_all(&lib)?;
+        let file_name = libllvm.file_name().context("libLLVM file name")?;
+        for link in [lib.join("libLLVM.so"), lib.join(file_name)] {
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
+        }
+        // --locked: the dependency versions bpf-linker was released with, not whatever is
+        // newest on crates.io today.
+        status_logged(
+            crate::cargo()
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--force", "--locked"])
+                .args(["--no-default-features", "--features", &feature])
+                .env("LLVM_PREFIX", &prefix),
+            &log,
+        )?;
+        fs::write(prefix.join("stamp"), libllvm.display().to_string())?;
+        if !bpf_linker_works(&prefix, &libllvm) {
+            bail!("bpf-linker was installed but `bpf-linker --version` fails; is ~/.cargo/bin on PATH?");
+        }
+        Ok(())
+    })
 }
 
 fn bpffs() -> Result<()> {
@@ -188,4 +277,58 @@ fn bpffs() -> Result<()> {
     }
     eprintln!("setup: mount -t bpf bpf /sys/fs/bpf");
     status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_release_is_checked_for_tcx() {
+        assert!(check_kernel("6.18.44-fc-v657", true).is_ok());
+        assert!(check_kernel("6.6.0", true).is_ok());
+        assert!(check_kernel("7.0.1-arch1", true).is_ok());
+        let old = check_kernel("6.1.0-18-amd64", true).unwrap_err().to_string();
+        assert!(old.contains("6.6 or later") && old.contains("6.1.0-18-amd64"), "{old}");
+        assert!(check_kernel("5.15.0", true).is_err());
+        assert!(check_kernel("garbage", true).is_err());
+    }
+
+    #[test]
+    fn kernel_without_btf_is_refused_with_everything_missing_named() {
+        let e = check_kernel("6.18.44", false).unwrap_err().to_string();
+        assert!(e.contains(KERNEL_BTF) && !e.contains("TCX"), "{e}");
+        let e = check_kernel("5.10.0", false).unwrap_err().to_string();
+        assert!(e.contains(KERNEL_BTF) && e.contains("TCX"), "{e}");
+    }
+
+    #[test]
+    fn kernel_version_takes_major_and_minor() {
+        assert_eq!(kernel_version("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(kernel_version("6.10"), Some((6, 10)));
+        assert_eq!(kernel_version("6"), None);
+    }
+
+    const NIGHTLY_VV: &str = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nbinary: rustc\n\
+        commit-hash: e50aa6fba4e63ab34c72bf9acfd2c307c1155d1a\ncommit-date: 2026-05-19\n\
+        host: x86_64-unknown-linux-gnu\nrelease: 1.97.0-nightly\nLLVM version: 22.1.4\n";
+
+    #[test]
+    fn llvm_major_comes_from_rustc_vv() {
+        assert_eq!(rustc_llvm_major(NIGHTLY_VV).unwrap(), ("rustc 1.97.0-nightly (e50aa6fba 2026-05-19)", 22));
+        assert!(rustc_llvm_major("rustc 1.97.0-nightly\nrelease: 1.97.0-nightly\n").is_err());
+    }
+
+    #[test]
+    fn llvm_major_must_have_a_bpf_linker_feature() {
+        for major in [21, 22, 23] {
+            assert!(check_llvm_major("rustc x", major).is_ok());
+        }
+        let e = check_llvm_major("rustc 1.99.0-nightly (abc 2026-09-01)", 24).unwrap_err().to_string();
+        assert!(
+            e.contains("has LLVM 24") && e.contains("supports LLVM 21, 22, 23") && e.contains(KNOWN_GOOD_NIGHTLY),
+            "{e}"
+        );
+        assert!(check_llvm_major("rustc x", 20).is_err());
+    }
 }
