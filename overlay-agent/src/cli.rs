@@ -9,7 +9,7 @@ use overlay_common::{EncapMode, DEFAULT_UDP_PORT, DEFAULT_VNI, DEFAULT_VXLAN_POR
 
 use crate::{
     daemon::DaemonOptions,
-    dataplane::{DecapHook, NodeSpec},
+    dataplane::{DecapDelivery, DecapHook, NodeSpec},
     lease::registry::{EtcdOptions, DEFAULT_PREFIX},
 };
 
@@ -120,12 +120,6 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DecapDelivery {
-    Direct,
-    Stack,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Underlay interface (default: the interface of the default route).
@@ -162,11 +156,15 @@ pub struct RunArgs {
     /// Where decapsulation runs.
     #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
     pub decap_hook: DecapHook,
-    /// How TC decap delivers to local containers: `direct` hands packets straight to the
-    /// container's veth when it can (fast; inbound packets skip the host's FORWARD chain, as
-    /// flannel's FLANNEL-FWD rules would accept them anyway), `stack` always goes through the
-    /// overlay device and the host's routing and netfilter.
-    #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "direct")]
+    /// How checked tunnel frames reach containers. `kernel` (vxlan): the kernel's vxlan
+    /// device decapsulates them, so every packet enters the host on the overlay device and
+    /// crosses its netfilter (conntrack, NAT, FORWARD) and rp_filter as on a stock flannel
+    /// node. `stack`: decapsulated here and handed to the overlay device (also coherent;
+    /// what the udp backend always does). `direct` (TC only): inbound packets go straight to
+    /// the container's veth, skipping the host's PREROUTING, conntrack and FORWARD while
+    /// outbound ones cross them: DNAT'd Services and conntrack rules (kube-proxy, docker)
+    /// break. Only for nodes with no such rules.
+    #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "kernel")]
     pub decap_delivery: DecapDelivery,
     /// Capacity of the route map: remote subnets the node can route to.
     #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]
@@ -287,7 +285,7 @@ impl RunArgs {
             healthz: (self.healthz_port != 0)
                 .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),
             dataplane: self.dataplane,
-            direct_delivery: self.decap_delivery == DecapDelivery::Direct,
+            delivery: self.decap_delivery,
             max_routes: self.max_routes,
             max_peers: self.max_peers,
         }
@@ -334,7 +332,7 @@ impl RunArgs {
             decap_hook: self.decap_hook,
             bpffs_dir,
             mtu: self.mtu,
-            direct_delivery: self.decap_delivery == DecapDelivery::Direct,
+            delivery: self.decap_delivery,
             max_routes: self.max_routes,
             max_peers: self.max_peers,
         })

@@ -55,7 +55,7 @@ pub struct DaemonOptions {
     /// Where to serve /healthz, /readyz and /metrics (None: off).
     pub healthz: Option<SocketAddr>,
     pub dataplane: DataplaneKind,
-    pub direct_delivery: bool,
+    pub delivery: dataplane::DecapDelivery,
     pub max_routes: u32,
     pub max_peers: u32,
 }
@@ -327,7 +327,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         decap_hook: opts.decap_hook,
         bpffs_dir: opts.bpffs_dir.clone(),
         mtu: cfg.backend.mtu,
-        direct_delivery: opts.direct_delivery,
+        delivery: opts.delivery,
         max_routes: opts.max_routes,
         max_peers: opts.max_peers,
     };
@@ -471,7 +471,7 @@ impl Daemon {
                     m = stream.message() => Wake::Watch(m),
                     _ = tokio::time::sleep_until(self.held.renew_at.into()) => Wake::Renew,
                     _ = resync.tick() => Wake::Resync,
-                    _ = ports.tick(), if self.ebpf.is_some() && self.opts.direct_delivery => Wake::Ports,
+                    _ = ports.tick(), if self.ebpf.is_some() && self.opts.delivery == dataplane::DecapDelivery::Direct => Wake::Ports,
                 };
                 match wake {
                     Wake::Renew => self.renew().await?,

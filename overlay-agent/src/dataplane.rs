@@ -51,6 +51,17 @@ pub enum DecapHook {
     Auto,
 }
 
+/// How checked tunnel frames reach local containers (see `--decap-delivery`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapDelivery {
+    /// The kernel's vxlan device decapsulates (vxlan; the udp backend falls back to `stack`).
+    Kernel,
+    /// Decapsulated by our program and handed to the overlay device's ingress.
+    Stack,
+    /// Straight into the container's veth (TC): inbound packets skip the host's netfilter.
+    Direct,
+}
+
 /// Everything needed to bring one node's data plane up.
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
@@ -66,8 +77,8 @@ pub struct NodeSpec {
     pub bpffs_dir: PathBuf,
     /// Overlay MTU; default: the underlay's minus the encapsulation overhead.
     pub mtu: Option<u32>,
-    /// Let TC decap hand packets straight to containers' veths (see `config_flags`).
-    pub direct_delivery: bool,
+    /// How decapsulated packets reach containers.
+    pub delivery: DecapDelivery,
     /// Capacity of the route map (remote subnets) and of the peer map (remote nodes).
     pub max_routes: u32,
     pub max_peers: u32,
@@ -185,7 +196,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         mode: spec.mode as u32,
         vni: spec.vni,
         port: spec.port,
-        flags: config_flags::READY | if spec.direct_delivery { config_flags::DIRECT_DELIVERY } else { 0 },
+        flags: config_flags::READY | delivery_flags(spec.delivery, spec.mode),
         underlay_ifindex: underlay.ifindex,
         overlay_ifindex: device.ifindex,
         underlay_ip: spec.public_ip.octets(),
@@ -207,6 +218,16 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
     netdev::route_network(spec.network, &spec.device)?;
     Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
+}
+
+/// The config flags for `delivery`: the kernel's vxlan device can decapsulate only vxlan, so
+/// the udp backend decapsulates itself (the stack path) when asked for `kernel`.
+fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
+    match (delivery, mode) {
+        (DecapDelivery::Kernel, EncapMode::Vxlan) => config_flags::KERNEL_DECAP,
+        (DecapDelivery::Kernel | DecapDelivery::Stack, _) => 0,
+        (DecapDelivery::Direct, _) => config_flags::DIRECT_DELIVERY,
+    }
 }
 
 /// Hitless restart: put the freshly loaded program `name` into the link pinned at `pin`
@@ -285,19 +306,36 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink> {
     Ok(FdLink::try_from(link)?)
 }
 
-/// The hook to try first. `Auto`: native XDP on a physical NIC (no rtnetlink kind), TC on
-/// virtual devices (veth, bridges, bonds...), where native XDP costs GSO on the peer.
-pub fn resolve_hook(requested: DecapHook, underlay_kind: Option<&str>) -> DecapHook {
-    match requested {
-        DecapHook::Auto if underlay_kind.is_none() => DecapHook::Xdp,
+/// The hook to try first. XDP only checks and hands valid frames to the kernel's vxlan
+/// device, so it serves the vxlan backend with `kernel` delivery. `Auto`: native XDP then on
+/// a physical NIC (no rtnetlink kind), TC on virtual devices (veth, bridges, bonds...),
+/// where native XDP costs GSO on the peer; TC otherwise.
+pub fn resolve_hook(
+    requested: DecapHook,
+    underlay_kind: Option<&str>,
+    mode: EncapMode,
+    delivery: DecapDelivery,
+) -> Result<DecapHook> {
+    let xdp_fits = mode == EncapMode::Vxlan && delivery == DecapDelivery::Kernel;
+    Ok(match requested {
+        DecapHook::Auto if xdp_fits && underlay_kind.is_none() => DecapHook::Xdp,
         DecapHook::Auto => DecapHook::Tc,
+        DecapHook::Xdp if mode != EncapMode::Vxlan => bail!(
+            "--decap-hook xdp hands checked frames to the kernel's vxlan device, and the udp \
+             backend has none: use --decap-hook tc (or auto)"
+        ),
+        DecapHook::Xdp if delivery != DecapDelivery::Kernel => bail!(
+            "--decap-hook xdp always leaves decapsulation to the kernel's vxlan device; \
+             --decap-delivery {} needs --decap-hook tc",
+            format!("{delivery:?}").to_lowercase()
+        ),
         h => h,
-    }
+    })
 }
 
 fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay: bool) -> Result<DecapHook> {
     let dir = &spec.bpffs_dir;
-    let want = resolve_hook(spec.decap_hook, underlay.kind.as_deref());
+    let want = resolve_hook(spec.decap_hook, underlay.kind.as_deref(), spec.mode, spec.delivery)?;
     if same_underlay {
         let adopted = match want {
             DecapHook::Xdp => adopt_xdp(ebpf, &dir.join(LINK_DECAP_XDP)).then_some(DecapHook::Xdp),
@@ -403,12 +441,22 @@ mod tests {
 
     #[test]
     fn auto_hook_is_xdp_on_nics_and_tc_on_virtual_devices() {
-        assert_eq!(resolve_hook(DecapHook::Auto, None), DecapHook::Xdp);
+        let (vx, kernel) = (EncapMode::Vxlan, DecapDelivery::Kernel);
+        let hook = |h, kind, mode, delivery| resolve_hook(h, kind, mode, delivery).unwrap();
+        assert_eq!(hook(DecapHook::Auto, None, vx, kernel), DecapHook::Xdp);
         for kind in ["veth", "bridge", "vxlan", "bond"] {
-            assert_eq!(resolve_hook(DecapHook::Auto, Some(kind)), DecapHook::Tc, "{kind}");
+            assert_eq!(hook(DecapHook::Auto, Some(kind), vx, kernel), DecapHook::Tc, "{kind}");
         }
-        assert_eq!(resolve_hook(DecapHook::Xdp, Some("veth")), DecapHook::Xdp, "explicit choice wins");
-        assert_eq!(resolve_hook(DecapHook::Tc, None), DecapHook::Tc);
+        assert_eq!(hook(DecapHook::Xdp, Some("veth"), vx, kernel), DecapHook::Xdp, "explicit choice wins");
+        assert_eq!(hook(DecapHook::Tc, None, vx, kernel), DecapHook::Tc);
+        // XDP leaves decapsulation to the kernel's vxlan device: udp and other deliveries
+        // decapsulate in TC.
+        assert_eq!(hook(DecapHook::Auto, None, EncapMode::Udp, kernel), DecapHook::Tc);
+        assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Stack), DecapHook::Tc);
+        let err = resolve_hook(DecapHook::Xdp, None, EncapMode::Udp, kernel).unwrap_err().to_string();
+        assert!(err.contains("udp") && err.contains("--decap-hook tc"), "{err}");
+        let err = resolve_hook(DecapHook::Xdp, None, vx, DecapDelivery::Direct).unwrap_err().to_string();
+        assert!(err.contains("--decap-delivery direct") && err.contains("--decap-hook tc"), "{err}");
     }
 
     #[test]

@@ -204,7 +204,7 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         subnet = %spec.subnet,
         "data plane up (static mode)"
     );
-    let direct = spec.direct_delivery;
+    let direct = spec.delivery == dataplane::DecapDelivery::Direct;
     runtime()?.block_on(async {
         let logs = overlay_agent::program_logs(&mut dp.ebpf);
         let ports = async {

@@ -113,6 +113,11 @@ pub mod config_flags {
     /// forwarding path; otherwise (or when the lookup has no answer) they go through the
     /// overlay device and the host's routing.
     pub const DIRECT_DELIVERY: u16 = 1 << 1;
+    /// Decap only checks (vxlan): a frame that passes is handed on unchanged (TC_ACT_OK,
+    /// XDP_PASS) to the kernel's own vxlan device, which decapsulates it as on a stock
+    /// flannel node, so the inner packet enters the host on the overlay device and crosses
+    /// its netfilter (conntrack, NAT, FORWARD) and reverse-path filter as flannel's do.
+    pub const KERNEL_DECAP: u16 = 1 << 2;
 }
 
 /// Key of `PORT_BY_MAC`: a container's MAC address as on the wire.

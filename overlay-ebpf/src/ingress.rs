@@ -1,16 +1,20 @@
 //! Decapsulation.
 //!
-//! Attached: the underlay interface, either as TCX ingress (`tc_ingress_decap`, for virtual
-//! underlays where native XDP would cost GSO) or as native XDP (`xdp_decap`, for NICs).
+//! Attached: the underlay interface, either as TCX ingress (`tc_ingress_decap`) or as native
+//! XDP (`xdp_decap`, vxlan only, for NICs).
 //! Sees: every frame the node receives on its underlay.
 //! Does: accepts only tunnel frames for us: UDP to our port, outer IPv4 without options or
 //! fragmentation, from an underlay address in the peer table, with our VNI and exactly the I
 //! flag (VXLAN), carrying an IPv4 packet for this node's subnet whose source belongs to the
-//! sending peer. It strips the outer headers (keeping GSO sizes) and delivers the inner
-//! packet: TC redirects it into the overlay device's ingress, so the host routes it to the
-//! container bridge exactly as if the kernel vxlan device had decapsulated it (and
-//! rp_filter sees it arrive on the device its source routes through); XDP passes it up the
-//! underlay's stack, which routes it the same way.
+//! sending peer. What happens to an accepted frame depends on the delivery the agent chose:
+//! - kernel (the default for vxlan; always with XDP): the frame passes unchanged to the
+//!   kernel's vxlan device, which decapsulates it as on a stock flannel node: the inner
+//!   packet enters the host on the overlay device and crosses its netfilter (conntrack, NAT,
+//!   FORWARD) and reverse-path filter, both directions of every flow alike;
+//! - stack (udp backend): TC strips the outer headers (keeping GSO sizes) and redirects the
+//!   inner packet into the overlay device's ingress, with the same effect;
+//! - direct (opt-in, TC): straight into the container's veth, skipping the host's netfilter
+//!   on the way in only (see `--decap-delivery`).
 //! Not handled: everything that is not addressed to our port passes untouched; frames to our
 //! port that fail a check are dropped and counted by reason.
 
@@ -21,7 +25,7 @@ use aya_ebpf::{
         TC_ACT_SHOT,
     },
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -178,6 +182,12 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
         return Err(Verdict::Pass);
     };
     let t = classify(ctx, &cfg)?;
+    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
+    count(Counter::Decapsulated);
+    if cfg.flags & config_flags::KERNEL_DECAP != 0 {
+        // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
+        return Ok(TC_ACT_OK as i32);
+    }
     // FIXED_GSO: without it gso_size grows by the overhead and bulk TCP collapses.
     ctx.adjust_room(-(t.strip as i32), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
         .map_err(|_| Counter::DecapFailed)?;
@@ -187,8 +197,6 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     eth[6..12].copy_from_slice(&t.outer_eth[6..12]);
     eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
     ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
-    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
-    count(Counter::Decapsulated);
     if cfg.flags & config_flags::DIRECT_DELIVERY != 0 {
         if let Some(action) = deliver_direct(ctx, &cfg, &t.inner)? {
             count(Counter::DecapDirect);
@@ -244,39 +252,26 @@ fn deliver_direct(ctx: &TcContext, cfg: &DataplaneConfig, ip: &InnerFields) -> R
 
 #[xdp]
 pub fn xdp_decap(ctx: XdpContext) -> u32 {
-    match try_xdp_decap(&ctx) {
-        Ok(action) => action,
-        Err(Verdict::Pass) => xdp_action::XDP_PASS,
+    match try_xdp_check(&ctx) {
+        Ok(()) | Err(Verdict::Pass) => xdp_action::XDP_PASS,
         Err(Verdict::Drop(reason)) => {
             count(reason);
-            if reason == Counter::DecapFailed {
-                error!(&ctx, "xdp decap failed: bpf_xdp_adjust_head refused");
-            }
             xdp_action::XDP_DROP
         }
     }
 }
 
-/// Ok(XDP_PASS) with the inner packet behind a fresh Ethernet header (the underlay's stack
-/// then routes it); Err(Pass) for frames that are not ours; Err(Drop(reason)) otherwise.
+/// The checks, before an skb exists: invalid frames to our port are dropped and counted,
+/// valid ones pass unchanged to the kernel's vxlan device, which decapsulates them (the
+/// agent uses XDP only for vxlan). The inner packet so enters the host on the overlay
+/// device, through its netfilter and reverse-path filter, after GRO has merged the frames.
 #[inline(always)]
-fn try_xdp_decap(ctx: &XdpContext) -> Result<u32, Verdict> {
+fn try_xdp_check(ctx: &XdpContext) -> Result<(), Verdict> {
     let Some(cfg) = ready_config() else {
         return Err(Verdict::Pass);
     };
     let t = classify(ctx, &cfg)?;
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, t.strip as i32) } != 0 {
-        return Err(Counter::DecapFailed.into());
-    }
-    let start = ctx.data();
-    if start + ETH_HLEN > ctx.data_end() {
-        return Err(Counter::DecapFailed.into());
-    }
-    // Keep the outer addresses (to our underlay MAC, so the stack takes it as PACKET_HOST).
-    let mut eth = t.outer_eth;
-    eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    unsafe { core::ptr::write_unaligned(start as *mut [u8; ETH_HLEN], eth) };
     account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
     count(Counter::Decapsulated);
-    Ok(xdp_action::XDP_PASS)
+    Ok(())
 }

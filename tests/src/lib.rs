@@ -559,6 +559,12 @@ impl Cluster {
             ip(&["-n", &n, "route", "add", "192.168.0.0/16", "via", &gw.to_string()])?;
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        // Strict reverse-path filtering, as the seed's RHEL/CentOS nodes have it (a new
+        // namespace starts with 0): a packet must arrive on the device its source routes
+        // through.
+        for scope in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "1")?;
+        }
         // Static clusters give node n 10.244.<n>.0/24; with etcd, agents lease theirs and
         // stock flannel nodes get a hand-written lease for 10.244.<100+n>.0/24.
         let subnet: Ipv4Net = match (&spec.control, kind) {

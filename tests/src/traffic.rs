@@ -47,9 +47,19 @@ pub struct Transfer {
 /// Send `bytes` over TCP from a socket in `from` to a listener in `to` at `to_ip`; the
 /// receiver checks every byte against the sender's pattern.
 pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Result<Transfer> {
+    transfer(from, to, 0, move |port| SocketAddrV4::new(to_ip, port), bytes)
+}
+
+/// As `tcp_transfer`, to a listener on `port` in `to` reached through `via` (e.g. a Service
+/// address that a DNAT rule rewrites to the listener).
+pub fn tcp_transfer_via(from: &Netns, to: &Netns, port: u16, via: SocketAddrV4, bytes: u64) -> Result<Transfer> {
+    transfer(from, to, port, move |_| via, bytes)
+}
+
+fn transfer(from: &Netns, to: &Netns, port: u16, dst: impl FnOnce(u16) -> SocketAddrV4 + Send + 'static, bytes: u64) -> Result<Transfer> {
     let (tx, rx) = std::sync::mpsc::channel();
     let server = to.spawn(move || -> Result<u64> {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
         tx.send(l.local_addr()?.port())?;
         let (mut s, _) = l.accept()?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -68,9 +78,9 @@ pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Re
         }
     });
     let port = rx.recv_timeout(Duration::from_secs(10)).context("server did not start")?;
+    let addr = SocketAddr::V4(dst(port));
     let started = Instant::now();
     let client = from.spawn(move || -> Result<()> {
-        let addr = SocketAddr::V4(SocketAddrV4::new(to_ip, port));
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
             .with_context(|| format!("connecting to {addr}"))?;
         s.set_write_timeout(Some(Duration::from_secs(30)))?;

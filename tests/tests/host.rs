@@ -11,7 +11,7 @@ use std::{
 
 use overlay_tests::{
     ip, require_root,
-    traffic::{http_get, ping, send_udp, tcp_transfer, UdpProbe},
+    traffic::{http_get, ping, send_udp, tcp_transfer, tcp_transfer_via, UdpProbe},
     wait_until, Backend, Cluster, ClusterSpec, Control, Netns,
 };
 
@@ -267,4 +267,78 @@ fn real_docker_containers_reach_each_other_across_nodes() {
     ok("docker 1 -> 2", daemons[0].exec("c1", &["ping", "-c", "3", "-W", "2", &addrs[1].to_string()]).map(drop));
     ok("docker 2 -> 1", daemons[1].exec("c1", &["ping", "-c", "3", "-W", "2", &addrs[0].to_string()]).map(drop));
     drop(daemons);
+}
+
+/// The host's netfilter sees both directions of every overlay flow, as on a stock flannel
+/// node: on nodes with strict rp_filter, docker's FORWARD DROP and kube-proxy's rules (a
+/// Service DNAT to a container on another node, a conntrack INVALID drop), traffic through
+/// the Service and between containers flows both ways, and both nodes' conntrack tables hold
+/// a cross-node connection as ESTABLISHED.
+fn netfilter_sees_both_directions(tag: &str, hook: &'static str) {
+    use std::io::{Read as _, Write as _};
+    let c = cluster(tag, &ClusterSpec::etcd(Backend::Vxlan, hook, 2));
+    for n in &c.nodes {
+        ok("policy", n.ns.run("iptables", &["-w", "-P", "FORWARD", "DROP"]));
+        ok("invalid", n.ns.run("iptables", &["-w", "-I", "FORWARD", "1", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]));
+    }
+    let (n1, n2) = (c.node(1), c.node(2));
+    // Warm up: the bridges learn every container's MAC, so a fast path that needs them (direct
+    // delivery, were it on) takes every packet below.
+    for (a, b) in [(n1, n2), (n2, n1)] {
+        for k in 0..2 {
+            ok("ping", ping(&a.containers[k], b.container_ip(k), 1));
+        }
+    }
+    for n in &c.nodes {
+        let flags = ok("config", overlay_agent::maps::Maps::open(&n.bpffs_dir).and_then(|m| m.config()).map_err(Into::into)).flags;
+        if flags & overlay_common::config_flags::DIRECT_DELIVERY != 0 {
+            assert!(wait_until(Duration::from_secs(10), || n.mapped_ports() >= 2), "node {}: port map not filled", n.index);
+        }
+    }
+    let target = n2.container_ip(0);
+    let service = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+    ok("dnat", n1.ns.run("iptables", &[
+        "-w", "-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10/32", "-p", "tcp", "--dport", "80",
+        "-j", "DNAT", "--to-destination", &format!("{target}:8080"),
+    ]));
+    ok("TCP through the Service", tcp_transfer_via(&n1.containers[0], &n2.containers[0], 8080, service, 16 << 20));
+    ok("TCP 1 -> 2", tcp_transfer(&n1.containers[1], &n2.containers[1], n2.container_ip(1), 16 << 20));
+    ok("TCP 2 -> 1", tcp_transfer(&n2.containers[1], &n1.containers[1], n1.container_ip(1), 16 << 20));
+
+    // A connection held open through the Service is ESTABLISHED on both nodes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = n2.containers[0].spawn(move || -> std::io::Result<()> {
+        let l = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 8080))?;
+        let _ = tx.send(());
+        let (mut s, _) = l.accept()?;
+        let mut b = [0u8; 64];
+        while s.read(&mut b)? > 0 {}
+        Ok(())
+    });
+    rx.recv_timeout(Duration::from_secs(10)).expect("listener up");
+    let mut client = ok("connect", n1.containers[0].enter(move || {
+        std::net::TcpStream::connect_timeout(&service.into(), Duration::from_secs(10)).map_err(anyhow::Error::from)
+    }).and_then(|r| r));
+    ok("send", client.write_all(b"held").map_err(Into::into));
+    let c1 = n1.container_ip(0);
+    for (n, flow) in [(n1, format!("src={c1} dst=10.96.0.10 ")), (n2, format!("src={c1} dst={target} "))] {
+        assert!(
+            wait_until(Duration::from_secs(10), || n.ns.run("conntrack", &["-L", "-p", "tcp"]).is_ok_and(|t| t.lines().any(|l| l.contains("ESTABLISHED") && l.contains(&flow)))),
+            "node {}: no ESTABLISHED entry for {flow}:\n{}",
+            n.index,
+            n.ns.run("conntrack", &["-L", "-p", "tcp"]).unwrap_or_default()
+        );
+    }
+    drop(client);
+    server.join().expect("server thread").and_then(|r| r.map_err(Into::into)).expect("server");
+}
+
+#[test]
+fn netfilter_sees_both_directions_with_tc_decap() {
+    netfilter_sees_both_directions("nft", "tc");
+}
+
+#[test]
+fn netfilter_sees_both_directions_with_xdp_decap() {
+    netfilter_sees_both_directions("nfx", "xdp");
 }
