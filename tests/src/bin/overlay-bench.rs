@@ -425,6 +425,10 @@ fn write_benchmarks_md(md: &Path, report: &Report, table: &str) -> Result<()> {
          XDP decapsulation is slow here by construction: native XDP on a veth turns off GSO/TSO on\n\
          its peer, so every segment crosses the underlay separately (see shared DATAPLANE.md); on a\n\
          physical NIC XDP runs before GRO and has no such cost. `--decap-hook auto` picks TC on veth.\n\n\
+         The eBPF paths run the agent's defaults: every check in TC or XDP, then the kernel's vxlan\n\
+         device decapsulates, so the host's netfilter sees both directions of every flow. The udp\n\
+         backend has no kernel device: TC strips the headers onto `flannel0`, where GRO-merged frames\n\
+         keep tunnel GSO state on 6.18 and are segmented in software (its TCP figures).\n\n\
          <!-- control-plane -->{control}",
         runs = report.runs,
         targets = targets(report),
