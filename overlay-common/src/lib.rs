@@ -199,7 +199,8 @@ pub fn prefix_contains(prefix: [u8; 4], len: u32, addr: [u8; 4]) -> bool {
 pub enum Counter {
     /// Inner packet encapsulated and sent to a peer.
     Encapsulated = 0,
-    /// Tunnel frame decapsulated and delivered.
+    /// Tunnel frame accepted: passed every check and handed to the kernel's vxlan device
+    /// (kernel delivery, and always with XDP), or decapsulated and delivered by TC.
     Decapsulated = 1,
     /// Encap: no route for the inner destination (dropped).
     NoRoute = 2,

@@ -182,10 +182,10 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
         return Err(Verdict::Pass);
     };
     let t = classify(ctx, &cfg)?;
-    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
-    count(Counter::Decapsulated);
     if cfg.flags & config_flags::KERNEL_DECAP != 0 {
         // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
+        account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
+        count(Counter::Decapsulated);
         return Ok(TC_ACT_OK as i32);
     }
     // FIXED_GSO: without it gso_size grows by the overhead and bulk TCP collapses.
@@ -197,6 +197,8 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     eth[6..12].copy_from_slice(&t.outer_eth[6..12]);
     eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
     ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
+    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
+    count(Counter::Decapsulated);
     if cfg.flags & config_flags::DIRECT_DELIVERY != 0 {
         if let Some(action) = deliver_direct(ctx, &cfg, &t.inner)? {
             count(Counter::DecapDirect);
