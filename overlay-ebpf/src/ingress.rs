@@ -150,6 +150,13 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     })
 }
 
+/// Count a frame that passed every check and is on its way to a container.
+#[inline(always)]
+fn accepted(t: &Tunnel) {
+    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
+    count(Counter::Decapsulated);
+}
+
 #[inline(always)]
 fn ready_config() -> Option<DataplaneConfig> {
     match config() {
@@ -184,8 +191,7 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     let t = classify(ctx, &cfg)?;
     if cfg.flags & config_flags::KERNEL_DECAP != 0 {
         // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
-        account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
-        count(Counter::Decapsulated);
+        accepted(&t);
         return Ok(TC_ACT_OK as i32);
     }
     // FIXED_GSO: without it gso_size grows by the overhead and bulk TCP collapses.
@@ -197,8 +203,7 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     eth[6..12].copy_from_slice(&t.outer_eth[6..12]);
     eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
     ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
-    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
-    count(Counter::Decapsulated);
+    accepted(&t);
     if cfg.flags & config_flags::DIRECT_DELIVERY != 0 {
         if let Some(action) = deliver_direct(ctx, &cfg, &t.inner)? {
             count(Counter::DecapDirect);
@@ -273,7 +278,6 @@ fn try_xdp_check(ctx: &XdpContext) -> Result<(), Verdict> {
         return Err(Verdict::Pass);
     };
     let t = classify(ctx, &cfg)?;
-    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
-    count(Counter::Decapsulated);
+    accepted(&t);
     Ok(())
 }

@@ -103,10 +103,13 @@ fn transfer(from: &Netns, to: &Netns, port: u16, dst: impl FnOnce(u16) -> Socket
     Ok(Transfer { bytes: got, elapsed: started.elapsed() })
 }
 
+/// Datagrams received, with the address each came from.
+type Datagrams = Vec<(SocketAddr, Vec<u8>)>;
+
 /// A UDP socket in a namespace collecting whatever arrives until stopped.
 pub struct UdpProbe {
     stop: Arc<AtomicBool>,
-    got: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    got: Arc<Mutex<Datagrams>>,
     thread: JoinHandle<Result<Result<()>>>,
 }
 
@@ -148,7 +151,7 @@ impl UdpProbe {
     }
 
     /// As `finish_after`, with the address each datagram came from.
-    pub fn finish_after_with_sources(self, count: usize) -> Vec<(SocketAddr, Vec<u8>)> {
+    pub fn finish_after_with_sources(self, count: usize) -> Datagrams {
         crate::wait_until(Duration::from_secs(10), || self.got.lock().expect("probe lock").len() >= count);
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().expect("probe thread").and_then(|r| r).expect("probe failed");
@@ -186,6 +189,7 @@ pub fn http_get(ns: &Netns, addr: SocketAddrV4, path: &str) -> Result<(u16, Stri
 pub struct UdpStream {
     stop: Arc<AtomicBool>,
     sender: JoinHandle<Result<Result<u64>>>,
+    /// Sequence numbers seen, and the receiver's socket-buffer overflows.
     receiver: JoinHandle<Result<Result<(Vec<u64>, u64)>>>,
     recv_stop: Arc<AtomicBool>,
     /// Datagrams the receiver has taken so far.
