@@ -156,15 +156,14 @@ pub struct RunArgs {
     /// Where decapsulation runs.
     #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
     pub decap_hook: DecapHook,
-    /// How checked tunnel frames reach containers. `kernel` (vxlan): the kernel's vxlan
-    /// device decapsulates them, so every packet enters the host on the overlay device and
-    /// crosses its netfilter (conntrack, NAT, FORWARD) and rp_filter as on a stock flannel
-    /// node. `stack`: decapsulated here and handed to the overlay device (also coherent;
-    /// what the udp backend always does). `direct` (TC only): inbound packets go straight to
-    /// the container's veth, skipping the host's PREROUTING, conntrack and FORWARD while
-    /// outbound ones cross them: DNAT'd Services and conntrack rules (kube-proxy, docker)
-    /// break. Only for nodes with no such rules.
-    #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "kernel")]
+    /// How checked tunnel frames reach containers; every choice hands the inner packet to
+    /// the host on the overlay device, so it crosses the host's netfilter (conntrack, NAT,
+    /// FORWARD) and rp_filter as on a stock flannel node, both directions of every flow.
+    /// `kernel` (vxlan): the kernel's vxlan device decapsulates. `stack`: decapsulated here
+    /// and handed to the overlay device (what the udp backend always does). `auto`: vxlan
+    /// with TC decap sends frames GRO merged to the kernel device and decapsulates the rest
+    /// itself; otherwise as `kernel` (XDP) or `stack` (udp). No mode skips netfilter.
+    #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "auto")]
     pub decap_delivery: DecapDelivery,
     /// Capacity of the route map: remote subnets the node can route to.
     #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]

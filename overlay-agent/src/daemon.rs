@@ -69,10 +69,6 @@ pub enum DataplaneKind {
     Tun,
 }
 
-/// How often the direct-delivery port map follows the bridges' forwarding databases. A new
-/// container's first packets take the overlay device's path until then.
-pub const PORT_SYNC: Duration = Duration::from_secs(1);
-
 /// Exponential backoff between etcd retries.
 struct Backoff(Duration);
 impl Backoff {
@@ -429,7 +425,6 @@ enum Wake {
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
     Renew,
     Resync,
-    Ports,
 }
 
 impl Daemon {
@@ -464,22 +459,14 @@ impl Daemon {
             backoff.reset();
             let mut resync = tokio::time::interval(self.opts.iptables_resync);
             resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut ports = tokio::time::interval(PORT_SYNC);
-            ports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let wake = tokio::select! {
                     m = stream.message() => Wake::Watch(m),
                     _ = tokio::time::sleep_until(self.held.renew_at.into()) => Wake::Renew,
                     _ = resync.tick() => Wake::Resync,
-                    _ = ports.tick(), if self.ebpf.is_some() && self.opts.delivery == dataplane::DecapDelivery::Direct => Wake::Ports,
                 };
                 match wake {
                     Wake::Renew => self.renew().await?,
-                    Wake::Ports => {
-                        if let Ok(mut m) = Maps::open(&self.spec.bpffs_dir) {
-                            dataplane::sync_ports(&mut m);
-                        }
-                    }
                     Wake::Resync => match self.ensure_rules() {
                         Ok(true) => {
                             self.state.iptables_restores.fetch_add(1, Ordering::Relaxed);

@@ -21,7 +21,7 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, SkLookup, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -39,6 +39,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const LINK_ENCAP: &str = "link_encap";
 pub const LINK_DECAP_TC: &str = "link_decap_tc";
 pub const LINK_DECAP_XDP: &str = "link_decap_xdp";
+pub const LINK_GUARD: &str = "link_guard";
 
 /// Where decapsulation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -54,12 +55,13 @@ pub enum DecapHook {
 /// How checked tunnel frames reach local containers (see `--decap-delivery`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapDelivery {
+    /// vxlan in TC: frames GRO merged go to the kernel's vxlan device, the rest are
+    /// decapsulated by our program (as `stack`); with XDP as `kernel`; udp as `stack`.
+    Auto,
     /// The kernel's vxlan device decapsulates (vxlan; the udp backend falls back to `stack`).
     Kernel,
     /// Decapsulated by our program and handed to the overlay device's ingress.
     Stack,
-    /// Straight into the container's veth (TC): inbound packets skip the host's netfilter.
-    Direct,
 }
 
 /// Everything needed to bring one node's data plane up.
@@ -177,6 +179,9 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     if EBPF_OBJECT.is_empty() {
         bail!("this agent was built with AYA_BUILD_SKIP=1 and carries no eBPF programs; build it with `cargo xtask build`");
     }
+    for retired in map_names::RETIRED {
+        remove_pin(&spec.bpffs_dir.join(retired))?;
+    }
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> =
         map_names::ALL.iter().map(|m| (*m, spec.bpffs_dir.join(m))).collect();
@@ -216,6 +221,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     }
 
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
+    attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
     netdev::route_network(spec.network, &spec.device)?;
     Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
 }
@@ -224,10 +230,25 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
 /// the udp backend decapsulates itself (the stack path) when asked for `kernel`.
 fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
     match (delivery, mode) {
+        (DecapDelivery::Auto, EncapMode::Vxlan) => config_flags::KERNEL_DECAP | config_flags::NATIVE_UNMERGED,
         (DecapDelivery::Kernel, EncapMode::Vxlan) => config_flags::KERNEL_DECAP,
-        (DecapDelivery::Kernel | DecapDelivery::Stack, _) => 0,
-        (DecapDelivery::Direct, _) => config_flags::DIRECT_DELIVERY,
+        (_, EncapMode::Udp) | (DecapDelivery::Stack, _) => 0,
     }
+}
+
+/// The socket guard, attached to the agent's network namespace: tunnel datagrams that did
+/// not arrive on the underlay never reach the kernel's vxlan socket. A fresh link is pinned
+/// in place of the previous one (a namespace runs both for a moment: no gap on restart).
+fn attach_guard(ebpf: &mut Ebpf, pin: &Path) -> Result<()> {
+    let prog: &mut SkLookup = ebpf
+        .program_mut(prog_names::SK_LOOKUP_GUARD)
+        .context("program sk_lookup_guard missing from the object")?
+        .try_into()?;
+    prog.load().context("verifier rejected sk_lookup_guard")?;
+    let netns = fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
+    let id = prog.attach(&netns).context("attaching the socket guard (sk_lookup, Linux >= 5.17)")?;
+    let link = FdLink::from(prog.take_link(id)?);
+    pin_link(link, pin)
 }
 
 /// Hitless restart: put the freshly loaded program `name` into the link pinned at `pin`
@@ -316,7 +337,7 @@ pub fn resolve_hook(
     mode: EncapMode,
     delivery: DecapDelivery,
 ) -> Result<DecapHook> {
-    let xdp_fits = mode == EncapMode::Vxlan && delivery == DecapDelivery::Kernel;
+    let xdp_fits = mode == EncapMode::Vxlan && delivery != DecapDelivery::Stack;
     Ok(match requested {
         DecapHook::Auto if xdp_fits && underlay_kind.is_none() => DecapHook::Xdp,
         DecapHook::Auto => DecapHook::Tc,
@@ -324,7 +345,7 @@ pub fn resolve_hook(
             "--decap-hook xdp hands checked frames to the kernel's vxlan device, and the udp \
              backend has none: use --decap-hook tc (or auto)"
         ),
-        DecapHook::Xdp if delivery != DecapDelivery::Kernel => bail!(
+        DecapHook::Xdp if delivery == DecapDelivery::Stack => bail!(
             "--decap-hook xdp always leaves decapsulation to the kernel's vxlan device; \
              --decap-delivery {} needs --decap-hook tc",
             format!("{delivery:?}").to_lowercase()
@@ -378,11 +399,12 @@ pub struct Status {
     pub underlay: Option<String>,
     pub decap_hook: Option<DecapHook>,
     pub encap_attached: bool,
+    pub guard_attached: bool,
 }
 
 impl Status {
     pub fn is_up(&self) -> bool {
-        self.config.is_ready() && self.encap_attached && self.decap_hook.is_some()
+        self.config.is_ready() && self.encap_attached && self.guard_attached && self.decap_hook.is_some()
     }
 }
 
@@ -400,6 +422,7 @@ pub fn status(dir: &Path) -> Result<Status> {
         device: netdev::name_of(config.overlay_ifindex),
         underlay: netdev::name_of(config.underlay_ifindex),
         encap_attached: dir.join(LINK_ENCAP).exists(),
+        guard_attached: dir.join(LINK_GUARD).exists(),
         decap_hook,
         config,
     })
@@ -413,10 +436,10 @@ pub fn teardown(dir: &Path) -> Result<()> {
         .and_then(|m| m.config().ok())
         .filter(|c| c.is_ready())
         .and_then(|c| netdev::name_of(c.overlay_ifindex));
-    for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP] {
+    for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP, LINK_GUARD] {
         remove_pin(&dir.join(link))?;
     }
-    for map in map_names::ALL {
+    for map in map_names::ALL.iter().chain(&map_names::RETIRED) {
         remove_pin(&dir.join(map))?;
     }
     if let Some(dev) = device {
@@ -453,28 +476,28 @@ mod tests {
         // decapsulate in TC.
         assert_eq!(hook(DecapHook::Auto, None, EncapMode::Udp, kernel), DecapHook::Tc);
         assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Stack), DecapHook::Tc);
+        assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Auto), DecapHook::Xdp);
+        assert_eq!(hook(DecapHook::Auto, Some("veth"), vx, DecapDelivery::Auto), DecapHook::Tc);
         let err = resolve_hook(DecapHook::Xdp, None, EncapMode::Udp, kernel).unwrap_err().to_string();
         assert!(err.contains("udp") && err.contains("--decap-hook tc"), "{err}");
-        let err = resolve_hook(DecapHook::Xdp, None, vx, DecapDelivery::Direct).unwrap_err().to_string();
-        assert!(err.contains("--decap-delivery direct") && err.contains("--decap-hook tc"), "{err}");
+        let err = resolve_hook(DecapHook::Xdp, None, vx, DecapDelivery::Stack).unwrap_err().to_string();
+        assert!(err.contains("--decap-delivery stack") && err.contains("--decap-hook tc"), "{err}");
+    }
+
+    #[test]
+    fn delivery_flags_split_merged_frames_only_for_vxlan_auto() {
+        use config_flags::{KERNEL_DECAP, NATIVE_UNMERGED};
+        assert_eq!(delivery_flags(DecapDelivery::Auto, EncapMode::Vxlan), KERNEL_DECAP | NATIVE_UNMERGED);
+        assert_eq!(delivery_flags(DecapDelivery::Kernel, EncapMode::Vxlan), KERNEL_DECAP);
+        assert_eq!(delivery_flags(DecapDelivery::Stack, EncapMode::Vxlan), 0);
+        for d in [DecapDelivery::Auto, DecapDelivery::Kernel, DecapDelivery::Stack] {
+            assert_eq!(delivery_flags(d, EncapMode::Udp), 0, "udp has no kernel device: {d:?}");
+        }
     }
 
     #[test]
     fn udp_overlay_peer_name_fits_ifnamsiz() {
         assert_eq!(overlay_peer_name("flannel0"), "flannel0-p");
         assert!(overlay_peer_name("a-very-long-devname").len() <= 15);
-    }
-}
-
-/// Keep the direct-delivery port map equal to the bridges' learned MACs; logs failures
-/// (the fast path then just has fewer answers, and the overlay device's path delivers).
-pub fn sync_ports(maps: &mut Maps) {
-    match netdev::bridge_ports() {
-        Ok(want) => {
-            if let Err(e) = maps.sync_ports(&want) {
-                tracing::warn!(error = %e, "updating the container port map");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "reading the bridges' forwarding database"),
     }
 }

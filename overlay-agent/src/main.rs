@@ -66,11 +66,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Status) => {
             let st = dataplane::status(&dir)?;
             println!(
-                "device={} underlay={} encap={} decap={:?} ready={}",
+                "device={} underlay={} encap={} decap={:?} guard={} ready={}",
                 st.device.as_deref().unwrap_or("-"),
                 st.underlay.as_deref().unwrap_or("-"),
                 if st.encap_attached { "attached" } else { "detached" },
                 st.decap_hook,
+                if st.guard_attached { "attached" } else { "detached" },
                 st.config.is_ready()
             );
             Ok(if st.is_up() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -204,22 +205,11 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         subnet = %spec.subnet,
         "data plane up (static mode)"
     );
-    let direct = spec.delivery == dataplane::DecapDelivery::Direct;
     runtime()?.block_on(async {
         let logs = overlay_agent::program_logs(&mut dp.ebpf);
-        let ports = async {
-            let mut tick = tokio::time::interval(overlay_agent::daemon::PORT_SYNC);
-            loop {
-                tick.tick().await;
-                if direct {
-                    dataplane::sync_ports(&mut dp.maps);
-                }
-            }
-        };
         tokio::select! {
             _ = shutdown_signal() => {}
             r = logs => r?,
-            _ = ports => {}
         }
         anyhow::Ok(())
     })?;

@@ -12,15 +12,14 @@ use std::{
 
 use aya::{
     maps::{
-        lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::Key, Array, LpmTrie, Map, MapData, MapError, PerCpuArray,
         PerCpuHashMap, PerCpuValues,
     },
     Ebpf,
 };
 use ipnet::Ipv4Net;
 use overlay_common::{
-    map_names, BridgePort, Counter, DataplaneConfig, Ipv4Prefix, MacAddr, PeerAddr, PeerStats,
-    Vtep,
+    map_names, Counter, DataplaneConfig, Ipv4Prefix, PeerAddr, PeerStats, Vtep,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +75,6 @@ pub struct Maps {
     peers: PerCpuHashMap<MapData, PeerAddr, PeerStats>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DataplaneConfig>,
-    ports: HashMap<MapData, MacAddr, BridgePort>,
 }
 
 pub fn pin_path(dir: &Path, map: &str) -> PathBuf {
@@ -104,7 +102,6 @@ impl Maps {
             peers: typed(map_names::PEER_STATS, open(map_names::PEER_STATS)?)?,
             counters: typed(map_names::COUNTERS, open(map_names::COUNTERS)?)?,
             config: typed(map_names::DP_CONFIG, open(map_names::DP_CONFIG)?)?,
-            ports: typed(map_names::PORT_BY_MAC, open(map_names::PORT_BY_MAC)?)?,
         })
     }
 
@@ -116,47 +113,7 @@ impl Maps {
             peers: typed(map_names::PEER_STATS, take(map_names::PEER_STATS)?)?,
             counters: typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?,
             config: typed(map_names::DP_CONFIG, take(map_names::DP_CONFIG)?)?,
-            ports: typed(map_names::PORT_BY_MAC, take(map_names::PORT_BY_MAC)?)?,
         })
-    }
-
-    /// Container MAC -> bridge port entries (direct delivery).
-    pub fn ports(&self) -> Result<BTreeMap<MacAddr, BridgePort>> {
-        let mut out = BTreeMap::new();
-        for item in self.ports.iter() {
-            let (mac, port) = item.map_err(map_err(map_names::PORT_BY_MAC))?;
-            out.insert(mac, port);
-        }
-        Ok(out)
-    }
-
-    pub fn set_port(&mut self, mac: MacAddr, port: BridgePort) -> Result<()> {
-        self.ports.insert(mac, port, 0).map_err(map_err(map_names::PORT_BY_MAC))
-    }
-
-    pub fn remove_port(&mut self, mac: &MacAddr) -> Result<()> {
-        match self.ports.remove(mac) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(map_names::PORT_BY_MAC)(e)),
-        }
-    }
-
-    /// Make the port map equal to the bridges' learned container MACs (from `bridge fdb`).
-    /// Returns how many entries changed.
-    pub fn sync_ports(&mut self, want: &BTreeMap<MacAddr, BridgePort>) -> Result<usize> {
-        let have = self.ports()?;
-        let mut changed = 0;
-        for (mac, port) in want {
-            if have.get(mac) != Some(port) {
-                self.set_port(*mac, *port)?;
-                changed += 1;
-            }
-        }
-        for mac in have.keys().filter(|m| !want.contains_key(*m)) {
-            self.remove_port(mac)?;
-            changed += 1;
-        }
-        Ok(changed)
     }
 
     pub fn config(&self) -> Result<DataplaneConfig> {

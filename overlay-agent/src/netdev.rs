@@ -274,39 +274,6 @@ pub fn delete_link(name: &str) -> Result<()> {
     ip(&["link", "del", "dev", name]).map(drop)
 }
 
-#[derive(Debug, Deserialize)]
-struct JsonFdb {
-    mac: String,
-    ifname: Option<String>,
-    master: Option<String>,
-    #[serde(default)]
-    flags: Vec<String>,
-    #[serde(default)]
-    state: String,
-}
-
-/// MACs the bridges learned on their ports (containers), with the port's and the bridge's
-/// ifindex: what direct delivery needs to find a container's veth. Permanent and `self`
-/// entries (the bridge's and ports' own addresses, multicast) are left out.
-pub fn bridge_ports() -> Result<std::collections::BTreeMap<[u8; 6], overlay_common::BridgePort>> {
-    let out = run_tool("bridge", &["-json", "fdb", "show"])?;
-    let entries: Vec<JsonFdb> = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
-        .map_err(|source| NetdevError::Parse { cmd: "bridge -json fdb show".into(), source })?;
-    let mut map = std::collections::BTreeMap::new();
-    for e in entries {
-        let (Some(port), Some(master)) = (e.ifname, e.master) else { continue };
-        if e.state == "permanent" || e.flags.iter().any(|f| f == "self") {
-            continue;
-        }
-        let (Some(mac), Some(ifindex), Some(bridge)) = (parse_mac(&e.mac), index_of(&port), index_of(&master)) else { continue };
-        if mac[0] & 1 != 0 {
-            continue; // multicast
-        }
-        map.insert(mac, overlay_common::BridgePort { ifindex, bridge_ifindex: bridge });
-    }
-    Ok(map)
-}
-
 /// The ifindex of interface `name` in this namespace.
 pub fn index_of(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;

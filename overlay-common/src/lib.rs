@@ -22,9 +22,10 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// Array with one [`crate::DataplaneConfig`].
     pub const DP_CONFIG: &str = "DP_CONFIG";
-    /// Hash: container MAC -> [`crate::BridgePort`] (the direct-delivery fast path).
-    pub const PORT_BY_MAC: &str = "PORT_BY_MAC";
-    pub const ALL: [&str; 5] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, PORT_BY_MAC];
+    pub const ALL: [&str; 4] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG];
+    /// Maps earlier versions pinned and this one no longer has (`PORT_BY_MAC`: the retired
+    /// direct-delivery mode). `up` and `teardown` remove their pins.
+    pub const RETIRED: [&str; 1] = ["PORT_BY_MAC"];
 }
 
 /// Names of the programs (the functions in `overlay-ebpf`).
@@ -32,12 +33,12 @@ pub mod prog_names {
     pub const TC_EGRESS_ENCAP: &str = "tc_egress_encap";
     pub const TC_INGRESS_DECAP: &str = "tc_ingress_decap";
     pub const XDP_DECAP: &str = "xdp_decap";
+    pub const SK_LOOKUP_GUARD: &str = "sk_lookup_guard";
 }
 
 /// Default capacity of the route and peer maps (flags may override it at load time).
 pub const MAX_ROUTES: u32 = 16384;
 pub const MAX_PEERS: u32 = 16384;
-pub const MAX_PORTS: u32 = 4096;
 
 /// The encapsulation a node uses, as flannel's `Backend.Type`.
 #[repr(u32)]
@@ -108,33 +109,19 @@ const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
 pub mod config_flags {
     /// The agent has written a complete configuration; programs pass everything until set.
     pub const READY: u16 = 1 << 0;
-    /// TC decap may hand packets for local containers straight to the container's veth
-    /// (`bpf_fib_lookup` + `PORT_BY_MAC` + `bpf_redirect_peer`), bypassing the host's
-    /// forwarding path; otherwise (or when the lookup has no answer) they go through the
-    /// overlay device and the host's routing.
-    pub const DIRECT_DELIVERY: u16 = 1 << 1;
+    // 1 << 1 was DIRECT_DELIVERY (retired: it skipped the host's netfilter inbound only).
     /// Decap only checks (vxlan): a frame that passes is handed on unchanged (TC_ACT_OK,
     /// XDP_PASS) to the kernel's own vxlan device, which decapsulates it as on a stock
     /// flannel node, so the inner packet enters the host on the overlay device and crosses
     /// its netfilter (conntrack, NAT, FORWARD) and reverse-path filter as flannel's do.
     pub const KERNEL_DECAP: u16 = 1 << 2;
+    /// With `KERNEL_DECAP`, in TC: frames GRO did not merge (no GSO size) and without
+    /// congestion experienced on the outer header are decapsulated by the program and handed
+    /// to the overlay device's ingress, which costs less than the kernel device's socket
+    /// path; merged frames still go to the kernel device, which also clears their tunnel GSO
+    /// state. Both ways the inner packet enters the host on the overlay device.
+    pub const NATIVE_UNMERGED: u16 = 1 << 3;
 }
-
-/// Key of `PORT_BY_MAC`: a container's MAC address as on the wire.
-pub type MacAddr = [u8; 6];
-
-/// Value of `PORT_BY_MAC`: where a container's MAC lives. Written by the agent from the
-/// bridge's forwarding database.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
-pub struct BridgePort {
-    /// ifindex of the host side of the container's veth (a port of the bridge).
-    pub ifindex: u32,
-    /// ifindex of the bridge that port belongs to (must be where the route points).
-    pub bridge_ifindex: u32,
-}
-const _: () = assert!(core::mem::size_of::<BridgePort>() == 8);
 
 /// The single entry of `DP_CONFIG`. Written by the agent at start-up, read by every program
 /// on every packet (an array lookup, cheaper than re-loading programs to change a constant).
@@ -230,12 +217,19 @@ pub enum Counter {
     DecapFailed = 14,
     /// A program ran before the agent wrote its configuration (passed).
     NotConfigured = 15,
-    /// Decap: of the decapsulated packets, those handed straight to the container's veth.
-    DecapDirect = 16,
+    /// Decap: of the decapsulated packets, those the TC program decapsulated itself and
+    /// handed to the overlay device's ingress (the rest went to the kernel's vxlan device).
+    /// Index 16 counted the retired direct delivery before; a node upgraded in place keeps
+    /// that count here.
+    DecapNative = 16,
+    /// A tunnel datagram to our port that arrived on another interface than the underlay (a
+    /// local container, loopback, a second NIC): the socket guard dropped it before the
+    /// kernel's vxlan socket could decapsulate it unchecked.
+    ForeignTunnel = 17,
 }
 
 impl Counter {
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
     pub const ALL: [Counter; Self::COUNT] = [
         Self::Encapsulated,
         Self::Decapsulated,
@@ -253,7 +247,8 @@ impl Counter {
         Self::SpoofedSource,
         Self::DecapFailed,
         Self::NotConfigured,
-        Self::DecapDirect,
+        Self::DecapNative,
+        Self::ForeignTunnel,
     ];
     /// The name operators see (`overlay-agent stats`, metrics).
     pub const fn name(self) -> &'static str {
@@ -274,12 +269,13 @@ impl Counter {
             Self::SpoofedSource => "spoofed_source",
             Self::DecapFailed => "decap_failed",
             Self::NotConfigured => "not_configured",
-            Self::DecapDirect => "decap_direct",
+            Self::DecapNative => "decap_native",
+            Self::ForeignTunnel => "foreign_tunnel",
         }
     }
     /// Whether this outcome drops the packet.
     pub const fn is_drop(self) -> bool {
-        !matches!(self, Self::Encapsulated | Self::Decapsulated | Self::NotConfigured | Self::DecapDirect)
+        !matches!(self, Self::Encapsulated | Self::Decapsulated | Self::NotConfigured | Self::DecapNative)
     }
 }
 
@@ -289,7 +285,6 @@ mod user {
     unsafe impl aya::Pod for super::Vtep {}
     unsafe impl aya::Pod for super::PeerStats {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
-    unsafe impl aya::Pod for super::BridgePort {}
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@ pub const UDP_HLEN: usize = 8;
 pub const VXLAN_HLEN: usize = 8;
 pub const ETH_P_IPV4: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
+/// The ECN field of the IPv4 TOS byte, and its congestion-experienced codepoint (RFC 3168).
+pub const ECN_MASK: u8 = 0x03;
+pub const ECN_CE: u8 = 0x03;
 
 /// Linux's (and flannel's) VXLAN port; IANA's 4789 is not what flannel uses.
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;

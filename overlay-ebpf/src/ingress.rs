@@ -7,37 +7,38 @@
 //! fragmentation, from an underlay address in the peer table, with our VNI and exactly the I
 //! flag (VXLAN), carrying an IPv4 packet for this node's subnet whose source belongs to the
 //! sending peer. What happens to an accepted frame depends on the delivery the agent chose:
-//! - kernel (the default for vxlan; always with XDP): the frame passes unchanged to the
-//!   kernel's vxlan device, which decapsulates it as on a stock flannel node: the inner
-//!   packet enters the host on the overlay device and crosses its netfilter (conntrack, NAT,
-//!   FORWARD) and reverse-path filter, both directions of every flow alike;
+//! - kernel (vxlan; always with XDP): the frame passes unchanged to the kernel's vxlan
+//!   device, which decapsulates it as on a stock flannel node;
+//! - auto (vxlan in TC, the default): frames GRO merged, and frames whose outer header says
+//!   congestion experienced, go to the kernel's vxlan device as above (it clears the tunnel
+//!   GSO state and applies RFC 6040); the rest are decapsulated here as with stack;
 //! - stack (udp backend): TC strips the outer headers (keeping GSO sizes) and redirects the
-//!   inner packet into the overlay device's ingress, with the same effect;
-//! - direct (opt-in, TC): straight into the container's veth, skipping the host's netfilter
-//!   on the way in only (see `--decap-delivery`).
+//!   inner packet into the overlay device's ingress.
+//! Every way, the inner packet enters the host on the overlay device and crosses its
+//! netfilter (conntrack, NAT, FORWARD) and reverse-path filter, both directions of every
+//! flow alike. There is no path around the host's netfilter.
 //! Not handled: everything that is not addressed to our port passes untouched; frames to our
 //! port that fail a check are dropped and counted by reason.
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, xdp_action,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK,
-        TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
     },
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_peer},
+    helpers::generated::bpf_redirect,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::error;
 use overlay_common::{
     check_vxlan, classify_ipv4, config_flags, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
-    DataplaneConfig, EncapMode, Ipv4Class, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
+    DataplaneConfig, EncapMode, Ipv4Class, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
     UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
 };
 
 use crate::{
-    maps::{account_peer, config, count, is_peer, Direction, PORT_BY_MAC, VTEP_BY_SUBNET},
+    maps::{account_peer, config, count, is_peer, Direction, VTEP_BY_SUBNET},
     packet::Packet,
 };
 
@@ -63,18 +64,8 @@ struct Tunnel {
     /// Bytes between the outer Ethernet header and the inner IPv4 header.
     strip: usize,
     inner_len: usize,
-    /// What the fast path routes on, from the inner header as classified (no reload).
-    inner: InnerFields,
-}
-
-/// The inner IPv4 fields direct delivery needs (kept small: the BPF stack is 512 bytes).
-#[derive(Clone, Copy)]
-struct InnerFields {
-    tos: u8,
-    ttl: u8,
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
+    /// The outer header's ECN field says congestion experienced (RFC 6040 applies).
+    outer_ce: bool,
 }
 
 /// The one decision both hooks share.
@@ -146,7 +137,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         outer_eth: eth,
         strip,
         inner_len: len - ETH_HLEN - strip,
-        inner: InnerFields { tos: inner_ip[1], ttl: inner_ip[8], proto: inner_ip[9], src: inner_src, dst: inner_dst },
+        outer_ce: ip[1] & ECN_MASK == ECN_CE,
     })
 }
 
@@ -190,9 +181,15 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     };
     let t = classify(ctx, &cfg)?;
     if cfg.flags & config_flags::KERNEL_DECAP != 0 {
-        // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
-        accepted(&t);
-        return Ok(TC_ACT_OK as i32);
+        // GRO-merged frames carry tunnel GSO state that only the kernel device clears (on
+        // 6.18 adjust_room leaves it, and the forwarded frame would be segmented in
+        // software); CE-marked ones need RFC 6040, which the kernel device applies.
+        let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        if cfg.flags & config_flags::NATIVE_UNMERGED == 0 || merged || t.outer_ce {
+            // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
+            accepted(&t);
+            return Ok(TC_ACT_OK as i32);
+        }
     }
     // FIXED_GSO: without it gso_size grows by the overhead and bulk TCP collapses.
     ctx.adjust_room(-(t.strip as i32), BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
@@ -204,57 +201,8 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
     ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
     accepted(&t);
-    if cfg.flags & config_flags::DIRECT_DELIVERY != 0 {
-        if let Some(action) = deliver_direct(ctx, &cfg, &t.inner)? {
-            count(Counter::DecapDirect);
-            return Ok(action);
-        }
-    }
+    count(Counter::DecapNative);
     Ok(unsafe { bpf_redirect(cfg.overlay_ifindex, BPF_F_INGRESS as u64) } as i32)
-}
-
-/// The fast path: route the inner packet as the host would (`bpf_fib_lookup`, from the
-/// overlay device), find the container's veth from its MAC, forward (TTL - 1) and hand the
-/// packet straight into the container's namespace (`bpf_redirect_peer`). This skips the
-/// software segmentation the tunnel GSO state would cost on the bridge.
-///
-/// Ok(Some(TC_ACT_REDIRECT)) when delivered; Ok(None) when the fast path has no answer
-/// (nothing was changed: the caller takes the overlay device's path, which also makes the
-/// kernel resolve the neighbour or send ICMP); Err(DecapFailed) if a rewrite failed halfway.
-#[inline(always)]
-fn deliver_direct(ctx: &TcContext, cfg: &DataplaneConfig, ip: &InnerFields) -> Result<Option<i32>, Verdict> {
-    if ip.ttl <= 1 {
-        return Ok(None); // the kernel sends time-exceeded
-    }
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = 2; // AF_INET
-    p.l4_protocol = ip.proto;
-    // tot_len 0: the helper checks the skb against the MTU itself (GSO-aware).
-    p.ifindex = cfg.overlay_ifindex;
-    p.__bindgen_anon_2.tos = ip.tos;
-    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src);
-    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst);
-    let rc = unsafe {
-        fib_lookup(ctx.skb.skb as *mut _, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
-    };
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Ok(None);
-    }
-    let Some(port) = PORT_BY_MAC.get_ptr(&p.dmac).map(|v| unsafe { *v }) else { return Ok(None) };
-    if port.bridge_ifindex != p.ifindex {
-        return Ok(None);
-    }
-    // Forward: TTL - 1, checksum updated for the TTL/protocol word.
-    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
-    ctx.l3_csum_replace(ETH_HLEN + 10, old as u64, new as u64, 2).map_err(|_| Counter::DecapFailed)?;
-    ctx.store(ETH_HLEN + 8, &(ip.ttl - 1), 0).map_err(|_| Counter::DecapFailed)?;
-    let mut eth = [0u8; ETH_HLEN];
-    eth[0..6].copy_from_slice(&p.dmac);
-    eth[6..12].copy_from_slice(&p.smac);
-    eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    ctx.store(0, &eth, 0).map_err(|_| Counter::DecapFailed)?;
-    Ok(Some(unsafe { bpf_redirect_peer(port.ifindex, 0) } as i32))
 }
 
 #[xdp]

@@ -1,8 +1,10 @@
 //! The data plane: TC egress encapsulation on the overlay device, and decapsulation on the
-//! underlay interface as TC ingress or native XDP. See each hook's file for what it sees.
+//! underlay interface as TC ingress or native XDP, and a socket guard in the node's network
+//! namespace. See each hook's file for what it sees.
 #![no_std]
 #![no_main]
 
+mod guard;
 mod ingress;
 mod maps;
 mod packet;

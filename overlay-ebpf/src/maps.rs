@@ -3,12 +3,11 @@
 //! the node's bpffs directory and is the only writer of routes, peers and configuration.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use overlay_common::{
-    BridgePort, Counter, DataplaneConfig, Ipv4Prefix, MacAddr, PeerAddr, PeerStats, Vtep,
-    MAX_PEERS, MAX_PORTS, MAX_ROUTES,
+    Counter, DataplaneConfig, Ipv4Prefix, PeerAddr, PeerStats, Vtep, MAX_PEERS, MAX_ROUTES,
 };
 
 /// Remote subnet -> VTEP. Longest-prefix match on the inner destination (encap) and on the
@@ -24,10 +23,6 @@ pub static PEER_STATS: PerCpuHashMap<PeerAddr, PeerStats, { MAX_PEERS as usize }
 /// Outcome counters, indexed by `Counter`.
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT }> = PerCpuArray::new();
-
-/// Container MAC -> its bridge port (direct delivery).
-#[btf_map]
-pub static PORT_BY_MAC: HashMap<MacAddr, BridgePort, { MAX_PORTS as usize }> = HashMap::new();
 
 /// The node's data-plane configuration (one entry).
 #[btf_map]

@@ -343,9 +343,21 @@ impl Node {
         self.agent.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// Container MACs the agent has mapped to bridge ports (direct delivery).
-    pub fn mapped_ports(&self) -> usize {
-        Maps::open(&self.bpffs_dir).and_then(|m| m.ports()).map(|p| p.len()).unwrap_or(0)
+    /// The data plane's configuration flags (`overlay_common::config_flags`).
+    pub fn config_flags(&self) -> u16 {
+        Maps::open(&self.bpffs_dir)
+            .and_then(|m| m.config())
+            .unwrap_or_else(|e| panic!("config of node {}: {e}", self.index))
+            .flags
+    }
+
+    /// A counter of this node's interface `dev` as `ip -s link` shows it: `dir` "rx" or
+    /// "tx", `name` "packets", "bytes", "dropped"...
+    pub fn link_stat(&self, dev: &str, dir: &str, name: &str) -> u64 {
+        let out = ip(&["-n", self.ns.name(), "-json", "-s", "link", "show", "dev", dev])
+            .unwrap_or_else(|e| panic!("node {}: {dev}: {e:#}", self.index));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -json: {e}: {out}"));
+        v[0]["stats64"][dir][name].as_u64().unwrap_or_else(|| panic!("node {}: no {dir} {name} for {dev}: {out}", self.index))
     }
 
     /// The routes in this node's maps.
@@ -745,6 +757,28 @@ impl Cluster {
         let handle = ns.handle();
         self.extra.push(ns);
         Ok(handle)
+    }
+}
+
+impl Cluster {
+    /// Attach a namespace to node `index` through a veth of its own (a second interface of the
+    /// node, not the underlay): the node's end is `side0` with 192.168.(200+index).1/30, the
+    /// host's `eth0` has .2 and a default route through the node. Returns the host and the
+    /// two addresses (node's, host's).
+    pub fn add_side_host(&mut self, index: usize, name: &str) -> Result<(Netns, Ipv4Addr, Ipv4Addr)> {
+        let ns = Netns::new(&format!("{}-{name}", self.prefix))?;
+        let node = self.node(index).ns.name().to_string();
+        let (at_node, at_host) = (Ipv4Addr::new(192, 168, 200 + index as u8, 1), Ipv4Addr::new(192, 168, 200 + index as u8, 2));
+        ip(&["-n", &node, "link", "add", "side0", "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        ip(&["-n", &node, "addr", "add", &format!("{at_node}/30"), "dev", "side0"])?;
+        ip(&["-n", &node, "link", "set", "side0", "up"])?;
+        ip(&["-n", ns.name(), "addr", "add", &format!("{at_host}/30"), "dev", "eth0"])?;
+        ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
+        ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
+        ip(&["-n", ns.name(), "route", "add", "default", "via", &at_node.to_string()])?;
+        let handle = ns.handle();
+        self.extra.push(ns);
+        Ok((handle, at_node, at_host))
     }
 }
 

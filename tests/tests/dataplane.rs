@@ -29,12 +29,22 @@ fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
 }
 
+/// Which program decapsulates the frames of a bulk TCP transfer.
+#[derive(Debug)]
+enum Decap {
+    /// The kernel's vxlan device, every frame.
+    Kernel,
+    /// Our program, every frame.
+    Native,
+    /// GRO-merged frames the kernel device, the rest our program: some of each.
+    Split,
+}
+
 /// Containers on every pair of nodes reach each other; bulk TCP arrives intact; the
 /// counters account for it; the capture on the underlay shows flannel's wire format.
 /// Three nodes with `hook` and the agent's extra `args`, ping between every pair, bulk TCP,
 /// counters, and the wire format.
-fn carries_traffic(tag: &str, backend: Backend, hook: &'static str, args: &[&str]) {
-    let direct = args.contains(&"direct");
+fn carries_traffic(tag: &str, backend: Backend, hook: &'static str, args: &[&str], expect: Decap) {
     let spec = ClusterSpec { agent_args: args.iter().map(|a| a.to_string()).collect(), ..ClusterSpec::agents(backend, hook, 3) };
     let c = cluster(tag, &spec);
     for a in &c.nodes {
@@ -48,16 +58,8 @@ fn carries_traffic(tag: &str, backend: Backend, hook: &'static str, args: &[&str
         }
     }
     let (n1, n2, n3) = (c.node(1), c.node(2), c.node(3));
-    if direct {
-        // The pings taught the bridges the containers' MACs; the agents map them to ports.
-        for n in &c.nodes {
-            assert!(
-                wait_until(Duration::from_secs(5), || n.mapped_ports() >= n.containers.len()),
-                "node {}: containers not in the port map ({} mapped)", n.index, n.mapped_ports()
-            );
-        }
-    }
-    let direct_before = n2.counter(Counter::DecapDirect);
+    let native_before = n2.counter(Counter::DecapNative);
+    let decap_before = n2.counter(Counter::Decapsulated);
     let before = n2.peer_totals(n1.underlay_ip);
     let t = ok("TCP 1->2", tcp_transfer(&n1.containers[0], &n2.containers[1], n2.container_ip(1), BULK));
     eprintln!("{tag}: {} bytes node1->node2 in {:?}", t.bytes, t.elapsed);
@@ -70,10 +72,13 @@ fn carries_traffic(tag: &str, backend: Backend, hook: &'static str, args: &[&str
         after.rx_bytes - before.rx_bytes
     );
     assert!(n1.peer_totals(n2.underlay_ip).tx_bytes >= BULK, "node 1 tx to node 2 not counted");
-    if direct {
-        let direct = n2.counter(Counter::DecapDirect) - direct_before;
-        let all = after.rx_packets - before.rx_packets;
-        assert!(direct * 10 >= all * 9, "TC decap should deliver directly: {direct} of {all} packets");
+    // Who decapsulated: the kernel's vxlan device, our program, or (auto, TC) each its share.
+    let native = n2.counter(Counter::DecapNative) - native_before;
+    let all = n2.counter(Counter::Decapsulated) - decap_before;
+    match expect {
+        Decap::Kernel => assert_eq!(native, 0, "node 2: every frame belongs to the kernel device ({all} accepted)"),
+        Decap::Native => assert_eq!(native, all, "node 2: every frame decapsulated by the program"),
+        Decap::Split => assert!(native > 0 && native < all, "node 2: {native} of {all} decapsulated natively: expected the unmerged share"),
     }
     for n in &c.nodes {
         assert!(n.counter(Counter::Encapsulated) > 0, "node {} encapsulated nothing", n.index);
@@ -120,22 +125,22 @@ fn carries_traffic(tag: &str, backend: Backend, hook: &'static str, args: &[&str
 
 #[test]
 fn vxlan_with_tc_decap_carries_ping_and_tcp_between_nodes() {
-    carries_traffic("vt", Backend::Vxlan, "tc", &[]);
+    carries_traffic("vt", Backend::Vxlan, "tc", &[], Decap::Split);
 }
 
 #[test]
 fn vxlan_with_xdp_decap_carries_ping_and_tcp_between_nodes() {
-    carries_traffic("vx", Backend::Vxlan, "xdp", &[]);
+    carries_traffic("vx", Backend::Vxlan, "xdp", &[], Decap::Kernel);
 }
 
 #[test]
-fn vxlan_with_direct_delivery_carries_ping_and_tcp_between_nodes() {
-    carries_traffic("vd", Backend::Vxlan, "tc", &["--decap-delivery", "direct"]);
+fn vxlan_with_kernel_delivery_carries_ping_and_tcp_between_nodes() {
+    carries_traffic("vk", Backend::Vxlan, "tc", &["--decap-delivery", "kernel"], Decap::Kernel);
 }
 
 #[test]
 fn udp_with_tc_decap_carries_ping_and_tcp_between_nodes() {
-    carries_traffic("ut", Backend::Udp, "tc", &[]);
+    carries_traffic("ut", Backend::Udp, "tc", &[], Decap::Native);
 }
 
 /// XDP only checks and leaves decapsulation to the kernel's vxlan device; the udp backend
@@ -463,8 +468,8 @@ fn routed_underlay_carries_traffic_through_a_router() {
     }
 }
 
-/// `--decap-delivery stack`: every packet goes through the overlay device and the host's
-/// routing (no direct delivery), and traffic still flows.
+/// `--decap-delivery stack`: our program decapsulates every frame and hands it to the overlay
+/// device (the kernel's vxlan device gets none), and traffic still flows.
 #[test]
 fn stack_delivery_goes_through_the_overlay_device() {
     let spec = ClusterSpec {
@@ -473,12 +478,69 @@ fn stack_delivery_goes_through_the_overlay_device() {
     };
     let c = cluster("sk", &spec);
     let (n1, n2) = (c.node(1), c.node(2));
-    // The fast path is off in the data plane's own config, not merely without port entries.
-    let flags = ok("config", overlay_agent::maps::Maps::open(&n2.bpffs_dir).and_then(|m| m.config()).map_err(Into::into)).flags;
-    assert_eq!(flags & overlay_common::config_flags::DIRECT_DELIVERY, 0, "config flags {flags:#x}");
+    let flags = n2.config_flags();
+    assert_eq!(flags & overlay_common::config_flags::KERNEL_DECAP, 0, "config flags {flags:#x}");
     ok("ping", ping(&n1.containers[0], n2.container_ip(0), 3));
     ok("TCP", tcp_transfer(&n1.containers[0], &n2.containers[1], n2.container_ip(1), 8 << 20));
-    assert!(n2.counter(Counter::Decapsulated) > 0);
-    assert_eq!(n2.counter(Counter::DecapDirect), 0, "stack delivery must not take the fast path");
-    assert_eq!(n2.mapped_ports(), 0, "no port map is kept without direct delivery");
+    let all = n2.counter(Counter::Decapsulated);
+    assert!(all > 0);
+    assert_eq!(n2.counter(Counter::DecapNative), all, "stack delivery decapsulates every frame itself");
+}
+
+/// A tunnel frame that would pass every check on the underlay, sent to node 1's tunnel port
+/// from anywhere else (a local container, to the node's underlay address and to its bridge;
+/// the node itself over loopback; a host behind a second interface of the node) is dropped
+/// by the socket guard and counted as `foreign_tunnel`: the kernel's vxlan socket, which
+/// listens on every address, never decapsulates it. The same frame from the peer over the
+/// underlay is delivered, so the interface is what stops the others.
+fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str) {
+    let mut c = cluster(tag, &ClusterSpec::agents(Backend::Vxlan, hook, 2));
+    let (side, side_gw, side_ip) = ok("side host", c.add_side_host(1, "side"));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let probe_port = 9999;
+    let frame = vxlan_payload(0x08, 1, n1.vtep_mac, n2.container_ip(0), n1.container_ip(0), probe_port);
+    let gateway = Ipv4Addr::from(u32::from(n1.subnet.network()) + 1);
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    let port = |ip| SocketAddrV4::new(ip, 8472);
+
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, probe_port)));
+    let before = n1.counters();
+    let rx_before = n1.link_stat("flannel.1", "rx", "packets");
+    let sends: [(&str, &overlay_tests::Netns, SocketAddrV4, SocketAddrV4); 6] = [
+        ("container -> node underlay address", &n1.containers[1], any, port(n1.underlay_ip)),
+        ("container -> its bridge address", &n1.containers[1], any, port(gateway)),
+        ("node -> 127.0.0.1", &n1.ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), port(Ipv4Addr::LOCALHOST)),
+        ("node -> its own underlay address", &n1.ns, SocketAddrV4::new(n1.underlay_ip, 0), port(n1.underlay_ip)),
+        ("second interface -> node underlay address", &side, SocketAddrV4::new(side_ip, 0), port(n1.underlay_ip)),
+        ("second interface -> its address there", &side, SocketAddrV4::new(side_ip, 0), port(side_gw)),
+    ];
+    let guarded = || n1.counter(Counter::ForeignTunnel) - before[Counter::ForeignTunnel as usize];
+    for (k, (what, ns, from, to)) in sends.iter().enumerate() {
+        ok(what, send_udp(ns, *from, *to, vec![frame.clone()]));
+        let k = k as u64 + 1;
+        assert!(wait_until(Duration::from_secs(10), || guarded() >= k), "{what}: not counted as foreign_tunnel");
+        assert_eq!(guarded(), k, "{what}: counted more than once");
+    }
+    let n = sends.len() as u64;
+    assert_eq!(n1.counter(Counter::Decapsulated), before[Counter::Decapsulated as usize], "nothing foreign was checked as a tunnel frame");
+    assert_eq!(n1.link_stat("flannel.1", "rx", "packets"), rx_before, "the kernel's vxlan device decapsulated a foreign frame");
+
+    // Control: the same frame from the peer over the underlay arrives, and only it.
+    ok("send", send_udp(&n2.ns, SocketAddrV4::new(n2.underlay_ip, 0), port(n1.underlay_ip), vec![frame.clone()]));
+    assert_eq!(probe.finish_after(1), vec![b"hostile".to_vec()], "the underlay frame, and no foreign one, reaches the container");
+    assert_eq!(guarded(), n, "the underlay frame passed the guard");
+    // Other UDP from a container to the node passes the guard.
+    let plain = ok("probe", UdpProbe::start(&n1.ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9000)));
+    ok("send", send_udp(&n1.containers[1], any, SocketAddrV4::new(gateway, 9000), vec![b"plain".to_vec()]));
+    assert_eq!(plain.finish_after(1), vec![b"plain".to_vec()], "UDP to another port of the node must pass");
+}
+
+#[test]
+fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_tc_decap() {
+    tunnel_frames_from_elsewhere("gt", "tc");
+}
+
+#[test]
+fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_xdp_decap() {
+    tunnel_frames_from_elsewhere("gx", "xdp");
 }

@@ -1,0 +1,47 @@
+//! The socket guard.
+//!
+//! Attached: the node's network namespace (`sk_lookup`), so it runs whenever the kernel looks
+//! for the socket of an arriving UDP datagram or TCP connection.
+//! Sees: every datagram to a local address that reached the host's UDP layer, whatever the
+//! interface: the only way a tunnel frame gets to the kernel's vxlan socket, which listens
+//! on every address and decapsulates whatever it is given.
+//! Does: an IPv4 UDP datagram to our tunnel port passes only if it arrived on the underlay
+//! interface from a peer, which the decap program (TC or XDP) has already checked; one from
+//! anywhere else (a local container sending to its own node's address, loopback, another
+//! NIC) is dropped and counted as `foreign_tunnel`, so no forged inner packet enters the
+//! host unchecked. The kernel answers it as a closed port would. The peer check matters
+//! for the node's own processes: a datagram sent to a local address owned by the underlay
+//! interface is looked up with that interface as its ingress, though it never crossed it.
+//! Not handled: every other protocol and port, and IPv6 (the tunnel socket is IPv4 only),
+//! pass untouched.
+
+use aya_ebpf::{
+    bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
+use overlay_common::{Counter, IPPROTO_UDP};
+
+use crate::maps::{config, count, is_peer};
+
+const AF_INET: u32 = 2;
+
+#[sk_lookup]
+pub fn sk_lookup_guard(ctx: SkLookupContext) -> u32 {
+    let Some(cfg) = config() else { return SK_PASS };
+    if !cfg.is_ready() {
+        return SK_PASS;
+    }
+    // SAFETY: the kernel passes a valid context for the program's lifetime.
+    let l = unsafe { &*ctx.lookup };
+    // local_port is in host order in this context.
+    if l.family != AF_INET || l.protocol != IPPROTO_UDP as u32 || l.local_port != cfg.port as u32 {
+        return SK_PASS;
+    }
+    // remote_ip4 is in network order, as PeerAddr.
+    if l.ingress_ifindex == cfg.underlay_ifindex && is_peer(&l.remote_ip4.to_ne_bytes()) {
+        return SK_PASS;
+    }
+    count(Counter::ForeignTunnel);
+    SK_DROP
+}
