@@ -146,6 +146,11 @@ pub struct ClusterSpec {
     /// Put each node in its own underlay subnet behind a router (the underlay namespace)
     /// instead of one shared L2 segment.
     pub routed_underlay: bool,
+    /// Frames between nodes are MTU-sized, as on a physical link: segmentation offloads are
+    /// off on the underlay's ports (the bridge segments in software what a node sends as one
+    /// GSO frame) and GRO is on at each node's eth0 (merging again where nodes receive).
+    /// Otherwise veth passes GSO frames through whole.
+    pub wire_underlay: bool,
     pub control: Control,
     /// Extra agent flags (etcd mode), e.g. a short lease TTL.
     pub agent_args: Vec<String>,
@@ -183,6 +188,7 @@ impl ClusterSpec {
             containers_per_node: 2,
             full_mesh: true,
             routed_underlay: false,
+            wire_underlay: false,
             control: Control::Static,
             agent_args: Vec::new(),
             docker_opts_step: false,
@@ -566,6 +572,10 @@ impl Cluster {
         ip(&["-n", &n, "addr", "add", &format!("{uip}/24"), "dev", "eth0"])?;
         ip(&["-n", &n, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
         ip(&["-n", &n, "link", "set", "lo", "up"])?;
+        if spec.wire_underlay {
+            run(self.underlay.command("ethtool").args(["-K", &port, "tso", "off", "gso", "off", "gro", "off"]))?;
+            run(ns.command("ethtool").args(["-K", "eth0", "gro", "on"]))?;
+        }
         if spec.routed_underlay {
             let gw = Ipv4Addr::new(192, 168, 100 + index as u8, 1);
             ip(&["-n", &n, "route", "add", "192.168.0.0/16", "via", &gw.to_string()])?;

@@ -22,15 +22,26 @@ fn quick_data_plane_bench_measures_every_path() {
     run_bench(&["--quick"], &out);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("dataplane.json")).unwrap()).unwrap();
     let paths = v["paths"].as_array().unwrap();
-    let names: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
-    assert_eq!(names, ["routing", "kernel_vxlan", "ebpf_vxlan_tc", "ebpf_vxlan_xdp", "ebpf_udp", "tun_udp"]);
+    let names: Vec<String> = paths.iter().map(|p| format!("{}/{}", p["underlay"].as_str().unwrap(), p["path"].as_str().unwrap())).collect();
+    assert_eq!(
+        names,
+        [
+            "veth/routing", "veth/kernel_vxlan", "veth/ebpf_vxlan_tc", "veth/ebpf_vxlan_tc_kernel", "veth/ebpf_vxlan_xdp",
+            "veth/ebpf_udp", "veth/tun_udp", "wire/routing", "wire/kernel_vxlan", "wire/ebpf_vxlan_tc",
+            "wire/ebpf_vxlan_tc_kernel", "wire/ebpf_vxlan_xdp",
+        ]
+    );
     for p in paths {
         for (metric, value) in p["median"].as_object().unwrap() {
             let x = value.as_f64().unwrap();
-            assert!(x.is_finite() && x > 0.0, "{}: {metric} = {x}", p["path"]);
+            assert!(x.is_finite() && x > 0.0, "{names:?} {}: {metric} = {x}", p["path"]);
+            let s = &p["spread"][metric];
+            let (lo, hi) = (s["min"].as_f64().unwrap(), s["max"].as_f64().unwrap());
+            assert!(lo <= x && x <= hi, "{}: {metric}: median {x} outside {lo}-{hi}", p["path"]);
         }
         assert_eq!(p["median"].as_object().unwrap().len(), 7);
-        assert!(p["vs_kernel_vxlan"]["tcp1_gbps"].as_f64().unwrap() > 0.0);
+        // Every path has a kernel vxlan baseline on its own underlay.
+        assert!(p["vs_kernel_vxlan"]["tcp1_gbps"]["median"].as_f64().unwrap() > 0.0, "{}", p["path"]);
     }
     let svg = std::fs::read_to_string(out.join("dataplane.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<rect"), "chart");

@@ -46,7 +46,12 @@ enum Decap {
 /// counters, and the wire format.
 fn carries_traffic(tag: &str, backend: Backend, hook: &'static str, args: &[&str], expect: Decap) {
     let spec = ClusterSpec { agent_args: args.iter().map(|a| a.to_string()).collect(), ..ClusterSpec::agents(backend, hook, 3) };
-    let c = cluster(tag, &spec);
+    carries_traffic_on(tag, &spec, expect);
+}
+
+fn carries_traffic_on(tag: &str, spec: &ClusterSpec, expect: Decap) {
+    let backend = spec.backend;
+    let c = cluster(tag, spec);
     for a in &c.nodes {
         for b in &c.nodes {
             if a.index != b.index {
@@ -136,6 +141,19 @@ fn vxlan_with_xdp_decap_carries_ping_and_tcp_between_nodes() {
 #[test]
 fn vxlan_with_kernel_delivery_carries_ping_and_tcp_between_nodes() {
     carries_traffic("vk", Backend::Vxlan, "tc", &["--decap-delivery", "kernel"], Decap::Kernel);
+}
+
+/// On an underlay that carries MTU-sized frames (as a physical link does), GRO merges the
+/// tunnel frames where nodes receive: TC still splits them between the kernel device (merged)
+/// and the program (the rest); XDP, before GRO, leaves all of them to the kernel device.
+#[test]
+fn vxlan_with_tc_decap_on_a_wire_underlay_carries_ping_and_tcp() {
+    carries_traffic_on("wt", &ClusterSpec { wire_underlay: true, ..ClusterSpec::agents(Backend::Vxlan, "tc", 3) }, Decap::Split);
+}
+
+#[test]
+fn vxlan_with_xdp_decap_on_a_wire_underlay_carries_ping_and_tcp() {
+    carries_traffic_on("wx", &ClusterSpec { wire_underlay: true, ..ClusterSpec::agents(Backend::Vxlan, "xdp", 3) }, Decap::Kernel);
 }
 
 #[test]
