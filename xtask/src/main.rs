@@ -48,7 +48,7 @@ enum Cmd {
         /// A short smoke run (does not update BENCHMARKS.md).
         #[arg(long)]
         quick: bool,
-        /// Interleaved runs per figure (median); default 3.
+        /// Interleaved runs per figure (median, min, max); default 5.
         #[arg(long)]
         runs: Option<u32>,
     },
