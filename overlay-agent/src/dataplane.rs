@@ -26,7 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
-use overlay_common::{config_flags, map_names, prog_names, DataplaneConfig, EncapMode};
+use overlay_common::{config_flags, map_names, prog_names, Counter, DataplaneConfig, EncapMode};
 
 use crate::{
     maps::Maps,
@@ -181,6 +181,19 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     }
     for retired in map_names::RETIRED {
         remove_pin(&spec.bpffs_dir.join(retired))?;
+    }
+    // An older version's counter map may have fewer slots than there are counters now: it is
+    // statistics only, so a fresh one replaces it rather than the new counters going missing.
+    let counters_pin = spec.bpffs_dir.join(map_names::COUNTERS);
+    if let Ok(info) = aya::maps::MapInfo::from_pin(&counters_pin) {
+        if info.max_entries() < Counter::COUNT as u32 {
+            tracing::warn!(
+                slots = info.max_entries(),
+                counters = Counter::COUNT,
+                "the pinned counter map is from an older version; counting starts again from zero"
+            );
+            remove_pin(&counters_pin)?;
+        }
     }
     let mut loader = EbpfLoader::new();
     let pins: Vec<(&str, PathBuf)> =

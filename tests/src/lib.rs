@@ -258,9 +258,12 @@ impl Node {
 
     /// Start the agent with `args` and wait (bounded) until it is ready: with etcd, until it
     /// sends READY=1 on the NOTIFY_SOCKET this harness gives it (as systemd would); without,
-    /// until `overlay-agent status` says the data plane is up.
+    /// until this agent has logged that its data plane is up and `overlay-agent status` agrees
+    /// (pins a previous agent left would satisfy `status` alone before this one has loaded).
     fn spawn_agent(&mut self, args: &[String], etcd: bool) -> Result<()> {
         let ready_before = self.notifications.iter().filter(|m| m.contains("READY=1")).count();
+        let up_logged = |n: &Self| n.log_text().matches("data plane up (static mode)").count();
+        let up_before = up_logged(self);
         self.start_agent_process(args, etcd)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -268,7 +271,7 @@ impl Node {
                 self.read_notifications();
                 self.notifications.iter().filter(|m| m.contains("READY=1")).count() > ready_before
             } else {
-                self.agent_cli(&["status"]).is_ok()
+                up_logged(self) > up_before && self.agent_cli(&["status"]).is_ok()
             };
             if ready {
                 return Ok(());

@@ -339,3 +339,38 @@ fn five_thousand_peers_fit_with_default_capacities() {
     assert!(wait_until(Duration::from_secs(30), || n.routes().len() == 5000), "have {} routes", n.routes().len());
     assert!(!n.log_text().contains("probably full"));
 }
+
+/// An agent started over an older version's pins takes them over: a counter map with fewer
+/// slots than there are counters now is replaced (counting starts again, logged), the map of
+/// the retired direct delivery is removed, and the node carries and counts traffic.
+#[test]
+fn an_older_versions_pins_are_taken_over() {
+    use overlay_common::{map_names, Counter};
+    let mut c = cluster("ov", &ClusterSpec::agents(Backend::Vxlan, "tc", 2));
+    ok("stop", c.stop_agent(2));
+    let dir = c.node(2).bpffs_dir.clone();
+    let pin = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    ok("remove counters pin", std::fs::remove_file(pin(map_names::COUNTERS)).map_err(Into::into));
+    let old_slots = (Counter::COUNT - 1).to_string();
+    for (name, args) in [
+        (map_names::COUNTERS, ["type", "percpu_array", "key", "4", "value", "8", "entries", old_slots.as_str()]),
+        (map_names::RETIRED[0], ["type", "hash", "key", "6", "value", "8", "entries", "16"]),
+    ] {
+        let p = pin(name);
+        let mut cmd = Command::new("bpftool");
+        cmd.args(["map", "create", p.as_str()]).args(args).args(["name", name]);
+        ok(&format!("bpftool map create {name}"), overlay_tests::run(&mut cmd));
+    }
+    ok("restart", c.restart_agent(2));
+    let n2 = c.node(2);
+    assert!(
+        wait_until(Duration::from_secs(10), || n2.log_text().contains("pinned counter map is from an older version")),
+        "no word of the replaced counter map:\n{}",
+        n2.log_text()
+    );
+    assert!(!dir.join(map_names::RETIRED[0]).exists(), "the retired map's pin is still there");
+    ok("ping", ping(&c.node(1).containers[0], n2.container_ip(0), 2));
+    let stats = ok("stats", n2.agent_cli(&["stats"]));
+    assert!(n2.counter(Counter::Decapsulated) > 0, "the new counter map counts:\n{stats}\n{}", n2.log_text());
+    assert!(stats.contains(Counter::ForeignTunnel.name()), "stats lists every counter:\n{stats}");
+}
