@@ -159,11 +159,13 @@ pub struct RunArgs {
     /// How checked tunnel frames reach containers; every choice hands the inner packet to
     /// the host on the overlay device, so it crosses the host's netfilter (conntrack, NAT,
     /// FORWARD) and rp_filter as on a stock flannel node, both directions of every flow.
-    /// `kernel` (vxlan): the kernel's vxlan device decapsulates. `stack`: decapsulated here
-    /// and handed to the overlay device (what the udp backend always does). `auto`: vxlan
-    /// with TC decap sends frames GRO merged to the kernel device and decapsulates the rest
-    /// itself; otherwise as `kernel` (XDP) or `stack` (udp). No mode skips netfilter.
-    #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "auto")]
+    /// `kernel` (vxlan): the kernel's vxlan device decapsulates, as on a stock flannel node
+    /// (the udp backend has none and does as `stack`). `stack` (TC): decapsulated here and
+    /// handed to the overlay device. `split` (TC): frames GRO merged go to the kernel device,
+    /// the rest are decapsulated here. The tunnel datagrams themselves cross the node's
+    /// PREROUTING and INPUT rules with `kernel` (as with flannel), only the merged share with
+    /// `split`, none with `stack`. No mode skips netfilter for the containers' traffic.
+    #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "kernel")]
     pub decap_delivery: DecapDelivery,
     /// Capacity of the route map: remote subnets the node can route to.
     #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]

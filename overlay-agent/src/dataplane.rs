@@ -55,13 +55,13 @@ pub enum DecapHook {
 /// How checked tunnel frames reach local containers (see `--decap-delivery`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapDelivery {
-    /// vxlan in TC: frames GRO merged go to the kernel's vxlan device, the rest are
-    /// decapsulated by our program (as `stack`); with XDP as `kernel`; udp as `stack`.
-    Auto,
     /// The kernel's vxlan device decapsulates (vxlan; the udp backend falls back to `stack`).
     Kernel,
-    /// Decapsulated by our program and handed to the overlay device's ingress.
+    /// Decapsulated by our program and handed to the overlay device's ingress (TC).
     Stack,
+    /// vxlan in TC: frames GRO merged go to the kernel's vxlan device, the rest are
+    /// decapsulated by our program (as `stack`); udp as `stack`.
+    Split,
 }
 
 /// Everything needed to bring one node's data plane up.
@@ -243,7 +243,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
 /// the udp backend decapsulates itself (the stack path) when asked for `kernel`.
 fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
     match (delivery, mode) {
-        (DecapDelivery::Auto, EncapMode::Vxlan) => config_flags::KERNEL_DECAP | config_flags::NATIVE_UNMERGED,
+        (DecapDelivery::Split, EncapMode::Vxlan) => config_flags::KERNEL_DECAP | config_flags::NATIVE_UNMERGED,
         (DecapDelivery::Kernel, EncapMode::Vxlan) => config_flags::KERNEL_DECAP,
         (_, EncapMode::Udp) | (DecapDelivery::Stack, _) => 0,
     }
@@ -350,7 +350,7 @@ pub fn resolve_hook(
     mode: EncapMode,
     delivery: DecapDelivery,
 ) -> Result<DecapHook> {
-    let xdp_fits = mode == EncapMode::Vxlan && delivery != DecapDelivery::Stack;
+    let xdp_fits = mode == EncapMode::Vxlan && delivery == DecapDelivery::Kernel;
     Ok(match requested {
         DecapHook::Auto if xdp_fits && underlay_kind.is_none() => DecapHook::Xdp,
         DecapHook::Auto => DecapHook::Tc,
@@ -358,7 +358,7 @@ pub fn resolve_hook(
             "--decap-hook xdp hands checked frames to the kernel's vxlan device, and the udp \
              backend has none: use --decap-hook tc (or auto)"
         ),
-        DecapHook::Xdp if delivery == DecapDelivery::Stack => bail!(
+        DecapHook::Xdp if delivery != DecapDelivery::Kernel => bail!(
             "--decap-hook xdp always leaves decapsulation to the kernel's vxlan device; \
              --decap-delivery {} needs --decap-hook tc",
             format!("{delivery:?}").to_lowercase()
@@ -489,8 +489,9 @@ mod tests {
         // decapsulate in TC.
         assert_eq!(hook(DecapHook::Auto, None, EncapMode::Udp, kernel), DecapHook::Tc);
         assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Stack), DecapHook::Tc);
-        assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Auto), DecapHook::Xdp);
-        assert_eq!(hook(DecapHook::Auto, Some("veth"), vx, DecapDelivery::Auto), DecapHook::Tc);
+        assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Split), DecapHook::Tc);
+        let err = resolve_hook(DecapHook::Xdp, None, vx, DecapDelivery::Split).unwrap_err().to_string();
+        assert!(err.contains("--decap-delivery split") && err.contains("--decap-hook tc"), "{err}");
         let err = resolve_hook(DecapHook::Xdp, None, EncapMode::Udp, kernel).unwrap_err().to_string();
         assert!(err.contains("udp") && err.contains("--decap-hook tc"), "{err}");
         let err = resolve_hook(DecapHook::Xdp, None, vx, DecapDelivery::Stack).unwrap_err().to_string();
@@ -498,12 +499,12 @@ mod tests {
     }
 
     #[test]
-    fn delivery_flags_split_merged_frames_only_for_vxlan_auto() {
+    fn delivery_flags_split_merged_frames_only_for_vxlan_split() {
         use config_flags::{KERNEL_DECAP, NATIVE_UNMERGED};
-        assert_eq!(delivery_flags(DecapDelivery::Auto, EncapMode::Vxlan), KERNEL_DECAP | NATIVE_UNMERGED);
+        assert_eq!(delivery_flags(DecapDelivery::Split, EncapMode::Vxlan), KERNEL_DECAP | NATIVE_UNMERGED);
         assert_eq!(delivery_flags(DecapDelivery::Kernel, EncapMode::Vxlan), KERNEL_DECAP);
         assert_eq!(delivery_flags(DecapDelivery::Stack, EncapMode::Vxlan), 0);
-        for d in [DecapDelivery::Auto, DecapDelivery::Kernel, DecapDelivery::Stack] {
+        for d in [DecapDelivery::Split, DecapDelivery::Kernel, DecapDelivery::Stack] {
             assert_eq!(delivery_flags(d, EncapMode::Udp), 0, "udp has no kernel device: {d:?}");
         }
     }

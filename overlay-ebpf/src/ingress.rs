@@ -7,9 +7,9 @@
 //! fragmentation, from an underlay address in the peer table, with our VNI and exactly the I
 //! flag (VXLAN), carrying an IPv4 packet for this node's subnet whose source belongs to the
 //! sending peer. What happens to an accepted frame depends on the delivery the agent chose:
-//! - kernel (vxlan; always with XDP): the frame passes unchanged to the kernel's vxlan
-//!   device, which decapsulates it as on a stock flannel node;
-//! - auto (vxlan in TC, the default): frames GRO merged, and frames whose outer header says
+//! - kernel (the default for vxlan; always with XDP): the frame passes unchanged to the
+//!   kernel's vxlan device, which decapsulates it as on a stock flannel node;
+//! - split (vxlan in TC, opt-in): frames GRO merged, and frames whose outer header says
 //!   congestion experienced, go to the kernel's vxlan device as above (it clears the tunnel
 //!   GSO state and applies RFC 6040); the rest are decapsulated here as with stack;
 //! - stack (udp backend): TC strips the outer headers (keeping GSO sizes) and redirects the

@@ -151,6 +151,9 @@ pub struct ClusterSpec {
     /// GSO frame) and GRO is on at each node's eth0 (merging again where nodes receive).
     /// Otherwise veth passes GSO frames through whole.
     pub wire_underlay: bool,
+    /// Nodes' `net.ipv4.conf.{all,default}.rp_filter`: 1 (strict, the seed's RHEL/CentOS
+    /// default and ours) or 2 (loose).
+    pub rp_filter: u8,
     pub control: Control,
     /// Extra agent flags (etcd mode), e.g. a short lease TTL.
     pub agent_args: Vec<String>,
@@ -189,6 +192,7 @@ impl ClusterSpec {
             full_mesh: true,
             routed_underlay: false,
             wire_underlay: false,
+            rp_filter: 1,
             control: Control::Static,
             agent_args: Vec::new(),
             docker_opts_step: false,
@@ -588,7 +592,7 @@ impl Cluster {
         // namespace starts with 0): a packet must arrive on the device its source routes
         // through.
         for scope in ["all", "default"] {
-            ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), "1")?;
+            ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), &spec.rp_filter.to_string())?;
         }
         // Static clusters give node n 10.244.<n>.0/24; with etcd, agents lease theirs and
         // stock flannel nodes get a hand-written lease for 10.244.<100+n>.0/24.

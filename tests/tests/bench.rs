@@ -26,9 +26,9 @@ fn quick_data_plane_bench_measures_every_path() {
     assert_eq!(
         names,
         [
-            "veth/routing", "veth/kernel_vxlan", "veth/ebpf_vxlan_tc", "veth/ebpf_vxlan_tc_kernel", "veth/ebpf_vxlan_xdp",
+            "veth/routing", "veth/kernel_vxlan", "veth/ebpf_vxlan_tc", "veth/ebpf_vxlan_tc_split", "veth/ebpf_vxlan_xdp",
             "veth/ebpf_udp", "veth/tun_udp", "wire/routing", "wire/kernel_vxlan", "wire/ebpf_vxlan_tc",
-            "wire/ebpf_vxlan_tc_kernel", "wire/ebpf_vxlan_xdp",
+            "wire/ebpf_vxlan_tc_split", "wire/ebpf_vxlan_xdp",
         ]
     );
     for p in paths {
@@ -45,6 +45,29 @@ fn quick_data_plane_bench_measures_every_path() {
     }
     let svg = std::fs::read_to_string(out.join("dataplane.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<rect"), "chart");
+
+    // `render` writes the markdown again from the JSON; never from a --quick run.
+    let md = out.join("BENCHMARKS.md");
+    let render = || {
+        Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+            .args(["render", "--out"])
+            .arg(&out)
+            .arg("--markdown")
+            .arg(&md)
+            .output()
+            .unwrap()
+    };
+    let refused = render();
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--quick"), "{refused:?}");
+    let mut v = v;
+    v["quick"] = serde_json::Value::Bool(false);
+    std::fs::write(out.join("dataplane.json"), serde_json::to_string(&v).unwrap()).unwrap();
+    let done = render();
+    assert!(done.status.success(), "{done:?}");
+    let text = std::fs::read_to_string(&md).unwrap();
+    for want in ["#### Underlay: veth", "#### Underlay: wire", "### Targets", "wire: eBPF vxlan (XDP) TCP 1 stream vs kernel vxlan"] {
+        assert!(text.contains(want), "BENCHMARKS.md lacks {want:?}:\n{text}");
+    }
     std::fs::remove_dir_all(&out).unwrap();
 }
 

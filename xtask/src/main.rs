@@ -43,7 +43,8 @@ enum Cmd {
     /// Set up, build (release) and benchmark the data plane against its baselines, or the
     /// control plane (`bench control-plane`). Writes target/bench/ and BENCHMARKS.md (root).
     Bench {
-        /// `control-plane` for the etcd/agent benchmark; nothing for the data plane.
+        /// `control-plane` for the etcd/agent benchmark; `render` to write BENCHMARKS.md again
+        /// from the last data-plane run's JSON (no measuring); nothing for the data plane.
         what: Option<String>,
         /// A short smoke run (does not update BENCHMARKS.md).
         #[arg(long)]
@@ -247,10 +248,13 @@ fn run(cli: Cli) -> Result<()> {
             c.current_dir(workspace_root()).env("OVERLAY_AGENT_BIN", &agent);
             match what.as_deref() {
                 None => {}
-                Some("control-plane") => {
-                    c.arg("control-plane");
+                Some(sub @ ("control-plane" | "render")) => {
+                    c.arg(sub);
                 }
-                Some(other) => bail!("unknown benchmark {other:?}: use `cargo xtask bench` or `cargo xtask bench control-plane`"),
+                Some(other) => bail!(
+                    "unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench control-plane` \
+                     or `cargo xtask bench render` (BENCHMARKS.md again from the last run's JSON)"
+                ),
             }
             c.arg("--out").arg(target_dir().join("bench"));
             if quick {

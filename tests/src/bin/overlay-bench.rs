@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: the data plane against what users would otherwise run, side by side in
 //! one run on one machine: plain routing (the ceiling), the kernel vxlan device set up as
-//! flannel's vxlan backend does, our eBPF vxlan with TC decapsulation (default `auto`
-//! delivery, and `kernel` delivery) and with XDP, our eBPF udp encapsulation, and the TUN
+//! flannel's vxlan backend does, our eBPF vxlan with TC decapsulation (default `kernel`
+//! delivery, and `split` delivery) and with XDP, our eBPF udp encapsulation, and the TUN
 //! path (flannel's udp backend design), on two underlays: `veth` (GSO frames cross whole)
 //! and `wire` (MTU-sized frames as on a physical link; GRO merges them where nodes receive).
 //!
@@ -27,15 +27,15 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use overlay_tests::{require_root, wait_until, Backend, Cluster, ClusterSpec, Control, NodeKind, Netns};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum PathKind {
     Routing,
     KernelVxlan,
     EbpfVxlanTc,
-    EbpfVxlanTcKernel,
+    EbpfVxlanTcSplit,
     EbpfVxlanXdp,
     EbpfUdp,
     TunUdp,
@@ -47,7 +47,7 @@ impl PathKind {
             Self::Routing => "routing (no encap)",
             Self::KernelVxlan => "kernel vxlan (flannel)",
             Self::EbpfVxlanTc => "eBPF vxlan, TC decap",
-            Self::EbpfVxlanTcKernel => "eBPF vxlan, TC, kernel delivery",
+            Self::EbpfVxlanTcSplit => "eBPF vxlan, TC, split delivery",
             Self::EbpfVxlanXdp => "eBPF vxlan, XDP decap",
             Self::EbpfUdp => "eBPF udp",
             Self::TunUdp => "TUN udp (flannel udp)",
@@ -59,7 +59,7 @@ impl PathKind {
             Self::Routing => "routing",
             Self::KernelVxlan => "kernel vxlan",
             Self::EbpfVxlanTc => "eBPF TC",
-            Self::EbpfVxlanTcKernel => "eBPF TC kern",
+            Self::EbpfVxlanTcSplit => "eBPF TC split",
             Self::EbpfVxlanXdp => "eBPF XDP",
             Self::EbpfUdp => "eBPF udp",
             Self::TunUdp => "TUN udp",
@@ -71,8 +71,8 @@ impl PathKind {
             Self::Routing => two(NodeKind::PlainRouting),
             Self::KernelVxlan => two(NodeKind::StockFlannel),
             Self::EbpfVxlanTc => two(NodeKind::Agent { decap_hook: "tc" }),
-            Self::EbpfVxlanTcKernel => ClusterSpec {
-                agent_args: vec!["--decap-delivery".into(), "kernel".into()],
+            Self::EbpfVxlanTcSplit => ClusterSpec {
+                agent_args: vec!["--decap-delivery".into(), "split".into()],
                 ..two(NodeKind::Agent { decap_hook: "tc" })
             },
             Self::EbpfVxlanXdp => two(NodeKind::Agent { decap_hook: "xdp" }),
@@ -86,7 +86,7 @@ impl PathKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Underlay {
     /// veth through a bridge: GSO frames cross whole.
@@ -116,8 +116,8 @@ struct Setup {
 /// on the wire underlay the vxlan paths and the ceiling.
 fn setups() -> Vec<Setup> {
     use PathKind::*;
-    let veth = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcKernel, EbpfVxlanXdp, EbpfUdp, TunUdp];
-    let wire = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcKernel, EbpfVxlanXdp];
+    let veth = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp, EbpfUdp, TunUdp];
+    let wire = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp];
     veth.iter()
         .map(|&path| Setup { path, underlay: Underlay::Veth })
         .chain(wire.iter().map(|&path| Setup { path, underlay: Underlay::Wire }))
@@ -125,7 +125,7 @@ fn setups() -> Vec<Setup> {
 }
 
 /// One run's figures for one path.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Sample {
     tcp1_gbps: f64,
     tcp4_gbps: f64,
@@ -273,11 +273,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct PathResult {
     path: PathKind,
     underlay: Underlay,
-    label: &'static str,
+    label: String,
     median: BTreeMap<String, f64>,
     spread: BTreeMap<String, Spread>,
     runs: Vec<Sample>,
@@ -288,7 +288,7 @@ struct PathResult {
     vs_routing: BTreeMap<String, Spread>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 struct Report {
     date: String,
     kernel: String,
@@ -404,7 +404,7 @@ fn spread(v: &[f64]) -> Spread {
     Spread { median: median(v.to_vec()), min: if v.is_empty() { 0.0 } else { min }, max: if v.is_empty() { 0.0 } else { max } }
 }
 
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 struct Spread {
     median: f64,
     min: f64,
@@ -467,7 +467,7 @@ fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result
             .map(|(i, s)| PathResult {
                 path: s.path,
                 underlay: s.underlay,
-                label: s.path.label(),
+                label: s.path.label().to_string(),
                 median: METRICS.iter().map(|(f, _, _)| (f.to_string(), median(samples[i].iter().map(|x| x.get(f)).collect()))).collect(),
                 spread: METRICS.iter().map(|(f, _, _)| (f.to_string(), spread(&samples[i].iter().map(|x| x.get(f)).collect::<Vec<_>>()))).collect(),
                 vs_kernel_vxlan: ratios(i, find(PathKind::KernelVxlan, s.underlay)),
@@ -552,17 +552,20 @@ fn write_benchmarks_md(md: &Path, report: &Report, table: &str) -> Result<()> {
          Reproduce: `cargo xtask bench` (as root; `--quick` for a smoke run, which does not update\n\
          this file). Raw numbers: `target/bench/dataplane.json`; chart: `target/bench/dataplane.svg`.\n\n\
          ## Data plane\n\n{table}\n### Targets\n\n{targets}\n\
-         On the veth underlay XDP is slow by construction: native XDP on a veth turns off GSO/TSO on\n\
-         its peer, so every segment crosses the underlay separately (see shared DATAPLANE.md); on the\n\
-         wire underlay segments cross separately for every path, as on a physical NIC, where XDP runs\n\
-         before GRO. `--decap-hook auto` picks TC on veth.\n\n\
-         The eBPF paths run the agent's defaults (`--decap-delivery auto`): every check in TC or XDP;\n\
-         then, with TC, frames GRO merged go to the kernel's vxlan device and the rest are\n\
-         decapsulated by the program into `flannel.1`'s ingress; with XDP the kernel device takes\n\
-         them all. Either way the inner packet enters the host on `flannel.1`, so its netfilter sees\n\
-         both directions of every flow. `TC, kernel delivery` leaves every checked frame to the\n\
-         kernel device. The udp backend has no kernel device: TC strips the headers onto `flannel0`,\n\
-         where GRO-merged frames keep tunnel GSO state on 6.18 and are segmented in software.\n\n\
+         On the veth underlay XDP is slow by construction: a native XDP program on a veth makes the\n\
+         kernel turn off GSO/TSO towards it on its peer, so every segment crosses the underlay\n\
+         separately and is handled one by one. The wire underlay has MTU-sized frames for every\n\
+         path, which is what a physical NIC delivers; XDP then runs before GRO, as it would on a\n\
+         NIC. Measured here: namespaces and veth only. That XDP on a physical NIC behaves as on the\n\
+         wire underlay is inferred, not measured. `--decap-hook auto` picks TC on veth.\n\n\
+         The eBPF paths run the agent's defaults (`--decap-delivery kernel`): every check in TC or\n\
+         XDP, then the kernel's vxlan device decapsulates, as on a stock flannel node, so the inner\n\
+         packet enters the host on `flannel.1` and its netfilter sees both directions of every flow.\n\
+         `TC, split delivery` leaves only GRO-merged frames to the kernel device and decapsulates\n\
+         the rest in the program, redirecting them into `flannel.1`'s ingress (also coherent for the\n\
+         containers' traffic). The udp backend has no kernel device: TC strips the headers onto\n\
+         `flannel0`, where GRO-merged frames keep tunnel GSO state on 6.18 and are segmented in\n\
+         software.\n\n\
          <!-- control-plane -->{control}",
         runs = report.runs,
         targets = targets(report),
@@ -724,6 +727,21 @@ fn control_plane(quick: bool, out: &Path, md: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Write BENCHMARKS.md again from the last run's JSON (for a change of its text; no
+/// measuring). The figures stay those of the run, with its date.
+fn render(out: &Path, md: Option<&Path>) -> Result<()> {
+    let json = out.join("dataplane.json");
+    let report: Report = serde_json::from_str(&fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?)
+        .with_context(|| format!("{} is not a data-plane report of this version", json.display()))?;
+    if report.quick {
+        bail!("{} holds a --quick run; BENCHMARKS.md is written from full runs only", json.display());
+    }
+    let md = md.context("render needs --markdown FILE")?;
+    write_benchmarks_md(md, &report, &table(&report))?;
+    println!("updated {} from {}", md.display(), json.display());
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -734,6 +752,8 @@ fn main() {
     require_root();
     let r = if args.first().map(String::as_str) == Some("control-plane") {
         control_plane(quick, &out, md.as_deref())
+    } else if args.first().map(String::as_str) == Some("render") {
+        render(&out, md.as_deref())
     } else {
         data_plane(quick, runs, &out, md.as_deref())
     };
