@@ -23,7 +23,7 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     btf_maps::lpm_trie::Key,
     helpers::generated::bpf_redirect,
@@ -41,6 +41,11 @@ use crate::{
     maps::{account_peer, config, count, is_peer, Direction, VTEP_BY_SUBNET},
     packet::Packet,
 };
+
+/// TCX's "not decided here": the frame goes on to the programs attached after ours and to
+/// legacy tc filters, then to the stack. TC_ACT_OK would end the chain (TCX_PASS), hiding
+/// the node's ordinary traffic from everything after us.
+const TCX_NEXT: i32 = TC_ACT_UNSPEC;
 
 /// What to do with a frame that is not (or not a valid) tunnel frame for us.
 enum Verdict {
@@ -161,7 +166,7 @@ pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
     crate::upgrade_variant_mark();
     match try_tc_decap(&ctx) {
         Ok(action) => action,
-        Err(Verdict::Pass) => TC_ACT_OK as i32,
+        Err(Verdict::Pass) => TCX_NEXT,
         Err(Verdict::Drop(reason)) => {
             count(reason);
             if reason == Counter::DecapFailed {
@@ -172,8 +177,9 @@ pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
     }
 }
 
-/// Ok(TC_ACT_REDIRECT) into the overlay device's ingress; Err(Pass) for frames that are not
-/// ours; Err(Drop(reason)) otherwise.
+/// Ok(TCX_NEXT) for checked frames left to the kernel's vxlan device, Ok(TC_ACT_REDIRECT)
+/// into the overlay device's ingress for those decapsulated here; Err(Pass) for frames that
+/// are not ours; Err(Drop(reason)) otherwise.
 #[inline(always)]
 fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     let Some(cfg) = ready_config() else {
@@ -187,8 +193,9 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
         let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
         if cfg.flags & config_flags::NATIVE_UNMERGED == 0 || merged || t.outer_ce {
             // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
+            // Programs and tc filters after ours see it, as they would on such a node.
             accepted(&t);
-            return Ok(TC_ACT_OK as i32);
+            return Ok(TCX_NEXT);
         }
     }
     // FIXED_GSO: without it gso_size grows by the overhead and bulk TCP collapses.

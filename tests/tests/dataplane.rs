@@ -574,3 +574,42 @@ fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_tc_decap() {
 fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_xdp_decap() {
     tunnel_frames_from_elsewhere("gx", "xdp");
 }
+
+/// Packets the (one) tc filter action on node `n`'s eth0 ingress has seen.
+fn legacy_filter_packets(n: &overlay_tests::Node) -> u64 {
+    let out = ok("tc -s filter show", n.ns.run("tc", &["-s", "filter", "show", "dev", "eth0", "ingress"]));
+    out.split("Sent ")
+        .nth(1)
+        .and_then(|r| r.split(" pkt").next())
+        .and_then(|r| r.split_whitespace().last())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in:\n{out}"))
+}
+
+/// The decap program shares the underlay with whatever else the host attaches: what it does
+/// not take for itself (ordinary traffic, and checked tunnel frames it leaves to the kernel's
+/// vxlan device) goes on to the programs and tc filters attached after it (TCX_NEXT), where
+/// TC_ACT_OK would have ended the chain.
+#[test]
+fn frames_we_do_not_take_reach_the_tc_filters_after_ours() {
+    let c = cluster("tn", &ClusterSpec::agents(Backend::Vxlan, "tc", 2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    // A legacy tc filter after our TCX program that counts every frame: u32 matching all,
+    // mirroring a copy to a spare veth (the kernels here have u32 and mirred, not matchall).
+    ok("veth", n1.ns.run("ip", &["link", "add", "mir0", "type", "veth", "peer", "name", "mir1"]));
+    for dev in ["mir0", "mir1"] {
+        ok("up", n1.ns.run("ip", &["link", "set", dev, "up"]));
+    }
+    ok("clsact", n1.ns.run("tc", &["qdisc", "add", "dev", "eth0", "clsact"]));
+    ok("filter", n1.ns.run("tc", &[
+        "filter", "add", "dev", "eth0", "ingress", "protocol", "all", "u32", "match", "u32", "0", "0",
+        "action", "mirred", "egress", "mirror", "dev", "mir0",
+    ]));
+    let seen = legacy_filter_packets(n1);
+    ok("underlay ping", ping(&n2.ns, n1.underlay_ip, 3));
+    assert!(legacy_filter_packets(n1) >= seen + 3, "ordinary underlay traffic never reached the tc filter");
+    let (seen, decap) = (legacy_filter_packets(n1), n1.counter(Counter::Decapsulated));
+    ok("overlay ping", ping(&n2.containers[0], n1.container_ip(0), 3));
+    assert!(n1.counter(Counter::Decapsulated) >= decap + 3, "our program checked the tunnel frames first");
+    assert!(legacy_filter_packets(n1) >= seen + 3, "checked tunnel frames never reached the tc filter");
+}
