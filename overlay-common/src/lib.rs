@@ -201,7 +201,8 @@ pub enum Counter {
     WrongVni = 6,
     /// Decap: VXLAN header flags other than exactly the I flag (dropped).
     BadVxlanFlags = 7,
-    /// Decap: frame to our port too short for its headers (dropped).
+    /// Decap: frame from a peer to our port too short for the tunnel and inner headers
+    /// (dropped). Frames too short to show a UDP port are not ours and pass.
     Truncated = 8,
     /// Decap: outer IPv4 with options to our port (dropped).
     OuterIpOptions = 9,

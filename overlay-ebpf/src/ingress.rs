@@ -81,15 +81,15 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     if ethertype(&eth) != ETH_P_IPV4 {
         return Err(Verdict::Pass);
     }
-    // An IPv4 frame too short for its header: the stack would drop it too.
-    let ip: [u8; IPV4_HLEN] = p.read(ETH_HLEN).ok_or(Counter::Truncated)?;
+    // Too short for an IPv4 or a UDP header: nothing says it is ours; the stack judges it.
+    let ip: [u8; IPV4_HLEN] = p.read(ETH_HLEN).ok_or(Verdict::Pass)?;
     let (ihl, first_fragment) = match classify_ipv4(&ip) {
         Ipv4Class::Udp { header_len, first_fragment } if header_len >= IPV4_HLEN => {
             (header_len, first_fragment)
         }
         _ => return Err(Verdict::Pass),
     };
-    let udp: [u8; UDP_HLEN] = p.read(ETH_HLEN + ihl).ok_or(Counter::Truncated)?;
+    let udp: [u8; UDP_HLEN] = p.read(ETH_HLEN + ihl).ok_or(Verdict::Pass)?;
     if udp_dst_port(&udp) != cfg.port {
         return Err(Verdict::Pass);
     }
@@ -100,7 +100,12 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     if first_fragment {
         return Err(Counter::OuterFragment.into());
     }
+    // Who sent it comes before what is in it: a non-peer's frame is counted as such,
+    // however short.
     let peer = [ip[12], ip[13], ip[14], ip[15]];
+    if !is_peer(&peer) {
+        return Err(Counter::UnknownPeer.into());
+    }
     let (strip, inner_ip) = match cfg.encap_mode() {
         Some(EncapMode::Vxlan) => {
             let vx: [u8; VXLAN_HLEN] = p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
@@ -109,9 +114,6 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
             let iip: [u8; IPV4_HLEN] = p
                 .read(TUNNEL_PAYLOAD_OFF + VXLAN_HLEN + ETH_HLEN)
                 .ok_or(Counter::Truncated)?;
-            if !is_peer(&peer) {
-                return Err(Counter::UnknownPeer.into());
-            }
             check_vxlan(&vx, cfg.vni)?;
             if ethertype(&ieth) != ETH_P_IPV4 {
                 return Err(Counter::InnerNotIpv4.into());
@@ -120,9 +122,6 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         }
         Some(EncapMode::Udp) => {
             let iip: [u8; IPV4_HLEN] = p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
-            if !is_peer(&peer) {
-                return Err(Counter::UnknownPeer.into());
-            }
             (UDP_OVERHEAD, iip)
         }
         None => return Err(Verdict::Pass),

@@ -257,8 +257,10 @@ fn hostile_frames(tag: &str, hook: &'static str) {
 
     let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, probe_port)));
     let before = n1.counters();
-    // 1. From an address that is not a peer (with everything else valid).
-    ok("send", send_udp(&evil, SocketAddrV4::new(evil_ip, 0), vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, legit_src, victim, probe_port)]));
+    // 1. From an address that is not a peer (with everything else valid, and cut short: who
+    //    sent it is judged before what it holds).
+    let from_evil = vxlan_payload(0x08, 1, mac, legit_src, victim, probe_port);
+    ok("send", send_udp(&evil, SocketAddrV4::new(evil_ip, 0), vxlan_to_n1, vec![from_evil.clone(), from_evil[..4].to_vec()]));
     // 2. From a peer, wrong VNI.
     ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![vxlan_payload(0x08, 99, mac, legit_src, victim, probe_port)]));
     // 3. From a peer, wrong flags (no I flag; GBP bit).
@@ -277,7 +279,7 @@ fn hostile_frames(tag: &str, hook: &'static str) {
     ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, legit_src, c.node(3).container_ip(0), probe_port)]));
 
     let expect = [
-        (Counter::UnknownPeer, 1),
+        (Counter::UnknownPeer, 2),
         (Counter::WrongVni, 1),
         (Counter::BadVxlanFlags, 2),
         (Counter::Truncated, n_truncated),
@@ -343,9 +345,10 @@ fn raw_frame(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, ihl: u8, frag: u16,
 }
 
 /// Frames below the UDP layer, sent raw from a peer: outer IPv4 options, fragments, and a
-/// tunnel frame cut at every length from the Ethernet header to the end of the UDP header.
-/// Each is dropped and counted; a frame of another EtherType moves no counter; and the
-/// valid frame built the same way is delivered.
+/// tunnel frame cut at every length from the Ethernet header to the end of the inner IPv4
+/// header. Those cut before the UDP header is whole are not ours and move no counter (the
+/// stack drops them); the others are dropped and counted once each; a frame of another
+/// EtherType moves no counter; and the valid frame built the same way is delivered.
 fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let c = cluster(tag, &ClusterSpec::agents(Backend::Vxlan, hook, 2));
     let (n1, n2) = (c.node(1), c.node(2));
@@ -355,7 +358,11 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let frame = |ihl, frag| raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, ihl, frag, 8472, &payload);
     let valid = frame(5, 0);
     let mut frames = vec![frame(6, 0), frame(15, 0), frame(5, 0x2000)];
-    let cut: Vec<Vec<u8>> = (14..42).map(|n| valid[..n].to_vec()).collect();
+    // Cut inside the outer IPv4 or UDP header: nothing says the frame is ours; it passes to
+    // the stack untouched (which drops it) and moves no counter. Cut after it: ours, truncated.
+    let not_ours: Vec<Vec<u8>> = (14..42).map(|n| valid[..n].to_vec()).collect();
+    let cut: Vec<Vec<u8>> = (42..42 + 8 + 14 + 20).map(|n| valid[..n].to_vec()).collect();
+    frames.extend(not_ours.iter().cloned());
     frames.extend(cut.iter().cloned());
     let mut other = valid.clone();
     other[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental EtherType
