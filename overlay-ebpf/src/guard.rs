@@ -6,8 +6,9 @@
 //! interface: the only way a tunnel frame gets to the kernel's vxlan socket, which listens
 //! on every address and decapsulates whatever it is given.
 //! Does: an IPv4 UDP datagram to our tunnel port passes only if it arrived on the underlay
-//! interface from a peer, which the decap program (TC or XDP) has already checked; one from
-//! anywhere else (a local container sending to its own node's address, loopback, another
+//! interface from a peer and is addressed to the node's underlay address, which is what the
+//! decap program (TC or XDP) has already checked; one to another of the node's addresses
+//! (which decap leaves alone), or from anywhere else (a local container sending to its own node's address, loopback, another
 //! NIC) is dropped and counted as `foreign_tunnel`, so no forged inner packet enters the
 //! host unchecked. The kernel answers it as a closed port would. The peer check matters
 //! for the node's own processes: a datagram sent to a local address owned by the underlay
@@ -38,8 +39,11 @@ pub fn sk_lookup_guard(ctx: SkLookupContext) -> u32 {
     if l.family != AF_INET || l.protocol != IPPROTO_UDP as u32 || l.local_port != cfg.port as u32 {
         return SK_PASS;
     }
-    // remote_ip4 is in network order, as PeerAddr.
-    if l.ingress_ifindex == cfg.underlay_ifindex && is_peer(&l.remote_ip4.to_ne_bytes()) {
+    // remote_ip4 and local_ip4 are in network order, as PeerAddr and underlay_ip.
+    if l.ingress_ifindex == cfg.underlay_ifindex
+        && l.local_ip4.to_ne_bytes() == cfg.underlay_ip
+        && is_peer(&l.remote_ip4.to_ne_bytes())
+    {
         return SK_PASS;
     }
     count(Counter::ForeignTunnel);

@@ -93,6 +93,12 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     if udp_dst_port(&udp) != cfg.port {
         return Err(Verdict::Pass);
     }
+    // A tunnel frame for another host (this node forwards, or the NIC is promiscuous) is not
+    // ours to open; the socket guard keeps frames for the node's other addresses from the
+    // kernel's vxlan socket.
+    if ip[16..20] != cfg.underlay_ip {
+        return Err(Verdict::Pass);
+    }
     // From here on the frame is addressed to us.
     if ihl != IPV4_HLEN {
         return Err(Counter::OuterIpOptions.into());

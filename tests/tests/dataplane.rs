@@ -620,3 +620,36 @@ fn frames_we_do_not_take_reach_the_tc_filters_after_ours() {
     assert!(n1.counter(Counter::Decapsulated) >= decap + 3, "our program checked the tunnel frames first");
     assert!(legacy_filter_packets(n1) >= seen + 3, "checked tunnel frames never reached the tc filter");
 }
+
+/// Tunnel frames from a peer addressed to another host (a node that forwards, a promiscuous
+/// NIC) are not decapsulated by us: they pass on untouched. Frames to another of the node's
+/// own addresses are kept from the kernel's vxlan socket by the guard. Both with stack
+/// delivery, where the program itself would otherwise open them.
+#[test]
+fn tunnel_frames_for_other_addresses_are_left_alone() {
+    let spec = ClusterSpec {
+        agent_args: vec!["--decap-delivery".into(), "stack".into()],
+        ..ClusterSpec::agents(Backend::Vxlan, "tc", 2)
+    };
+    let c = cluster("oa", &spec);
+    let (n1, n2) = (c.node(1), c.node(2));
+    let n1_mac = ok("mac", overlay_tests::link_mac(&n1.ns, "eth0"));
+    let port = 9996;
+    let payload = vxlan_payload(0x08, 1, n1.vtep_mac, n2.container_ip(0), n1.container_ip(0), port);
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+    let before = n1.counters();
+    // To node 1's MAC, for an address that is not node 1's.
+    let elsewhere = raw_frame(n1_mac, n2.underlay_ip, Ipv4Addr::new(192, 168, 100, 77), 5, 0, 8472, &payload);
+    ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", vec![elsewhere]));
+    // To a second address of node 1's.
+    let second = Ipv4Addr::new(192, 168, 100, 201);
+    ok("address", n1.ns.run("ip", &["addr", "add", &format!("{second}/32"), "dev", "eth0"]));
+    ok("send", send_udp(&n2.ns, SocketAddrV4::new(n2.underlay_ip, 0), SocketAddrV4::new(second, 8472), vec![payload.clone()]));
+    let guarded = || n1.counter(Counter::ForeignTunnel) - before[Counter::ForeignTunnel as usize];
+    assert!(wait_until(Duration::from_secs(10), || guarded() >= 1), "the frame to the second address was not stopped by the guard");
+    assert_eq!(n1.counter(Counter::Decapsulated), before[Counter::Decapsulated as usize], "a frame for another address was decapsulated");
+    // Control: the same payload to node 1's underlay address is delivered, and only it.
+    ok("send", send_udp(&n2.ns, SocketAddrV4::new(n2.underlay_ip, 0), SocketAddrV4::new(n1.underlay_ip, 8472), vec![payload]));
+    assert_eq!(probe.finish_after(1), vec![b"hostile".to_vec()], "only the frame for node 1's own address reaches the container");
+    assert_eq!(guarded(), 1);
+}
