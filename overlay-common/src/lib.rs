@@ -227,10 +227,13 @@ pub enum Counter {
     /// local container, loopback, a second NIC): the socket guard dropped it before the
     /// kernel's vxlan socket could decapsulate it unchecked.
     ForeignTunnel = 17,
+    /// Decap: outer IPv4 header checksum wrong, or its total length or the UDP length
+    /// disagrees with the frame (dropped).
+    BadOuterHeader = 18,
 }
 
 impl Counter {
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
     pub const ALL: [Counter; Self::COUNT] = [
         Self::Encapsulated,
         Self::Decapsulated,
@@ -250,6 +253,7 @@ impl Counter {
         Self::NotConfigured,
         Self::DecapNative,
         Self::ForeignTunnel,
+        Self::BadOuterHeader,
     ];
     /// The name operators see (`overlay-agent stats`, metrics).
     pub const fn name(self) -> &'static str {
@@ -272,6 +276,7 @@ impl Counter {
             Self::NotConfigured => "not_configured",
             Self::DecapNative => "decap_native",
             Self::ForeignTunnel => "foreign_tunnel",
+            Self::BadOuterHeader => "bad_outer_header",
         }
     }
     /// Whether this outcome drops the packet.

@@ -202,6 +202,32 @@ pub fn udp_dst_port(udp: &[u8; UDP_HLEN]) -> u16 {
     u16::from_be_bytes([udp[2], udp[3]])
 }
 
+/// Check the outer IPv4 and UDP headers (no options) of a frame of `frame_len` bytes from the
+/// Ethernet header on, as the stack's `ip_rcv` and `udp_rcv` would: the header checksum, a
+/// total length that fits in the frame (which may be longer: Ethernet pads short frames;
+/// shorter is `Truncated`) and holds a UDP header, and a UDP length equal to what the IPv4
+/// header leaves. `merged`:
+/// the frame is a GRO/GSO aggregate, whose lengths the kernel itself set; only the checksum
+/// is checked.
+#[inline(always)]
+pub fn check_outer(ip: &[u8; IPV4_HLEN], udp: &[u8; UDP_HLEN], frame_len: usize, merged: bool) -> Result<(), Counter> {
+    if ipv4_checksum(ip) != 0 {
+        return Err(Counter::BadOuterHeader);
+    }
+    if merged {
+        return Ok(());
+    }
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    if total > frame_len.saturating_sub(ETH_HLEN) {
+        return Err(Counter::Truncated);
+    }
+    if total < IPV4_HLEN + UDP_HLEN || udp_len != total - IPV4_HLEN {
+        return Err(Counter::BadOuterHeader);
+    }
+    Ok(())
+}
+
 /// Check a VXLAN header: exactly the I flag, reserved bits zero, and our VNI.
 #[inline(always)]
 pub fn check_vxlan(h: &[u8; VXLAN_HLEN], vni: u32) -> Result<(), Counter> {
@@ -247,6 +273,32 @@ pub fn decrement_ttl(pkt: &mut [u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outer_headers_are_checked_as_the_stack_would() {
+        let p = params(100);
+        let hdr = vxlan_encap_header(&p, 1, [2; 6], [4; 6]);
+        let ip: [u8; IPV4_HLEN] = hdr[ETH_HLEN..ETH_HLEN + IPV4_HLEN].try_into().unwrap();
+        let udp: [u8; UDP_HLEN] = hdr[ETH_HLEN + IPV4_HLEN..ETH_HLEN + IPV4_HLEN + UDP_HLEN].try_into().unwrap();
+        let frame_len = ETH_HLEN + u16::from_be_bytes([ip[2], ip[3]]) as usize;
+        assert_eq!(check_outer(&ip, &udp, frame_len, false), Ok(()));
+        assert_eq!(check_outer(&ip, &udp, frame_len + 6, false), Ok(()), "Ethernet padding is allowed");
+        assert_eq!(check_outer(&ip, &udp, frame_len - 1, false), Err(Counter::Truncated), "total length past the frame");
+        let mut bad = ip;
+        bad[8] ^= 1; // TTL changed, checksum not
+        assert_eq!(check_outer(&bad, &udp, frame_len, false), Err(Counter::BadOuterHeader));
+        assert_eq!(check_outer(&bad, &udp, frame_len, true), Err(Counter::BadOuterHeader), "merged frames: checksum still");
+        let mut short_udp = udp;
+        short_udp[5] = short_udp[5].wrapping_sub(1);
+        assert_eq!(check_outer(&ip, &short_udp, frame_len, false), Err(Counter::BadOuterHeader), "UDP length disagrees");
+        assert_eq!(check_outer(&ip, &short_udp, frame_len, true), Ok(()), "merged frames: lengths are the kernel's");
+        let mut tiny = ip;
+        tiny[2..4].copy_from_slice(&20u16.to_be_bytes());
+        tiny[10..12].copy_from_slice(&[0, 0]);
+        let c = ipv4_checksum(&tiny);
+        tiny[10..12].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(check_outer(&tiny, &udp, frame_len, false), Err(Counter::BadOuterHeader), "no room for UDP");
+    }
 
     #[test]
     fn ttl_decrement_keeps_the_checksum_valid() {

@@ -32,7 +32,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    check_vxlan, classify_ipv4, config_flags, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
+    check_outer, check_vxlan, classify_ipv4, config_flags, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
     DataplaneConfig, EncapMode, Ipv4Class, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
     UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
 };
@@ -106,6 +106,8 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     if first_fragment {
         return Err(Counter::OuterFragment.into());
     }
+    // What ip_rcv and udp_rcv would check: the paths that decapsulate here skip them.
+    check_outer(&ip, &udp, len, p.merged())?;
     // Who sent it comes before what is in it: a non-peer's frame is counted as such,
     // however short.
     let peer = [ip[12], ip[13], ip[14], ip[15]];
@@ -195,7 +197,7 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
         // GRO-merged frames carry tunnel GSO state that only the kernel device clears (on
         // 6.18 adjust_room leaves it, and the forwarded frame would be segmented in
         // software); CE-marked ones need RFC 6040, which the kernel device applies.
-        let merged = unsafe { (*ctx.skb.skb).gso_size } != 0;
+        let merged = ctx.merged();
         if cfg.flags & config_flags::NATIVE_UNMERGED == 0 || merged || t.outer_ce {
             // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
             // Programs and tc filters after ours see it, as they would on such a node.

@@ -9,6 +9,8 @@ pub trait Packet {
     fn len(&self) -> usize;
     /// `N` bytes at `off`, or `None` if the frame is shorter.
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
+    /// Whether the frame is a GRO/GSO aggregate (lengths set by the kernel, not the wire).
+    fn merged(&self) -> bool;
 }
 
 impl Packet for TcContext {
@@ -19,6 +21,11 @@ impl Packet for TcContext {
     #[inline(always)]
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         self.load::<[u8; N]>(off).ok()
+    }
+    #[inline(always)]
+    fn merged(&self) -> bool {
+        // SAFETY: the context's skb pointer is valid for the program's run.
+        unsafe { (*self.skb.skb).gso_size != 0 }
     }
 }
 
@@ -38,5 +45,9 @@ impl Packet for XdpContext {
             return None;
         }
         Some(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+    }
+    #[inline(always)]
+    fn merged(&self) -> bool {
+        false // XDP runs before GRO, on frames as they came off the wire
     }
 }

@@ -346,9 +346,10 @@ fn raw_frame(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, ihl: u8, frag: u16,
 
 /// Frames below the UDP layer, sent raw from a peer: outer IPv4 options, fragments, and a
 /// tunnel frame cut at every length from the Ethernet header to the end of the inner IPv4
-/// header. Those cut before the UDP header is whole are not ours and move no counter (the
-/// stack drops them); the others are dropped and counted once each; a frame of another
-/// EtherType moves no counter; and the valid frame built the same way is delivered.
+/// header, and with a wrong header checksum or UDP length. Those cut before the UDP header is
+/// whole are not ours and move no counter (the stack drops them); the others are dropped and
+/// counted once each; a frame of another EtherType moves no counter; and the valid frame
+/// built the same way is delivered.
 fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let c = cluster(tag, &ClusterSpec::agents(Backend::Vxlan, hook, 2));
     let (n1, n2) = (c.node(1), c.node(2));
@@ -364,6 +365,13 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let cut: Vec<Vec<u8>> = (42..42 + 8 + 14 + 20).map(|n| valid[..n].to_vec()).collect();
     frames.extend(not_ours.iter().cloned());
     frames.extend(cut.iter().cloned());
+    // Headers the stack would refuse: a wrong IPv4 checksum, a UDP length that disagrees.
+    let mut bad_sum = valid.clone();
+    bad_sum[14 + 10] ^= 0xff;
+    let mut bad_udp_len = valid.clone();
+    let l = u16::from_be_bytes([valid[14 + 20 + 4], valid[14 + 20 + 5]]) - 1;
+    bad_udp_len[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&l.to_be_bytes());
+    frames.extend([bad_sum, bad_udp_len]);
     let mut other = valid.clone();
     other[12..14].copy_from_slice(&[0x88, 0xb5]); // local experimental EtherType
     frames.push(other);
@@ -371,7 +379,12 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
     let before = n1.counters();
     ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", frames));
-    let expect = [(Counter::OuterIpOptions, 2), (Counter::OuterFragment, 1), (Counter::Truncated, cut.len() as u64)];
+    let expect = [
+        (Counter::OuterIpOptions, 2),
+        (Counter::OuterFragment, 1),
+        (Counter::Truncated, cut.len() as u64),
+        (Counter::BadOuterHeader, 2),
+    ];
     let settled = wait_until(Duration::from_secs(5), || {
         let now = n1.counters();
         expect.iter().all(|(c, n)| now[*c as usize] - before[*c as usize] >= *n)
@@ -383,7 +396,7 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
         assert_eq!(now[c as usize] - before[c as usize], n, "{}: exactly one count per frame", c.name());
     }
     let total_drops = |v: &[u64; Counter::COUNT]| Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| v[*c as usize]).sum::<u64>();
-    assert_eq!(total_drops(&now) - total_drops(&before), 3 + cut.len() as u64, "the other-EtherType frame must move no counter");
+    assert_eq!(total_drops(&now) - total_drops(&before), 5 + cut.len() as u64, "the other-EtherType frame must move no counter");
     assert_eq!(now[Counter::Decapsulated as usize], before[Counter::Decapsulated as usize]);
     // Control: the valid frame, sent the same way to the same probe, is delivered, and is
     // all that arrives (every malformed frame has been counted as dropped by now).
