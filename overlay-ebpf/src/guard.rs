@@ -7,12 +7,13 @@
 //! on every address and decapsulates whatever it is given.
 //! Does: an IPv4 UDP datagram to our tunnel port passes only if it arrived on the underlay
 //! interface from a peer and is addressed to the node's underlay address, which is what the
-//! decap program (TC or XDP) has already checked; one to another of the node's addresses
-//! (which decap leaves alone), or from anywhere else (a local container sending to its own node's address, loopback, another
-//! NIC) is dropped and counted as `foreign_tunnel`, so no forged inner packet enters the
-//! host unchecked. The kernel answers it as a closed port would. The peer check matters
-//! for the node's own processes: a datagram sent to a local address owned by the underlay
-//! interface is looked up with that interface as its ingress, though it never crossed it.
+//! decap program (TC or XDP) has already checked. One to another of the node's addresses
+//! (which decap leaves alone), or from anywhere else (a local container sending to its own
+//! node's address, loopback, another NIC) is dropped and counted as `foreign_tunnel`, so no
+//! forged inner packet enters the host unchecked; the kernel answers it as a closed port
+//! would. The peer check matters for the node's own processes: a datagram sent to a local
+//! address owned by the underlay interface is looked up with that interface as its
+//! ingress, though it never crossed it.
 //! Not handled: every other protocol and port, and IPv6 (the tunnel socket is IPv4 only),
 //! pass untouched.
 
@@ -23,16 +24,13 @@ use aya_ebpf::{
 };
 use overlay_common::{Counter, IPPROTO_UDP};
 
-use crate::maps::{config, count, is_peer};
+use crate::maps::{count, is_peer, ready_config};
 
 const AF_INET: u32 = 2;
 
 #[sk_lookup]
 pub fn sk_lookup_guard(ctx: SkLookupContext) -> u32 {
-    let Some(cfg) = config() else { return SK_PASS };
-    if !cfg.is_ready() {
-        return SK_PASS;
-    }
+    let Some(cfg) = ready_config() else { return SK_PASS };
     // SAFETY: the kernel passes a valid context for the program's lifetime.
     let l = unsafe { &*ctx.lookup };
     // local_port is in host order in this context.

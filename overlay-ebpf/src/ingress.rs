@@ -38,7 +38,7 @@ use overlay_common::{
 };
 
 use crate::{
-    maps::{account_peer, config, count, is_peer, Direction, VTEP_BY_SUBNET},
+    maps::{account_peer, count, is_peer, ready_config, Direction, VTEP_BY_SUBNET},
     packet::Packet,
 };
 
@@ -71,12 +71,15 @@ struct Tunnel {
     inner_len: usize,
     /// The outer header's ECN field says congestion experienced (RFC 6040 applies).
     outer_ce: bool,
+    /// A GRO/GSO aggregate (read once: the outer checks and the split decision use it).
+    merged: bool,
 }
 
 /// The one decision both hooks share.
 #[inline(always)]
 fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> {
     let len = p.len();
+    let merged = p.merged();
     let eth: [u8; ETH_HLEN] = p.read(0).ok_or(Verdict::Pass)?;
     if ethertype(&eth) != ETH_P_IPV4 {
         return Err(Verdict::Pass);
@@ -107,7 +110,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         return Err(Counter::OuterFragment.into());
     }
     // What ip_rcv and udp_rcv would check: the paths that decapsulate here skip them.
-    check_outer(&ip, &udp, len, p.merged())?;
+    check_outer(&ip, &udp, len, merged)?;
     // Who sent it comes before what is in it: a non-peer's frame is counted as such,
     // however short.
     let peer = [ip[12], ip[13], ip[14], ip[15]];
@@ -150,6 +153,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         strip,
         inner_len: len - ETH_HLEN - strip,
         outer_ce: ip[1] & ECN_MASK == ECN_CE,
+        merged,
     })
 }
 
@@ -158,14 +162,6 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
 fn accepted(t: &Tunnel) {
     account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
     count(Counter::Decapsulated);
-}
-
-#[inline(always)]
-fn ready_config() -> Option<DataplaneConfig> {
-    match config() {
-        Some(c) if c.is_ready() => Some(c),
-        _ => None,
-    }
 }
 
 #[classifier]
@@ -197,8 +193,7 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
         // GRO-merged frames carry tunnel GSO state that only the kernel device clears (on
         // 6.18 adjust_room leaves it, and the forwarded frame would be segmented in
         // software); CE-marked ones need RFC 6040, which the kernel device applies.
-        let merged = ctx.merged();
-        if cfg.flags & config_flags::NATIVE_UNMERGED == 0 || merged || t.outer_ce {
+        if cfg.flags & config_flags::NATIVE_UNMERGED == 0 || t.merged || t.outer_ce {
             // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
             // Programs and tc filters after ours see it, as they would on such a node.
             accepted(&t);

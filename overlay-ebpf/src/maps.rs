@@ -36,9 +36,10 @@ pub fn count(c: Counter) {
     }
 }
 
+/// The node's configuration once the agent has written all of it; `None` before.
 #[inline(always)]
-pub fn config() -> Option<DataplaneConfig> {
-    DP_CONFIG.get(0).copied()
+pub fn ready_config() -> Option<DataplaneConfig> {
+    DP_CONFIG.get(0).copied().filter(|c| c.is_ready())
 }
 
 pub enum Direction {

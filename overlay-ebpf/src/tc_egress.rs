@@ -30,7 +30,7 @@ use overlay_common::{
 };
 
 use crate::{
-    maps::{account_peer, config, count, Direction, VTEP_BY_SUBNET},
+    maps::{account_peer, count, ready_config, Direction, VTEP_BY_SUBNET},
     packet::Packet,
 };
 
@@ -65,12 +65,9 @@ pub fn tc_egress_encap(ctx: TcContext) -> i32 {
 /// configured the node; Err(reason) to drop and count.
 #[inline(always)]
 fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
-    let cfg = match config() {
-        Some(c) if c.is_ready() => c,
-        _ => {
-            count(Counter::NotConfigured);
-            return Ok(TC_ACT_OK as i32);
-        }
+    let Some(cfg) = ready_config() else {
+        count(Counter::NotConfigured);
+        return Ok(TC_ACT_OK as i32);
     };
     let eth: [u8; ETH_HLEN] = ctx.read(0).ok_or(Counter::EncapNotIpv4)?;
     if ethertype(&eth) != ETH_P_IPV4 {
