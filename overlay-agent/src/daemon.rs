@@ -351,10 +351,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
         DataplaneKind::Tun => {
             let underlay = netdev::require_link(&spec.iface)?;
-            let mtu = match spec.mtu {
-                Some(m) => m,
-                None => underlay.mtu.saturating_sub(mode.overhead() as u32),
-            };
+            let mtu = dataplane::overlay_mtu(spec.mtu, mode, &underlay.name, underlay.mtu)?;
             if let Some(old) = netdev::link(&spec.device)? {
                 tracing::warn!(device = %old.name, "replacing an existing device for the TUN data plane");
                 netdev::delete_link(&spec.device)?;

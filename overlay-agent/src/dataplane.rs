@@ -36,6 +36,12 @@ use crate::{
 /// The object built from `overlay-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay-ebpf"));
 
+/// The eBPF object this agent carries (empty when built with `AYA_BUILD_SKIP=1`): for tools
+/// and the programs' unit tests, which load it without pinning or attaching anything.
+pub fn ebpf_object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 pub const LINK_ENCAP: &str = "link_encap";
 pub const LINK_DECAP_TC: &str = "link_decap_tc";
 pub const LINK_DECAP_XDP: &str = "link_decap_xdp";
@@ -145,17 +151,42 @@ fn overlay_peer_name(device: &str) -> String {
     peer
 }
 
+/// The overlay MTU: the one asked for (`--mtu`, `Backend.MTU`), or the underlay's minus the
+/// encapsulation overhead. Refused when an encapsulated packet of that size could not leave
+/// through the underlay: every full-sized packet would be lost (flannel accepts it and drops
+/// them later, one by one).
+pub fn overlay_mtu(asked: Option<u32>, mode: EncapMode, underlay: &str, underlay_mtu: u32) -> Result<u32> {
+    const MIN_IPV4_MTU: u32 = 68;
+    let overhead = mode.overhead() as u32;
+    let most = underlay_mtu.saturating_sub(overhead);
+    let mode_name = match mode {
+        EncapMode::Vxlan => "vxlan",
+        EncapMode::Udp => "udp",
+    };
+    if most < MIN_IPV4_MTU {
+        bail!(
+            "the MTU of {underlay} ({underlay_mtu}) leaves {most} bytes for packets after the {overhead} bytes of \
+             {mode_name} encapsulation, less than IPv4's minimum of {MIN_IPV4_MTU}"
+        );
+    }
+    match asked {
+        None => Ok(most),
+        Some(m) if m < MIN_IPV4_MTU => bail!("an overlay MTU of {m} (--mtu or Backend.MTU) is below IPv4's minimum of {MIN_IPV4_MTU}"),
+        Some(m) if m > most => bail!(
+            "an overlay MTU of {m} (--mtu or Backend.MTU) does not fit {underlay}: with the {overhead} bytes of \
+             {mode_name} encapsulation its packets would be {} bytes and {underlay}'s MTU is {underlay_mtu}; \
+             use at most {most}, or leave it unset",
+            m + overhead
+        ),
+        Some(m) => Ok(m),
+    }
+}
+
 /// The overlay device as the spec wants it (created or kept), its MTU, and the underlay.
 /// Called before a lease is claimed: the device's MAC is the VtepMAC the lease announces.
 pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32)> {
     let underlay = netdev::require_link(&spec.iface)?;
-    let mtu = match spec.mtu {
-        Some(m) => m,
-        None => underlay
-            .mtu
-            .checked_sub(spec.mode.overhead() as u32)
-            .context("underlay MTU is smaller than the encapsulation overhead")?,
-    };
+    let mtu = overlay_mtu(spec.mtu, spec.mode, &underlay.name, underlay.mtu)?;
     match spec.mode {
         EncapMode::Vxlan => {
             netdev::ensure_vxlan(&spec.device, spec.vni, spec.port, spec.public_ip, &spec.iface)?;
@@ -233,6 +264,8 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
             .context("attaching encapsulation to the overlay device")?;
     }
 
+    // Routes kept in the pinned maps from a previous run: the device's entries follow them.
+    maps.sync_fdb()?;
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
     attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
     netdev::route_network(spec.network, &spec.device)?;
@@ -507,6 +540,24 @@ mod tests {
         for d in [DecapDelivery::Split, DecapDelivery::Kernel, DecapDelivery::Stack] {
             assert_eq!(delivery_flags(d, EncapMode::Udp), 0, "udp has no kernel device: {d:?}");
         }
+    }
+
+    #[test]
+    fn an_overlay_mtu_that_cannot_leave_the_underlay_is_refused() {
+        let (vx, udp) = (EncapMode::Vxlan, EncapMode::Udp);
+        assert_eq!(overlay_mtu(None, vx, "eth0", 1500).unwrap(), 1450);
+        assert_eq!(overlay_mtu(None, udp, "eth0", 1500).unwrap(), 1472);
+        assert_eq!(overlay_mtu(Some(1450), vx, "eth0", 1500).unwrap(), 1450);
+        assert_eq!(overlay_mtu(Some(1400), vx, "eth0", 1500).unwrap(), 1400, "smaller is allowed");
+        assert_eq!(overlay_mtu(Some(8950), vx, "eth0", 9000).unwrap(), 8950, "jumbo underlay");
+        let err = overlay_mtu(Some(1480), vx, "eth0", 1500).unwrap_err().to_string();
+        assert!(err.contains("1480") && err.contains("1530") && err.contains("at most 1450") && err.contains("eth0"), "{err}");
+        let err = overlay_mtu(Some(1473), udp, "eth0", 1500).unwrap_err().to_string();
+        assert!(err.contains("at most 1472"), "{err}");
+        let err = overlay_mtu(Some(60), vx, "eth0", 1500).unwrap_err().to_string();
+        assert!(err.contains("minimum of 68"), "{err}");
+        let err = overlay_mtu(None, vx, "eth0", 100).unwrap_err().to_string();
+        assert!(err.contains("leaves 50 bytes"), "{err}");
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //!
 //! Routes (`VTEP_BY_SUBNET`) and peers (`PEER_STATS`) are kept consistent here: a peer is a
 //! member exactly while at least one route points at its underlay address, because decap
-//! accepts frames only from members.
+//! accepts frames only from members. With vxlan, the overlay device's forwarding entries
+//! follow the routes too (the encap program leaves a few packets to the kernel device).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
@@ -19,8 +20,10 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use overlay_common::{
-    map_names, Counter, DataplaneConfig, Ipv4Prefix, PeerAddr, PeerStats, Vtep,
+    map_names, Counter, DataplaneConfig, EncapMode, Ipv4Prefix, PeerAddr, PeerStats, Vtep,
 };
+
+use crate::netdev;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -141,6 +144,59 @@ impl Maps {
             if old.underlay_ip != peer {
                 self.forget_peer_if_unused(old.underlay_ip)?;
             }
+            if (old.vtep_mac, old.underlay_ip) != (value.vtep_mac, value.underlay_ip) {
+                self.forget_fdb_if_unused(old);
+            }
+        }
+        if let Some(dev) = self.vxlan_device() {
+            if let Err(e) = netdev::vxlan_fdb_replace(&dev, route.vtep_mac, route.public_ip) {
+                tracing::warn!(error = %e, peer = %route.public_ip, "the overlay device's forwarding entry could not be written; \
+                               the few packets the data plane leaves to the device will not reach this peer");
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel VXLAN device the encap program hands packets to when it cannot encapsulate
+    /// them itself (`None` for the udp backend, or before the configuration is written).
+    fn vxlan_device(&self) -> Option<String> {
+        let cfg = self.config().ok().filter(|c| c.is_ready())?;
+        (cfg.encap_mode() == Some(EncapMode::Vxlan)).then(|| netdev::name_of(cfg.overlay_ifindex)).flatten()
+    }
+
+    fn forget_fdb_if_unused(&self, old: Vtep) {
+        let Some(dev) = self.vxlan_device() else { return };
+        let still_used = self.routes().is_ok_and(|rs| {
+            rs.iter().any(|r| r.vtep_mac == old.vtep_mac && r.public_ip.octets() == old.underlay_ip)
+        });
+        if !still_used {
+            if let Err(e) = netdev::vxlan_fdb_del(&dev, old.vtep_mac, Ipv4Addr::from(old.underlay_ip)) {
+                tracing::debug!(error = %e, "removing a forwarding entry");
+            }
+        }
+    }
+
+    /// Make the overlay device's forwarding entries those of the routes (after a restart the
+    /// device may be new, or entries of peers that left may remain).
+    pub fn sync_fdb(&self) -> Result<()> {
+        let Some(dev) = self.vxlan_device() else { return Ok(()) };
+        let want: BTreeSet<([u8; 6], Ipv4Addr)> = self.routes()?.iter().map(|r| (r.vtep_mac, r.public_ip)).collect();
+        let have: BTreeSet<([u8; 6], Ipv4Addr)> = match netdev::vxlan_fdb(&dev) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the overlay device's forwarding entries");
+                return Ok(());
+            }
+        };
+        for (mac, ip) in have.difference(&want) {
+            if let Err(e) = netdev::vxlan_fdb_del(&dev, *mac, *ip) {
+                tracing::warn!(error = %e, "removing a stale forwarding entry");
+            }
+        }
+        for (mac, ip) in want.difference(&have) {
+            if let Err(e) = netdev::vxlan_fdb_replace(&dev, *mac, *ip) {
+                tracing::warn!(error = %e, peer = %ip, "writing a forwarding entry");
+            }
         }
         Ok(())
     }
@@ -150,6 +206,7 @@ impl Maps {
         let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
         let old = self.routes.get(&key, 0).map_err(|_| MapsError::NoSuchRoute(subnet))?;
         self.routes.remove(&key).map_err(map_err(map_names::VTEP_BY_SUBNET))?;
+        self.forget_fdb_if_unused(old);
         self.forget_peer_if_unused(old.underlay_ip)
     }
 

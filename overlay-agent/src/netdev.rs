@@ -270,6 +270,38 @@ pub fn route_network(network: Ipv4Net, device: &str) -> Result<()> {
     .map(drop)
 }
 
+#[derive(Debug, Deserialize)]
+struct JsonFdb {
+    mac: String,
+    dst: Option<String>,
+}
+
+/// The VXLAN device's unicast forwarding entries with a destination, as (VtepMAC, peer
+/// address): what the kernel device itself sends by. Our encap program sends nearly
+/// everything; it leaves to the device only what it cannot encapsulate itself (a packet
+/// already tunnelled by a container, a GSO aggregate past 64 KiB, a fragmentable packet
+/// bigger than the path), for which the device needs these entries, as flannel writes them.
+pub fn vxlan_fdb(dev: &str) -> Result<Vec<([u8; 6], Ipv4Addr)>> {
+    let out = run_tool("bridge", &["-json", "fdb", "show", "dev", dev])?;
+    let out = if out.trim().is_empty() { "[]" } else { out.as_str() };
+    let entries: Vec<JsonFdb> = serde_json::from_str(out)
+        .map_err(|source| NetdevError::Parse { cmd: format!("bridge -json fdb show dev {dev}"), source })?;
+    Ok(entries
+        .iter()
+        .filter_map(|e| Some((parse_mac(&e.mac)?, e.dst.as_deref()?.parse().ok()?)))
+        .filter(|(mac, _)| mac != &[0; 6])
+        .collect())
+}
+
+/// Add (or keep) the entry sending frames for `mac` to `dst`, as flannel's vxlan backend does.
+pub fn vxlan_fdb_replace(dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
+    run_tool("bridge", &["fdb", "replace", &format_mac(&mac), "dev", dev, "dst", &dst.to_string(), "self", "permanent"]).map(drop)
+}
+
+pub fn vxlan_fdb_del(dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
+    run_tool("bridge", &["fdb", "del", &format_mac(&mac), "dev", dev, "dst", &dst.to_string(), "self"]).map(drop)
+}
+
 pub fn delete_link(name: &str) -> Result<()> {
     ip(&["link", "del", "dev", name]).map(drop)
 }

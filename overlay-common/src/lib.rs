@@ -206,7 +206,9 @@ pub enum Counter {
     Truncated = 8,
     /// Decap: outer IPv4 with options to our port (dropped).
     OuterIpOptions = 9,
-    /// Decap: outer IPv4 fragment to our port (dropped).
+    /// Decap: outer IPv4 fragment to our port with the udp backend, which has no kernel socket
+    /// to reassemble for (dropped). With vxlan, peers' fragments go to the kernel instead
+    /// (`fragment_to_kernel`).
     OuterFragment = 10,
     /// Decap: inner payload is not an IPv4 packet (dropped).
     InnerNotIpv4 = 11,
@@ -230,10 +232,32 @@ pub enum Counter {
     /// Decap: outer IPv4 header checksum wrong, or its total length or the UDP length
     /// disagrees with the frame (dropped).
     BadOuterHeader = 18,
+    /// Encap: a packet with DF set does not fit the path MTU to its peer (the route's, or
+    /// one the node learnt from a router) once encapsulated: answered with ICMP
+    /// fragmentation-needed carrying the MTU left for the inner packet, and dropped.
+    EncapFragNeeded = 19,
+    /// Encap: a packet too big for the path that cannot be answered (with DF but IPv4 options,
+    /// or not from this node's subnet; with the udp backend also a fragmentable one larger
+    /// than the underlay device), or one the kernel refused to turn into an ICMP reply
+    /// (dropped).
+    EncapTooBig = 20,
+    /// Decap (vxlan): the first fragment of a peer's fragmented tunnel datagram, handed to the
+    /// kernel, which reassembles the datagram; the socket guard then checks it as any other
+    /// (a peer, on the underlay) before the kernel's vxlan device takes it. Not a drop.
+    FragmentToKernel = 21,
+    /// Decap: the outer header says congestion experienced and the inner packet is not
+    /// ECN-capable: RFC 6040 drops it (the kernel's vxlan device does the same).
+    CongestionNotEct = 22,
+    /// Encap (vxlan): a packet the program leaves to the kernel's vxlan device, which sends it
+    /// by the forwarding entry the agent keeps for the peer: already tunnelled by a container
+    /// (the kernel cannot put a second tunnel around a GSO aggregate in place), a GSO
+    /// aggregate past 64 KiB (BIG TCP; the device segments it first), or a fragmentable packet
+    /// bigger than the path (the device fragments the outer packet). Not a drop.
+    EncapToKernel = 23,
 }
 
 impl Counter {
-    pub const COUNT: usize = 19;
+    pub const COUNT: usize = 24;
     pub const ALL: [Counter; Self::COUNT] = [
         Self::Encapsulated,
         Self::Decapsulated,
@@ -254,6 +278,11 @@ impl Counter {
         Self::DecapNative,
         Self::ForeignTunnel,
         Self::BadOuterHeader,
+        Self::EncapFragNeeded,
+        Self::EncapTooBig,
+        Self::FragmentToKernel,
+        Self::CongestionNotEct,
+        Self::EncapToKernel,
     ];
     /// The name operators see (`overlay-agent stats`, metrics).
     pub const fn name(self) -> &'static str {
@@ -277,11 +306,24 @@ impl Counter {
             Self::DecapNative => "decap_native",
             Self::ForeignTunnel => "foreign_tunnel",
             Self::BadOuterHeader => "bad_outer_header",
+            Self::EncapFragNeeded => "encap_frag_needed",
+            Self::EncapTooBig => "encap_too_big",
+            Self::FragmentToKernel => "fragment_to_kernel",
+            Self::CongestionNotEct => "congestion_not_ect",
+            Self::EncapToKernel => "encap_to_kernel",
         }
     }
     /// Whether this outcome drops the packet.
     pub const fn is_drop(self) -> bool {
-        !matches!(self, Self::Encapsulated | Self::Decapsulated | Self::NotConfigured | Self::DecapNative)
+        !matches!(
+            self,
+            Self::Encapsulated
+                | Self::Decapsulated
+                | Self::NotConfigured
+                | Self::DecapNative
+                | Self::FragmentToKernel
+                | Self::EncapToKernel
+        )
     }
 }
 

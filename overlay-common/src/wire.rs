@@ -62,33 +62,147 @@ pub fn ipv4_checksum(hdr: &[u8; IPV4_HLEN]) -> u16 {
     !(sum as u16)
 }
 
+/// The IPv4 "don't fragment" flag, in the flags/fragment-offset word.
+pub const IPV4_DF: u16 = 0x4000;
+
+/// An IPv4 or UDP length field for `len` bytes. Lengths past 65535 occur only on GSO
+/// aggregates (BIG TCP senders): they become 0, the kernel's own convention for IPv4 BIG TCP
+/// (`iph_totlen`), instead of wrapping to a short length that a receiver would trim the
+/// packet to. Segmentation writes every segment's real lengths.
+#[inline(always)]
+pub fn length_field(len: usize) -> u16 {
+    if len > u16::MAX as usize {
+        0
+    } else {
+        len as u16
+    }
+}
+
 /// Outer IPv4 + UDP headers for a tunnel packet whose UDP payload is `payload_len` bytes.
 /// The UDP checksum is left 0 (allowed for IPv4; the kernel vxlan device accepts it).
 #[inline(always)]
-fn write_ipv4_udp(
-    out: &mut [u8],
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    payload_len: usize,
-) {
-    let udp_len = (UDP_HLEN + payload_len) as u16;
-    let tot_len = (IPV4_HLEN as u16).wrapping_add(udp_len);
+fn write_ipv4_udp(out: &mut [u8], p: &EncapParams, payload_len: usize) {
+    let udp_len = UDP_HLEN + payload_len;
     let mut ip = [0u8; IPV4_HLEN];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
+    ip[1] = p.tos;
+    ip[2..4].copy_from_slice(&length_field(IPV4_HLEN + udp_len).to_be_bytes());
+    ip[4..6].copy_from_slice(&p.ip_id.to_be_bytes());
+    if p.dont_fragment {
+        ip[6..8].copy_from_slice(&IPV4_DF.to_be_bytes());
+    }
     ip[8] = OUTER_TTL;
     ip[9] = IPPROTO_UDP;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
+    ip[12..16].copy_from_slice(&p.src_ip);
+    ip[16..20].copy_from_slice(&p.dst_ip);
     let csum = ipv4_checksum(&ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     out[..IPV4_HLEN].copy_from_slice(&ip);
-    out[IPV4_HLEN..IPV4_HLEN + 2].copy_from_slice(&sport.to_be_bytes());
-    out[IPV4_HLEN + 2..IPV4_HLEN + 4].copy_from_slice(&dport.to_be_bytes());
-    out[IPV4_HLEN + 4..IPV4_HLEN + 6].copy_from_slice(&udp_len.to_be_bytes());
+    out[IPV4_HLEN..IPV4_HLEN + 2].copy_from_slice(&p.src_port.to_be_bytes());
+    out[IPV4_HLEN + 2..IPV4_HLEN + 4].copy_from_slice(&p.dst_port.to_be_bytes());
+    out[IPV4_HLEN + 4..IPV4_HLEN + 6].copy_from_slice(&length_field(udp_len).to_be_bytes());
     out[IPV4_HLEN + 6..IPV4_HLEN + 8].copy_from_slice(&[0, 0]);
+}
+
+/// The outer header's fragmentation policy and type of service for an inner IPv4 header,
+/// as `(tos, dont_fragment)`:
+/// - TOS: DSCP and ECN copied from the inner header (RFC 6040's normal mode; the kernel
+///   device's `tos inherit`), so the underlay's queues see the class and congestion marks.
+/// - DF: inherited from the inner packet. A DF inner packet gets a DF outer one: a router
+///   with a smaller MTU answers the node, which learns the path MTU, and the encap program
+///   then answers the sender with fragmentation-needed (end-to-end PMTU discovery). A packet
+///   that may be fragmented gets an outer header that may be: routers fragment it and the
+///   receiving node's kernel reassembles it, as with flannel's own device.
+/// - ID: only a fragmentable datagram needs a unique one (RFC 6864); never 0 then.
+#[inline(always)]
+pub fn outer_policy(inner: &[u8; IPV4_HLEN]) -> (u8, bool) {
+    let df = u16::from_be_bytes([inner[6], inner[7]]) & IPV4_DF != 0;
+    (inner[1], df)
+}
+
+/// A fragmentable outer datagram's IPv4 ID from a random number: never 0.
+#[inline(always)]
+pub fn fragment_id(random: u32) -> u16 {
+    let id = (random ^ (random >> 16)) as u16;
+    if id == 0 {
+        1
+    } else {
+        id
+    }
+}
+
+/// Length of each outer packet on the wire (from the outer IPv4 header on) for an inner
+/// packet of `inner_len` bytes, or, for a GSO aggregate, for its largest segment: the inner
+/// IPv4 and transport headers (`l3l4_hlen`) plus `gso_size`.
+#[inline(always)]
+pub fn outer_segment_len(inner_len: usize, gso_size: usize, l3l4_hlen: usize, overhead: usize) -> usize {
+    if gso_size == 0 {
+        inner_len + overhead
+    } else {
+        l3l4_hlen + gso_size + overhead
+    }
+}
+
+/// ICMP "destination unreachable, fragmentation needed" (type 3, code 4; RFC 1191) for an
+/// inner packet that does not fit the tunnel, from `from` (the packet's destination, which
+/// routes back through the overlay device, so the node's reverse-path filter and conntrack
+/// take it as the flow's RELATED reply) to the packet's source. `orig` is the start of the
+/// offending packet: its IPv4 header (no options) and first payload bytes. Returns the
+/// IPv4 header, the ICMP header with the next-hop `mtu`, and `orig`, checksummed.
+#[inline(always)]
+pub fn icmp_frag_needed(orig: &[u8; ICMP_QUOTE], mtu: u16) -> [u8; ICMP_FRAG_NEEDED_LEN] {
+    let mut out = [0u8; ICMP_FRAG_NEEDED_LEN];
+    let mut ip = [0u8; IPV4_HLEN];
+    ip[0] = 0x45;
+    // Internetwork control, as Linux's icmp_send sends its errors.
+    ip[1] = 0xc0;
+    ip[2..4].copy_from_slice(&(ICMP_FRAG_NEEDED_LEN as u16).to_be_bytes());
+    ip[8] = OUTER_TTL;
+    ip[9] = IPPROTO_ICMP;
+    ip[12..16].copy_from_slice(&orig[16..20]);
+    ip[16..20].copy_from_slice(&orig[12..16]);
+    let c = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    out[..IPV4_HLEN].copy_from_slice(&ip);
+    let icmp = IPV4_HLEN;
+    out[icmp] = 3;
+    out[icmp + 1] = 4;
+    out[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
+    out[icmp + ICMP_HLEN..].copy_from_slice(orig);
+    let mut sum: u32 = 0;
+    let mut i = icmp;
+    while i < ICMP_FRAG_NEEDED_LEN {
+        sum += u16::from_be_bytes([out[i], out[i + 1]]) as u32;
+        i += 2;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    out[icmp + 2..icmp + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    out
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_HLEN: usize = 8;
+/// What an ICMP error quotes of the offending packet here: its IPv4 header and 20 bytes (RFC
+/// 792 asks for 8 at least). 20 keeps a TCP header whole: the kernel will not cut a packet
+/// whose checksum is left to the device (CHECKSUM_PARTIAL) before that checksum field.
+pub const ICMP_QUOTE: usize = IPV4_HLEN + 20;
+/// IPv4 + ICMP header + quote.
+pub const ICMP_FRAG_NEEDED_LEN: usize = IPV4_HLEN + ICMP_HLEN + ICMP_QUOTE;
+
+/// RFC 6040 decapsulation of the ECN field: the inner TOS to deliver given the outer and
+/// inner TOS bytes, or `None` when the packet must be dropped (congestion experienced on
+/// the outside of a packet whose sender does not do ECN: the mark could not be passed on).
+#[inline(always)]
+pub fn ecn_decapsulate(outer_tos: u8, inner_tos: u8) -> Option<u8> {
+    if outer_tos & ECN_MASK != ECN_CE || inner_tos & ECN_MASK == ECN_CE {
+        return Some(inner_tos);
+    }
+    if inner_tos & ECN_MASK == 0 {
+        return None;
+    }
+    Some(inner_tos | ECN_CE)
 }
 
 /// What an encapsulating program needs to know about one packet.
@@ -100,6 +214,11 @@ pub struct EncapParams {
     pub dst_port: u16,
     /// Length of the inner IPv4 packet.
     pub inner_len: usize,
+    /// Outer TOS byte and DF flag ([`outer_policy`]) and IPv4 ID ([`fragment_id`], or 0
+    /// with DF).
+    pub tos: u8,
+    pub dont_fragment: bool,
+    pub ip_id: u16,
     /// Outer Ethernet addresses. With `bpf_redirect_neigh` the kernel rewrites them, but the
     /// destination must be unicast or the helper drops the packet.
     pub outer_src_mac: [u8; 6],
@@ -126,14 +245,7 @@ pub fn vxlan_encap_header(
     let mut h = [0u8; VXLAN_ENCAP_HDR];
     write_eth(&mut h[..ETH_HLEN], p.outer_dst_mac, p.outer_src_mac);
     let payload = VXLAN_HLEN + ETH_HLEN + p.inner_len;
-    write_ipv4_udp(
-        &mut h[ETH_HLEN..TUNNEL_PAYLOAD_OFF],
-        p.src_ip,
-        p.dst_ip,
-        p.src_port,
-        p.dst_port,
-        payload,
-    );
+    write_ipv4_udp(&mut h[ETH_HLEN..TUNNEL_PAYLOAD_OFF], p, payload);
     let v = TUNNEL_PAYLOAD_OFF;
     h[v] = VXLAN_FLAG_I;
     let vni = (vni & 0x00ff_ffff) << 8;
@@ -148,14 +260,7 @@ pub fn vxlan_encap_header(
 pub fn udp_encap_header(p: &EncapParams) -> [u8; UDP_ENCAP_HDR] {
     let mut h = [0u8; UDP_ENCAP_HDR];
     write_eth(&mut h[..ETH_HLEN], p.outer_dst_mac, p.outer_src_mac);
-    write_ipv4_udp(
-        &mut h[ETH_HLEN..],
-        p.src_ip,
-        p.dst_ip,
-        p.src_port,
-        p.dst_port,
-        p.inner_len,
-    );
+    write_ipv4_udp(&mut h[ETH_HLEN..], p, p.inner_len);
     h
 }
 
@@ -333,9 +438,115 @@ mod tests {
             src_port: source_port(0xdead_beef),
             dst_port: DEFAULT_VXLAN_PORT,
             inner_len,
+            tos: 0,
+            dont_fragment: false,
+            ip_id: 1,
             outer_src_mac: [2, 0, 0, 0, 0, 1],
             outer_dst_mac: [2, 0, 0, 0, 0, 2],
         }
+    }
+
+    #[test]
+    fn outer_header_inherits_tos_and_df_and_fragmentable_ones_get_an_id() {
+        let mut inner = [0u8; IPV4_HLEN];
+        inner[0] = 0x45;
+        inner[1] = 0x2a; // DSCP AF11, ECT(0)
+        inner[6] = 0x40; // DF
+        assert_eq!(outer_policy(&inner), (0x2a, true));
+        inner[6] = 0;
+        inner[1] = 0x03;
+        assert_eq!(outer_policy(&inner), (0x03, false), "CE is copied out (RFC 6040 normal mode)");
+        let mut p = params(100);
+        p.tos = 0x2a;
+        p.dont_fragment = true;
+        p.ip_id = 0;
+        let h = vxlan_encap_header(&p, 1, [1; 6], [2; 6]);
+        let ip: [u8; IPV4_HLEN] = h[ETH_HLEN..ETH_HLEN + IPV4_HLEN].try_into().unwrap();
+        assert_eq!(ip[1], 0x2a);
+        assert_eq!(u16::from_be_bytes([ip[6], ip[7]]), IPV4_DF);
+        assert_eq!(ipv4_checksum(&ip), 0);
+        p.dont_fragment = false;
+        p.ip_id = fragment_id(0xabcd_1234);
+        let h = udp_encap_header(&p);
+        assert_eq!(u16::from_be_bytes([h[ETH_HLEN + 6], h[ETH_HLEN + 7]]), 0, "no DF, offset 0");
+        assert_eq!(u16::from_be_bytes([h[ETH_HLEN + 4], h[ETH_HLEN + 5]]), p.ip_id);
+        for r in [0u32, 0x0001_0001, 0xffff_ffff, 0x1234_1234] {
+            assert_ne!(fragment_id(r), 0, "{r:#x}: a fragmentable datagram never has ID 0");
+        }
+    }
+
+    #[test]
+    fn lengths_past_64k_do_not_wrap() {
+        assert_eq!(length_field(1500), 1500);
+        assert_eq!(length_field(65535), 65535);
+        assert_eq!(length_field(65536), 0);
+        // A BIG TCP aggregate of 100000 bytes: before, 100000 + 36 wrapped to 34500 and a
+        // receiver would have trimmed the packet to that.
+        let h = vxlan_encap_header(&params(100_000), 1, [1; 6], [2; 6]);
+        let ip: [u8; IPV4_HLEN] = h[ETH_HLEN..ETH_HLEN + IPV4_HLEN].try_into().unwrap();
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 0);
+        assert_eq!(u16::from_be_bytes([h[ETH_HLEN + 24], h[ETH_HLEN + 25]]), 0);
+        assert_eq!(ipv4_checksum(&ip), 0);
+        assert_eq!(outer_segment_len(1450, 0, 0, VXLAN_OVERHEAD), 1500);
+        assert_eq!(outer_segment_len(60_000, 1398, 52, VXLAN_OVERHEAD), 1500, "GSO: one segment");
+    }
+
+    /// The Internet checksum of any byte string (test oracle, written independently of the
+    /// header builders).
+    fn internet_checksum(b: &[u8]) -> u16 {
+        let mut sum: u64 = 0;
+        for c in b.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u64;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    #[test]
+    fn frag_needed_quotes_the_packet_and_checksums() {
+        let mut orig = [0u8; ICMP_QUOTE];
+        orig[0] = 0x45;
+        orig[2..4].copy_from_slice(&1450u16.to_be_bytes());
+        orig[6] = 0x40;
+        orig[8] = 63;
+        orig[9] = 6;
+        orig[12..16].copy_from_slice(&[10, 244, 1, 2]);
+        orig[16..20].copy_from_slice(&[10, 244, 2, 3]);
+        orig[20..28].copy_from_slice(&[0x9c, 0x40, 0x1f, 0x90, 1, 2, 3, 4]);
+        orig[28..40].copy_from_slice(&[5, 6, 7, 8, 0x50, 0x10, 0x01, 0xf5, 0xab, 0xcd, 0, 0]);
+        let c = ipv4_checksum(orig[..20].try_into().unwrap());
+        orig[10..12].copy_from_slice(&c.to_be_bytes());
+        let m = icmp_frag_needed(&orig, 1250);
+        assert_eq!(m.len(), 68);
+        let ip: [u8; IPV4_HLEN] = m[..IPV4_HLEN].try_into().unwrap();
+        assert_eq!(ipv4_checksum(&ip), 0);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 68);
+        assert_eq!(ip[9], IPPROTO_ICMP);
+        assert_eq!(&ip[12..16], &[10, 244, 2, 3], "from the packet's destination");
+        assert_eq!(&ip[16..20], &[10, 244, 1, 2], "to its source");
+        assert_eq!(&m[20..22], &[3, 4], "destination unreachable, fragmentation needed");
+        assert_eq!(u16::from_be_bytes([m[26], m[27]]), 1250, "next-hop MTU");
+        assert_eq!(&m[28..], &orig[..]);
+        assert_eq!(internet_checksum(&m[20..]), 0, "ICMP checksum over header and quote");
+    }
+
+    #[test]
+    fn ecn_decapsulation_follows_rfc_6040() {
+        const NOT_ECT: u8 = 0;
+        const ECT1: u8 = 1;
+        const ECT0: u8 = 2;
+        let dscp = 0x28;
+        for inner in [NOT_ECT, ECT1, ECT0, ECN_CE] {
+            for outer in [NOT_ECT, ECT1, ECT0] {
+                assert_eq!(ecn_decapsulate(outer, dscp | inner), Some(dscp | inner), "outer {outer} inner {inner}");
+            }
+        }
+        assert_eq!(ecn_decapsulate(ECN_CE, dscp | ECT0), Some(dscp | ECN_CE));
+        assert_eq!(ecn_decapsulate(ECN_CE, dscp | ECT1), Some(dscp | ECN_CE));
+        assert_eq!(ecn_decapsulate(ECN_CE, dscp | ECN_CE), Some(dscp | ECN_CE));
+        assert_eq!(ecn_decapsulate(ECN_CE, dscp | NOT_ECT), None, "CE on a Not-ECT packet is dropped");
     }
 
     #[test]

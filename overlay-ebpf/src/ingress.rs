@@ -3,8 +3,8 @@
 //! Attached: the underlay interface, either as TCX ingress (`tc_ingress_decap`) or as native
 //! XDP (`xdp_decap`, vxlan only, for NICs).
 //! Sees: every frame the node receives on its underlay.
-//! Does: accepts only tunnel frames for us: UDP to our port, outer IPv4 without options or
-//! fragmentation, from an underlay address in the peer table, with our VNI and exactly the I
+//! Does: accepts only tunnel frames for us: UDP to our port, outer IPv4 without options,
+//! from an underlay address in the peer table, with our VNI and exactly the I
 //! flag (VXLAN), carrying an IPv4 packet for this node's subnet whose source belongs to the
 //! sending peer. What happens to an accepted frame depends on the delivery the agent chose:
 //! - kernel (the default for vxlan; always with XDP): the frame passes unchanged to the
@@ -17,6 +17,8 @@
 //! Every way, the inner packet enters the host on the overlay device and crosses its
 //! netfilter (conntrack, NAT, FORWARD) and reverse-path filter, both directions of every
 //! flow alike. There is no path around the host's netfilter.
+//! Fragmented tunnel datagrams from peers (vxlan) go to the kernel to be reassembled, then to
+//! its vxlan device through the socket guard: the inner-source check does not see them.
 //! Not handled: everything that is not addressed to our port passes untouched; frames to our
 //! port that fail a check are dropped and counted by reason.
 
@@ -32,7 +34,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    check_outer, check_vxlan, classify_ipv4, config_flags, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
+    check_outer, check_vxlan, classify_ipv4, config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
     DataplaneConfig, EncapMode, Ipv4Class, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
     UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
 };
@@ -107,7 +109,19 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         return Err(Counter::OuterIpOptions.into());
     }
     if first_fragment {
-        return Err(Counter::OuterFragment.into());
+        // A datagram too big for some link between the nodes (its sender allowed
+        // fragmentation, as stock flannel's device always does). The kernel reassembles it;
+        // the socket guard then checks the whole datagram (a peer, on the underlay) before
+        // the kernel's vxlan device decapsulates it. Later fragments carry no UDP header and
+        // pass above. The udp backend has no kernel socket to reassemble for.
+        if !is_peer(&[ip[12], ip[13], ip[14], ip[15]]) {
+            return Err(Counter::UnknownPeer.into());
+        }
+        if cfg.encap_mode() != Some(EncapMode::Vxlan) {
+            return Err(Counter::OuterFragment.into());
+        }
+        count(Counter::FragmentToKernel);
+        return Err(Verdict::Pass);
     }
     // What ip_rcv and udp_rcv would check: the paths that decapsulate here skip them.
     check_outer(&ip, &udp, len, merged)?;
@@ -198,6 +212,20 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
             // Programs and tc filters after ours see it, as they would on such a node.
             accepted(&t);
             return Ok(TCX_NEXT);
+        }
+    }
+    // RFC 6040: congestion experienced on the outer header is passed on to an ECN-capable
+    // inner packet, and drops one that is not (the kernel device does the same).
+    if t.outer_ce {
+        let tos_off = ETH_HLEN + t.strip + 1;
+        let inner: [u8; 2] = ctx.read(tos_off - 1).ok_or(Counter::DecapFailed)?;
+        let tos = ecn_decapsulate(ECN_CE, inner[1]).ok_or(Counter::CongestionNotEct)?;
+        if tos != inner[1] {
+            let old = u16::from_be_bytes(inner);
+            let new = u16::from_be_bytes([inner[0], tos]);
+            ctx.store(tos_off, &tos, 0).map_err(|_| Counter::DecapFailed)?;
+            ctx.l3_csum_replace(ETH_HLEN + t.strip + 10, old.to_be() as u64, new.to_be() as u64, 2)
+                .map_err(|_| Counter::DecapFailed)?;
         }
     }
     // FIXED_GSO: without it gso_size grows by the overhead and bulk TCP collapses.

@@ -4,30 +4,48 @@
 //! routes the whole overlay network to.
 //! Sees: inner IPv4 packets leaving for remote subnets, behind an Ethernet header the kernel
 //! wrote for the device (possibly GSO super-packets).
-//! Does: finds the remote VTEP by longest-prefix match on the inner destination, pushes the
-//! outer headers (VXLAN or flannel-udp) with `bpf_skb_adjust_room` so GSO still segments the
-//! inner packet, and hands the frame to the kernel's routing and neighbour resolution on the
-//! underlay (`bpf_redirect_neigh` without a next hop: works on routed underlays, and loses no
-//! packet while the neighbour is being resolved).
+//! Does: finds the remote VTEP by longest-prefix match on the inner destination, looks up the
+//! route to it (one FIB lookup: next hop, and the path MTU, including one the node learnt
+//! from a router), pushes the outer headers (VXLAN or flannel-udp) with
+//! `bpf_skb_adjust_room` so GSO still segments the inner packet, and hands the frame to the
+//! kernel's neighbour resolution on the underlay (`bpf_redirect_neigh` with that next hop:
+//! works on routed underlays, and loses no packet while the neighbour is being resolved).
+//! The outer header inherits the inner TOS (DSCP and ECN) and DF flag; a fragmentable one
+//! gets a random non-zero IPv4 ID.
+//! Too big: a DF packet (or GSO segment) that does not fit the path once encapsulated is
+//! answered with ICMP fragmentation-needed, as the kernel's vxlan device and any router
+//! would; a fragmentable one leaves if the underlay device takes it (routers fragment it,
+//! the peer's kernel reassembles it).
 //! Not handled: anything that is not IPv4 (the kernel's IPv6 link-local chatter on the
 //! device) and destinations without a route are dropped and counted; nobody could take them.
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_ADJ_ROOM_ENCAP_L2_SHIFT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
+        bpf_fib_lookup, bpf_redir_neigh, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        TC_ACT_UNSPEC,
     },
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_get_hash_recalc, bpf_redirect_neigh},
+    helpers::generated::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_redirect,
+        bpf_redirect_neigh, bpf_skb_change_tail,
+    },
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    ethertype, source_port, udp_encap_header, vxlan_encap_header, Counter, EncapMode,
-    EncapParams, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, UDP_OVERHEAD, VXLAN_OVERHEAD,
+    ethertype, fragment_id, icmp_frag_needed, outer_policy, outer_segment_len, source_port,
+    udp_encap_header, vxlan_encap_header, Counter, DataplaneConfig, EncapMode, EncapParams,
+    ETH_HLEN, ETH_P_IPV4, ICMP_HLEN, ICMP_QUOTE, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, UDP_OVERHEAD,
+    VXLAN_OVERHEAD, Vtep,
 };
+
+const IPPROTO_TCP: u8 = 6;
 
 use crate::{
     maps::{account_peer, count, ready_config, Direction, VTEP_BY_SUBNET},
@@ -52,8 +70,8 @@ pub fn tc_egress_encap(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
-            if reason == Counter::EncapFailed {
-                // Rare (a kernel helper refused): worth a log line; never per normal packet.
+            if reason == Counter::EncapFailed && log_allowed() {
+                // Rare (a kernel helper refused): worth a log line, at most one a second.
                 error!(&ctx, "encap failed: the kernel refused adjust_room/store/redirect_neigh");
             }
             TC_ACT_SHOT as i32
@@ -61,8 +79,9 @@ pub fn tc_egress_encap(ctx: TcContext) -> i32 {
     }
 }
 
-/// Ok(TC_ACT_REDIRECT) once the frame is on its way; Ok(TC_ACT_OK) before the agent has
-/// configured the node; Err(reason) to drop and count.
+/// Ok(TC_ACT_REDIRECT) once the frame is on its way (encapsulated to a peer, or turned into
+/// an ICMP fragmentation-needed reply); Ok(TC_ACT_OK) before the agent has configured the
+/// node; Err(reason) to drop and count.
 #[inline(always)]
 fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(cfg) = ready_config() else {
@@ -79,7 +98,56 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
         data: [ip[16], ip[17], ip[18], ip[19]],
     };
     let vtep = *VTEP_BY_SUBNET.get(&key).ok_or(Counter::NoRoute)?;
+    let Some(mode) = cfg.encap_mode() else {
+        return Err(Counter::EncapFailed);
+    };
     let inner_len = Packet::len(ctx) - ETH_HLEN;
+    let (tos, dont_fragment) = outer_policy(&ip);
+
+    // Where the outer packet goes and whether it fits: one route lookup, which also sees a
+    // path MTU the node learnt from a router's fragmentation-needed (outer DF is inherited).
+    // The helper answers only where the underlay forwards (`ip_forward`, on on every node
+    // that routes containers); elsewhere the packet is sent as before, unchecked.
+    let seg_len = outer_segment_len(inner_len, gso_size(ctx), l3l4_hlen(ctx, &ip), mode.overhead());
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.dport = cfg.port.to_be();
+    fib.__bindgen_anon_1.tot_len = if seg_len > u16::MAX as usize { u16::MAX } else { seg_len as u16 };
+    fib.ifindex = cfg.underlay_ifindex;
+    fib.__bindgen_anon_2.tos = tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(cfg.underlay_ip);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep.underlay_ip);
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        let path_mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
+        if dont_fragment || gso_size(ctx) != 0 {
+            return frag_needed(ctx, &cfg, &ip, path_mtu.saturating_sub(mode.overhead()));
+        }
+        // May be fragmented, which this program cannot do: the kernel device fragments the
+        // outer packet. The udp backend has no such device: the packet leaves whole if the
+        // underlay device takes it, and routers fragment it.
+        if mode == EncapMode::Vxlan {
+            return to_kernel_device(ctx, &vtep, inner_len);
+        }
+        if !fits_underlay_device(ctx, cfg.underlay_ifindex, seg_len) {
+            return Err(Counter::EncapTooBig);
+        }
+    }
+    // A GSO aggregate whose outer lengths would not fit 16 bits (BIG TCP): the kernel device
+    // segments it before encapsulating. (udp: the lengths say 0, as the kernel's own IPv4
+    // BIG TCP does, and the underlay segments it.)
+    if mode == EncapMode::Vxlan && inner_len + mode.overhead() > u16::MAX as usize {
+        return to_kernel_device(ctx, &vtep, inner_len);
+    }
+
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let params = EncapParams {
         src_ip: cfg.underlay_ip,
@@ -87,29 +155,146 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
         src_port: source_port(hash),
         dst_port: cfg.port,
         inner_len,
+        tos,
+        dont_fragment,
+        ip_id: if dont_fragment { 0 } else { fragment_id(unsafe { bpf_get_prandom_u32() }) },
         outer_src_mac: cfg.vtep_mac,
         outer_dst_mac: cfg.vtep_mac,
     };
-    match cfg.encap_mode() {
-        Some(EncapMode::Vxlan) => {
-            ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, VXLAN_ROOM_FLAGS)
-                .map_err(|_| Counter::EncapFailed)?;
+    match mode {
+        EncapMode::Vxlan => {
+            if ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, VXLAN_ROOM_FLAGS).is_err() {
+                // Refused for a packet a container has already tunnelled (the skb carries
+                // inner headers of its own): the kernel device can carry it.
+                return to_kernel_device(ctx, &vtep, inner_len);
+            }
             let hdr = vxlan_encap_header(&params, cfg.vni, cfg.vtep_mac, vtep.vtep_mac);
             ctx.store(0, &hdr, 0).map_err(|_| Counter::EncapFailed)?;
         }
-        Some(EncapMode::Udp) => {
+        EncapMode::Udp => {
             ctx.adjust_room(UDP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, UDP_ROOM_FLAGS)
                 .map_err(|_| Counter::EncapFailed)?;
             let hdr = udp_encap_header(&params);
             ctx.store(0, &hdr, 0).map_err(|_| Counter::EncapFailed)?;
         }
-        None => return Err(Counter::EncapFailed),
     }
-    let action = unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) };
+    // With the route's next hop and a valid neighbour for it, the helper sends without a
+    // second route lookup (through the neighbour's output, which re-probes a stale entry).
+    // Otherwise (the neighbour is unresolved, or the lookup gave nothing usable) it routes by
+    // itself, which also gives the packet the underlay route: a packet queued while the
+    // neighbour resolves is sent by that route later. Given a next hop but no route, the
+    // queued packet would keep its overlay route and leave with the overlay device's MACs.
+    let action = if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+        nh.nh_family = AF_INET as u32;
+        nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
+        unsafe { bpf_redirect_neigh(fib.ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) }
+    } else {
+        unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) }
+    };
     if action != TC_ACT_REDIRECT as i64 {
         return Err(Counter::EncapFailed);
     }
     account_peer(&vtep.underlay_ip, Direction::Tx, inner_len as u64);
     count(Counter::Encapsulated);
     Ok(TC_ACT_REDIRECT as i32)
+}
+
+/// Leave the packet to the kernel's vxlan device (the overlay device this program runs on):
+/// addressed to the peer's VtepMAC, it is sent by the forwarding entry the agent keeps for
+/// that peer, as on a stock flannel node, through the host's OUTPUT and POSTROUTING, after
+/// the kernel has segmented what needs it. Only for what this program cannot do itself.
+#[inline(always)]
+fn to_kernel_device(ctx: &TcContext, vtep: &Vtep, inner_len: usize) -> Result<i32, Counter> {
+    ctx.store(0, &vtep.vtep_mac, 0).map_err(|_| Counter::EncapFailed)?;
+    account_peer(&vtep.underlay_ip, Direction::Tx, inner_len as u64);
+    count(Counter::EncapToKernel);
+    Ok(TCX_NEXT)
+}
+
+/// TCX's "not decided here": the packet continues to the device's own transmit path.
+const TCX_NEXT: i32 = TC_ACT_UNSPEC;
+
+/// When the last error line was logged (ns since boot), shared by all CPUs: a racy update
+/// costs at most a second line.
+#[unsafe(no_mangle)]
+static mut LAST_ERROR_LOG_NS: u64 = 0;
+
+/// At most one error line a second, whatever the packet rate.
+#[inline(always)]
+fn log_allowed() -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let p = &raw mut LAST_ERROR_LOG_NS;
+    let last = unsafe { core::ptr::read_volatile(p) };
+    if last != 0 && now.wrapping_sub(last) < 1_000_000_000 {
+        return false;
+    }
+    unsafe { core::ptr::write_volatile(p, now) };
+    true
+}
+
+const AF_INET: u8 = 2;
+
+#[inline(always)]
+fn gso_size(ctx: &TcContext) -> usize {
+    // SAFETY: the context's skb pointer is valid for the program's run.
+    unsafe { (*ctx.skb.skb).gso_size as usize }
+}
+
+/// The inner IPv4 and transport header length of a GSO aggregate (TCP or UDP), which with
+/// the GSO size gives its segments' length. 0 for anything else (not GSO: unused).
+#[inline(always)]
+fn l3l4_hlen(ctx: &TcContext, ip: &[u8; IPV4_HLEN]) -> usize {
+    if gso_size(ctx) == 0 {
+        return 0;
+    }
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    match ip[9] {
+        IPPROTO_TCP => match ctx.read::<1>(ETH_HLEN + (ihl & 0x3c) + 12) {
+            Some([off]) => ihl + ((off >> 4) as usize) * 4,
+            None => ihl + 20,
+        },
+        _ => ihl + UDP_HLEN,
+    }
+}
+
+/// Whether an outer packet of `len` bytes (from its IPv4 header) fits the underlay device.
+#[inline(always)]
+fn fits_underlay_device(ctx: &TcContext, ifindex: u32, len: usize) -> bool {
+    let mut mtu_len: u32 = len as u32;
+    let rc = unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ifindex, &mut mtu_len, 0, 0) };
+    rc == BPF_MTU_CHK_RET_SUCCESS as i64
+}
+
+/// Answer a packet that does not fit the tunnel with ICMP fragmentation-needed, as a router
+/// (and the kernel's vxlan device) would: the packet is cut to what the ICMP message quotes
+/// of it, headers are put in front, and the reply enters the host on the overlay device, so
+/// that conntrack relates it to its flow and the node routes it back to the sender through
+/// its netfilter like any other packet from the overlay. Only for senders on this node
+/// (containers and the node itself: the reply is delivered locally).
+#[inline(always)]
+fn frag_needed(ctx: &TcContext, cfg: &DataplaneConfig, ip: &[u8; IPV4_HLEN], mtu: usize) -> Result<i32, Counter> {
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    if ip[0] != 0x45 || !(cfg.is_local(src) || src == cfg.underlay_ip) || mtu < 68 {
+        return Err(Counter::EncapTooBig);
+    }
+    let quote: [u8; ICMP_QUOTE] = ctx.read(ETH_HLEN).ok_or(Counter::EncapTooBig)?;
+    // Also drops GSO state: the reply is one small packet. A checksum left to the device
+    // (CHECKSUM_PARTIAL) keeps pointing into the quote, which holds it: the reply goes only to
+    // local senders, whose stacks take such a packet as checked.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ICMP_QUOTE) as u32, 0) } != 0 {
+        return Err(Counter::EncapTooBig);
+    }
+    ctx.adjust_room((IPV4_HLEN + ICMP_HLEN) as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| Counter::EncapTooBig)?;
+    let msg = icmp_frag_needed(&quote, mtu as u16);
+    let mut hdr = [0u8; ETH_HLEN + IPV4_HLEN + ICMP_HLEN];
+    // To the overlay device's own MAC: it takes the frame as addressed to the host.
+    hdr[0..6].copy_from_slice(&cfg.vtep_mac);
+    hdr[6..12].copy_from_slice(&cfg.vtep_mac);
+    hdr[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    hdr[ETH_HLEN..].copy_from_slice(&msg[..IPV4_HLEN + ICMP_HLEN]);
+    ctx.store(0, &hdr, 0).map_err(|_| Counter::EncapTooBig)?;
+    count(Counter::EncapFragNeeded);
+    Ok(unsafe { bpf_redirect(cfg.overlay_ifindex, BPF_F_INGRESS as u64) } as i32)
 }

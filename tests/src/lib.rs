@@ -807,6 +807,52 @@ pub fn link_mac(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
     overlay_agent::netdev::parse_mac(mac).context("bad MAC")
 }
 
+pub fn link_mtu(ns: &Netns, dev: &str) -> Result<u32> {
+    let out = ip(&["-n", ns.name(), "-json", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    v[0]["mtu"].as_u64().map(|m| m as u32).context("no mtu")
+}
+
+/// Set `dev`'s IPv4 GSO limit in `ns` (BIG TCP past 64 KiB) over rtnetlink: the iproute2 of
+/// these machines (6.1) predates `gso_ipv4_max_size`.
+pub fn set_gso_ipv4_max_size(ns: &Netns, dev: &str, size: u32) -> Result<()> {
+    const IFLA_GSO_IPV4_MAX_SIZE: u16 = 63;
+    let dev = std::ffi::CString::new(dev)?;
+    ns.enter(move || -> Result<()> {
+        let ifindex = unsafe { libc::if_nametoindex(dev.as_ptr()) };
+        anyhow::ensure!(ifindex != 0, "no interface {dev:?}");
+        let mut msg = Vec::with_capacity(40);
+        msg.extend_from_slice(&40u32.to_ne_bytes());
+        msg.extend_from_slice(&libc::RTM_NEWLINK.to_ne_bytes());
+        msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
+        msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]); // family, pad, type
+        msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // flags
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // change
+        msg.extend_from_slice(&8u16.to_ne_bytes());
+        msg.extend_from_slice(&IFLA_GSO_IPV4_MAX_SIZE.to_ne_bytes());
+        msg.extend_from_slice(&size.to_ne_bytes());
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+        anyhow::ensure!(fd >= 0, "netlink socket: {}", std::io::Error::last_os_error());
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        let sent = unsafe {
+            libc::sendto(fd, msg.as_ptr() as *const _, msg.len(), 0, &addr as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_nl>() as u32)
+        };
+        let mut ack = [0u8; 1024];
+        let got = if sent == msg.len() as isize { unsafe { libc::recv(fd, ack.as_mut_ptr() as *mut _, ack.len(), 0) } } else { -1 };
+        let os = std::io::Error::last_os_error();
+        unsafe { libc::close(fd) };
+        anyhow::ensure!(got >= 20, "netlink: {os}");
+        // An NLMSG_ERROR whose error is 0 is the acknowledgement.
+        let errno = i32::from_ne_bytes(ack[16..20].try_into().expect("4 bytes"));
+        anyhow::ensure!(errno == 0, "setting gso_ipv4_max_size: {}", std::io::Error::from_raw_os_error(-errno));
+        Ok(())
+    })?
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {

@@ -99,13 +99,20 @@ fn carries_traffic_on(tag: &str, spec: &ClusterSpec, expect: Decap) {
         Capture::start(&c.underlay, "p2", &format!("udp port {}", backend.port()), c.workdir.join("wire.pcap")),
     );
     ok("ping during capture", ping(&n1.containers[0], n2.container_ip(0), 2));
+    // Marked (DSCP AF11, ECT(0)) and fragmentable.
+    ok("marked ping", n1.containers[0].run("ping", &["-c", "2", "-i", "0.2", "-W", "2", "-Q", "0x2a", "-M", "dont", &n2.container_ip(0).to_string()]));
     let tunnel_frames_to_n2 = |frames: &[Vec<u8>]| -> Vec<_> {
         frames.iter().filter_map(|f| tunnel_frame(f, backend)).filter(|t| t.outer_dst == n2.underlay_ip).collect()
     };
-    let frames = ok("reading capture", cap.finish_when(|f| tunnel_frames_to_n2(f).len() >= 2));
+    let frames = ok("reading capture", cap.finish_when(|f| tunnel_frames_to_n2(f).len() >= 4));
     let to_n2 = tunnel_frames_to_n2(&frames);
-    assert!(to_n2.len() >= 2, "expected >= 2 tunnel frames to node 2, got {} of {} frames", to_n2.len(), frames.len());
+    assert!(to_n2.len() >= 4, "expected >= 4 tunnel frames to node 2, got {} of {} frames", to_n2.len(), frames.len());
+    assert!(to_n2.iter().any(|t| t.inner_ip.0 == 0x2a && !t.inner_ip.1), "the marked, fragmentable pings were not captured");
     for t in &to_n2 {
+        // The outer header inherits TOS (DSCP and ECN) and DF; a fragmentable one has an ID.
+        let ((otos, odf, oid), (itos, idf, _)) = (t.outer_ip, t.inner_ip);
+        assert_eq!((otos, odf), (itos, idf), "outer TOS and DF must be the inner's: {t:?}");
+        assert!(odf || oid != 0, "a fragmentable outer datagram must not have ID 0: {t:?}");
         assert_eq!(t.outer_src, n1.underlay_ip);
         assert_eq!(t.inner_src, n1.container_ip(0));
         assert_eq!(t.inner_dst, n2.container_ip(0));
@@ -183,6 +190,20 @@ fn udp_with_xdp_decap_is_refused_with_a_clear_error() {
     assert!(msg.contains("udp backend has none") && msg.contains("--decap-hook tc"), "{msg}");
 }
 
+/// An overlay MTU whose encapsulated packets could not leave through the underlay (1480 + 50
+/// on a 1500 link) is refused at start, with the largest that fits named; the largest is
+/// accepted.
+#[test]
+fn an_overlay_mtu_too_big_for_the_underlay_is_refused() {
+    require_root();
+    let spec = |mtu: &str| ClusterSpec { agent_args: vec!["--mtu".into(), mtu.into()], ..ClusterSpec::agents(Backend::Vxlan, "tc", 1) };
+    let err = Cluster::new("mr", &spec("1480")).err().expect("an overlay MTU of 1480 over a 1500 underlay must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("1480") && msg.contains("use at most 1450"), "{msg}");
+    let c = cluster("ma", &spec("1450"));
+    assert_eq!(ok("mtu", overlay_tests::link_mtu(&c.node(1).ns, "flannel.1")), 1450);
+}
+
 /// What a captured tunnel frame says.
 #[derive(Debug)]
 struct TunnelFrame {
@@ -193,6 +214,9 @@ struct TunnelFrame {
     inner_dst_mac: Option<[u8; 6]>,
     inner_src: Ipv4Addr,
     inner_dst: Ipv4Addr,
+    /// (TOS byte, DF, IPv4 ID) of the outer and of the inner IPv4 header.
+    outer_ip: (u8, bool, u16),
+    inner_ip: (u8, bool, u16),
 }
 
 fn tunnel_frame(frame: &[u8], backend: Backend) -> Option<TunnelFrame> {
@@ -215,7 +239,10 @@ fn tunnel_frame(frame: &[u8], backend: Backend) -> Option<TunnelFrame> {
         Backend::Udp => (None, None, None, payload),
     };
     let inner = etherparse::Ipv4HeaderSlice::from_slice(inner).ok()?;
+    let fields = |h: &[u8]| (h[1], h[6] & 0x40 != 0, u16::from_be_bytes([h[4], h[5]]));
     Some(TunnelFrame {
+        outer_ip: fields(ip.header().slice()),
+        inner_ip: fields(inner.slice()),
         outer_src: ip.header().source_addr(),
         outer_dst: ip.header().destination_addr(),
         vni,
@@ -344,12 +371,11 @@ fn raw_frame(dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, ihl: u8, frag: u16,
     f
 }
 
-/// Frames below the UDP layer, sent raw from a peer: outer IPv4 options, fragments, and a
-/// tunnel frame cut at every length from the Ethernet header to the end of the inner IPv4
-/// header, and with a wrong header checksum or UDP length. Those cut before the UDP header is
+/// Frames below the UDP layer, sent raw from a peer: outer IPv4 options and a tunnel frame
+/// cut at every length from the Ethernet header to the end of the inner IPv4 header, and with a wrong header checksum or UDP length. Those cut before the UDP header is
 /// whole are not ours and move no counter (the stack drops them); the others are dropped and
 /// counted once each; a frame of another EtherType moves no counter; and the valid frame
-/// built the same way is delivered.
+/// built the same way is delivered, whole and in fragments.
 fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let c = cluster(tag, &ClusterSpec::agents(Backend::Vxlan, hook, 2));
     let (n1, n2) = (c.node(1), c.node(2));
@@ -358,7 +384,7 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let payload = vxlan_payload(0x08, 1, n1.vtep_mac, n2.container_ip(0), n1.container_ip(0), port);
     let frame = |ihl, frag| raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, ihl, frag, 8472, &payload);
     let valid = frame(5, 0);
-    let mut frames = vec![frame(6, 0), frame(15, 0), frame(5, 0x2000)];
+    let mut frames = vec![frame(6, 0), frame(15, 0)];
     // Cut inside the outer IPv4 or UDP header: nothing says the frame is ours; it passes to
     // the stack untouched (which drops it) and moves no counter. Cut after it: ours, truncated.
     let not_ours: Vec<Vec<u8>> = (14..42).map(|n| valid[..n].to_vec()).collect();
@@ -381,7 +407,6 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
     ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", frames));
     let expect = [
         (Counter::OuterIpOptions, 2),
-        (Counter::OuterFragment, 1),
         (Counter::Truncated, cut.len() as u64),
         (Counter::BadOuterHeader, 2),
     ];
@@ -396,13 +421,44 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
         assert_eq!(now[c as usize] - before[c as usize], n, "{}: exactly one count per frame", c.name());
     }
     let total_drops = |v: &[u64; Counter::COUNT]| Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| v[*c as usize]).sum::<u64>();
-    assert_eq!(total_drops(&now) - total_drops(&before), 5 + cut.len() as u64, "the other-EtherType frame must move no counter");
+    assert_eq!(total_drops(&now) - total_drops(&before), 4 + cut.len() as u64, "the other-EtherType frame must move no counter");
     assert_eq!(now[Counter::Decapsulated as usize], before[Counter::Decapsulated as usize]);
     // Control: the valid frame, sent the same way to the same probe, is delivered, and is
     // all that arrives (every malformed frame has been counted as dropped by now).
-    ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", vec![valid]));
-    assert_eq!(probe.finish_after(1), vec![b"hostile".to_vec()], "the valid raw frame, and no malformed one, must be delivered");
-    assert_eq!(n1.counter(Counter::Decapsulated) - before[Counter::Decapsulated as usize], 1);
+    ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", vec![valid.clone()]));
+    // The same datagram in two fragments (a router on the way fragmented it, as it may when
+    // DF is clear, which stock flannel's device always leaves it): the first goes to the
+    // kernel, which reassembles the datagram for its vxlan device, and it is delivered too.
+    let frags = fragments(&valid, 16);
+    ok("raw fragments", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", frags));
+    assert_eq!(
+        probe.finish_after(2),
+        vec![b"hostile".to_vec(), b"hostile".to_vec()],
+        "the valid raw frame and its fragmented twin, and no malformed frame, must be delivered"
+    );
+    assert_eq!(n1.counter(Counter::Decapsulated) - before[Counter::Decapsulated as usize], 1, "reassembled datagrams are not seen again");
+    assert_eq!(n1.counter(Counter::FragmentToKernel) - before[Counter::FragmentToKernel as usize], 1, "one first fragment");
+}
+
+/// The IPv4 datagram of Ethernet frame `frame` (no options) split into two fragments, the
+/// first carrying `first` bytes (a multiple of 8) of the IPv4 payload.
+fn fragments(frame: &[u8], first: usize) -> Vec<Vec<u8>> {
+    assert_eq!(first % 8, 0);
+    let (eth, ip, payload) = (&frame[..14], &frame[14..34], &frame[34..]);
+    let frag = |data: &[u8], offset: usize, more: bool| {
+        let mut h = ip.to_vec();
+        h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        let word = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        h[6..8].copy_from_slice(&word.to_be_bytes());
+        h[10..12].copy_from_slice(&[0, 0]);
+        let mut sum: u32 = h.chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        [eth, &h[..], data].concat()
+    };
+    vec![frag(&payload[..first], 0, true), frag(&payload[first..], first, false)]
 }
 
 #[test]
@@ -516,6 +572,180 @@ fn routed_underlay_carries_traffic_through_a_router() {
         assert_eq!(n.counter(Counter::EncapFailed), 0, "node {}", n.index);
         assert_eq!(n.counter(Counter::EncapNotIpv4), 0, "node {}: the overlay device sends no IPv6", n.index);
     }
+}
+
+/// Set the TOS byte of the IPv4 header at `off` in `buf` and recompute its checksum.
+fn set_tos(buf: &mut [u8], off: usize, tos: u8) {
+    buf[off + 1] = tos;
+    buf[off + 10..off + 12].copy_from_slice(&[0, 0]);
+    let sum = ipv4_sum(&buf[off..off + 20]);
+    buf[off + 10..off + 12].copy_from_slice(&(!sum).to_be_bytes());
+}
+
+/// The one's-complement sum of an IPv4 header (0xffff when its checksum is right).
+fn ipv4_sum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h.chunks(2).map(|w| u16::from_be_bytes([w[0], w[1]]) as u32).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// RFC 6040 where our program decapsulates (`--decap-delivery stack`): a frame whose outer
+/// header says congestion experienced delivers its ECN-capable inner packet marked CE (with a
+/// valid header checksum), and drops a Not-ECT one, counted; an unmarked frame is delivered
+/// as it was.
+#[test]
+fn congestion_marks_cross_native_decapsulation() {
+    let spec = ClusterSpec {
+        agent_args: vec!["--decap-delivery".into(), "stack".into()],
+        ..ClusterSpec::agents(Backend::Vxlan, "tc", 2)
+    };
+    let c = cluster("ec", &spec);
+    let (n1, n2) = (c.node(1), c.node(2));
+    let n1_mac = ok("mac", overlay_tests::link_mac(&n1.ns, "eth0"));
+    let port = 9996;
+    let frame = |outer_tos: u8, inner_tos: u8| {
+        let mut payload = vxlan_payload(0x08, 1, n1.vtep_mac, n2.container_ip(0), n1.container_ip(0), port);
+        set_tos(&mut payload, 8 + 14, inner_tos);
+        let mut f = raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, 5, 0, 8472, &payload);
+        set_tos(&mut f, 14, outer_tos);
+        f
+    };
+    let (ect0, ce, dscp) = (0x02u8, 0x03u8, 0x28u8);
+    let container = &n1.containers[0];
+    let cap = ok("capture", Capture::start(container, "eth0", &format!("udp port {port}"), c.workdir.join("ecn.pcap")));
+    let probe = ok("probe", UdpProbe::start(container, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+    let before = n1.counters();
+    let frames = vec![frame(ce, dscp | ect0), frame(ce, dscp), frame(0, dscp)];
+    ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", frames));
+    assert_eq!(probe.finish_after(2), vec![b"hostile".to_vec(), b"hostile".to_vec()], "the marked ECT and the unmarked frame arrive");
+    let got = ok("capture", cap.finish_when(|f| f.len() >= 2));
+    assert_eq!(got.len(), 2, "exactly two datagrams reach the container");
+    let tos: Vec<u8> = got.iter().map(|f| f[14 + 1]).collect();
+    assert_eq!(tos, vec![dscp | ce, dscp], "CE passed on to the ECT packet; the unmarked one unchanged");
+    for f in &got {
+        assert_eq!(ipv4_sum(&f[14..34]), 0xffff, "the inner header checksum must stay valid");
+    }
+    let now = n1.counters();
+    assert_eq!(now[Counter::CongestionNotEct as usize] - before[Counter::CongestionNotEct as usize], 1);
+    assert_eq!(now[Counter::DecapNative as usize] - before[Counter::DecapNative as usize], 2);
+}
+
+/// `ping -M <pmtudisc> -s <size>` once from `from` to `dst`: whether a reply came, and what
+/// ping printed (errors such as "Frag needed and DF set (mtu = N)" included).
+fn ping_sized(from: &overlay_tests::Netns, dst: Ipv4Addr, pmtudisc: &str, size: u32) -> (bool, String) {
+    let out = from
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "-M", pmtudisc, "-s", &size.to_string(), &dst.to_string()])
+        .output()
+        .expect("running ping");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The underlay between two nodes has a smaller MTU (1300) than node 1's own link (1500), as
+/// behind a VPN or a PPPoE hop. Node 1 sends a DF packet that fills its overlay MTU: the
+/// outer header inherits DF, the router answers node 1 with fragmentation-needed, node 1
+/// learns the path MTU, and the encap program then answers the container with
+/// fragmentation-needed for the inner packet (1300 - 50): the container's next probe at that
+/// size goes through, and TCP finds its segment size by itself. A fragmentable packet of the
+/// full size leaves with a fragmentable outer header, the router fragments it, and node 2's
+/// kernel reassembles it. Before, outer headers had DF=0 and ID 0 and node 2 dropped
+/// fragments: both kinds were lost without a word.
+#[test]
+fn a_smaller_path_mtu_is_discovered_end_to_end() {
+    let spec = ClusterSpec { routed_underlay: true, ..ClusterSpec::agents(Backend::Vxlan, "tc", 2) };
+    let mut c = cluster("pm", &spec);
+    // Node 2's link is the narrow one; its agent, restarted, sizes its overlay for it.
+    ok("router mtu", overlay_tests::ip(&["-n", c.underlay.name(), "link", "set", "p2", "mtu", "1300"]));
+    ok("node 2 mtu", overlay_tests::ip(&["-n", c.node(2).ns.name(), "link", "set", "eth0", "mtu", "1300"]));
+    ok("restart node 2", c.restart_agent(2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let dev_mtu = ok("flannel.1", overlay_tests::link_mtu(&n2.ns, "flannel.1"));
+    assert_eq!(dev_mtu, 1250, "node 2's overlay MTU follows its smaller link");
+    let (c1, dst) = (&n1.containers[0], n2.container_ip(0));
+    ok("small ping", ping(c1, dst, 2));
+
+    // Fragmentable and full-sized: fragmented by the router, reassembled by node 2's kernel.
+    // (First: once the container has learnt the MTU below, its own stack fragments.)
+    let reassembled = n2.counter(Counter::FragmentToKernel);
+    let (answered, out) = ping_sized(c1, dst, "dont", 1450 - 28);
+    assert!(answered, "a fragmentable full-sized packet must arrive:\n{out}");
+    assert!(n2.counter(Counter::FragmentToKernel) > reassembled, "node 2 saw no fragment");
+
+    // Fills node 1's overlay MTU (1450) with DF: until the path MTU is learnt the router
+    // drops it; then the answer says 1250.
+    let before = n1.counters();
+    let mut last = String::new();
+    let told = wait_until(Duration::from_secs(30), || {
+        let (_, out) = ping_sized(c1, dst, "do", 1450 - 28);
+        let told = out.contains("mtu = 1250") || out.contains("mtu=1250");
+        last = out;
+        told
+    });
+    assert!(told, "the container was never told the tunnel's MTU; last ping said:\n{last}");
+    let frag_needed = n1.counter(Counter::EncapFragNeeded) - before[Counter::EncapFragNeeded as usize];
+    assert!(frag_needed >= 1, "node 1 counted no fragmentation-needed answer");
+    let (answered, out) = ping_sized(c1, dst, "do", 1250 - 28);
+    assert!(answered, "a DF probe of the announced size must pass:\n{out}");
+
+    // TCP in both directions settles on segments that fit.
+    ok("TCP 1 -> 2", tcp_transfer(c1, &n2.containers[1], n2.container_ip(1), 8 << 20));
+    ok("TCP 2 -> 1", tcp_transfer(&n2.containers[0], &n1.containers[1], n1.container_ip(1), 8 << 20));
+    for n in [n1, n2] {
+        for drop in [Counter::EncapFailed, Counter::EncapTooBig, Counter::BadOuterHeader, Counter::Truncated] {
+            assert_eq!(n.counter(drop), 0, "node {}: unexpected {}", n.index, drop.name());
+        }
+    }
+}
+
+/// Containers that run a tunnel of their own (a VXLAN device between two containers on
+/// different nodes, with the kernel's offloads, as a CNI-in-CNI or a VPN would) get their
+/// encapsulated traffic carried inside ours, TCP included (GSO aggregates that already have
+/// inner headers), with no encapsulation failure.
+#[test]
+fn a_containers_own_tunnel_is_carried() {
+    let c = cluster("ne", &ClusterSpec::agents(Backend::Vxlan, "tc", 2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let (a, b) = (&n1.containers[0], &n2.containers[0]);
+    let inner = |k: u8| Ipv4Addr::new(172, 30, 0, k);
+    for (ns, local, remote, k) in [(a, n1.container_ip(0), n2.container_ip(0), 1), (b, n2.container_ip(0), n1.container_ip(0), 2)] {
+        ok("vxlan in a container", ns.run("ip", &[
+            "link", "add", "vx0", "type", "vxlan", "id", "42", "local", &local.to_string(), "remote",
+            &remote.to_string(), "dstport", "4789", "dev", "eth0",
+        ]));
+        ok("address", ns.run("ip", &["addr", "add", &format!("{}/24", inner(k)), "dev", "vx0"]));
+        ok("up", ns.run("ip", &["link", "set", "vx0", "mtu", "1400", "up"]));
+    }
+    ok("ping through both tunnels", ping(a, inner(2), 3));
+    let before = n1.counters();
+    ok("TCP through both tunnels", tcp_transfer(a, b, inner(2), 16 << 20));
+    ok("TCP back", tcp_transfer(b, a, inner(1), 16 << 20));
+    let now = n1.counters();
+    let delta = |c: Counter| now[c as usize] - before[c as usize];
+    assert!(delta(Counter::EncapToKernel) > 0, "the tunnelled packets go to the kernel device");
+    assert_eq!(delta(Counter::EncapFailed), 0, "node 1 failed to encapsulate the containers' tunnel frames");
+}
+
+/// A container with BIG TCP (IPv4 GSO aggregates past 64 KiB, `gso_ipv4_max_size`): its
+/// aggregates cannot carry 16-bit outer lengths, so the program leaves them to the kernel
+/// device, which segments them first; the transfer arrives intact. (Before, the outer
+/// lengths wrapped; a receiver that got such an aggregate whole would cut it short.)
+#[test]
+fn big_tcp_aggregates_are_carried() {
+    let c = cluster("bt", &ClusterSpec::agents(Backend::Vxlan, "tc", 2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let a = &n1.containers[0];
+    ok("BIG TCP", a.run("ip", &["link", "set", "dev", "eth0", "gso_max_size", "185000"]));
+    ok("BIG TCP v4", overlay_tests::set_gso_ipv4_max_size(a, "eth0", 185000));
+    let before = n1.counters();
+    ok("TCP", tcp_transfer(a, &n2.containers[0], n2.container_ip(0), 64 << 20));
+    let now = n1.counters();
+    let delta = |c: Counter| now[c as usize] - before[c as usize];
+    assert!(delta(Counter::EncapToKernel) > 0, "no aggregate past 64 KiB reached the encap program (or none was left to the kernel)");
+    assert!(delta(Counter::Encapsulated) > 0);
+    assert_eq!(delta(Counter::EncapFailed), 0);
 }
 
 /// `--decap-delivery stack`: our program decapsulates every frame and hands it to the overlay
