@@ -170,7 +170,8 @@ pub struct RunArgs {
     /// Capacity of the route map: remote subnets the node can route to.
     #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]
     pub max_routes: u32,
-    /// Capacity of the peer map: remote nodes the node accepts tunnel frames from.
+    /// Capacity of the peer map: remote nodes the node accepts tunnel frames from. Allocated
+    /// at load, per CPU: about max-peers x (32 B x CPUs + 64 B), 33 MiB at the default on 64 CPUs.
     #[arg(long, env = "FLANNELD_MAX_PEERS", default_value_t = overlay_common::MAX_PEERS)]
     pub max_peers: u32,
     /// The data plane: eBPF programs, or a TUN device with a userspace forwarder (flannel's udp
@@ -207,6 +208,20 @@ pub enum Command {
     Routes,
     /// Print the data plane's counters, by outcome and by peer, from the pinned maps.
     Stats,
+    /// Stream the data plane's drops as they happen: reason, hook, tunnel addresses and the
+    /// inner packet's addresses and ports. The programs write these events only while a
+    /// monitor listens (and at most 1000 per CPU per second).
+    Monitor {
+        /// Also show accepted and encapsulated packets, one in --sample.
+        #[arg(long)]
+        decisions: bool,
+        /// With --decisions: show one packet in this many.
+        #[arg(long, default_value_t = 100)]
+        sample: u32,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Exit 0 if the data plane is up (config written, programs attached), 1 otherwise.
     Status,
     /// Add, replace or remove routes by hand (the etcd control plane does this normally).

@@ -11,6 +11,7 @@ pub mod docker_opts;
 pub mod health;
 pub mod iptables;
 pub mod maps;
+pub mod monitor;
 pub mod netdev;
 pub mod report;
 

@@ -63,6 +63,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", report::stats_table(&maps.counters()?, &maps.peer_totals()?));
             Ok(ExitCode::SUCCESS)
         }
+        Some(Command::Monitor { decisions, sample, count }) => {
+            overlay_agent::monitor::run(&dir, overlay_agent::monitor::MonitorOptions { decisions, sample, count })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::Status) => {
             let st = dataplane::status(&dir)?;
             println!(

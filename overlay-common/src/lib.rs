@@ -22,7 +22,11 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// Array with one [`crate::DataplaneConfig`].
     pub const DP_CONFIG: &str = "DP_CONFIG";
-    pub const ALL: [&str; 4] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG];
+    /// Ring buffer of [`crate::PacketEvent`]s, written only while a monitor listens.
+    pub const EVENTS: &str = "EVENTS";
+    /// Array with one [`crate::MonitorState`]: whether and what a monitor listens to.
+    pub const MONITOR: &str = "MONITOR";
+    pub const ALL: [&str; 6] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, EVENTS, MONITOR];
     /// Maps earlier versions pinned and this one no longer has (`PORT_BY_MAC`: the retired
     /// direct-delivery mode). `up` and `teardown` remove their pins.
     pub const RETIRED: [&str; 1] = ["PORT_BY_MAC"];
@@ -104,6 +108,89 @@ pub struct PeerStats {
     pub rx_bytes: u64,
 }
 const _: () = assert!(core::mem::size_of::<PeerStats>() == 32);
+
+/// What `overlay-agent monitor` asks of the programs (the one entry of `MONITOR`). The
+/// programs write events only while `heartbeat_ns` (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`)
+/// is recent: the monitor renews it every second, so a monitor that died stops the events
+/// within [`MONITOR_TIMEOUT_NS`] and nobody listening costs one array read per drop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MonitorState {
+    pub heartbeat_ns: u64,
+    /// [`monitor_flags`].
+    pub flags: u32,
+    /// With `DECISIONS`: one accepted or sent packet in `sample` is reported (0 or 1: all).
+    pub sample: u32,
+}
+const _: () = assert!(core::mem::size_of::<MonitorState>() == 16);
+
+pub const MONITOR_TIMEOUT_NS: u64 = 3_000_000_000;
+/// At most this many events per CPU per second reach the ring buffer.
+pub const MONITOR_EVENTS_PER_SEC: u64 = 1000;
+
+pub mod monitor_flags {
+    /// Report every drop (rate-limited).
+    pub const DROPS: u32 = 1 << 0;
+    /// Also report a sample of accepted and encapsulated packets.
+    pub const DECISIONS: u32 = 1 << 1;
+}
+
+/// Where an event was seen.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    TcIngress = 1,
+    Xdp = 2,
+    TcEgress = 3,
+    SocketGuard = 4,
+}
+
+impl Hook {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::TcIngress),
+            2 => Some(Self::Xdp),
+            3 => Some(Self::TcEgress),
+            4 => Some(Self::SocketGuard),
+            _ => None,
+        }
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::TcIngress => "tc-ingress",
+            Self::Xdp => "xdp",
+            Self::TcEgress => "tc-egress",
+            Self::SocketGuard => "socket-guard",
+        }
+    }
+}
+
+/// One packet's outcome, as the monitor prints it. Addresses in network order, ports in host
+/// order; zero where the packet did not show them (too short, not IPv4, no L4 header).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct PacketEvent {
+    pub ts_ns: u64,
+    /// [`Counter`] as u32.
+    pub outcome: u32,
+    /// [`Hook`] as u8.
+    pub hook: u8,
+    /// The inner packet's IP protocol.
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    /// Outer (tunnel) addresses: the peer and us. For encap, zero.
+    pub outer_src: [u8; 4],
+    pub outer_dst: [u8; 4],
+    pub inner_src: [u8; 4],
+    pub inner_dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// Length of the frame as the hook saw it.
+    pub len: u32,
+}
+const _: () = assert!(core::mem::size_of::<PacketEvent>() == 40);
 
 /// Flags in [`DataplaneConfig::flags`].
 pub mod config_flags {
@@ -333,6 +420,7 @@ mod user {
     unsafe impl aya::Pod for super::Vtep {}
     unsafe impl aya::Pod for super::PeerStats {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
+    unsafe impl aya::Pod for super::MonitorState {}
 }
 
 #[cfg(test)]

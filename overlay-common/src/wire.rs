@@ -146,39 +146,47 @@ pub fn outer_segment_len(inner_len: usize, gso_size: usize, l3l4_hlen: usize, ov
 /// ICMP "destination unreachable, fragmentation needed" (type 3, code 4; RFC 1191) for an
 /// inner packet that does not fit the tunnel, from `from` (the packet's destination, which
 /// routes back through the overlay device, so the node's reverse-path filter and conntrack
-/// take it as the flow's RELATED reply) to the packet's source. `orig` is the start of the
-/// offending packet: its IPv4 header (no options) and first payload bytes. Returns the
-/// IPv4 header, the ICMP header with the next-hop `mtu`, and `orig`, checksummed.
+/// take it as the flow's RELATED reply) to the packet's source. `quote` is the start of the
+/// offending packet: its IPv4 header (no options) and first payload bytes. Returns the IPv4
+/// and ICMP headers (next-hop `mtu`), both checksummed, to put in front of the quote.
 #[inline(always)]
-pub fn icmp_frag_needed(orig: &[u8; ICMP_QUOTE], mtu: u16) -> [u8; ICMP_FRAG_NEEDED_LEN] {
-    let mut out = [0u8; ICMP_FRAG_NEEDED_LEN];
-    let mut ip = [0u8; IPV4_HLEN];
-    ip[0] = 0x45;
+pub fn icmp_frag_needed_header(quote: &[u8; ICMP_QUOTE], mtu: u16) -> [u8; IPV4_HLEN + ICMP_HLEN] {
+    let mut h = [0u8; IPV4_HLEN + ICMP_HLEN];
+    h[0] = 0x45;
     // Internetwork control, as Linux's icmp_send sends its errors.
-    ip[1] = 0xc0;
-    ip[2..4].copy_from_slice(&(ICMP_FRAG_NEEDED_LEN as u16).to_be_bytes());
-    ip[8] = OUTER_TTL;
-    ip[9] = IPPROTO_ICMP;
-    ip[12..16].copy_from_slice(&orig[16..20]);
-    ip[16..20].copy_from_slice(&orig[12..16]);
+    h[1] = 0xc0;
+    h[2..4].copy_from_slice(&(ICMP_FRAG_NEEDED_LEN as u16).to_be_bytes());
+    h[8] = OUTER_TTL;
+    h[9] = IPPROTO_ICMP;
+    h[12..16].copy_from_slice(&quote[16..20]);
+    h[16..20].copy_from_slice(&quote[12..16]);
+    let mut ip = [0u8; IPV4_HLEN];
+    ip.copy_from_slice(&h[..IPV4_HLEN]);
     let c = ipv4_checksum(&ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    out[..IPV4_HLEN].copy_from_slice(&ip);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
     let icmp = IPV4_HLEN;
-    out[icmp] = 3;
-    out[icmp + 1] = 4;
-    out[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
-    out[icmp + ICMP_HLEN..].copy_from_slice(orig);
-    let mut sum: u32 = 0;
-    let mut i = icmp;
-    while i < ICMP_FRAG_NEEDED_LEN {
-        sum += u16::from_be_bytes([out[i], out[i + 1]]) as u32;
+    h[icmp] = 3;
+    h[icmp + 1] = 4;
+    h[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
+    // Checksum over the ICMP header (checksum field 0) and the quote.
+    let mut sum: u32 = 0x0304 + mtu as u32;
+    let mut i = 0;
+    while i < ICMP_QUOTE {
+        sum += u16::from_be_bytes([quote[i], quote[i + 1]]) as u32;
         i += 2;
     }
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    out[icmp + 2..icmp + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    h[icmp + 2..icmp + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    h
+}
+
+/// The whole message: [`icmp_frag_needed_header`] and the quote.
+pub fn icmp_frag_needed(quote: &[u8; ICMP_QUOTE], mtu: u16) -> [u8; ICMP_FRAG_NEEDED_LEN] {
+    let mut out = [0u8; ICMP_FRAG_NEEDED_LEN];
+    out[..IPV4_HLEN + ICMP_HLEN].copy_from_slice(&icmp_frag_needed_header(quote, mtu));
+    out[IPV4_HLEN + ICMP_HLEN..].copy_from_slice(quote);
     out
 }
 

@@ -22,9 +22,12 @@ use aya_ebpf::{
     macros::sk_lookup,
     programs::SkLookupContext,
 };
-use overlay_common::{Counter, IPPROTO_UDP};
+use overlay_common::{Counter, Hook, IPPROTO_UDP};
 
-use crate::maps::{count, is_peer, ready_config};
+use crate::{
+    maps::{count, is_peer, ready_config},
+    monitor,
+};
 
 const AF_INET: u32 = 2;
 
@@ -45,5 +48,11 @@ pub fn sk_lookup_guard(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     count(Counter::ForeignTunnel);
+    if monitor::wanted(false) {
+        // remote_port is in network order in this context, local_port in host order.
+        let sport = u16::from_be(l.remote_port as u16);
+        let local = l.local_ip4.to_ne_bytes();
+        monitor::report_addrs(Hook::SocketGuard, Counter::ForeignTunnel, l.remote_ip4.to_ne_bytes(), local, sport, l.local_port as u16);
+    }
     SK_DROP
 }

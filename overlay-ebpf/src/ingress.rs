@@ -35,12 +35,13 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use overlay_common::{
     check_outer, check_vxlan, classify_ipv4, config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
-    DataplaneConfig, EncapMode, Ipv4Class, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
+    DataplaneConfig, EncapMode, Hook, Ipv4Class, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
     UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
 };
 
 use crate::{
     maps::{account_peer, count, is_peer, ready_config, Direction, VTEP_BY_SUBNET},
+    monitor,
     packet::Packet,
 };
 
@@ -178,6 +179,15 @@ fn accepted(t: &Tunnel) {
     count(Counter::Decapsulated);
 }
 
+/// Where the inner IPv4 header of a tunnel frame starts (for the monitor's events).
+#[inline(always)]
+fn inner_offset(cfg: Option<DataplaneConfig>) -> usize {
+    match cfg.and_then(|c| c.encap_mode()) {
+        Some(EncapMode::Udp) => ETH_HLEN + UDP_OVERHEAD,
+        _ => ETH_HLEN + VXLAN_OVERHEAD,
+    }
+}
+
 #[classifier]
 pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
     crate::upgrade_variant_mark();
@@ -186,6 +196,9 @@ pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
         Err(Verdict::Pass) => TCX_NEXT,
         Err(Verdict::Drop(reason)) => {
             count(reason);
+            if monitor::wanted(false) {
+                monitor::report(&ctx, Hook::TcIngress, reason, true, inner_offset(ready_config()));
+            }
             if reason == Counter::DecapFailed {
                 error!(&ctx, "tc decap failed: the kernel refused adjust_room/store");
             }
@@ -203,6 +216,9 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
         return Err(Verdict::Pass);
     };
     let t = classify(ctx, &cfg)?;
+    if monitor::wanted(true) {
+        monitor::report(ctx, Hook::TcIngress, Counter::Decapsulated, true, inner_offset(Some(cfg)));
+    }
     if cfg.flags & config_flags::KERNEL_DECAP != 0 {
         // GRO-merged frames carry tunnel GSO state that only the kernel device clears (on
         // 6.18 adjust_room leaves it, and the forwarded frame would be segmented in
@@ -248,6 +264,9 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
         Ok(()) | Err(Verdict::Pass) => xdp_action::XDP_PASS,
         Err(Verdict::Drop(reason)) => {
             count(reason);
+            if monitor::wanted(false) {
+                monitor::report(&ctx, Hook::Xdp, reason, true, inner_offset(ready_config()));
+            }
             xdp_action::XDP_DROP
         }
     }
@@ -263,6 +282,9 @@ fn try_xdp_check(ctx: &XdpContext) -> Result<(), Verdict> {
         return Err(Verdict::Pass);
     };
     let t = classify(ctx, &cfg)?;
+    if monitor::wanted(true) {
+        monitor::report(ctx, Hook::Xdp, Counter::Decapsulated, true, inner_offset(Some(cfg)));
+    }
     accepted(&t);
     Ok(())
 }

@@ -7,6 +7,7 @@
 mod guard;
 mod ingress;
 mod maps;
+mod monitor;
 mod packet;
 mod tc_egress;
 

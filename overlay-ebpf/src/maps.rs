@@ -3,11 +3,12 @@
 //! the node's bpffs directory and is the only writer of routes, peers and configuration.
 
 use aya_ebpf::{
-    btf_maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
     macros::btf_map,
 };
 use overlay_common::{
-    Counter, DataplaneConfig, Ipv4Prefix, PeerAddr, PeerStats, Vtep, MAX_PEERS, MAX_ROUTES,
+    Counter, DataplaneConfig, Ipv4Prefix, MonitorState, PacketEvent, PeerAddr, PeerStats, Vtep,
+    MAX_PEERS, MAX_ROUTES,
 };
 
 /// Remote subnet -> VTEP. Longest-prefix match on the inner destination (encap) and on the
@@ -27,6 +28,23 @@ pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT }> = PerCpuArray::new();
 /// The node's data-plane configuration (one entry).
 #[btf_map]
 pub static DP_CONFIG: Array<DataplaneConfig, 1> = Array::new();
+
+/// Events for `overlay-agent monitor` (256 KiB: some 6500 events between two reads).
+#[btf_map]
+pub static EVENTS: RingBuf<PacketEvent, { 256 * 1024 }> = RingBuf::new();
+
+/// Whether a monitor listens, and to what (one entry, written by the monitor).
+#[btf_map]
+pub static MONITOR: Array<MonitorState, 1> = Array::new();
+
+/// Per CPU: the start of the current one-second window and the events written in it.
+#[btf_map]
+pub static MONITOR_RATE: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// Per CPU: room for what does not fit the programs' 512-byte stacks (the quote of an ICMP
+/// reply). Never pinned: its content lives for one packet.
+#[btf_map]
+pub static SCRATCH: PerCpuArray<[u8; 64], 1> = PerCpuArray::new();
 
 #[inline(always)]
 pub fn count(c: Counter) {

@@ -32,15 +32,15 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_check_mtu, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns,
         bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_change_tail,
+        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    ethertype, fragment_id, icmp_frag_needed, outer_policy, outer_segment_len, source_port,
-    udp_encap_header, vxlan_encap_header, Counter, DataplaneConfig, EncapMode, EncapParams,
+    ethertype, fragment_id, icmp_frag_needed_header, outer_policy, outer_segment_len, source_port,
+    udp_encap_header, vxlan_encap_header, Counter, DataplaneConfig, EncapMode, EncapParams, Hook,
     ETH_HLEN, ETH_P_IPV4, ICMP_HLEN, ICMP_QUOTE, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, UDP_OVERHEAD,
     VXLAN_OVERHEAD, Vtep,
 };
@@ -48,7 +48,8 @@ use overlay_common::{
 const IPPROTO_TCP: u8 = 6;
 
 use crate::{
-    maps::{account_peer, count, ready_config, Direction, VTEP_BY_SUBNET},
+    maps::{account_peer, count, ready_config, Direction, SCRATCH, VTEP_BY_SUBNET},
+    monitor,
     packet::Packet,
 };
 
@@ -70,6 +71,9 @@ pub fn tc_egress_encap(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(reason) => {
             count(reason);
+            if monitor::wanted(false) {
+                monitor::report(&ctx, Hook::TcEgress, reason, false, ETH_HLEN);
+            }
             if reason == Counter::EncapFailed && log_allowed() {
                 // Rare (a kernel helper refused): worth a log line, at most one a second.
                 error!(&ctx, "encap failed: the kernel refused adjust_room/store/redirect_neigh");
@@ -129,7 +133,14 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         let path_mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
         if dont_fragment || gso_size(ctx) != 0 {
-            return frag_needed(ctx, &cfg, &ip, path_mtu.saturating_sub(mode.overhead()));
+            let mtu = path_mtu.saturating_sub(mode.overhead());
+            if !can_answer(&cfg, &ip, mtu) {
+                return Err(Counter::EncapTooBig);
+            }
+            if monitor::wanted(false) {
+                monitor::report(ctx, Hook::TcEgress, Counter::EncapFragNeeded, false, ETH_HLEN);
+            }
+            return frag_needed(ctx, &cfg, mtu);
         }
         // May be fragmented, which this program cannot do: the kernel device fragments the
         // outer packet. The udp backend has no such device: the packet leaves whole if the
@@ -197,6 +208,9 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     }
     account_peer(&vtep.underlay_ip, Direction::Tx, inner_len as u64);
     count(Counter::Encapsulated);
+    if monitor::wanted(true) {
+        monitor::report(ctx, Hook::TcEgress, Counter::Encapsulated, true, ETH_HLEN + mode.overhead());
+    }
     Ok(TC_ACT_REDIRECT as i32)
 }
 
@@ -206,6 +220,9 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
 /// the kernel has segmented what needs it. Only for what this program cannot do itself.
 #[inline(always)]
 fn to_kernel_device(ctx: &TcContext, vtep: &Vtep, inner_len: usize) -> Result<i32, Counter> {
+    if monitor::wanted(true) {
+        monitor::report(ctx, Hook::TcEgress, Counter::EncapToKernel, false, ETH_HLEN);
+    }
     ctx.store(0, &vtep.vtep_mac, 0).map_err(|_| Counter::EncapFailed)?;
     account_peer(&vtep.underlay_ip, Direction::Tx, inner_len as u64);
     count(Counter::EncapToKernel);
@@ -266,19 +283,33 @@ fn fits_underlay_device(ctx: &TcContext, ifindex: u32, len: usize) -> bool {
     rc == BPF_MTU_CHK_RET_SUCCESS as i64
 }
 
+/// Whether a fragmentation-needed answer can be given for the packet with IPv4 header `ip`:
+/// no options (the quote has a fixed size), a sender on this node (the answer is delivered
+/// here), and an MTU IPv4 allows.
+#[inline(always)]
+fn can_answer(cfg: &DataplaneConfig, ip: &[u8; IPV4_HLEN], mtu: usize) -> bool {
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    ip[0] == 0x45 && (cfg.is_local(src) || src == cfg.underlay_ip) && mtu >= 68
+}
+
 /// Answer a packet that does not fit the tunnel with ICMP fragmentation-needed, as a router
 /// (and the kernel's vxlan device) would: the packet is cut to what the ICMP message quotes
 /// of it, headers are put in front, and the reply enters the host on the overlay device, so
 /// that conntrack relates it to its flow and the node routes it back to the sender through
 /// its netfilter like any other packet from the overlay. Only for senders on this node
-/// (containers and the node itself: the reply is delivered locally).
-#[inline(always)]
-fn frag_needed(ctx: &TcContext, cfg: &DataplaneConfig, ip: &[u8; IPV4_HLEN], mtu: usize) -> Result<i32, Counter> {
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    if ip[0] != 0x45 || !(cfg.is_local(src) || src == cfg.underlay_ip) || mtu < 68 {
+/// (containers and the node itself: the reply is delivered locally; see `can_answer`).
+/// Not inlined: its buffers would otherwise sit in the encap program's own stack frame,
+/// which the monitor's call has to share the 512 bytes with.
+#[inline(never)]
+fn frag_needed(ctx: &TcContext, cfg: &DataplaneConfig, mtu: usize) -> Result<i32, Counter> {
+    let buf = SCRATCH.get_ptr_mut(0).ok_or(Counter::EncapTooBig)?;
+    // SAFETY: a per-CPU slot of 64 bytes, used by this program run alone.
+    let quote = unsafe { &mut *(buf as *mut [u8; ICMP_QUOTE]) };
+    // A fixed length: the verifier refuses a read that might be empty.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, ETH_HLEN as u32, quote.as_mut_ptr() as *mut _, ICMP_QUOTE as u32) };
+    if rc != 0 {
         return Err(Counter::EncapTooBig);
     }
-    let quote: [u8; ICMP_QUOTE] = ctx.read(ETH_HLEN).ok_or(Counter::EncapTooBig)?;
     // Also drops GSO state: the reply is one small packet. A checksum left to the device
     // (CHECKSUM_PARTIAL) keeps pointing into the quote, which holds it: the reply goes only to
     // local senders, whose stacks take such a packet as checked.
@@ -287,14 +318,14 @@ fn frag_needed(ctx: &TcContext, cfg: &DataplaneConfig, ip: &[u8; IPV4_HLEN], mtu
     }
     ctx.adjust_room((IPV4_HLEN + ICMP_HLEN) as i32, BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| Counter::EncapTooBig)?;
-    let msg = icmp_frag_needed(&quote, mtu as u16);
-    let mut hdr = [0u8; ETH_HLEN + IPV4_HLEN + ICMP_HLEN];
+    let hdr = icmp_frag_needed_header(quote, mtu as u16);
+    ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| Counter::EncapTooBig)?;
     // To the overlay device's own MAC: it takes the frame as addressed to the host.
-    hdr[0..6].copy_from_slice(&cfg.vtep_mac);
-    hdr[6..12].copy_from_slice(&cfg.vtep_mac);
-    hdr[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    hdr[ETH_HLEN..].copy_from_slice(&msg[..IPV4_HLEN + ICMP_HLEN]);
-    ctx.store(0, &hdr, 0).map_err(|_| Counter::EncapTooBig)?;
+    let mut eth = [0u8; ETH_HLEN];
+    eth[0..6].copy_from_slice(&cfg.vtep_mac);
+    eth[6..12].copy_from_slice(&cfg.vtep_mac);
+    eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
+    ctx.store(0, &eth, 0).map_err(|_| Counter::EncapTooBig)?;
     count(Counter::EncapFragNeeded);
     Ok(unsafe { bpf_redirect(cfg.overlay_ifindex, BPF_F_INGRESS as u64) } as i32)
 }

@@ -748,6 +748,73 @@ fn big_tcp_aggregates_are_carried() {
     assert_eq!(delta(Counter::EncapFailed), 0);
 }
 
+/// `overlay-agent monitor` shows drops as they happen, with reason, hook and addresses: one
+/// from the decap program (a peer's frame with another VNI, with the tunnel's and the inner
+/// packet's addresses and ports) and one from the socket guard (a container sending tunnel
+/// frames to its own node). A drop from before the monitor started was counted but never
+/// queued; the monitor stops cleanly on SIGTERM.
+#[test]
+fn monitor_streams_drops_as_they_happen() {
+    use std::io::{BufRead as _, BufReader};
+    let c = cluster("mo", &ClusterSpec::agents(Backend::Vxlan, "tc", 3));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let vxlan_to_n1 = SocketAddrV4::new(n1.underlay_ip, 8472);
+    let from_n2 = SocketAddrV4::new(n2.underlay_ip, 0);
+    let (mac, victim, port) = (n1.vtep_mac, n1.container_ip(0), 9995);
+
+    let spoofed = vxlan_payload(0x08, 1, mac, c.node(3).container_ip(0), victim, port);
+    ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![spoofed]));
+    assert!(wait_until(Duration::from_secs(10), || n1.counter(Counter::SpoofedSource) >= 1), "the spoofed frame was not counted");
+
+    let bin = overlay_tests::agent_bin();
+    let mut child = n1
+        .ns
+        .command(bin.to_str().unwrap())
+        .args(["monitor", "--bpffs-dir"])
+        .arg(&n1.bpffs_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the monitor");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let tx2 = tx.clone();
+    std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+    std::thread::spawn(move || BufReader::new(err).lines().map_while(Result::ok).for_each(|l| drop(tx2.send(format!("stderr: {l}")))));
+    let mut lines = Vec::new();
+    let mut next_line = |lines: &mut Vec<String>| -> Option<String> {
+        let l = rx.recv_timeout(Duration::from_secs(15)).ok()?;
+        lines.push(l.clone());
+        Some(l)
+    };
+    while !next_line(&mut lines).is_some_and(|l| l.contains("listening")) {
+        assert!(lines.len() < 50 && child.try_wait().unwrap().is_none(), "the monitor did not start: {lines:?}");
+    }
+
+    ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![vxlan_payload(0x08, 99, mac, n2.container_ip(0), victim, port)]));
+    let from_container = SocketAddrV4::new(victim, 5555);
+    ok("send", send_udp(&n1.containers[0], from_container, vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, n2.container_ip(0), victim, port)]));
+    let wrong_vni = format!(
+        "drop wrong_vni tc-ingress tunnel {} -> {} udp {}:40000 -> {victim}:{port}",
+        n2.underlay_ip,
+        n1.underlay_ip,
+        n2.container_ip(0)
+    );
+    let guard = format!("drop foreign_tunnel socket-guard tunnel {victim} -> {} ports 5555 -> 8472", n1.underlay_ip);
+    let seen = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
+    while !(seen(&lines, &wrong_vni) && seen(&lines, &guard)) {
+        if next_line(&mut lines).is_none() {
+            break;
+        }
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("monitor exit");
+    assert!(seen(&lines, &wrong_vni), "expected a line with {wrong_vni:?} in {lines:#?}");
+    assert!(seen(&lines, &guard), "expected a line with {guard:?} in {lines:#?}");
+    assert!(!seen(&lines, "spoofed_source"), "a drop from before the monitor was queued: {lines:#?}");
+    assert!(status.success(), "the monitor should stop cleanly on SIGTERM: {status:?}");
+}
+
 /// `--decap-delivery stack`: our program decapsulates every frame and hands it to the overlay
 /// device (the kernel's vxlan device gets none), and traffic still flows.
 #[test]
