@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
+    maps::{Array, Map, MapData},
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
@@ -26,7 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ipnet::Ipv4Net;
-use overlay_common::{config_flags, map_names, prog_names, Counter, DataplaneConfig, EncapMode};
+use overlay_common::{config_flags, map_names, prog_names, Counter, DataplaneConfig, EncapMode, MAP_LAYOUTS};
 
 use crate::{
     maps::Maps,
@@ -213,6 +214,9 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     for retired in map_names::RETIRED {
         remove_pin(&spec.bpffs_dir.join(retired))?;
     }
+    // What the pinned links were attached to, if a previous run left them; then every pin
+    // of another layout goes, so that the loader reuses only maps this build can read.
+    let previous = take_over_pins(&spec.bpffs_dir)?;
     // An older version's counter map may have fewer slots than there are counters now: it is
     // statistics only, so a fresh one replaces it rather than the new counters going missing.
     let counters_pin = spec.bpffs_dir.join(map_names::COUNTERS);
@@ -238,9 +242,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         "loading the eBPF programs failed (root, a kernel with BTF and TCX are needed; \
          if the maps' layout or --max-routes/--max-peers changed, run `overlay-agent teardown` first)",
     )?;
-    let mut maps = Maps::take(&mut ebpf)?;
-    // What the pinned links were attached to, if a previous run left them (maps are reused).
-    let previous = maps.config().ok().filter(|c| c.is_ready());
+    let mut maps = Maps::take(&mut ebpf)?.lock_changes_in(&spec.bpffs_dir);
     maps.set_config(&DataplaneConfig {
         mode: spec.mode as u32,
         vni: spec.vni,
@@ -270,6 +272,56 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
     netdev::route_network(spec.network, &spec.device)?;
     Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
+}
+
+/// The layout versions the pins in `dir` were made with, as `MAP_LAYOUTS` is ordered: those
+/// the `LAYOUTS` map records (0 for a map it does not know), or, for pins from before layouts
+/// were recorded, version 1 for every map.
+fn pinned_layouts(dir: &Path) -> Vec<u32> {
+    let recorded = MapData::from_pin(dir.join(map_names::LAYOUTS))
+        .ok()
+        .and_then(|d| Array::<MapData, u32>::try_from(Map::Array(d)).ok());
+    match recorded {
+        Some(a) => (0..map_names::ALL.len() as u32).map(|i| a.get(&i, 0).unwrap_or(0)).collect(),
+        None => vec![1; map_names::ALL.len()],
+    }
+}
+
+/// Before the loader reuses pins by name: read the configuration a previous run left (for
+/// adopting its links; version 1 had one slot, version 2 two), then remove every pinned map
+/// whose layout is not this build's, logged, so that it is made afresh. Routes and peers come
+/// back from etcd at the first reconcile (with static routes, add them again); counters
+/// start from zero.
+fn take_over_pins(dir: &Path) -> Result<Option<DataplaneConfig>> {
+    let layouts = pinned_layouts(dir);
+    let index = |name: &str| map_names::ALL.iter().position(|m| *m == name).expect("a known map");
+    let slot = match layouts[index(map_names::DP_CONFIG)] {
+        2 => MapData::from_pin(dir.join(map_names::CONFIG_SLOT))
+            .ok()
+            .and_then(|d| Array::<MapData, u32>::try_from(Map::Array(d)).ok())
+            .and_then(|a| a.get(&0, 0).ok())
+            .unwrap_or(0)
+            & 1,
+        _ => 0,
+    };
+    let previous = MapData::from_pin(dir.join(map_names::DP_CONFIG))
+        .ok()
+        .and_then(|d| Array::<MapData, DataplaneConfig>::try_from(Map::Array(d)).ok())
+        .and_then(|a| a.get(&slot, 0).ok())
+        .filter(|c| c.is_ready());
+    for (i, name) in map_names::ALL.iter().enumerate() {
+        let pin = dir.join(name);
+        if pin.exists() && layouts[i] != MAP_LAYOUTS[i] {
+            tracing::warn!(
+                map = name,
+                pinned = layouts[i],
+                this_build = MAP_LAYOUTS[i],
+                "a pinned map has another layout than this version's; it is made afresh"
+            );
+            remove_pin(&pin)?;
+        }
+    }
+    Ok(previous)
 }
 
 /// The config flags for `delivery`: the kernel's vxlan device can decapsulate only vxlan, so

@@ -20,7 +20,7 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use overlay_common::{
-    map_names, Counter, DataplaneConfig, EncapMode, Ipv4Prefix, PeerAddr, PeerStats, Vtep,
+    map_names, Counter, DataplaneConfig, EncapMode, Ipv4Prefix, PeerAddr, PeerStats, Vtep, MAP_LAYOUTS,
 };
 
 use crate::netdev;
@@ -46,6 +46,13 @@ pub enum MapsError {
     Cpus(String),
     #[error("no route for {0}")]
     NoSuchRoute(Ipv4Net),
+    #[error(
+        "the maps pinned in {dir} were made by another version of overlay-agent ({detail}); \
+         use the overlay-agent binary that runs on this node, or restart the agent with this one"
+    )]
+    OtherLayout { dir: PathBuf, detail: String },
+    #[error("locking the pin directory: {0}")]
+    Lock(#[source] std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, MapsError>;
@@ -78,6 +85,23 @@ pub struct Maps {
     peers: PerCpuHashMap<MapData, PeerAddr, PeerStats>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, DataplaneConfig>,
+    config_slot: Array<MapData, u32>,
+    layouts: Array<MapData, u32>,
+    /// The pin directory, locked (flock) around every change to routes and peers: the daemon
+    /// and `route add/del` both read, decide and write, and must not interleave.
+    dir: Option<std::fs::File>,
+}
+
+/// Holds the pin directory's exclusive lock while alive (the descriptor is `Maps::dir`'s,
+/// which outlives it).
+struct DirLock(Option<std::os::fd::RawFd>);
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0 {
+            unsafe { libc::flock(fd, libc::LOCK_UN) };
+        }
+    }
 }
 
 pub fn pin_path(dir: &Path, map: &str) -> PathBuf {
@@ -91,6 +115,19 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
+/// The maps whose recorded layout differs from this build's, as "NAME vX (this build: vY)".
+pub fn stale_layouts(layouts: &Array<MapData, u32>) -> Vec<String> {
+    map_names::ALL
+        .iter()
+        .zip(MAP_LAYOUTS)
+        .enumerate()
+        .filter_map(|(i, (name, want))| {
+            let have = layouts.get(&(i as u32), 0).unwrap_or(0);
+            (have != want).then(|| format!("{name} v{have} (this build: v{want})"))
+        })
+        .collect()
+}
+
 impl Maps {
     /// Open the maps pinned under `dir` (no program needs to be loaded or running).
     pub fn open(dir: &Path) -> Result<Self> {
@@ -100,35 +137,93 @@ impl Maps {
                 .map_err(|source| MapsError::NotPinned { name, path: path.clone(), source })?;
             Map::from_map_data(data).map_err(map_err(name))
         };
+        // Every map must be the layout this build reads: pins are shared by name across
+        // versions, and another layout of the same size would be misread silently.
+        let layouts: Array<MapData, u32> = match open(map_names::LAYOUTS) {
+            Ok(m) => typed(map_names::LAYOUTS, m)?,
+            Err(_) => {
+                return Err(MapsError::OtherLayout {
+                    dir: dir.to_path_buf(),
+                    detail: "no LAYOUTS map: an older version".into(),
+                })
+            }
+        };
+        let stale = stale_layouts(&layouts);
+        if !stale.is_empty() {
+            return Err(MapsError::OtherLayout { dir: dir.to_path_buf(), detail: stale.join(", ") });
+        }
         Ok(Self {
             routes: typed(map_names::VTEP_BY_SUBNET, open(map_names::VTEP_BY_SUBNET)?)?,
             peers: typed(map_names::PEER_STATS, open(map_names::PEER_STATS)?)?,
             counters: typed(map_names::COUNTERS, open(map_names::COUNTERS)?)?,
             config: typed(map_names::DP_CONFIG, open(map_names::DP_CONFIG)?)?,
+            config_slot: typed(map_names::CONFIG_SLOT, open(map_names::CONFIG_SLOT)?)?,
+            layouts,
+            dir: std::fs::File::open(dir).ok(),
         })
+    }
+
+    /// Lock route and peer changes through the pin directory `dir` (see `Maps::dir`).
+    pub fn lock_changes_in(mut self, dir: &Path) -> Self {
+        self.dir = std::fs::File::open(dir).ok();
+        self
+    }
+
+    fn write_lock(&self) -> Result<DirLock> {
+        use std::os::fd::AsRawFd as _;
+        if let Some(f) = &self.dir {
+            loop {
+                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(MapsError::Lock(e));
+                }
+            }
+        }
+        Ok(DirLock(self.dir.as_ref().map(|f| f.as_raw_fd())))
     }
 
     /// Take the maps out of freshly loaded programs.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
         let mut take = |name: &'static str| ebpf.take_map(name).ok_or(MapsError::Missing(name));
-        Ok(Self {
+        let mut maps = Self {
             routes: typed(map_names::VTEP_BY_SUBNET, take(map_names::VTEP_BY_SUBNET)?)?,
             peers: typed(map_names::PEER_STATS, take(map_names::PEER_STATS)?)?,
             counters: typed(map_names::COUNTERS, take(map_names::COUNTERS)?)?,
             config: typed(map_names::DP_CONFIG, take(map_names::DP_CONFIG)?)?,
-        })
+            config_slot: typed(map_names::CONFIG_SLOT, take(map_names::CONFIG_SLOT)?)?,
+            layouts: typed(map_names::LAYOUTS, take(map_names::LAYOUTS)?)?,
+            dir: None,
+        };
+        // The loader made (or reused, when the versions already matched) every map with this
+        // build's layouts: say so for the tools and the next agent.
+        for (i, version) in MAP_LAYOUTS.iter().enumerate() {
+            maps.layouts.set(i as u32, version, 0).map_err(map_err(map_names::LAYOUTS))?;
+        }
+        Ok(maps)
+    }
+
+    fn current_slot(&self) -> u32 {
+        self.config_slot.get(&0, 0).unwrap_or(0) & 1
     }
 
     pub fn config(&self) -> Result<DataplaneConfig> {
-        self.config.get(&0, 0).map_err(map_err(map_names::DP_CONFIG))
+        self.config.get(&self.current_slot(), 0).map_err(map_err(map_names::DP_CONFIG))
     }
 
+    /// Write the configuration into the slot the programs are not reading, then make it the
+    /// current one: a program sees the old configuration or the new one, never a mixture.
     pub fn set_config(&mut self, cfg: &DataplaneConfig) -> Result<()> {
-        self.config.set(0, cfg, 0).map_err(map_err(map_names::DP_CONFIG))
+        let next = 1 - self.current_slot();
+        self.config.set(next, cfg, 0).map_err(map_err(map_names::DP_CONFIG))?;
+        self.config_slot.set(0, next, 0).map_err(map_err(map_names::CONFIG_SLOT))
     }
 
     /// Add or replace the route for `route.subnet`, and make its peer a member.
     pub fn upsert_route(&mut self, route: &Route) -> Result<()> {
+        let _lock = self.write_lock()?;
         let key = Key::new(route.subnet.prefix_len() as u32, route.subnet.network().octets());
         let old = self.routes.get(&key, 0).ok();
         let peer = route.public_ip.octets();
@@ -203,6 +298,7 @@ impl Maps {
 
     /// Remove the route for `subnet`; its peer stops being a member if no route is left.
     pub fn remove_route(&mut self, subnet: Ipv4Net) -> Result<()> {
+        let _lock = self.write_lock()?;
         let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
         let old = self.routes.get(&key, 0).map_err(|_| MapsError::NoSuchRoute(subnet))?;
         self.routes.remove(&key).map_err(map_err(map_names::VTEP_BY_SUBNET))?;

@@ -20,16 +20,61 @@ pub mod map_names {
     pub const PEER_STATS: &str = "PEER_STATS";
     /// Per-CPU array indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// Array with one [`crate::DataplaneConfig`].
+    /// Array of two [`crate::DataplaneConfig`]s: the one in use is the slot `CONFIG_SLOT`
+    /// names; the agent writes the other and then flips the slot, so that a program never
+    /// reads a configuration half written.
     pub const DP_CONFIG: &str = "DP_CONFIG";
+    /// Array with one u32: which `DP_CONFIG` slot is current (0 or 1).
+    pub const CONFIG_SLOT: &str = "CONFIG_SLOT";
+    /// Array of u32, indexed like [`ALL`]: the layout version each pinned map was made with
+    /// ([`crate::MAP_LAYOUTS`]). Written by the agent only; the programs never read it.
+    pub const LAYOUTS: &str = "LAYOUTS";
     /// Ring buffer of [`crate::PacketEvent`]s, written only while a monitor listens.
     pub const EVENTS: &str = "EVENTS";
     /// Array with one [`crate::MonitorState`]: whether and what a monitor listens to.
     pub const MONITOR: &str = "MONITOR";
-    pub const ALL: [&str; 6] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, EVENTS, MONITOR];
+    pub const ALL: [&str; 8] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, EVENTS, MONITOR, CONFIG_SLOT, LAYOUTS];
     /// Maps earlier versions pinned and this one no longer has (`PORT_BY_MAC`: the retired
     /// direct-delivery mode). `up` and `teardown` remove their pins.
     pub const RETIRED: [&str; 1] = ["PORT_BY_MAC"];
+}
+
+/// The layout version of each pinned map, in the order of [`map_names::ALL`]. A map's layout
+/// is its type, key and value layout and what its entries mean; pins are reused by name across
+/// upgrades, so a build must never read a map made with another layout as its own. Bump a
+/// map's version whenever any of that changes (the `layouts_are_versioned` test records each
+/// version's sizes and fails until the table is updated). Maps pinned before versions were
+/// recorded have version 1, except `DP_CONFIG`, which had one slot (version 1) and has two
+/// since (version 2).
+pub const MAP_LAYOUTS: [u32; map_names::ALL.len()] = [1, 1, 1, 2, 1, 1, 1, 1];
+/// Entries of the `LAYOUTS` map (room for maps to come).
+pub const LAYOUT_SLOTS: u32 = 16;
+
+/// The layout version this build gives map `name`.
+pub fn layout_version(name: &str) -> Option<u32> {
+    let mut i = 0;
+    while i < map_names::ALL.len() {
+        if str_eq(map_names::ALL[i], name) {
+            return Some(MAP_LAYOUTS[i]);
+        }
+        i += 1;
+    }
+    None
+}
+
+const fn str_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Names of the programs (the functions in `overlay-ebpf`).
@@ -432,6 +477,43 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "Counter::ALL[{i}] is {c:?}");
         }
+    }
+
+    /// Each map's layout as of its current version: (name, version, key size, value size).
+    /// A change to a struct here without a new version in MAP_LAYOUTS fails this test; the
+    /// fix is to bump the version (and to teach the agent to migrate, if the old contents
+    /// matter) and then to record the new sizes.
+    #[test]
+    fn layouts_are_versioned() {
+        use core::mem::size_of;
+        let recorded: [(&str, u32, usize, usize); map_names::ALL.len()] = [
+            (map_names::VTEP_BY_SUBNET, 1, 8, 12),
+            (map_names::PEER_STATS, 1, 4, 32),
+            (map_names::COUNTERS, 1, 4, 8),
+            (map_names::DP_CONFIG, 2, 4, 40),
+            (map_names::EVENTS, 1, 0, 40),
+            (map_names::MONITOR, 1, 4, 16),
+            (map_names::CONFIG_SLOT, 1, 4, 4),
+            (map_names::LAYOUTS, 1, 4, 4),
+        ];
+        let actual = [
+            (4 + size_of::<Ipv4Prefix>(), size_of::<Vtep>()),
+            (size_of::<PeerAddr>(), size_of::<PeerStats>()),
+            (4, size_of::<u64>()),
+            (4, size_of::<DataplaneConfig>()),
+            (0, size_of::<PacketEvent>()),
+            (4, size_of::<MonitorState>()),
+            (4, 4),
+            (4, 4),
+        ];
+        for (i, (name, version, key, value)) in recorded.iter().enumerate() {
+            assert_eq!(map_names::ALL[i], *name);
+            assert_eq!(MAP_LAYOUTS[i], *version, "{name}: the version changed; record its layout here");
+            assert_eq!(actual[i], (*key, *value), "{name}: the layout changed; bump its version in MAP_LAYOUTS");
+            assert_eq!(layout_version(name), Some(*version));
+        }
+        assert_eq!(layout_version("NO_SUCH_MAP"), None);
+        assert!(map_names::ALL.len() as u32 <= LAYOUT_SLOTS);
     }
 
     #[test]

@@ -25,9 +25,17 @@ pub static PEER_STATS: PerCpuHashMap<PeerAddr, PeerStats, { MAX_PEERS as usize }
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT }> = PerCpuArray::new();
 
-/// The node's data-plane configuration (one entry).
+/// The node's data-plane configuration, double-buffered: `CONFIG_SLOT` says which entry is
+/// current, so a configuration being written is never the one read.
 #[btf_map]
-pub static DP_CONFIG: Array<DataplaneConfig, 1> = Array::new();
+pub static DP_CONFIG: Array<DataplaneConfig, 2> = Array::new();
+
+#[btf_map]
+pub static CONFIG_SLOT: Array<u32, 1> = Array::new();
+
+/// Layout versions of the pinned maps (written and read by the agent only).
+#[btf_map]
+pub static LAYOUTS: Array<u32, { overlay_common::LAYOUT_SLOTS as usize }> = Array::new();
 
 /// Events for `overlay-agent monitor` (256 KiB: some 6500 events between two reads).
 #[btf_map]
@@ -57,7 +65,8 @@ pub fn count(c: Counter) {
 /// The node's configuration once the agent has written all of it; `None` before.
 #[inline(always)]
 pub fn ready_config() -> Option<DataplaneConfig> {
-    DP_CONFIG.get(0).copied().filter(|c| c.is_ready())
+    let slot = CONFIG_SLOT.get(0).copied().unwrap_or(0) & 1;
+    DP_CONFIG.get(slot).copied().filter(|c| c.is_ready())
 }
 
 pub enum Direction {

@@ -340,20 +340,32 @@ fn five_thousand_peers_fit_with_default_capacities() {
     assert!(!n.log_text().contains("probably full"));
 }
 
-/// An agent started over an older version's pins takes them over: a counter map with fewer
-/// slots than there are counters now is replaced (counting starts again, logged), the map of
-/// the retired direct delivery is removed, and the node carries and counts traffic.
+/// An agent started over an older version's pins takes them over, under traffic. The pins
+/// are those of a version from before map layouts were recorded: no LAYOUTS map, a one-slot
+/// DP_CONFIG (now two slots, written in turn), a counter map with fewer slots, the retired
+/// direct-delivery map. A CLI of this version refuses to read them (another layout); the
+/// agent reads the old configuration to adopt the old links, makes the maps of another
+/// layout afresh (logged), keeps the route and peer maps, whose layout is unchanged, and a
+/// UDP stream plus TCP transfers across the takeover lose nothing.
 #[test]
-fn an_older_versions_pins_are_taken_over() {
+fn an_older_versions_pins_are_taken_over_under_traffic() {
     use overlay_common::{map_names, Counter};
     let mut c = cluster("ov", &ClusterSpec::agents(Backend::Vxlan, "tc", 2));
-    ok("stop", c.stop_agent(2));
     let dir = c.node(2).bpffs_dir.clone();
+    let cfg = ok("config", overlay_agent::maps::Maps::open(&dir).and_then(|m| m.config()).map_err(Into::into));
+    let stream = ok("stream", UdpStream::start(&c.node(1).containers[0], &c.node(2).containers[0], c.node(2).container_ip(0), 7003, 3000));
+    let tcp = TcpLoop::start(&c, 1, 2);
+    wait_for_traffic("before", &stream, &tcp, 1000);
+    ok("stop", c.stop_agent(2));
+
     let pin = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    ok("remove counters pin", std::fs::remove_file(pin(map_names::COUNTERS)).map_err(Into::into));
+    for name in [map_names::LAYOUTS, map_names::CONFIG_SLOT, map_names::DP_CONFIG, map_names::COUNTERS] {
+        ok(&format!("remove {name}"), std::fs::remove_file(pin(name)).map_err(Into::into));
+    }
     let old_slots = (Counter::COUNT - 1).to_string();
     for (name, args) in [
         (map_names::COUNTERS, ["type", "percpu_array", "key", "4", "value", "8", "entries", old_slots.as_str()]),
+        (map_names::DP_CONFIG, ["type", "array", "key", "4", "value", "40", "entries", "1"]),
         (map_names::RETIRED[0], ["type", "hash", "key", "6", "value", "8", "entries", "16"]),
     ] {
         let p = pin(name);
@@ -361,16 +373,71 @@ fn an_older_versions_pins_are_taken_over() {
         cmd.args(["map", "create", p.as_str()]).args(args).args(["name", name]);
         ok(&format!("bpftool map create {name}"), overlay_tests::run(&mut cmd));
     }
+    let bytes: Vec<String> = bytemuck::bytes_of(&cfg).iter().map(|b| b.to_string()).collect();
+    let p = pin(map_names::DP_CONFIG);
+    let mut cmd = Command::new("bpftool");
+    cmd.args(["map", "update", "pinned", p.as_str(), "key", "0", "0", "0", "0", "value"]).args(&bytes);
+    ok("the old configuration", overlay_tests::run(&mut cmd));
+
+    let err = c.node(2).agent_cli(&["routes"]).expect_err("a CLI must not read maps of another layout");
+    assert!(format!("{err:#}").contains("another version of overlay-agent"), "{err:#}");
+    wait_for_traffic("with the old pins and no agent", &stream, &tcp, 1000);
+
+    let adopted_before = adoptions(&c, 2);
     ok("restart", c.restart_agent(2));
     let n2 = c.node(2);
+    let log = n2.log_text();
+    assert!(log.contains("a pinned map has another layout") && log.contains("DP_CONFIG"), "no word of the replaced DP_CONFIG:\n{log}");
     assert!(
         wait_until(Duration::from_secs(10), || n2.log_text().contains("pinned counter map is from an older version")),
         "no word of the replaced counter map:\n{}",
         n2.log_text()
     );
+    assert_eq!(adoptions(&c, 2), adopted_before + 2, "the old links were not adopted (old configuration unread):\n{log}");
     assert!(!dir.join(map_names::RETIRED[0]).exists(), "the retired map's pin is still there");
-    ok("ping", ping(&c.node(1).containers[0], n2.container_ip(0), 2));
+    wait_for_traffic("after the takeover", &stream, &tcp, 1000);
+    let routes = ok("routes", n2.agent_cli(&["routes"]));
+    assert!(routes.contains(&c.node(1).subnet.to_string()), "the route map (same layout) was kept:\n{routes}");
+    let r = ok("stream", stream.finish());
+    let (transfers, errors) = tcp.finish();
+    assert_eq!(r.lost, 0, "packets lost across the takeover: {r:?}");
+    assert!(errors.is_empty() && transfers > 0, "TCP: {transfers} transfers, errors {errors:?}");
     let stats = ok("stats", n2.agent_cli(&["stats"]));
     assert!(n2.counter(Counter::Decapsulated) > 0, "the new counter map counts:\n{stats}\n{}", n2.log_text());
-    assert!(stats.contains(Counter::ForeignTunnel.name()), "stats lists every counter:\n{stats}");
+    assert!(stats.contains(Counter::EncapToKernel.name()), "stats lists every counter:\n{stats}");
+}
+
+/// The daemon and `route add/del` both change routes and peers by reading, deciding and
+/// writing. Two writers at once must never leave a route whose peer is not a member (its
+/// frames would be dropped as from an unknown peer) nor a member no route needs. Two writers
+/// share one peer, each adding and removing a route of its own in a tight loop (udp backend:
+/// no forwarding entries to fork for), each checking after its add that the peer is a member.
+#[test]
+fn concurrent_route_writers_keep_peers_and_routes_consistent() {
+    use overlay_agent::maps::{Maps, Route};
+    let c = cluster("rw", &ClusterSpec::agents(Backend::Udp, "tc", 1));
+    let n = c.node(1);
+    let peer = Ipv4Addr::new(192, 168, 100, 77);
+    let writer = |subnet: &str| {
+        let (dir, subnet) = (n.bpffs_dir.clone(), subnet.parse::<ipnet::Ipv4Net>().unwrap());
+        n.ns.spawn(move || -> Result<u32, String> {
+            let mut maps = Maps::open(&dir).map_err(|e| e.to_string())?;
+            let mut violations = 0;
+            for _ in 0..3000 {
+                maps.upsert_route(&Route { subnet, public_ip: peer, vtep_mac: [0; 6] }).map_err(|e| e.to_string())?;
+                if !maps.peer_totals().map_err(|e| e.to_string())?.contains_key(&peer) {
+                    violations += 1;
+                }
+                maps.remove_route(subnet).map_err(|e| e.to_string())?;
+            }
+            Ok(violations)
+        })
+    };
+    let (a, b) = (writer("10.250.1.0/24"), writer("10.250.2.0/24"));
+    let va = a.join().expect("writer a").expect("namespace").expect("writer a");
+    let vb = b.join().expect("writer b").expect("namespace").expect("writer b");
+    assert_eq!((va, vb), (0, 0), "a route was left without its peer being a member");
+    let maps = ok("maps", Maps::open(&n.bpffs_dir).map_err(Into::into));
+    assert!(ok("routes", maps.routes().map_err(Into::into)).is_empty());
+    assert!(!ok("peers", maps.peer_totals().map_err(Into::into)).contains_key(&peer), "a member no route needs was left behind");
 }
