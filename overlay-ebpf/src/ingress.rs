@@ -35,12 +35,12 @@ use aya_ebpf::{
 use aya_log_ebpf::error;
 use overlay_common::{
     check_outer, check_vxlan, classify_ipv4, config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
-    DataplaneConfig, EncapMode, Hook, Ipv4Class, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
+    DataplaneConfig, EncapMode, Hook, Ipv4Class, PeerStats, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
     UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
 };
 
 use crate::{
-    maps::{account_peer, count, is_peer, ready_config, Direction, VTEP_BY_SUBNET},
+    maps::{account_rx, count, is_peer, peer_stats, ready_config, VTEP_BY_SUBNET},
     monitor,
     packet::Packet,
 };
@@ -66,7 +66,8 @@ impl From<Counter> for Verdict {
 
 /// A valid tunnel frame, ready to strip.
 struct Tunnel {
-    peer: [u8; 4],
+    /// The sending peer's counters (found by the membership check).
+    stats: *mut PeerStats,
     /// Outer Ethernet header: destination (our underlay MAC), then source.
     outer_eth: [u8; ETH_HLEN],
     /// Bytes between the outer Ethernet header and the inner IPv4 header.
@@ -78,24 +79,42 @@ struct Tunnel {
     merged: bool,
 }
 
+/// `N` bytes of `a` from `off` (constant offsets: no bounds check survives compilation).
+#[inline(always)]
+fn sub<const M: usize, const N: usize>(a: &[u8; M], off: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = a[off + i];
+        i += 1;
+    }
+    out
+}
+
 /// The one decision both hooks share.
 #[inline(always)]
 fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> {
     let len = p.len();
     let merged = p.merged();
-    let eth: [u8; ETH_HLEN] = p.read(0).ok_or(Verdict::Pass)?;
+    // One read for the outer Ethernet, IPv4 (without options) and UDP headers. Too short for
+    // them: nothing says it is ours; the stack judges it.
+    let head: [u8; ETH_HLEN + IPV4_HLEN + UDP_HLEN] = p.read(0).ok_or(Verdict::Pass)?;
+    let eth: [u8; ETH_HLEN] = sub(&head, 0);
     if ethertype(&eth) != ETH_P_IPV4 {
         return Err(Verdict::Pass);
     }
-    // Too short for an IPv4 or a UDP header: nothing says it is ours; the stack judges it.
-    let ip: [u8; IPV4_HLEN] = p.read(ETH_HLEN).ok_or(Verdict::Pass)?;
+    let ip: [u8; IPV4_HLEN] = sub(&head, ETH_HLEN);
     let (ihl, first_fragment) = match classify_ipv4(&ip) {
         Ipv4Class::Udp { header_len, first_fragment } if header_len >= IPV4_HLEN => {
             (header_len, first_fragment)
         }
         _ => return Err(Verdict::Pass),
     };
-    let udp: [u8; UDP_HLEN] = p.read(ETH_HLEN + ihl).ok_or(Verdict::Pass)?;
+    let udp: [u8; UDP_HLEN] = if ihl == IPV4_HLEN {
+        sub(&head, ETH_HLEN + IPV4_HLEN)
+    } else {
+        p.read(ETH_HLEN + ihl).ok_or(Verdict::Pass)?
+    };
     if udp_dst_port(&udp) != cfg.port {
         return Err(Verdict::Pass);
     }
@@ -129,17 +148,15 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     // Who sent it comes before what is in it: a non-peer's frame is counted as such,
     // however short.
     let peer = [ip[12], ip[13], ip[14], ip[15]];
-    if !is_peer(&peer) {
-        return Err(Counter::UnknownPeer.into());
-    }
+    let stats = peer_stats(&peer).ok_or(Counter::UnknownPeer)?;
     let (strip, inner_ip) = match cfg.encap_mode() {
         Some(EncapMode::Vxlan) => {
-            let vx: [u8; VXLAN_HLEN] = p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
-            let ieth: [u8; ETH_HLEN] =
-                p.read(TUNNEL_PAYLOAD_OFF + VXLAN_HLEN).ok_or(Counter::Truncated)?;
-            let iip: [u8; IPV4_HLEN] = p
-                .read(TUNNEL_PAYLOAD_OFF + VXLAN_HLEN + ETH_HLEN)
-                .ok_or(Counter::Truncated)?;
+            // One read for the VXLAN, inner Ethernet and inner IPv4 headers.
+            let t: [u8; VXLAN_HLEN + ETH_HLEN + IPV4_HLEN] =
+                p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
+            let vx: [u8; VXLAN_HLEN] = sub(&t, 0);
+            let ieth: [u8; ETH_HLEN] = sub(&t, VXLAN_HLEN);
+            let iip: [u8; IPV4_HLEN] = sub(&t, VXLAN_HLEN + ETH_HLEN);
             check_vxlan(&vx, cfg.vni)?;
             if ethertype(&ieth) != ETH_P_IPV4 {
                 return Err(Counter::InnerNotIpv4.into());
@@ -163,7 +180,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         _ => return Err(Counter::SpoofedSource.into()),
     }
     Ok(Tunnel {
-        peer,
+        stats,
         outer_eth: eth,
         strip,
         inner_len: len - ETH_HLEN - strip,
@@ -175,7 +192,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
 /// Count a frame that passed every check and is on its way to a container.
 #[inline(always)]
 fn accepted(t: &Tunnel) {
-    account_peer(&t.peer, Direction::Rx, t.inner_len as u64);
+    account_rx(t.stats, t.inner_len as u64);
     count(Counter::Decapsulated);
 }
 

@@ -100,3 +100,18 @@ pub fn account_peer(peer: &PeerAddr, dir: Direction, bytes: u64) -> bool {
 pub fn is_peer(peer: &PeerAddr) -> bool {
     PEER_STATS.get_ptr(peer).is_some()
 }
+
+/// A peer's counters on this CPU, if it is a peer: membership and accounting in one lookup.
+#[inline(always)]
+pub fn peer_stats(peer: &PeerAddr) -> Option<*mut PeerStats> {
+    PEER_STATS.get_ptr_mut(peer)
+}
+
+/// Add one received packet of `bytes` to counters found by `peer_stats`.
+#[inline(always)]
+pub fn account_rx(stats: *mut PeerStats, bytes: u64) {
+    // SAFETY: a per-CPU value of a live map entry; a program is not preempted mid-update.
+    let s = unsafe { &mut *stats };
+    s.rx_packets += 1;
+    s.rx_bytes += bytes;
+}
