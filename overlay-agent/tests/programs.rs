@@ -37,6 +37,9 @@ const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
 /// Peer B: behind a route with a locked MTU of 1300 (a narrower path), subnet 10.244.3.0/24.
 const PEER_B: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
 const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+/// Peer C: no route to its underlay address, subnet 10.244.4.0/24.
+const PEER_C: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 3);
+const MAC_C: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0c];
 const STRANGER: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 9);
 const UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 
@@ -75,6 +78,8 @@ impl Node {
         sh("ip", &["addr", "add", "192.168.50.1/24", "dev", "ul0"]);
         sh("ip", &["link", "set", "ul0", "up"]);
         sh("ip", &["route", "add", "192.168.50.3/32", "dev", "ul0", "mtu", "lock", "1300"]);
+        // Peer C's address is unreachable from here (an operator's rule, a lost route).
+        sh("ip", &["route", "add", "unreachable", "192.168.60.3/32"]);
         // Encap's route lookup is a forwarding lookup, as on a flannel node (docker and
         // kubelet turn forwarding on).
         sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
@@ -102,7 +107,7 @@ impl Node {
             _pad: [0; 2],
         };
         maps.set_config(&cfg).expect("config");
-        for (subnet, ip, mac) in [("10.244.2.0/24", PEER_A, MAC_A), ("10.244.3.0/24", PEER_B, MAC_B)] {
+        for (subnet, ip, mac) in [("10.244.2.0/24", PEER_A, MAC_A), ("10.244.3.0/24", PEER_B, MAC_B), ("10.244.4.0/24", PEER_C, MAC_C)] {
             maps.upsert_route(&Route { subnet: subnet.parse().unwrap(), public_ip: ip, vtep_mac: mac }).expect("route");
         }
         Node { ebpf, maps, cfg }
@@ -314,6 +319,8 @@ fn encap_builds_flannels_frame_and_inherits_tos_and_df() {
         }
         let (rc, _, moved) = n.run(prog_names::TC_EGRESS_ENCAP, &inner_frame([10, 244, 1, 5], [10, 99, 0, 1], 0, true, 10, mac, mac));
         assert_eq!((rc, moved), (TC_ACT_SHOT, vec![("no_route", 1)]));
+        let (rc, _, moved) = n.run(prog_names::TC_EGRESS_ENCAP, &inner_frame([10, 244, 1, 5], [10, 244, 4, 7], 0, true, 100, mac, mac));
+        assert_eq!((rc, moved), (TC_ACT_SHOT, vec![("no_underlay_route", 1)]), "no way to the peer: dropped and counted here");
         let mut v6 = inner_frame([10, 244, 1, 5], [10, 244, 2, 7], 0, true, 100, mac, mac);
         v6[12..14].copy_from_slice(&[0x86, 0xdd]);
         let (rc, _, moved) = n.run(prog_names::TC_EGRESS_ENCAP, &v6);

@@ -386,10 +386,14 @@ pub enum Counter {
     /// aggregate past 64 KiB (BIG TCP; the device segments it first), or a fragmentable packet
     /// bigger than the path (the device fragments the outer packet). Not a drop.
     EncapToKernel = 23,
+    /// Encap: the node has no usable route to the peer's underlay address (no route,
+    /// unreachable, blackhole or prohibit): dropped here, where it is seen, rather than by
+    /// the redirect, where it would not be.
+    NoUnderlayRoute = 24,
 }
 
 impl Counter {
-    pub const COUNT: usize = 24;
+    pub const COUNT: usize = 25;
     pub const ALL: [Counter; Self::COUNT] = [
         Self::Encapsulated,
         Self::Decapsulated,
@@ -415,6 +419,7 @@ impl Counter {
         Self::FragmentToKernel,
         Self::CongestionNotEct,
         Self::EncapToKernel,
+        Self::NoUnderlayRoute,
     ];
     /// The name operators see (`overlay-agent stats`, metrics).
     pub const fn name(self) -> &'static str {
@@ -443,6 +448,7 @@ impl Counter {
             Self::FragmentToKernel => "fragment_to_kernel",
             Self::CongestionNotEct => "congestion_not_ect",
             Self::EncapToKernel => "encap_to_kernel",
+            Self::NoUnderlayRoute => "no_underlay_route",
         }
     }
     /// Whether this outcome drops the packet.

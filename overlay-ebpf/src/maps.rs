@@ -69,27 +69,16 @@ pub fn ready_config() -> Option<DataplaneConfig> {
     DP_CONFIG.get(slot).copied().filter(|c| c.is_ready())
 }
 
-pub enum Direction {
-    Tx,
-    Rx,
-}
-
-/// Add one packet of `bytes` to a known peer's counters; `false` if the peer is unknown.
+/// Add one sent packet of `bytes` to a known peer's counters; `false` if the peer is unknown.
+/// (Received packets are accounted through `peer_stats`, found by the membership check.)
 #[inline(always)]
-pub fn account_peer(peer: &PeerAddr, dir: Direction, bytes: u64) -> bool {
+pub fn account_tx(peer: &PeerAddr, bytes: u64) -> bool {
     match PEER_STATS.get_ptr_mut(peer) {
         Some(p) => {
+            // SAFETY: a per-CPU value of a live map entry; a program is not preempted mid-update.
             let s = unsafe { &mut *p };
-            match dir {
-                Direction::Tx => {
-                    s.tx_packets += 1;
-                    s.tx_bytes += bytes;
-                }
-                Direction::Rx => {
-                    s.rx_packets += 1;
-                    s.rx_bytes += bytes;
-                }
-            }
+            s.tx_packets += 1;
+            s.tx_bytes += bytes;
             true
         }
         None => false,

@@ -22,7 +22,9 @@
 use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
-        bpf_fib_lookup, bpf_redir_neigh, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        bpf_fib_lookup, bpf_redir_neigh, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_BLACKHOLE,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_UNREACHABLE,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
@@ -48,7 +50,7 @@ use overlay_common::{
 const IPPROTO_TCP: u8 = 6;
 
 use crate::{
-    maps::{account_peer, count, ready_config, Direction, SCRATCH, VTEP_BY_SUBNET},
+    maps::{account_tx, count, ready_config, SCRATCH, VTEP_BY_SUBNET},
     monitor,
     packet::Packet,
 };
@@ -130,6 +132,13 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
             BPF_FIB_LOOKUP_OUTPUT,
         )
     };
+    // No way to the peer: the redirect would drop the packet where no counter sees it.
+    if matches!(
+        rc as u32,
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT | BPF_FIB_LKUP_RET_NOT_FWDED
+    ) {
+        return Err(Counter::NoUnderlayRoute);
+    }
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         let path_mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
         if dont_fragment || gso_size(ctx) != 0 {
@@ -206,7 +215,7 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     if action != TC_ACT_REDIRECT as i64 {
         return Err(Counter::EncapFailed);
     }
-    account_peer(&vtep.underlay_ip, Direction::Tx, inner_len as u64);
+    account_tx(&vtep.underlay_ip, inner_len as u64);
     count(Counter::Encapsulated);
     if monitor::wanted(true) {
         monitor::report(ctx, Hook::TcEgress, Counter::Encapsulated, true, ETH_HLEN + mode.overhead());
@@ -224,7 +233,7 @@ fn to_kernel_device(ctx: &TcContext, vtep: &Vtep, inner_len: usize) -> Result<i3
         monitor::report(ctx, Hook::TcEgress, Counter::EncapToKernel, false, ETH_HLEN);
     }
     ctx.store(0, &vtep.vtep_mac, 0).map_err(|_| Counter::EncapFailed)?;
-    account_peer(&vtep.underlay_ip, Direction::Tx, inner_len as u64);
+    account_tx(&vtep.underlay_ip, inner_len as u64);
     count(Counter::EncapToKernel);
     Ok(TCX_NEXT)
 }
