@@ -157,14 +157,8 @@ pub struct TunDataplane {
 
 /// The internet checksum of any byte string.
 fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for c in data.chunks(2) {
-        sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    let sum = data.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
+    !overlay_common::fold(sum)
 }
 
 /// ICMP destination unreachable / net unreachable from `from` about `orig` (an IPv4 packet):

@@ -50,16 +50,28 @@ pub fn source_port(flow_hash: u32) -> u16 {
 /// first when building).
 #[inline(always)]
 pub fn ipv4_checksum(hdr: &[u8; IPV4_HLEN]) -> u16 {
-    let mut sum: u32 = 0;
+    !fold(add_words(0, hdr))
+}
+
+/// `sum` plus the big-endian 16-bit words of `bytes` (an even number of them; fixed-size in
+/// the programs so that the loop unrolls).
+#[inline(always)]
+pub fn add_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
     let mut i = 0;
-    while i < IPV4_HLEN {
-        sum += u16::from_be_bytes([hdr[i], hdr[i + 1]]) as u32;
+    while i + 1 < N {
+        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
         i += 2;
     }
+    sum
+}
+
+/// A one's-complement sum folded to 16 bits, with end-around carry.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
 }
 
 /// The IPv4 "don't fragment" flag, in the flags/fragment-offset word.
@@ -169,16 +181,8 @@ pub fn icmp_frag_needed_header(quote: &[u8; ICMP_QUOTE], mtu: u16) -> [u8; IPV4_
     h[icmp + 1] = 4;
     h[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
     // Checksum over the ICMP header (checksum field 0) and the quote.
-    let mut sum: u32 = 0x0304 + mtu as u32;
-    let mut i = 0;
-    while i < ICMP_QUOTE {
-        sum += u16::from_be_bytes([quote[i], quote[i + 1]]) as u32;
-        i += 2;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    h[icmp + 2..icmp + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let sum = fold(add_words(0x0304 + mtu as u32, quote));
+    h[icmp + 2..icmp + 4].copy_from_slice(&(!sum).to_be_bytes());
     h
 }
 
