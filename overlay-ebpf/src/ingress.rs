@@ -98,7 +98,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     let merged = p.merged();
     // One read for the outer Ethernet, IPv4 (without options) and UDP headers. Too short for
     // them: nothing says it is ours; the stack judges it.
-    let head: [u8; ETH_HLEN + IPV4_HLEN + UDP_HLEN] = p.read(0).ok_or(Verdict::Pass)?;
+    let head: [u8; ETH_HLEN + IPV4_HLEN + UDP_HLEN] = p.read_head(0).ok_or(Verdict::Pass)?;
     let eth: [u8; ETH_HLEN] = sub(&head, 0);
     if ethertype(&eth) != ETH_P_IPV4 {
         return Err(Verdict::Pass);
@@ -153,7 +153,7 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         Some(EncapMode::Vxlan) => {
             // One read for the VXLAN, inner Ethernet and inner IPv4 headers.
             let t: [u8; VXLAN_HLEN + ETH_HLEN + IPV4_HLEN] =
-                p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
+                p.read_head(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
             let vx: [u8; VXLAN_HLEN] = sub(&t, 0);
             let ieth: [u8; ETH_HLEN] = sub(&t, VXLAN_HLEN);
             let iip: [u8; IPV4_HLEN] = sub(&t, VXLAN_HLEN + ETH_HLEN);

@@ -11,6 +11,11 @@ pub trait Packet {
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
     /// Whether the frame is a GRO/GSO aggregate (lengths set by the kernel, not the wire).
     fn merged(&self) -> bool;
+    /// As `read`, for a constant offset within the headers: read in place where the bytes
+    /// are in the linear part (TC; XDP always), which saves a helper call per read.
+    fn read_head<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        self.read(off)
+    }
 }
 
 impl Packet for TcContext {
@@ -21,6 +26,15 @@ impl Packet for TcContext {
     #[inline(always)]
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
         self.load::<[u8; N]>(off).ok()
+    }
+    #[inline(always)]
+    fn read_head<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+        let (start, end) = (self.data(), self.data_end());
+        if start + off + N <= end {
+            // SAFETY: bounds checked against data_end just above.
+            return Some(unsafe { core::ptr::read_unaligned((start + off) as *const [u8; N]) });
+        }
+        self.read(off)
     }
     #[inline(always)]
     fn merged(&self) -> bool {
