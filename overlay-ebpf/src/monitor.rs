@@ -1,8 +1,8 @@
 //! Events for `overlay-agent monitor`: drops (and, when asked, a sample of decisions) with the
 //! hook, the tunnel's addresses and the inner packet's 5-tuple, into a ring buffer. Written
 //! only while a monitor's heartbeat is recent, at most `MONITOR_EVENTS_PER_SEC` per CPU, so
-//! with nobody listening a drop costs one array read more and an accepted packet nothing but
-//! a flag test.
+//! with nobody listening a drop or an accepted packet costs one (inlined) array lookup and a
+//! flag test.
 
 use aya_ebpf::helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use overlay_common::{

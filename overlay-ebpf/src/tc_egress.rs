@@ -114,7 +114,8 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     // path MTU the node learnt from a router's fragmentation-needed (outer DF is inherited).
     // The helper answers only where the underlay forwards (`ip_forward`, on on every node
     // that routes containers); elsewhere the packet is sent as before, unchecked.
-    let seg_len = outer_segment_len(inner_len, gso_size(ctx), l3l4_hlen(ctx, &ip), mode.overhead());
+    let gso = gso_size(ctx);
+    let seg_len = outer_segment_len(inner_len, gso, if gso == 0 { 0 } else { l3l4_hlen(ctx, &ip) }, mode.overhead());
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = IPPROTO_UDP;
@@ -141,7 +142,7 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     }
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         let path_mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
-        if dont_fragment || gso_size(ctx) != 0 {
+        if dont_fragment || gso != 0 {
             let mtu = path_mtu.saturating_sub(mode.overhead());
             if !can_answer(&cfg, &ip, mtu) {
                 return Err(Counter::EncapTooBig);
@@ -268,12 +269,9 @@ fn gso_size(ctx: &TcContext) -> usize {
 }
 
 /// The inner IPv4 and transport header length of a GSO aggregate (TCP or UDP), which with
-/// the GSO size gives its segments' length. 0 for anything else (not GSO: unused).
+/// the GSO size gives its segments' length.
 #[inline(always)]
 fn l3l4_hlen(ctx: &TcContext, ip: &[u8; IPV4_HLEN]) -> usize {
-    if gso_size(ctx) == 0 {
-        return 0;
-    }
     let ihl = ((ip[0] & 0x0f) as usize) * 4;
     match ip[9] {
         IPPROTO_TCP => match ctx.read::<1>(ETH_HLEN + (ihl & 0x3c) + 12) {
