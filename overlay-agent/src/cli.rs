@@ -209,7 +209,8 @@ pub enum Command {
     /// Print the data plane's counters, by outcome and by peer, from the pinned maps.
     Stats,
     /// Stream the data plane's drops as they happen: reason, hook, tunnel addresses and the
-    /// inner packet's addresses and ports. The programs write these events only while a
+    /// inner packet's addresses and ports (and, as `queued`, packets sent towards a next hop
+    /// whose link-layer address is unresolved: lost if it never answers). The programs write these events only while a
     /// monitor listens (and at most 1000 per CPU per second).
     Monitor {
         /// Also show accepted and encapsulated packets, one in --sample.

@@ -52,6 +52,8 @@ pub fn format_event(e: &PacketEvent) -> String {
     let outcome = Counter::ALL.get(e.outcome as usize).copied();
     let kind = match outcome {
         Some(c) if c.is_drop() => "drop",
+        // Sent, but waiting for the next hop's link-layer address: lost if it never comes.
+        Some(Counter::UnresolvedNextHop) => "queued",
         Some(_) => "ok",
         None => "?",
     };

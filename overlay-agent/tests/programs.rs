@@ -78,6 +78,9 @@ impl Node {
         sh("ip", &["addr", "add", "192.168.50.1/24", "dev", "ul0"]);
         sh("ip", &["link", "set", "ul0", "up"]);
         sh("ip", &["route", "add", "192.168.50.3/32", "dev", "ul0", "mtu", "lock", "1300"]);
+        // A and B answer ARP (as live peers' entries are): their next hops are resolved.
+        sh("ip", &["neigh", "replace", "192.168.50.2", "lladdr", "02:00:00:00:01:02", "dev", "ul0", "nud", "permanent"]);
+        sh("ip", &["neigh", "replace", "192.168.50.3", "lladdr", "02:00:00:00:01:03", "dev", "ul0", "nud", "permanent"]);
         // Peer C's address is unreachable from here (an operator's rule, a lost route).
         sh("ip", &["route", "add", "unreachable", "192.168.60.3/32"]);
         // Encap's route lookup is a forwarding lookup, as on a flannel node (docker and
@@ -320,6 +323,12 @@ fn encap_builds_flannels_frame_and_inherits_tos_and_df() {
             assert_eq!(&vx[14..20], &mac, "inner source: ours");
             assert_eq!(&vx[20..], &inner[12..], "the inner packet, byte for byte");
         }
+        // A's next hop unresolved (its entry gone): sent all the same, to wait for ARP in the
+        // kernel's queue, and counted so that a peer which never answers shows.
+        sh("ip", &["neigh", "del", "192.168.50.2", "dev", "ul0"]);
+        let (rc, out, moved) = n.run(prog_names::TC_EGRESS_ENCAP, &inner_frame([10, 244, 1, 5], [10, 244, 2, 7], 0, true, 100, mac, mac));
+        assert_eq!((rc, moved), (TC_ACT_REDIRECT, vec![("encapsulated", 1), ("unresolved_next_hop", 1)]));
+        assert_eq!(&out[14 + 16..14 + 20], &PEER_A.octets(), "encapsulated to A");
         let (rc, _, moved) = n.run(prog_names::TC_EGRESS_ENCAP, &inner_frame([10, 244, 1, 5], [10, 99, 0, 1], 0, true, 10, mac, mac));
         assert_eq!((rc, moved), (TC_ACT_SHOT, vec![("no_route", 1)]));
         let (rc, _, moved) = n.run(prog_names::TC_EGRESS_ENCAP, &inner_frame([10, 244, 1, 5], [10, 244, 4, 7], 0, true, 100, mac, mac));

@@ -390,10 +390,18 @@ pub enum Counter {
     /// unreachable, blackhole or prohibit): dropped here, where it is seen, rather than by
     /// the redirect, where it would not be.
     NoUnderlayRoute = 24,
+    /// Encap: encapsulated and handed to the kernel while the link-layer address of the next
+    /// hop towards the peer was unknown (no neighbour entry yet, one being resolved, or one
+    /// that failed). The kernel queues the packet until the next hop answers ARP and drops it
+    /// if it never does (in the neighbour layer, where no counter of ours sees it). Not a drop
+    /// by itself, and counted with `encapsulated` too: the first packets to a peer after its
+    /// entry expired land here; a count that keeps growing means a peer (or the router
+    /// towards it) does not answer on the underlay. `overlay-agent monitor` names the peer.
+    UnresolvedNextHop = 25,
 }
 
 impl Counter {
-    pub const COUNT: usize = 25;
+    pub const COUNT: usize = 26;
     pub const ALL: [Counter; Self::COUNT] = [
         Self::Encapsulated,
         Self::Decapsulated,
@@ -420,6 +428,7 @@ impl Counter {
         Self::CongestionNotEct,
         Self::EncapToKernel,
         Self::NoUnderlayRoute,
+        Self::UnresolvedNextHop,
     ];
     /// The name operators see (`overlay-agent stats`, metrics).
     pub const fn name(self) -> &'static str {
@@ -449,6 +458,7 @@ impl Counter {
             Self::CongestionNotEct => "congestion_not_ect",
             Self::EncapToKernel => "encap_to_kernel",
             Self::NoUnderlayRoute => "no_underlay_route",
+            Self::UnresolvedNextHop => "unresolved_next_hop",
         }
     }
     /// Whether this outcome drops the packet.
@@ -461,6 +471,7 @@ impl Counter {
                 | Self::DecapNative
                 | Self::FragmentToKernel
                 | Self::EncapToKernel
+                | Self::UnresolvedNextHop
         )
     }
 }

@@ -23,7 +23,7 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_check_mtu_ret::BPF_MTU_CHK_RET_SUCCESS,
         bpf_fib_lookup, bpf_redir_neigh, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_BLACKHOLE,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
         BPF_FIB_LKUP_RET_UNREACHABLE,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
@@ -218,6 +218,14 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     }
     account_tx(&vtep.underlay_ip, inner_len as u64);
     count(Counter::Encapsulated);
+    // Queued in the neighbour layer until the next hop answers, lost there if it never does:
+    // counted, and shown to a drop monitor with the peer it was for.
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        count(Counter::UnresolvedNextHop);
+        if monitor::wanted(false) {
+            monitor::report(ctx, Hook::TcEgress, Counter::UnresolvedNextHop, true, ETH_HLEN + mode.overhead());
+        }
+    }
     if monitor::wanted(true) {
         monitor::report(ctx, Hook::TcEgress, Counter::Encapsulated, true, ETH_HLEN + mode.overhead());
     }

@@ -747,7 +747,8 @@ fn big_tcp_aggregates_are_carried() {
 /// from the decap program (a peer's frame with another VNI, with the tunnel's and the inner
 /// packet's addresses and ports) and one from the socket guard (a container sending tunnel
 /// frames to its own node). A drop from before the monitor started was counted but never
-/// queued; the monitor stops cleanly on SIGTERM.
+/// queued; a packet sent towards a peer that no longer answers ARP shows as queued for an
+/// unresolved next hop, with the peer; the monitor stops cleanly on SIGTERM.
 #[test]
 fn monitor_streams_drops_as_they_happen() {
     use std::io::{BufRead as _, BufReader};
@@ -796,8 +797,21 @@ fn monitor_streams_drops_as_they_happen() {
         n2.container_ip(0)
     );
     let guard = format!("drop foreign_tunnel socket-guard tunnel {victim} -> {} ports 5555 -> 8472", n1.underlay_ip);
+    // Node 3 stops answering ARP and node 1 forgets its address: what node 1 sends there
+    // waits for a next hop that never answers (and is lost in the neighbour layer), which the
+    // monitor shows with the peer it was for.
+    let n3 = c.node(3);
+    ok("arp off", n3.ns.run("ip", &["link", "set", "eth0", "arp", "off"]));
+    ok("forget node 3", n1.ns.run("ip", &["neigh", "flush", "to", &n3.underlay_ip.to_string(), "dev", "eth0"]));
+    let unresolved_before = n1.counter(Counter::UnresolvedNextHop);
+    let to_n3 = SocketAddrV4::new(n3.container_ip(0), 9994);
+    ok("send", send_udp(&n1.containers[0], SocketAddrV4::new(victim, 5556), to_n3, vec![b"lost".to_vec()]));
+    let queued = format!(
+        "queued unresolved_next_hop tc-egress tunnel {} -> {} udp {victim}:5556 -> {to_n3}",
+        n1.underlay_ip, n3.underlay_ip
+    );
     let seen = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
-    while !(seen(&lines, &wrong_vni) && seen(&lines, &guard)) {
+    while !(seen(&lines, &wrong_vni) && seen(&lines, &guard) && seen(&lines, &queued)) {
         if next_line(&mut lines).is_none() {
             break;
         }
@@ -806,6 +820,8 @@ fn monitor_streams_drops_as_they_happen() {
     let status = child.wait().expect("monitor exit");
     assert!(seen(&lines, &wrong_vni), "expected a line with {wrong_vni:?} in {lines:#?}");
     assert!(seen(&lines, &guard), "expected a line with {guard:?} in {lines:#?}");
+    assert!(seen(&lines, &queued), "expected a line with {queued:?} in {lines:#?}");
+    assert!(n1.counter(Counter::UnresolvedNextHop) > unresolved_before, "unresolved_next_hop did not move");
     assert!(!seen(&lines, "spoofed_source"), "a drop from before the monitor was queued: {lines:#?}");
     assert!(status.success(), "the monitor should stop cleanly on SIGTERM: {status:?}");
 }
