@@ -116,6 +116,19 @@ impl Collector for AgentCollector {
             return Ok(());
         }
         let Ok(maps) = Maps::open(&s.bpffs_dir) else { return Ok(()) };
+        // Where encap's redirect hands packets on: its failures (no route, no neighbour entry
+        // could be made) count as the underlay's tx errors, a dead link's losses as its tx
+        // drops, in the kernel's stats of that device; the programs never see them.
+        let underlay = maps.config().ok().filter(|c| c.is_ready()).and_then(|c| crate::netdev::name_of(c.underlay_ifindex));
+        if let Some((dev, st)) = underlay.and_then(|d| underlay_tx_stats(&d).map(|st| (d, st))) {
+            for (name, help, v) in [
+                ("overlay_underlay_tx_errors", "Transmit errors of the underlay device (encap's failed redirects count here)", st.errors),
+                ("overlay_underlay_tx_dropped", "Packets the underlay device dropped on transmit (a link without carrier, a full queue)", st.dropped),
+            ] {
+                let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(v).encode(m.encode_family(&[("device", dev.as_str())])?)?;
+            }
+        }
         if let Ok(routes) = maps.routes() {
             gauge(&mut e, "overlay_routes", "Entries in the route map (remote subnets)", routes.len() as i64)?;
         }
@@ -147,6 +160,32 @@ impl Collector for AgentCollector {
         }
         Ok(())
     }
+}
+
+/// A device's transmit errors and drops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TxStats {
+    pub errors: u64,
+    pub dropped: u64,
+}
+
+/// `dev`'s transmit errors and drops from `/proc/net/dev`, which shows the devices of the
+/// reader's network namespace (sysfs would show the mount's).
+fn underlay_tx_stats(dev: &str) -> Option<TxStats> {
+    parse_proc_net_dev(&std::fs::read_to_string("/proc/net/dev").ok()?, dev)
+}
+
+/// `dev`'s line in `/proc/net/dev` text: eight receive columns, then transmit bytes,
+/// packets, errs, drop, ...
+pub fn parse_proc_net_dev(text: &str, dev: &str) -> Option<TxStats> {
+    text.lines().skip(2).find_map(|line| {
+        let (name, cols) = line.split_once(':')?;
+        if name.trim() != dev {
+            return None;
+        }
+        let v: Vec<u64> = cols.split_whitespace().map(|c| c.parse().ok()).collect::<Option<_>>()?;
+        Some(TxStats { errors: *v.get(10)?, dropped: *v.get(11)? })
+    })
 }
 
 /// The metrics text for `state` (what /metrics serves).
@@ -208,6 +247,18 @@ pub async fn serve(addr: SocketAddr, state: Arc<AgentState>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_net_dev_lines_are_read_by_column() {
+        let text = "Inter-|   Receive                                                |  Transmit\n \
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n \
+    lo:     100       2    0    0    0     0          0         0      100       2    0    0    0     0       0          0\n \
+  eth0: 5000000    4000    1    2    0     0          0         0  6000000    5000    7   42    0     0       0          0\n";
+        assert_eq!(parse_proc_net_dev(text, "eth0"), Some(TxStats { errors: 7, dropped: 42 }));
+        assert_eq!(parse_proc_net_dev(text, "lo"), Some(TxStats { errors: 0, dropped: 0 }));
+        assert_eq!(parse_proc_net_dev(text, "eth"), None);
+        assert_eq!(parse_proc_net_dev("garbage\n\nx: 1 2\n", "x"), None);
+    }
 
     #[test]
     fn metrics_render_without_maps() {

@@ -180,6 +180,25 @@ fn health_endpoints_and_metrics_follow_the_traffic() {
     let rx = key("overlay_peer_bytes_total", &format!("peer=\"{}\",direction=\"rx\"", n1.underlay_ip));
     let n2m = parse_metrics(&ok("metrics", http_get(&n2.ns, at, "/metrics")).1);
     assert!(n2m[&rx] >= (4 << 20) as f64, "{rx}: {}", n2m[&rx]);
+
+    // Node 1's underlay link loses its carrier (the far end goes down): encap's route lookup
+    // and neighbour entry still hold, so packets are handed to the device, which drops them.
+    // The programs cannot see that; the underlay's own transmit drops, in the metrics, do.
+    let dropped = key("overlay_underlay_tx_dropped_total", "device=\"eth0\"");
+    assert!(after.contains_key(&key("overlay_underlay_tx_errors_total", "device=\"eth0\"")), "{after:#?}");
+    ok("carrier off", c.underlay.run("ip", &["link", "set", "p1", "down"]));
+    let to = SocketAddrV4::new(n2.container_ip(0), 9993);
+    let lost = |n: u64| {
+        let from = SocketAddrV4::new(n1.container_ip(0), 0);
+        ok("send", send_udp(&n1.containers[0], from, to, vec![b"into the void".to_vec(); n as usize]));
+        parse_metrics(&ok("metrics", http_get(&n1.ns, at, "/metrics")).1)[&dropped]
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || lost(5) >= after[&dropped] + 5.0),
+        "{dropped} did not follow the dead link: {} -> {}",
+        after[&dropped],
+        lost(0)
+    );
 }
 
 /// The seed's cluster: its network config, agents started with `--ip-masq`, and the unit's
