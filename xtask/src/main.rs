@@ -40,10 +40,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build (release) and benchmark the data plane against its baselines, or the
-    /// control plane (`bench control-plane`). Writes target/bench/ and BENCHMARKS.md (root).
+    /// Set up, build (release) and benchmark the data plane against its baselines, the
+    /// control plane (`bench control-plane`), or each program's cost per packet (`bench
+    /// programs`). Writes target/bench/ and BENCHMARKS.md (root).
     Bench {
-        /// `control-plane` for the etcd/agent benchmark; `render` to write BENCHMARKS.md again
+        /// `control-plane` for the etcd/agent benchmark; `programs` for the programs' time per
+        /// packet (BPF_PROG_TEST_RUN); `render` to write BENCHMARKS.md again
         /// from the last data-plane run's JSON (no measuring); nothing for the data plane.
         what: Option<String>,
         /// A short smoke run (does not update BENCHMARKS.md).
@@ -248,12 +250,12 @@ fn run(cli: Cli) -> Result<()> {
             c.current_dir(workspace_root()).env("OVERLAY_AGENT_BIN", &agent);
             match what.as_deref() {
                 None => {}
-                Some(sub @ ("control-plane" | "render")) => {
+                Some(sub @ ("control-plane" | "programs" | "render")) => {
                     c.arg(sub);
                 }
                 Some(other) => bail!(
-                    "unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench control-plane` \
-                     or `cargo xtask bench render` (BENCHMARKS.md again from the last run's JSON)"
+                    "unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench control-plane`, \
+                     `cargo xtask bench programs` or `cargo xtask bench render` (BENCHMARKS.md again from the last run's JSON)"
                 ),
             }
             c.arg("--out").arg(target_dir().join("bench"));

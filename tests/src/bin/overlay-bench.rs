@@ -29,6 +29,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use overlay_tests::{require_root, wait_until, Backend, Cluster, ClusterSpec, Control, NodeKind, Netns};
 use serde::{Deserialize, Serialize};
 
+#[path = "../bench/programs.rs"]
+mod programs;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum PathKind {
@@ -735,6 +738,8 @@ fn control_plane(quick: bool, out: &Path, md: Option<&Path>) -> Result<()> {
     fs::write(out.join("control-plane.json"), serde_json::to_string_pretty(&results)?)?;
     if let Some(md) = md {
         let old = fs::read_to_string(md).unwrap_or_else(|_| "# Benchmarks\n\n_Data plane not run yet: `cargo xtask bench`._\n".into());
+        // The per-program section follows this one: kept as it is.
+        let programs = old.split_once(programs::MARKER).map(|(_, p)| format!("\n{}{p}", programs::MARKER)).unwrap_or_default();
         let head = old.split_once("<!-- control-plane -->").map(|(h, _)| h.to_string()).unwrap_or(old);
         let text = format!(
             "{head}<!-- control-plane -->\n## Control plane\n\nMeasured by `cargo xtask bench control-plane` on {} (kernel {}): a real etcd\n\
@@ -745,7 +750,7 @@ fn control_plane(quick: bool, out: &Path, md: Option<&Path>) -> Result<()> {
             sh("date -u +%Y-%m-%dT%H:%M:%SZ"),
             sh("uname -r"),
             changes
-        );
+        ) + &programs;
         fs::write(md, text)?;
         println!("updated {}", md.display());
     }
@@ -777,6 +782,8 @@ fn main() {
     require_root();
     let r = if args.first().map(String::as_str) == Some("control-plane") {
         control_plane(quick, &out, md.as_deref())
+    } else if args.first().map(String::as_str) == Some("programs") {
+        programs::run(quick, &out, md.as_deref(), sh)
     } else if args.first().map(String::as_str) == Some("render") {
         render(&out, md.as_deref())
     } else {
