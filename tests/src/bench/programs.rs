@@ -234,6 +234,7 @@ pub fn run(quick: bool, out: &Path, md: Option<&Path>, sh_out: impl Fn(&str) -> 
     if let Some(md) = md {
         let old = fs::read_to_string(md).unwrap_or_default();
         let head = old.split_once(MARKER).map(|(h, _)| h.to_string()).unwrap_or(old);
+        let head = format!("{}\n\n", head.trim_end());
         let text = format!(
             "{head}{MARKER}\n## Per packet, per program\n\nMeasured by `cargo xtask bench programs` on {} (kernel {}): each program run on a crafted\n\
              frame through `BPF_PROG_TEST_RUN`, one packet per call, {} calls per path interleaved by round;\n\
@@ -244,7 +245,9 @@ pub fn run(quick: bool, out: &Path, md: Option<&Path>, sh_out: impl Fn(&str) -> 
              header store; the redirect itself happens after the program and is not in it. A test run's\n\
              packet carries no flow hash, so encap's source-port hash (`bpf_get_hash_recalc`) runs the\n\
              flow dissector here (about 270 ns of the figure when measured without it); a packet from a\n\
-             local TCP socket carries its hash already, and the kernel's vxlan device computes the same.\n\n{t}",
+             local TCP socket carries its hash already, and the kernel's vxlan device computes the same.\n\
+             Compare figures of one run only: this machine's speed drifts between runs (the same build\n\
+             measured 930-980 ns for encap in some runs and 1280-1380 ns in others).\n\n{t}",
             report.date, report.kernel, report.calls
         );
         fs::write(md, text)?;
