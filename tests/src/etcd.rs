@@ -59,11 +59,14 @@ pub struct Etcd {
     pub endpoint: String,
     pub tls: Option<TlsFiles>,
     pub log: PathBuf,
+    /// `user:password` for etcdctl once authentication is on.
+    pub user: Option<String>,
 }
 
 impl Etcd {
-    /// Start etcd in `ns`, serving clients on `ip`:2379; wait until it is healthy.
-    pub fn start(ns: &Netns, ip: Ipv4Addr, dir: &Path, tls: bool) -> Result<Self> {
+    /// Start etcd in `ns`, serving clients on `ip`:2379, with `extra` flags; wait until it is
+    /// healthy.
+    pub fn start(ns: &Netns, ip: Ipv4Addr, dir: &Path, tls: bool, extra: &[String]) -> Result<Self> {
         let data = dir.join("etcd-data");
         fs::create_dir_all(&data)?;
         let tls = if tls { Some(TlsFiles::generate(&dir.join("tls"), ip)?) } else { None };
@@ -82,8 +85,9 @@ impl Etcd {
             args.extend(["--cert-file".into(), t.server_cert.clone().into(), "--key-file".into(), t.server_key.clone().into()]);
             args.extend(["--trusted-ca-file".into(), t.ca.clone().into(), "--client-cert-auth".into()]);
         }
+        args.extend(extra.iter().map(Into::into));
         let child = Self::spawn(ns, &args, dir)?;
-        let etcd = Self { child, args, dir: dir.to_path_buf(), ns: ns.handle(), endpoint, tls, log };
+        let etcd = Self { child, args, dir: dir.to_path_buf(), ns: ns.handle(), endpoint, tls, log, user: None };
         etcd.wait_healthy()?;
         Ok(etcd)
     }
@@ -159,6 +163,9 @@ impl Etcd {
     pub fn etcdctl_command(&self) -> Command {
         let mut cmd = self.ns.command("etcdctl");
         cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", self.endpoint)).arg("--command-timeout=10s");
+        if let Some(u) = &self.user {
+            cmd.arg(format!("--user={u}"));
+        }
         if let Some(t) = &self.tls {
             cmd.arg(format!("--cacert={}", t.ca.display()))
                 .arg(format!("--cert={}", t.client_cert.display()))

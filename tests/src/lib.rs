@@ -161,6 +161,8 @@ pub struct ClusterSpec {
     /// (`mk-docker-opts.sh -k DOCKER_NETWORK_OPTIONS -d <subnet file>`) and build the node's
     /// bridge and containers from DOCKER_NETWORK_OPTIONS (--bip, --mtu) instead of subnet.env.
     pub docker_opts_step: bool,
+    /// Extra etcd flags (e.g. `--auth-token-ttl 2`).
+    pub etcd_args: Vec<String>,
 }
 
 /// Where nodes get their subnets and routes.
@@ -196,6 +198,7 @@ impl ClusterSpec {
             control: Control::Static,
             agent_args: Vec::new(),
             docker_opts_step: false,
+            etcd_args: Vec::new(),
         }
     }
 }
@@ -455,7 +458,7 @@ impl Cluster {
         if let Control::Etcd { tls, config } = &spec.control {
             assert!(!spec.routed_underlay, "etcd clusters use the bridged underlay");
             ip(&["-n", &ul, "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
-            let etcd = Etcd::start(&cluster.underlay, ETCD_IP, &cluster.workdir, *tls)?;
+            let etcd = Etcd::start(&cluster.underlay, ETCD_IP, &cluster.workdir, *tls, &spec.etcd_args)?;
             // An empty config means: the test writes it later.
             if !config.is_empty() {
                 etcd.etcdctl(&["put", "/coreos.com/network/config", config])?;

@@ -265,23 +265,75 @@ fn leases_are_renewed_before_they_expire() {
     assert!(!c.node(1).log_text().contains("THIS NODE'S LEASE WAS"), "the lease must never lapse");
 }
 
-/// etcd with authentication on: agents log in with --etcd-username/--etcd-password (the
-/// password from FLANNELD_ETCD_PASSWORD, never on the command line), and a dead endpoint
-/// listed first does not stop them.
-#[test]
-fn username_password_and_several_endpoints() {
-    require_root();
-    let c = cluster("ea", &ClusterSpec { nodes: vec![], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) });
-    let e = c.etcd();
+/// Authentication on: root, and a `flannel` user (password `s3cret-pw`) that may read and
+/// write flannel's prefix only, as an operator following etcd's RBAC guide sets it up.
+fn enable_auth(e: &mut overlay_tests::etcd::Etcd) {
     ok("user", e.etcdctl(&["user", "add", "root:rootpw"]));
     ok("user", e.etcdctl(&["user", "add", "flannel:s3cret-pw"]));
     ok("role", e.etcdctl(&["role", "add", "flannel"]));
     ok("grant", e.etcdctl(&["role", "grant-permission", "--prefix=true", "flannel", "readwrite", "/coreos.com/network/"]));
     ok("bind", e.etcdctl(&["user", "grant-role", "flannel", "flannel"]));
     ok("auth", e.etcdctl(&["auth", "enable"]));
-    let endpoints = format!("--etcd-endpoints=http://192.168.100.253:2379,{}", e.endpoint);
-    let mut c = c;
-    c.set_agent_args(vec![endpoints.clone(), "--etcd-username=flannel".into()], vec![("FLANNELD_ETCD_PASSWORD".into(), "s3cret-pw".into())]);
+    e.user = Some("root:rootpw".into());
+}
+
+fn flannel_user(endpoints: &str) -> (Vec<String>, Vec<(String, String)>) {
+    (
+        vec![endpoints.to_string(), "--etcd-username=flannel".into()],
+        vec![("FLANNELD_ETCD_PASSWORD".into(), "s3cret-pw".into())],
+    )
+}
+
+/// etcd forgets an auth token after `--auth-token-ttl` (2 s here; 300 s by default), and all
+/// of them when it restarts: the agent logs in again when etcd calls its token invalid, so
+/// that listings, the watch and renewals go on. Before, after an etcd restart every call
+/// failed as "invalid auth token" and was retried forever; renewals, which ran only between
+/// watch events, stopped, and the lease expired (every peer then dropped the node's routes).
+#[test]
+fn an_expired_auth_token_is_refreshed_and_the_lease_kept() {
+    let spec = ClusterSpec { nodes: vec![], etcd_args: vec!["--auth-token-ttl=2".into()], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) };
+    let mut c = cluster("at", &spec);
+    enable_auth(c.etcd_mut());
+    let (mut args, env) = flannel_user(&c.etcd().agent_flags()[0]);
+    // An 8 s lease renewed at 4 s: every renewal finds the last token 2 s past its expiry.
+    args.extend(["--subnet-lease-ttl=8s".into(), "--subnet-lease-renew-margin=1".into()]);
+    c.set_agent_args(args, env);
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    let key = format!("/coreos.com/network/subnets/{}-24", c.node(1).subnet.network());
+    let renewals = |c: &Cluster| c.node(1).log_text().matches("lease renewed").count();
+    let renewed = wait_until(Duration::from_secs(60), || {
+        let got = ok("get", c.etcd().etcdctl(&["get", &key]));
+        assert!(got.contains(&c.node(1).underlay_ip.to_string()), "the lease expired:\n{}", c.node(1).log_text());
+        renewals(&c) >= 3
+    });
+    assert!(renewed, "expected 3 renewals within 60 s, saw {}:\n{}", renewals(&c), c.node(1).log_text());
+    // etcd restarts (its tokens die with it); the watch breaks and node 1 lists again.
+    ok("stop", c.etcd_mut().stop());
+    ok("restart", c.etcd_mut().restart());
+    let before = renewals(&c);
+    // A node joining now reaches node 1 through a listing and a new watch, with a new token.
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    assert!(wait_until(Duration::from_secs(30), || converged(&c)), "node 1 did not see node 2:\n{}", c.node(1).log_text());
+    let renewed = wait_until(Duration::from_secs(30), || {
+        let got = ok("get", c.etcd().etcdctl(&["get", &key]));
+        assert!(got.contains(&c.node(1).underlay_ip.to_string()), "the lease expired:\n{}", c.node(1).log_text());
+        renewals(&c) >= before + 3
+    });
+    assert!(renewed, "renewals stopped after the restart:\n{}", c.node(1).log_text());
+    assert!(!c.node(1).log_text().contains("THIS NODE'S LEASE WAS"), "the lease must never lapse");
+}
+
+/// etcd with authentication on: agents log in with --etcd-username/--etcd-password (the
+/// password from FLANNELD_ETCD_PASSWORD, never on the command line), and a dead endpoint
+/// listed first does not stop them.
+#[test]
+fn username_password_and_several_endpoints() {
+    require_root();
+    let mut c = cluster("ea", &ClusterSpec { nodes: vec![], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) });
+    enable_auth(c.etcd_mut());
+    let endpoints = format!("--etcd-endpoints=http://192.168.100.253:2379,{}", c.etcd().endpoint);
+    let (args, env) = flannel_user(&endpoints);
+    c.set_agent_args(args, env);
     ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
     ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
     assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));

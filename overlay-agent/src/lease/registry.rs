@@ -91,9 +91,14 @@ impl Registry {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10))
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // As flannel's watch does (clientv3.WithRequireLeader): a member cut off from its
+            // cluster answers "no leader" at once instead of serving a stale, silent stream.
+            .with_require_leader(true);
         if let (Some(user), Some(pass)) = (&o.username, &o.password) {
-            opts = opts.with_user(user.clone(), pass.clone());
+            // etcd forgets a token after --auth-token-ttl (300 s by default) and all of them
+            // when it restarts: log in again when a call is refused as "invalid auth token".
+            opts = opts.with_user(user.clone(), pass.clone()).with_auto_token_refresh(true);
         }
         let read = |what: &'static str, path: &PathBuf| {
             std::fs::read(path).map_err(|source| RegistryError::TlsFile { what, path: path.clone(), source })
