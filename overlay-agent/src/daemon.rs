@@ -69,7 +69,9 @@ pub enum DataplaneKind {
     Tun,
 }
 
-/// Exponential backoff between etcd retries.
+/// Exponential backoff between etcd retries (100 ms doubling to 5 s), with jitter: each
+/// wait is drawn from the upper half of its step, so that nodes which lost etcd together do
+/// not all come back in the same instant.
 struct Backoff(Duration);
 impl Backoff {
     const MIN: Duration = Duration::from_millis(100);
@@ -77,14 +79,20 @@ impl Backoff {
     fn new() -> Self {
         Self(Self::MIN)
     }
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
+    /// The next wait (and the step grows).
+    fn next(&mut self) -> Duration {
+        let step = self.0;
         self.0 = (self.0 * 2).min(Self::MAX);
+        let half = step / 2;
+        half + half.mul_f64(rand::random::<f64>())
     }
     fn reset(&mut self) {
         self.0 = Self::MIN;
     }
 }
+
+/// A watch that lasted this long was healthy: the next failure starts the backoff afresh.
+const WATCH_STABLE: Duration = Duration::from_secs(30);
 
 /// Run `op` until it succeeds or fails with an error retrying cannot fix.
 async fn retry<T, F>(what: &str, reg: &mut Registry, mut op: F) -> Result<T>
@@ -96,8 +104,9 @@ where
         match op(reg).await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, retry_in = ?backoff.0, "{what} failed; etcd unavailable, retrying (the data plane keeps forwarding)");
-                backoff.wait().await;
+                let wait = backoff.next();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "{what} failed; etcd unavailable, retrying (the data plane keeps forwarding)");
+                tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e).context(what.to_string()),
         }
@@ -110,8 +119,9 @@ async fn connect(opts: &EtcdOptions) -> Result<Registry> {
         match Registry::connect(opts).await {
             Ok(r) => return Ok(r),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, retry_in = ?backoff.0, "cannot reach etcd; retrying");
-                backoff.wait().await;
+                let wait = backoff.next();
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot reach etcd; retrying");
+                tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e).context("connecting to etcd"),
         }
@@ -345,7 +355,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let (maps, ebpf, tun, mtu): (Box<dyn crate::tun::RouteTable>, _, _, u32) = match opts.dataplane {
         DataplaneKind::Ebpf => {
             let dp = dataplane::up(&spec)?;
-            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = ?dp.decap_hook, "eBPF data plane up");
+            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, "eBPF data plane up");
             let mtu = dp.mtu;
             (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
         }
@@ -447,13 +457,17 @@ impl Daemon {
             }
             let mut stream = match self.reg.watch(listing.revision + 1).await {
                 Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.0, "cannot watch leases; retrying");
-                    backoff.wait().await;
+                Err(e) if e.is_retryable() => {
+                    let wait = backoff.next();
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot watch leases; retrying");
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
+                Err(e) => return Err(e).context("watching the leases"),
             };
-            backoff.reset();
+            // The backoff starts afresh only after a watch that lasted: a stream that fails at
+            // once must not relist at full speed.
+            let watching_since = Instant::now();
             let mut resync = tokio::time::interval(self.opts.iptables_resync);
             resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -475,9 +489,15 @@ impl Daemon {
                     Wake::Watch(Ok(Some(resp))) => {
                         if resp.canceled() {
                             if resp.compact_revision() > 0 {
+                                // Expected now and then: list at once.
                                 tracing::warn!(compacted_to = resp.compact_revision(), "etcd compacted the watched revision; listing again");
                             } else {
-                                tracing::warn!(reason = resp.cancel_reason(), "etcd cancelled the watch; listing again");
+                                if watching_since.elapsed() >= WATCH_STABLE {
+                                    backoff.reset();
+                                }
+                                let wait = backoff.next();
+                                tracing::warn!(reason = resp.cancel_reason(), retry_in_ms = wait.as_millis() as u64, "etcd cancelled the watch; listing again");
+                                tokio::time::sleep(wait).await;
                             }
                             break;
                         }
@@ -486,11 +506,19 @@ impl Daemon {
                             self.handle(ev).await?;
                         }
                     }
-                    Wake::Watch(Ok(None)) | Wake::Watch(Err(_)) => {
+                    Wake::Watch(end) => {
                         self.state.etcd_reconnects.fetch_add(1, Ordering::Relaxed);
                         notify(&[sd_notify::NotifyState::Status("etcd unreachable; retrying (the data plane keeps forwarding)")]);
-                        tracing::warn!(retry_in = ?backoff.0, "lost the etcd watch; reconnecting and listing again");
-                        backoff.wait().await;
+                        if watching_since.elapsed() >= WATCH_STABLE {
+                            backoff.reset();
+                        }
+                        let wait = backoff.next();
+                        let error = match end {
+                            Err(e) => crate::error_chain(&e),
+                            Ok(_) => "the stream ended".to_string(),
+                        };
+                        tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "lost the etcd watch; reconnecting and listing again");
+                        tokio::time::sleep(wait).await;
                         break;
                     }
                 }
@@ -507,11 +535,10 @@ impl Daemon {
         }
         let changes = reconcile::diff(&self.maps.routes()?, &desired);
         for r in &changes.upsert {
-            self.add_route(r);
+            self.set_route(r.subnet, Some(r))?;
         }
         for s in &changes.remove {
-            tracing::info!(subnet = %s, "removing a route no lease backs");
-            self.maps.remove_route(*s)?;
+            self.set_route(*s, None)?;
         }
         tracing::info!(routes = desired.len(), added_or_changed = changes.upsert.len(), removed = changes.remove.len(), "routes reconciled with etcd");
         Ok(())
@@ -524,30 +551,46 @@ impl Daemon {
                     tracing::error!(subnet = %lease.subnet, other = %lease.attrs.public_ip, "our subnet's lease now names another node");
                 }
             }
-            LeaseEvent::Put(lease) => match reconcile::route_for(&lease, self.spec.mode, self.held.subnet, self.attrs.public_ip) {
-                Ok(Some(route)) => {
-                    if self.add_route(&route) {
-                        tracing::info!(subnet = %route.subnet, public_ip = %route.public_ip, "route added or updated");
+            // What a listing would make of this lease, as `reconcile_all` does: a lease that no
+            // longer gives a route (it names our address, or lost its VtepMAC) removes the
+            // one it gave.
+            LeaseEvent::Put(lease) => {
+                let want = match reconcile::route_for(&lease, self.spec.mode, self.held.subnet, self.attrs.public_ip) {
+                    Ok(want) => want,
+                    Err(e) => {
+                        self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(subnet = %lease.subnet, error = %e, "lease skipped");
+                        None
                     }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(subnet = %lease.subnet, error = %e, "lease skipped");
-                }
-            },
+                };
+                self.set_route(lease.subnet, want.as_ref())?;
+            }
             LeaseEvent::Delete(subnet) if subnet == self.held.subnet => {
                 self.lost_lease("deleted from etcd").await?;
             }
-            LeaseEvent::Delete(subnet) => match self.maps.remove_route(subnet) {
-                Ok(()) => tracing::info!(%subnet, "route removed (lease deleted or expired)"),
-                Err(MapsError::NoSuchRoute(_)) => {}
-                Err(e) => return Err(e.into()),
-            },
+            LeaseEvent::Delete(subnet) => self.set_route(subnet, None)?,
             LeaseEvent::Malformed(key, e) => {
                 self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%key, error = %e, "skipping a lease that is not in flannel's format");
             }
+        }
+        Ok(())
+    }
+
+    /// Make `subnet`'s route what its lease asks for (`want`; `None`: no route). The one way
+    /// routes change, for watch events and listings alike.
+    fn set_route(&mut self, subnet: Ipv4Net, want: Option<&crate::maps::Route>) -> Result<()> {
+        match want {
+            Some(r) => {
+                if self.add_route(r) {
+                    tracing::info!(subnet = %r.subnet, public_ip = %r.public_ip, "route added or updated");
+                }
+            }
+            None => match self.maps.remove_route(subnet) {
+                Ok(()) => tracing::info!(%subnet, "route removed: no lease asks for it (deleted, expired, or no longer usable)"),
+                Err(MapsError::NoSuchRoute(_)) => {}
+                Err(e) => return Err(e.into()),
+            },
         }
         Ok(())
     }
@@ -581,7 +624,7 @@ impl Daemon {
             Ok(_) => self.lost_lease("expired before it could be renewed").await,
             Err(e) => {
                 let again = Duration::from_secs(60).min(self.opts.lease_ttl / 10).max(Duration::from_secs(1));
-                tracing::warn!(error = %e, retry_in = ?again, "renewing the lease failed; retrying");
+                tracing::warn!(error = %e, retry_in_ms = again.as_millis() as u64, "renewing the lease failed; retrying");
                 self.held.renew_at = Instant::now() + again;
                 Ok(())
             }
@@ -610,5 +653,27 @@ impl Daemon {
             tracing::warn!(subnet = %old, "re-acquired the same subnet");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_in_the_upper_half() {
+        let mut b = Backoff::new();
+        let mut step = Backoff::MIN;
+        for _ in 0..12 {
+            let w = b.next();
+            assert!(w >= step / 2 && w <= step, "{w:?} outside [{:?}, {step:?}]", step / 2);
+            step = (step * 2).min(Backoff::MAX);
+        }
+        assert_eq!(b.0, Backoff::MAX);
+        // Jitter: many draws at the cap are not all the same.
+        let draws: std::collections::BTreeSet<u128> = (0..50).map(|_| b.next().as_millis()).collect();
+        assert!(draws.len() > 10, "{draws:?}");
+        b.reset();
+        assert!(b.next() <= Backoff::MIN);
     }
 }

@@ -59,6 +59,17 @@ pub enum DecapHook {
     Auto,
 }
 
+impl std::fmt::Display for DecapHook {
+    /// As the flag spells it (`xdp`, `tc`, `auto`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DecapHook::Xdp => "xdp",
+            DecapHook::Tc => "tc",
+            DecapHook::Auto => "auto",
+        })
+    }
+}
+
 /// How checked tunnel frames reach local containers (see `--decap-delivery`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapDelivery {
@@ -466,7 +477,7 @@ fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay
         }
     }
     if spec.decap_hook == DecapHook::Auto && want == DecapHook::Tc {
-        tracing::info!(iface = %spec.iface, kind = ?underlay.kind, "virtual underlay: decap in TC");
+        tracing::info!(iface = %spec.iface, kind = underlay.kind.as_deref().unwrap_or("-"), "virtual underlay: decap in TC");
     }
     if want == DecapHook::Xdp {
         remove_pin(&dir.join(LINK_DECAP_XDP))?;

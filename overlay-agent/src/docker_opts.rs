@@ -41,21 +41,19 @@ pub struct DockerOptsArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerOptsError {
-    #[error("cannot read the subnet file {path}: {source} (is the agent running and --subnet-file the same path?)")]
+    #[error("cannot read the subnet file {path}: {cause} (is the agent running and --subnet-file the same path?)")]
     Read {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path} has no FLANNEL_SUBNET; refusing to write docker options without --bip")]
     NoSubnet { path: PathBuf },
     #[error("{0:?} is not a valid shell variable name for -k")]
     BadKey(String),
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {cause}")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -127,7 +125,7 @@ pub fn render(
 /// Read the subnet file, render, and replace the docker env file atomically.
 pub fn run(args: &DockerOptsArgs) -> Result<String, DockerOptsError> {
     let text = fs::read_to_string(&args.flannel_env)
-        .map_err(|source| DockerOptsError::Read { path: args.flannel_env.clone(), source })?;
+        .map_err(|cause| DockerOptsError::Read { path: args.flannel_env.clone(), cause })?;
     let flannel = parse_env_file(&text);
     if flannel.get("FLANNEL_SUBNET").is_none_or(|s| s.is_empty()) {
         return Err(DockerOptsError::NoSubnet { path: args.flannel_env.clone() });
@@ -139,7 +137,7 @@ pub fn run(args: &DockerOptsArgs) -> Result<String, DockerOptsError> {
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), DockerOptsError> {
-    let err = |source| DockerOptsError::Write { path: path.to_path_buf(), source };
+    let err = |cause| DockerOptsError::Write { path: path.to_path_buf(), cause };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err)?;
     let tmp = dir.join(format!(".docker-opts.{}.tmp", std::process::id()));

@@ -18,11 +18,10 @@ use ipnet::Ipv4Net;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
-    #[error("could not run {cmd}: {source} (is the iptables package installed?)")]
+    #[error("could not run {cmd}: {cause} (is the iptables package installed?)")]
     Spawn {
         cmd: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{cmd} failed: {stderr}")]
     Failed { cmd: String, stderr: String },
@@ -114,7 +113,7 @@ impl ChainRules {
 
 fn iptables(args: &[String]) -> Result<std::process::Output> {
     let cmd = format!("iptables {}", args.join(" "));
-    Command::new("iptables").arg("-w").args(args).output().map_err(|source| IptablesError::Spawn { cmd, source })
+    Command::new("iptables").arg("-w").args(args).output().map_err(|cause| IptablesError::Spawn { cmd, cause })
 }
 
 fn iptables_ok(args: &[String]) -> Result<bool> {
@@ -161,14 +160,14 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| IptablesError::Spawn { cmd: cmd.clone(), source })?;
+            .map_err(|cause| IptablesError::Spawn { cmd: cmd.clone(), cause })?;
         child
             .stdin
             .take()
             .expect("piped stdin")
             .write_all(input.as_bytes())
-            .map_err(|source| IptablesError::Spawn { cmd: cmd.clone(), source })?;
-        let out = child.wait_with_output().map_err(|source| IptablesError::Spawn { cmd: cmd.clone(), source })?;
+            .map_err(|cause| IptablesError::Spawn { cmd: cmd.clone(), cause })?;
+        let out = child.wait_with_output().map_err(|cause| IptablesError::Spawn { cmd: cmd.clone(), cause })?;
         if !out.status.success() {
             return Err(IptablesError::Failed { cmd, stderr: format!("{}\ninput:\n{input}", String::from_utf8_lossy(&out.stderr).trim()) });
         }

@@ -17,6 +17,21 @@ pub mod report;
 
 use anyhow::{Context as _, Result};
 
+/// An error and its causes in one line ("a: b: c"), for messages whose error types keep
+/// their causes as fields (so that `{:#}` does not print each cause twice).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let t = c.to_string();
+        if !s.ends_with(&t) {
+            s = format!("{s}: {t}");
+        }
+        next = c.source();
+    }
+    s
+}
+
 /// Forward the programs' aya-log records (failure paths only) to our log, for as long as the
 /// returned future is polled.
 pub fn program_logs(ebpf: &mut aya::Ebpf) -> impl std::future::Future<Output = Result<()>> + 'static {

@@ -13,6 +13,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        // No colour codes where stderr is a file or journald, only on a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
@@ -70,11 +72,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Status) => {
             let st = dataplane::status(&dir)?;
             println!(
-                "device={} underlay={} encap={} decap={:?} guard={} ready={}",
+                "device={} underlay={} encap={} decap={} guard={} ready={}",
                 st.device.as_deref().unwrap_or("-"),
                 st.underlay.as_deref().unwrap_or("-"),
                 if st.encap_attached { "attached" } else { "detached" },
-                st.decap_hook,
+                st.decap_hook.map_or("-".to_string(), |h| h.to_string()),
                 if st.guard_attached { "attached" } else { "detached" },
                 st.config.is_ready()
             );
@@ -205,7 +207,7 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         mtu = dp.mtu,
         underlay = %spec.iface,
         public_ip = %spec.public_ip,
-        decap = ?dp.decap_hook,
+        decap = %dp.decap_hook,
         subnet = %spec.subnet,
         "data plane up (static mode)"
     );

@@ -27,20 +27,18 @@ use crate::netdev;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
-    #[error("map {name} is not pinned at {path}: is the data plane up on this node? ({source})")]
+    #[error("map {name} is not pinned at {path}: is the data plane up on this node? ({})", crate::error_chain(cause))]
     NotPinned {
         name: &'static str,
         path: PathBuf,
-        #[source]
-        source: MapError,
+        cause: MapError,
     },
     #[error("map {0} is missing from the loaded programs")]
     Missing(&'static str),
-    #[error("map {name}: {source}")]
+    #[error("map {name}: {}", crate::error_chain(cause))]
     Map {
         name: &'static str,
-        #[source]
-        source: MapError,
+        cause: MapError,
     },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
@@ -52,13 +50,13 @@ pub enum MapsError {
     )]
     OtherLayout { dir: PathBuf, detail: String },
     #[error("locking the pin directory: {0}")]
-    Lock(#[source] std::io::Error),
+    Lock(std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, MapsError>;
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> MapsError {
-    move |source| MapsError::Map { name, source }
+    move |cause| MapsError::Map { name, cause }
 }
 
 /// A route as operators and the control plane see it.
@@ -134,7 +132,7 @@ impl Maps {
         let open = |name: &'static str| -> Result<Map> {
             let path = pin_path(dir, name);
             let data = MapData::from_pin(&path)
-                .map_err(|source| MapsError::NotPinned { name, path: path.clone(), source })?;
+                .map_err(|cause| MapsError::NotPinned { name, path: path.clone(), cause })?;
             Map::from_map_data(data).map_err(map_err(name))
         };
         // Every map must be the layout this build reads: pins are shared by name across

@@ -14,19 +14,17 @@ use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
-    #[error("could not run `{cmd}`: {source} (is iproute2 installed?)")]
+    #[error("could not run `{cmd}`: {cause} (is iproute2 installed?)")]
     Spawn {
         cmd: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("`{cmd}` failed: {stderr}")]
     Failed { cmd: String, stderr: String },
-    #[error("unexpected output from `{cmd}`: {source}")]
+    #[error("unexpected output from `{cmd}`: {cause}")]
     Parse {
         cmd: String,
-        #[source]
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("interface {0:?} does not exist")]
     NoSuchInterface(String),
@@ -43,7 +41,7 @@ type Result<T> = std::result::Result<T, NetdevError>;
 /// Run an iproute2 tool (`ip`, `bridge`); its stdout, or a typed error naming the command.
 fn run_tool(program: &str, args: &[&str]) -> Result<String> {
     let cmd = format!("{program} {}", args.join(" "));
-    let out = Command::new(program).args(args).output().map_err(|source| NetdevError::Spawn { cmd: cmd.clone(), source })?;
+    let out = Command::new(program).args(args).output().map_err(|cause| NetdevError::Spawn { cmd: cmd.clone(), cause })?;
     if !out.status.success() {
         return Err(NetdevError::Failed { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
     }
@@ -57,7 +55,7 @@ fn ip(args: &[&str]) -> Result<String> {
 fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<T> {
     let out = ip(args)?;
     let out = if out.trim().is_empty() { "[]" } else { out.as_str() };
-    serde_json::from_str(out).map_err(|source| NetdevError::Parse { cmd: format!("ip {}", args.join(" ")), source })
+    serde_json::from_str(out).map_err(|cause| NetdevError::Parse { cmd: format!("ip {}", args.join(" ")), cause })
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,7 +283,7 @@ pub fn vxlan_fdb(dev: &str) -> Result<Vec<([u8; 6], Ipv4Addr)>> {
     let out = run_tool("bridge", &["-json", "fdb", "show", "dev", dev])?;
     let out = if out.trim().is_empty() { "[]" } else { out.as_str() };
     let entries: Vec<JsonFdb> = serde_json::from_str(out)
-        .map_err(|source| NetdevError::Parse { cmd: format!("bridge -json fdb show dev {dev}"), source })?;
+        .map_err(|cause| NetdevError::Parse { cmd: format!("bridge -json fdb show dev {dev}"), cause })?;
     Ok(entries
         .iter()
         .filter_map(|e| Some((parse_mac(&e.mac)?, e.dst.as_deref()?.parse().ok()?)))

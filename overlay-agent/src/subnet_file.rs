@@ -36,17 +36,16 @@ impl SubnetEnv {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetFileError {
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {cause}")]
     Write {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 /// Replace `path` with `env` atomically (readers see the old or the new file, never half).
 pub fn write(path: &Path, env: &SubnetEnv) -> Result<(), SubnetFileError> {
-    let err = |source| SubnetFileError::Write { path: path.to_path_buf(), source };
+    let err = |cause| SubnetFileError::Write { path: path.to_path_buf(), cause };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err)?;
     let tmp = dir.join(format!(

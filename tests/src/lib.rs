@@ -509,6 +509,7 @@ impl Cluster {
         let backend = self.backend;
         for i in 0..count {
             let node = &mut self.nodes[first - 1 + i];
+            node.agent_env = self.agent_env.clone();
             let args = node.command_line(Some(&flags), backend, &[]);
             node.start_agent_process(&args, false)?;
         }

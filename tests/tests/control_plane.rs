@@ -112,6 +112,16 @@ fn cluster_converges_from_etcd_alone_and_carries_traffic() {
     }
     assert!(converged(&c), "garbage must not change routes");
     ok("ping after garbage", ping(&c.node(2).containers[0], c.node(1).container_ip(0), 1));
+
+    // What an operator reads is plain text: no colour codes in a log that is not a terminal
+    // (journald, a file), no Rust debug forms in the log or in `status`.
+    for n in &c.nodes {
+        let log = n.log_text();
+        assert!(!log.contains('\x1b'), "colour codes in node {}'s log:\n{log}", n.index);
+        assert!(!log.contains("Some(") && !log.contains("decap=Tc"), "debug formatting in node {}'s log:\n{log}", n.index);
+        let status = ok("status", n.agent_cli(&["status"]));
+        assert_eq!(status.trim(), "device=flannel.1 underlay=eth0 encap=attached decap=tc guard=attached ready=true");
+    }
 }
 
 #[test]
@@ -142,6 +152,22 @@ fn joins_and_deletions_reach_every_node_within_the_bound() {
     let t_del = time_until(PROPAGATION_BOUND, || everywhere(false))
         .unwrap_or_else(|| panic!("a deleted lease's route was not dropped by every node within {PROPAGATION_BOUND:?}"));
     eprintln!("put: every node had the route after {t_put:?}; delete: every node dropped it after {t_del:?}");
+
+    // The same lease put again without its VtepMAC (no longer usable), then with one: each
+    // node drops the route at the event, as a listing would, and takes it back.
+    ok("etcdctl put", c.etcd().etcdctl(&["put", gone_key, value]));
+    assert!(wait_until(PROPAGATION_BOUND, || everywhere(true)));
+    let no_mac = r#"{"PublicIP":"192.168.100.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1}}"#;
+    ok("etcdctl put", c.etcd().etcdctl(&["put", gone_key, no_mac]));
+    assert!(
+        wait_until(PROPAGATION_BOUND, || everywhere(false)),
+        "a lease that lost its VtepMAC kept its route:\n{}",
+        c.node(1).log_text()
+    );
+    ok("etcdctl put", c.etcd().etcdctl(&["put", gone_key, value]));
+    assert!(wait_until(PROPAGATION_BOUND, || everywhere(true)));
+    ok("etcdctl del", c.etcd().etcdctl(&["del", gone_key]));
+    assert!(wait_until(PROPAGATION_BOUND, || everywhere(false)));
 
     // Node 2's own lease deleted by hand: its agent sees it and re-claims the same subnet,
     // loudly.
@@ -345,6 +371,50 @@ fn username_password_and_several_endpoints() {
     let bad = c.node(1).agent_cli(&["leases", &endpoints, "--etcd-username=flannel", "--etcd-password=wrong"]);
     let msg = format!("{:#}", bad.expect_err("a wrong password must fail"));
     assert!(msg.to_lowercase().contains("authentication failed") || msg.contains("invalid"), "{msg}");
+}
+
+/// Errors that no retry can fix stop the agent at once (a non-zero exit that systemd shows),
+/// naming what to change, instead of "cannot reach etcd; retrying" forever: a wrong password,
+/// none where etcd wants one, a user without permission on flannel's prefix, TLS flags with a
+/// plain-HTTP endpoint. A stopped etcd, which retrying does fix, is retried.
+#[test]
+fn errors_that_retrying_cannot_fix_stop_the_agent_with_what_to_fix() {
+    let mut c = cluster("ef", &ClusterSpec { nodes: vec![], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) });
+    enable_auth(c.etcd_mut());
+    ok("user", c.etcd().etcdctl(&["user", "add", "nobody:pw"]));
+    let password = |p: &str| vec![("FLANNELD_ETCD_PASSWORD".to_string(), p.to_string())];
+    let cases: [(&str, Vec<String>, Vec<(String, String)>, &str); 4] = [
+        ("wrong password", vec!["--etcd-username=flannel".into()], password("wrong"), "check --etcd-username and --etcd-password"),
+        ("no credentials", vec![], vec![], "give --etcd-username and --etcd-password"),
+        ("no permission", vec!["--etcd-username=nobody".into()], password("pw"), "grant-permission --prefix=true"),
+        ("TLS flags, http endpoint", vec!["--etcd-cafile=/etc/hostname".into()], vec![], "write it https://"),
+    ];
+    for (what, args, env, hint) in cases {
+        c.set_agent_args(args, env);
+        let i = ok("spawn", c.spawn_unready());
+        assert!(
+            wait_until(Duration::from_secs(20), || c.node_mut(i).agent_exit().is_some()),
+            "{what}: the agent kept running:\n{}",
+            c.node(i).log_text()
+        );
+        let status = c.node_mut(i).agent_exit().unwrap();
+        let log = c.node(i).log_text();
+        assert!(!status.success(), "{what}: exit {status:?}");
+        assert!(log.contains(hint), "{what}: expected {hint:?} in the log:\n{log}");
+        assert!(!log.contains("retrying"), "{what}: retried an error retrying cannot fix:\n{log}");
+    }
+    // A stopped etcd is worth waiting for: the agent retries (and says so) rather than exit.
+    c.set_agent_args(vec!["--etcd-username=flannel".into()], password("s3cret-pw"));
+    ok("stop", c.etcd_mut().stop());
+    let i = ok("spawn", c.spawn_unready());
+    assert!(
+        wait_until(Duration::from_secs(20), || c.node(i).log_text().contains("retrying")),
+        "{}",
+        c.node(i).log_text()
+    );
+    assert!(c.node_mut(i).agent_exit().is_none(), "an unreachable etcd must be retried:\n{}", c.node(i).log_text());
+    ok("restart", c.etcd_mut().restart());
+    assert!(wait_until(Duration::from_secs(30), || c.node(i).subnet_file.exists()), "{}", c.node(i).log_text());
 }
 
 /// Without a network config the agent waits, says so, and starts as soon as one appears; an

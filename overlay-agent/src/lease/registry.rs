@@ -27,35 +27,64 @@ pub struct EtcdOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// Retryable: etcd unreachable, timed out, or refused the request.
-    #[error("etcd ({endpoints}): {source}")]
-    Etcd {
-        endpoints: String,
-        #[source]
-        source: etcd_client::Error,
-    },
+    /// From etcd or the way to it. Retried unless `fatal_hint` names something to fix.
+    #[error("etcd ({endpoints}): {}{}", crate::error_chain(cause), fatal_hint(cause).map(|h| format!(" ({h})")).unwrap_or_default())]
+    Etcd { endpoints: String, cause: etcd_client::Error },
     /// Fatal: the TLS material cannot be read.
-    #[error("reading {what} {path}: {source}")]
-    TlsFile {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("reading {what} {path}: {cause}")]
+    TlsFile { what: &'static str, path: PathBuf, cause: std::io::Error },
     #[error("--etcd-certfile and --etcd-keyfile go together")]
     HalfIdentity,
-    #[error("{key}: {source}")]
-    Format {
-        key: String,
-        #[source]
-        source: LeaseFormatError,
-    },
+    /// Fatal: TLS flags with a plain-HTTP endpoint (the client would never use them).
+    #[error("--etcd-cafile/--etcd-certfile are given, but {0} is plain HTTP: write it https://, as the seed's --etcd-endpoints do")]
+    TlsWithHttp(String),
+    #[error("{key}: {cause}")]
+    Format { key: String, cause: LeaseFormatError },
 }
 
 impl RegistryError {
-    /// Whether waiting and trying again can help.
+    /// Whether waiting and trying again can help: etcd unreachable, without a leader,
+    /// timing out or overloaded; never a refused password, a missing permission or a
+    /// malformed request, which stay so however long the agent waits.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RegistryError::Etcd { .. })
+        matches!(self, RegistryError::Etcd { cause, .. } if fatal_hint(cause).is_none())
+    }
+
+    /// etcd says the lease (etcd's lease ID) no longer exists.
+    pub fn is_lease_gone(&self) -> bool {
+        matches!(self, RegistryError::Etcd { cause: etcd_client::Error::GRpcStatus(s), .. } if s.code() == tonic::Code::NotFound)
+    }
+}
+
+/// For an error no retry can fix, what the operator should change (`None`: retry).
+/// Codes and messages as etcd's v3 API returns them (api/v3rpc/rpctypes).
+pub fn fatal_hint(e: &etcd_client::Error) -> Option<&'static str> {
+    use etcd_client::Error as E;
+    use tonic::Code;
+    match e {
+        E::GRpcStatus(s) => match s.code() {
+            Code::InvalidArgument if s.message().contains("authentication failed") => {
+                Some("etcd refused the user name or password: check --etcd-username and --etcd-password (or FLANNELD_ETCD_PASSWORD)")
+            }
+            Code::InvalidArgument if s.message().contains("user name is empty") => {
+                Some("etcd has authentication on: give --etcd-username and --etcd-password")
+            }
+            Code::FailedPrecondition if s.message().contains("user name not found") => {
+                Some("etcd does not know this user: check --etcd-username")
+            }
+            Code::FailedPrecondition if s.message().contains("authentication is not enabled") => {
+                Some("etcd has authentication off: drop --etcd-username and --etcd-password")
+            }
+            Code::PermissionDenied => Some(
+                "the etcd user may not read or write the network's keys: grant its role readwrite on the prefix \
+                 (etcdctl role grant-permission --prefix=true ROLE readwrite /coreos.com/network/), or fix --etcd-prefix",
+            ),
+            Code::InvalidArgument => Some("etcd refused the request as malformed"),
+            Code::Unimplemented => Some("the endpoint does not speak etcd's v3 API: check --etcd-endpoints"),
+            _ => None,
+        },
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::InvalidMetadataValue(_) => Some("check --etcd-endpoints and the TLS flags"),
+        _ => None,
     }
 }
 
@@ -101,9 +130,12 @@ impl Registry {
             opts = opts.with_user(user.clone(), pass.clone()).with_auto_token_refresh(true);
         }
         let read = |what: &'static str, path: &PathBuf| {
-            std::fs::read(path).map_err(|source| RegistryError::TlsFile { what, path: path.clone(), source })
+            std::fs::read(path).map_err(|cause| RegistryError::TlsFile { what, path: path.clone(), cause })
         };
         if o.ca_file.is_some() || o.cert_file.is_some() {
+            if let Some(plain) = o.endpoints.iter().find(|e| e.starts_with("http://")) {
+                return Err(RegistryError::TlsWithHttp(plain.clone()));
+            }
             let mut tls = TlsOptions::new();
             if let Some(ca) = &o.ca_file {
                 tls = tls.ca_certificate(Certificate::from_pem(read("CA file", ca)?));
@@ -119,12 +151,12 @@ impl Registry {
         }
         let client = Client::connect(&o.endpoints, Some(opts))
             .await
-            .map_err(|source| RegistryError::Etcd { endpoints: endpoints.clone(), source })?;
+            .map_err(|cause| RegistryError::Etcd { endpoints: endpoints.clone(), cause })?;
         Ok(Self { client, prefix: o.prefix.trim_end_matches('/').to_string(), endpoints })
     }
 
     fn err(&self) -> impl FnOnce(etcd_client::Error) -> RegistryError + '_ {
-        move |source| RegistryError::Etcd { endpoints: self.endpoints.clone(), source }
+        move |cause| RegistryError::Etcd { endpoints: self.endpoints.clone(), cause }
     }
 
     pub fn config_key(&self) -> String {
@@ -141,13 +173,13 @@ impl Registry {
 
     pub async fn get_config(&mut self) -> Result<Option<String>> {
         let key = self.config_key();
-        let resp = self.client.get(key, None).await.map_err(|source| RegistryError::Etcd { endpoints: self.endpoints.clone(), source })?;
+        let resp = self.client.get(key, None).await.map_err(|cause| RegistryError::Etcd { endpoints: self.endpoints.clone(), cause })?;
         Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     pub async fn put_config(&mut self, json: &str) -> Result<()> {
         let key = self.config_key();
-        self.client.put(key, json, None).await.map_err(|source| RegistryError::Etcd { endpoints: self.endpoints.clone(), source })?;
+        self.client.put(key, json, None).await.map_err(|cause| RegistryError::Etcd { endpoints: self.endpoints.clone(), cause })?;
         Ok(())
     }
 
@@ -165,7 +197,7 @@ impl Registry {
             .client
             .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
-            .map_err(|source| RegistryError::Etcd { endpoints: self.endpoints.clone(), source })?;
+            .map_err(|cause| RegistryError::Etcd { endpoints: self.endpoints.clone(), cause })?;
         let mut listing = Listing {
             revision: resp.header().map(|h| h.revision()).unwrap_or(0),
             ..Default::default()
@@ -238,7 +270,7 @@ impl Registry {
             Some(kv) => self
                 .parse_kv(kv.key(), kv.value(), kv.lease())
                 .map(Some)
-                .map_err(|(key, source)| RegistryError::Format { key, source }),
+                .map_err(|(key, cause)| RegistryError::Format { key, cause }),
         }
     }
 
