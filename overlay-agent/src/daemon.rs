@@ -442,8 +442,7 @@ impl Daemon {
         loop {
             let listing = retry("listing leases", &mut self.reg, |r| Box::pin(r.list_leases())).await?;
             for (key, e) in &listing.malformed {
-                self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(key = %key, error = %e, "skipping a lease that is not in flannel's format");
+                self.skipped_lease(key, e);
             }
             if !listing.leases.iter().any(|l| l.subnet == self.held.subnet && l.attrs.public_ip == self.attrs.public_ip) {
                 self.lost_lease("missing from etcd").await?;
@@ -569,12 +568,20 @@ impl Daemon {
                 self.lost_lease("deleted from etcd").await?;
             }
             LeaseEvent::Delete(subnet) => self.set_route(subnet, None)?,
-            LeaseEvent::Malformed(key, e) => {
-                self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%key, error = %e, "skipping a lease that is not in flannel's format");
-            }
+            LeaseEvent::Malformed(key, e) => self.skipped_lease(&key, &e),
         }
         Ok(())
+    }
+
+    /// A key under subnets/ that gives no lease: counted and logged if malformed; an IPv6-only
+    /// node's lease is not malformed, only of no use to an IPv4 data plane.
+    fn skipped_lease(&self, key: &str, e: &crate::lease::LeaseFormatError) {
+        if matches!(e, crate::lease::LeaseFormatError::Ipv6Only(_)) {
+            tracing::debug!(%key, "an IPv6-only lease: no IPv4 route to add");
+            return;
+        }
+        self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%key, error = %e, "skipping a lease that is not in flannel's format");
     }
 
     /// Make `subnet`'s route what its lease asks for (`want`; `None`: no route). The one way

@@ -373,6 +373,45 @@ fn username_password_and_several_endpoints() {
     assert!(msg.to_lowercase().contains("authentication failed") || msg.contains("invalid"), "{msg}");
 }
 
+/// A dual-stack flannel node's lease, keyed as flannel's MakeSubnetKey writes it
+/// ("10.244.7.0-24&fd00:0:0:7::-64"): allocation counts its IPv4 subnet as taken, the agent
+/// routes it, drops the route when it is deleted, and a claim of that subnet (the agent's
+/// own registry code) finds it held. Before, the key was "malformed": the agent took the
+/// subnet a dual-stack node holds.
+#[test]
+fn dual_stack_leases_count_for_allocation_and_routing() {
+    use overlay_agent::lease::{registry::{EtcdOptions, Registry, DEFAULT_PREFIX}, LeaseAttrs};
+    let config = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.7.0","SubnetMax":"10.244.8.0","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec { nodes: vec![], control: Control::Etcd { tls: false, config: config.into() }, ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) };
+    let mut c = cluster("ds", &spec);
+    let key = "/coreos.com/network/subnets/10.244.7.0-24&fd00:0:0:7::-64";
+    let value = r#"{"PublicIP":"192.168.100.77","PublicIPv6":"fd00::77","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:77"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:00:78"}}"#;
+    ok("put", c.etcd().etcdctl(&["put", key, value]));
+    let held: Ipv4Net = "10.244.7.0/24".parse().unwrap();
+
+    let endpoint = c.etcd().endpoint.clone();
+    let claimed = ok(
+        "claim",
+        c.underlay.enter(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let opts = EtcdOptions { endpoints: vec![endpoint], prefix: DEFAULT_PREFIX.into(), ..Default::default() };
+                let mut reg = Registry::connect(&opts).await?;
+                reg.claim(&held, &LeaseAttrs::udp("192.168.100.99".parse().unwrap()), Duration::from_secs(60)).await
+            })
+        }),
+    );
+    assert_eq!(claimed.expect("etcd"), None, "a subnet held by a dual-stack node was claimed again");
+
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    assert_eq!(c.node(1).subnet, "10.244.8.0/24".parse::<Ipv4Net>().unwrap(), "the agent must take the free subnet");
+    let routed = |c: &Cluster| c.node(1).routes().iter().any(|r| r.subnet == held && r.public_ip.to_string() == "192.168.100.77");
+    assert!(wait_until(PROPAGATION_BOUND, || routed(&c)), "{}", c.node(1).log_text());
+    assert!(!c.node(1).log_text().contains("not in flannel's format"), "{}", c.node(1).log_text());
+    ok("del", c.etcd().etcdctl(&["del", key]));
+    assert!(wait_until(PROPAGATION_BOUND, || !routed(&c)), "the deleted dual-stack lease kept its route");
+}
+
 /// Errors that no retry can fix stop the agent at once (a non-zero exit that systemd shows),
 /// naming what to change, instead of "cannot reach etcd; retrying" forever: a wrong password,
 /// none where etcd wants one, a user without permission on flannel's prefix, TLS flags with a

@@ -4,9 +4,9 @@
 pub mod manager;
 pub mod registry;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -17,6 +17,9 @@ pub enum LeaseFormatError {
     BadValue(String),
     #[error("vxlan lease without BackendData.VtepMAC (or with a malformed one)")]
     NoVtepMac,
+    /// Not an error of the lease: an IPv6-only node's, which this IPv4 agent has no route for.
+    #[error("IPv6-only lease {0:?} (no IPv4 subnet; this agent routes IPv4)")]
+    Ipv6Only(String),
 }
 
 /// The last path element of a lease key: `10.244.1.0-24`.
@@ -26,14 +29,45 @@ pub fn subnet_key(subnet: &Ipv4Net) -> String {
 
 pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
     let bad = || LeaseFormatError::BadKey(key.to_string());
-    let (ip, len) = key.rsplit_once('-').ok_or_else(bad)?;
+    // A dual-stack node's key: "<IPv4 key>&<IPv6 network>-<length>" (flannel's
+    // MakeSubnetKey). The IPv4 part is what this agent routes; the IPv6 part is checked, so
+    // that a garbled key is refused whole.
+    let (v4, v6) = match key.split_once('&') {
+        Some((v4, v6)) => (v4, Some(v6)),
+        None => (key, None),
+    };
+    if let Some(v6) = v6 {
+        let (ip, len) = v6.rsplit_once('-').ok_or_else(bad)?;
+        let ip: Ipv6Addr = ip.parse().map_err(|_| bad())?;
+        let len: u8 = len.parse().map_err(|_| bad())?;
+        let net = Ipv6Net::new(ip, len).map_err(|_| bad())?;
+        if net.network() != ip {
+            return Err(bad());
+        }
+    }
+    let (ip, len) = v4.rsplit_once('-').ok_or_else(bad)?;
     let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
     let len: u8 = len.parse().map_err(|_| bad())?;
     let net = Ipv4Net::new(ip, len).map_err(|_| bad())?;
     if net.network() != ip {
         return Err(bad());
     }
+    // An IPv6-only node writes 0.0.0.0-0 for the IPv4 part: it has no IPv4 subnet.
+    if len == 0 && v6.is_some() {
+        return Err(LeaseFormatError::Ipv6Only(key.to_string()));
+    }
+    if len == 0 {
+        return Err(bad());
+    }
     Ok(net)
+}
+
+/// The etcd key range (start, end) that holds dual-stack leases of `subnet`
+/// ("<subnet key>&..."): a claim of `subnet` must find it empty as well as its own key.
+pub fn dual_stack_range(prefix: &str, subnet: &Ipv4Net) -> (String, String) {
+    let base = format!("{prefix}{}", subnet_key(subnet));
+    // '&' + 1 = '\''
+    (format!("{base}&"), format!("{base}'"))
 }
 
 /// flannel's lease value, field for field (`etcdctl get` shows the same JSON for our leases
@@ -145,8 +179,23 @@ mod tests {
         let n: Ipv4Net = "172.17.98.0/24".parse().unwrap();
         assert_eq!(subnet_key(&n), "172.17.98.0-24");
         assert_eq!(parse_subnet_key("172.17.98.0-24").unwrap(), n);
-        for bad in ["172.17.98.0/24", "172.17.98.0-33", "172.17.98.1-24", "x-24", "172.17.98.0-", "-24", ""] {
+        for bad in ["172.17.98.0/24", "172.17.98.0-33", "172.17.98.1-24", "x-24", "172.17.98.0-", "-24", "", "0.0.0.0-0"] {
             assert!(parse_subnet_key(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// Keys as flannel's MakeSubnetKey writes them for dual-stack and IPv6-only nodes.
+    #[test]
+    fn dual_stack_keys_give_their_ipv4_subnet() {
+        let n: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        assert_eq!(parse_subnet_key("10.244.1.0-24&fd00::-64").unwrap(), n);
+        assert_eq!(parse_subnet_key("10.244.1.0-24&fd00:10:244:1::-64").unwrap(), n);
+        assert!(matches!(parse_subnet_key("0.0.0.0-0&fd00::-64"), Err(LeaseFormatError::Ipv6Only(_))));
+        for bad in ["10.244.1.0-24&", "10.244.1.0-24&fd00::", "10.244.1.0-24&fd00::1-64", "10.244.1.0-24&zz::-64", "10.244.1.0-24&fd00::-129", "10.244.1.0-24&10.0.0.0-8"] {
+            assert!(matches!(parse_subnet_key(bad), Err(LeaseFormatError::BadKey(_))), "{bad:?}");
+        }
+        let (start, end) = dual_stack_range("/p/subnets/", &n);
+        assert_eq!((start.as_str(), end.as_str()), ("/p/subnets/10.244.1.0-24&", "/p/subnets/10.244.1.0-24'"));
+        assert!(start.as_str() < "/p/subnets/10.244.1.0-24&fd00::-64" && "/p/subnets/10.244.1.0-24&fd00::-64" < end.as_str());
     }
 }

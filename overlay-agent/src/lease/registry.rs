@@ -217,8 +217,14 @@ impl Registry {
         let key = self.lease_key(subnet);
         let grant = self.client.lease_grant(ttl.as_secs().max(1) as i64, None).await.map_err(self.err())?;
         let id = grant.id();
+        // Nobody holds it in either of flannel's key forms: ours, or a dual-stack node's
+        // "<key>&<IPv6 subnet>" (every key in that range must be absent).
+        let (dual_start, dual_end) = super::dual_stack_range(&self.subnets_prefix(), subnet);
         let txn = Txn::new()
-            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .when([
+                Compare::version(key.clone(), CompareOp::Equal, 0),
+                Compare::version(dual_start, CompareOp::Equal, 0).with_range(dual_end),
+            ])
             .and_then([TxnOp::put(key, attrs.to_json(), Some(PutOptions::new().with_lease(id)))]);
         let resp = self.client.txn(txn).await.map_err(self.err())?;
         if resp.succeeded() {
