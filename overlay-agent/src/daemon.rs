@@ -20,6 +20,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
 use overlay_common::EncapMode;
 
 use crate::{
@@ -28,6 +29,7 @@ use crate::{
     health::AgentState,
     iptables::{self, ChainRules},
     lease::{
+        keeper::{self, KeeperEvent},
         manager::{self, Choice},
         registry::{EtcdOptions, LeaseEvent, Registry, RegistryError},
         LeaseAttrs,
@@ -157,8 +159,25 @@ async fn network_config(reg: &mut Registry) -> Result<NetworkConfig> {
 #[derive(Clone, Copy, Debug)]
 struct Held {
     subnet: Ipv4Net,
+    /// 0 for a reservation (a key without an etcd lease: never expires, never renewed).
     etcd_lease: i64,
-    renew_at: Instant,
+    /// The TTL etcd granted (unused for a reservation).
+    ttl: Duration,
+    /// When it was granted or last renewed.
+    since: Instant,
+}
+
+impl Held {
+    fn reservation(subnet: Ipv4Net) -> Self {
+        Held { subnet, etcd_lease: 0, ttl: Duration::ZERO, since: Instant::now() }
+    }
+    fn is_reservation(&self) -> bool {
+        self.etcd_lease == 0
+    }
+    /// When it expires unless renewed (`None`: a reservation).
+    fn expires(&self) -> Option<Instant> {
+        (!self.is_reservation()).then(|| self.since + self.ttl)
+    }
 }
 
 struct Daemon {
@@ -176,6 +195,8 @@ struct Daemon {
     state: Arc<AgentState>,
     /// The iptables chains this node should have (masquerade and/or forward).
     rules: Vec<ChainRules>,
+    /// The task renewing our etcd lease, and what it reports (none for a reservation).
+    keeper: Option<(tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<KeeperEvent>)>,
 }
 
 /// A future that is `f` if given, else never ready.
@@ -194,16 +215,9 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-fn renew_after(opts: &DaemonOptions, ttl_secs: i64) -> Duration {
-    let ttl = Duration::from_secs(ttl_secs.max(1) as u64);
-    if opts.renew_margin < ttl {
-        ttl - opts.renew_margin
-    } else {
-        ttl / 2
-    }
-}
-
-/// Claim a subnet for this node (flannel's algorithm, `manager::choose`).
+/// Claim a subnet for this node (flannel's algorithm, `manager::choose`): reuse our lease or
+/// reservation if it still fits the config (a lease of ours that does not is deleted, as
+/// flannel does), else claim a free subnet, the previous one first.
 async fn acquire(
     reg: &mut Registry,
     cfg: &NetworkConfig,
@@ -213,27 +227,37 @@ async fn acquire(
 ) -> Result<Held> {
     for _attempt in 0..10 {
         let listing = retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?;
+        for stale in manager::incompatible_own(cfg, &listing.leases, attrs.public_ip) {
+            tracing::warn!(subnet = %stale, network = %cfg.network, "this node's lease no longer fits the network config; deleting it, as flannel does");
+            retry("deleting a lease that no longer fits", reg, move |r| Box::pin(async move { r.delete_lease(&stale).await })).await?;
+        }
         let choice = manager::choose(cfg, &listing.leases, attrs.public_ip, previous, &mut rand::rng());
         match choice {
+            // A reservation (flannel's Documentation/reservations.md): used as it is, with our
+            // attributes written into it and no TTL, never renewed and never re-claimed.
+            Choice::Reuse { subnet, etcd_lease: 0 } => {
+                retry("updating our reservation", reg, |r| {
+                    let a = attrs.clone();
+                    Box::pin(async move { r.update(&subnet, &a, 0).await })
+                })
+                .await?;
+                tracing::info!(%subnet, "using this node's reservation (no TTL: never expires, never renewed)");
+                return Ok(Held::reservation(subnet));
+            }
             Choice::Reuse { subnet, etcd_lease } => {
-                let ttl = if etcd_lease == 0 {
-                    0
-                } else {
-                    retry("renewing our lease", reg, |r| {
-                        let a = attrs.clone();
-                        Box::pin(async move {
-                            r.update(&subnet, &a, etcd_lease).await?;
-                            r.keep_alive(etcd_lease).await
-                        })
+                let ttl = retry("renewing our lease", reg, |r| {
+                    let a = attrs.clone();
+                    Box::pin(async move {
+                        r.update(&subnet, &a, etcd_lease).await?;
+                        r.keep_alive(etcd_lease).await
                     })
-                    .await?
-                };
+                })
+                .await?;
                 if ttl > 0 {
                     tracing::info!(%subnet, "reusing this node's existing lease");
-                    return Ok(Held { subnet, etcd_lease, renew_at: Instant::now() + renew_after(opts, ttl) });
+                    return Ok(Held { subnet, etcd_lease, ttl: Duration::from_secs(ttl as u64), since: Instant::now() });
                 }
-                // Expired meanwhile, or written without a TTL: claim it afresh below.
-                let _ = retry("removing a lease without TTL", reg, move |r| Box::pin(async move { r.delete_lease(&subnet).await })).await;
+                // Expired meanwhile: its key went with it; choose again.
             }
             Choice::Claim(order) => {
                 for subnet in order {
@@ -245,8 +269,7 @@ async fn acquire(
                     .await?;
                     if let Some(etcd_lease) = claimed {
                         tracing::info!(%subnet, "leased a subnet");
-                        let renew = renew_after(opts, ttl.as_secs() as i64);
-                        return Ok(Held { subnet, etcd_lease, renew_at: Instant::now() + renew });
+                        return Ok(Held { subnet, etcd_lease, ttl, since: Instant::now() });
                     }
                     tracing::info!(%subnet, "subnet taken concurrently; choosing again");
                 }
@@ -350,7 +373,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     notify(&[sd_notify::NotifyState::Status("acquiring a subnet lease")]);
     let previous = subnet_file::read_previous_subnet(&opts.subnet_file);
     let held = acquire(&mut reg, &cfg, &attrs, previous, &opts).await?;
-    state.set_lease(held.subnet, held.renew_at + opts.renew_margin.min(opts.lease_ttl / 2));
+    state.set_lease(held.subnet, held.expires());
     spec.subnet = held.subnet;
     let (maps, ebpf, tun, mtu): (Box<dyn crate::tun::RouteTable>, _, _, u32) = match opts.dataplane {
         DataplaneKind::Ebpf => {
@@ -382,7 +405,8 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             (Box::new(tun.routes.clone()), None, Some(tun), mtu)
         }
     };
-    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, state, rules: Vec::new() };
+    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, state, rules: Vec::new(), keeper: None };
+    d.start_keeper();
     d.rules = d.wanted_rules();
     d.ensure_rules().context("installing iptables rules")?;
     write_subnet_file(&d.opts, &d.cfg, held.subnet, mtu)?;
@@ -430,8 +454,16 @@ fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, subnet: Ipv4Net,
 
 enum Wake {
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
-    Renew,
+    Keeper(Option<KeeperEvent>),
     Resync,
+}
+
+/// The keeper's next report, or never if there is no keeper.
+async fn keeper_report(keeper: &mut Option<(tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<KeeperEvent>)>) -> Option<KeeperEvent> {
+    match keeper {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Daemon {
@@ -472,11 +504,11 @@ impl Daemon {
             loop {
                 let wake = tokio::select! {
                     m = stream.message() => Wake::Watch(m),
-                    _ = tokio::time::sleep_until(self.held.renew_at.into()) => Wake::Renew,
+                    ev = keeper_report(&mut self.keeper) => Wake::Keeper(ev),
                     _ = resync.tick() => Wake::Resync,
                 };
                 match wake {
-                    Wake::Renew => self.renew().await?,
+                    Wake::Keeper(ev) => self.keeper_event(ev).await?,
                     Wake::Resync => match self.ensure_rules() {
                         Ok(true) => {
                             self.state.iptables_restores.fetch_add(1, Ordering::Relaxed);
@@ -618,23 +650,32 @@ impl Daemon {
         }
     }
 
-    async fn renew(&mut self) -> Result<()> {
-        let id = self.held.etcd_lease;
-        match self.reg.keep_alive(id).await {
-            Ok(ttl) if ttl > 0 => {
-                self.held.renew_at = Instant::now() + renew_after(&self.opts, ttl);
+    /// Start renewing the lease we hold (replacing a keeper for an earlier one).
+    fn start_keeper(&mut self) {
+        if let Some((task, _)) = self.keeper.take() {
+            task.abort();
+        }
+        if self.held.is_reservation() {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let first = self.held.since + keeper::renew_after(self.opts.renew_margin, self.held.ttl);
+        let task = tokio::spawn(keeper::keep(self.reg.clone(), self.held.etcd_lease, self.held.ttl, self.opts.renew_margin, first.into(), tx));
+        self.keeper = Some((task, rx));
+    }
+
+    async fn keeper_event(&mut self, ev: Option<KeeperEvent>) -> Result<()> {
+        match ev {
+            Some(KeeperEvent::Renewed { ttl_secs }) => {
+                self.held.ttl = Duration::from_secs(ttl_secs as u64);
+                self.held.since = Instant::now();
                 self.state.lease_renewals.fetch_add(1, Ordering::Relaxed);
-                self.state.set_lease(self.held.subnet, Instant::now() + Duration::from_secs(ttl as u64));
-                tracing::info!(subnet = %self.held.subnet, ttl_secs = ttl, "lease renewed");
+                self.state.set_lease(self.held.subnet, self.held.expires());
+                tracing::info!(subnet = %self.held.subnet, ttl_secs, "lease renewed");
                 Ok(())
             }
-            Ok(_) => self.lost_lease("expired before it could be renewed").await,
-            Err(e) => {
-                let again = Duration::from_secs(60).min(self.opts.lease_ttl / 10).max(Duration::from_secs(1));
-                tracing::warn!(error = %e, retry_in_ms = again.as_millis() as u64, "renewing the lease failed; retrying");
-                self.held.renew_at = Instant::now() + again;
-                Ok(())
-            }
+            Some(KeeperEvent::Gone) | None => self.lost_lease("expired before it could be renewed").await,
+            Some(KeeperEvent::Fatal(m)) => bail!("{m}"),
         }
     }
 
@@ -642,9 +683,18 @@ impl Daemon {
     async fn lost_lease(&mut self, why: &str) -> Result<()> {
         let old = self.held.subnet;
         tracing::error!(subnet = %old, "THIS NODE'S LEASE WAS {why}; re-acquiring (the same subnet if still free)", why = why.to_uppercase());
+        let old_lease = self.held.etcd_lease;
         let held = acquire(&mut self.reg, &self.cfg, &self.attrs, Some(old), &self.opts).await?;
+        // The etcd lease that held the lost key is of no use any more: revoked, not left to
+        // expire (it would keep nothing, but count against etcd's leases until then).
+        if old_lease != 0 && old_lease != held.etcd_lease {
+            if let Err(e) = self.reg.revoke(old_lease).await {
+                tracing::debug!(error = %e, "revoking the lost lease's etcd lease");
+            }
+        }
         self.held = held;
-        self.state.set_lease(held.subnet, held.renew_at);
+        self.start_keeper();
+        self.state.set_lease(held.subnet, held.expires());
         if held.subnet != old {
             tracing::error!(old = %old, new = %held.subnet, "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
             if self.tun.is_some() {

@@ -33,8 +33,8 @@ use crate::maps::Maps;
 #[derive(Debug)]
 pub struct AgentState {
     pub ready: AtomicBool,
-    /// Our subnet and when its etcd lease expires unless renewed.
-    pub lease: Mutex<Option<(Ipv4Net, Instant)>>,
+    /// Our subnet and when its etcd lease expires unless renewed (`None`: a reservation).
+    pub lease: Mutex<Option<(Ipv4Net, Option<Instant>)>>,
     pub etcd_reconnects: AtomicU64,
     pub malformed_leases: AtomicU64,
     pub lease_renewals: AtomicU64,
@@ -61,7 +61,7 @@ impl AgentState {
         }
     }
 
-    pub fn set_lease(&self, subnet: Ipv4Net, expires: Instant) {
+    pub fn set_lease(&self, subnet: Ipv4Net, expires: Option<Instant>) {
         *self.lease.lock().expect("lease lock") = Some((subnet, expires));
     }
 }
@@ -91,8 +91,13 @@ impl Collector for AgentCollector {
                 ConstGauge::new(1i64).encode(m.encode_family(&labels)?)?;
             }
         }
-        let left = lease.map(|(_, exp)| exp.saturating_duration_since(Instant::now()).as_secs() as i64).unwrap_or(0);
-        gauge(&mut e, "overlay_lease_expiry_seconds", "Seconds until the lease expires unless renewed", left)?;
+        match lease {
+            Some((_, None)) => gauge(&mut e, "overlay_lease_reserved", "1: the subnet is a reservation (no TTL, never renewed)", 1)?,
+            _ => {
+                let left = lease.and_then(|(_, exp)| exp).map(|exp| exp.saturating_duration_since(Instant::now()).as_secs() as i64).unwrap_or(0);
+                gauge(&mut e, "overlay_lease_expiry_seconds", "Seconds until the lease expires unless renewed", left)?;
+            }
+        }
         counter(&mut e, "overlay_lease_renewals", "Lease renewals", s.lease_renewals.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_etcd_reconnects", "Times the agent lost etcd and listed again", s.etcd_reconnects.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_malformed_leases", "Lease keys or values skipped because they are not flannel's format", s.malformed_leases.load(Ordering::Relaxed))?;
@@ -264,7 +269,7 @@ mod tests {
     fn metrics_render_without_maps() {
         let st = Arc::new(AgentState::new("/nonexistent".into()));
         st.etcd_reconnects.fetch_add(3, Ordering::Relaxed);
-        st.set_lease("10.244.5.0/24".parse().unwrap(), Instant::now() + std::time::Duration::from_secs(100));
+        st.set_lease("10.244.5.0/24".parse().unwrap(), Some(Instant::now() + std::time::Duration::from_secs(100)));
         let text = render_metrics(&st).unwrap();
         assert!(text.contains("overlay_etcd_reconnects_total 3"), "{text}");
         assert!(text.contains("overlay_lease_info{subnet=\"10.244.5.0/24\"} 1"), "{text}");

@@ -397,11 +397,25 @@ fn dual_stack_leases_count_for_allocation_and_routing() {
             rt.block_on(async move {
                 let opts = EtcdOptions { endpoints: vec![endpoint], prefix: DEFAULT_PREFIX.into(), ..Default::default() };
                 let mut reg = Registry::connect(&opts).await?;
-                reg.claim(&held, &LeaseAttrs::udp("192.168.100.99".parse().unwrap()), Duration::from_secs(60)).await
+                let me = LeaseAttrs::vxlan("192.168.100.99".parse().unwrap(), 1, [2, 0, 0, 0, 0, 0x99]);
+                let dual = reg.claim(&held, &me, Duration::from_secs(60)).await?;
+                // A claim whose answer was lost and is tried again finds the subnet held by
+                // this node already: it gets its lease back, not "taken".
+                let free: Ipv4Net = "10.244.9.0/24".parse().unwrap();
+                let first = reg.claim(&free, &me, Duration::from_secs(60)).await?;
+                let again = reg.claim(&free, &me, Duration::from_secs(60)).await?;
+                let other = LeaseAttrs::vxlan("192.168.100.98".parse().unwrap(), 1, [2, 0, 0, 0, 0, 0x98]);
+                let by_other = reg.claim(&free, &other, Duration::from_secs(60)).await?;
+                reg.revoke(first.expect("claimed")).await?;
+                Ok::<_, overlay_agent::lease::registry::RegistryError>((dual, first, again, by_other))
             })
         }),
     );
-    assert_eq!(claimed.expect("etcd"), None, "a subnet held by a dual-stack node was claimed again");
+    let (dual, first, again, by_other) = claimed.expect("etcd");
+    assert_eq!(dual, None, "a subnet held by a dual-stack node was claimed again");
+    assert!(first.is_some());
+    assert_eq!(again, first, "a second claim by the same node must find its own lease");
+    assert_eq!(by_other, None, "another node's claim must find the subnet taken");
 
     ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
     assert_eq!(c.node(1).subnet, "10.244.8.0/24".parse::<Ipv4Net>().unwrap(), "the agent must take the free subnet");
@@ -410,6 +424,68 @@ fn dual_stack_leases_count_for_allocation_and_routing() {
     assert!(!c.node(1).log_text().contains("not in flannel's format"), "{}", c.node(1).log_text());
     ok("del", c.etcd().etcdctl(&["del", key]));
     assert!(wait_until(PROPAGATION_BOUND, || !routed(&c)), "the deleted dual-stack lease kept its route");
+}
+
+/// The etcd lease ID a key is bound to (0: none, a reservation), and its value.
+fn lease_of(c: &Cluster, key: &str) -> Option<(i64, String)> {
+    let out = ok("get", c.etcd().etcdctl(&["get", key, "-w", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+    let kv = v["kvs"].get(0)?;
+    let value = kv["value"].as_str().map(|b| String::from_utf8(decode_base64(b)).unwrap()).unwrap_or_default();
+    Some((kv["lease"].as_i64().unwrap_or(0), value))
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        acc = (acc << 6) | A.iter().position(|a| *a == c).expect("base64") as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// An operator's reservation (flannel's Documentation/reservations.md: a lease key written
+/// without an etcd lease) is used as it is: the node takes that subnet, writes its attributes
+/// into it, never binds it to a TTL, and takes it again after a restart. Before, the agent
+/// deleted it and claimed a subnet afresh. A lease the config no longer allows is deleted at
+/// the next start, as flannel does, instead of holding a subnet until it expires.
+#[test]
+fn reservations_are_kept_and_leases_the_config_drops_are_deleted() {
+    let mut c = cluster("rv", &ClusterSpec { nodes: vec![], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) });
+    let reserved = "/coreos.com/network/subnets/10.244.42.0-24";
+    let node1 = overlay_tests::underlay_ip(1);
+    ok("put", c.etcd().etcdctl(&["put", reserved, &format!(r#"{{"PublicIP":"{node1}"}}"#)]));
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    assert_eq!(c.node(1).subnet, "10.244.42.0/24".parse::<Ipv4Net>().unwrap(), "{}", c.node(1).log_text());
+    let (lease, value) = lease_of(&c, reserved).expect("the reservation is gone");
+    assert_eq!(lease, 0, "the reservation was bound to a TTL");
+    assert!(value.contains(&overlay_agent::netdev::format_mac(&c.node(1).vtep_mac)), "our attributes are not in it: {value}");
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+    ok("restart", c.restart_agent(1));
+    let env = std::fs::read_to_string(&c.node(1).subnet_file).unwrap();
+    assert_eq!(overlay_tests::parse_subnet_env(&env).unwrap().0.to_string(), "10.244.42.0/24");
+    assert_eq!(lease_of(&c, reserved).map(|l| l.0), Some(0));
+    let log = c.node(1).log_text();
+    assert!(!log.contains("lease renewed") && !log.contains("LEASE WAS"), "{log}");
+
+    // Node 2's subnet falls outside a new config: at its next start the old lease is deleted
+    // at once (it would otherwise hold the subnet for the rest of its 24 h TTL).
+    let old = c.node(2).subnet;
+    let old_key = format!("/coreos.com/network/subnets/{}-24", old.network());
+    let config = r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.200.0","SubnetMax":"10.244.250.0","Backend":{"Type":"vxlan"}}"#;
+    ok("config", c.etcd().etcdctl(&["put", "/coreos.com/network/config", config]));
+    ok("restart", c.restart_agent(2));
+    let env = std::fs::read_to_string(&c.node(2).subnet_file).unwrap();
+    let new = overlay_tests::parse_subnet_env(&env).unwrap().0;
+    assert!(new.network().octets()[2] >= 200, "{new} is outside the new config");
+    assert_eq!(lease_of(&c, &old_key), None, "the lease the config dropped is still there:\n{}", c.node(2).log_text());
 }
 
 /// Errors that no retry can fix stop the agent at once (a non-zero exit that systemd shows),

@@ -30,6 +30,12 @@ pub fn free_subnets<'a>(cfg: &'a NetworkConfig, leases: &'a [Lease]) -> impl Ite
     cfg.subnets().filter(move |s| !leases.iter().any(|l| l.subnet.contains(s) || s.contains(&l.subnet)))
 }
 
+/// This node's leases (by public IP) that the config no longer allows: flannel deletes them
+/// before choosing.
+pub fn incompatible_own(cfg: &NetworkConfig, leases: &[Lease], public_ip: Ipv4Addr) -> Vec<Ipv4Net> {
+    leases.iter().filter(|l| l.attrs.public_ip == public_ip && !cfg.fits(&l.subnet)).map(|l| l.subnet).collect()
+}
+
 pub fn choose(
     cfg: &NetworkConfig,
     leases: &[Lease],
@@ -87,8 +93,10 @@ mod tests {
     #[test]
     fn does_not_reuse_a_lease_the_config_no_longer_allows() {
         let c = cfg(r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.20.0"}"#);
-        let leases = [lease("10.0.9.0/24", [2, 2, 2, 2])];
+        let leases = [lease("10.0.9.0/24", [2, 2, 2, 2]), lease("10.0.8.0/24", [3, 3, 3, 3])];
         assert!(matches!(choose(&c, &leases, Ipv4Addr::new(2, 2, 2, 2), None, &mut rng()), Choice::Claim(_)));
+        assert_eq!(incompatible_own(&c, &leases, Ipv4Addr::new(2, 2, 2, 2)), vec!["10.0.9.0/24".parse::<Ipv4Net>().unwrap()]);
+        assert!(incompatible_own(&c, &[lease("10.0.21.0/24", [2, 2, 2, 2])], Ipv4Addr::new(2, 2, 2, 2)).is_empty());
     }
 
     #[test]

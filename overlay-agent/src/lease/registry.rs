@@ -108,6 +108,7 @@ pub enum LeaseEvent {
     Malformed(String, LeaseFormatError),
 }
 
+#[derive(Clone)]
 pub struct Registry {
     client: Client,
     prefix: String,
@@ -212,7 +213,8 @@ impl Registry {
     }
 
     /// Claim `subnet` if nobody holds it: one transaction "version == 0 -> put" bound to a
-    /// new etcd lease of `ttl`. Returns the etcd lease, or None if the subnet is taken.
+    /// new etcd lease of `ttl`. Returns the etcd lease (a lease this node already holds on it,
+    /// if so), or None if another node holds the subnet.
     pub async fn claim(&mut self, subnet: &Ipv4Net, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<i64>> {
         let key = self.lease_key(subnet);
         let grant = self.client.lease_grant(ttl.as_secs().max(1) as i64, None).await.map_err(self.err())?;
@@ -225,15 +227,25 @@ impl Registry {
                 Compare::version(key.clone(), CompareOp::Equal, 0),
                 Compare::version(dual_start, CompareOp::Equal, 0).with_range(dual_end),
             ])
-            .and_then([TxnOp::put(key, attrs.to_json(), Some(PutOptions::new().with_lease(id)))]);
+            .and_then([TxnOp::put(key.clone(), attrs.to_json(), Some(PutOptions::new().with_lease(id)))])
+            // Taken: by whom? (read in the same transaction)
+            .or_else([TxnOp::get(key, None)]);
         let resp = self.client.txn(txn).await.map_err(self.err())?;
         if resp.succeeded() {
-            Ok(Some(id))
-        } else {
-            // Don't leave an unused etcd lease behind.
-            let _ = self.client.lease_revoke(id).await;
-            Ok(None)
+            return Ok(Some(id));
         }
+        // Don't leave an unused etcd lease behind.
+        let _ = self.client.lease_revoke(id).await;
+        // Held by this node already: an earlier claim whose answer was lost (its RPC timed out
+        // after etcd committed it, and the daemon tried again). That lease is ours: taking it
+        // "taken" would have this node move on and hold two.
+        let ours = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
+                LeaseAttrs::parse(kv.value()).ok().filter(|a| a.public_ip == attrs.public_ip).map(|_| kv.lease())
+            }),
+            _ => None,
+        });
+        Ok(ours)
     }
 
     /// Rewrite our lease's value (e.g. a new VtepMAC) under the same etcd lease.
@@ -251,6 +263,12 @@ impl Registry {
         keeper.keep_alive().await.map_err(self.err())?;
         let resp = stream.message().await.map_err(self.err())?;
         Ok(resp.map(|r| r.ttl()).unwrap_or(0))
+    }
+
+    /// End an etcd lease now (its keys go with it).
+    pub async fn revoke(&mut self, etcd_lease: i64) -> Result<()> {
+        self.client.lease_revoke(etcd_lease).await.map_err(self.err())?;
+        Ok(())
     }
 
     pub async fn delete_lease(&mut self, subnet: &Ipv4Net) -> Result<bool> {
