@@ -101,23 +101,62 @@ impl EtcdArgs {
     }
 }
 
-/// `24h`, `90m`, `30s` or plain seconds.
-fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 24h, 90m or 30s"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("{s:?}: unit must be s, m or h")),
-    };
-    if secs == 0 {
-        return Err("a lease TTL must be positive".into());
+/// A duration in Go's `time.ParseDuration` form, as flannel's Go flags take them: numbers
+/// with optional fractions, each with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), e.g.
+/// `24h`, `1h30m`, `1.5h`, `300ms`; a plain number is seconds (this agent's earlier form).
+/// A lease TTL must be positive (and at least a second: etcd's TTLs are whole seconds).
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 24h, 1h30m, 1.5h or 300ms");
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = s.parse().map_err(|_| bad())?;
+        return positive(Duration::from_secs(secs));
     }
-    Ok(Duration::from_secs(secs))
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(|| format!("{s:?}: a number needs a unit (ns, us, ms, s, m, h)"))?;
+        let (num, tail) = rest.split_at(num_end);
+        if num.is_empty() || num == "." || num.matches('.').count() > 1 {
+            return Err(bad());
+        }
+        let value: f64 = num.parse().map_err(|_| bad())?;
+        let unit_end = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (ns, us, ms, s, m, h)")),
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    if !total.is_finite() || total > u32::MAX as f64 {
+        return Err(format!("{s:?} is too long"));
+    }
+    positive(Duration::from_secs_f64(total))
+}
+
+fn positive(d: Duration) -> std::result::Result<Duration, String> {
+    if d < Duration::from_secs(1) {
+        return Err("a lease TTL must be at least 1s (etcd counts whole seconds)".into());
+    }
+    Ok(d)
+}
+
+/// flannel's range for --subnet-lease-renew-margin: 1 to 1439 minutes (less than a day).
+fn parse_renew_margin(s: &str) -> std::result::Result<u64, String> {
+    let m: u64 = s.parse().map_err(|_| format!("{s:?} is not a number of minutes"))?;
+    if !(1..24 * 60).contains(&m) {
+        return Err(format!("{m} is out of range: the renew margin is 1 to 1439 minutes, as flannel's"));
+    }
+    Ok(m)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -132,9 +171,9 @@ pub struct RunArgs {
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
     pub subnet_file: PathBuf,
     /// Renew the lease this many minutes before it expires.
-    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60)]
+    #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60, value_parser = parse_renew_margin)]
     pub subnet_lease_renew_margin: u64,
-    /// TTL of the subnet lease in etcd (e.g. 24h, 90m, 30s).
+    /// TTL of the subnet lease in etcd, in Go's duration form (e.g. 24h, 1h30m, 90m, 30s).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
     /// Masquerade traffic from the overlay network to destinations outside it.
@@ -512,13 +551,31 @@ mod tests {
         }
     }
 
+    /// Cases from Go's time.ParseDuration tests (those a positive TTL can be), and its errors.
     #[test]
-    fn lease_ttl_durations() {
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(parse_duration("90m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        for bad in ["", "h", "10d", "-5s", "0s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
+    fn lease_ttl_durations_in_gos_form() {
+        let secs = |s: &str| parse_duration(s).map(|d| d.as_secs_f64());
+        for (text, want) in [
+            ("24h", 86400.0), ("90m", 5400.0), ("45", 45.0), ("1h30m", 5400.0), ("1.5h", 5400.0),
+            ("2h45m", 9900.0), ("3m30s", 210.0), ("1m0.5s", 60.5), ("1.s", 1.0), ("5s", 5.0), ("1h1m1s", 3661.0),
+            ("1500ms", 1.5), ("1000000us", 1.0), ("1000000µs", 1.0), ("1000000000ns", 1.0), (".5m", 30.0),
+        ] {
+            assert_eq!(secs(text), Ok(want), "{text:?}");
+        }
+        for bad in ["", "h", "10d", "-5s", "0s", "0", "300ms", ".", ".s", "1..5s", "3", "1hh", "5 s", "s5"] {
+            if bad == "3" {
+                continue; // a plain number is seconds
+            }
+            assert!(parse_duration(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn renew_margin_has_flannels_range() {
+        assert_eq!(parse_renew_margin("1"), Ok(1));
+        assert_eq!(parse_renew_margin("1439"), Ok(1439));
+        for bad in ["0", "1440", "-1", "x", ""] {
+            assert!(parse_renew_margin(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -149,8 +149,15 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     let network: Ipv4Net = network_s
         .parse()
         .map_err(|_| invalid("Network", format!("{network_s:?} is not an IPv4 CIDR like 10.244.0.0/16")))?;
-    if network.addr() != network.network() {
-        return Err(invalid("Network", format!("{network} has host bits set; did you mean {}?", network.trunc())));
+    // flannel (net.ParseCIDR) takes the network of an address with host bits set.
+    let network = if network.addr() != network.network() {
+        warnings.push(format!("Network {network} has host bits set; using {}, as flannel does", network.trunc()));
+        network.trunc()
+    } else {
+        network
+    };
+    if network.prefix_len() == 0 {
+        return Err(invalid("Network", format!("{network} is the whole address space: flannel refuses it as an empty network")));
     }
     if network.prefix_len() > 28 {
         return Err(invalid("Network", format!("{network} is smaller than /28")));
@@ -162,10 +169,11 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
         Some(n) if n > 30 => return Err(invalid("SubnetLen", format!("{n} is longer than /30"))),
         Some(n) => n as u8,
     };
-    if subnet_len <= network.prefix_len() {
+    // As flannel: the network must hold at least four subnets (the first is never used).
+    if subnet_len < network.prefix_len() + 2 {
         return Err(invalid(
             "SubnetLen",
-            format!("/{subnet_len} must be longer than Network's /{}", network.prefix_len()),
+            format!("/{subnet_len} leaves Network's /{} fewer than four subnets; use /{} or longer", network.prefix_len(), network.prefix_len() + 2),
         ));
     }
     let size = 1u64 << (32 - subnet_len);
@@ -181,11 +189,12 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
         }
         Ok(addr)
     };
-    let subnet_min = match ipv4(obj, "SubnetMin")? {
+    // 0.0.0.0 means unset, as in flannel.
+    let subnet_min = match ipv4(obj, "SubnetMin")?.filter(|a| !a.is_unspecified()) {
         Some(a) => check("SubnetMin", a)?,
         None => Ipv4Addr::from((net_start + size) as u32),
     };
-    let subnet_max = match ipv4(obj, "SubnetMax")? {
+    let subnet_max = match ipv4(obj, "SubnetMax")?.filter(|a| !a.is_unspecified()) {
         Some(a) => check("SubnetMax", a)?,
         None => Ipv4Addr::from((net_end + 1 - size) as u32),
     };
@@ -290,6 +299,38 @@ mod tests {
         assert_eq!(ok(r#"{"network":"10.2.0.0/16","backend":{"type":"vxlan","vni":7}}"#).backend.vni, 7);
     }
 
+    /// flannel's own cases (pkg/subnet/config_test.go and checkNetworkConfig): defaults,
+    /// overrides, and the limits it enforces, so that `config set` never stores a config a
+    /// stock node refuses, nor refuses one it takes.
+    #[test]
+    fn flannels_own_cases() {
+        let c = ok(r#"{ "network": "10.3.0.0/16" }"#);
+        assert_eq!((c.subnet_len, c.subnet_min.to_string(), c.subnet_max.to_string()), (24, "10.3.1.0".into(), "10.3.255.0".into()));
+        let c = ok(r#"{ "Network": "10.3.0.0/16", "SubnetLen": 28, "SubnetMin": "10.3.5.0", "SubnetMax": "10.3.8.0" }"#);
+        assert_eq!((c.subnet_len, c.subnet_min.to_string(), c.subnet_max.to_string()), (28, "10.3.5.0".into(), "10.3.8.0".into()));
+        // /23: too small for /24s to four hosts, so prefix + 2.
+        assert_eq!(ok(r#"{"Network":"10.1.0.0/23"}"#).subnet_len, 25);
+        assert_eq!(ok(r#"{"Network":"10.1.0.0/16","SubnetLen":18}"#).subnet_len, 18);
+        assert_eq!(ok(r#"{"Network":"10.1.0.0/16","SubnetLen":30}"#).subnet_len, 30);
+        // SubnetMin/SubnetMax "0.0.0.0": unset, flannel's defaults.
+        let c = ok(r#"{"Network":"10.3.0.0/16","SubnetMin":"0.0.0.0","SubnetMax":"0.0.0.0"}"#);
+        assert_eq!((c.subnet_min.to_string(), c.subnet_max.to_string()), ("10.3.1.0".into(), "10.3.255.0".into()));
+        // Host bits: flannel takes the network (net.ParseCIDR), with a warning here.
+        let c = ok(r#"{"Network":"10.0.0.1/16"}"#);
+        assert_eq!(c.network.to_string(), "10.0.0.0/16");
+        assert!(c.warnings.iter().any(|w| w.contains("host bits")), "{:?}", c.warnings);
+        for refused in [
+            r#"{"Network":"0.0.0.0/0"}"#,
+            r#"{"Network":"10.1.0.0/29"}"#,
+            r#"{"Network":"10.1.0.0/16","SubnetLen":17}"#,
+            r#"{"Network":"10.1.0.0/16","SubnetLen":31}"#,
+            r#"{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0"}"#,
+            r#"{"Network":"10.1.0.0/16","SubnetMax":"10.1.5.1"}"#,
+        ] {
+            assert!(parse(refused).is_err(), "flannel refuses {refused}");
+        }
+    }
+
     #[test]
     fn invalid_configs_name_the_field() {
         let cases = [
@@ -299,10 +340,11 @@ mod tests {
             (r#"{"Network":"10.0.0.0"}"#, "Network: \"10.0.0.0\" is not an IPv4 CIDR"),
             (r#"{"Network":"10.0.0.0/33"}"#, "Network: \"10.0.0.0/33\" is not an IPv4 CIDR"),
             (r#"{"Network":"fd00::/64"}"#, "Network: \"fd00::/64\" is not an IPv4 CIDR"),
-            (r#"{"Network":"10.0.0.1/16"}"#, "Network: 10.0.0.1/16 has host bits set"),
+            (r#"{"Network":"0.0.0.0/0"}"#, "Network: 0.0.0.0/0 is the whole address space"),
             (r#"{"Network":"10.0.0.0/29"}"#, "Network: 10.0.0.0/29 is smaller than /28"),
             (r#"{"Network":42}"#, "Network: must be a string"),
-            (r#"{"Network":"10.0.0.0/16","SubnetLen":16}"#, "SubnetLen: /16 must be longer"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":16}"#, "SubnetLen: /16 leaves Network's /16 fewer than four subnets"),
+            (r#"{"Network":"10.0.0.0/16","SubnetLen":17}"#, "SubnetLen: /17 leaves Network's /16 fewer than four subnets"),
             (r#"{"Network":"10.0.0.0/16","SubnetLen":31}"#, "SubnetLen: 31 is longer than /30"),
             (r#"{"Network":"10.0.0.0/16","SubnetLen":"24"}"#, "SubnetLen: must be a non-negative integer"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.1.128"}"#, "SubnetMin: 10.0.1.128 is not on a /24 boundary"),
