@@ -179,6 +179,10 @@ pub struct RunArgs {
     /// Masquerade traffic from the overlay network to destinations outside it.
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub ip_masq: bool,
+    /// Masquerade with `--random` instead of `--random-fully` (flannel's flag; for networks
+    /// whose firewalls dislike fully random source ports).
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub ip_masq_fully_random_disable: bool,
     /// Address to serve /healthz on (with --healthz-port).
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: Ipv4Addr,
@@ -336,6 +340,7 @@ impl RunArgs {
             decap_hook: self.decap_hook,
             bpffs_dir,
             ip_masq: self.ip_masq,
+            masq_random: crate::iptables::MasqRandom::choose(self.ip_masq_fully_random_disable),
             forward_rules: self.iptables_forward_rules,
             iptables_resync: Duration::from_secs(self.iptables_resync.max(1)),
             healthz: (self.healthz_port != 0)

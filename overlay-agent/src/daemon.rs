@@ -50,6 +50,8 @@ pub struct DaemonOptions {
     pub decap_hook: DecapHook,
     pub bpffs_dir: PathBuf,
     pub ip_masq: bool,
+    /// Port randomisation of the masquerade rules.
+    pub masq_random: iptables::MasqRandom,
     /// Install flannel's FLANNEL-FWD accept rules (flannel's --iptables-forward-rules).
     pub forward_rules: bool,
     /// How often iptables rules are checked and restored.
@@ -193,8 +195,9 @@ struct Daemon {
     /// The TUN data plane (its threads run until the process exits).
     tun: Option<crate::tun::TunDataplane>,
     state: Arc<AgentState>,
-    /// The iptables chains this node should have (masquerade and/or forward).
-    rules: Vec<ChainRules>,
+    /// The iptables chains this node should have (masquerade and/or forward), shared with the
+    /// resync task.
+    rules: SharedRules,
     /// The task renewing our etcd lease, and what it reports (none for a reservation).
     keeper: Option<(tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<KeeperEvent>)>,
 }
@@ -318,6 +321,7 @@ pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output 
     };
     // The log reader takes the ring buffer out of the loaded object and owns it, so the
     // daemon can then borrow itself mutably.
+    let resync = tokio::spawn(resync_rules(d.rules.clone(), d.opts.iptables_resync, d.state.clone()));
     let logs = futures_either(d.ebpf.as_mut().map(|dp| crate::program_logs(&mut dp.ebpf)));
     let r = tokio::select! {
         r = d.watch_loop() => r,
@@ -326,7 +330,8 @@ pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output 
         _ = &mut shutdown => Ok(()),
     };
     notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("stopping; the data plane keeps forwarding")]);
-    d.remove_rules();
+    resync.abort();
+    d.remove_rules().await;
     r
 }
 
@@ -405,10 +410,10 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             (Box::new(tun.routes.clone()), None, Some(tun), mtu)
         }
     };
-    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, state, rules: Vec::new(), keeper: None };
+    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, state, rules: SharedRules::default(), keeper: None };
     d.start_keeper();
-    d.rules = d.wanted_rules();
-    d.ensure_rules().context("installing iptables rules")?;
+    *d.rules.lock().await = d.wanted_rules();
+    ensure_rules(&d.rules).await.context("installing iptables rules")?;
     write_subnet_file(&d.opts, &d.cfg, held.subnet, mtu)?;
     tracing::info!(
         subnet = %held.subnet, public_ip = %public_ip, device = %d.spec.device, mtu,
@@ -420,7 +425,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     fn wanted_rules(&self) -> Vec<ChainRules> {
         let mut r = Vec::new();
         if self.opts.ip_masq {
-            r.push(iptables::masquerade(self.cfg.network, self.held.subnet));
+            r.push(iptables::masquerade(self.cfg.network, self.held.subnet, self.opts.masq_random));
         }
         if self.opts.forward_rules {
             r.push(iptables::forward(self.cfg.network));
@@ -428,20 +433,58 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         r
     }
 
-    /// Install or restore the iptables rules; true if something had to change.
-    fn ensure_rules(&self) -> Result<bool> {
+    /// Remove our iptables rules (clean exit), after any check in flight; none come back.
+    async fn remove_rules(&self) {
+        let rules = std::mem::take(&mut *self.rules.lock().await);
+        let done = tokio::task::spawn_blocking(move || {
+            for r in &rules {
+                if let Err(e) = iptables::remove(r) {
+                    tracing::warn!(chain = r.chain, error = %e, "removing iptables rules");
+                }
+            }
+        });
+        let _ = done.await;
+    }
+}
+
+/// The iptables rules this node keeps. Locked for the whole of a check or restore, so that a
+/// shutdown waits for one in flight.
+type SharedRules = Arc<tokio::sync::Mutex<Vec<ChainRules>>>;
+
+/// Install or restore the iptables rules; true if something had to change. iptables waits for
+/// the xtables lock (bounded, `iptables::LOCK_WAIT_SECS`), so the commands run on a blocking
+/// thread: the lease keeper, the watch and /healthz go on meanwhile.
+async fn ensure_rules(rules: &SharedRules) -> Result<bool> {
+    let guard = rules.lock().await;
+    let snapshot = guard.clone();
+    let changed = tokio::task::spawn_blocking(move || -> Result<bool> {
         let mut changed = false;
-        for r in &self.rules {
+        for r in &snapshot {
             changed |= iptables::ensure(r)?;
         }
         Ok(changed)
-    }
+    })
+    .await
+    .context("the iptables task")??;
+    drop(guard);
+    Ok(changed)
+}
 
-    fn remove_rules(&self) {
-        for r in &self.rules {
-            if let Err(e) = iptables::remove(r) {
-                tracing::warn!(chain = r.chain, error = %e, "removing iptables rules");
+/// Check the rules every `every` and restore what someone removed or changed, in a task of
+/// its own: neither an etcd outage nor a slow iptables holds up the other.
+async fn resync_rules(rules: SharedRules, every: Duration, state: Arc<AgentState>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match ensure_rules(&rules).await {
+            Ok(true) => {
+                state.iptables_restores.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("iptables rules were missing or changed; restored");
             }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "checking iptables rules"),
         }
     }
 }
@@ -455,7 +498,6 @@ fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, subnet: Ipv4Net,
 enum Wake {
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
     Keeper(Option<KeeperEvent>),
-    Resync,
 }
 
 /// The keeper's next report, or never if there is no keeper.
@@ -499,24 +541,13 @@ impl Daemon {
             // The backoff starts afresh only after a watch that lasted: a stream that fails at
             // once must not relist at full speed.
             let watching_since = Instant::now();
-            let mut resync = tokio::time::interval(self.opts.iptables_resync);
-            resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let wake = tokio::select! {
                     m = stream.message() => Wake::Watch(m),
                     ev = keeper_report(&mut self.keeper) => Wake::Keeper(ev),
-                    _ = resync.tick() => Wake::Resync,
                 };
                 match wake {
                     Wake::Keeper(ev) => self.keeper_event(ev).await?,
-                    Wake::Resync => match self.ensure_rules() {
-                        Ok(true) => {
-                            self.state.iptables_restores.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("iptables rules were missing or changed; restored");
-                        }
-                        Ok(false) => {}
-                        Err(e) => tracing::error!(error = %e, "checking iptables rules"),
-                    },
                     Wake::Watch(Ok(Some(resp))) => {
                         if resp.canceled() {
                             if resp.compact_revision() > 0 {
@@ -704,8 +735,8 @@ impl Daemon {
             let dp = dataplane::up(&self.spec)?;
             write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
             self.ebpf = Some(dp);
-            self.rules = self.wanted_rules();
-            self.ensure_rules()?;
+            *self.rules.lock().await = self.wanted_rules();
+            ensure_rules(&self.rules).await?;
         } else {
             tracing::warn!(subnet = %old, "re-acquired the same subnet");
         }

@@ -45,9 +45,59 @@ fn words(s: &str) -> Vec<String> {
     s.split_whitespace().map(str::to_string).collect()
 }
 
+/// Which port randomisation the MASQUERADE rules ask for, as flannel chooses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MasqRandom {
+    /// `--random-fully` (where iptables supports it: 1.6.2 or later).
+    Fully,
+    /// `--random` (flannel's --ip-masq-fully-random-disable).
+    Random,
+    /// Neither (an iptables too old for --random-fully).
+    None,
+}
+
+impl MasqRandom {
+    fn suffix(self) -> &'static str {
+        match self {
+            MasqRandom::Fully => " --random-fully",
+            MasqRandom::Random => " --random",
+            MasqRandom::None => "",
+        }
+    }
+
+    /// What to use: `--random` if the operator disabled fully-random, else `--random-fully` if
+    /// this iptables supports it (probed once from `iptables --version`, as go-iptables'
+    /// HasRandomFully does), else nothing.
+    pub fn choose(fully_random_disabled: bool) -> Self {
+        if fully_random_disabled {
+            return MasqRandom::Random;
+        }
+        let version = Command::new("iptables").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        match version.as_deref().and_then(parse_version) {
+            Some(v) if v >= (1, 6, 2) => MasqRandom::Fully,
+            Some(v) => {
+                tracing::warn!(version = %format!("{}.{}.{}", v.0, v.1, v.2), "this iptables has no --random-fully (1.6.2 or later): masquerading without it");
+                MasqRandom::None
+            }
+            None => {
+                tracing::warn!("cannot tell the iptables version: masquerading without --random-fully");
+                MasqRandom::None
+            }
+        }
+    }
+}
+
+/// The version in `iptables --version` output ("iptables v1.8.9 (nf_tables)").
+pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let v = text.split_whitespace().find_map(|w| w.strip_prefix('v'))?;
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
 /// flannel's masquerade rules, in flannel's order.
-pub fn masquerade(network: Ipv4Net, subnet: Ipv4Net) -> ChainRules {
+pub fn masquerade(network: Ipv4Net, subnet: Ipv4Net, random: MasqRandom) -> ChainRules {
     let (n, s) = (network.to_string(), subnet.to_string());
+    let r = random.suffix();
     ChainRules {
         table: "nat",
         chain: "FLANNEL-POSTRTG",
@@ -62,9 +112,9 @@ pub fn masquerade(network: Ipv4Net, subnet: Ipv4Net) -> ChainRules {
             // From outside the overlay to our containers (e.g. NodePorts): untouched.
             words(&format!("! -s {n} -d {s} -j RETURN")),
             // Containers to the world: the node's address.
-            words(&format!("-s {n} ! -d 224.0.0.0/4 -j MASQUERADE --random-fully")),
+            words(&format!("-s {n} ! -d 224.0.0.0/4 -j MASQUERADE{r}")),
             // The host (or anything outside the overlay) to remote containers.
-            words(&format!("! -s {n} -d {n} -j MASQUERADE --random-fully")),
+            words(&format!("! -s {n} -d {n} -j MASQUERADE{r}")),
         ],
     }
 }
@@ -111,9 +161,14 @@ impl ChainRules {
     }
 }
 
+/// Seconds to wait for the xtables lock (held by kube-proxy, docker, an operator): bounded,
+/// so that a lock held for long fails this check, which the next resync repeats, instead of
+/// hanging the agent.
+pub const LOCK_WAIT_SECS: &str = "5";
+
 fn iptables(args: &[String]) -> Result<std::process::Output> {
     let cmd = format!("iptables {}", args.join(" "));
-    Command::new("iptables").arg("-w").args(args).output().map_err(|cause| IptablesError::Spawn { cmd, cause })
+    Command::new("iptables").args(["-w", LOCK_WAIT_SECS]).args(args).output().map_err(|cause| IptablesError::Spawn { cmd, cause })
 }
 
 fn iptables_ok(args: &[String]) -> Result<bool> {
@@ -156,7 +211,7 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
         let input = r.restore_input();
         let cmd = "iptables-restore --noflush".to_string();
         let mut child = Command::new("iptables-restore")
-            .args(["-w", "--noflush"])
+            .args(["-w", LOCK_WAIT_SECS, "--noflush"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -197,7 +252,7 @@ pub fn remove(r: &ChainRules) -> Result<()> {
 /// Remove both of flannel's chains, whatever subnet they were for (teardown).
 pub fn remove_all() -> Result<()> {
     let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
-    remove(&masquerade(any, any))?;
+    remove(&masquerade(any, any, MasqRandom::None))?;
     remove(&forward(any))
 }
 
@@ -206,8 +261,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn random_fully_follows_the_iptables_version_and_the_flag() {
+        assert_eq!(parse_version("iptables v1.8.9 (nf_tables)\n"), Some((1, 8, 9)));
+        assert_eq!(parse_version("iptables v1.6.1"), Some((1, 6, 1)));
+        assert_eq!(parse_version("iptables v1.10"), Some((1, 10, 0)));
+        assert_eq!(parse_version("garbage"), None);
+        assert_eq!(MasqRandom::choose(true), MasqRandom::Random);
+        let n: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        for (random, tail) in [(MasqRandom::Fully, "MASQUERADE --random-fully"), (MasqRandom::Random, "MASQUERADE --random"), (MasqRandom::None, "MASQUERADE")] {
+            let input = masquerade(n, n, random).restore_input();
+            let masq: Vec<&str> = input.lines().filter(|l| l.contains("MASQUERADE")).collect();
+            assert_eq!(masq.len(), 2);
+            assert!(masq.iter().all(|l| l.ends_with(tail)), "{random:?}: {masq:?}");
+        }
+    }
+
+    #[test]
     fn masquerade_rules_are_flannels_in_order() {
-        let r = masquerade("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap());
+        let r = masquerade("10.244.0.0/16".parse().unwrap(), "10.244.7.0/24".parse().unwrap(), MasqRandom::Fully);
         let text = r.restore_input();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "*nat");

@@ -120,6 +120,65 @@ fn ip_masq_hides_containers_going_outside_but_not_between_nodes() {
     drop(outside);
 }
 
+/// flannel's --ip-masq-fully-random-disable: the masquerade rules use --random instead of
+/// --random-fully (which this iptables supports, so it is the default, as the test above
+/// checks).
+#[test]
+fn fully_random_masquerade_can_be_disabled() {
+    let c = cluster("mr", &with_args(&["--ip-masq", "--ip-masq-fully-random-disable"], 1));
+    let rules = ok("iptables", iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG"));
+    let masq: Vec<&str> = rules.lines().filter(|l| l.contains("MASQUERADE")).collect();
+    assert_eq!(masq.len(), 2, "{rules}");
+    assert!(masq.iter().all(|l| l.ends_with("-j MASQUERADE --random")), "{rules}");
+}
+
+/// An iptables call that hangs (here a wrapper that sleeps 20 s; on a node, the xtables lock
+/// held by kube-proxy or docker) stalls neither /healthz nor the watch: the rules are checked
+/// on a thread of their own. Before, the agent's single-threaded runtime waited for it.
+#[test]
+fn a_hanging_iptables_stalls_neither_healthz_nor_the_watch() {
+    let c0 = cluster("ih", &ClusterSpec { nodes: vec![], ..with_args(&[], 0) });
+    let bin = c0.workdir.join("fake-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let hang = c0.workdir.join("hang");
+    let real = String::from_utf8(std::process::Command::new("sh").args(["-c", "command -v iptables"]).output().unwrap().stdout).unwrap();
+    let script = format!("#!/bin/sh\nif [ -e {} ]; then sleep 19.7; fi\nexec {} \"$@\"\n", hang.display(), real.trim());
+    std::fs::write(bin.join("iptables"), script).unwrap();
+    std::process::Command::new("chmod").args(["+x", bin.join("iptables").to_str().unwrap()]).status().unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let mut c = c0;
+    c.set_agent_args(
+        vec!["--ip-masq".into(), "--iptables-resync=1".into(), "--healthz-ip=127.0.0.1".into(), "--healthz-port=9103".into()],
+        vec![("PATH".into(), path)],
+    );
+    ok("join", c.join(overlay_tests::NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9103);
+    assert_eq!(ok("healthz", http_get(&c.node(1).ns, at, "/healthz")).0, 200);
+    std::fs::write(&hang, "").unwrap();
+    // Let a resync start hanging (every second), then ask.
+    let sleeping = || -> Vec<i32> {
+        let out = std::process::Command::new("pgrep").args(["-f", "sleep 19.7"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+    };
+    assert!(wait_until(Duration::from_secs(5), || !sleeping().is_empty()), "no iptables call started hanging");
+    let asked = std::time::Instant::now();
+    assert_eq!(ok("healthz while iptables hangs", http_get(&c.node(1).ns, at, "/healthz")).0, 200);
+    assert!(asked.elapsed() < Duration::from_secs(5), "/healthz took {:?}", asked.elapsed());
+    let key = "/coreos.com/network/subnets/10.244.177.0-24";
+    let value = r#"{"PublicIP":"192.168.100.77","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"02:00:00:00:00:77"}}"#;
+    ok("put", c.etcd().etcdctl(&["put", key, value]));
+    assert!(
+        wait_until(Duration::from_secs(5), || c.node(1).routes().iter().any(|r| r.subnet.to_string() == "10.244.177.0/24")),
+        "the watch stalled behind iptables:\n{}",
+        c.node(1).log_text()
+    );
+    std::fs::remove_file(&hang).unwrap();
+    // The hanging calls are ours (the wrapper's): end them rather than leave them behind.
+    for pid in sleeping() {
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
 /// docker sets FORWARD's policy to DROP; flannel's forward rules keep overlay traffic going.
 #[test]
 fn forward_rules_keep_overlay_traffic_flowing_under_a_drop_policy() {
