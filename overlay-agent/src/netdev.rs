@@ -1,77 +1,97 @@
-//! Links, addresses and routes of the node: the overlay device and the route that sends the
-//! overlay network to it.
+//! Links, addresses and routes of the node: the overlay device, the route that sends the
+//! overlay network to it, and the vxlan device's forwarding entries.
 //!
-//! Design notes: this drives iproute2 (`ip -json`) rather than netlink directly. `ip` is
-//! present wherever flannel runs, its JSON output is stable, and it reads the calling
-//! process's network namespace (sysfs does not: under `nsenter --net` /sys still shows the
-//! host's devices). Every call returns a typed error naming the command and what `ip` said.
-//! Moving to rtnetlink is a contained change behind these functions.
+//! Design notes: rtnetlink messages over a synchronous netlink socket of the calling process
+//! (netlink-packet-route builds and parses them), one request and its answer per call. No
+//! `ip`/`bridge` forks: a route update with thousands of peers costs a syscall each, not a
+//! process, and netlink, like `ip`, sees the caller's network namespace (sysfs does not: under
+//! `nsenter --net` /sys still shows the host's devices). Every error names the operation and
+//! what the kernel said.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    AddressFamily, RouteNetlinkMessage,
+};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetdevError {
-    #[error("could not run `{cmd}`: {cause} (is iproute2 installed?)")]
-    Spawn {
-        cmd: String,
-        cause: std::io::Error,
-    },
-    #[error("`{cmd}` failed: {stderr}")]
-    Failed { cmd: String, stderr: String },
-    #[error("unexpected output from `{cmd}`: {cause}")]
-    Parse {
-        cmd: String,
-        cause: serde_json::Error,
-    },
+    #[error("netlink ({op}): {cause}")]
+    Netlink { op: String, cause: std::io::Error },
     #[error("interface {0:?} does not exist")]
     NoSuchInterface(String),
     #[error("interface {name:?} has no IPv4 address; pass --public-ip or give it one")]
     NoIpv4 { name: String },
     #[error("no default route to pick an interface from; pass --iface")]
     NoDefaultRoute,
-    #[error("interface {name:?} has a malformed MAC address {mac:?}")]
-    BadMac { name: String, mac: String },
 }
 
 type Result<T> = std::result::Result<T, NetdevError>;
 
-/// Run an iproute2 tool (`ip`, `bridge`); its stdout, or a typed error naming the command.
-fn run_tool(program: &str, args: &[&str]) -> Result<String> {
-    let cmd = format!("{program} {}", args.join(" "));
-    let out = Command::new(program).args(args).output().map_err(|cause| NetdevError::Spawn { cmd: cmd.clone(), cause })?;
-    if !out.status.success() {
-        return Err(NetdevError::Failed { cmd, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+/// Send one rtnetlink request and collect what comes back (a dump's messages; nothing for
+/// an acknowledged change). A kernel error is returned with `op` named.
+fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+    let err = |cause: std::io::Error| NetdevError::Netlink { op: op.to_string(), cause };
+    let socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+    let mut nl = NetlinkMessage::from(msg);
+    nl.header.flags = NLM_F_REQUEST | flags;
+    nl.header.sequence_number = 1;
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
+    socket.send(&buf, 0).map_err(err)?;
+    let mut out = Vec::new();
+    loop {
+        let (data, _) = socket.recv_from_full().map_err(err)?;
+        let mut off = 0;
+        while off < data.len() {
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
+                .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) if e.code.is_none() => return Ok(out),
+                NetlinkPayload::Error(e) => return Err(err(e.to_io())),
+                NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += len;
+        }
+        // A plain request without ACK that answered with one message is complete.
+        if flags & (NLM_F_ACK | NLM_F_DUMP) == 0 {
+            return Ok(out);
+        }
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(args: &[&str]) -> Result<String> {
-    run_tool("ip", args)
+/// A change the kernel acknowledges.
+fn change(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
+    request(op, msg, NLM_F_ACK | flags).map(drop)
 }
 
-fn ip_json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<T> {
-    let out = ip(args)?;
-    let out = if out.trim().is_empty() { "[]" } else { out.as_str() };
-    serde_json::from_str(out).map_err(|cause| NetdevError::Parse { cmd: format!("ip {}", args.join(" ")), cause })
+fn is_errno(e: &NetdevError, errno: i32) -> bool {
+    matches!(e, NetdevError::Netlink { cause, .. } if cause.raw_os_error() == Some(errno))
 }
 
-#[derive(Debug, Deserialize)]
-struct JsonLink {
-    ifindex: u32,
-    ifname: String,
-    mtu: u32,
-    address: Option<String>,
-    flags: Vec<String>,
-    linkinfo: Option<JsonLinkInfo>,
-}
-
-#[derive(Debug, Deserialize)]
-struct JsonLinkInfo {
-    info_kind: Option<String>,
-    info_data: Option<serde_json::Value>,
+/// A VXLAN device's parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VxlanParams {
+    pub id: u32,
+    pub port: u16,
+    pub local: Option<Ipv4Addr>,
 }
 
 /// What the agent needs to know about an interface.
@@ -84,19 +104,52 @@ pub struct Link {
     /// rtnetlink kind (`veth`, `vxlan`, `bridge`...); `None` for a physical NIC.
     pub kind: Option<String>,
     pub up: bool,
-    info_data: Option<serde_json::Value>,
+    pub vxlan: Option<VxlanParams>,
 }
 
-impl Link {
-    /// A VXLAN device's `(id, port, local)`.
-    pub fn vxlan_params(&self) -> Option<(u64, u64, Option<String>)> {
-        let d = self.info_data.as_ref()?;
-        Some((
-            d.get("id")?.as_u64()?,
-            d.get("port")?.as_u64()?,
-            d.get("local").and_then(|l| l.as_str()).map(str::to_string),
-        ))
+fn kind_name(k: &InfoKind) -> String {
+    match k {
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Vxlan => "vxlan".into(),
+        InfoKind::Bridge => "bridge".into(),
+        InfoKind::Tun => "tun".into(),
+        InfoKind::Dummy => "dummy".into(),
+        other => format!("{other:?}").to_lowercase(),
     }
+}
+
+fn to_link(m: &LinkMessage) -> Link {
+    let mut l = Link { ifindex: m.header.index, name: String::new(), mtu: 0, mac: [0; 6], kind: None, up: m.header.flags.contains(LinkFlags::Up), vxlan: None };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Mtu(v) => l.mtu = *v,
+            // L3 devices (TUN) have no link-layer address: zero MAC.
+            LinkAttribute::Address(b) if b.len() == 6 => l.mac.copy_from_slice(b),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => l.kind = Some(kind_name(k)),
+                        LinkInfo::Data(InfoData::Vxlan(v)) => {
+                            let mut p = VxlanParams::default();
+                            for x in v {
+                                match x {
+                                    InfoVxlan::Id(id) => p.id = *id,
+                                    InfoVxlan::Port(port) => p.port = *port,
+                                    InfoVxlan::Local(a) => p.local = Some(*a),
+                                    _ => {}
+                                }
+                            }
+                            l.vxlan = Some(p);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
@@ -114,96 +167,97 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 /// The interface called `name`, or `None` if there is none.
 pub fn link(name: &str) -> Result<Option<Link>> {
-    let links: Vec<JsonLink> = match ip_json(&["-json", "-details", "link", "show", "dev", name]) {
-        Ok(l) => l,
-        Err(NetdevError::Failed { stderr, .. }) if stderr.contains("does not exist") => {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
-    };
-    let Some(l) = links.into_iter().next() else { return Ok(None) };
-    // L3 devices (TUN) have no link-layer address: zero MAC.
-    let mac = match l.address.as_deref() {
-        None | Some("") => [0; 6],
-        Some(a) => parse_mac(a).ok_or_else(|| NetdevError::BadMac { name: l.ifname.clone(), mac: a.to_string() })?,
-    };
-    let (kind, info_data) = match l.linkinfo {
-        Some(i) => (i.info_kind, i.info_data),
-        None => (None, None),
-    };
-    Ok(Some(Link {
-        ifindex: l.ifindex,
-        name: l.ifname,
-        mtu: l.mtu,
-        mac,
-        kind,
-        up: l.flags.iter().any(|f| f == "UP"),
-        info_data,
-    }))
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    match request(&format!("get link {name}"), RouteNetlinkMessage::GetLink(m), NLM_F_ACK) {
+        Ok(msgs) => Ok(msgs.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(to_link(l)),
+            _ => None,
+        })),
+        Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn require_link(name: &str) -> Result<Link> {
     link(name)?.ok_or_else(|| NetdevError::NoSuchInterface(name.to_string()))
 }
 
-#[derive(Debug, Deserialize)]
-struct JsonAddrs {
-    addr_info: Vec<JsonAddr>,
-}
-#[derive(Debug, Deserialize)]
-struct JsonAddr {
-    family: String,
-    local: String,
-    #[serde(default)]
-    prefixlen: u8,
+/// The IPv4 addresses (with prefix lengths) of interface `ifindex`.
+fn ipv4_addresses(ifindex: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet;
+    let msgs = request("list addresses", RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP)?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, a.header.prefix_len)),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect())
 }
 
 /// The first IPv4 address of `name`.
 pub fn first_ipv4(name: &str) -> Result<Ipv4Addr> {
-    let a: Vec<JsonAddrs> = ip_json(&["-json", "addr", "show", "dev", name])?;
-    a.iter()
-        .flat_map(|a| a.addr_info.iter())
-        .filter(|a| a.family == "inet")
-        .find_map(|a| a.local.parse().ok())
-        .ok_or_else(|| NetdevError::NoIpv4 { name: name.to_string() })
-}
-
-#[derive(Debug, Deserialize)]
-struct JsonRoute {
-    dev: Option<String>,
+    let l = require_link(name)?;
+    ipv4_addresses(l.ifindex)?.first().map(|a| a.0).ok_or_else(|| NetdevError::NoIpv4 { name: name.to_string() })
 }
 
 /// The interface of the default route (flannel's choice when --iface is not given).
 pub fn default_route_iface() -> Result<String> {
-    let r: Vec<JsonRoute> = ip_json(&["-4", "-json", "route", "show", "default"])?;
-    r.into_iter().find_map(|r| r.dev).ok_or(NetdevError::NoDefaultRoute)
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    let oif = msgs.iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewRoute(r) if r.header.destination_prefix_length == 0 && r.header.table == RouteHeader::RT_TABLE_MAIN => {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            })
+        }
+        _ => None,
+    });
+    oif.and_then(name_of).ok_or(NetdevError::NoDefaultRoute)
+}
+
+fn new_link(op: &str, name: &str, info: Vec<LinkInfo>) -> Result<()> {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    m.attributes.push(LinkAttribute::LinkInfo(info));
+    change(op, RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)
 }
 
 /// Create (or keep, if it already matches) the kernel VXLAN device flannel's vxlan backend
 /// uses: `flannel.<VNI>` with `nolearning`, bound to the underlay. Our TC program on its
 /// egress does the encapsulation; the device itself gives the node UDP-tunnel GRO on port
 /// `port`, and stock tools show what operators expect.
-pub fn ensure_vxlan(
-    name: &str,
-    vni: u32,
-    port: u16,
-    local: Ipv4Addr,
-    underlay: &str,
-) -> Result<Link> {
+pub fn ensure_vxlan(name: &str, vni: u32, port: u16, local: Ipv4Addr, underlay: &str) -> Result<Link> {
     if let Some(l) = link(name)? {
-        let matches = l.kind.as_deref() == Some("vxlan")
-            && l.vxlan_params()
-                .is_some_and(|(id, p, loc)| id == vni as u64 && p == port as u64 && loc == Some(local.to_string()));
-        if matches {
+        let want = VxlanParams { id: vni, port, local: Some(local) };
+        if l.kind.as_deref() == Some("vxlan") && l.vxlan.as_ref() == Some(&want) {
             return Ok(l);
         }
         tracing::warn!(device = name, "existing device does not match the configuration; recreating it");
         delete_link(name)?;
     }
-    ip(&[
-        "link", "add", name, "type", "vxlan", "id", &vni.to_string(), "local",
-        &local.to_string(), "dev", underlay, "dstport", &port.to_string(), "nolearning",
-    ])?;
+    let under = require_link(underlay)?;
+    new_link(
+        &format!("create vxlan device {name}"),
+        name,
+        vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(vec![
+                InfoVxlan::Id(vni),
+                InfoVxlan::Local(local),
+                InfoVxlan::Link(under.ifindex),
+                InfoVxlan::Port(port),
+                InfoVxlan::Learning(false),
+            ])),
+        ],
+    )?;
     require_link(name)
 }
 
@@ -216,7 +270,9 @@ pub fn ensure_veth(name: &str, peer: &str) -> Result<Link> {
         }
         delete_link(name)?;
     }
-    ip(&["link", "add", name, "type", "veth", "peer", "name", peer])?;
+    let mut p = LinkMessage::default();
+    p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+    new_link(&format!("create veth pair {name}/{peer}"), name, vec![LinkInfo::Kind(InfoKind::Veth), LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p)))])?;
     configure_up(peer, None)?;
     require_link(name)
 }
@@ -226,31 +282,49 @@ pub fn ensure_veth(name: &str, peer: &str) -> Result<Link> {
 /// router solicitations and DAD would only be dropped and counted by the egress program) and
 /// bring the link up.
 pub fn configure_up(name: &str, mtu: Option<u32>) -> Result<()> {
-    if !require_link(name)?.up {
+    let l = require_link(name)?;
+    let op = format!("configure {name}");
+    if !l.up {
         // addrgenmode can only change while the link is down.
-        ip(&["link", "set", "dev", name, "addrgenmode", "none"])?;
+        let mut m = LinkMessage::default();
+        m.header.index = l.ifindex;
+        m.attributes.push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)])]));
+        change(&op, RouteNetlinkMessage::SetLink(m), 0)?;
     }
-    let mut args = vec!["link", "set", "dev", name];
-    let mtu_s;
-    if let Some(m) = mtu {
-        mtu_s = m.to_string();
-        args.extend(["mtu", mtu_s.as_str()]);
+    let mut m = LinkMessage::default();
+    m.header.index = l.ifindex;
+    m.header.flags = LinkFlags::Up | LinkFlags::Noarp;
+    m.header.change_mask = LinkFlags::Up | LinkFlags::Noarp;
+    if let Some(mtu) = mtu {
+        m.attributes.push(LinkAttribute::Mtu(mtu));
     }
-    args.extend(["arp", "off", "up"]);
-    ip(&args).map(drop)
+    change(&op, RouteNetlinkMessage::SetLink(m), 0)
+}
+
+fn address_message(ifindex: u32, addr: Ipv4Addr, prefix_len: u8) -> AddressMessage {
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.prefix_len = prefix_len;
+    m.header.index = ifindex;
+    m.attributes.push(AddressAttribute::Local(IpAddr::V4(addr)));
+    m.attributes.push(AddressAttribute::Address(IpAddr::V4(addr)));
+    m
 }
 
 /// Give the overlay device exactly one address, the subnet's network address as a /32 (as
 /// flannel does): the source the host uses to reach remote containers.
 pub fn set_device_address(name: &str, addr: Ipv4Addr) -> Result<()> {
+    let l = require_link(name)?;
+    let have = ipv4_addresses(l.ifindex)?;
     // Already right (an agent restart): leave it, so host traffic never loses its source.
-    let a: Vec<JsonAddrs> = ip_json(&["-json", "-4", "addr", "show", "dev", name])?;
-    let have: Vec<(&str, u8)> = a.iter().flat_map(|a| a.addr_info.iter()).filter(|i| i.family == "inet").map(|i| (i.local.as_str(), i.prefixlen)).collect();
-    if have == [(addr.to_string().as_str(), 32)] {
+    if have == [(addr, 32)] {
         return Ok(());
     }
-    ip(&["-4", "addr", "flush", "dev", name])?;
-    ip(&["addr", "add", &format!("{addr}/32"), "dev", name]).map(drop)
+    let op = format!("set the address of {name}");
+    for (a, len) in have {
+        change(&op, RouteNetlinkMessage::DelAddress(address_message(l.ifindex, a, len)), 0)?;
+    }
+    change(&op, RouteNetlinkMessage::NewAddress(address_message(l.ifindex, addr, 32)), NLM_F_CREATE | NLM_F_EXCL)
 }
 
 /// The next hop of the overlay route. Any address works on a NOARP device: routing the whole
@@ -261,17 +335,30 @@ pub const OVERLAY_NEXTHOP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// Route the whole overlay network to the device (the node's own subnet stays on its bridge,
 /// a longer prefix).
 pub fn route_network(network: Ipv4Net, device: &str) -> Result<()> {
-    ip(&[
-        "route", "replace", &network.to_string(), "via", &OVERLAY_NEXTHOP.to_string(), "dev",
-        device, "onlink",
-    ])
-    .map(drop)
+    let l = require_link(device)?;
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = network.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    m.header.flags = RouteFlags::Onlink;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(network.network())));
+    m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(OVERLAY_NEXTHOP)));
+    m.attributes.push(RouteAttribute::Oif(l.ifindex));
+    change(&format!("route {network} to {device}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
-#[derive(Debug, Deserialize)]
-struct JsonFdb {
-    mac: String,
-    dst: Option<String>,
+fn fdb_message(ifindex: u32, mac: [u8; 6], dst: Ipv4Addr) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = ifindex;
+    m.header.state = NeighbourState::Permanent;
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+    m
 }
 
 /// The VXLAN device's unicast forwarding entries with a destination, as (VtepMAC, peer
@@ -280,28 +367,54 @@ struct JsonFdb {
 /// already tunnelled by a container, a GSO aggregate past 64 KiB, a fragmentable packet
 /// bigger than the path), for which the device needs these entries, as flannel writes them.
 pub fn vxlan_fdb(dev: &str) -> Result<Vec<([u8; 6], Ipv4Addr)>> {
-    let out = run_tool("bridge", &["-json", "fdb", "show", "dev", dev])?;
-    let out = if out.trim().is_empty() { "[]" } else { out.as_str() };
-    let entries: Vec<JsonFdb> = serde_json::from_str(out)
-        .map_err(|cause| NetdevError::Parse { cmd: format!("bridge -json fdb show dev {dev}"), cause })?;
-    Ok(entries
+    let l = require_link(dev)?;
+    // A bare ndmsg: with attributes, the kernel's legacy fdb dump parser would read them as
+    // an ifinfomsg's (NDA_IFINDEX as IFLA_MASTER) and filter by master. Filtered here.
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    let msgs = request(&format!("list the forwarding entries of {dev}"), RouteNetlinkMessage::GetNeighbour(m), NLM_F_DUMP)?;
+    Ok(msgs
         .iter()
-        .filter_map(|e| Some((parse_mac(&e.mac)?, e.dst.as_deref()?.parse().ok()?)))
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == l.ifindex => {
+                let mut mac = None;
+                let mut dst = None;
+                for a in &n.attributes {
+                    match a {
+                        NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => mac = <[u8; 6]>::try_from(b.as_slice()).ok(),
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                        // In a bridge-family message the library cannot tell the address's
+                        // family from the header: four bytes are IPv4.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) if b.len() == 4 => {
+                            dst = Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+                        }
+                        _ => {}
+                    }
+                }
+                Some((mac?, dst?))
+            }
+            _ => None,
+        })
         .filter(|(mac, _)| mac != &[0; 6])
         .collect())
 }
 
 /// Add (or keep) the entry sending frames for `mac` to `dst`, as flannel's vxlan backend does.
 pub fn vxlan_fdb_replace(dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
-    run_tool("bridge", &["fdb", "replace", &format_mac(&mac), "dev", dev, "dst", &dst.to_string(), "self", "permanent"]).map(drop)
+    let l = require_link(dev)?;
+    change(&format!("forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(fdb_message(l.ifindex, mac, dst)), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
 pub fn vxlan_fdb_del(dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
-    run_tool("bridge", &["fdb", "del", &format_mac(&mac), "dev", dev, "dst", &dst.to_string(), "self"]).map(drop)
+    let l = require_link(dev)?;
+    change(&format!("remove forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::DelNeighbour(fdb_message(l.ifindex, mac, dst)), 0)
 }
 
 pub fn delete_link(name: &str) -> Result<()> {
-    ip(&["link", "del", "dev", name]).map(drop)
+    let l = require_link(name)?;
+    let mut m = LinkMessage::default();
+    m.header.index = l.ifindex;
+    change(&format!("delete {name}"), RouteNetlinkMessage::DelLink(m), 0)
 }
 
 /// The ifindex of interface `name` in this namespace.

@@ -380,3 +380,34 @@ fn encap_answers_what_does_not_fit_the_path() {
     });
 }
 
+
+/// The vxlan device's forwarding entries follow the routes (written over netlink, read back
+/// with `bridge`, the operator's view): one per peer, replaced when a peer's VtepMAC changes,
+/// gone with its last route. They carry what the program leaves to the kernel device.
+#[test]
+fn forwarding_entries_follow_the_routes() {
+    in_private_netns(|| {
+        let mut n = Node::new(config_flags::KERNEL_DECAP);
+        let bridge = || {
+            let out = Command::new("bridge").args(["fdb", "show", "dev", "flannel.1"]).output().expect("bridge");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let fdb = bridge();
+        for (mac, ip) in [(MAC_A, PEER_A), (MAC_B, PEER_B), (MAC_C, PEER_C)] {
+            let line = format!("{} dst {ip} self permanent", netdev::format_mac(&mac));
+            assert!(fdb.contains(&line), "{line:?} missing from:\n{fdb}");
+        }
+        let listed = netdev::vxlan_fdb("flannel.1").expect("fdb");
+        assert!(listed.contains(&(MAC_A, PEER_A)) && listed.contains(&(MAC_C, PEER_C)), "{listed:?}");
+        // A's VtepMAC changes (its agent recreated the device): the old entry goes.
+        let new_mac = [0x02, 0, 0, 0, 0, 0x1a];
+        n.maps.upsert_route(&Route { subnet: "10.244.2.0/24".parse().unwrap(), public_ip: PEER_A, vtep_mac: new_mac }).expect("route");
+        let fdb = bridge();
+        assert!(fdb.contains(&format!("{} dst {PEER_A} self permanent", netdev::format_mac(&new_mac))), "{fdb}");
+        assert!(!fdb.contains(&netdev::format_mac(&MAC_A)), "{fdb}");
+        // C's only route goes: so does its entry.
+        n.maps.remove_route("10.244.4.0/24".parse().unwrap()).expect("remove");
+        assert!(!bridge().contains(&netdev::format_mac(&MAC_C)));
+        assert!(!netdev::vxlan_fdb("flannel.1").expect("fdb").iter().any(|(m, _)| *m == MAC_C));
+    });
+}
