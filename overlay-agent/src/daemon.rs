@@ -607,31 +607,20 @@ impl Daemon {
     }
 
     async fn handle(&mut self, ev: LeaseEvent) -> Result<()> {
-        match ev {
-            LeaseEvent::Put(lease) if lease.subnet == self.held.subnet => {
-                if lease.attrs.public_ip != self.attrs.public_ip {
-                    tracing::error!(subnet = %lease.subnet, other = %lease.attrs.public_ip, "our subnet's lease now names another node");
+        let me = reconcile::Mine { subnet: self.held.subnet, public_ip: self.attrs.public_ip, mode: self.spec.mode };
+        match reconcile::on_event(&ev, &me) {
+            reconcile::EventAction::SetRoute { subnet, route, skipped } => {
+                if let Some(e) = skipped {
+                    self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%subnet, error = %e, "lease skipped");
                 }
+                self.set_route(subnet, route.as_ref())?;
             }
-            // What a listing would make of this lease, as `reconcile_all` does: a lease that no
-            // longer gives a route (it names our address, or lost its VtepMAC) removes the
-            // one it gave.
-            LeaseEvent::Put(lease) => {
-                let want = match reconcile::route_for(&lease, self.spec.mode, self.held.subnet, self.attrs.public_ip) {
-                    Ok(want) => want,
-                    Err(e) => {
-                        self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(subnet = %lease.subnet, error = %e, "lease skipped");
-                        None
-                    }
-                };
-                self.set_route(lease.subnet, want.as_ref())?;
+            reconcile::EventAction::LostOwn => self.lost_lease("deleted from etcd").await?,
+            reconcile::EventAction::OwnNamesOther(other) => {
+                tracing::error!(subnet = %self.held.subnet, %other, "our subnet's lease now names another node");
             }
-            LeaseEvent::Delete(subnet) if subnet == self.held.subnet => {
-                self.lost_lease("deleted from etcd").await?;
-            }
-            LeaseEvent::Delete(subnet) => self.set_route(subnet, None)?,
-            LeaseEvent::Malformed(key, e) => self.skipped_lease(&key, &e),
+            reconcile::EventAction::Skipped(key, e) => self.skipped_lease(&key, &e),
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use ipnet::Ipv4Net;
 use overlay_common::EncapMode;
 
 use crate::{
-    lease::{Lease, LeaseFormatError},
+    lease::{registry::LeaseEvent, Lease, LeaseFormatError},
     maps::Route,
 };
 
@@ -42,6 +42,49 @@ pub fn desired_routes(
         }
     }
     (routes, skipped)
+}
+
+/// This node, as the decisions need it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mine {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+    pub mode: EncapMode,
+}
+
+/// What one watched lease event asks of this node. The same decisions as a full listing
+/// (`desired_routes`): applying every event to the routes a listing gave yields the routes
+/// a listing after them would give (`events_and_listings_agree`).
+#[derive(Debug, PartialEq)]
+pub enum EventAction {
+    /// Make `subnet`'s route this (`None`: no route), and say why a lease gave none.
+    SetRoute { subnet: Ipv4Net, route: Option<Route>, skipped: Option<LeaseFormatError> },
+    /// Our own lease was deleted or expired: claim again.
+    LostOwn,
+    /// Our subnet's key now names another node: logged loudly (the next listing decides).
+    OwnNamesOther(Ipv4Addr),
+    /// A key or value that is not flannel's (counted), or an IPv6-only lease (not counted).
+    Skipped(String, LeaseFormatError),
+}
+
+/// The decision for one watched event (see `EventAction`).
+pub fn on_event(ev: &LeaseEvent, me: &Mine) -> EventAction {
+    match ev {
+        LeaseEvent::Put(lease) if lease.subnet == me.subnet => {
+            if lease.attrs.public_ip == me.public_ip {
+                EventAction::SetRoute { subnet: lease.subnet, route: None, skipped: None }
+            } else {
+                EventAction::OwnNamesOther(lease.attrs.public_ip)
+            }
+        }
+        LeaseEvent::Put(lease) => match route_for(lease, me.mode, me.subnet, me.public_ip) {
+            Ok(route) => EventAction::SetRoute { subnet: lease.subnet, route, skipped: None },
+            Err(e) => EventAction::SetRoute { subnet: lease.subnet, route: None, skipped: Some(e) },
+        },
+        LeaseEvent::Delete(subnet) if *subnet == me.subnet => EventAction::LostOwn,
+        LeaseEvent::Delete(subnet) => EventAction::SetRoute { subnet: *subnet, route: None, skipped: None },
+        LeaseEvent::Malformed(key, e) => EventAction::Skipped(key.clone(), e.clone()),
+    }
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -90,6 +133,69 @@ mod tests {
         let c = diff(&[route("10.0.7.0/24", 7, 7)], &[]);
         assert_eq!(c.remove.len(), 1);
         assert!(diff(&[route("10.0.7.0/24", 7, 7)], &[route("10.0.7.0/24", 7, 7)]).is_empty());
+    }
+
+    use proptest::prelude::*;
+
+    /// A lease event drawn from a small world (a few subnets and nodes, this node among
+    /// them), so that sequences revisit the same keys: puts by other nodes, by us, by a node
+    /// taking our subnet, without a VtepMAC, and deletes.
+    fn event() -> impl Strategy<Value = LeaseEvent> {
+        let subnet = (0u8..6).prop_map(|i| Ipv4Net::new(Ipv4Addr::new(10, 0, i, 0), 24).unwrap());
+        let put = (subnet.clone(), 1u8..5, any::<bool>(), any::<u8>()).prop_map(|(subnet, node, has_mac, mac)| {
+            let ip = Ipv4Addr::new(192, 168, 0, node);
+            let attrs = if has_mac { LeaseAttrs::vxlan(ip, 1, [2, 0, 0, 0, node, mac]) } else { LeaseAttrs::udp(ip) };
+            LeaseEvent::Put(Lease { subnet, attrs, etcd_lease: 7 })
+        });
+        prop_oneof![3 => put, 1 => subnet.prop_map(LeaseEvent::Delete)]
+    }
+
+    proptest! {
+        /// Events and listings agree: from the routes a listing gave, applying each watched
+        /// event's decision gives the routes a fresh listing of the same store would give.
+        /// (Our own subnet is 10.0.0.0/24 and our address 192.168.0.1; losing our own lease
+        /// is the daemon's business and ends the sequence as it would end the watch.)
+        #[test]
+        fn events_and_listings_agree(start in proptest::collection::vec(event(), 0..8), events in proptest::collection::vec(event(), 0..40)) {
+            let me = Mine { subnet: "10.0.0.0/24".parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, 1), mode: EncapMode::Vxlan };
+            let mut store: BTreeMap<Ipv4Net, Lease> = BTreeMap::new();
+            let apply = |store: &mut BTreeMap<Ipv4Net, Lease>, ev: &LeaseEvent| match ev {
+                LeaseEvent::Put(l) => { store.insert(l.subnet, l.clone()); }
+                LeaseEvent::Delete(s) => { store.remove(s); }
+                LeaseEvent::Malformed(..) => {}
+            };
+            for ev in &start {
+                apply(&mut store, ev);
+            }
+            let listing = |store: &BTreeMap<Ipv4Net, Lease>| {
+                let leases: Vec<Lease> = store.values().cloned().collect();
+                let (routes, _) = desired_routes(&leases, me.mode, me.subnet, me.public_ip);
+                routes.into_iter().map(|r| (r.subnet, r)).collect::<BTreeMap<_, _>>()
+            };
+            let mut routes = listing(&store);
+            for ev in &events {
+                apply(&mut store, ev);
+                match on_event(ev, &me) {
+                    EventAction::SetRoute { subnet, route: Some(r), .. } => { routes.insert(subnet, r); }
+                    EventAction::SetRoute { subnet, route: None, .. } => { routes.remove(&subnet); }
+                    EventAction::LostOwn => break,
+                    EventAction::OwnNamesOther(_) | EventAction::Skipped(..) => {}
+                }
+                prop_assert_eq!(&routes, &listing(&store), "after {:?}", ev);
+            }
+        }
+    }
+
+    #[test]
+    fn event_decisions() {
+        let me = Mine { subnet: "10.0.0.0/24".parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, 1), mode: EncapMode::Vxlan };
+        let other = Lease { subnet: "10.0.2.0/24".parse().unwrap(), attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]), etcd_lease: 2 };
+        assert_eq!(on_event(&LeaseEvent::Put(other.clone()), &me), EventAction::SetRoute { subnet: other.subnet, route: Some(route("10.0.2.0/24", 2, 2)), skipped: None });
+        let no_mac = Lease { attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 2)), ..other.clone() };
+        assert_eq!(on_event(&LeaseEvent::Put(no_mac), &me), EventAction::SetRoute { subnet: other.subnet, route: None, skipped: Some(LeaseFormatError::NoVtepMac) });
+        assert_eq!(on_event(&LeaseEvent::Delete(me.subnet), &me), EventAction::LostOwn);
+        let taken = Lease { subnet: me.subnet, ..other.clone() };
+        assert_eq!(on_event(&LeaseEvent::Put(taken), &me), EventAction::OwnNamesOther(Ipv4Addr::new(192, 168, 0, 2)));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LeaseFormatError {
     #[error("subnet key {0:?} is not of the form <ip>-<prefix length>, e.g. 10.244.1.0-24")]
     BadKey(String),

@@ -100,7 +100,7 @@ pub struct Listing {
 }
 
 /// A change under `<prefix>/subnets/`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum LeaseEvent {
     Put(Lease),
     Delete(Ipv4Net),
