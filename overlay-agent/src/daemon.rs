@@ -382,7 +382,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     spec.subnet = held.subnet;
     let (maps, ebpf, tun, mtu): (Box<dyn crate::tun::RouteTable>, _, _, u32) = match opts.dataplane {
         DataplaneKind::Ebpf => {
-            let dp = dataplane::up(&spec)?;
+            let dp = dataplane_up(&spec).await?;
             tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, "eBPF data plane up");
             let mtu = dp.mtu;
             (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
@@ -487,6 +487,13 @@ async fn resync_rules(rules: SharedRules, every: Duration, state: Arc<AgentState
             Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "checking iptables rules"),
         }
     }
+}
+
+/// Load and attach the programs (verifier, netlink, bpffs: a few hundred milliseconds) on a
+/// blocking thread: /healthz and the lease keeper go on meanwhile.
+async fn dataplane_up(spec: &NodeSpec) -> Result<dataplane::Dataplane> {
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || dataplane::up(&spec)).await.context("the data-plane task")?
 }
 
 fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, subnet: Ipv4Net, mtu: u32) -> Result<()> {
@@ -721,7 +728,7 @@ impl Daemon {
                 bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
             }
             self.spec.subnet = held.subnet;
-            let dp = dataplane::up(&self.spec)?;
+            let dp = dataplane_up(&self.spec).await?;
             write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
             self.ebpf = Some(dp);
             *self.rules.lock().await = self.wanted_rules();
