@@ -1,19 +1,16 @@
 //! The node agent: brings up the eBPF data plane of one node and keeps its maps.
+//!
+//! Grouped by concern: `control` (config, leases, routes from etcd, the daemon), `datapath`
+//! (programs and maps), `host` (netlink, iptables, files, health). The modules are also
+//! re-exported at the crate root under their own names.
 pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod lease;
-pub mod reconcile;
-pub mod subnet_file;
-pub mod tun;
-pub mod dataplane;
-pub mod docker_opts;
-pub mod health;
-pub mod iptables;
-pub mod maps;
-pub mod monitor;
-pub mod netdev;
-pub mod report;
+pub mod control;
+pub mod datapath;
+pub mod host;
+
+pub use control::{config, daemon, lease, reconcile};
+pub use datapath::{dataplane, maps, monitor, report, tun};
+pub use host::{docker_opts, health, iptables, netdev, subnet_file};
 
 use anyhow::{Context as _, Result};
 

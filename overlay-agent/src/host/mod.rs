@@ -1,0 +1,8 @@
+//! The host around the overlay: links, addresses, routes and forwarding entries over netlink
+//! (`netdev`), flannel's iptables chains, the subnet file and docker's options, and the
+//! health and metrics endpoints.
+pub mod docker_opts;
+pub mod health;
+pub mod iptables;
+pub mod netdev;
+pub mod subnet_file;
