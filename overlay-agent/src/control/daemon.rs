@@ -29,8 +29,8 @@ use crate::{
     health::AgentState,
     iptables::{self, ChainRules},
     lease::{
+        acquire::{Acquisition, Outcome, Step, MAX_ATTEMPTS},
         keeper::{self, KeeperEvent},
-        manager::{self, Choice},
         registry::{EtcdOptions, LeaseEvent, Registry, RegistryError},
         LeaseAttrs,
     },
@@ -218,9 +218,9 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Claim a subnet for this node (flannel's algorithm, `manager::choose`): reuse our lease or
-/// reservation if it still fits the config (a lease of ours that does not is deleted, as
-/// flannel does), else claim a free subnet, the previous one first.
+/// Claim a subnet for this node: `lease::acquire` decides each step (flannel's algorithm:
+/// reuse our lease or reservation if it still fits the config, deleting ours that do not,
+/// else claim a free subnet, the previous one first); this performs them against etcd.
 async fn acquire(
     reg: &mut Registry,
     cfg: &NetworkConfig,
@@ -228,56 +228,58 @@ async fn acquire(
     previous: Option<Ipv4Net>,
     opts: &DaemonOptions,
 ) -> Result<Held> {
-    for _attempt in 0..10 {
-        let listing = retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?;
-        for stale in manager::incompatible_own(cfg, &listing.leases, attrs.public_ip) {
-            tracing::warn!(subnet = %stale, network = %cfg.network, "this node's lease no longer fits the network config; deleting it, as flannel does");
-            retry("deleting a lease that no longer fits", reg, move |r| Box::pin(async move { r.delete_lease(&stale).await })).await?;
-        }
-        let choice = manager::choose(cfg, &listing.leases, attrs.public_ip, previous, &mut rand::rng());
-        match choice {
+    let (mut acq, mut step) = Acquisition::start(cfg, attrs.public_ip, previous);
+    loop {
+        let outcome = match step {
+            Step::List => Outcome::Listed(retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?.leases),
+            Step::Delete(stale) => {
+                tracing::warn!(subnet = %stale, network = %cfg.network, "this node's lease no longer fits the network config; deleting it, as flannel does");
+                retry("deleting a lease that no longer fits", reg, move |r| Box::pin(async move { r.delete_lease(&stale).await })).await?;
+                Outcome::Done
+            }
             // A reservation (flannel's Documentation/reservations.md): used as it is, with our
             // attributes written into it and no TTL, never renewed and never re-claimed.
-            Choice::Reuse { subnet, etcd_lease: 0 } => {
+            Step::TakeReservation(subnet) => {
                 retry("updating our reservation", reg, |r| {
                     let a = attrs.clone();
                     Box::pin(async move { r.update(&subnet, &a, 0).await })
                 })
                 .await?;
                 tracing::info!(%subnet, "using this node's reservation (no TTL: never expires, never renewed)");
-                return Ok(Held::reservation(subnet));
+                Outcome::Done
             }
-            Choice::Reuse { subnet, etcd_lease } => {
-                let ttl = retry("renewing our lease", reg, |r| {
+            Step::Renew { subnet, etcd_lease } => Outcome::Renewed(
+                retry("renewing our lease", reg, |r| {
                     let a = attrs.clone();
                     Box::pin(async move {
                         r.update(&subnet, &a, etcd_lease).await?;
                         r.keep_alive(etcd_lease).await
                     })
                 })
+                .await?,
+            ),
+            Step::Claim(subnet) => {
+                let ttl = opts.lease_ttl;
+                let claimed = retry("claiming a subnet", reg, |r| {
+                    let a = attrs.clone();
+                    Box::pin(async move { r.claim(&subnet, &a, ttl).await })
+                })
                 .await?;
-                if ttl > 0 {
-                    tracing::info!(%subnet, "reusing this node's existing lease");
-                    return Ok(Held { subnet, etcd_lease, ttl: Duration::from_secs(ttl as u64), since: Instant::now() });
-                }
-                // Expired meanwhile: its key went with it; choose again.
-            }
-            Choice::Claim(order) => {
-                for subnet in order {
-                    let ttl = opts.lease_ttl;
-                    let claimed = retry("claiming a subnet", reg, |r| {
-                        let a = attrs.clone();
-                        Box::pin(async move { r.claim(&subnet, &a, ttl).await })
-                    })
-                    .await?;
-                    if let Some(etcd_lease) = claimed {
-                        tracing::info!(%subnet, "leased a subnet");
-                        return Ok(Held { subnet, etcd_lease, ttl, since: Instant::now() });
-                    }
+                if claimed.is_none() {
                     tracing::info!(%subnet, "subnet taken concurrently; choosing again");
                 }
+                Outcome::Claimed(claimed)
             }
-            Choice::Exhausted => bail!(
+            Step::Acquired { subnet, etcd_lease: 0, .. } => return Ok(Held::reservation(subnet)),
+            Step::Acquired { subnet, etcd_lease, ttl_secs } => {
+                match ttl_secs {
+                    Some(_) => tracing::info!(%subnet, "reusing this node's existing lease"),
+                    None => tracing::info!(%subnet, "leased a subnet"),
+                }
+                let ttl = ttl_secs.map_or(opts.lease_ttl, |t| Duration::from_secs(t as u64));
+                return Ok(Held { subnet, etcd_lease, ttl, since: Instant::now() });
+            }
+            Step::Exhausted => bail!(
                 "no free subnet in {} (SubnetMin {} .. SubnetMax {}, /{}): every subnet is leased; \
                  widen Network or remove stale leases (overlay-agent leases)",
                 cfg.network,
@@ -285,9 +287,12 @@ async fn acquire(
                 cfg.subnet_max,
                 cfg.subnet_len
             ),
-        }
+            Step::GaveUp => bail!(
+                "could not claim a subnet after {MAX_ATTEMPTS} listings: other nodes kept taking the chosen ones"
+            ),
+        };
+        step = acq.next(outcome, &mut rand::rng());
     }
-    bail!("could not claim a subnet after 10 attempts: other nodes kept taking the chosen ones")
 }
 
 pub fn default_device(mode: EncapMode, vni: u32) -> String {

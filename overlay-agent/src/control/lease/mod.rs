@@ -1,6 +1,7 @@
 //! Subnet leases: flannel's lease value and key formats (this module), etcd I/O
 //! (`registry`), and the choice, reuse and renewal of this node's subnet (`manager`).
 
+pub mod acquire;
 pub mod keeper;
 pub mod manager;
 pub mod registry;
