@@ -53,3 +53,30 @@ pub fn program_logs(ebpf: &mut aya::Ebpf) -> impl std::future::Future<Output = R
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an operator reads of an error names each cause once, with `{:#}` (main's "error:"
+    /// line) as with `%e` (log fields).
+    #[test]
+    fn error_causes_are_printed_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied (os error 13)");
+        let errors: Vec<anyhow::Error> = vec![
+            host::subnet_file::SubnetFileError::Write { path: "/run/flannel/subnet.env".into(), cause: io() }.into(),
+            host::iptables::IptablesError::Spawn { cmd: "iptables -S".into(), cause: io() }.into(),
+            control::lease::registry::RegistryError::TlsFile { what: "CA file", path: "/etc/ca.pem".into(), cause: io() }.into(),
+        ];
+        for e in errors {
+            let text = format!("{:#}", anyhow::Error::from(e).context("starting"));
+            assert_eq!(text.matches("permission denied").count(), 1, "{text}");
+        }
+        let status = etcd_client::Error::GRpcStatus(tonic::Status::permission_denied("etcdserver: permission denied"));
+        let e = control::lease::registry::RegistryError::Etcd { endpoints: "http://e:2379".into(), cause: status };
+        let text = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(text.matches("etcdserver: permission denied").count(), 1, "{text}");
+        assert!(text.contains("grant-permission"), "the fix is named: {text}");
+        assert_eq!(error_chain(&std::io::Error::other("a")), "a");
+    }
+}
