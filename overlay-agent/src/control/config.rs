@@ -251,6 +251,22 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
             port: if port == 0 { DEFAULT_UDP_PORT } else { port },
             mtu: None,
         }),
+        // flannel's kernel-module backends: these machines' kernels have neither module
+        // (docs/backends.md says what they would take).
+        kind @ ("wireguard" | "extension" | "ipip" | "ipsec") => Err(invalid(
+            "Backend.Type",
+            format!(
+                "{kind:?} is flannel's, not this agent's: it needs the kernel's {} module, which this \
+                 data plane does not drive (see docs/backends.md); use \"vxlan\" (flannel's default, \
+                 interoperable with stock nodes) or \"udp\"",
+                match kind {
+                    "wireguard" => "wireguard",
+                    "ipip" => "ipip",
+                    "ipsec" => "xfrm/IPsec",
+                    _ => "helper-script (extension)",
+                }
+            ),
+        )),
         other => Err(invalid(
             "Backend.Type",
             format!("{other:?} is not supported (this agent implements \"vxlan\" and \"udp\")"),
@@ -352,6 +368,9 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.8.0"}"#, "SubnetMin: 10.0.9.0 is above SubnetMax"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"x"}"#, "SubnetMin: \"x\" is not an IPv4 address"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#, "Backend.Type: \"host-gw\" is not supported"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard"}}"#, "needs the kernel's wireguard module"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"ipip"}}"#, "needs the kernel's ipip module"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"WireGuard"}}"#, "use \"vxlan\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#, "Backend.Port: 70000 is not a UDP port"),
             (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "Backend: must be an object"),
