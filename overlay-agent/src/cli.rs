@@ -150,6 +150,10 @@ fn positive(d: Duration) -> std::result::Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_regex(s: &str) -> std::result::Result<regex::Regex, String> {
+    regex::Regex::new(s).map_err(|e| format!("--iface-regex {s:?}: {e}"))
+}
+
 /// flannel's range for --subnet-lease-renew-margin: 1 to 1439 minutes (less than a day).
 fn parse_renew_margin(s: &str) -> std::result::Result<u64, String> {
     let m: u64 = s.parse().map_err(|_| format!("{s:?} is not a number of minutes"))?;
@@ -161,10 +165,21 @@ fn parse_renew_margin(s: &str) -> std::result::Result<u64, String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// Underlay interface (default: the interface of the default route).
-    #[arg(long, env = "FLANNELD_IFACE")]
-    pub iface: Option<String>,
-    /// This node's underlay address (default: the first IPv4 address of --iface).
+    /// Underlay interface, by name or by one of its addresses; repeat it to give choices in
+    /// order (the first that exists wins). Default: --iface-regex, else --iface-can-reach,
+    /// else the interface of the default route.
+    #[arg(long, env = "FLANNELD_IFACE", action = clap::ArgAction::Append, value_delimiter = ',')]
+    pub iface: Vec<String>,
+    /// Regular expression matched against every interface's IPv4 addresses, then names; the
+    /// first match wins (repeatable: tried in order). Used when no --iface is given.
+    #[arg(long, env = "FLANNELD_IFACE_REGEX", action = clap::ArgAction::Append, value_parser = parse_regex)]
+    pub iface_regex: Vec<regex::Regex>,
+    /// Use the interface the route to this address goes through (`ip route get`), when
+    /// neither --iface nor --iface-regex is given.
+    #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
+    pub iface_can_reach: Option<Ipv4Addr>,
+    /// This node's underlay address (default: the address --iface named, else the first
+    /// IPv4 address of the chosen interface).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
     /// Where to write the node's subnet for docker (flannel's subnet.env).
@@ -328,11 +343,16 @@ fn parse_mac_arg(s: &str) -> std::result::Result<[u8; 6], String> {
 }
 
 impl RunArgs {
+    /// How to choose the underlay interface (--iface, --iface-regex, --iface-can-reach).
+    pub fn iface_choice(&self) -> crate::netdev::IfaceChoice {
+        crate::netdev::IfaceChoice { iface: self.iface.clone(), regex: self.iface_regex.clone(), can_reach: self.iface_can_reach }
+    }
+
     /// Options of the etcd-driven agent.
     pub fn daemon_options(&self, etcd: &EtcdArgs, bpffs_dir: PathBuf) -> DaemonOptions {
         DaemonOptions {
             etcd: etcd.options(),
-            iface: self.iface.clone(),
+            iface: self.iface_choice(),
             public_ip: self.public_ip,
             subnet_file: self.subnet_file.clone(),
             lease_ttl: self.subnet_lease_ttl,
@@ -369,14 +389,7 @@ impl RunArgs {
             bail!("--vni {} does not fit in VXLAN's 24 bits", self.vni);
         }
         let mode = EncapMode::from(self.backend);
-        let iface = match &self.iface {
-            Some(i) => i.clone(),
-            None => crate::netdev::default_route_iface()?,
-        };
-        let public_ip = match self.public_ip {
-            Some(ip) => ip,
-            None => crate::netdev::first_ipv4(&iface)?,
-        };
+        let (iface, public_ip) = crate::netdev::resolve_interface(&self.iface_choice(), self.public_ip)?;
         let (port, device) = match mode {
             EncapMode::Vxlan => (DEFAULT_VXLAN_PORT, format!("flannel.{}", self.vni)),
             EncapMode::Udp => (DEFAULT_UDP_PORT, "flannel0".to_string()),

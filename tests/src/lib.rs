@@ -340,6 +340,12 @@ impl Node {
                 args.extend(static_extra.iter().cloned());
             }
         }
+        // A test that chooses the interface its own way (--iface, --iface-regex,
+        // --iface-can-reach) replaces the default --iface eth0.
+        let chooses = |a: &String| ["--iface", "--iface-regex", "--iface-can-reach"].iter().any(|f| a == f || a.starts_with(&format!("{f}=")));
+        if args.iter().skip(2).any(chooses) {
+            args.drain(..2);
+        }
         args
     }
 

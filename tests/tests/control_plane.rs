@@ -488,6 +488,35 @@ fn reservations_are_kept_and_leases_the_config_drops_are_deleted() {
     assert_eq!(lease_of(&c, &old_key), None, "the lease the config dropped is still there:\n{}", c.node(2).log_text());
 }
 
+/// The underlay interface chosen as flannel chooses it: `--iface` repeated (a name that does
+/// not exist is passed over; an address picks the interface holding it), `--iface-regex`
+/// (addresses, then names), `--iface-can-reach` (the route to an address). Each node comes
+/// up on eth0 with its address as PublicIP, and the nodes route to each other.
+#[test]
+fn the_interface_is_chosen_as_flannel_chooses_it() {
+    let mut c = cluster("if", &ClusterSpec { nodes: vec![], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) });
+    let ways: [Vec<String>; 3] = [
+        vec!["--iface=nosuch0".into(), format!("--iface={}", overlay_tests::underlay_ip(1))],
+        vec![r"--iface-regex=^192\.168\.100\.".into()],
+        vec![format!("--iface-can-reach={}", overlay_tests::ETCD_IP)],
+    ];
+    for (i, args) in ways.into_iter().enumerate() {
+        c.set_agent_args(args, vec![]);
+        ok("join", c.join(NodeKind::Agent { decap_hook: "tc" }).map(|_| ()));
+        let n = c.node(i + 1);
+        assert!(n.log_text().contains(&format!("underlay interface chosen iface=eth0 public_ip={}", n.underlay_ip)), "{}", n.log_text());
+        let key = format!("/coreos.com/network/subnets/{}-24", n.subnet.network());
+        assert!(ok("get", c.etcd().etcdctl(&["get", &key])).contains(&format!("\"PublicIP\":\"{}\"", n.underlay_ip)));
+    }
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+    ok("ping", ping(&c.node(1).containers[0], c.node(3).container_ip(0), 2));
+    // None of the named interfaces exists: refused, naming them.
+    c.set_agent_args(vec!["--iface=nosuch0".into(), "--iface=10.9.9.9".into()], vec![]);
+    let i = ok("spawn", c.spawn_unready());
+    assert!(wait_until(Duration::from_secs(20), || c.node_mut(i).agent_exit().is_some()), "{}", c.node(i).log_text());
+    assert!(c.node(i).log_text().contains("none of --iface nosuch0, 10.9.9.9 exists here"), "{}", c.node(i).log_text());
+}
+
 /// Errors that no retry can fix stop the agent at once (a non-zero exit that systemd shows),
 /// naming what to change, instead of "cannot reach etcd; retrying" forever: a wrong password,
 /// none where etcd wants one, a user without permission on flannel's prefix, TLS flags with a

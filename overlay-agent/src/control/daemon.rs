@@ -42,7 +42,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct DaemonOptions {
     pub etcd: EtcdOptions,
-    pub iface: Option<String>,
+    pub iface: netdev::IfaceChoice,
     pub public_ip: Option<Ipv4Addr>,
     pub subnet_file: PathBuf,
     pub lease_ttl: Duration,
@@ -345,14 +345,8 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let mut reg = connect(&opts.etcd).await?;
     notify(&[sd_notify::NotifyState::Status("waiting for the network config")]);
     let cfg = network_config(&mut reg).await?;
-    let iface = match &opts.iface {
-        Some(i) => i.clone(),
-        None => netdev::default_route_iface()?,
-    };
-    let public_ip = match opts.public_ip {
-        Some(ip) => ip,
-        None => netdev::first_ipv4(&iface)?,
-    };
+    let (iface, public_ip) = netdev::resolve_interface(&opts.iface, opts.public_ip)?;
+    tracing::info!(%iface, %public_ip, "underlay interface chosen");
     let mode = cfg.backend.mode;
     let mut spec = NodeSpec {
         iface,

@@ -206,6 +206,125 @@ pub fn first_ipv4(name: &str) -> Result<Ipv4Addr> {
     ipv4_addresses(l.ifindex)?.first().map(|a| a.0).ok_or_else(|| NetdevError::NoIpv4 { name: name.to_string() })
 }
 
+/// Every interface with its IPv4 addresses, in ifindex order.
+pub fn interfaces() -> Result<Vec<(String, Vec<Ipv4Addr>)>> {
+    let mut m = LinkMessage::default();
+    m.header.interface_family = AddressFamily::Unspec;
+    let links = request("list links", RouteNetlinkMessage::GetLink(m), NLM_F_DUMP)?;
+    let mut a = AddressMessage::default();
+    a.header.family = AddressFamily::Inet;
+    let addrs = request("list addresses", RouteNetlinkMessage::GetAddress(a), NLM_F_DUMP)?;
+    let mut out: Vec<(u32, String, Vec<Ipv4Addr>)> = links
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(to_link(l)),
+            _ => None,
+        })
+        .map(|l| (l.ifindex, l.name, Vec::new()))
+        .collect();
+    for m in &addrs {
+        if let RouteNetlinkMessage::NewAddress(a) = m {
+            let ip = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let (Some(ip), Some(entry)) = (ip, out.iter_mut().find(|e| e.0 == a.header.index)) {
+                entry.2.push(ip);
+            }
+        }
+    }
+    out.sort_by_key(|e| e.0);
+    Ok(out.into_iter().map(|(_, n, a)| (n, a)).collect())
+}
+
+/// The interface (and source address) the route to `dst` uses: `ip route get <dst>`.
+pub fn route_to(dst: Ipv4Addr) -> Result<(String, Option<Ipv4Addr>)> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = 32;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    let op = format!("route to {dst}");
+    let msgs = request(&op, RouteNetlinkMessage::GetRoute(m), 0)?;
+    let r = msgs.iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewRoute(r) => Some(r),
+        _ => None,
+    });
+    let oif = r.and_then(|r| r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None }));
+    let src = r.and_then(|r| r.attributes.iter().find_map(|a| if let RouteAttribute::PrefSource(RouteAddress::Inet(ip)) = a { Some(*ip) } else { None }));
+    let name = oif.and_then(name_of).ok_or_else(|| NetdevError::Netlink { op, cause: std::io::Error::other("no route") })?;
+    Ok((name, src))
+}
+
+/// How the underlay interface is chosen, as flannel's flags say it.
+#[derive(Clone, Debug, Default)]
+pub struct IfaceChoice {
+    /// `--iface` (name or address), in order: the first that exists wins.
+    pub iface: Vec<String>,
+    /// `--iface-regex`, in order: the first matching an address, then a name, wins.
+    pub regex: Vec<regex::Regex>,
+    /// `--iface-can-reach`: the interface of the route to this address.
+    pub can_reach: Option<Ipv4Addr>,
+}
+
+/// Pick the interface and the address it gives, from `interfaces` (name, IPv4 addresses),
+/// as flannel's LookupExtIface does: `--iface` entries in order (an address picks the
+/// interface holding it, and is the public address), else the `--iface-regex` patterns in
+/// order (against every address first, then every name), else the route to `--iface-can-reach`
+/// (`route`), else the default route's interface (`default`). The address is the one matched,
+/// else the interface's first IPv4 address (`None` if it has none).
+pub fn choose_interface(
+    choice: &IfaceChoice,
+    interfaces: &[(String, Vec<Ipv4Addr>)],
+    route: impl FnOnce(Ipv4Addr) -> Option<(String, Option<Ipv4Addr>)>,
+    default: impl FnOnce() -> Option<String>,
+) -> std::result::Result<(String, Option<Ipv4Addr>), String> {
+    let first_addr = |name: &str| interfaces.iter().find(|(n, _)| n == name).and_then(|(_, a)| a.first().copied());
+    if !choice.iface.is_empty() {
+        for want in &choice.iface {
+            if let Ok(ip) = want.parse::<Ipv4Addr>() {
+                if let Some((name, _)) = interfaces.iter().find(|(_, a)| a.contains(&ip)) {
+                    return Ok((name.clone(), Some(ip)));
+                }
+            } else if interfaces.iter().any(|(n, _)| n == want) {
+                return Ok((want.clone(), first_addr(want)));
+            }
+        }
+        return Err(format!("none of --iface {} exists here (an interface name or one of its IPv4 addresses)", choice.iface.join(", ")));
+    }
+    if !choice.regex.is_empty() {
+        for re in &choice.regex {
+            for (name, addrs) in interfaces {
+                if let Some(ip) = addrs.iter().find(|a| re.is_match(&a.to_string())) {
+                    return Ok((name.clone(), Some(*ip)));
+                }
+            }
+            if let Some((name, _)) = interfaces.iter().find(|(n, _)| re.is_match(n)) {
+                return Ok((name.clone(), first_addr(name)));
+            }
+        }
+        let res: Vec<&str> = choice.regex.iter().map(|r| r.as_str()).collect();
+        return Err(format!("no interface name or IPv4 address matches --iface-regex {}", res.join(", ")));
+    }
+    if let Some(dst) = choice.can_reach {
+        let (name, src) = route(dst).ok_or_else(|| format!("no route to --iface-can-reach {dst}"))?;
+        let addr = src.or_else(|| first_addr(&name));
+        return Ok((name, addr));
+    }
+    let name = default().ok_or_else(|| "no default route to pick an interface from; pass --iface".to_string())?;
+    let addr = first_addr(&name);
+    Ok((name, addr))
+}
+
+/// Choose the underlay interface and this node's public address on this host (`public_ip`
+/// overrides the address, as --public-ip does).
+pub fn resolve_interface(choice: &IfaceChoice, public_ip: Option<Ipv4Addr>) -> std::result::Result<(String, Ipv4Addr), NetdevError> {
+    let interfaces = interfaces()?;
+    let (name, addr) = choose_interface(choice, &interfaces, |dst| route_to(dst).ok(), || default_route_iface().ok())
+        .map_err(|why| NetdevError::Netlink { op: "choosing the interface".into(), cause: std::io::Error::other(why) })?;
+    let ip = public_ip.or(addr).ok_or_else(|| NetdevError::NoIpv4 { name: name.clone() })?;
+    Ok((name, ip))
+}
+
 /// The interface of the default route (flannel's choice when --iface is not given).
 pub fn default_route_iface() -> Result<String> {
     let mut m = RouteMessage::default();
@@ -438,6 +557,34 @@ pub fn name_of(ifindex: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// flannel's order: --iface entries (names or addresses; first that exists), else
+    /// --iface-regex (addresses before names), else --iface-can-reach, else the default route.
+    #[test]
+    fn interface_choice_follows_flannels_order() {
+        let ifs = vec![
+            ("lo".to_string(), vec![Ipv4Addr::LOCALHOST]),
+            ("eth0".to_string(), vec![Ipv4Addr::new(192, 168, 1, 10)]),
+            ("eth1".to_string(), vec![Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 6)]),
+            ("wg0".to_string(), vec![]),
+        ];
+        let none = |_| None;
+        let dflt = || Some("eth0".to_string());
+        let pick = |c: IfaceChoice| choose_interface(&c, &ifs, |_| Some(("eth1".to_string(), Some(Ipv4Addr::new(10, 0, 0, 6)))), dflt);
+        let by = |iface: &[&str]| IfaceChoice { iface: iface.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        assert_eq!(pick(by(&["nosuch", "eth1"])), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 5)))));
+        assert_eq!(pick(by(&["10.0.0.6", "eth0"])), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
+        assert!(pick(by(&["nosuch", "10.9.9.9"])).unwrap_err().contains("none of --iface nosuch, 10.9.9.9"));
+        let re = |r: &[&str]| IfaceChoice { regex: r.iter().map(|s| regex::Regex::new(s).unwrap()).collect(), ..Default::default() };
+        assert_eq!(pick(re(&[r"^10\.0\.0\.6$"])), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
+        assert_eq!(pick(re(&["^nomatch", "^eth"])), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
+        assert!(pick(re(&["^ib"])).is_err());
+        let reach = IfaceChoice { can_reach: Some(Ipv4Addr::new(10, 0, 0, 1)), ..Default::default() };
+        assert_eq!(pick(reach.clone()), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
+        assert!(choose_interface(&reach, &ifs, none, dflt).is_err());
+        assert_eq!(pick(IfaceChoice::default()), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
+        assert_eq!(pick(by(&["wg0"])), Ok(("wg0".into(), None)), "an interface without IPv4 needs --public-ip");
+    }
 
     #[test]
     fn mac_round_trips() {
