@@ -441,3 +441,38 @@ fn concurrent_route_writers_keep_peers_and_routes_consistent() {
     assert!(ok("routes", maps.routes().map_err(Into::into)).is_empty());
     assert!(!ok("peers", maps.peer_totals().map_err(Into::into)).contains_key(&peer), "a member no route needs was left behind");
 }
+
+/// An operator (or another tool) deletes the overlay device, removes its address, or deletes
+/// the network's route: the agent notices within seconds and puts everything back (device,
+/// address, route, programs, forwarding entries), counts and logs it, without a restart,
+/// and traffic that was running flows again. flannel needs a restart for each.
+#[test]
+fn a_damaged_overlay_device_is_restored_without_a_restart() {
+    let mut c = cluster("hl", &ClusterSpec::etcd(Backend::Vxlan, "tc", 2));
+    let pid = c.node(1).agent_pid();
+    let stream = ok("stream", UdpStream::start(&c.node(1).containers[0], &c.node(2).containers[0], c.node(2).container_ip(0), 7003, 2000));
+    let flows = |stream: &UdpStream, what: &str| {
+        let before = stream.received_so_far();
+        assert!(
+            wait_until(Duration::from_secs(20), || stream.received_so_far() >= before + 200),
+            "traffic did not flow again after {what}:\n{}",
+            c.node(1).log_text()
+        );
+    };
+    flows(&stream, "start");
+    let repairs = |c: &Cluster| c.node(1).log_text().matches("overlay device restored").count();
+    let damage: [(&str, &[&str]); 3] = [
+        ("deleting the device", &["link", "del", "flannel.1"]),
+        ("flushing its address", &["-4", "addr", "flush", "dev", "flannel.1"]),
+        ("deleting the network's route", &["route", "del", "10.244.0.0/16"]),
+    ];
+    for (i, (what, args)) in damage.into_iter().enumerate() {
+        ok(what, c.node(1).ns.run("ip", args));
+        assert!(wait_until(Duration::from_secs(15), || repairs(&c) > i), "not restored after {what}:\n{}", c.node(1).log_text());
+        flows(&stream, what);
+    }
+    assert_eq!(c.node(1).agent_pid(), pid, "restored without a restart");
+    assert!(c.node_mut(1).agent_exit().is_none());
+    let r = ok("stream", stream.finish());
+    eprintln!("stream: {} sent, {} lost across three repairs", r.sent, r.lost);
+}

@@ -504,7 +504,11 @@ fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, subnet: Ipv4Net,
 enum Wake {
     Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
     Keeper(Option<KeeperEvent>),
+    Heal,
 }
+
+/// How often the overlay device, its address and its route are checked (netlink reads).
+const HEAL_EVERY: Duration = Duration::from_secs(1);
 
 /// The keeper's next report, or never if there is no keeper.
 async fn keeper_report(keeper: &mut Option<(tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<KeeperEvent>)>) -> Option<KeeperEvent> {
@@ -547,13 +551,17 @@ impl Daemon {
             // The backoff starts afresh only after a watch that lasted: a stream that fails at
             // once must not relist at full speed.
             let watching_since = Instant::now();
+            let mut heal = tokio::time::interval(HEAL_EVERY);
+            heal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let wake = tokio::select! {
                     m = stream.message() => Wake::Watch(m),
                     ev = keeper_report(&mut self.keeper) => Wake::Keeper(ev),
+                    _ = heal.tick() => Wake::Heal,
                 };
                 match wake {
                     Wake::Keeper(ev) => self.keeper_event(ev).await?,
+                    Wake::Heal => self.heal().await,
                     Wake::Watch(Ok(Some(resp))) => {
                         if resp.canceled() {
                             if resp.compact_revision() > 0 {
@@ -673,6 +681,52 @@ impl Daemon {
                 );
                 false
             }
+        }
+    }
+
+    /// What is missing of the overlay device, its address and its route (`None`: intact).
+    /// An operator or another tool may delete any of them; flannel would need a restart.
+    fn overlay_damage(&self) -> Result<Option<&'static str>, netdev::NetdevError> {
+        let Some(dp) = &self.ebpf else { return Ok(None) };
+        let Some(link) = netdev::link(&self.spec.device)? else { return Ok(Some("the device is gone")) };
+        if link.ifindex != dp.device.ifindex {
+            return Ok(Some("the device was recreated by someone else"));
+        }
+        if !link.up {
+            return Ok(Some("the device is down"));
+        }
+        if !netdev::has_address(&self.spec.device, self.held.subnet.network())? {
+            return Ok(Some("its address is gone or changed"));
+        }
+        // Any address of the network outside our subnet must route through the device.
+        let probe = self.spec.network.subnets(self.held.subnet.prefix_len()).ok().and_then(|mut s| s.find(|s| *s != self.held.subnet));
+        if let Some(other) = probe {
+            if netdev::route_to(other.network()).map(|(dev, _)| dev != self.spec.device).unwrap_or(true) {
+                return Ok(Some("the network's route no longer goes through it"));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Put the overlay device, its address, its route and the programs on it back, as at
+    /// start, if any went missing: counted, logged, no restart.
+    async fn heal(&mut self) {
+        let damage = match self.overlay_damage() {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking the overlay device");
+                return;
+            }
+        };
+        tracing::error!(device = %self.spec.device, problem = damage, "the overlay device was damaged; restoring it");
+        match dataplane_up(&self.spec).await {
+            Ok(dp) => {
+                self.state.device_repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device = %self.spec.device, ifindex = dp.device.ifindex, "overlay device restored: device, address, route and programs");
+                self.ebpf = Some(dp);
+            }
+            Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the overlay device failed; trying again"),
         }
     }
 

@@ -39,6 +39,8 @@ pub struct AgentState {
     pub malformed_leases: AtomicU64,
     pub lease_renewals: AtomicU64,
     pub iptables_restores: AtomicU64,
+    /// Times the overlay device, its address or its route were found missing and restored.
+    pub device_repairs: AtomicU64,
     /// Routes that could not be written (a full map).
     pub route_errors: AtomicU64,
     pub bpffs_dir: PathBuf,
@@ -55,6 +57,7 @@ impl AgentState {
             malformed_leases: AtomicU64::new(0),
             lease_renewals: AtomicU64::new(0),
             iptables_restores: AtomicU64::new(0),
+            device_repairs: AtomicU64::new(0),
             route_errors: AtomicU64::new(0),
             bpffs_dir,
             tun_stats: std::sync::OnceLock::new(),
@@ -101,6 +104,7 @@ impl Collector for AgentCollector {
         counter(&mut e, "overlay_lease_renewals", "Lease renewals", s.lease_renewals.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_etcd_reconnects", "Times the agent lost etcd and listed again", s.etcd_reconnects.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_malformed_leases", "Lease keys or values skipped because they are not flannel's format", s.malformed_leases.load(Ordering::Relaxed))?;
+        counter(&mut e, "overlay_device_repairs", "Times the overlay device, its address or its route were found missing and restored", s.device_repairs.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_iptables_restores", "Times iptables rules were found missing or changed and restored", s.iptables_restores.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_route_errors", "Routes that could not be written to the maps (full route or peer map)", s.route_errors.load(Ordering::Relaxed))?;
 

@@ -446,6 +446,12 @@ pub fn set_device_address(name: &str, addr: Ipv4Addr) -> Result<()> {
     change(&op, RouteNetlinkMessage::NewAddress(address_message(l.ifindex, addr, 32)), NLM_F_CREATE | NLM_F_EXCL)
 }
 
+/// Whether `name` has exactly the address the agent gives it (`addr`/32).
+pub fn has_address(name: &str, addr: Ipv4Addr) -> Result<bool> {
+    let l = require_link(name)?;
+    Ok(ipv4_addresses(l.ifindex)? == [(addr, 32)])
+}
+
 /// The next hop of the overlay route. Any address works on a NOARP device: routing the whole
 /// network through one `onlink` next hop keeps one neighbour entry instead of one per remote
 /// container (the kernel's gc_thresh3 is 1024).
