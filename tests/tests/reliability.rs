@@ -476,3 +476,40 @@ fn a_damaged_overlay_device_is_restored_without_a_restart() {
     let r = ok("stream", stream.finish());
     eprintln!("stream: {} sent, {} lost across three repairs", r.sent, r.lost);
 }
+
+/// Node 1's public address changes (DHCP gave it another; no --public-ip): the agent moves
+/// its data plane to the new address, rewrites its lease (new PublicIP and VtepMAC, same etcd
+/// lease), node 2's route follows, and containers reach each other again, with no restart.
+#[test]
+fn a_changed_public_address_is_followed_without_a_restart() {
+    let c = cluster("pa", &ClusterSpec::etcd(Backend::Vxlan, "tc", 2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let pid = n1.agent_pid();
+    ok("ping", overlay_tests::traffic::ping(&n2.containers[0], n1.container_ip(0), 1));
+    let new_ip = Ipv4Addr::new(192, 168, 100, 101);
+    // As a DHCP client renumbers: the new address first, then the old one goes (and the new
+    // one, a secondary until then, is promoted instead of going with it).
+    ok("promote", n1.ns.sysctl("net.ipv4.conf.eth0.promote_secondaries", "1"));
+    ok("add", n1.ns.run("ip", &["addr", "add", &format!("{new_ip}/24"), "dev", "eth0"]));
+    ok("del", n1.ns.run("ip", &["addr", "del", &format!("{}/24", n1.underlay_ip), "dev", "eth0"]));
+    let key = format!("/coreos.com/network/subnets/{}-24", n1.subnet.network());
+    // The agent's etcd connection was made from the old address and dies with it: the lease
+    // is rewritten once the client has reconnected (its request timeout, 10 s): bounded
+    // generously.
+    let changed = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(60), || c.etcd().etcdctl(&["get", &key]).is_ok_and(|v| v.contains(&format!("\"PublicIP\":\"{new_ip}\"")))),
+        "the lease still names the old address:\n{}",
+        n1.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || n2.routes().iter().any(|r| r.subnet == n1.subnet && r.public_ip == new_ip)),
+        "node 2's route did not follow: {:?}",
+        n2.routes()
+    );
+    eprintln!("the lease and node 2's route followed {:?} after the change", changed.elapsed());
+    ok("ping after the change", overlay_tests::traffic::ping(&n2.containers[0], n1.container_ip(0), 2));
+    ok("and back", overlay_tests::traffic::ping(&n1.containers[1], n2.container_ip(1), 2));
+    assert_eq!(n1.agent_pid(), pid, "followed without a restart");
+    assert!(n1.log_text().contains("data plane and lease moved to the new public address"));
+}

@@ -561,7 +561,14 @@ impl Daemon {
                 };
                 match wake {
                     Wake::Keeper(ev) => self.keeper_event(ev).await?,
-                    Wake::Heal => self.heal().await,
+                    Wake::Heal => {
+                        self.heal().await;
+                        if self.follow_public_ip().await? {
+                            // The watch's connection came from the old address: list and
+                            // watch again on the new one.
+                            break;
+                        }
+                    }
                     Wake::Watch(Ok(Some(resp))) => {
                         if resp.canceled() {
                             if resp.compact_revision() > 0 {
@@ -728,6 +735,50 @@ impl Daemon {
             }
             Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the overlay device failed; trying again"),
         }
+    }
+
+    /// The node's public address changed (DHCP, an operator) and was not fixed by
+    /// --public-ip: move the data plane to it (the vxlan device is bound to its address, so
+    /// it is made again, with a new VtepMAC) and rewrite our lease with the new PublicIP and
+    /// VtepMAC under the same etcd lease; peers' routes follow the lease. No restart.
+    /// True if it moved (the etcd connections were made anew).
+    async fn follow_public_ip(&mut self) -> Result<bool> {
+        if self.opts.public_ip.is_some() || self.ebpf.is_none() {
+            return Ok(false);
+        }
+        let Ok((iface, ip)) = netdev::resolve_interface(&self.opts.iface, None) else {
+            // No address at all for a moment (between a DHCP release and renewal): keep the
+            // old one until there is a new one.
+            return Ok(false);
+        };
+        if ip == self.spec.public_ip && iface == self.spec.iface {
+            return Ok(false);
+        }
+        tracing::warn!(old = %self.spec.public_ip, new = %ip, %iface, "this node's public address changed; moving the data plane and the lease to it");
+        let mut spec = self.spec.clone();
+        spec.iface = iface;
+        spec.public_ip = ip;
+        let dp = dataplane_up(&spec).await?;
+        let attrs = match spec.mode {
+            EncapMode::Vxlan => LeaseAttrs::vxlan(ip, spec.vni, dp.device.mac),
+            EncapMode::Udp => LeaseAttrs::udp(ip),
+        };
+        // The client's connections left from the old address, which is gone: waiting for
+        // them to time out would leave the lease naming an address nobody answers on.
+        self.reg = connect(&self.opts.etcd).await?;
+        self.start_keeper();
+        let (subnet, lease) = (self.held.subnet, self.held.etcd_lease);
+        retry("rewriting our lease with the new address", &mut self.reg, |r| {
+            let a = attrs.clone();
+            Box::pin(async move { r.update(&subnet, &a, lease).await })
+        })
+        .await?;
+        self.spec = spec;
+        self.attrs = attrs;
+        self.ebpf = Some(dp);
+        self.state.public_ip_changes.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(public_ip = %ip, %subnet, "data plane and lease moved to the new public address");
+        Ok(true)
     }
 
     /// Start renewing the lease we hold (replacing a keeper for an earlier one).

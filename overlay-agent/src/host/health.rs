@@ -41,6 +41,8 @@ pub struct AgentState {
     pub iptables_restores: AtomicU64,
     /// Times the overlay device, its address or its route were found missing and restored.
     pub device_repairs: AtomicU64,
+    /// Times the node's public address changed and the data plane and lease followed.
+    pub public_ip_changes: AtomicU64,
     /// Routes that could not be written (a full map).
     pub route_errors: AtomicU64,
     pub bpffs_dir: PathBuf,
@@ -58,6 +60,7 @@ impl AgentState {
             lease_renewals: AtomicU64::new(0),
             iptables_restores: AtomicU64::new(0),
             device_repairs: AtomicU64::new(0),
+            public_ip_changes: AtomicU64::new(0),
             route_errors: AtomicU64::new(0),
             bpffs_dir,
             tun_stats: std::sync::OnceLock::new(),
@@ -105,6 +108,7 @@ impl Collector for AgentCollector {
         counter(&mut e, "overlay_etcd_reconnects", "Times the agent lost etcd and listed again", s.etcd_reconnects.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_malformed_leases", "Lease keys or values skipped because they are not flannel's format", s.malformed_leases.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_device_repairs", "Times the overlay device, its address or its route were found missing and restored", s.device_repairs.load(Ordering::Relaxed))?;
+        counter(&mut e, "overlay_public_ip_changes", "Times the node's public address changed and the data plane and lease followed", s.public_ip_changes.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_iptables_restores", "Times iptables rules were found missing or changed and restored", s.iptables_restores.load(Ordering::Relaxed))?;
         counter(&mut e, "overlay_route_errors", "Routes that could not be written to the maps (full route or peer map)", s.route_errors.load(Ordering::Relaxed))?;
 
