@@ -198,6 +198,10 @@ pub struct RunArgs {
     /// whose firewalls dislike fully random source ports).
     #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub ip_masq_fully_random_disable: bool,
+    /// Add a blackhole route for this node's subnet (flannel's flag): traffic to it is
+    /// dropped here while no bridge holds the subnet, instead of leaving by the default route.
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub ip_blackhole_route: bool,
     /// Address to serve /healthz on (with --healthz-port).
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: Ipv4Addr,
@@ -361,6 +365,7 @@ impl RunArgs {
             bpffs_dir,
             ip_masq: self.ip_masq,
             masq_random: crate::iptables::MasqRandom::choose(self.ip_masq_fully_random_disable),
+            blackhole_route: self.ip_blackhole_route,
             forward_rules: self.iptables_forward_rules,
             iptables_resync: Duration::from_secs(self.iptables_resync.max(1)),
             healthz: (self.healthz_port != 0)

@@ -179,6 +179,26 @@ fn a_hanging_iptables_stalls_neither_healthz_nor_the_watch() {
     }
 }
 
+/// flannel's --ip-blackhole-route: a blackhole route for the node's subnet, below the
+/// bridge's own route (traffic between nodes is untouched), which catches traffic to the
+/// subnet once the bridge no longer holds it, instead of the overlay or default route.
+#[test]
+fn ip_blackhole_route_catches_the_subnet_when_the_bridge_lets_go() {
+    let c = cluster("bh", &with_args(&["--ip-blackhole-route"], 2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let routes = ok("routes", n1.ns.run("ip", &["route", "show", "type", "blackhole"]));
+    assert!(routes.contains(&format!("blackhole {} metric 4096", n1.subnet)), "{routes}");
+    ok("ping", ping(&n2.containers[0], n1.container_ip(0), 2));
+    let target = n1.container_ip(0).to_string();
+    let via = |c: &Cluster| c.node(1).ns.run("ip", &["route", "get", &target]).map_err(|e| format!("{e:#}"));
+    assert!(via(&c).is_ok_and(|r| r.contains("dev docker0")), "{:?}", via(&c));
+    let gw = format!("{}/{}", n1.subnet.network().octets().iter().enumerate().map(|(i, b)| if i == 3 { (b + 1).to_string() } else { b.to_string() }).collect::<Vec<_>>().join("."), n1.subnet.prefix_len());
+    ok("bridge lets go", n1.ns.run("ip", &["addr", "del", &gw, "dev", "docker0"]));
+    // The kernel answers a lookup that ends in a blackhole with EINVAL; without the route
+    // the packet would go to flannel.1 by the network's route.
+    assert!(via(&c).is_err_and(|e| e.contains("Invalid argument")), "{:?}", via(&c));
+}
+
 /// docker sets FORWARD's policy to DROP; flannel's forward rules keep overlay traffic going.
 #[test]
 fn forward_rules_keep_overlay_traffic_flowing_under_a_drop_policy() {

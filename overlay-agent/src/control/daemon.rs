@@ -52,6 +52,8 @@ pub struct DaemonOptions {
     pub ip_masq: bool,
     /// Port randomisation of the masquerade rules.
     pub masq_random: iptables::MasqRandom,
+    /// flannel's --ip-blackhole-route.
+    pub blackhole_route: bool,
     /// Install flannel's FLANNEL-FWD accept rules (flannel's --iptables-forward-rules).
     pub forward_rules: bool,
     /// How often iptables rules are checked and restored.
@@ -413,6 +415,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     d.start_keeper();
     *d.rules.lock().await = d.wanted_rules();
     ensure_rules(&d.rules).await.context("installing iptables rules")?;
+    if d.opts.blackhole_route {
+        netdev::blackhole_route(held.subnet)?;
+    }
     write_subnet_file(&d.opts, &d.cfg, held.subnet, mtu)?;
     tracing::info!(
         subnet = %held.subnet, public_ip = %public_ip, device = %d.spec.device, mtu,
@@ -833,6 +838,9 @@ impl Daemon {
             }
             self.spec.subnet = held.subnet;
             let dp = dataplane_up(&self.spec).await?;
+            if self.opts.blackhole_route {
+                netdev::blackhole_route(held.subnet)?;
+            }
             write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
             self.ebpf = Some(dp);
             *self.rules.lock().await = self.wanted_rules();

@@ -475,6 +475,25 @@ pub fn route_network(network: Ipv4Net, device: &str) -> Result<()> {
     change(&format!("route {network} to {device}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
+/// The metric of the `--ip-blackhole-route` route: worse than the bridge's own route to the
+/// subnet (metric 0), so it only catches traffic while the bridge or its route is missing.
+pub const BLACKHOLE_METRIC: u32 = 4096;
+
+/// flannel's `--ip-blackhole-route`: a blackhole route for the node's own subnet, so that
+/// traffic to it is dropped here (not sent out the default route) while no bridge holds it.
+pub fn blackhole_route(subnet: Ipv4Net) -> Result<()> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = subnet.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::BlackHole;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(subnet.network())));
+    m.attributes.push(RouteAttribute::Priority(BLACKHOLE_METRIC));
+    change(&format!("blackhole route for {subnet}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
 fn fdb_message(ifindex: u32, mac: [u8; 6], dst: Ipv4Addr) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = AddressFamily::Bridge;
