@@ -517,6 +517,35 @@ fn the_interface_is_chosen_as_flannel_chooses_it() {
     assert!(c.node(i).log_text().contains("none of --iface nosuch0, 10.9.9.9 exists here"), "{}", c.node(i).log_text());
 }
 
+/// vxlan's DirectRouting, decided per peer as flannel decides it: a peer on the underlay's
+/// own link gets a kernel route to its subnet via its address, and the traffic goes there
+/// unencapsulated (neither node's encap or decap counters move, and the reverse-path check
+/// of rp_filter=1 nodes accepts it); a peer behind a gateway stays encapsulated, and a
+/// restart tidies a direct route no longer right.
+#[test]
+fn direct_routing_routes_peers_on_the_same_link_without_encapsulation() {
+    use overlay_common::Counter;
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+    let spec = ClusterSpec { control: Control::Etcd { tls: false, config: config.into() }, ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2) };
+    let mut c = cluster("dr", &spec);
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let direct = |c: &Cluster, i: usize| ok("routes", c.node(i).ns.run("ip", &["route", "show", "proto", "97"]));
+    assert!(direct(&c, 1).contains(&format!("{} via {} dev eth0", n2.subnet, n2.underlay_ip)), "{}", direct(&c, 1));
+    assert!(direct(&c, 2).contains(&format!("{} via {} dev eth0", n1.subnet, n1.underlay_ip)), "{}", direct(&c, 2));
+    let (enc, dec) = (n1.counter(Counter::Encapsulated), n2.counter(Counter::Decapsulated));
+    ok("ping", ping(&n1.containers[0], n2.container_ip(0), 2));
+    ok("TCP", tcp_transfer(&n1.containers[0], &n2.containers[1], n2.container_ip(1), 4 << 20));
+    assert_eq!((n1.counter(Counter::Encapsulated), n2.counter(Counter::Decapsulated)), (enc, dec), "direct traffic must not be encapsulated");
+
+    // Node 2 now reached through a gateway (as a peer on another link would be): at its
+    // next start node 1 drops the direct route and encapsulates again.
+    ok("gateway", n1.ns.run("ip", &["route", "add", &format!("{}/32", n2.underlay_ip), "via", &overlay_tests::ETCD_IP.to_string(), "dev", "eth0"]));
+    ok("restart", c.restart_agent(1));
+    assert!(!direct(&c, 1).contains(&c.node(2).subnet.to_string()), "{}", direct(&c, 1));
+    assert!(c.node(1).routes().iter().any(|r| r.subnet == c.node(2).subnet), "the peer stays routed through the tunnel");
+}
+
 /// Errors that no retry can fix stop the agent at once (a non-zero exit that systemd shows),
 /// naming what to change, instead of "cannot reach etcd; retrying" forever: a wrong password,
 /// none where etcd wants one, a user without permission on flannel's prefix, TLS flags with a

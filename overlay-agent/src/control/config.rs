@@ -37,6 +37,9 @@ pub struct BackendConfig {
     pub port: u16,
     /// Overlay MTU from `Backend.MTU` (vxlan), if set.
     pub mtu: Option<u32>,
+    /// vxlan's `DirectRouting`: peers on the underlay's own link are routed to directly,
+    /// without encapsulation; the others are encapsulated.
+    pub direct_routing: bool,
 }
 
 impl BackendConfig {
@@ -233,7 +236,8 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
                 Some(m) if !(68..=65535).contains(&m) => return Err(invalid("Backend.MTU", format!("{m} is not a usable MTU"))),
                 Some(m) => Some(m as u32),
             };
-            for k in ["DirectRouting", "GBP", "Learning", "MacPrefix"] {
+            let direct_routing = boolean(obj, "DirectRouting")?.unwrap_or(false);
+            for k in ["GBP", "Learning", "MacPrefix"] {
                 if has(obj, k) {
                     warnings.push(format!("Backend.{k} is not supported by this agent and is ignored"));
                 }
@@ -243,6 +247,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
                 vni,
                 port: if port == 0 { DEFAULT_VXLAN_PORT } else { port },
                 mtu,
+                direct_routing,
             })
         }
         "udp" => Ok(BackendConfig {
@@ -250,6 +255,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
             vni: DEFAULT_VNI,
             port: if port == 0 { DEFAULT_UDP_PORT } else { port },
             mtu: None,
+            direct_routing: false,
         }),
         // flannel's kernel-module backends: these machines' kernels have neither module
         // (docs/backends.md says what they would take).
@@ -289,7 +295,7 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(172, 17, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(172, 17, 255, 0));
-        assert_eq!(c.backend, BackendConfig { mode: EncapMode::Vxlan, vni: 1, port: 8472, mtu: None });
+        assert_eq!(c.backend, BackendConfig { mode: EncapMode::Vxlan, vni: 1, port: 8472, mtu: None, direct_routing: false });
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert_eq!(c.subnets().count(), 255);
     }
@@ -385,9 +391,10 @@ mod tests {
     #[test]
     fn unsupported_flannel_fields_are_accepted_with_warnings() {
         let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","EnableNFTables":false,
-                     "Backend":{"Type":"vxlan","DirectRouting":true},"Colour":"blue"}"#);
+                     "Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true},"Colour":"blue"}"#);
+        assert!(c.backend.direct_routing);
         let w = c.warnings.join("\n");
-        for want in ["IPv6", "EnableNFTables", "DirectRouting", "\"Colour\""] {
+        for want in ["IPv6", "EnableNFTables", "GBP", "\"Colour\""] {
             assert!(w.contains(want), "missing warning about {want}: {w}");
         }
     }

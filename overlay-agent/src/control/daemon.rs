@@ -621,6 +621,16 @@ impl Daemon {
             self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%subnet, error = %e, "lease skipped");
         }
+        // Direct routes a previous run left for subnets no lease asks for any more (all of
+        // them if DirectRouting is now off), then the ones the leases ask for.
+        for (subnet, _) in netdev::direct_routes()? {
+            if !self.cfg.backend.direct_routing || !desired.iter().any(|r| r.subnet == subnet) {
+                netdev::del_direct_route(subnet)?;
+            }
+        }
+        for r in &desired {
+            self.set_direct_route(r.subnet, Some(r.public_ip))?;
+        }
         let changes = reconcile::diff(&self.maps.routes()?, &desired);
         for r in &changes.upsert {
             self.set_route(r.subnet, Some(r))?;
@@ -676,6 +686,29 @@ impl Daemon {
                 Err(MapsError::NoSuchRoute(_)) => {}
                 Err(e) => return Err(e.into()),
             },
+        }
+        self.set_direct_route(subnet, want.map(|r| r.public_ip))?;
+        Ok(())
+    }
+
+    /// vxlan's DirectRouting, as flannel decides it per peer: a peer on the underlay's own
+    /// link (the route to it has no gateway) gets a kernel route for its subnet via its
+    /// address, which takes the subnet's traffic past the overlay device unencapsulated; the
+    /// others stay encapsulated. Without DirectRouting, or with no peer: no such route.
+    fn set_direct_route(&mut self, subnet: Ipv4Net, peer: Option<Ipv4Addr>) -> Result<()> {
+        if !self.cfg.backend.direct_routing {
+            return Ok(());
+        }
+        let direct = match peer {
+            Some(ip) => netdev::directly_reachable(ip, &self.spec.iface)?.then_some(ip),
+            None => None,
+        };
+        match direct {
+            Some(via) => {
+                netdev::set_direct_route(subnet, via, &self.spec.iface)?;
+                tracing::info!(%subnet, %via, "peer on the same link: routed directly (DirectRouting)");
+            }
+            None => netdev::del_direct_route(subnet)?,
         }
         Ok(())
     }

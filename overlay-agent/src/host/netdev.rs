@@ -494,6 +494,74 @@ pub fn blackhole_route(subnet: Ipv4Net) -> Result<()> {
     change(&format!("blackhole route for {subnet}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
+/// The routing protocol number marking the direct routes this agent adds (vxlan's
+/// `DirectRouting`), so that a restart finds and tidies its own and no one else's
+/// (`ip route` shows `proto 97`).
+pub const DIRECT_ROUTE_PROTO: u8 = 97;
+
+/// Whether `peer` is on one of this node's links: the route to it goes out `underlay` with no
+/// gateway (flannel's test for DirectRouting).
+pub fn directly_reachable(peer: Ipv4Addr, underlay: &str) -> Result<bool> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = 32;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(peer)));
+    let msgs = request(&format!("route to {peer}"), RouteNetlinkMessage::GetRoute(m), 0)?;
+    let Some(r) = msgs.iter().find_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None }) else {
+        return Ok(false);
+    };
+    let gateway = r.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_)));
+    let oif = r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None });
+    Ok(!gateway && r.header.kind == RouteType::Unicast && oif.and_then(name_of).as_deref() == Some(underlay))
+}
+
+fn direct_route_message(subnet: Ipv4Net) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = subnet.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Other(DIRECT_ROUTE_PROTO);
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(subnet.network())));
+    m
+}
+
+/// Route `subnet` straight to `via` on `underlay` (no encapsulation), replacing ours.
+pub fn set_direct_route(subnet: Ipv4Net, via: Ipv4Addr, underlay: &str) -> Result<()> {
+    let l = require_link(underlay)?;
+    let mut m = direct_route_message(subnet);
+    m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(via)));
+    m.attributes.push(RouteAttribute::Oif(l.ifindex));
+    change(&format!("direct route {subnet} via {via}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
+/// Remove our direct route for `subnet` (none: nothing to do).
+pub fn del_direct_route(subnet: Ipv4Net) -> Result<()> {
+    match change(&format!("remove direct route {subnet}"), RouteNetlinkMessage::DelRoute(direct_route_message(subnet)), 0) {
+        Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
+/// The direct routes this agent added (ours by `DIRECT_ROUTE_PROTO`), as (subnet, via).
+pub fn direct_routes() -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) if r.header.protocol == RouteProtocol::Other(DIRECT_ROUTE_PROTO) => {
+                let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a { Some(*d) } else { None })?;
+                let via = r.attributes.iter().find_map(|a| if let RouteAttribute::Gateway(RouteAddress::Inet(g)) = a { Some(*g) } else { None })?;
+                Some((Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?, via))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
 fn fdb_message(ifindex: u32, mac: [u8; 6], dst: Ipv4Addr) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = AddressFamily::Bridge;
