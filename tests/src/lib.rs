@@ -708,7 +708,9 @@ impl Cluster {
                 ip(&["-n", &n, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel.1"])?;
             }
         }
-        if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) {
+        // (A host-gw agent makes no device: no VtepMAC.)
+        let host_gw = matches!(&self.spec.control, Control::Etcd { config, .. } if config.contains("host-gw"));
+        if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw {
             node.vtep_mac = link_mac(&node.ns, backend.device())?;
         }
         if let (NodeKind::StockFlannel, Some(etcd)) = (node.kind, &self.etcd) {

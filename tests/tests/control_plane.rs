@@ -546,6 +546,46 @@ fn direct_routing_routes_peers_on_the_same_link_without_encapsulation() {
     assert!(c.node(1).routes().iter().any(|r| r.subnet == c.node(2).subnet), "the peer stays routed through the tunnel");
 }
 
+/// flannel's host-gw: no device, no encapsulation; every node routes each peer's subnet via
+/// the peer's address on the shared link, with the lease flannel writes (`BackendType`
+/// "host-gw") and the underlay's whole MTU for containers. A lease whose node is not on the
+/// link is refused with the reason; a deleted lease takes its route with it.
+#[test]
+fn host_gw_routes_each_subnet_via_its_node_without_a_device() {
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+    let spec = ClusterSpec { control: Control::Etcd { tls: false, config: config.into() }, ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2) };
+    let c = cluster("hg", &spec);
+    let (n1, n2) = (c.node(1), c.node(2));
+    let routes = |i: usize| ok("routes", c.node(i).ns.run("ip", &["route", "show", "proto", "97"]));
+    assert!(
+        wait_until(PROPAGATION_BOUND, || routes(1).contains(&format!("{} via {} dev eth0", n2.subnet, n2.underlay_ip))
+            && routes(2).contains(&format!("{} via {} dev eth0", n1.subnet, n1.underlay_ip))),
+        "{}\n{}",
+        routes(1),
+        n1.log_text()
+    );
+    assert!(n1.ns.run("ip", &["link", "show", "flannel.1"]).is_err(), "host-gw makes no overlay device");
+    let key = format!("/coreos.com/network/subnets/{}-24", n1.subnet.network());
+    let lease = ok("get", c.etcd().etcdctl(&["get", &key]));
+    assert!(lease.contains(&format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#, n1.underlay_ip)), "{lease}");
+    assert!(std::fs::read_to_string(&n1.subnet_file).unwrap().contains("FLANNEL_MTU=1500"));
+    ok("ping", ping(&n1.containers[0], n2.container_ip(0), 2));
+    ok("TCP", tcp_transfer(&n2.containers[1], &n1.containers[1], n1.container_ip(1), 4 << 20));
+
+    let fake = "/coreos.com/network/subnets/10.244.200.0-24";
+    ok("put", c.etcd().etcdctl(&["put", fake, r#"{"PublicIP":"10.99.0.1","BackendType":"host-gw"}"#]));
+    assert!(
+        wait_until(PROPAGATION_BOUND, || n1.log_text().contains("peer 10.99.0.1 is not on eth0's link")),
+        "{}",
+        n1.log_text()
+    );
+    assert!(!routes(1).contains("10.244.200.0"));
+    ok("put", c.etcd().etcdctl(&["put", fake, r#"{"PublicIP":"192.168.100.77","BackendType":"host-gw"}"#]));
+    assert!(wait_until(PROPAGATION_BOUND, || routes(1).contains("10.244.200.0/24 via 192.168.100.77 dev eth0")), "{}", routes(1));
+    ok("del", c.etcd().etcdctl(&["del", fake]));
+    assert!(wait_until(PROPAGATION_BOUND, || !routes(1).contains("10.244.200.0")), "{}", routes(1));
+}
+
 /// Errors that no retry can fix stop the agent at once (a non-zero exit that systemd shows),
 /// naming what to change, instead of "cannot reach etcd; retrying" forever: a wrong password,
 /// none where etcd wants one, a user without permission on flannel's prefix, TLS flags with a
@@ -622,10 +662,10 @@ fn missing_config_is_waited_for_and_invalid_config_is_refused() {
     );
 
     // A second agent against an invalid config exits with the field named.
-    ok("put", c.etcd().etcdctl(&["put", "/coreos.com/network/config", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#]));
+    ok("put", c.etcd().etcdctl(&["put", "/coreos.com/network/config", r#"{"Network":"10.244.0.0/16","Backend":{"Type":"gre"}}"#]));
     let j = ok("spawn", c.spawn_unready());
     assert!(wait_until(Duration::from_secs(10), || c.node_mut(j).agent_exit().is_some()), "an invalid config must stop the agent");
     let status = c.node_mut(j).agent_exit().unwrap();
     assert!(!status.success());
-    assert!(c.node(j).log_text().contains("Backend.Type: \"host-gw\" is not supported"), "{}", c.node(j).log_text());
+    assert!(c.node(j).log_text().contains("Backend.Type: \"gre\" is not supported"), "{}", c.node(j).log_text());
 }

@@ -40,11 +40,18 @@ pub struct BackendConfig {
     /// vxlan's `DirectRouting`: peers on the underlay's own link are routed to directly,
     /// without encapsulation; the others are encapsulated.
     pub direct_routing: bool,
+    /// `host-gw`: no encapsulation and no overlay device at all; every peer's subnet is
+    /// routed via its public address, which must be on the underlay's link. (`mode` is
+    /// `Udp` then, for what needs a mode: leases carry no VtepMAC.)
+    pub host_gw: bool,
 }
 
 impl BackendConfig {
     /// The name flannel uses in `BackendType`.
     pub fn type_name(&self) -> &'static str {
+        if self.host_gw {
+            return "host-gw";
+        }
         match self.mode {
             EncapMode::Vxlan => "vxlan",
             EncapMode::Udp => "udp",
@@ -248,6 +255,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
                 port: if port == 0 { DEFAULT_VXLAN_PORT } else { port },
                 mtu,
                 direct_routing,
+                host_gw: false,
             })
         }
         "udp" => Ok(BackendConfig {
@@ -256,7 +264,9 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
             port: if port == 0 { DEFAULT_UDP_PORT } else { port },
             mtu: None,
             direct_routing: false,
+            host_gw: false,
         }),
+        "host-gw" => Ok(BackendConfig { mode: EncapMode::Udp, vni: DEFAULT_VNI, port: 0, mtu: None, direct_routing: false, host_gw: true }),
         // flannel's kernel-module backends: these machines' kernels have neither module
         // (docs/backends.md says what they would take).
         kind @ ("wireguard" | "extension" | "ipip" | "ipsec") => Err(invalid(
@@ -264,7 +274,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
             format!(
                 "{kind:?} is flannel's, not this agent's: it needs the kernel's {} module, which this \
                  data plane does not drive (see docs/backends.md); use \"vxlan\" (flannel's default, \
-                 interoperable with stock nodes) or \"udp\"",
+                 interoperable with stock nodes), \"host-gw\" or \"udp\"",
                 match kind {
                     "wireguard" => "wireguard",
                     "ipip" => "ipip",
@@ -275,7 +285,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
         )),
         other => Err(invalid(
             "Backend.Type",
-            format!("{other:?} is not supported (this agent implements \"vxlan\" and \"udp\")"),
+            format!("{other:?} is not supported (this agent implements \"vxlan\", \"udp\" and \"host-gw\")"),
         )),
     }
 }
@@ -295,7 +305,7 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(172, 17, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(172, 17, 255, 0));
-        assert_eq!(c.backend, BackendConfig { mode: EncapMode::Vxlan, vni: 1, port: 8472, mtu: None, direct_routing: false });
+        assert_eq!(c.backend, BackendConfig { mode: EncapMode::Vxlan, vni: 1, port: 8472, mtu: None, direct_routing: false, host_gw: false });
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert_eq!(c.subnets().count(), 255);
     }
@@ -373,7 +383,7 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","SubnetMax":"10.1.0.0"}"#, "SubnetMax: 10.1.0.0 is outside Network"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.8.0"}"#, "SubnetMin: 10.0.9.0 is above SubnetMax"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"x"}"#, "SubnetMin: \"x\" is not an IPv4 address"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"host-gw"}}"#, "Backend.Type: \"host-gw\" is not supported"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"gre"}}"#, "Backend.Type: \"gre\" is not supported"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard"}}"#, "needs the kernel's wireguard module"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"ipip"}}"#, "needs the kernel's ipip module"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"WireGuard"}}"#, "use \"vxlan\""),

@@ -370,6 +370,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
     }
     let attrs = match (mode, opts.dataplane) {
+        _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
         (EncapMode::Vxlan, _) => {
             let (_, device, _) = dataplane::prepare_device(&spec)?;
             LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
@@ -382,6 +383,14 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     state.set_lease(held.subnet, held.expires());
     spec.subnet = held.subnet;
     let (maps, ebpf, tun, mtu): (Box<dyn crate::tun::RouteTable>, _, _, u32) = match opts.dataplane {
+        // host-gw: no device, no programs; peers' subnets are kernel routes via their
+        // addresses, and containers keep the underlay's whole MTU.
+        _ if cfg.backend.host_gw => {
+            let underlay = netdev::require_link(&spec.iface)?;
+            spec.device = "none (host-gw)".into();
+            tracing::info!(iface = %spec.iface, "host-gw: routing peers' subnets via their addresses, no encapsulation");
+            (Box::new(crate::tun::HostGwRoutes { iface: spec.iface.clone() }), None, None, underlay.mtu)
+        }
         DataplaneKind::Ebpf => {
             let dp = dataplane_up(&spec).await?;
             tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, "eBPF data plane up");
@@ -623,7 +632,8 @@ impl Daemon {
         }
         // Direct routes a previous run left for subnets no lease asks for any more (all of
         // them if DirectRouting is now off), then the ones the leases ask for.
-        for (subnet, _) in netdev::direct_routes()? {
+        // (host-gw's routes are the route table itself: the diff below keeps them.)
+        for (subnet, _) in netdev::direct_routes()?.into_iter().filter(|_| !self.cfg.backend.host_gw) {
             if !self.cfg.backend.direct_routing || !desired.iter().any(|r| r.subnet == subnet) {
                 netdev::del_direct_route(subnet)?;
             }
@@ -720,10 +730,15 @@ impl Daemon {
             Ok(()) => true,
             Err(e) => {
                 self.state.route_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    subnet = %r.subnet, public_ip = %r.public_ip, error = %e,
-                    "could not add the route: the route or peer map is probably full (raise --max-routes / --max-peers)"
-                );
+                match e {
+                    MapsError::NotOnLink { .. } | MapsError::Host(_) => {
+                        tracing::error!(subnet = %r.subnet, public_ip = %r.public_ip, error = %e, "could not add the route")
+                    }
+                    _ => tracing::error!(
+                        subnet = %r.subnet, public_ip = %r.public_ip, error = %e,
+                        "could not add the route: the route or peer map is probably full (raise --max-routes / --max-peers)"
+                    ),
+                }
                 false
             }
         }
@@ -870,6 +885,13 @@ impl Daemon {
                 bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
             }
             self.spec.subnet = held.subnet;
+            if self.cfg.backend.host_gw {
+                let mtu = netdev::require_link(&self.spec.iface)?.mtu;
+                write_subnet_file(&self.opts, &self.cfg, held.subnet, mtu)?;
+                *self.rules.lock().await = self.wanted_rules();
+                ensure_rules(&self.rules).await?;
+                return Ok(());
+            }
             let dp = dataplane_up(&self.spec).await?;
             if self.opts.blackhole_route {
                 netdev::blackhole_route(held.subnet)?;

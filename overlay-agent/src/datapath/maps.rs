@@ -51,6 +51,12 @@ pub enum MapsError {
     OtherLayout { dir: PathBuf, detail: String },
     #[error("locking the pin directory: {0}")]
     Lock(std::io::Error),
+    /// host-gw: a peer the underlay reaches only through a gateway.
+    #[error("peer {peer} is not on {iface}'s link: host-gw routes each subnet via its node's address, so every node must share one link (use vxlan, with DirectRouting for the nodes that do)")]
+    NotOnLink { peer: Ipv4Addr, iface: String },
+    /// host-gw: a kernel route could not be read or written.
+    #[error("{0}")]
+    Host(String),
 }
 
 type Result<T> = std::result::Result<T, MapsError>;

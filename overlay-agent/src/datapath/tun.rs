@@ -108,6 +108,33 @@ pub trait RouteTable: Send {
     fn remove_route(&mut self, subnet: Ipv4Net) -> Result<(), MapsError>;
 }
 
+/// host-gw's routes: kernel routes to each peer's subnet via its address on the underlay
+/// (marked `proto 97`, as DirectRouting's); no maps, no programs. A peer not on the
+/// underlay's link is refused.
+pub struct HostGwRoutes {
+    pub iface: String,
+}
+
+impl RouteTable for HostGwRoutes {
+    fn routes(&self) -> Result<Vec<Route>, MapsError> {
+        let routes = crate::netdev::direct_routes().map_err(|e| MapsError::Host(e.to_string()))?;
+        Ok(routes.into_iter().map(|(subnet, public_ip)| Route { subnet, public_ip, vtep_mac: [0; 6] }).collect())
+    }
+    fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError> {
+        let on_link = crate::netdev::directly_reachable(r.public_ip, &self.iface).map_err(|e| MapsError::Host(e.to_string()))?;
+        if !on_link {
+            return Err(MapsError::NotOnLink { peer: r.public_ip, iface: self.iface.clone() });
+        }
+        crate::netdev::set_direct_route(r.subnet, r.public_ip, &self.iface).map_err(|e| MapsError::Host(e.to_string()))
+    }
+    fn remove_route(&mut self, subnet: Ipv4Net) -> Result<(), MapsError> {
+        if !self.routes()?.iter().any(|r| r.subnet == subnet) {
+            return Err(MapsError::NoSuchRoute(subnet));
+        }
+        crate::netdev::del_direct_route(subnet).map_err(|e| MapsError::Host(e.to_string()))
+    }
+}
+
 impl RouteTable for crate::maps::Maps {
     fn routes(&self) -> Result<Vec<Route>, MapsError> {
         crate::maps::Maps::routes(self)

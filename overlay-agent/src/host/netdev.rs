@@ -506,7 +506,10 @@ pub fn directly_reachable(peer: Ipv4Addr, underlay: &str) -> Result<bool> {
     m.header.address_family = AddressFamily::Inet;
     m.header.destination_prefix_length = 32;
     m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(peer)));
-    let msgs = request(&format!("route to {peer}"), RouteNetlinkMessage::GetRoute(m), 0)?;
+    let msgs = match request(&format!("route to {peer}"), RouteNetlinkMessage::GetRoute(m), 0) {
+        Err(e) if is_errno(&e, libc::ENETUNREACH) || is_errno(&e, libc::EHOSTUNREACH) => return Ok(false),
+        r => r?,
+    };
     let Some(r) = msgs.iter().find_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None }) else {
         return Ok(false);
     };

@@ -108,6 +108,11 @@ impl LeaseAttrs {
     }
 
     /// What flannel's udp backend writes: the public IP only.
+    /// flannel's host-gw lease: the address peers route this node's subnet via.
+    pub fn host_gw(public_ip: Ipv4Addr) -> Self {
+        Self { public_ip, public_ipv6: None, backend_type: "host-gw".into(), backend_data: None }
+    }
+
     pub fn udp(public_ip: Ipv4Addr) -> Self {
         Self { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None }
     }
