@@ -120,6 +120,44 @@ fn ip_masq_hides_containers_going_outside_but_not_between_nodes() {
     drop(outside);
 }
 
+/// `EnableNFTables: true`: flannel's nftables table instead of iptables chains, listed as
+/// flannel's users see it (`nft list table ip flannel-ipv4`), masquerading containers going
+/// outside, restored when someone deletes it, removed on a clean exit; no iptables chain of
+/// ours meanwhile.
+#[test]
+fn nftables_mode_keeps_flannels_table() {
+    let config = r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config: config.into() },
+        ..with_args(&["--ip-masq", "--iptables-resync=1"], 2)
+    };
+    let mut c = cluster("nf", &spec);
+    let outside = outside_host(&c, 1);
+    let n1 = c.node(1);
+    let list = |c: &Cluster| c.node(1).ns.run("nft", &["list", "table", "ip", "flannel-ipv4"]);
+    let table = ok("nft", list(&c));
+    let (net, sub) = ("10.244.0.0/16", n1.subnet.to_string());
+    let expected = format!(
+        "table ip flannel-ipv4 {{\n\tcomment \"rules for flannel-ipv4\"\n\tchain postrtg {{\n\t\tcomment \"chain to manage traffic masquerading by flannel\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark 0x00004000 return\n\t\tip saddr {sub} ip daddr {net} return\n\t\tip saddr {net} ip daddr {sub} return\n\t\tip saddr != {sub} ip daddr {net} return\n\t\tip saddr {net} ip daddr != 224.0.0.0/4 masquerade fully-random\n\t\tip saddr != {net} ip daddr {net} masquerade fully-random\n\t}}\n\n\tchain forward {{\n\t\tcomment \"chain to accept flannel traffic\"\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tip saddr {net} accept\n\t\tip daddr {net} accept\n\t}}\n}}"
+    );
+    assert_eq!(table.trim_end(), expected);
+    assert!(iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG").is_err(), "no iptables chain in nftables mode");
+
+    let probe = ok("probe", UdpProbe::start(&outside, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9000)));
+    let c0 = n1.container_ip(0);
+    ok("send", send_udp(&n1.containers[0], SocketAddrV4::new(c0, 0), SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 2), 9000), vec![b"out".to_vec()]));
+    let got = probe.finish_after_with_sources(1);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.ip(), std::net::IpAddr::V4(Ipv4Addr::new(172, 30, 0, 1)), "outside must see the node's address");
+    ok("ping", ping(&c.node(2).containers[0], c0, 1));
+
+    ok("delete", c.node(1).ns.run("nft", &["delete", "table", "ip", "flannel-ipv4"]));
+    assert!(wait_until(Duration::from_secs(10), || list(&c).is_ok_and(|t| t.trim_end() == expected)), "the table was not restored:\n{}", c.node(1).log_text());
+    ok("stop", c.stop_agent(1));
+    assert!(list(&c).is_err(), "the table must be gone after SIGTERM");
+    drop(outside);
+}
+
 /// flannel's --ip-masq-fully-random-disable: the masquerade rules use --random instead of
 /// --random-fully (which this iptables supports, so it is the default, as the test above
 /// checks).

@@ -45,6 +45,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("openssl", "/usr/bin/openssl"),
     // --ip-masq and the forward rules (flannel's chains), as flannel and docker do.
     ("iptables", "/usr/sbin/iptables"),
+    // EnableNFTables (and hosts without iptables): flannel's flannel-ipv4 table, through nft.
+    ("nftables", "/usr/sbin/nft"),
     // The coherence tests read both nodes' connection tracking tables.
     ("conntrack", "/usr/sbin/conntrack"),
     // The seed's docker step, tested with a real dockerd (the tests start it themselves)

@@ -68,6 +68,9 @@ pub struct NetworkConfig {
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
     pub backend: BackendConfig,
+    /// `EnableNFTables`: masquerade and forward rules in nftables (flannel's flannel-ipv4
+    /// table) instead of iptables.
+    pub enable_nftables: bool,
     /// What was accepted but is ignored, for the log.
     pub warnings: Vec<String>,
 }
@@ -146,9 +149,7 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     if boolean(obj, "EnableIPv6")? == Some(true) || has(obj, "IPv6Network") {
         warnings.push("IPv6 (EnableIPv6/IPv6Network) is not supported; only the IPv4 network is set up".into());
     }
-    if boolean(obj, "EnableNFTables")?.is_some() {
-        warnings.push("EnableNFTables is ignored by this agent".into());
-    }
+    let enable_nftables = boolean(obj, "EnableNFTables")?.unwrap_or(false);
     for k in obj.keys() {
         if !TOP_LEVEL.iter().any(|t| t.eq_ignore_ascii_case(k)) {
             warnings.push(format!("unknown field {k:?} ignored"));
@@ -213,7 +214,7 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     }
 
     let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
-    Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, warnings })
+    Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, warnings })
 }
 
 fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<BackendConfig, ConfigError> {
@@ -400,11 +401,12 @@ mod tests {
 
     #[test]
     fn unsupported_flannel_fields_are_accepted_with_warnings() {
-        let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","EnableNFTables":false,
+        let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","EnableNFTables":true,
                      "Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true},"Colour":"blue"}"#);
         assert!(c.backend.direct_routing);
+        assert!(c.enable_nftables);
         let w = c.warnings.join("\n");
-        for want in ["IPv6", "EnableNFTables", "GBP", "\"Colour\""] {
+        for want in ["IPv6", "GBP", "\"Colour\""] {
             assert!(w.contains(want), "missing warning about {want}: {w}");
         }
     }

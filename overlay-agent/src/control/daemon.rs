@@ -423,7 +423,17 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, state, rules: SharedRules::default(), keeper: None };
     d.start_keeper();
     *d.rules.lock().await = d.wanted_rules();
-    ensure_rules(&d.rules).await.context("installing iptables rules")?;
+    // Leftovers of the other form (the config switched between them), as flannel clears them.
+    let nft_mode = matches!(&*d.rules.lock().await, Firewall::Nft(_));
+    let _ = tokio::task::spawn_blocking(move || {
+        if nft_mode && crate::nftables::has_iptables() {
+            let _ = iptables::remove_all();
+        } else if !nft_mode {
+            let _ = crate::nftables::remove();
+        }
+    })
+    .await;
+    ensure_rules(&d.rules).await.context("installing the masquerade and forward rules")?;
     if d.opts.blackhole_route {
         netdev::blackhole_route(held.subnet)?;
     }
@@ -435,7 +445,15 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     Ok(d)
 }
 
-    fn wanted_rules(&self) -> Vec<ChainRules> {
+    /// The rules this node should have: flannel's iptables chains, or its nftables table
+    /// when the config says `EnableNFTables` or the host has no iptables (as flannel does).
+    fn wanted_rules(&self) -> Firewall {
+        if self.cfg.enable_nftables || !crate::nftables::has_iptables() {
+            return Firewall::Nft(crate::nftables::NftRules {
+                masq: self.opts.ip_masq.then_some((self.cfg.network, self.held.subnet, self.opts.masq_random)),
+                forward: self.opts.forward_rules.then_some(self.cfg.network),
+            });
+        }
         let mut r = Vec::new();
         if self.opts.ip_masq {
             r.push(iptables::masquerade(self.cfg.network, self.held.subnet, self.opts.masq_random));
@@ -443,26 +461,63 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         if self.opts.forward_rules {
             r.push(iptables::forward(self.cfg.network));
         }
-        r
+        Firewall::Iptables(r)
     }
 
     /// Remove our iptables rules (clean exit), after any check in flight; none come back.
     async fn remove_rules(&self) {
         let rules = std::mem::take(&mut *self.rules.lock().await);
-        let done = tokio::task::spawn_blocking(move || {
-            for r in &rules {
-                if let Err(e) = iptables::remove(r) {
-                    tracing::warn!(chain = r.chain, error = %e, "removing iptables rules");
+        let done = tokio::task::spawn_blocking(move || match rules {
+            Firewall::Iptables(chains) => {
+                for r in &chains {
+                    if let Err(e) = iptables::remove(r) {
+                        tracing::warn!(chain = r.chain, error = %e, "removing iptables rules");
+                    }
                 }
             }
+            Firewall::Nft(_) => {
+                if let Err(e) = crate::nftables::remove() {
+                    tracing::warn!(error = %e, "removing the nftables table");
+                }
+            }
+            Firewall::None => {}
         });
         let _ = done.await;
     }
 }
 
-/// The iptables rules this node keeps. Locked for the whole of a check or restore, so that a
+/// The masquerade and forward rules this node keeps, in one of flannel's two forms.
+#[derive(Clone, Debug, Default)]
+pub enum Firewall {
+    #[default]
+    None,
+    /// flannel's iptables chains (FLANNEL-POSTRTG, FLANNEL-FWD).
+    Iptables(Vec<ChainRules>),
+    /// flannel's nftables table (flannel-ipv4: postrtg, forward).
+    Nft(crate::nftables::NftRules),
+}
+
+impl Firewall {
+    /// Install or restore; true if something had to change. Blocking (runs iptables or nft).
+    fn ensure(&self) -> Result<bool> {
+        Ok(match self {
+            Firewall::Iptables(chains) => {
+                let mut changed = false;
+                for r in chains {
+                    changed |= iptables::ensure(r)?;
+                }
+                changed
+            }
+            Firewall::Nft(rules) if rules.masq.is_none() && rules.forward.is_none() => false,
+            Firewall::Nft(rules) => crate::nftables::ensure(rules)?,
+            Firewall::None => false,
+        })
+    }
+}
+
+/// The rules this node keeps. Locked for the whole of a check or restore, so that a
 /// shutdown waits for one in flight.
-type SharedRules = Arc<tokio::sync::Mutex<Vec<ChainRules>>>;
+type SharedRules = Arc<tokio::sync::Mutex<Firewall>>;
 
 /// Install or restore the iptables rules; true if something had to change. iptables waits for
 /// the xtables lock (bounded, `iptables::LOCK_WAIT_SECS`), so the commands run on a blocking
@@ -470,13 +525,7 @@ type SharedRules = Arc<tokio::sync::Mutex<Vec<ChainRules>>>;
 async fn ensure_rules(rules: &SharedRules) -> Result<bool> {
     let guard = rules.lock().await;
     let snapshot = guard.clone();
-    let changed = tokio::task::spawn_blocking(move || -> Result<bool> {
-        let mut changed = false;
-        for r in &snapshot {
-            changed |= iptables::ensure(r)?;
-        }
-        Ok(changed)
-    })
+    let changed = tokio::task::spawn_blocking(move || snapshot.ensure())
     .await
     .context("the iptables task")??;
     drop(guard);

@@ -4,5 +4,6 @@
 pub mod docker_opts;
 pub mod health;
 pub mod iptables;
+pub mod nftables;
 pub mod netdev;
 pub mod subnet_file;

@@ -1,0 +1,165 @@
+//! flannel's nftables mode (`EnableNFTables: true`, and hosts without an iptables binary,
+//! such as RHEL 10's family): the masquerade and forward rules in a table of flannel's own,
+//! `ip flannel-ipv4`, with flannel's chain names (`postrtg`, `forward`) and comments, so
+//! `nft list ruleset` shows what flannel's users expect.
+//!
+//! Design notes: driven through `nft -f -`, as flannel's knftables (and kube-proxy's) drive
+//! nft: one script per change, which nft applies as one transaction, so the table is replaced
+//! atomically (never a moment without rules). The Rust netlink nftables crates either need
+//! libnftnl (nftnl) or cover too little of nft's expression set (rustables), and the `nft`
+//! binary is what this mode's hosts have.
+
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+};
+
+use ipnet::Ipv4Net;
+
+use super::iptables::MasqRandom;
+
+pub const TABLE: &str = "flannel-ipv4";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("could not run nft: {cause} (is the nftables package installed?)")]
+    Spawn { cause: std::io::Error },
+    #[error("nft failed: {stderr}\nscript:\n{script}")]
+    Failed { stderr: String, script: String },
+}
+
+type Result<T> = std::result::Result<T, NftError>;
+
+/// What the table holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftRules {
+    /// --ip-masq: (network, subnet, randomisation).
+    pub masq: Option<(Ipv4Net, Ipv4Net, MasqRandom)>,
+    /// flannel's forward accept rules for the network.
+    pub forward: Option<Ipv4Net>,
+}
+
+impl NftRules {
+    /// The rules of each chain, as `nft list table` prints them (one per line).
+    pub fn chain_rules(&self) -> Vec<(&'static str, Vec<String>)> {
+        let mut out = Vec::new();
+        if let Some((n, s, random)) = self.masq {
+            let r = match random {
+                MasqRandom::Fully => " fully-random",
+                MasqRandom::Random => " random",
+                MasqRandom::None => "",
+            };
+            out.push((
+                "postrtg",
+                vec![
+                    "meta mark 0x00004000 return".to_string(),
+                    format!("ip saddr {s} ip daddr {n} return"),
+                    format!("ip saddr {n} ip daddr {s} return"),
+                    format!("ip saddr != {s} ip daddr {n} return"),
+                    format!("ip saddr {n} ip daddr != 224.0.0.0/4 masquerade{r}"),
+                    format!("ip saddr != {n} ip daddr {n} masquerade{r}"),
+                ],
+            ));
+        }
+        if let Some(n) = self.forward {
+            out.push(("forward", vec![format!("ip saddr {n} accept"), format!("ip daddr {n} accept")]));
+        }
+        out
+    }
+
+    /// The nft script that replaces the table with these rules, in one transaction.
+    pub fn script(&self) -> String {
+        // "add" first, so that "delete" never fails on a host without the table.
+        let mut s = format!("add table ip {TABLE}\ndelete table ip {TABLE}\n");
+        s += &format!("table ip {TABLE} {{\n\tcomment \"rules for {TABLE}\"\n");
+        for (chain, rules) in self.chain_rules() {
+            let (comment, spec) = match chain {
+                "postrtg" => ("chain to manage traffic masquerading by flannel", "type nat hook postrouting priority srcnat; policy accept;"),
+                _ => ("chain to accept flannel traffic", "type filter hook forward priority filter; policy accept;"),
+            };
+            s += &format!("\tchain {chain} {{\n\t\tcomment \"{comment}\"\n\t\t{spec}\n");
+            for r in rules {
+                s += &format!("\t\t{r}\n");
+            }
+            s += "\t}\n";
+        }
+        s += "}\n";
+        s
+    }
+}
+
+fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
+    let mut cmd = Command::new("nft");
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().map_err(|cause| NftError::Spawn { cause })?;
+    if let Some(input) = stdin {
+        child.stdin.take().expect("piped").write_all(input.as_bytes()).map_err(|cause| NftError::Spawn { cause })?;
+    }
+    let out = child.wait_with_output().map_err(|cause| NftError::Spawn { cause })?;
+    if !out.status.success() {
+        return Err(NftError::Failed { stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(), script: stdin.unwrap_or_default().to_string() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The rules now in our table's chains (`None`: no table).
+fn current() -> Option<Vec<(String, Vec<String>)>> {
+    let text = nft(&["list", "table", "ip", TABLE], None).ok()?;
+    let mut chains: Vec<(String, Vec<String>)> = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix(" {")) {
+            chains.push((name.to_string(), Vec::new()));
+        } else if let Some((_, rules)) = chains.last_mut() {
+            let header = line.starts_with("comment ") || line.starts_with("type ") || line == "}" || line.is_empty();
+            if !header {
+                rules.push(line.to_string());
+            }
+        }
+    }
+    Some(chains)
+}
+
+/// Make the table hold exactly `rules`; true if it had to change.
+pub fn ensure(rules: &NftRules) -> Result<bool> {
+    let want: Vec<(String, Vec<String>)> = rules.chain_rules().into_iter().map(|(c, r)| (c.to_string(), r)).collect();
+    if current().as_ref() == Some(&want) {
+        return Ok(false);
+    }
+    nft(&["-f", "-"], Some(&rules.script()))?;
+    Ok(true)
+}
+
+/// Remove the table (clean exit).
+pub fn remove() -> Result<()> {
+    nft(&["-f", "-"], Some(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))).map(drop)
+}
+
+/// Whether this host has an iptables binary (flannel falls back to nftables without one).
+pub fn has_iptables() -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("iptables").exists()))
+        .unwrap_or(false)
+        || std::path::Path::new("/usr/sbin/iptables").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_flannels() {
+        let n: Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let s: Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let rules = NftRules { masq: Some((n, s, MasqRandom::Fully)), forward: Some(n) };
+        let script = rules.script();
+        assert!(script.starts_with("add table ip flannel-ipv4\ndelete table ip flannel-ipv4\ntable ip flannel-ipv4 {"), "{script}");
+        assert!(script.contains("\tchain postrtg {\n\t\tcomment \"chain to manage traffic masquerading by flannel\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark 0x00004000 return\n\t\tip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return\n"), "{script}");
+        assert!(script.contains("\t\tip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random\n"), "{script}");
+        assert!(script.contains("\tchain forward {"), "{script}");
+        let none = NftRules { masq: Some((n, s, MasqRandom::Random)), forward: None };
+        assert!(none.script().contains("masquerade random\n") && !none.script().contains("chain forward"));
+    }
+}
