@@ -230,6 +230,14 @@ fn ip_blackhole_route_catches_the_subnet_when_the_bridge_lets_go() {
     let target = n1.container_ip(0).to_string();
     let via = |c: &Cluster| c.node(1).ns.run("ip", &["route", "get", &target]).map_err(|e| format!("{e:#}"));
     assert!(via(&c).is_ok_and(|r| r.contains("dev docker0")), "{:?}", via(&c));
+    // A blackhole a previous run left for a subnet this node no longer holds would swallow
+    // traffic to whichever node holds it now: removed at start, ours kept.
+    ok("stale", n1.ns.run("ip", &["route", "add", "blackhole", "10.244.250.0/24", "metric", "4096"]));
+    let mut c = c;
+    ok("restart", c.restart_agent(1));
+    let (n1, _n2) = (c.node(1), c.node(2));
+    let routes = ok("routes", n1.ns.run("ip", &["route", "show", "type", "blackhole"]));
+    assert!(!routes.contains("10.244.250.0/24") && routes.contains(&n1.subnet.to_string()), "{routes}");
     let gw = format!("{}/{}", n1.subnet.network().octets().iter().enumerate().map(|(i, b)| if i == 3 { (b + 1).to_string() } else { b.to_string() }).collect::<Vec<_>>().join("."), n1.subnet.prefix_len());
     ok("bridge lets go", n1.ns.run("ip", &["addr", "del", &gw, "dev", "docker0"]));
     // The kernel answers a lookup that ends in a blackhole with EINVAL; without the route

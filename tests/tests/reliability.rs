@@ -466,10 +466,18 @@ fn a_damaged_overlay_device_is_restored_without_a_restart() {
         ("flushing its address", &["-4", "addr", "flush", "dev", "flannel.1"]),
         ("deleting the network's route", &["route", "del", "10.244.0.0/16"]),
     ];
+    let key = format!("/coreos.com/network/subnets/{}-24", c.node(1).subnet.network());
     for (i, (what, args)) in damage.into_iter().enumerate() {
         ok(what, c.node(1).ns.run("ip", args));
         assert!(wait_until(Duration::from_secs(15), || repairs(&c) > i), "not restored after {what}:\n{}", c.node(1).log_text());
         flows(&stream, what);
+        // A device made again has a new MAC: the lease must say it (peers address the frames
+        // they leave to our kernel device to it).
+        let mac = overlay_agent::netdev::format_mac(&ok("mac", overlay_tests::link_mac(&c.node(1).ns, "flannel.1")));
+        assert!(
+            wait_until(Duration::from_secs(15), || c.etcd().etcdctl(&["get", &key]).is_ok_and(|v| v.contains(&mac))),
+            "the lease does not name the device's MAC {mac} after {what}"
+        );
     }
     assert_eq!(c.node(1).agent_pid(), pid, "restored without a restart");
     assert!(c.node_mut(1).agent_exit().is_none());

@@ -220,6 +220,11 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
+/// Whether `e` says etcd no longer knows the lease.
+fn lease_gone(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<RegistryError>().is_some_and(RegistryError::is_lease_gone)
+}
+
 /// Claim a subnet for this node: `lease::acquire` decides each step (flannel's algorithm:
 /// reuse our lease or reservation if it still fits the config, deleting ours that do not,
 /// else claim a free subnet, the previous one first); this performs them against etcd.
@@ -250,15 +255,20 @@ async fn acquire(
                 tracing::info!(%subnet, "using this node's reservation (no TTL: never expires, never renewed)");
                 Outcome::Done
             }
+            // A lease etcd no longer knows (expired meanwhile) answers as an expired renewal.
             Step::Renew { subnet, etcd_lease } => Outcome::Renewed(
-                retry("renewing our lease", reg, |r| {
+                match retry("renewing our lease", reg, |r| {
                     let a = attrs.clone();
                     Box::pin(async move {
                         r.update(&subnet, &a, etcd_lease).await?;
                         r.keep_alive(etcd_lease).await
                     })
                 })
-                .await?,
+                .await
+                {
+                    Err(e) if lease_gone(&e) => 0,
+                    r => r?,
+                },
             ),
             Step::Claim(subnet) => {
                 let ttl = opts.lease_ttl;
@@ -434,9 +444,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     })
     .await;
     ensure_rules(&d.rules).await.context("installing the masquerade and forward rules")?;
-    if d.opts.blackhole_route {
-        netdev::blackhole_route(held.subnet)?;
-    }
+    d.sync_blackhole()?;
     write_subnet_file(&d.opts, &d.cfg, held.subnet, mtu)?;
     tracing::info!(
         subnet = %held.subnet, public_ip = %public_ip, device = %d.spec.device, mtu,
@@ -523,13 +531,10 @@ type SharedRules = Arc<tokio::sync::Mutex<Firewall>>;
 /// the xtables lock (bounded, `iptables::LOCK_WAIT_SECS`), so the commands run on a blocking
 /// thread: the lease keeper, the watch and /healthz go on meanwhile.
 async fn ensure_rules(rules: &SharedRules) -> Result<bool> {
-    let guard = rules.lock().await;
-    let snapshot = guard.clone();
-    let changed = tokio::task::spawn_blocking(move || snapshot.ensure())
-    .await
-    .context("the iptables task")??;
-    drop(guard);
-    Ok(changed)
+    // The guard goes with the blocking job: a shutdown that aborts the resync task still
+    // waits for a check in flight before it removes the rules.
+    let guard = rules.clone().lock_owned().await;
+    tokio::task::spawn_blocking(move || guard.ensure()).await.context("the iptables task")?
 }
 
 /// Check the rules every `every` and restore what someone removed or changed, in a task of
@@ -682,9 +687,15 @@ impl Daemon {
         // Direct routes a previous run left for subnets no lease asks for any more (all of
         // them if DirectRouting is now off), then the ones the leases ask for.
         // (host-gw's routes are the route table itself: the diff below keeps them.)
-        for (subnet, _) in netdev::direct_routes()?.into_iter().filter(|_| !self.cfg.backend.host_gw) {
+        let ours = netdev::direct_routes().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "listing direct routes");
+            Vec::new()
+        });
+        for (subnet, _) in ours.into_iter().filter(|_| !self.cfg.backend.host_gw) {
             if !self.cfg.backend.direct_routing || !desired.iter().any(|r| r.subnet == subnet) {
-                netdev::del_direct_route(subnet)?;
+                if let Err(e) = netdev::del_direct_route(subnet) {
+                    tracing::warn!(%subnet, error = %e, "removing a stale direct route");
+                }
             }
         }
         for r in &desired {
@@ -759,15 +770,20 @@ impl Daemon {
             return Ok(());
         }
         let direct = match peer {
-            Some(ip) => netdev::directly_reachable(ip, &self.spec.iface)?.then_some(ip),
+            Some(ip) => netdev::directly_reachable(ip, &self.spec.iface).unwrap_or(false).then_some(ip),
             None => None,
         };
-        match direct {
-            Some(via) => {
-                netdev::set_direct_route(subnet, via, &self.spec.iface)?;
+        let done = match direct {
+            Some(via) => netdev::set_direct_route(subnet, via, &self.spec.iface).map(|()| {
                 tracing::info!(%subnet, %via, "peer on the same link: routed directly (DirectRouting)");
-            }
-            None => netdev::del_direct_route(subnet)?,
+            }),
+            None => netdev::del_direct_route(subnet),
+        };
+        // Like a full map: counted and logged, never the end of the agent (the subnet stays
+        // reachable through the tunnel route).
+        if let Err(e) = done {
+            self.state.route_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%subnet, error = %e, "could not set the direct route");
         }
         Ok(())
     }
@@ -793,6 +809,39 @@ impl Daemon {
         }
     }
 
+    /// The `--ip-blackhole-route` route: for our subnet if asked for, and none left for a
+    /// subnet we no longer hold (it would swallow traffic to whichever node holds it now).
+    fn sync_blackhole(&self) -> Result<()> {
+        for subnet in netdev::blackhole_routes()? {
+            let ours_now = self.opts.blackhole_route && subnet == self.held.subnet;
+            if self.cfg.network.contains(&subnet) && !ours_now {
+                tracing::info!(%subnet, "removing a blackhole route for a subnet this node does not hold");
+                netdev::del_blackhole_route(subnet)?;
+            }
+        }
+        if self.opts.blackhole_route {
+            netdev::blackhole_route(self.held.subnet)?;
+        }
+        Ok(())
+    }
+
+    /// Write `attrs` into our lease (same etcd lease): a new VtepMAC or PublicIP reaches the
+    /// peers. A lease etcd no longer knows means claiming again.
+    async fn announce(&mut self, attrs: LeaseAttrs) -> Result<()> {
+        let (subnet, lease) = (self.held.subnet, self.held.etcd_lease);
+        let written = retry("rewriting our lease", &mut self.reg, |r| {
+            let a = attrs.clone();
+            Box::pin(async move { r.update(&subnet, &a, lease).await })
+        })
+        .await;
+        self.attrs = attrs;
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) if lease_gone(&e) => self.lost_lease("gone from etcd when rewritten").await,
+            Err(e) => Err(e),
+        }
+    }
+
     /// What is missing of the overlay device, its address and its route (`None`: intact).
     /// An operator or another tool may delete any of them; flannel would need a restart.
     fn overlay_damage(&self) -> Result<Option<&'static str>, netdev::NetdevError> {
@@ -807,12 +856,8 @@ impl Daemon {
         if !netdev::has_address(&self.spec.device, self.held.subnet.network())? {
             return Ok(Some("its address is gone or changed"));
         }
-        // Any address of the network outside our subnet must route through the device.
-        let probe = self.spec.network.subnets(self.held.subnet.prefix_len()).ok().and_then(|mut s| s.find(|s| *s != self.held.subnet));
-        if let Some(other) = probe {
-            if netdev::route_to(other.network()).map(|(dev, _)| dev != self.spec.device).unwrap_or(true) {
-                return Ok(Some("the network's route no longer goes through it"));
-            }
+        if !netdev::network_route_via(self.spec.network, &self.spec.device)? {
+            return Ok(Some("the network's route no longer goes through it"));
         }
         Ok(None)
     }
@@ -833,7 +878,16 @@ impl Daemon {
             Ok(dp) => {
                 self.state.device_repairs.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(device = %self.spec.device, ifindex = dp.device.ifindex, "overlay device restored: device, address, route and programs");
+                let mac = dp.device.mac;
                 self.ebpf = Some(dp);
+                // A device made again has a new MAC: peers must address the frames they leave
+                // to our kernel device to it, so the lease says it.
+                if self.spec.mode == EncapMode::Vxlan && self.attrs.vtep_mac().ok() != Some(mac) {
+                    let attrs = LeaseAttrs::vxlan(self.spec.public_ip, self.spec.vni, mac);
+                    if let Err(e) = self.announce(attrs).await {
+                        tracing::error!(error = %crate::error_chain(e.as_ref()), "announcing the restored device's VtepMAC failed");
+                    }
+                }
             }
             Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the overlay device failed; trying again"),
         }
@@ -860,24 +914,25 @@ impl Daemon {
         let mut spec = self.spec.clone();
         spec.iface = iface;
         spec.public_ip = ip;
-        let dp = dataplane_up(&spec).await?;
+        let dp = match dataplane_up(&spec).await {
+            Ok(dp) => dp,
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(e.as_ref()), "moving the data plane to the new address failed; trying again");
+                return Ok(false);
+            }
+        };
         let attrs = match spec.mode {
             EncapMode::Vxlan => LeaseAttrs::vxlan(ip, spec.vni, dp.device.mac),
             EncapMode::Udp => LeaseAttrs::udp(ip),
         };
+        self.spec = spec;
+        self.ebpf = Some(dp);
         // The client's connections left from the old address, which is gone: waiting for
         // them to time out would leave the lease naming an address nobody answers on.
         self.reg = connect(&self.opts.etcd).await?;
         self.start_keeper();
-        let (subnet, lease) = (self.held.subnet, self.held.etcd_lease);
-        retry("rewriting our lease with the new address", &mut self.reg, |r| {
-            let a = attrs.clone();
-            Box::pin(async move { r.update(&subnet, &a, lease).await })
-        })
-        .await?;
-        self.spec = spec;
-        self.attrs = attrs;
-        self.ebpf = Some(dp);
+        let subnet = self.held.subnet;
+        self.announce(attrs).await?;
         self.state.public_ip_changes.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(public_ip = %ip, %subnet, "data plane and lease moved to the new public address");
         Ok(true)
@@ -934,6 +989,7 @@ impl Daemon {
                 bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
             }
             self.spec.subnet = held.subnet;
+            self.sync_blackhole()?;
             if self.cfg.backend.host_gw {
                 let mtu = netdev::require_link(&self.spec.iface)?.mtu;
                 write_subnet_file(&self.opts, &self.cfg, held.subnet, mtu)?;
@@ -942,9 +998,6 @@ impl Daemon {
                 return Ok(());
             }
             let dp = dataplane_up(&self.spec).await?;
-            if self.opts.blackhole_route {
-                netdev::blackhole_route(held.subnet)?;
-            }
             write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
             self.ebpf = Some(dp);
             *self.rules.lock().await = self.wanted_rules();

@@ -230,7 +230,20 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
     }
     let mut check = s(&["-t", r.table, "-C", r.hook]);
     check.extend(r.jump_args());
-    if !iptables_ok(&check)? {
+    // -C: 0 present, 1 absent; anything else (4: the xtables lock was not had in time) is
+    // an error, never "absent" (appending then would duplicate the jump).
+    let checked = iptables(&check)?;
+    let present = match checked.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => {
+            return Err(IptablesError::Failed {
+                cmd: format!("iptables {}", check.join(" ")),
+                stderr: String::from_utf8_lossy(&checked.stderr).trim().to_string(),
+            })
+        }
+    };
+    if !present {
         let mut add = s(&["-t", r.table, "-A", r.hook]);
         add.extend(r.jump_args());
         iptables_must(&add)?;

@@ -12,7 +12,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
@@ -38,8 +39,23 @@ pub enum NetdevError {
 type Result<T> = std::result::Result<T, NetdevError>;
 
 /// Send one rtnetlink request and collect what comes back (a dump's messages; nothing for
-/// an acknowledged change). A kernel error is returned with `op` named.
+/// an acknowledged change). A kernel error is returned with `op` named. A dump the kernel
+/// marks interrupted (the table changed meanwhile) is asked again, a few times; a message
+/// the library cannot decode (a newer kernel's) is skipped by its header's length rather
+/// than failing the whole dump.
 fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+    let mut attempts = 0;
+    loop {
+        match request_once(op, msg.clone(), flags)? {
+            (out, false) => return Ok(out),
+            (out, true) if attempts >= 3 => return Ok(out),
+            (_, true) => attempts += 1,
+        }
+    }
+}
+
+/// One request: its messages, and whether a dump came back interrupted.
+fn request_once(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<(Vec<RouteNetlinkMessage>, bool)> {
     let err = |cause: std::io::Error| NetdevError::Netlink { op: op.to_string(), cause };
     let socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
@@ -51,28 +67,34 @@ fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNe
     nl.serialize(&mut buf);
     socket.send(&buf, 0).map_err(err)?;
     let mut out = Vec::new();
+    let mut interrupted = false;
     loop {
         let (data, _) = socket.recv_from_full().map_err(err)?;
         let mut off = 0;
-        while off < data.len() {
-            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())))?;
-            let len = m.header.length as usize;
-            match m.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) if e.code.is_none() => return Ok(out),
-                NetlinkPayload::Error(e) => return Err(err(e.to_io())),
-                NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                _ => {}
+        while off + 16 <= data.len() {
+            let len = u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
+            let msg_flags = u16::from_ne_bytes([data[off + 6], data[off + 7]]);
+            interrupted |= msg_flags & NLM_F_DUMP_INTR != 0;
+            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..]) {
+                Ok(m) => match m.payload {
+                    NetlinkPayload::Done(_) => return Ok((out, interrupted)),
+                    NetlinkPayload::Error(e) if e.code.is_none() => return Ok((out, interrupted)),
+                    NetlinkPayload::Error(e) => return Err(err(e.to_io())),
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    _ => {}
+                },
+                Err(e) if flags & NLM_F_DUMP != 0 => tracing::debug!(op, error = %e, "skipping a netlink message this build cannot decode"),
+                Err(e) => return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))),
             }
-            if len == 0 {
+            if len < 16 {
                 break;
             }
-            off += len;
+            // Messages are 4-byte aligned in the datagram.
+            off += (len + 3) & !3;
         }
         // A plain request without ACK that answered with one message is complete.
         if flags & (NLM_F_ACK | NLM_F_DUMP) == 0 {
-            return Ok(out);
+            return Ok((out, interrupted));
         }
     }
 }
@@ -482,16 +504,7 @@ pub const BLACKHOLE_METRIC: u32 = 4096;
 /// flannel's `--ip-blackhole-route`: a blackhole route for the node's own subnet, so that
 /// traffic to it is dropped here (not sent out the default route) while no bridge holds it.
 pub fn blackhole_route(subnet: Ipv4Net) -> Result<()> {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    m.header.destination_prefix_length = subnet.prefix_len();
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
-    m.header.protocol = RouteProtocol::Boot;
-    m.header.scope = RouteScope::Universe;
-    m.header.kind = RouteType::BlackHole;
-    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(subnet.network())));
-    m.attributes.push(RouteAttribute::Priority(BLACKHOLE_METRIC));
-    change(&format!("blackhole route for {subnet}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+    change(&format!("blackhole route for {subnet}"), RouteNetlinkMessage::NewRoute(blackhole_message(subnet)), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
 /// The routing protocol number marking the direct routes this agent adds (vxlan's
@@ -563,6 +576,60 @@ pub fn direct_routes() -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
             _ => None,
         })
         .collect())
+}
+
+fn blackhole_message(subnet: Ipv4Net) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = subnet.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::BlackHole;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(subnet.network())));
+    m.attributes.push(RouteAttribute::Priority(BLACKHOLE_METRIC));
+    m
+}
+
+/// The `--ip-blackhole-route` routes on this node (blackholes with our metric).
+pub fn blackhole_routes() -> Result<Vec<Ipv4Net>> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) if r.header.kind == RouteType::BlackHole && r.attributes.contains(&RouteAttribute::Priority(BLACKHOLE_METRIC)) => {
+                let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a { Some(*d) } else { None })?;
+                Ipv4Net::new(dst, r.header.destination_prefix_length).ok()
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+pub fn del_blackhole_route(subnet: Ipv4Net) -> Result<()> {
+    match change(&format!("remove blackhole route {subnet}"), RouteNetlinkMessage::DelRoute(blackhole_message(subnet)), 0) {
+        Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
+/// Whether the route for the whole `network` goes to `device` (the overlay route).
+pub fn network_route_via(network: Ipv4Net, device: &str) -> Result<bool> {
+    let Some(dev) = link(device)? else { return Ok(false) };
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    Ok(msgs.iter().any(|m| match m {
+        RouteNetlinkMessage::NewRoute(r) => {
+            r.header.table == RouteHeader::RT_TABLE_MAIN
+                && r.header.destination_prefix_length == network.prefix_len()
+                && r.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet(network.network())))
+                && r.attributes.contains(&RouteAttribute::Oif(dev.ifindex))
+        }
+        _ => false,
+    }))
 }
 
 fn fdb_message(ifindex: u32, mac: [u8; 6], dst: Ipv4Addr) -> NeighbourMessage {

@@ -47,7 +47,7 @@ impl RegistryError {
     /// timing out or overloaded; never a refused password, a missing permission or a
     /// malformed request, which stay so however long the agent waits.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RegistryError::Etcd { cause, .. } if fatal_hint(cause).is_none())
+        matches!(self, RegistryError::Etcd { cause, .. } if fatal_hint(cause).is_none()) && !self.is_lease_gone()
     }
 
     /// etcd says the lease (etcd's lease ID) no longer exists.
