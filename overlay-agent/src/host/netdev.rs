@@ -479,19 +479,33 @@ pub fn has_address(name: &str, addr: Ipv4Addr) -> Result<bool> {
 /// container (the kernel's gc_thresh3 is 1024).
 pub const OVERLAY_NEXTHOP: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 
+/// A main-table IPv4 route message for `dst` (protocol and type given), universe scope.
+fn route_message(dst: Ipv4Net, protocol: RouteProtocol, kind: RouteType) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = dst.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = protocol;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = kind;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(dst.network())));
+    m
+}
+
+/// Every IPv4 route of every table (a dump).
+fn all_routes() -> Result<Vec<RouteMessage>> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    Ok(msgs.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None }).collect())
+}
+
 /// Route the whole overlay network to the device (the node's own subnet stays on its bridge,
 /// a longer prefix).
 pub fn route_network(network: Ipv4Net, device: &str) -> Result<()> {
     let l = require_link(device)?;
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    m.header.destination_prefix_length = network.prefix_len();
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
-    m.header.protocol = RouteProtocol::Boot;
-    m.header.scope = RouteScope::Universe;
-    m.header.kind = RouteType::Unicast;
+    let mut m = route_message(network, RouteProtocol::Boot, RouteType::Unicast);
     m.header.flags = RouteFlags::Onlink;
-    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(network.network())));
     m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(OVERLAY_NEXTHOP)));
     m.attributes.push(RouteAttribute::Oif(l.ifindex));
     change(&format!("route {network} to {device}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
@@ -532,15 +546,7 @@ pub fn directly_reachable(peer: Ipv4Addr, underlay: &str) -> Result<bool> {
 }
 
 fn direct_route_message(subnet: Ipv4Net) -> RouteMessage {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    m.header.destination_prefix_length = subnet.prefix_len();
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
-    m.header.protocol = RouteProtocol::Other(DIRECT_ROUTE_PROTO);
-    m.header.scope = RouteScope::Universe;
-    m.header.kind = RouteType::Unicast;
-    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(subnet.network())));
-    m
+    route_message(subnet, RouteProtocol::Other(DIRECT_ROUTE_PROTO), RouteType::Unicast)
 }
 
 /// Route `subnet` straight to `via` on `underlay` (no encapsulation), replacing ours.
@@ -562,49 +568,34 @@ pub fn del_direct_route(subnet: Ipv4Net) -> Result<()> {
 
 /// The direct routes this agent added (ours by `DIRECT_ROUTE_PROTO`), as (subnet, via).
 pub fn direct_routes() -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
-    Ok(msgs
+    Ok(all_routes()?
         .iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewRoute(r) if r.header.protocol == RouteProtocol::Other(DIRECT_ROUTE_PROTO) => {
-                let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a { Some(*d) } else { None })?;
-                let via = r.attributes.iter().find_map(|a| if let RouteAttribute::Gateway(RouteAddress::Inet(g)) = a { Some(*g) } else { None })?;
-                Some((Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?, via))
-            }
-            _ => None,
+        .filter(|r| r.header.protocol == RouteProtocol::Other(DIRECT_ROUTE_PROTO))
+        .filter_map(|r| {
+            let via = r.attributes.iter().find_map(|a| if let RouteAttribute::Gateway(RouteAddress::Inet(g)) = a { Some(*g) } else { None })?;
+            Some((destination(r)?, via))
         })
         .collect())
 }
 
+/// A route's IPv4 destination network.
+fn destination(r: &RouteMessage) -> Option<Ipv4Net> {
+    let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a { Some(*d) } else { None })?;
+    Ipv4Net::new(dst, r.header.destination_prefix_length).ok()
+}
+
 fn blackhole_message(subnet: Ipv4Net) -> RouteMessage {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    m.header.destination_prefix_length = subnet.prefix_len();
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
-    m.header.protocol = RouteProtocol::Boot;
-    m.header.scope = RouteScope::Universe;
-    m.header.kind = RouteType::BlackHole;
-    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(subnet.network())));
+    let mut m = route_message(subnet, RouteProtocol::Boot, RouteType::BlackHole);
     m.attributes.push(RouteAttribute::Priority(BLACKHOLE_METRIC));
     m
 }
 
 /// The `--ip-blackhole-route` routes on this node (blackholes with our metric).
 pub fn blackhole_routes() -> Result<Vec<Ipv4Net>> {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
-    Ok(msgs
+    Ok(all_routes()?
         .iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewRoute(r) if r.header.kind == RouteType::BlackHole && r.attributes.contains(&RouteAttribute::Priority(BLACKHOLE_METRIC)) => {
-                let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a { Some(*d) } else { None })?;
-                Ipv4Net::new(dst, r.header.destination_prefix_length).ok()
-            }
-            _ => None,
-        })
+        .filter(|r| r.header.kind == RouteType::BlackHole && r.attributes.contains(&RouteAttribute::Priority(BLACKHOLE_METRIC)))
+        .filter_map(destination)
         .collect())
 }
 
@@ -618,17 +609,8 @@ pub fn del_blackhole_route(subnet: Ipv4Net) -> Result<()> {
 /// Whether the route for the whole `network` goes to `device` (the overlay route).
 pub fn network_route_via(network: Ipv4Net, device: &str) -> Result<bool> {
     let Some(dev) = link(device)? else { return Ok(false) };
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
-    Ok(msgs.iter().any(|m| match m {
-        RouteNetlinkMessage::NewRoute(r) => {
-            r.header.table == RouteHeader::RT_TABLE_MAIN
-                && r.header.destination_prefix_length == network.prefix_len()
-                && r.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet(network.network())))
-                && r.attributes.contains(&RouteAttribute::Oif(dev.ifindex))
-        }
-        _ => false,
+    Ok(all_routes()?.iter().any(|r| {
+        r.header.table == RouteHeader::RT_TABLE_MAIN && destination(r) == Some(network) && r.attributes.contains(&RouteAttribute::Oif(dev.ifindex))
     }))
 }
 
