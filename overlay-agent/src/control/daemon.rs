@@ -698,10 +698,11 @@ impl Daemon {
                 }
             }
         }
-        for r in &desired {
+        let changes = reconcile::diff(&self.maps.routes()?, &desired);
+        // Routes the diff changes get theirs through set_route below; the others here.
+        for r in desired.iter().filter(|r| !changes.upsert.contains(r)) {
             self.set_direct_route(r.subnet, Some(r.public_ip))?;
         }
-        let changes = reconcile::diff(&self.maps.routes()?, &desired);
         for r in &changes.upsert {
             self.set_route(r.subnet, Some(r))?;
         }

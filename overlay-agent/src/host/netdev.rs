@@ -222,12 +222,6 @@ fn ipv4_addresses(ifindex: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
         .collect())
 }
 
-/// The first IPv4 address of `name`.
-pub fn first_ipv4(name: &str) -> Result<Ipv4Addr> {
-    let l = require_link(name)?;
-    ipv4_addresses(l.ifindex)?.first().map(|a| a.0).ok_or_else(|| NetdevError::NoIpv4 { name: name.to_string() })
-}
-
 /// Every interface with its IPv4 addresses, in ifindex order.
 pub fn interfaces() -> Result<Vec<(String, Vec<Ipv4Addr>)>> {
     let mut m = LinkMessage::default();

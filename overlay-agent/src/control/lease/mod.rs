@@ -39,17 +39,12 @@ pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
         None => (key, None),
     };
     if let Some(v6) = v6 {
-        let (ip, len) = v6.rsplit_once('-').ok_or_else(bad)?;
-        let ip: Ipv6Addr = ip.parse().map_err(|_| bad())?;
-        let len: u8 = len.parse().map_err(|_| bad())?;
-        let net = Ipv6Net::new(ip, len).map_err(|_| bad())?;
-        if net.network() != ip {
+        let (ip, len) = address_and_length::<Ipv6Addr>(v6).ok_or_else(bad)?;
+        if Ipv6Net::new(ip, len).map_err(|_| bad())?.network() != ip {
             return Err(bad());
         }
     }
-    let (ip, len) = v4.rsplit_once('-').ok_or_else(bad)?;
-    let ip: Ipv4Addr = ip.parse().map_err(|_| bad())?;
-    let len: u8 = len.parse().map_err(|_| bad())?;
+    let (ip, len) = address_and_length::<Ipv4Addr>(v4).ok_or_else(bad)?;
     let net = Ipv4Net::new(ip, len).map_err(|_| bad())?;
     if net.network() != ip {
         return Err(bad());
@@ -62,6 +57,12 @@ pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
         return Err(bad());
     }
     Ok(net)
+}
+
+/// `<address>-<prefix length>`, as a key part writes a network.
+fn address_and_length<A: std::str::FromStr>(part: &str) -> Option<(A, u8)> {
+    let (ip, len) = part.rsplit_once('-')?;
+    Some((ip.parse().ok()?, len.parse().ok()?))
 }
 
 /// The etcd key range (start, end) that holds dual-stack leases of `subnet`
