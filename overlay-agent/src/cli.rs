@@ -182,6 +182,10 @@ pub struct RunArgs {
     /// IPv4 address of the chosen interface).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
+    /// This node's underlay IPv6 address on a dual-stack network (default: the first global
+    /// IPv6 address of the chosen interface).
+    #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
+    pub public_ipv6: Option<std::net::Ipv6Addr>,
     /// Where to write the node's subnet for docker (flannel's subnet.env).
     #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
     pub subnet_file: PathBuf,
@@ -358,6 +362,7 @@ impl RunArgs {
             etcd: etcd.options(),
             iface: self.iface_choice(),
             public_ip: self.public_ip,
+            public_ipv6: self.public_ipv6,
             subnet_file: self.subnet_file.clone(),
             lease_ttl: self.subnet_lease_ttl,
             renew_margin: Duration::from_secs(self.subnet_lease_renew_margin * 60),

@@ -163,6 +163,9 @@ pub struct ClusterSpec {
     pub docker_opts_step: bool,
     /// Extra etcd flags (e.g. `--auth-token-ttl 2`).
     pub etcd_args: Vec<String>,
+    /// Also give node i the underlay address fd00:64::<i>/64 (and IPv6 forwarding): a
+    /// dual-stack underlay.
+    pub ipv6_underlay: bool,
 }
 
 /// Where nodes get their subnets and routes.
@@ -199,6 +202,7 @@ impl ClusterSpec {
             agent_args: Vec::new(),
             docker_opts_step: false,
             etcd_args: Vec::new(),
+            ipv6_underlay: false,
         }
     }
 }
@@ -430,6 +434,11 @@ pub fn underlay_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, 100, index as u8)
 }
 
+/// Node `index`'s underlay IPv6 address on a dual-stack underlay.
+pub fn underlay_ipv6(index: usize) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, index as u16)
+}
+
 impl Cluster {
     /// Build the namespaces, start the agents, and (if `full_mesh`) fill the routes.
     pub fn new(tag: &str, spec: &ClusterSpec) -> Result<Self> {
@@ -598,6 +607,10 @@ impl Cluster {
             ip(&["-n", &n, "route", "add", "192.168.0.0/16", "via", &gw.to_string()])?;
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
+        if spec.ipv6_underlay {
+            ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            ip(&["-n", &n, "addr", "add", &format!("{}/64", underlay_ipv6(index)), "dev", "eth0", "nodad"])?;
+        }
         // Strict reverse-path filtering, as the seed's RHEL/CentOS nodes have it (a new
         // namespace starts with 0): a packet must arrive on the device its source routes
         // through.

@@ -2,7 +2,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
@@ -23,6 +23,13 @@ pub fn ping(from: &Netns, dst: Ipv4Addr, count: u32) -> Result<()> {
     )
     .map(drop)
     .with_context(|| format!("ping {} -> {dst}", from.name()))
+}
+
+/// `count` IPv6 pings from `from` to `dst`; Ok if all were answered.
+pub fn ping6(from: &Netns, dst: Ipv6Addr, count: u32) -> Result<()> {
+    from.run("ping", &["-6", "-c", &count.to_string(), "-W", "2", "-i", "0.2", "-q", &dst.to_string()])
+        .map(drop)
+        .with_context(|| format!("ping -6 {} -> {dst}", from.name()))
 }
 
 /// The byte at stream offset `i` of the transfer pattern (a hash of the offset, so the
@@ -47,19 +54,27 @@ pub struct Transfer {
 /// Send `bytes` over TCP from a socket in `from` to a listener in `to` at `to_ip`; the
 /// receiver checks every byte against the sender's pattern.
 pub fn tcp_transfer(from: &Netns, to: &Netns, to_ip: Ipv4Addr, bytes: u64) -> Result<Transfer> {
-    transfer(from, to, 0, move |port| SocketAddrV4::new(to_ip, port), bytes)
+    transfer(from, to, 0, move |port| SocketAddr::V4(SocketAddrV4::new(to_ip, port)), bytes)
+}
+
+/// As `tcp_transfer`, over IPv6.
+pub fn tcp_transfer6(from: &Netns, to: &Netns, to_ip: Ipv6Addr, bytes: u64) -> Result<Transfer> {
+    transfer(from, to, 0, move |port| SocketAddr::new(IpAddr::V6(to_ip), port), bytes)
 }
 
 /// As `tcp_transfer`, to a listener on `port` in `to` reached through `via` (e.g. a Service
 /// address that a DNAT rule rewrites to the listener).
 pub fn tcp_transfer_via(from: &Netns, to: &Netns, port: u16, via: SocketAddrV4, bytes: u64) -> Result<Transfer> {
-    transfer(from, to, port, move |_| via, bytes)
+    transfer(from, to, port, move |_| SocketAddr::V4(via), bytes)
 }
 
-fn transfer(from: &Netns, to: &Netns, port: u16, dst: impl FnOnce(u16) -> SocketAddrV4 + Send + 'static, bytes: u64) -> Result<Transfer> {
+fn transfer(from: &Netns, to: &Netns, port: u16, dst: impl Fn(u16) -> SocketAddr + Send + 'static, bytes: u64) -> Result<Transfer> {
     let (tx, rx) = std::sync::mpsc::channel();
+    // The listener's family: which one the destination has (known once the port is).
+    let v6 = dst(1).is_ipv6();
     let server = to.spawn(move || -> Result<u64> {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        let any: IpAddr = if v6 { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let l = TcpListener::bind((any, port))?;
         tx.send(l.local_addr()?.port())?;
         let (mut s, _) = l.accept()?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -78,7 +93,7 @@ fn transfer(from: &Netns, to: &Netns, port: u16, dst: impl FnOnce(u16) -> Socket
         }
     });
     let port = rx.recv_timeout(Duration::from_secs(10)).context("server did not start")?;
-    let addr = SocketAddr::V4(dst(port));
+    let addr = dst(port);
     let started = Instant::now();
     let client = from.spawn(move || -> Result<()> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))

@@ -2,14 +2,14 @@
 //!
 //! Design notes: flannel decodes this JSON with Go's encoding/json, which matches keys
 //! case-insensitively, so `{"network": ...}` works there and must work here. Fields flannel
-//! defines that this agent does not implement (IPv6, nftables, other backends' options) are
-//! accepted with a warning; unknown fields too (flannel ignores them silently). What would make
+//! defines that this agent does not implement (other backends' options) are accepted with a
+//! warning; unknown fields too (flannel ignores them silently). What would make
 //! the network wrong (bad CIDRs, inconsistent subnet ranges, an unsupported backend) is refused
 //! with a message naming the field.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_common::{EncapMode, DEFAULT_UDP_PORT, DEFAULT_VNI, DEFAULT_VXLAN_PORT};
 use serde_json::{Map, Value};
 
@@ -71,8 +71,41 @@ pub struct NetworkConfig {
     /// `EnableNFTables`: masquerade and forward rules in nftables (flannel's flannel-ipv4
     /// table) instead of iptables.
     pub enable_nftables: bool,
+    /// `EnableIPv6` with its `IPv6Network`: each node also leases an IPv6 subnet, carried
+    /// over an IPv6 underlay by `flannel-v6.<VNI>` (vxlan only).
+    pub ipv6: Option<Ipv6Config>,
     /// What was accepted but is ignored, for the log.
     pub warnings: Vec<String>,
+}
+
+/// flannel's IPv6 half of a dual-stack network (`IPv6Network`, `IPv6SubnetLen`,
+/// `IPv6SubnetMin/Max`), its defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv6Config {
+    pub network: Ipv6Net,
+    pub subnet_len: u8,
+    pub subnet_min: Ipv6Addr,
+    pub subnet_max: Ipv6Addr,
+}
+
+impl Ipv6Config {
+    fn step(&self) -> u128 {
+        1u128 << (128 - self.subnet_len)
+    }
+
+    /// The `i`th subnet from SubnetMin, if it is within SubnetMax.
+    pub fn nth(&self, i: u128) -> Option<Ipv6Net> {
+        let a = u128::from(self.subnet_min).checked_add(i.checked_mul(self.step())?)?;
+        (a <= u128::from(self.subnet_max)).then(|| Ipv6Net::new(Ipv6Addr::from(a), self.subnet_len).expect("length <= 128"))
+    }
+
+    /// Whether `subnet` is one this configuration can lease.
+    pub fn fits(&self, subnet: &Ipv6Net) -> bool {
+        subnet.prefix_len() == self.subnet_len
+            && subnet.network() >= self.subnet_min
+            && subnet.network() <= self.subnet_max
+            && self.network.contains(subnet)
+    }
 }
 
 impl NetworkConfig {
@@ -83,6 +116,17 @@ impl NetworkConfig {
         (min..=max).step_by(step as usize).map(move |a| {
             Ipv4Net::new(Ipv4Addr::from(a as u32), self.subnet_len).expect("length <= 32")
         })
+    }
+
+    /// Whether a lease's subnets are what this configuration leases: the IPv4 one in range,
+    /// and an IPv6 one in range exactly when IPv6 is on (as flannel's compatibility check).
+    pub fn fits_pair(&self, subnet: &Ipv4Net, subnet6: Option<&Ipv6Net>) -> bool {
+        self.fits(subnet)
+            && match (&self.ipv6, subnet6) {
+                (Some(c), Some(s6)) => c.fits(s6),
+                (None, None) => true,
+                _ => false,
+            }
     }
 
     /// Whether `subnet` is one this configuration can lease.
@@ -144,11 +188,19 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     let mut warnings = Vec::new();
 
     if boolean(obj, "EnableIPv4")? == Some(false) {
-        return Err(invalid("EnableIPv4", "false is not supported: this agent runs IPv4 overlays"));
+        return Err(invalid(
+            "EnableIPv4",
+            "false (an IPv6-only network) is not supported yet: this agent runs IPv4 or dual-stack networks (EnableIPv6 with EnableIPv4)",
+        ));
     }
-    if boolean(obj, "EnableIPv6")? == Some(true) || has(obj, "IPv6Network") {
-        warnings.push("IPv6 (EnableIPv6/IPv6Network) is not supported; only the IPv4 network is set up".into());
-    }
+    let ipv6 = if boolean(obj, "EnableIPv6")? == Some(true) {
+        Some(parse_ipv6(obj)?)
+    } else {
+        if has(obj, "IPv6Network") {
+            warnings.push("IPv6Network is set but EnableIPv6 is not true: only the IPv4 network is set up, as flannel does".into());
+        }
+        None
+    };
     let enable_nftables = boolean(obj, "EnableNFTables")?.unwrap_or(false);
     for k in obj.keys() {
         if !TOP_LEVEL.iter().any(|t| t.eq_ignore_ascii_case(k)) {
@@ -214,7 +266,72 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     }
 
     let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
-    Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, warnings })
+    if ipv6.is_some() && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
+        return Err(invalid(
+            "EnableIPv6",
+            format!("dual stack is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
+        ));
+    }
+    Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, ipv6, warnings })
+}
+
+fn ipv6_addr(obj: &Map<String, Value>, key: &'static str) -> Result<Option<Ipv6Addr>, ConfigError> {
+    string(obj, key)?
+        .map(|s| s.parse().map_err(|_| invalid(key, format!("{s:?} is not an IPv6 address"))))
+        .transpose()
+}
+
+/// The IPv6 half, with flannel's defaults and limits (pkg/subnet/config.go): SubnetLen 64
+/// for networks of /62 or wider, else prefix + 2; at most /126; the network at most /124;
+/// SubnetMin/Max on subnet boundaries inside the network (defaults: the second and the last
+/// subnet).
+fn parse_ipv6(obj: &Map<String, Value>) -> Result<Ipv6Config, ConfigError> {
+    let s = string(obj, "IPv6Network")?.ok_or_else(|| invalid("IPv6Network", "is required with EnableIPv6 (e.g. \"fd00:10:244::/56\")"))?;
+    let network: Ipv6Net = s.parse().map_err(|_| invalid("IPv6Network", format!("{s:?} is not an IPv6 CIDR like fd00:10:244::/56")))?;
+    let network = network.trunc();
+    if network.prefix_len() == 0 {
+        return Err(invalid("IPv6Network", "::/0 is the whole address space"));
+    }
+    if network.prefix_len() > 124 {
+        return Err(invalid("IPv6Network", format!("{network} is smaller than /124")));
+    }
+    let subnet_len = match uint(obj, "IPv6SubnetLen")? {
+        None | Some(0) if network.prefix_len() <= 62 => 64,
+        None | Some(0) => network.prefix_len() + 2,
+        Some(n) if n > 126 => return Err(invalid("IPv6SubnetLen", format!("{n} is longer than /126"))),
+        Some(n) => n as u8,
+    };
+    if subnet_len < network.prefix_len() + 2 {
+        return Err(invalid(
+            "IPv6SubnetLen",
+            format!("/{subnet_len} leaves IPv6Network's /{} fewer than four subnets", network.prefix_len()),
+        ));
+    }
+    let size = 1u128 << (128 - subnet_len);
+    let start = u128::from(network.network());
+    let end = u128::from(network.broadcast());
+    let check = |field: &'static str, addr: Ipv6Addr| -> Result<Ipv6Addr, ConfigError> {
+        let a = u128::from(addr);
+        if a % size != 0 {
+            return Err(invalid(field, format!("{addr} is not on a /{subnet_len} boundary")));
+        }
+        if a < start || a > end {
+            return Err(invalid(field, format!("{addr} is outside IPv6Network {network}")));
+        }
+        Ok(addr)
+    };
+    let subnet_min = match ipv6_addr(obj, "IPv6SubnetMin")?.filter(|a| !a.is_unspecified()) {
+        Some(a) => check("IPv6SubnetMin", a)?,
+        None => Ipv6Addr::from(start + size),
+    };
+    let subnet_max = match ipv6_addr(obj, "IPv6SubnetMax")?.filter(|a| !a.is_unspecified()) {
+        Some(a) => check("IPv6SubnetMax", a)?,
+        None => Ipv6Addr::from(end + 1 - size),
+    };
+    if subnet_min > subnet_max {
+        return Err(invalid("IPv6SubnetMin", format!("{subnet_min} is above IPv6SubnetMax {subnet_max}")));
+    }
+    Ok(Ipv6Config { network, subnet_len, subnet_min, subnet_max })
 }
 
 fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<BackendConfig, ConfigError> {
@@ -391,7 +508,14 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#, "Backend.Port: 70000 is not a UDP port"),
             (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "Backend: must be an object"),
-            (r#"{"Network":"10.0.0.0/16","EnableIPv4":false,"EnableIPv6":true}"#, "EnableIPv4: false is not supported"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv4":false,"EnableIPv6":true}"#, "EnableIPv4: false (an IPv6-only network) is not supported"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#, "IPv6Network: is required"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#, "not an IPv6 CIDR"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125","Backend":{"Type":"vxlan"}}"#, "smaller than /124"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/64","IPv6SubnetLen":65,"Backend":{"Type":"vxlan"}}"#, "IPv6SubnetLen: /65 leaves"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMin":"fd00:0:0:1::1","Backend":{"Type":"vxlan"}}"#, "IPv6SubnetMin: fd00:0:0:1::1 is not on a /64 boundary"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","IPv6SubnetMax":"fd01::","Backend":{"Type":"vxlan"}}"#, "outside IPv6Network"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#, "dual stack is implemented for the vxlan backend"),
         ];
         for (json, want) in cases {
             let e = parse(json).expect_err(json).to_string();
@@ -401,14 +525,40 @@ mod tests {
 
     #[test]
     fn unsupported_flannel_fields_are_accepted_with_warnings() {
-        let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","EnableNFTables":true,
+        let c = ok(r#"{"Network":"10.0.0.0/16","IPv6Network":"fd00::/56","EnableNFTables":true,
                      "Backend":{"Type":"vxlan","DirectRouting":true,"GBP":true},"Colour":"blue"}"#);
         assert!(c.backend.direct_routing);
         assert!(c.enable_nftables);
+        assert_eq!(c.ipv6, None, "IPv6Network without EnableIPv6 is not dual stack (flannel)");
         let w = c.warnings.join("\n");
-        for want in ["IPv6", "GBP", "\"Colour\""] {
+        for want in ["IPv6Network is set but EnableIPv6", "GBP", "\"Colour\""] {
             assert!(w.contains(want), "missing warning about {want}: {w}");
         }
+    }
+
+    /// flannel's IPv6 defaults: /64 subnets in networks of /62 or wider, else prefix + 2; the
+    /// second subnet to the last.
+    #[test]
+    fn dual_stack_configs_get_flannels_ipv6_defaults() {
+        let c = ok(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#);
+        let v6 = c.ipv6.expect("dual stack");
+        assert_eq!(v6.network, "fd00:10:244::/56".parse::<Ipv6Net>().unwrap());
+        assert_eq!(v6.subnet_len, 64);
+        assert_eq!(v6.subnet_min, "fd00:10:244:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(v6.subnet_max, "fd00:10:244:ff::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(v6.nth(0), Some("fd00:10:244:1::/64".parse().unwrap()));
+        assert_eq!(v6.nth(254), Some("fd00:10:244:ff::/64".parse().unwrap()));
+        assert_eq!(v6.nth(255), None);
+        assert!(c.fits_pair(&"10.244.3.0/24".parse().unwrap(), Some(&"fd00:10:244:7::/64".parse().unwrap())));
+        assert!(!c.fits_pair(&"10.244.3.0/24".parse().unwrap(), None), "IPv6 on: a lease without an IPv6 subnet is stale");
+        assert!(!c.fits_pair(&"10.244.3.0/24".parse().unwrap(), Some(&"fd00:10:244::/64".parse().unwrap())), "below IPv6SubnetMin");
+        let c = ok(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/120","Backend":{"Type":"vxlan"}}"#);
+        assert_eq!(c.ipv6.unwrap().subnet_len, 122);
+        let c = ok(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetLen":80,
+                     "IPv6SubnetMin":"fd00:0:0:2::","IPv6SubnetMax":"fd00:0:0:3::","Backend":{"Type":"vxlan"}}"#);
+        let v6 = c.ipv6.unwrap();
+        assert_eq!((v6.subnet_len, v6.subnet_min.to_string(), v6.subnet_max.to_string()), (80, "fd00:0:0:2::".into(), "fd00:0:0:3::".into()));
+        assert!(!ok(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).fits_pair(&"10.244.3.0/24".parse().unwrap(), Some(&"fd00::/64".parse().unwrap())));
     }
 
     #[test]

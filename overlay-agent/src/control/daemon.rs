@@ -12,14 +12,15 @@
 //!   unreachable until someone restarts it.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 use overlay_common::EncapMode;
 
@@ -31,8 +32,9 @@ use crate::{
     lease::{
         acquire::{Acquisition, Outcome, Step, MAX_ATTEMPTS},
         keeper::{self, KeeperEvent},
+        manager,
         registry::{EtcdOptions, LeaseEvent, Registry, RegistryError},
-        LeaseAttrs,
+        Lease, LeaseAttrs, LeaseKey,
     },
     maps::{Maps, MapsError},
     netdev, reconcile,
@@ -44,6 +46,8 @@ pub struct DaemonOptions {
     pub etcd: EtcdOptions,
     pub iface: netdev::IfaceChoice,
     pub public_ip: Option<Ipv4Addr>,
+    /// flannel's --public-ipv6 (dual stack).
+    pub public_ipv6: Option<Ipv6Addr>,
     pub subnet_file: PathBuf,
     pub lease_ttl: Duration,
     pub renew_margin: Duration,
@@ -163,6 +167,8 @@ async fn network_config(reg: &mut Registry) -> Result<NetworkConfig> {
 #[derive(Clone, Copy, Debug)]
 struct Held {
     subnet: Ipv4Net,
+    /// A dual-stack node's IPv6 subnet.
+    subnet6: Option<Ipv6Net>,
     /// 0 for a reservation (a key without an etcd lease: never expires, never renewed).
     etcd_lease: i64,
     /// The TTL etcd granted (unused for a reservation).
@@ -172,8 +178,12 @@ struct Held {
 }
 
 impl Held {
-    fn reservation(subnet: Ipv4Net) -> Self {
-        Held { subnet, etcd_lease: 0, ttl: Duration::ZERO, since: Instant::now() }
+    fn reservation(subnet: Ipv4Net, subnet6: Option<Ipv6Net>) -> Self {
+        Held { subnet, subnet6, etcd_lease: 0, ttl: Duration::ZERO, since: Instant::now() }
+    }
+    /// The key our lease has in etcd.
+    fn key(&self) -> LeaseKey {
+        LeaseKey { v4: self.subnet, v6: self.subnet6 }
     }
     fn is_reservation(&self) -> bool {
         self.etcd_lease == 0
@@ -196,6 +206,8 @@ struct Daemon {
     ebpf: Option<dataplane::Dataplane>,
     /// The TUN data plane (its threads run until the process exits).
     tun: Option<crate::tun::TunDataplane>,
+    /// A dual-stack node's IPv6 device and its peer routes.
+    v6: Option<crate::datapath::ipv6::Overlay6>,
     state: Arc<AgentState>,
     /// The iptables chains this node should have (masquerade and/or forward), shared with the
     /// resync task.
@@ -236,20 +248,31 @@ async fn acquire(
     opts: &DaemonOptions,
 ) -> Result<Held> {
     let (mut acq, mut step) = Acquisition::start(cfg, attrs.public_ip, previous);
+    // The state machine names leases by their IPv4 subnet; their keys also carry a dual-stack
+    // node's IPv6 subnet: as listed, or as chosen for a claim.
+    let mut listed: Vec<Lease> = Vec::new();
+    let mut v6_of: BTreeMap<Ipv4Net, Option<Ipv6Net>> = BTreeMap::new();
+    let key = |v6_of: &BTreeMap<Ipv4Net, Option<Ipv6Net>>, v4: Ipv4Net| LeaseKey { v4, v6: v6_of.get(&v4).copied().flatten() };
     loop {
         let outcome = match step {
-            Step::List => Outcome::Listed(retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?.leases),
+            Step::List => {
+                listed = retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?.leases;
+                v6_of = listed.iter().map(|l| (l.subnet, l.subnet6)).collect();
+                Outcome::Listed(listed.clone())
+            }
             Step::Delete(stale) => {
                 tracing::warn!(subnet = %stale, network = %cfg.network, "this node's lease no longer fits the network config; deleting it, as flannel does");
-                retry("deleting a lease that no longer fits", reg, move |r| Box::pin(async move { r.delete_lease(&stale).await })).await?;
+                let k = key(&v6_of, stale);
+                retry("deleting a lease that no longer fits", reg, move |r| Box::pin(async move { r.delete_lease(k).await })).await?;
                 Outcome::Done
             }
             // A reservation (flannel's Documentation/reservations.md): used as it is, with our
             // attributes written into it and no TTL, never renewed and never re-claimed.
             Step::TakeReservation(subnet) => {
+                let k = key(&v6_of, subnet);
                 retry("updating our reservation", reg, |r| {
                     let a = attrs.clone();
-                    Box::pin(async move { r.update(&subnet, &a, 0).await })
+                    Box::pin(async move { r.update(k, &a, 0).await })
                 })
                 .await?;
                 tracing::info!(%subnet, "using this node's reservation (no TTL: never expires, never renewed)");
@@ -259,8 +282,9 @@ async fn acquire(
             Step::Renew { subnet, etcd_lease } => Outcome::Renewed(
                 match retry("renewing our lease", reg, |r| {
                     let a = attrs.clone();
+                    let k = key(&v6_of, subnet);
                     Box::pin(async move {
-                        r.update(&subnet, &a, etcd_lease).await?;
+                        r.update(k, &a, etcd_lease).await?;
                         r.keep_alive(etcd_lease).await
                     })
                 })
@@ -272,9 +296,17 @@ async fn acquire(
             ),
             Step::Claim(subnet) => {
                 let ttl = opts.lease_ttl;
+                let subnet6 = match cfg.ipv6 {
+                    Some(c6) => Some(manager::choose_v6(cfg, &listed, subnet).with_context(|| {
+                        format!("no free IPv6 subnet in {} (IPv6SubnetMin {} .. IPv6SubnetMax {}, /{})", c6.network, c6.subnet_min, c6.subnet_max, c6.subnet_len)
+                    })?),
+                    None => None,
+                };
+                v6_of.insert(subnet, subnet6);
+                let k = LeaseKey { v4: subnet, v6: subnet6 };
                 let claimed = retry("claiming a subnet", reg, |r| {
                     let a = attrs.clone();
-                    Box::pin(async move { r.claim(&subnet, &a, ttl).await })
+                    Box::pin(async move { r.claim(k, &a, ttl).await })
                 })
                 .await?;
                 if claimed.is_none() {
@@ -282,14 +314,14 @@ async fn acquire(
                 }
                 Outcome::Claimed(claimed)
             }
-            Step::Acquired { subnet, etcd_lease: 0, .. } => return Ok(Held::reservation(subnet)),
+            Step::Acquired { subnet, etcd_lease: 0, .. } => return Ok(Held::reservation(subnet, key(&v6_of, subnet).v6)),
             Step::Acquired { subnet, etcd_lease, ttl_secs } => {
                 match ttl_secs {
                     Some(_) => tracing::info!(%subnet, "reusing this node's existing lease"),
                     None => tracing::info!(%subnet, "leased a subnet"),
                 }
                 let ttl = ttl_secs.map_or(opts.lease_ttl, |t| Duration::from_secs(t as u64));
-                return Ok(Held { subnet, etcd_lease, ttl, since: Instant::now() });
+                return Ok(Held { subnet, subnet6: key(&v6_of, subnet).v6, etcd_lease, ttl, since: Instant::now() });
             }
             Step::Exhausted => bail!(
                 "no free subnet in {} (SubnetMin {} .. SubnetMax {}, /{}): every subnet is leased; \
@@ -379,13 +411,29 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     if opts.dataplane == DataplaneKind::Tun && mode != EncapMode::Udp {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
     }
-    let attrs = match (mode, opts.dataplane) {
+    let mut attrs = match (mode, opts.dataplane) {
         _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
         (EncapMode::Vxlan, _) => {
             let (_, device, _) = dataplane::prepare_device(&spec)?;
             LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
         }
         (EncapMode::Udp, _) => LeaseAttrs::udp(public_ip),
+    };
+    // Dual stack: flannel-v6.<VNI> on the node's public IPv6 address, named in the lease.
+    let v6 = match cfg.ipv6 {
+        Some(_) => {
+            let public_ipv6 = match opts.public_ipv6 {
+                Some(a) => a,
+                None => netdev::first_ipv6(&spec.iface)?.with_context(|| {
+                    format!("EnableIPv6 is set but {} has no global IPv6 address: give it one or pass --public-ipv6", spec.iface)
+                })?,
+            };
+            let o6 = crate::datapath::ipv6::Overlay6::up(cfg.backend.vni, cfg.backend.port, public_ipv6, &spec.iface, cfg.backend.mtu)?;
+            tracing::info!(device = %o6.device, %public_ipv6, vtep_mac = %netdev::format_mac(&o6.mac), mtu = o6.mtu, "IPv6 overlay device up (dual stack)");
+            attrs = attrs.with_ipv6(public_ipv6, cfg.backend.vni, o6.mac);
+            Some(o6)
+        }
+        None => None,
     };
     notify(&[sd_notify::NotifyState::Status("acquiring a subnet lease")]);
     let previous = subnet_file::read_previous_subnet(&opts.subnet_file);
@@ -430,7 +478,10 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             (Box::new(tun.routes.clone()), None, Some(tun), mtu)
         }
     };
-    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, state, rules: SharedRules::default(), keeper: None };
+    if let (Some(o6), Some(s6)) = (&v6, held.subnet6) {
+        o6.set_address(s6)?;
+    }
+    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, v6, state, rules: SharedRules::default(), keeper: None };
     d.start_keeper();
     *d.rules.lock().await = d.wanted_rules();
     // Leftovers of the other form (the config switched between them), as flannel clears them.
@@ -445,9 +496,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     .await;
     ensure_rules(&d.rules).await.context("installing the masquerade and forward rules")?;
     d.sync_blackhole()?;
-    write_subnet_file(&d.opts, &d.cfg, held.subnet, mtu)?;
+    write_subnet_file(&d.opts, &d.cfg, &held, mtu)?;
     tracing::info!(
-        subnet = %held.subnet, public_ip = %public_ip, device = %d.spec.device, mtu,
+        subnet = %held.subnet, subnet6 = ?held.subnet6.map(|s| s.to_string()), public_ip = %public_ip, device = %d.spec.device, mtu,
         "lease held, data plane up, subnet file written"
     );
     Ok(d)
@@ -456,18 +507,39 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     /// The rules this node should have: flannel's iptables chains, or its nftables table
     /// when the config says `EnableNFTables` or the host has no iptables (as flannel does).
     fn wanted_rules(&self) -> Firewall {
+        // A dual-stack node's IPv6 network and subnet get the same rules (flannel's
+        // masqIP6Rules, its ip6tables FLANNEL-FWD, its flannel-ipv6 table).
+        let v6 = match (self.cfg.ipv6, self.held.subnet6) {
+            (Some(c6), Some(s6)) => Some((c6.network, s6)),
+            _ => None,
+        };
         if self.cfg.enable_nftables || !crate::nftables::has_iptables() {
-            return Firewall::Nft(crate::nftables::NftRules {
-                masq: self.opts.ip_masq.then_some((self.cfg.network, self.held.subnet, self.opts.masq_random)),
-                forward: self.opts.forward_rules.then_some(self.cfg.network),
-            });
+            let mut tables = vec![crate::nftables::NftRules {
+                ipv6: false,
+                masq: self.opts.ip_masq.then_some((self.cfg.network.into(), self.held.subnet.into(), self.opts.masq_random)),
+                forward: self.opts.forward_rules.then_some(self.cfg.network.into()),
+            }];
+            if let Some((n6, s6)) = v6 {
+                tables.push(crate::nftables::NftRules {
+                    ipv6: true,
+                    masq: self.opts.ip_masq.then_some((n6.into(), s6.into(), self.opts.masq_random)),
+                    forward: self.opts.forward_rules.then_some(n6.into()),
+                });
+            }
+            return Firewall::Nft(tables);
         }
         let mut r = Vec::new();
         if self.opts.ip_masq {
             r.push(iptables::masquerade(self.cfg.network, self.held.subnet, self.opts.masq_random));
+            if let Some((n6, s6)) = v6 {
+                r.push(iptables::masquerade6(n6, s6, self.opts.masq_random));
+            }
         }
         if self.opts.forward_rules {
             r.push(iptables::forward(self.cfg.network));
+            if let Some((n6, _)) = v6 {
+                r.push(iptables::forward6(n6));
+            }
         }
         Firewall::Iptables(r)
     }
@@ -501,8 +573,9 @@ pub enum Firewall {
     None,
     /// flannel's iptables chains (FLANNEL-POSTRTG, FLANNEL-FWD).
     Iptables(Vec<ChainRules>),
-    /// flannel's nftables table (flannel-ipv4: postrtg, forward).
-    Nft(crate::nftables::NftRules),
+    /// flannel's nftables tables (flannel-ipv4, and flannel-ipv6 for a dual-stack node:
+    /// postrtg, forward).
+    Nft(Vec<crate::nftables::NftRules>),
 }
 
 impl Firewall {
@@ -516,8 +589,13 @@ impl Firewall {
                 }
                 changed
             }
-            Firewall::Nft(rules) if rules.masq.is_none() && rules.forward.is_none() => false,
-            Firewall::Nft(rules) => crate::nftables::ensure(rules)?,
+            Firewall::Nft(tables) => {
+                let mut changed = false;
+                for t in tables.iter().filter(|t| !t.is_empty()) {
+                    changed |= crate::nftables::ensure(t)?;
+                }
+                changed
+            }
             Firewall::None => false,
         })
     }
@@ -563,8 +641,9 @@ async fn dataplane_up(spec: &NodeSpec) -> Result<dataplane::Dataplane> {
     tokio::task::spawn_blocking(move || dataplane::up(&spec)).await.context("the data-plane task")?
 }
 
-fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, subnet: Ipv4Net, mtu: u32) -> Result<()> {
-    let env = SubnetEnv { network: cfg.network, subnet, mtu, ip_masq: opts.ip_masq };
+fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, held: &Held, mtu: u32) -> Result<()> {
+    let ipv6 = cfg.ipv6.zip(held.subnet6).map(|(c6, s6)| (c6.network, s6));
+    let env = SubnetEnv { network: cfg.network, subnet: held.subnet, mtu, ip_masq: opts.ip_masq, ipv6 };
     subnet_file::write(&opts.subnet_file, &env)?;
     Ok(())
 }
@@ -710,11 +789,45 @@ impl Daemon {
             self.set_route(*s, None)?;
         }
         tracing::info!(routes = desired.len(), added_or_changed = changes.upsert.len(), removed = changes.remove.len(), "routes reconciled with etcd");
+        if self.v6.is_some() {
+            let desired6: BTreeMap<Ipv4Net, reconcile::Route6> = leases
+                .iter()
+                .filter_map(|l| Some((l.subnet, reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip)?)))
+                .collect();
+            self.sync_v6(&desired6);
+        }
         Ok(())
+    }
+
+    /// Make the IPv6 device's peer routes exactly `desired` (a failure is counted and logged:
+    /// the IPv4 overlay goes on).
+    fn sync_v6(&mut self, desired: &BTreeMap<Ipv4Net, reconcile::Route6>) {
+        let Some(o6) = self.v6.as_mut() else { return };
+        if let Err(e) = o6.sync(desired) {
+            self.state.route_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %crate::error_chain(e.as_ref()), "could not set the IPv6 routes");
+        }
+    }
+
+    /// One lease's IPv6 route (`None`: none), as `reconcile::route6_for` decides it.
+    fn set_route6(&mut self, key: Ipv4Net, want: Option<reconcile::Route6>) {
+        let Some(o6) = self.v6.as_mut() else { return };
+        if let Err(e) = o6.set(key, want) {
+            self.state.route_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(subnet = %key, error = %crate::error_chain(e.as_ref()), "could not set the IPv6 route");
+        }
     }
 
     async fn handle(&mut self, ev: LeaseEvent) -> Result<()> {
         let me = reconcile::Mine { subnet: self.held.subnet, public_ip: self.attrs.public_ip, mode: self.spec.mode };
+        match &ev {
+            LeaseEvent::Put(l) if l.subnet != self.held.subnet => {
+                let r6 = reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip);
+                self.set_route6(l.subnet, r6);
+            }
+            LeaseEvent::Delete(s) if *s != self.held.subnet => self.set_route6(*s, None),
+            _ => {}
+        }
         match reconcile::on_event(&ev, &me) {
             reconcile::EventAction::SetRoute { subnet, route, skipped } => {
                 if let Some(e) = skipped {
@@ -829,10 +942,10 @@ impl Daemon {
     /// Write `attrs` into our lease (same etcd lease): a new VtepMAC or PublicIP reaches the
     /// peers. A lease etcd no longer knows means claiming again.
     async fn announce(&mut self, attrs: LeaseAttrs) -> Result<()> {
-        let (subnet, lease) = (self.held.subnet, self.held.etcd_lease);
+        let (key, lease) = (self.held.key(), self.held.etcd_lease);
         let written = retry("rewriting our lease", &mut self.reg, |r| {
             let a = attrs.clone();
-            Box::pin(async move { r.update(&subnet, &a, lease).await })
+            Box::pin(async move { r.update(key, &a, lease).await })
         })
         .await;
         self.attrs = attrs;
@@ -884,7 +997,7 @@ impl Daemon {
                 // A device made again has a new MAC: peers must address the frames they leave
                 // to our kernel device to it, so the lease says it.
                 if self.spec.mode == EncapMode::Vxlan && self.attrs.vtep_mac().ok() != Some(mac) {
-                    let attrs = LeaseAttrs::vxlan(self.spec.public_ip, self.spec.vni, mac);
+                    let attrs = self.keep_v6(LeaseAttrs::vxlan(self.spec.public_ip, self.spec.vni, mac));
                     if let Err(e) = self.announce(attrs).await {
                         tracing::error!(error = %crate::error_chain(e.as_ref()), "announcing the restored device's VtepMAC failed");
                     }
@@ -922,10 +1035,10 @@ impl Daemon {
                 return Ok(false);
             }
         };
-        let attrs = match spec.mode {
+        let attrs = self.keep_v6(match spec.mode {
             EncapMode::Vxlan => LeaseAttrs::vxlan(ip, spec.vni, dp.device.mac),
             EncapMode::Udp => LeaseAttrs::udp(ip),
-        };
+        });
         self.spec = spec;
         self.ebpf = Some(dp);
         // The client's connections left from the old address, which is gone: waiting for
@@ -937,6 +1050,14 @@ impl Daemon {
         self.state.public_ip_changes.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(public_ip = %ip, %subnet, "data plane and lease moved to the new public address");
         Ok(true)
+    }
+
+    /// `attrs` with the IPv6 half our lease has now (a dual-stack node's lease keeps it when
+    /// its IPv4 device changes).
+    fn keep_v6(&self, mut attrs: LeaseAttrs) -> LeaseAttrs {
+        attrs.public_ipv6 = self.attrs.public_ipv6;
+        attrs.backend_v6_data = self.attrs.backend_v6_data.clone();
+        attrs
     }
 
     /// Start renewing the lease we hold (replacing a keeper for an earlier one).
@@ -981,10 +1102,17 @@ impl Daemon {
                 tracing::debug!(error = %e, "revoking the lost lease's etcd lease");
             }
         }
+        let old6 = self.held.subnet6;
         self.held = held;
         self.start_keeper();
         self.state.set_lease(held.subnet, held.expires());
-        if held.subnet != old {
+        if let (Some(o6), Some(s6)) = (&self.v6, held.subnet6) {
+            if Some(s6) != old6 {
+                o6.set_address(s6)?;
+                tracing::error!(old = ?old6.map(|s| s.to_string()), new = %s6, "re-acquired a different IPv6 subnet");
+            }
+        }
+        if held.subnet != old || held.subnet6 != old6 {
             tracing::error!(old = %old, new = %held.subnet, "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
             if self.tun.is_some() {
                 bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
@@ -993,13 +1121,13 @@ impl Daemon {
             self.sync_blackhole()?;
             if self.cfg.backend.host_gw {
                 let mtu = netdev::require_link(&self.spec.iface)?.mtu;
-                write_subnet_file(&self.opts, &self.cfg, held.subnet, mtu)?;
+                write_subnet_file(&self.opts, &self.cfg, &held, mtu)?;
                 *self.rules.lock().await = self.wanted_rules();
                 ensure_rules(&self.rules).await?;
                 return Ok(());
             }
             let dp = dataplane_up(&self.spec).await?;
-            write_subnet_file(&self.opts, &self.cfg, held.subnet, dp.mtu)?;
+            write_subnet_file(&self.opts, &self.cfg, &held, dp.mtu)?;
             self.ebpf = Some(dp);
             *self.rules.lock().await = self.wanted_rules();
             ensure_rules(&self.rules).await?;

@@ -2,9 +2,12 @@
 //! current routes, so it is tested without a kernel or etcd. Only the daemon applies the
 //! result (through `maps`, the only code that writes maps).
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_common::EncapMode;
 
 use crate::{
@@ -23,6 +26,25 @@ pub fn route_for(lease: &Lease, mode: EncapMode, my_subnet: Ipv4Net, my_ip: Ipv4
         EncapMode::Udp => [0; 6],
     };
     Ok(Some(Route { subnet: lease.subnet, public_ip: lease.attrs.public_ip, vtep_mac }))
+}
+
+/// A dual-stack peer's IPv6 route (on `flannel-v6.<VNI>`): its IPv6 subnet, its public IPv6
+/// address and its IPv6 device's VtepMAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route6 {
+    pub subnet: Ipv6Net,
+    pub public_ip: Ipv6Addr,
+    pub vtep_mac: [u8; 6],
+}
+
+/// The IPv6 route a lease asks for on a dual-stack node: none for our own lease or one
+/// naming our address, none for a peer without all three IPv6 parts (an IPv4-only node, as
+/// flannel skips it).
+pub fn route6_for(lease: &Lease, my_subnet: Ipv4Net, my_ip: Ipv4Addr) -> Option<Route6> {
+    if lease.subnet == my_subnet || lease.attrs.public_ip == my_ip {
+        return None;
+    }
+    Some(Route6 { subnet: lease.subnet6?, public_ip: lease.attrs.public_ipv6?, vtep_mac: lease.attrs.vtep_mac_v6().ok()? })
 }
 
 /// Routes for all leases, and the leases skipped with the reason.
@@ -119,6 +141,22 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_routes_need_all_three_parts_of_a_peers_lease() {
+        let me: Ipv4Net = "10.0.1.0/24".parse().unwrap();
+        let my_ip = Ipv4Addr::new(192, 168, 0, 1);
+        let attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]).with_ipv6("fd00::2".parse().unwrap(), 1, [6; 6]);
+        let peer = Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: Some("fd00:0:0:2::/64".parse().unwrap()), attrs, etcd_lease: 2 };
+        assert_eq!(
+            route6_for(&peer, me, my_ip),
+            Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6] })
+        );
+        assert_eq!(route6_for(&Lease { subnet6: None, ..peer.clone() }, me, my_ip), None, "an IPv4-only peer");
+        let v4_only_attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]);
+        assert_eq!(route6_for(&Lease { attrs: v4_only_attrs, ..peer.clone() }, me, my_ip), None, "no PublicIPv6 or v6 VtepMAC");
+        assert_eq!(route6_for(&Lease { subnet: me, ..peer.clone() }, me, my_ip), None, "our own");
+    }
+
+    #[test]
     fn diff_adds_changes_and_removes() {
         let current = [route("10.0.1.0/24", 1, 1), route("10.0.2.0/24", 2, 2), route("10.0.3.0/24", 3, 3)];
         let desired = [route("10.0.1.0/24", 1, 1), route("10.0.2.0/24", 2, 9), route("10.0.4.0/24", 4, 4)];
@@ -145,7 +183,7 @@ mod tests {
         let put = (subnet.clone(), 1u8..5, any::<bool>(), any::<u8>()).prop_map(|(subnet, node, has_mac, mac)| {
             let ip = Ipv4Addr::new(192, 168, 0, node);
             let attrs = if has_mac { LeaseAttrs::vxlan(ip, 1, [2, 0, 0, 0, node, mac]) } else { LeaseAttrs::udp(ip) };
-            LeaseEvent::Put(Lease { subnet, attrs, etcd_lease: 7 })
+            LeaseEvent::Put(Lease { subnet, subnet6: None, attrs, etcd_lease: 7 })
         });
         prop_oneof![3 => put, 1 => subnet.prop_map(LeaseEvent::Delete)]
     }
@@ -189,7 +227,7 @@ mod tests {
     #[test]
     fn event_decisions() {
         let me = Mine { subnet: "10.0.0.0/24".parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, 1), mode: EncapMode::Vxlan };
-        let other = Lease { subnet: "10.0.2.0/24".parse().unwrap(), attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]), etcd_lease: 2 };
+        let other = Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]), etcd_lease: 2 };
         assert_eq!(on_event(&LeaseEvent::Put(other.clone()), &me), EventAction::SetRoute { subnet: other.subnet, route: Some(route("10.0.2.0/24", 2, 2)), skipped: None });
         let no_mac = Lease { attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 2)), ..other.clone() };
         assert_eq!(on_event(&LeaseEvent::Put(no_mac), &me), EventAction::SetRoute { subnet: other.subnet, route: None, skipped: Some(LeaseFormatError::NoVtepMac) });
@@ -203,10 +241,10 @@ mod tests {
         let me: Ipv4Net = "10.0.1.0/24".parse().unwrap();
         let my_ip = Ipv4Addr::new(192, 168, 0, 1);
         let leases = [
-            Lease { subnet: me, attrs: LeaseAttrs::vxlan(my_ip, 1, [1; 6]), etcd_lease: 1 },
-            Lease { subnet: "10.0.9.0/24".parse().unwrap(), attrs: LeaseAttrs::vxlan(my_ip, 1, [1; 6]), etcd_lease: 1 },
-            Lease { subnet: "10.0.2.0/24".parse().unwrap(), attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]), etcd_lease: 2 },
-            Lease { subnet: "10.0.3.0/24".parse().unwrap(), attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 3)), etcd_lease: 3 },
+            Lease { subnet: me, subnet6: None, attrs: LeaseAttrs::vxlan(my_ip, 1, [1; 6]), etcd_lease: 1 },
+            Lease { subnet: "10.0.9.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::vxlan(my_ip, 1, [1; 6]), etcd_lease: 1 },
+            Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]), etcd_lease: 2 },
+            Lease { subnet: "10.0.3.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 3)), etcd_lease: 3 },
         ];
         let (routes, skipped) = desired_routes(&leases, EncapMode::Vxlan, me, my_ip);
         assert_eq!(routes, vec![route("10.0.2.0/24", 2, 2)]);

@@ -2,6 +2,7 @@
 //! they share with the agent (`maps`, the only code that writes them), the drop monitor, the
 //! operator's tables (`report`), and the userspace TUN forwarder of flannel's udp design.
 pub mod dataplane;
+pub mod ipv6;
 pub mod maps;
 pub mod monitor;
 pub mod report;

@@ -14,7 +14,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IptablesError {
@@ -32,6 +32,8 @@ type Result<T> = std::result::Result<T, IptablesError>;
 /// One chain of ours: its rules, and the built-in chain that jumps to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChainRules {
+    /// `iptables`, or `ip6tables` for a dual-stack node's IPv6 rules.
+    pub cmd: &'static str,
     pub table: &'static str,
     pub chain: &'static str,
     /// The built-in chain holding the jump (POSTROUTING, FORWARD).
@@ -96,9 +98,19 @@ pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
 
 /// flannel's masquerade rules, in flannel's order.
 pub fn masquerade(network: Ipv4Net, subnet: Ipv4Net, random: MasqRandom) -> ChainRules {
-    let (n, s) = (network.to_string(), subnet.to_string());
+    masquerade_rules("iptables", &network.to_string(), &subnet.to_string(), "224.0.0.0/4", random)
+}
+
+/// flannel's IPv6 masquerade rules (masqIP6Rules): the same, with ip6tables and IPv6's
+/// multicast range.
+pub fn masquerade6(network: Ipv6Net, subnet: Ipv6Net, random: MasqRandom) -> ChainRules {
+    masquerade_rules("ip6tables", &network.to_string(), &subnet.to_string(), "ff00::/8", random)
+}
+
+fn masquerade_rules(cmd: &'static str, n: &str, s: &str, multicast: &str, random: MasqRandom) -> ChainRules {
     let r = random.suffix();
     ChainRules {
+        cmd,
         table: "nat",
         chain: "FLANNEL-POSTRTG",
         hook: "POSTROUTING",
@@ -112,7 +124,7 @@ pub fn masquerade(network: Ipv4Net, subnet: Ipv4Net, random: MasqRandom) -> Chai
             // From outside the overlay to our containers (e.g. NodePorts): untouched.
             words(&format!("! -s {n} -d {s} -j RETURN")),
             // Containers to the world: the node's address.
-            words(&format!("-s {n} ! -d 224.0.0.0/4 -j MASQUERADE{r}")),
+            words(&format!("-s {n} ! -d {multicast} -j MASQUERADE{r}")),
             // The host (or anything outside the overlay) to remote containers.
             words(&format!("! -s {n} -d {n} -j MASQUERADE{r}")),
         ],
@@ -121,8 +133,17 @@ pub fn masquerade(network: Ipv4Net, subnet: Ipv4Net, random: MasqRandom) -> Chai
 
 /// flannel's forward rules: accept overlay traffic whatever FORWARD's policy is.
 pub fn forward(network: Ipv4Net) -> ChainRules {
-    let n = network.to_string();
+    forward_rules("iptables", &network.to_string())
+}
+
+/// The same for a dual-stack node's IPv6 network.
+pub fn forward6(network: Ipv6Net) -> ChainRules {
+    forward_rules("ip6tables", &network.to_string())
+}
+
+fn forward_rules(cmd: &'static str, n: &str) -> ChainRules {
     ChainRules {
+        cmd,
         table: "filter",
         chain: "FLANNEL-FWD",
         hook: "FORWARD",
@@ -166,20 +187,20 @@ impl ChainRules {
 /// hanging the agent.
 pub const LOCK_WAIT_SECS: &str = "5";
 
-fn iptables(args: &[String]) -> Result<std::process::Output> {
-    let cmd = format!("iptables {}", args.join(" "));
-    Command::new("iptables").args(["-w", LOCK_WAIT_SECS]).args(args).output().map_err(|cause| IptablesError::Spawn { cmd, cause })
+fn iptables(bin: &str, args: &[String]) -> Result<std::process::Output> {
+    let cmd = format!("{bin} {}", args.join(" "));
+    Command::new(bin).args(["-w", LOCK_WAIT_SECS]).args(args).output().map_err(|cause| IptablesError::Spawn { cmd, cause })
 }
 
-fn iptables_ok(args: &[String]) -> Result<bool> {
-    Ok(iptables(args)?.status.success())
+fn iptables_ok(bin: &str, args: &[String]) -> Result<bool> {
+    Ok(iptables(bin, args)?.status.success())
 }
 
-fn iptables_must(args: &[String]) -> Result<()> {
-    let out = iptables(args)?;
+fn iptables_must(bin: &str, args: &[String]) -> Result<()> {
+    let out = iptables(bin, args)?;
     if !out.status.success() {
         return Err(IptablesError::Failed {
-            cmd: format!("iptables {}", args.join(" ")),
+            cmd: format!("{bin} {}", args.join(" ")),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
@@ -193,7 +214,7 @@ fn s(v: &[&str]) -> Vec<String> {
 /// Whether our chain holds exactly our rules, in order. `iptables -S` prints rules in the
 /// same canonical form as `restore_input` writes them, so the texts are compared.
 fn chain_matches(r: &ChainRules) -> Result<bool> {
-    let out = iptables(&s(&["-t", r.table, "-S", r.chain]))?;
+    let out = iptables(r.cmd, &s(&["-t", r.table, "-S", r.chain]))?;
     if !out.status.success() {
         return Ok(false);
     }
@@ -209,8 +230,8 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
     let mut changed = false;
     if !chain_matches(r)? {
         let input = r.restore_input();
-        let cmd = "iptables-restore --noflush".to_string();
-        let mut child = Command::new("iptables-restore")
+        let cmd = format!("{}-restore --noflush", r.cmd);
+        let mut child = Command::new(format!("{}-restore", r.cmd))
             .args(["-w", LOCK_WAIT_SECS, "--noflush"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
@@ -232,13 +253,13 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
     check.extend(r.jump_args());
     // -C: 0 present, 1 absent; anything else (4: the xtables lock was not had in time) is
     // an error, never "absent" (appending then would duplicate the jump).
-    let checked = iptables(&check)?;
+    let checked = iptables(r.cmd, &check)?;
     let present = match checked.status.code() {
         Some(0) => true,
         Some(1) => false,
         _ => {
             return Err(IptablesError::Failed {
-                cmd: format!("iptables {}", check.join(" ")),
+                cmd: format!("{} {}", r.cmd, check.join(" ")),
                 stderr: String::from_utf8_lossy(&checked.stderr).trim().to_string(),
             })
         }
@@ -246,7 +267,7 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
     if !present {
         let mut add = s(&["-t", r.table, "-A", r.hook]);
         add.extend(r.jump_args());
-        iptables_must(&add)?;
+        iptables_must(r.cmd, &add)?;
         changed = true;
     }
     Ok(changed)
@@ -256,9 +277,9 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
 pub fn remove(r: &ChainRules) -> Result<()> {
     let mut del = s(&["-t", r.table, "-D", r.hook]);
     del.extend(r.jump_args());
-    while iptables_ok(&del)? {}
-    let _ = iptables(&s(&["-t", r.table, "-F", r.chain]))?;
-    let _ = iptables(&s(&["-t", r.table, "-X", r.chain]))?;
+    while iptables_ok(r.cmd, &del)? {}
+    let _ = iptables(r.cmd, &s(&["-t", r.table, "-F", r.chain]))?;
+    let _ = iptables(r.cmd, &s(&["-t", r.table, "-X", r.chain]))?;
     Ok(())
 }
 
@@ -266,7 +287,12 @@ pub fn remove(r: &ChainRules) -> Result<()> {
 pub fn remove_all() -> Result<()> {
     let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
     remove(&masquerade(any, any, MasqRandom::None))?;
-    remove(&forward(any))
+    remove(&forward(any))?;
+    // A dual-stack node's IPv6 chains (where ip6tables exists).
+    let any6: Ipv6Net = "fd00::/8".parse().expect("literal");
+    let _ = remove(&masquerade6(any6, any6, MasqRandom::None));
+    let _ = remove(&forward6(any6));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -304,6 +330,18 @@ mod tests {
         assert_eq!(lines[6], format!("-A FLANNEL-POSTRTG -s 10.244.0.0/16 ! -d 224.0.0.0/4 {c} -j MASQUERADE --random-fully"));
         assert_eq!(lines[7], format!("-A FLANNEL-POSTRTG ! -s 10.244.0.0/16 -d 10.244.0.0/16 {c} -j MASQUERADE --random-fully"));
         assert_eq!(lines[8], "COMMIT");
+    }
+
+    #[test]
+    fn ipv6_masquerade_rules_are_flannels() {
+        let r = masquerade6("fd00:10:244::/56".parse().unwrap(), "fd00:10:244:7::/64".parse().unwrap(), MasqRandom::Fully);
+        assert_eq!(r.cmd, "ip6tables");
+        let text = r.restore_input();
+        let c = "-m comment --comment \"flanneld masq\"";
+        assert!(text.contains(&format!("-A FLANNEL-POSTRTG -s fd00:10:244:7::/64 -d fd00:10:244::/56 {c} -j RETURN")), "{text}");
+        assert!(text.contains(&format!("-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8 {c} -j MASQUERADE --random-fully")), "{text}");
+        assert!(text.contains(&format!("-A FLANNEL-POSTRTG ! -s fd00:10:244::/56 -d fd00:10:244::/56 {c} -j MASQUERADE --random-fully")), "{text}");
+        assert_eq!(forward6("fd00:10:244::/56".parse().unwrap()).cmd, "ip6tables");
     }
 
     #[test]

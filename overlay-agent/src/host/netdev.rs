@@ -8,9 +8,9 @@
 //! `nsenter --net` /sys still shows the host's devices). Every error names the operation and
 //! what the kernel said.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE,
     NLM_F_REQUEST,
@@ -114,6 +114,7 @@ pub struct VxlanParams {
     pub id: u32,
     pub port: u16,
     pub local: Option<Ipv4Addr>,
+    pub local6: Option<Ipv6Addr>,
 }
 
 /// What the agent needs to know about an interface.
@@ -159,6 +160,7 @@ fn to_link(m: &LinkMessage) -> Link {
                                     InfoVxlan::Id(id) => p.id = *id,
                                     InfoVxlan::Port(port) => p.port = *port,
                                     InfoVxlan::Local(a) => p.local = Some(*a),
+                                    InfoVxlan::Local6(a) => p.local6 = Some(*a),
                                     _ => {}
                                 }
                             }
@@ -371,7 +373,7 @@ fn new_link(op: &str, name: &str, info: Vec<LinkInfo>) -> Result<()> {
 /// `port`, and stock tools show what operators expect.
 pub fn ensure_vxlan(name: &str, vni: u32, port: u16, local: Ipv4Addr, underlay: &str) -> Result<Link> {
     if let Some(l) = link(name)? {
-        let want = VxlanParams { id: vni, port, local: Some(local) };
+        let want = VxlanParams { id: vni, port, local: Some(local), local6: None };
         if l.kind.as_deref() == Some("vxlan") && l.vxlan.as_ref() == Some(&want) {
             return Ok(l);
         }
@@ -394,6 +396,201 @@ pub fn ensure_vxlan(name: &str, vni: u32, port: u16, local: Ipv4Addr, underlay: 
         ],
     )?;
     require_link(name)
+}
+
+/// Create (or keep, if it already matches) flannel's IPv6 vxlan device `flannel-v6.<VNI>`:
+/// `nolearning`, bound to the underlay and its IPv6 address, as flannel makes it. The kernel
+/// device carries the node's IPv6 overlay traffic both ways.
+pub fn ensure_vxlan6(name: &str, vni: u32, port: u16, local: Ipv6Addr, underlay: &str) -> Result<Link> {
+    if let Some(l) = link(name)? {
+        let want = VxlanParams { id: vni, port, local: None, local6: Some(local) };
+        if l.kind.as_deref() == Some("vxlan") && l.vxlan.as_ref() == Some(&want) {
+            return Ok(l);
+        }
+        tracing::warn!(device = name, "existing device does not match the configuration; recreating it");
+        delete_link(name)?;
+    }
+    let under = require_link(underlay)?;
+    new_link(
+        &format!("create vxlan device {name}"),
+        name,
+        vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(vec![
+                InfoVxlan::Id(vni),
+                InfoVxlan::Local6(local),
+                InfoVxlan::Link(under.ifindex),
+                InfoVxlan::Port(port),
+                InfoVxlan::Learning(false),
+            ])),
+        ],
+    )?;
+    require_link(name)
+}
+
+/// Bring `name` up with `mtu`, neighbour discovery left on (flannel-v6's neighbours are
+/// permanent entries, so it never asks).
+pub fn set_up_mtu(name: &str, mtu: u32) -> Result<()> {
+    let l = require_link(name)?;
+    let mut m = LinkMessage::default();
+    m.header.index = l.ifindex;
+    m.header.flags = LinkFlags::Up;
+    m.header.change_mask = LinkFlags::Up;
+    m.attributes.push(LinkAttribute::Mtu(mtu));
+    change(&format!("configure {name}"), RouteNetlinkMessage::SetLink(m), 0)
+}
+
+/// The IPv6 addresses of `ifindex` of global scope, with their prefix lengths.
+fn ipv6_addresses(ifindex: u32) -> Result<Vec<(Ipv6Addr, u8)>> {
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    let msgs = request("list IPv6 addresses", RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP)?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Address(IpAddr::V6(ip)) if !is_link_local6(ip) => Some((*ip, a.header.prefix_len)),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
+fn is_link_local6(ip: &Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// The first global IPv6 address of interface `name` (flannel's public IPv6 when
+/// --public-ipv6 is not given).
+pub fn first_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
+    let l = require_link(name)?;
+    Ok(ipv6_addresses(l.ifindex)?.into_iter().map(|(a, _)| a).find(|a| !a.is_loopback()))
+}
+
+/// Give flannel-v6 its one address, the IPv6 subnet's network address as a /128 (flannel's
+/// ConfigureIPv6), removing any other global one.
+pub fn set_device_address6(name: &str, addr: Ipv6Addr) -> Result<()> {
+    let l = require_link(name)?;
+    let have = ipv6_addresses(l.ifindex)?;
+    if have == [(addr, 128)] {
+        return Ok(());
+    }
+    let op = format!("set the IPv6 address of {name}");
+    let msg = |a: Ipv6Addr, len: u8| {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.prefix_len = len;
+        m.header.index = l.ifindex;
+        m.attributes.push(AddressAttribute::Address(IpAddr::V6(a)));
+        m
+    };
+    for (a, len) in have {
+        change(&op, RouteNetlinkMessage::DelAddress(msg(a, len)), 0)?;
+    }
+    change(&op, RouteNetlinkMessage::NewAddress(msg(addr, 128)), NLM_F_CREATE | NLM_F_EXCL)
+}
+
+/// Whether `name` has exactly the IPv6 address the agent gives it (`addr`/128).
+pub fn has_address6(name: &str, addr: Ipv6Addr) -> Result<bool> {
+    let l = require_link(name)?;
+    Ok(ipv6_addresses(l.ifindex)? == [(addr, 128)])
+}
+
+fn route6_message(dst: Ipv6Net) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    m.header.destination_prefix_length = dst.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet6(dst.network())));
+    m
+}
+
+/// flannel's IPv6 vxlan route for a peer: its subnet via the subnet's network address,
+/// `onlink` on flannel-v6 (the neighbour entry gives that address the peer's VtepMAC).
+pub fn set_peer_route6(dev: &str, subnet: Ipv6Net) -> Result<()> {
+    let l = require_link(dev)?;
+    let mut m = route6_message(subnet);
+    m.header.flags = RouteFlags::Onlink;
+    m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet6(subnet.network())));
+    m.attributes.push(RouteAttribute::Oif(l.ifindex));
+    change(&format!("route {subnet} via {dev}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
+pub fn del_peer_route6(subnet: Ipv6Net) -> Result<()> {
+    match change(&format!("remove route {subnet}"), RouteNetlinkMessage::DelRoute(route6_message(subnet)), 0) {
+        Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
+/// The IPv6 routes through `dev` that have a gateway (the peer routes), by destination.
+pub fn peer_routes6(dev: &str) -> Result<Vec<Ipv6Net>> {
+    let Some(l) = link(dev)? else { return Ok(Vec::new()) };
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    let msgs = request("list IPv6 routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None })
+        .filter(|r| r.attributes.contains(&RouteAttribute::Oif(l.ifindex)) && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))))
+        .filter_map(|r| {
+            let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet6(d)) = a { Some(*d) } else { None })?;
+            Ipv6Net::new(dst, r.header.destination_prefix_length).ok()
+        })
+        .collect())
+}
+
+fn neigh6_message(ifindex: u32, ip: Ipv6Addr, mac: [u8; 6]) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    m.header.ifindex = ifindex;
+    m.header.state = NeighbourState::Permanent;
+    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(ip)));
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    m
+}
+
+/// flannel's AddV6ARP: the peer subnet's network address has the peer's VtepMAC, for good.
+pub fn set_neighbour6(dev: &str, ip: Ipv6Addr, mac: [u8; 6]) -> Result<()> {
+    let l = require_link(dev)?;
+    change(&format!("neighbour {ip} {} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(neigh6_message(l.ifindex, ip, mac)), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
+pub fn del_neighbour6(dev: &str, ip: Ipv6Addr) -> Result<()> {
+    let l = require_link(dev)?;
+    match change(&format!("remove neighbour {ip} on {dev}"), RouteNetlinkMessage::DelNeighbour(neigh6_message(l.ifindex, ip, [0; 6])), 0) {
+        Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+        r => r,
+    }
+}
+
+fn fdb6_message(ifindex: u32, mac: [u8; 6], dst: Ipv6Addr) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = ifindex;
+    m.header.state = NeighbourState::Permanent;
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(dst)));
+    m
+}
+
+/// flannel's AddV6FDB: frames for the peer's VtepMAC go to its public IPv6 address.
+pub fn vxlan_fdb6_replace(dev: &str, mac: [u8; 6], dst: Ipv6Addr) -> Result<()> {
+    let l = require_link(dev)?;
+    change(&format!("forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(fdb6_message(l.ifindex, mac, dst)), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
+pub fn vxlan_fdb6_del(dev: &str, mac: [u8; 6], dst: Ipv6Addr) -> Result<()> {
+    let l = require_link(dev)?;
+    match change(&format!("remove forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::DelNeighbour(fdb6_message(l.ifindex, mac, dst)), 0) {
+        Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+        r => r,
+    }
 }
 
 /// Create (or keep) a veth pair `name` / `peer` as the overlay device of the udp backend:

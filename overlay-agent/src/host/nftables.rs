@@ -1,7 +1,8 @@
 //! flannel's nftables mode (`EnableNFTables: true`, and hosts without an iptables binary,
 //! such as RHEL 10's family): the masquerade and forward rules in a table of flannel's own,
 //! `ip flannel-ipv4`, with flannel's chain names (`postrtg`, `forward`) and comments, so
-//! `nft list ruleset` shows what flannel's users expect.
+//! `nft list ruleset` shows what flannel's users expect. A dual-stack node also has flannel's
+//! `ip6 flannel-ipv6` table for its IPv6 network.
 //!
 //! Design notes: driven through `nft -f -`, as flannel's knftables (and kube-proxy's) drive
 //! nft: one script per change, which nft applies as one transaction, so the table is replaced
@@ -14,11 +15,12 @@ use std::{
     process::{Command, Stdio},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::iptables::MasqRandom;
 
 pub const TABLE: &str = "flannel-ipv4";
+pub const TABLE6: &str = "flannel-ipv6";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -30,19 +32,35 @@ pub enum NftError {
 
 type Result<T> = std::result::Result<T, NftError>;
 
-/// What the table holds.
+/// What one of the tables holds (`ipv6`: flannel-ipv6, else flannel-ipv4).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NftRules {
+    pub ipv6: bool,
     /// --ip-masq: (network, subnet, randomisation).
-    pub masq: Option<(Ipv4Net, Ipv4Net, MasqRandom)>,
+    pub masq: Option<(IpNet, IpNet, MasqRandom)>,
     /// flannel's forward accept rules for the network.
-    pub forward: Option<Ipv4Net>,
+    pub forward: Option<IpNet>,
+}
+
+/// nft's family and flannel's table name for one address family.
+fn family(ipv6: bool) -> (&'static str, &'static str) {
+    if ipv6 {
+        ("ip6", TABLE6)
+    } else {
+        ("ip", TABLE)
+    }
 }
 
 impl NftRules {
+    pub fn is_empty(&self) -> bool {
+        self.masq.is_none() && self.forward.is_none()
+    }
+
     /// The rules of each chain, as `nft list table` prints them (one per line).
     pub fn chain_rules(&self) -> Vec<(&'static str, Vec<String>)> {
         let mut out = Vec::new();
+        let (ip, _) = family(self.ipv6);
+        let multicast = if self.ipv6 { "ff00::/8" } else { "224.0.0.0/4" };
         if let Some((n, s, random)) = self.masq {
             let r = match random {
                 MasqRandom::Fully => " fully-random",
@@ -53,16 +71,16 @@ impl NftRules {
                 "postrtg",
                 vec![
                     "meta mark 0x00004000 return".to_string(),
-                    format!("ip saddr {s} ip daddr {n} return"),
-                    format!("ip saddr {n} ip daddr {s} return"),
-                    format!("ip saddr != {s} ip daddr {n} return"),
-                    format!("ip saddr {n} ip daddr != 224.0.0.0/4 masquerade{r}"),
-                    format!("ip saddr != {n} ip daddr {n} masquerade{r}"),
+                    format!("{ip} saddr {s} {ip} daddr {n} return"),
+                    format!("{ip} saddr {n} {ip} daddr {s} return"),
+                    format!("{ip} saddr != {s} {ip} daddr {n} return"),
+                    format!("{ip} saddr {n} {ip} daddr != {multicast} masquerade{r}"),
+                    format!("{ip} saddr != {n} {ip} daddr {n} masquerade{r}"),
                 ],
             ));
         }
         if let Some(n) = self.forward {
-            out.push(("forward", vec![format!("ip saddr {n} accept"), format!("ip daddr {n} accept")]));
+            out.push(("forward", vec![format!("{ip} saddr {n} accept"), format!("{ip} daddr {n} accept")]));
         }
         out
     }
@@ -70,8 +88,9 @@ impl NftRules {
     /// The nft script that replaces the table with these rules, in one transaction.
     pub fn script(&self) -> String {
         // "add" first, so that "delete" never fails on a host without the table.
-        let mut s = format!("add table ip {TABLE}\ndelete table ip {TABLE}\n");
-        s += &format!("table ip {TABLE} {{\n\tcomment \"rules for {TABLE}\"\n");
+        let (ip, table) = family(self.ipv6);
+        let mut s = format!("add table {ip} {table}\ndelete table {ip} {table}\n");
+        s += &format!("table {ip} {table} {{\n\tcomment \"rules for {table}\"\n");
         for (chain, rules) in self.chain_rules() {
             let (comment, spec) = match chain {
                 "postrtg" => ("chain to manage traffic masquerading by flannel", "type nat hook postrouting priority srcnat; policy accept;"),
@@ -106,8 +125,9 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
 }
 
 /// The rules now in our table's chains (`None`: no table).
-fn current() -> Option<Vec<(String, Vec<String>)>> {
-    let text = nft(&["list", "table", "ip", TABLE], None).ok()?;
+fn current(ipv6: bool) -> Option<Vec<(String, Vec<String>)>> {
+    let (ip, table) = family(ipv6);
+    let text = nft(&["list", "table", ip, table], None).ok()?;
     let mut chains: Vec<(String, Vec<String>)> = Vec::new();
     for line in text.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix(" {")) {
@@ -125,16 +145,16 @@ fn current() -> Option<Vec<(String, Vec<String>)>> {
 /// Make the table hold exactly `rules`; true if it had to change.
 pub fn ensure(rules: &NftRules) -> Result<bool> {
     let want: Vec<(String, Vec<String>)> = rules.chain_rules().into_iter().map(|(c, r)| (c.to_string(), r)).collect();
-    if current().as_ref() == Some(&want) {
+    if current(rules.ipv6).as_ref() == Some(&want) {
         return Ok(false);
     }
     nft(&["-f", "-"], Some(&rules.script()))?;
     Ok(true)
 }
 
-/// Remove the table (clean exit).
+/// Remove both tables (clean exit).
 pub fn remove() -> Result<()> {
-    nft(&["-f", "-"], Some(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\n"))).map(drop)
+    nft(&["-f", "-"], Some(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\nadd table ip6 {TABLE6}\ndelete table ip6 {TABLE6}\n"))).map(drop)
 }
 
 /// Whether this host has an iptables binary (flannel falls back to nftables without one).
@@ -151,15 +171,20 @@ mod tests {
 
     #[test]
     fn the_table_is_flannels() {
-        let n: Ipv4Net = "10.244.0.0/16".parse().unwrap();
-        let s: Ipv4Net = "10.244.1.0/24".parse().unwrap();
-        let rules = NftRules { masq: Some((n, s, MasqRandom::Fully)), forward: Some(n) };
+        let n: IpNet = "10.244.0.0/16".parse().unwrap();
+        let s: IpNet = "10.244.1.0/24".parse().unwrap();
+        let rules = NftRules { ipv6: false, masq: Some((n, s, MasqRandom::Fully)), forward: Some(n) };
         let script = rules.script();
         assert!(script.starts_with("add table ip flannel-ipv4\ndelete table ip flannel-ipv4\ntable ip flannel-ipv4 {"), "{script}");
         assert!(script.contains("\tchain postrtg {\n\t\tcomment \"chain to manage traffic masquerading by flannel\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark 0x00004000 return\n\t\tip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return\n"), "{script}");
         assert!(script.contains("\t\tip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random\n"), "{script}");
         assert!(script.contains("\tchain forward {"), "{script}");
-        let none = NftRules { masq: Some((n, s, MasqRandom::Random)), forward: None };
+        let none = NftRules { ipv6: false, masq: Some((n, s, MasqRandom::Random)), forward: None };
         assert!(none.script().contains("masquerade random\n") && !none.script().contains("chain forward"));
+        let n6: IpNet = "fd00:10:244::/56".parse().unwrap();
+        let v6 = NftRules { ipv6: true, masq: Some((n6, "fd00:10:244:1::/64".parse().unwrap(), MasqRandom::Fully)), forward: Some(n6) }.script();
+        assert!(v6.starts_with("add table ip6 flannel-ipv6\ndelete table ip6 flannel-ipv6\ntable ip6 flannel-ipv6 {"), "{v6}");
+        assert!(v6.contains("\t\tip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8 masquerade fully-random\n"), "{v6}");
+        assert!(v6.contains("\t\tip6 daddr fd00:10:244::/56 accept\n"), "{v6}");
     }
 }

@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
@@ -18,13 +18,24 @@ pub struct SubnetEnv {
     pub subnet: Ipv4Net,
     pub mtu: u32,
     pub ip_masq: bool,
+    /// A dual-stack node's IPv6 network and subnet (FLANNEL_IPV6_NETWORK/SUBNET).
+    pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
 impl SubnetEnv {
     pub fn render(&self) -> String {
         let first = Ipv4Addr::from(u32::from(self.subnet.network()) + 1);
+        // flannel's order: the IPv4 pair, the IPv6 pair, then MTU and masquerade.
+        let v6 = match self.ipv6 {
+            Some((network, subnet)) => format!(
+                "FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={}/{}\n",
+                std::net::Ipv6Addr::from(u128::from(subnet.network()) + 1),
+                subnet.prefix_len()
+            ),
+            None => String::new(),
+        };
         format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
+            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\n{v6}FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
             self.network,
             first,
             self.subnet.prefix_len(),
@@ -83,7 +94,19 @@ mod tests {
             subnet: "172.17.98.0/24".parse().unwrap(),
             mtu: 1450,
             ip_masq: true,
+            ipv6: None,
         }
+    }
+
+    /// As flannel's WriteSubnetFile writes a dual-stack node's file.
+    #[test]
+    fn renders_flannels_dual_stack_format() {
+        let e = SubnetEnv { ipv6: Some(("fd00:10:244::/56".parse().unwrap(), "fd00:10:244:62::/64".parse().unwrap())), ..env() };
+        assert_eq!(
+            e.render(),
+            "FLANNEL_NETWORK=172.17.0.0/16\nFLANNEL_SUBNET=172.17.98.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\n\
+             FLANNEL_IPV6_SUBNET=fd00:10:244:62::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+        );
     }
 
     #[test]

@@ -153,7 +153,7 @@ mod tests {
         config::parse(json).unwrap()
     }
     fn lease(subnet: &str, ip: Ipv4Addr, etcd_lease: i64) -> Lease {
-        Lease { subnet: subnet.parse().unwrap(), attrs: LeaseAttrs::udp(ip), etcd_lease }
+        Lease { subnet: subnet.parse().unwrap(), subnet6: None, attrs: LeaseAttrs::udp(ip), etcd_lease }
     }
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()

@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rand::seq::IndexedRandom as _;
 
 use super::Lease;
@@ -33,7 +33,22 @@ pub fn free_subnets<'a>(cfg: &'a NetworkConfig, leases: &'a [Lease]) -> impl Ite
 /// This node's leases (by public IP) that the config no longer allows: flannel deletes them
 /// before choosing.
 pub fn incompatible_own(cfg: &NetworkConfig, leases: &[Lease], public_ip: Ipv4Addr) -> Vec<Ipv4Net> {
-    leases.iter().filter(|l| l.attrs.public_ip == public_ip && !cfg.fits(&l.subnet)).map(|l| l.subnet).collect()
+    leases.iter().filter(|l| l.attrs.public_ip == public_ip && !cfg.fits_pair(&l.subnet, l.subnet6.as_ref())).map(|l| l.subnet).collect()
+}
+
+/// The IPv6 subnet to claim beside IPv4 subnet `v4` (dual stack): the one at the same
+/// position in its range as `v4` in the IPv4 range if free (a node's two subnets then read
+/// alike: 10.244.7.0/24 and fd00:..:7::/64), else the first free one. `None`: IPv6 off, or
+/// no IPv6 subnet left. (flannel picks any free one; a stock node takes either.)
+pub fn choose_v6(cfg: &NetworkConfig, leases: &[Lease], v4: Ipv4Net) -> Option<Ipv6Net> {
+    let c6 = cfg.ipv6.as_ref()?;
+    let used = |s: &Ipv6Net| leases.iter().filter_map(|l| l.subnet6).any(|t| t.contains(s) || s.contains(&t));
+    let step4 = 1u32 << (32 - cfg.subnet_len);
+    let index = (u32::from(v4.network()).saturating_sub(u32::from(cfg.subnet_min)) / step4) as u128;
+    if let Some(s) = c6.nth(index).filter(|s| !used(s)) {
+        return Some(s);
+    }
+    (0u128..).map_while(|i| c6.nth(i)).find(|s| !used(s))
 }
 
 pub fn choose(
@@ -43,7 +58,7 @@ pub fn choose(
     previous: Option<Ipv4Net>,
     rng: &mut impl rand::Rng,
 ) -> Choice {
-    if let Some(l) = leases.iter().find(|l| l.attrs.public_ip == public_ip && cfg.fits(&l.subnet)) {
+    if let Some(l) = leases.iter().find(|l| l.attrs.public_ip == public_ip && cfg.fits_pair(&l.subnet, l.subnet6.as_ref())) {
         return Choice::Reuse { subnet: l.subnet, etcd_lease: l.etcd_lease };
     }
     let free: Vec<Ipv4Net> = free_subnets(cfg, leases).take(CANDIDATES).collect();
@@ -74,7 +89,32 @@ mod tests {
         config::parse(json).unwrap()
     }
     fn lease(subnet: &str, ip: [u8; 4]) -> Lease {
-        Lease { subnet: subnet.parse().unwrap(), attrs: LeaseAttrs::udp(Ipv4Addr::from(ip)), etcd_lease: 7 }
+        Lease { subnet: subnet.parse().unwrap(), subnet6: None, attrs: LeaseAttrs::udp(Ipv4Addr::from(ip)), etcd_lease: 7 }
+    }
+
+    #[test]
+    fn dual_stack_subnets_pair_up_and_stale_single_stack_leases_go() {
+        let c = cfg(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#);
+        let v4: Ipv4Net = "10.0.7.0/24".parse().unwrap();
+        assert_eq!(choose_v6(&c, &[], v4), Some("fd00:0:0:7::/64".parse().unwrap()));
+        // Taken by someone (a stock node chose it): the first free one.
+        let mut other = lease("10.0.9.0/24", [9, 9, 9, 9]);
+        other.subnet6 = Some("fd00:0:0:7::/64".parse().unwrap());
+        assert_eq!(choose_v6(&c, &[other.clone()], v4), Some("fd00:0:0:1::/64".parse().unwrap()));
+        assert_eq!(choose_v6(&cfg(r#"{"Network":"10.0.0.0/16"}"#), &[], v4), None);
+        // Our single-stack lease from before IPv6 was switched on: deleted, not reused.
+        let mine = lease("10.0.5.0/24", [2, 2, 2, 2]);
+        assert_eq!(incompatible_own(&c, &[mine.clone(), other.clone()], Ipv4Addr::new(2, 2, 2, 2)), vec![mine.subnet]);
+        let mut dual = mine.clone();
+        dual.subnet6 = Some("fd00:0:0:5::/64".parse().unwrap());
+        assert!(incompatible_own(&c, &[dual.clone()], Ipv4Addr::new(2, 2, 2, 2)).is_empty());
+        assert_eq!(choose(&c, &[dual], Ipv4Addr::new(2, 2, 2, 2), None, &mut rng()), Choice::Reuse { subnet: mine.subnet, etcd_lease: 7 });
+        // IPv6 full.
+        let tiny = cfg(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/120","Backend":{"Type":"vxlan"}}"#);
+        let held: Vec<Lease> = (1..4u8)
+            .map(|i| Lease { subnet6: Some(format!("fd00::{:x}/122", i * 64).parse().unwrap()), ..lease(&format!("10.0.{i}.0/24"), [i, 0, 0, 1]) })
+            .collect();
+        assert_eq!(choose_v6(&tiny, &held, v4), None);
     }
     fn rng() -> rand::rngs::StdRng {
         rand::rngs::StdRng::seed_from_u64(1)

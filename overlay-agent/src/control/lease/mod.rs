@@ -29,7 +29,43 @@ pub fn subnet_key(subnet: &Ipv4Net) -> String {
     format!("{}-{}", subnet.network(), subnet.prefix_len())
 }
 
+/// What names a lease in etcd: its IPv4 subnet and, for a dual-stack node, its IPv6 subnet
+/// (flannel's MakeSubnetKey: `10.244.1.0-24&fd00:0:0:1::-64`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseKey {
+    pub v4: Ipv4Net,
+    pub v6: Option<Ipv6Net>,
+}
+
+impl LeaseKey {
+    /// The last path element of the lease's key.
+    pub fn name(&self) -> String {
+        match self.v6 {
+            None => subnet_key(&self.v4),
+            Some(v6) => format!("{}&{}-{}", subnet_key(&self.v4), v6.network(), v6.prefix_len()),
+        }
+    }
+}
+
+impl From<&Ipv4Net> for LeaseKey {
+    fn from(v4: &Ipv4Net) -> Self {
+        LeaseKey { v4: *v4, v6: None }
+    }
+}
+
+impl From<(Ipv4Net, Option<Ipv6Net>)> for LeaseKey {
+    fn from((v4, v6): (Ipv4Net, Option<Ipv6Net>)) -> Self {
+        LeaseKey { v4, v6 }
+    }
+}
+
+/// The IPv4 subnet a key names (what identifies a lease to this agent).
 pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
+    parse_lease_key(key).map(|k| k.v4)
+}
+
+/// Both subnets a key names.
+pub fn parse_lease_key(key: &str) -> Result<LeaseKey, LeaseFormatError> {
     let bad = || LeaseFormatError::BadKey(key.to_string());
     // A dual-stack node's key: "<IPv4 key>&<IPv6 network>-<length>" (flannel's
     // MakeSubnetKey). The IPv4 part is what this agent routes; the IPv6 part is checked, so
@@ -38,12 +74,17 @@ pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
         Some((v4, v6)) => (v4, Some(v6)),
         None => (key, None),
     };
-    if let Some(v6) = v6 {
-        let (ip, len) = address_and_length::<Ipv6Addr>(v6).ok_or_else(bad)?;
-        if Ipv6Net::new(ip, len).map_err(|_| bad())?.network() != ip {
-            return Err(bad());
+    let v6 = match v6 {
+        Some(v6) => {
+            let (ip, len) = address_and_length::<Ipv6Addr>(v6).ok_or_else(bad)?;
+            let net = Ipv6Net::new(ip, len).map_err(|_| bad())?;
+            if net.network() != ip || len == 0 {
+                return Err(bad());
+            }
+            Some(net)
         }
-    }
+        None => None,
+    };
     let (ip, len) = address_and_length::<Ipv4Addr>(v4).ok_or_else(bad)?;
     let net = Ipv4Net::new(ip, len).map_err(|_| bad())?;
     if net.network() != ip {
@@ -56,7 +97,7 @@ pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
     if len == 0 {
         return Err(bad());
     }
-    Ok(net)
+    Ok(LeaseKey { v4: net, v6 })
 }
 
 /// `<address>-<prefix length>`, as a key part writes a network.
@@ -80,11 +121,15 @@ pub struct LeaseAttrs {
     #[serde(rename = "PublicIP")]
     pub public_ip: Ipv4Addr,
     #[serde(rename = "PublicIPv6", default)]
-    pub public_ipv6: Option<String>,
+    pub public_ipv6: Option<Ipv6Addr>,
     #[serde(rename = "BackendType", default, skip_serializing_if = "String::is_empty")]
     pub backend_type: String,
     #[serde(rename = "BackendData", default, skip_serializing_if = "Option::is_none")]
     pub backend_data: Option<serde_json::Value>,
+    /// The IPv6 device's data of a dual-stack vxlan node (VNI and the VtepMAC of
+    /// `flannel-v6.<VNI>`).
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    pub backend_v6_data: Option<serde_json::Value>,
 }
 
 /// `BackendData` of flannel's vxlan backend.
@@ -105,17 +150,36 @@ impl LeaseAttrs {
             public_ipv6: None,
             backend_type: "vxlan".into(),
             backend_data: Some(serde_json::to_value(data).expect("plain struct")),
+            backend_v6_data: None,
         }
+    }
+
+    /// A dual-stack vxlan node's lease: also its IPv6 address and `flannel-v6.<VNI>`'s MAC.
+    pub fn with_ipv6(mut self, public_ipv6: Ipv6Addr, vni: u32, vtep_mac: [u8; 6]) -> Self {
+        let data = VxlanData { vni, vtep_mac: crate::netdev::format_mac(&vtep_mac) };
+        self.public_ipv6 = Some(public_ipv6);
+        self.backend_v6_data = Some(serde_json::to_value(data).expect("plain struct"));
+        self
+    }
+
+    /// The VtepMAC of a dual-stack vxlan lease's IPv6 device.
+    pub fn vtep_mac_v6(&self) -> Result<[u8; 6], LeaseFormatError> {
+        let data: VxlanData = self
+            .backend_v6_data
+            .clone()
+            .and_then(|d| serde_json::from_value(d).ok())
+            .ok_or(LeaseFormatError::NoVtepMac)?;
+        crate::netdev::parse_mac(&data.vtep_mac).ok_or(LeaseFormatError::NoVtepMac)
     }
 
     /// What flannel's udp backend writes: the public IP only.
     /// flannel's host-gw lease: the address peers route this node's subnet via.
     pub fn host_gw(public_ip: Ipv4Addr) -> Self {
-        Self { public_ip, public_ipv6: None, backend_type: "host-gw".into(), backend_data: None }
+        Self { public_ip, public_ipv6: None, backend_type: "host-gw".into(), backend_data: None, backend_v6_data: None }
     }
 
     pub fn udp(public_ip: Ipv4Addr) -> Self {
-        Self { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None }
+        Self { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None, backend_v6_data: None }
     }
 
     pub fn parse(json: &[u8]) -> Result<Self, LeaseFormatError> {
@@ -141,6 +205,8 @@ impl LeaseAttrs {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lease {
     pub subnet: Ipv4Net,
+    /// A dual-stack node's IPv6 subnet (the key's part after '&').
+    pub subnet6: Option<Ipv6Net>,
     pub attrs: LeaseAttrs,
     /// The etcd lease the key is attached to (0: none).
     pub etcd_lease: i64,
@@ -190,6 +256,25 @@ mod tests {
         for bad in ["172.17.98.0/24", "172.17.98.0-33", "172.17.98.1-24", "x-24", "172.17.98.0-", "-24", "", "0.0.0.0-0"] {
             assert!(parse_subnet_key(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A dual-stack lease as flannel v0.2x writes it (vxlan with flannel-v6.1).
+    const STOCK_DUAL: &str = r#"{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:64::3","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"},"BackendV6Data":{"VNI":1,"VtepMAC":"ae:21:32:6f:8f:45"}}"#;
+
+    #[test]
+    fn dual_stack_leases_round_trip() {
+        let v = LeaseAttrs::parse(STOCK_DUAL.as_bytes()).unwrap();
+        assert_eq!(v.public_ipv6, Some("fd00:64::3".parse().unwrap()));
+        assert_eq!(v.vtep_mac_v6().unwrap(), [0xae, 0x21, 0x32, 0x6f, 0x8f, 0x45]);
+        let ours = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 64, 3), 1, [0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44])
+            .with_ipv6("fd00:64::3".parse().unwrap(), 1, [0xae, 0x21, 0x32, 0x6f, 0x8f, 0x45]);
+        assert_eq!(ours.to_json(), STOCK_DUAL);
+        assert_eq!(LeaseAttrs::parse(STOCK_VXLAN.as_bytes()).unwrap().vtep_mac_v6(), Err(LeaseFormatError::NoVtepMac));
+        assert!(LeaseAttrs::parse(br#"{"PublicIP":"1.2.3.4","PublicIPv6":"1.2.3.4"}"#).is_err());
+        let key = LeaseKey { v4: "10.244.1.0/24".parse().unwrap(), v6: Some("fd00:0:0:1::/64".parse().unwrap()) };
+        assert_eq!(key.name(), "10.244.1.0-24&fd00:0:0:1::-64");
+        assert_eq!(parse_lease_key(&key.name()).unwrap(), key);
+        assert_eq!(parse_lease_key("10.244.1.0-24").unwrap().v6, None);
     }
 
     /// Keys as flannel's MakeSubnetKey writes them for dual-stack and IPv6-only nodes.

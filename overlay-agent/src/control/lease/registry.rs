@@ -9,7 +9,7 @@ use etcd_client::{
 };
 use ipnet::Ipv4Net;
 
-use super::{parse_subnet_key, subnet_key, Lease, LeaseAttrs, LeaseFormatError};
+use super::{parse_lease_key, parse_subnet_key, Lease, LeaseAttrs, LeaseFormatError, LeaseKey};
 
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 
@@ -168,8 +168,9 @@ impl Registry {
         format!("{}/subnets/", self.prefix)
     }
 
-    pub fn lease_key(&self, subnet: &Ipv4Net) -> String {
-        format!("{}{}", self.subnets_prefix(), subnet_key(subnet))
+    /// The etcd key of a lease (`subnet`: its IPv4 subnet, or both of a dual-stack lease).
+    pub fn lease_key(&self, subnet: impl Into<LeaseKey>) -> String {
+        format!("{}{}", self.subnets_prefix(), subnet.into().name())
     }
 
     pub async fn get_config(&mut self) -> Result<Option<String>> {
@@ -187,9 +188,9 @@ impl Registry {
     fn parse_kv(&self, key: &[u8], value: &[u8], etcd_lease: i64) -> std::result::Result<Lease, (String, LeaseFormatError)> {
         let key = String::from_utf8_lossy(key).into_owned();
         let last = key.strip_prefix(&self.subnets_prefix()).unwrap_or(&key);
-        let subnet = parse_subnet_key(last).map_err(|e| (key.clone(), e))?;
+        let k = parse_lease_key(last).map_err(|e| (key.clone(), e))?;
         let attrs = LeaseAttrs::parse(value).map_err(|e| (key.clone(), e))?;
-        Ok(Lease { subnet, attrs, etcd_lease })
+        Ok(Lease { subnet: k.v4, subnet6: k.v6, attrs, etcd_lease })
     }
 
     pub async fn list_leases(&mut self) -> Result<Listing> {
@@ -215,16 +216,18 @@ impl Registry {
     /// Claim `subnet` if nobody holds it: one transaction "version == 0 -> put" bound to a
     /// new etcd lease of `ttl`. Returns the etcd lease (a lease this node already holds on it,
     /// if so), or None if another node holds the subnet.
-    pub async fn claim(&mut self, subnet: &Ipv4Net, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<i64>> {
+    pub async fn claim(&mut self, subnet: impl Into<LeaseKey>, attrs: &LeaseAttrs, ttl: Duration) -> Result<Option<i64>> {
+        let subnet: LeaseKey = subnet.into();
         let key = self.lease_key(subnet);
         let grant = self.client.lease_grant(ttl.as_secs().max(1) as i64, None).await.map_err(self.err())?;
         let id = grant.id();
-        // Nobody holds it in either of flannel's key forms: ours, or a dual-stack node's
-        // "<key>&<IPv6 subnet>" (every key in that range must be absent).
-        let (dual_start, dual_end) = super::dual_stack_range(&self.subnets_prefix(), subnet);
+        // Nobody holds its IPv4 subnet in either of flannel's key forms: the plain key, or a
+        // dual-stack node's "<key>&<IPv6 subnet>" (every key in that range must be absent;
+        // ours, if dual-stack, is one of them).
+        let (dual_start, dual_end) = super::dual_stack_range(&self.subnets_prefix(), &subnet.v4);
         let txn = Txn::new()
             .when([
-                Compare::version(key.clone(), CompareOp::Equal, 0),
+                Compare::version(self.lease_key(&subnet.v4), CompareOp::Equal, 0),
                 Compare::version(dual_start, CompareOp::Equal, 0).with_range(dual_end),
             ])
             .and_then([TxnOp::put(key.clone(), attrs.to_json(), Some(PutOptions::new().with_lease(id)))])
@@ -249,7 +252,7 @@ impl Registry {
     }
 
     /// Rewrite our lease's value (e.g. a new VtepMAC) under the same etcd lease.
-    pub async fn update(&mut self, subnet: &Ipv4Net, attrs: &LeaseAttrs, etcd_lease: i64) -> Result<()> {
+    pub async fn update(&mut self, subnet: impl Into<LeaseKey>, attrs: &LeaseAttrs, etcd_lease: i64) -> Result<()> {
         let key = self.lease_key(subnet);
         let opts = (etcd_lease != 0).then(|| PutOptions::new().with_lease(etcd_lease));
         self.client.put(key, attrs.to_json(), opts).await.map_err(self.err())?;
@@ -271,7 +274,7 @@ impl Registry {
         Ok(())
     }
 
-    pub async fn delete_lease(&mut self, subnet: &Ipv4Net) -> Result<bool> {
+    pub async fn delete_lease(&mut self, subnet: impl Into<LeaseKey>) -> Result<bool> {
         let key = self.lease_key(subnet);
         let resp = self.client.delete(key, None).await.map_err(self.err())?;
         Ok(resp.deleted() > 0)
@@ -286,7 +289,7 @@ impl Registry {
         Ok(r.ttl())
     }
 
-    pub async fn get_lease(&mut self, subnet: &Ipv4Net) -> Result<Option<Lease>> {
+    pub async fn get_lease(&mut self, subnet: impl Into<LeaseKey>) -> Result<Option<Lease>> {
         let key = self.lease_key(subnet);
         let resp = self.client.get(key.clone(), None).await.map_err(self.err())?;
         match resp.kvs().first() {

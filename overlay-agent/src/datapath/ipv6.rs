@@ -1,0 +1,115 @@
+//! The IPv6 half of a dual-stack vxlan node, as flannel sets it up: the kernel's
+//! `flannel-v6.<VNI>` device (bound to the node's public IPv6 address), its address (the
+//! IPv6 subnet's network address as a /128), and per peer a route to the peer's IPv6 subnet
+//! via the subnet's network address `onlink`, a permanent neighbour entry giving that address
+//! the peer's VtepMAC, and a forwarding entry sending that MAC to the peer's public IPv6
+//! address. The kernel device encapsulates and decapsulates; the decap programs on the
+//! underlay check what arrives for it (peer and inner source, as for IPv4) against the
+//! routes kept here, which the agent mirrors into the IPv6 maps.
+//!
+//! The routes are keyed by the peer's IPv4 subnet (what names a lease to the agent), so a
+//! lease deleted or changed finds what it had.
+
+use std::{collections::BTreeMap, net::Ipv6Addr};
+
+use anyhow::{Context as _, Result};
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::{netdev, reconcile::Route6};
+
+/// IPv6 and UDP and VXLAN and the inner Ethernet header: what flannel-v6's packets carry on
+/// top of the inner IPv6 packet (the kernel's VXLAN6_HEADROOM).
+pub const VXLAN6_OVERHEAD: u32 = 70;
+
+/// The device's name: flannel's `flannel-v6.<VNI>`.
+pub fn device_name(vni: u32) -> String {
+    format!("flannel-v6.{vni}")
+}
+
+pub struct Overlay6 {
+    pub device: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    routes: BTreeMap<Ipv4Net, Route6>,
+}
+
+impl Overlay6 {
+    /// Make (or keep) the device, bound to `local` on `underlay`, up with the underlay's MTU
+    /// less the encapsulation (or `mtu` when the config gives Backend.MTU).
+    pub fn up(vni: u32, port: u16, local: Ipv6Addr, underlay: &str, mtu: Option<u32>) -> Result<Self> {
+        let device = device_name(vni);
+        let under = netdev::require_link(underlay)?;
+        let link = netdev::ensure_vxlan6(&device, vni, port, local, underlay)?;
+        let mtu = mtu.unwrap_or(under.mtu.saturating_sub(VXLAN6_OVERHEAD));
+        if mtu < 1280 {
+            anyhow::bail!("{device}: MTU {mtu} is below IPv6's minimum of 1280 (underlay {underlay} has {})", under.mtu);
+        }
+        netdev::set_up_mtu(&device, mtu)?;
+        Ok(Self { device, mac: link.mac, mtu, routes: BTreeMap::new() })
+    }
+
+    /// The device's address: `subnet`'s network address as a /128 (flannel's).
+    pub fn set_address(&self, subnet: Ipv6Net) -> Result<()> {
+        netdev::set_device_address6(&self.device, subnet.network()).with_context(|| format!("the address of {}", self.device))
+    }
+
+    /// Route, neighbour and forwarding entry for the peer holding `key`, replacing what an
+    /// earlier lease of that key had (`None`: remove them).
+    pub fn set(&mut self, key: Ipv4Net, want: Option<Route6>) -> Result<()> {
+        let old = self.routes.get(&key).copied();
+        if old == want {
+            return Ok(());
+        }
+        if let Some(o) = old {
+            self.remove_entries(&o, want.as_ref())?;
+            self.routes.remove(&key);
+        }
+        if let Some(r) = want {
+            netdev::vxlan_fdb6_replace(&self.device, r.vtep_mac, r.public_ip)?;
+            netdev::set_neighbour6(&self.device, r.subnet.network(), r.vtep_mac)?;
+            netdev::set_peer_route6(&self.device, r.subnet)?;
+            self.routes.insert(key, r);
+            tracing::info!(subnet = %r.subnet, public_ipv6 = %r.public_ip, "IPv6 route added or updated");
+        } else if let Some(o) = old {
+            tracing::info!(subnet = %o.subnet, "IPv6 route removed");
+        }
+        Ok(())
+    }
+
+    /// What `old` added that `new` does not keep.
+    fn remove_entries(&self, old: &Route6, new: Option<&Route6>) -> Result<()> {
+        if new.map(|n| n.subnet) != Some(old.subnet) {
+            netdev::del_peer_route6(old.subnet)?;
+            netdev::del_neighbour6(&self.device, old.subnet.network())?;
+        }
+        if new.map(|n| (n.vtep_mac, n.public_ip)) != Some((old.vtep_mac, old.public_ip)) {
+            netdev::vxlan_fdb6_del(&self.device, old.vtep_mac, old.public_ip)?;
+        }
+        Ok(())
+    }
+
+    /// Hold exactly `desired` (by peer IPv4 subnet), also removing peer routes a previous
+    /// run left on the device that no lease asks for any more.
+    pub fn sync(&mut self, desired: &BTreeMap<Ipv4Net, Route6>) -> Result<()> {
+        let stale: Vec<Ipv4Net> = self.routes.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+        for k in stale {
+            self.set(k, None)?;
+        }
+        for (k, r) in desired {
+            self.set(*k, Some(*r))?;
+        }
+        for subnet in netdev::peer_routes6(&self.device)? {
+            if !self.routes.values().any(|r| r.subnet == subnet) {
+                tracing::info!(%subnet, "removing an IPv6 route no lease asks for");
+                netdev::del_peer_route6(subnet)?;
+                netdev::del_neighbour6(&self.device, subnet.network())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The peers' routes held now.
+    pub fn routes(&self) -> impl Iterator<Item = &Route6> {
+        self.routes.values()
+    }
+}

@@ -1,0 +1,186 @@
+//! Dual stack as flannel runs it (`EnableIPv6`, `IPv6Network`): each node leases an IPv4 and
+//! an IPv6 subnet under one key (`10.244.1.0-24&fd00:10:244:1::-64`), names its public IPv6
+//! address and `flannel-v6.<VNI>`'s MAC in the lease, writes FLANNEL_IPV6_* to its subnet
+//! file, masquerades with ip6tables, and carries IPv6 containers' traffic in VXLAN over the
+//! IPv6 underlay, with a stock flannel dual-stack node (set up by hand as flannel sets itself
+//! up) both ways. Nodes as the seed's: strict rp_filter, docker's FORWARD DROP (IPv4 and
+//! IPv6).
+
+use std::{net::Ipv6Addr, time::Duration};
+
+use ipnet::Ipv6Net;
+use overlay_tests::{
+    link_mac, require_root,
+    traffic::{ping, ping6, tcp_transfer, tcp_transfer6},
+    underlay_ipv6, wait_until, Backend, Cluster, ClusterSpec, Control, Node, NodeKind, UNDERLAY_MTU,
+};
+
+const CONFIG: &str =
+    r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+const BULK: u64 = 4 << 20;
+/// The IPv6 overlay's MTU: the underlay's less VXLAN over IPv6 (70 bytes).
+const MTU6: u32 = UNDERLAY_MTU - 70;
+
+fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
+}
+
+/// The IPv6 subnet a node's subnet file names (FLANNEL_IPV6_SUBNET, its first address).
+fn subnet6_of(node: &Node) -> Ipv6Net {
+    let text = std::fs::read_to_string(&node.subnet_file).expect("subnet file");
+    let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in:\n{text}"));
+    line.parse::<Ipv6Net>().expect("an IPv6 CIDR").trunc()
+}
+
+fn host(net: Ipv6Net, i: u128) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(net.network()) + i)
+}
+
+/// docker0 gets the subnet's first IPv6 address, container k the (k+2)th, routed via docker0.
+fn add_ipv6_containers(node: &Node, subnet6: Ipv6Net) {
+    let n = node.ns.name();
+    let gw = host(subnet6, 1);
+    ok("docker0 v6", node.ns.run("ip", &["addr", "add", &format!("{gw}/64"), "dev", "docker0", "nodad"]));
+    for (k, c) in node.containers.iter().enumerate() {
+        let a = host(subnet6, k as u128 + 2);
+        ok("container v6", c.run("ip", &["addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"]));
+        ok("container v6 route", c.run("ip", &["-6", "route", "add", "default", "via", &gw.to_string(), "mtu", &MTU6.to_string()]));
+    }
+    let _ = n;
+}
+
+/// The stock node's IPv6 side, as flannel's vxlan backend makes it: flannel-v6.1 bound to its
+/// public IPv6 address, the subnet's network address as a /128.
+fn stock_ipv6_device(stock: &Node, subnet6: Ipv6Net) -> [u8; 6] {
+    let ul6 = underlay_ipv6(stock.index).to_string();
+    ok("stock flannel-v6.1", stock.ns.run("ip", &["link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "local", &ul6, "dev", "eth0", "dstport", "8472", "nolearning"]));
+    ok("mtu", stock.ns.run("ip", &["link", "set", "flannel-v6.1", "mtu", &MTU6.to_string(), "up"]));
+    ok("addr", stock.ns.run("ip", &["addr", "add", &format!("{}/128", subnet6.network()), "dev", "flannel-v6.1", "nodad"]));
+    ok("v6 forwarding", stock.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
+    ok("mac", link_mac(&stock.ns, "flannel-v6.1"))
+}
+
+/// What flannel on the stock node does for a dual-stack peer: route via the peer subnet's
+/// network address onlink, a permanent neighbour with the peer's v6 VtepMAC, an FDB entry to
+/// its public IPv6 address.
+fn stock_route6_to(stock: &Node, peer: &Node, subnet6: Ipv6Net) {
+    let mac = overlay_agent::netdev::format_mac(&ok("peer v6 mac", link_mac(&peer.ns, "flannel-v6.1")));
+    let gw = subnet6.network().to_string();
+    ok("neigh", stock.ns.run("ip", &["-6", "neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel-v6.1", "nud", "permanent"]));
+    ok("fdb", stock.ns.run("bridge", &["fdb", "replace", &mac, "dev", "flannel-v6.1", "dst", &underlay_ipv6(peer.index).to_string(), "self", "permanent"]));
+    ok("route", stock.ns.run("ip", &["-6", "route", "replace", &subnet6.to_string(), "via", &gw, "dev", "flannel-v6.1", "onlink"]));
+}
+
+/// The IPv6 routes through `node`'s flannel-v6.1.
+fn v6_routes(node: &Node) -> String {
+    node.ns.run("ip", &["-6", "route", "show", "dev", "flannel-v6.1"]).unwrap_or_default()
+}
+
+#[test]
+fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
+    require_root();
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "tc" }, NodeKind::Agent { decap_hook: "xdp" }, NodeKind::StockFlannel],
+        control: Control::Etcd { tls: false, config: CONFIG.into() },
+        agent_args: vec!["--ip-masq".into()],
+        ipv6_underlay: true,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 3)
+    };
+    let c = Cluster::new("ds", &spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"));
+    let (n1, n2, stock) = (c.node(1), c.node(2), c.node(3));
+    let etcd = c.etcd();
+
+    // Our leases: both subnets in the key, PublicIPv6 and flannel-v6.1's MAC in the value;
+    // the subnet file names the IPv6 network and subnet.
+    let mut sub6 = Vec::new();
+    for n in [n1, n2] {
+        let s6 = subnet6_of(n);
+        assert!("fd00:10:244::/56".parse::<Ipv6Net>().unwrap().contains(&s6) && s6.prefix_len() == 64, "{s6}");
+        let key = format!("/coreos.com/network/subnets/{}-24&{}-64", n.subnet.network(), s6.network());
+        let value = ok("etcdctl get", etcd.etcdctl(&["get", &key, "--print-value-only"]));
+        let v: serde_json::Value = serde_json::from_str(value.trim()).unwrap_or_else(|e| panic!("lease {key}: {e}: {value:?}"));
+        assert_eq!(v["PublicIPv6"], underlay_ipv6(n.index).to_string(), "{value}");
+        let mac6 = overlay_agent::netdev::format_mac(&ok("mac", link_mac(&n.ns, "flannel-v6.1")));
+        assert_eq!(v["BackendV6Data"]["VtepMAC"], mac6, "{value}");
+        assert_eq!(v["BackendData"]["VtepMAC"], overlay_agent::netdev::format_mac(&n.vtep_mac), "{value}");
+        let file = std::fs::read_to_string(&n.subnet_file).unwrap();
+        assert!(file.contains("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\n"), "{file}");
+        // flannel's ip6tables masquerade and forward rules.
+        let masq = ok("ip6tables", n.ns.run("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]));
+        assert!(masq.contains(&format!("-s {s6} -d fd00:10:244::/56")), "{masq}");
+        assert!(masq.contains("-s fd00:10:244::/56 ! -d ff00::/8") && masq.contains("MASQUERADE"), "{masq}");
+        let fwd = ok("ip6tables", n.ns.run("ip6tables", &["-S", "FLANNEL-FWD"]));
+        assert!(fwd.contains("-s fd00:10:244::/56") && fwd.contains("-j ACCEPT"), "{fwd}");
+        // docker's FORWARD DROP, both families: flannel's forward rules let the overlay pass.
+        ok("policy", n.ns.run("iptables", &["-w", "-P", "FORWARD", "DROP"]));
+        ok("policy6", n.ns.run("ip6tables", &["-w", "-P", "FORWARD", "DROP"]));
+        add_ipv6_containers(n, s6);
+        sub6.push(s6);
+    }
+    assert_ne!(sub6[0], sub6[1], "no two nodes may hold the same IPv6 subnet");
+
+    // The stock node, dual stack by hand: its device, its lease rewritten as flannel writes a
+    // dual-stack one, its routes to ours.
+    let stock6: Ipv6Net = "fd00:10:244:67::/64".parse().unwrap();
+    let stock_mac6 = stock_ipv6_device(stock, stock6);
+    add_ipv6_containers(stock, stock6);
+    let old_key = format!("/coreos.com/network/subnets/{}-24", stock.subnet.network());
+    let key = format!("{old_key}&{}-64", stock6.network());
+    let value = format!(
+        r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+        stock.underlay_ip,
+        underlay_ipv6(stock.index),
+        overlay_agent::netdev::format_mac(&stock.vtep_mac),
+        overlay_agent::netdev::format_mac(&stock_mac6)
+    );
+    ok("delete the stock node's IPv4-only lease", etcd.etcdctl(&["del", &old_key]));
+    ok("put its dual-stack lease", etcd.etcdctl(&["put", &key, &value]));
+    for (i, n) in [n1, n2].into_iter().enumerate() {
+        c.add_route(stock, n).unwrap();
+        stock_route6_to(stock, n, sub6[i]);
+    }
+
+    // Our nodes route each other's and the stock node's IPv6 subnets through flannel-v6.1.
+    for (i, n) in [n1, n2].into_iter().enumerate() {
+        let want = [sub6[1 - i], stock6];
+        assert!(
+            wait_until(Duration::from_secs(10), || want.iter().all(|s| v6_routes(n).contains(&format!("{s} via {}", s.network())))),
+            "node {} IPv6 routes: {}\nlog:\n{}",
+            n.index,
+            v6_routes(n),
+            n.log_text()
+        );
+    }
+    // And the IPv4 overlay still carries, to the stock node too.
+    ok("v4 ours -> stock", ping(&n1.containers[0], stock.container_ip(0), 2));
+    ok("v4 ours -> ours", ping(&n1.containers[0], n2.container_ip(0), 2));
+
+    let c6 = |net: Ipv6Net, k: u128| host(net, k + 2);
+    ok("v6 n1 -> n2", ping6(&n1.containers[0], c6(sub6[1], 0), 3));
+    ok("v6 n2 -> n1", ping6(&n2.containers[1], c6(sub6[0], 1), 3));
+    for (i, ours) in [n1, n2].into_iter().enumerate() {
+        ok("v6 ours -> stock", ping6(&ours.containers[0], c6(stock6, 0), 3));
+        ok("v6 stock -> ours", ping6(&stock.containers[1], c6(sub6[i], 1), 3));
+        ok("v6 TCP ours -> stock", tcp_transfer6(&ours.containers[0], &stock.containers[0], c6(stock6, 0), BULK));
+        ok("v6 TCP stock -> ours", tcp_transfer6(&stock.containers[1], &ours.containers[1], c6(sub6[i], 1), BULK));
+    }
+    ok("v6 TCP n1 -> n2", tcp_transfer6(&n1.containers[1], &n2.containers[0], c6(sub6[1], 0), BULK));
+    ok("v4 TCP n2 -> stock", tcp_transfer(&n2.containers[1], &stock.containers[1], stock.container_ip(1), BULK));
+
+    // The stock node leaves: its IPv6 route, neighbour and forwarding entry go.
+    ok("delete the stock lease", etcd.etcdctl(&["del", &key]));
+    for n in [n1, n2] {
+        assert!(
+            wait_until(Duration::from_secs(10), || !v6_routes(n).contains(&stock6.to_string())),
+            "node {} kept the departed node's IPv6 route: {}",
+            n.index,
+            v6_routes(n)
+        );
+        let neigh = n.ns.run("ip", &["-6", "neigh", "show", "dev", "flannel-v6.1"]).unwrap_or_default();
+        assert!(!neigh.contains(&stock6.network().to_string()), "{neigh}");
+        let fdb = n.ns.run("bridge", &["fdb", "show", "dev", "flannel-v6.1"]).unwrap_or_default();
+        assert!(!fdb.contains(&underlay_ipv6(stock.index).to_string()), "{fdb}");
+    }
+    // The others keep theirs.
+    ok("v6 n1 -> n2 after", ping6(&n1.containers[0], c6(sub6[1], 0), 2));
+}
