@@ -33,7 +33,16 @@ pub mod map_names {
     pub const EVENTS: &str = "EVENTS";
     /// Array with one [`crate::MonitorState`]: whether and what a monitor listens to.
     pub const MONITOR: &str = "MONITOR";
-    pub const ALL: [&str; 8] = [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, EVENTS, MONITOR, CONFIG_SLOT, LAYOUTS];
+    /// LPM trie: a dual-stack peer's IPv6 subnet -> its IPv6 VTEP ([`crate::Vtep6`]): decap's
+    /// inner-source check for frames arriving for `flannel-v6.<VNI>`.
+    pub const VTEP6_BY_SUBNET: &str = "VTEP6_BY_SUBNET";
+    /// Per-CPU hash: a peer's underlay IPv6 address -> [`crate::PeerStats`] (membership).
+    pub const PEER6_STATS: &str = "PEER6_STATS";
+    /// Array with one [`crate::Dataplane6Config`]: this node's IPv6 side (none: IPv6 frames
+    /// pass unchecked, as before dual stack).
+    pub const DP_CONFIG6: &str = "DP_CONFIG6";
+    pub const ALL: [&str; 11] =
+        [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, EVENTS, MONITOR, CONFIG_SLOT, LAYOUTS, VTEP6_BY_SUBNET, PEER6_STATS, DP_CONFIG6];
     /// Maps earlier versions pinned and this one no longer has (`PORT_BY_MAC`: the retired
     /// direct-delivery mode). `up` and `teardown` remove their pins.
     pub const RETIRED: [&str; 1] = ["PORT_BY_MAC"];
@@ -46,7 +55,7 @@ pub mod map_names {
 /// version's sizes and fails until the table is updated). Maps pinned before versions were
 /// recorded have version 1, except `DP_CONFIG`, which had one slot (version 1) and has two
 /// since (version 2).
-pub const MAP_LAYOUTS: [u32; map_names::ALL.len()] = [1, 1, 1, 2, 1, 1, 1, 1];
+pub const MAP_LAYOUTS: [u32; map_names::ALL.len()] = [1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1];
 /// Entries of the `LAYOUTS` map (room for maps to come).
 pub const LAYOUT_SLOTS: u32 = 16;
 
@@ -131,6 +140,60 @@ pub struct Vtep {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<Vtep>() == 12);
+
+/// Value of `VTEP6_BY_SUBNET`: a dual-stack peer's IPv6 tunnel end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Vtep6 {
+    /// The peer's public IPv6 address (flannel's `PublicIPv6`), network byte order.
+    pub underlay_ip: [u8; 16],
+    /// Its `flannel-v6.<VNI>`'s MAC (`BackendV6Data.VtepMAC`).
+    pub vtep_mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<Vtep6>() == 24);
+
+/// Key data of `VTEP6_BY_SUBNET` (an IPv6 prefix, network order) and of `PEER6_STATS` (a
+/// peer's underlay IPv6 address).
+pub type Ipv6Prefix = [u8; 16];
+pub type Peer6Addr = [u8; 16];
+
+/// The one entry of `DP_CONFIG6`: a dual-stack node's IPv6 side, written by the agent once
+/// its IPv6 subnet is leased (before any IPv6 route).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Dataplane6Config {
+    /// This node's public IPv6 address (outer destination of frames for us).
+    pub underlay_ip: [u8; 16],
+    /// This node's IPv6 subnet (inner destinations accepted).
+    pub local_subnet: [u8; 16],
+    pub local_prefix_len: u32,
+    /// Non-zero once written: IPv6 tunnel frames are checked from then on.
+    pub enabled: u32,
+}
+const _: () = assert!(core::mem::size_of::<Dataplane6Config>() == 40);
+
+impl Dataplane6Config {
+    /// Whether `addr` lies in this node's IPv6 subnet.
+    #[inline(always)]
+    pub fn is_local(&self, addr: &[u8; 16]) -> bool {
+        prefix6_contains(&self.local_subnet, self.local_prefix_len, addr)
+    }
+}
+
+/// Whether `addr` lies in `prefix/len` (IPv6, network order), on two 64-bit halves (the
+/// eBPF target has no 128-bit shifts).
+#[inline(always)]
+pub fn prefix6_contains(prefix: &[u8; 16], len: u32, addr: &[u8; 16]) -> bool {
+    let half = |a: &[u8; 16], i: usize| u64::from_be_bytes([a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], a[i + 5], a[i + 6], a[i + 7]]);
+    let (ph, pl, ah, al) = (half(prefix, 0), half(prefix, 8), half(addr, 0), half(addr, 8));
+    let masked = |v: u64, bits: u32| if bits == 0 { 0 } else if bits >= 64 { v } else { v & (u64::MAX << (64 - bits)) };
+    let len = if len > 128 { 128 } else { len };
+    let (hi_bits, lo_bits) = if len > 64 { (64, len - 64) } else { (len, 0) };
+    masked(ph, hi_bits) == masked(ah, hi_bits) && masked(pl, lo_bits) == masked(al, lo_bits)
+}
 
 /// Key data of `VTEP_BY_SUBNET` entries: an IPv4 prefix in network byte order (the LPM
 /// key is `{prefix_len: u32 host order, data: Ipv4Prefix}`).
@@ -342,7 +405,8 @@ pub enum Counter {
     /// to reassemble for (dropped). With vxlan, peers' fragments go to the kernel instead
     /// (`fragment_to_kernel`).
     OuterFragment = 10,
-    /// Decap: inner payload is not an IPv4 packet (dropped).
+    /// Decap: the inner payload is not a packet of the tunnel's family (IPv4 in IPv4 tunnels, IPv6
+    /// in a dual-stack node's IPv6 ones) (dropped).
     InnerNotIpv4 = 11,
     /// Decap: inner destination is not in this node's subnet (dropped).
     NotLocalSubnet = 12,
@@ -483,6 +547,8 @@ mod user {
     unsafe impl aya::Pod for super::PeerStats {}
     unsafe impl aya::Pod for super::DataplaneConfig {}
     unsafe impl aya::Pod for super::MonitorState {}
+    unsafe impl aya::Pod for super::Vtep6 {}
+    unsafe impl aya::Pod for super::Dataplane6Config {}
 }
 
 #[cfg(test)]
@@ -512,6 +578,9 @@ mod tests {
             (map_names::MONITOR, 1, 4, 16),
             (map_names::CONFIG_SLOT, 1, 4, 4),
             (map_names::LAYOUTS, 1, 4, 4),
+            (map_names::VTEP6_BY_SUBNET, 1, 20, 24),
+            (map_names::PEER6_STATS, 1, 16, 32),
+            (map_names::DP_CONFIG6, 1, 4, 40),
         ];
         let actual = [
             (4 + size_of::<Ipv4Prefix>(), size_of::<Vtep>()),
@@ -522,6 +591,9 @@ mod tests {
             (4, size_of::<MonitorState>()),
             (4, 4),
             (4, 4),
+            (4 + size_of::<Ipv6Prefix>(), size_of::<Vtep6>()),
+            (size_of::<Peer6Addr>(), size_of::<PeerStats>()),
+            (4, size_of::<Dataplane6Config>()),
         ];
         for (i, (name, version, key, value)) in recorded.iter().enumerate() {
             assert_eq!(map_names::ALL[i], *name);
@@ -531,6 +603,20 @@ mod tests {
         }
         assert_eq!(layout_version("NO_SUCH_MAP"), None);
         assert!(map_names::ALL.len() as u32 <= LAYOUT_SLOTS);
+    }
+
+    #[test]
+    fn prefix6_contains_matches_cidr_semantics() {
+        let a = |s: &str| s.parse::<core::net::Ipv6Addr>().unwrap().octets();
+        assert!(prefix6_contains(&a("fd00:10:244:7::"), 64, &a("fd00:10:244:7::2")));
+        assert!(!prefix6_contains(&a("fd00:10:244:7::"), 64, &a("fd00:10:244:8::2")));
+        assert!(prefix6_contains(&a("fd00::"), 8, &a("fdff::1")));
+        assert!(!prefix6_contains(&a("fd00::"), 9, &a("fdff::1")));
+        assert!(prefix6_contains(&a("fd00::5:0"), 112, &a("fd00::5:77")));
+        assert!(!prefix6_contains(&a("fd00::5:0"), 112, &a("fd00::6:77")));
+        assert!(prefix6_contains(&a("fd00::5"), 128, &a("fd00::5")));
+        assert!(!prefix6_contains(&a("fd00::5"), 128, &a("fd00::6")));
+        assert!(prefix6_contains(&a("::"), 0, &a("2001:db8::1")));
     }
 
     #[test]

@@ -9,6 +9,9 @@ pub const IPV4_HLEN: usize = 20;
 pub const UDP_HLEN: usize = 8;
 pub const VXLAN_HLEN: usize = 8;
 pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// The fixed IPv6 header (no extension headers).
+pub const IPV6_HLEN: usize = 40;
 pub const IPPROTO_UDP: u8 = 17;
 /// The ECN field of the IPv4 TOS byte, and its congestion-experienced codepoint (RFC 3168).
 pub const ECN_MASK: u8 = 0x03;
@@ -343,6 +346,47 @@ pub fn check_outer(ip: &[u8; IPV4_HLEN], udp: &[u8; UDP_HLEN], frame_len: usize,
         return Err(Counter::BadOuterHeader);
     }
     Ok(())
+}
+
+/// Check the outer IPv6 header (its first byte and payload length) and UDP header of a frame of `frame_len` bytes (from the Ethernet
+/// header on) as `ipv6_rcv` and `udp_rcv` would: a payload length that fits in the frame
+/// (shorter is `Truncated`) and holds a UDP header, and a UDP length equal to it. IPv6 has no
+/// header checksum. `merged`: a GRO aggregate, whose lengths the kernel set.
+#[inline(always)]
+pub fn check_outer6(first_byte: u8, payload_len: u16, udp: &[u8; UDP_HLEN], frame_len: usize, merged: bool) -> Result<(), Counter> {
+    if first_byte >> 4 != 6 {
+        return Err(Counter::BadOuterHeader);
+    }
+    if merged {
+        return Ok(());
+    }
+    let payload = payload_len as usize;
+    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    if IPV6_HLEN + payload > frame_len.saturating_sub(ETH_HLEN) {
+        return Err(Counter::Truncated);
+    }
+    if payload < UDP_HLEN || udp_len != payload {
+        return Err(Counter::BadOuterHeader);
+    }
+    Ok(())
+}
+
+/// Source and destination of an inner IPv6 header, or `InnerNotIpv4` (the inner packet is
+/// not of the tunnel's family).
+#[inline(always)]
+pub fn inner_ipv6_addrs(ip: &[u8; IPV6_HLEN]) -> Result<([u8; 16], [u8; 16]), Counter> {
+    if ip[0] >> 4 != 6 {
+        return Err(Counter::InnerNotIpv4);
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        src[i] = ip[8 + i];
+        dst[i] = ip[24 + i];
+        i += 1;
+    }
+    Ok((src, dst))
 }
 
 /// Check a VXLAN header: exactly the I flag, reserved bits zero, and our VNI.

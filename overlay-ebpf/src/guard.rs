@@ -14,8 +14,9 @@
 //! would. The peer check matters for the node's own processes: a datagram sent to a local
 //! address owned by the underlay interface is looked up with that interface as its
 //! ingress, though it never crossed it.
-//! Not handled: every other protocol and port, and IPv6 (the tunnel socket is IPv4 only),
-//! pass untouched.
+//! IPv6 (a dual-stack node's `flannel-v6.<VNI>` socket): the same, against the node's public
+//! IPv6 address and the IPv6 peers, once the agent has configured the IPv6 side.
+//! Not handled: every other protocol and port pass untouched.
 
 use aya_ebpf::{
     bindings::{sk_action::SK_DROP, sk_action::SK_PASS},
@@ -25,17 +26,45 @@ use aya_ebpf::{
 use overlay_common::{Counter, Hook, IPPROTO_UDP};
 
 use crate::{
-    maps::{count, is_peer, ready_config},
+    maps::{count, is_peer, is_peer6, ready_config, ready_config6},
     monitor,
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// An IPv6 address of the lookup context (four u32 in network order) as bytes.
+#[inline(always)]
+fn ip6_bytes(a: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
 
 #[sk_lookup]
 pub fn sk_lookup_guard(ctx: SkLookupContext) -> u32 {
     let Some(cfg) = ready_config() else { return SK_PASS };
     // SAFETY: the kernel passes a valid context for the program's lifetime.
     let l = unsafe { &*ctx.lookup };
+    if l.family == AF_INET6 && l.protocol == IPPROTO_UDP as u32 && l.local_port == cfg.port as u32 {
+        let Some(c6) = ready_config6() else { return SK_PASS };
+        if l.ingress_ifindex == cfg.underlay_ifindex
+            && ip6_bytes(&l.local_ip6) == c6.underlay_ip
+            && is_peer6(&ip6_bytes(&l.remote_ip6))
+        {
+            return SK_PASS;
+        }
+        count(Counter::ForeignTunnel);
+        return SK_DROP;
+    }
     // local_port is in host order in this context.
     if l.family != AF_INET || l.protocol != IPPROTO_UDP as u32 || l.local_port != cfg.port as u32 {
         return SK_PASS;

@@ -34,13 +34,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    check_outer, check_vxlan, classify_ipv4, config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs, udp_dst_port, Counter,
-    DataplaneConfig, EncapMode, Hook, Ipv4Class, PeerStats, ECN_CE, ECN_MASK, ETH_HLEN, ETH_P_IPV4, IPV4_HLEN, TUNNEL_PAYLOAD_OFF,
-    UDP_HLEN, UDP_OVERHEAD, VXLAN_HLEN, VXLAN_OVERHEAD,
+    check_outer, check_outer6, check_vxlan, classify_ipv4, config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs,
+    udp_dst_port, Counter, DataplaneConfig, EncapMode, Hook, Ipv4Class, PeerStats, ECN_CE, ECN_MASK,
+    ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, TUNNEL_PAYLOAD_OFF, UDP_HLEN, UDP_OVERHEAD,
+    VXLAN_HLEN, VXLAN_OVERHEAD,
 };
 
 use crate::{
-    maps::{account_rx, count, is_peer, peer_stats, ready_config, VTEP_BY_SUBNET},
+    maps::{account_rx, count, is_peer, peer6_stats, peer_stats, ready_config, ready_config6, VTEP6_BY_SUBNET, VTEP_BY_SUBNET},
     monitor,
     packet::Packet,
 };
@@ -56,6 +57,9 @@ enum Verdict {
     Pass,
     /// Ours but invalid: drop and count.
     Drop(Counter),
+    /// A dual-stack node's IPv6 tunnel frame that passed every check, already counted: on to
+    /// the kernel's flannel-v6 device.
+    Accepted6,
 }
 
 impl From<Counter> for Verdict {
@@ -100,6 +104,13 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     // them: nothing says it is ours; the stack judges it.
     let head: [u8; ETH_HLEN + IPV4_HLEN + UDP_HLEN] = p.read_head(0).ok_or(Verdict::Pass)?;
     let eth: [u8; ETH_HLEN] = sub(&head, 0);
+    if ethertype(&eth) == ETH_P_IPV6 {
+        return match classify6(p, cfg, len, merged) {
+            V6_OK => Err(Verdict::Accepted6),
+            V6_PASS => Err(Verdict::Pass),
+            c => Err(Verdict::Drop(Counter::ALL.get(c as usize).copied().unwrap_or(Counter::Truncated))),
+        };
+    }
     if ethertype(&eth) != ETH_P_IPV4 {
         return Err(Verdict::Pass);
     }
@@ -189,6 +200,75 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     })
 }
 
+/// The same checks for a dual-stack node's IPv6 tunnel frames (VXLAN over IPv6 to
+/// `flannel-v6.<VNI>`): UDP to our port right after the fixed IPv6 header, addressed to our
+/// public IPv6 address, from a peer in `PEER6_STATS`, our VNI and exactly the I flag, an
+/// inner IPv6 packet for this node's IPv6 subnet whose source belongs to the sending peer
+/// (`VTEP6_BY_SUBNET`). Frames with extension headers before UDP are not ours (flannel's
+/// kernel device never sends them). Before the agent configured the IPv6 side, or on an
+/// IPv4-only node: not ours.
+///
+/// A function of its own (its buffers would not fit the hooks' 512-byte stacks beside the
+/// IPv4 path's), answering in a plain integer: `V6_OK` (accepted and counted), `V6_PASS`, or
+/// the counter to drop with. (A `Result` of `Tunnel` would put a union the kernel's BTF
+/// checks refuse into the function's signature.)
+#[inline(never)]
+fn classify6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) -> u32 {
+    match check6(p, cfg, len, merged) {
+        Ok(()) | Err(Verdict::Accepted6) => V6_OK,
+        Err(Verdict::Pass) => V6_PASS,
+        Err(Verdict::Drop(c)) => c as u32,
+    }
+}
+
+const V6_OK: u32 = u32::MAX;
+const V6_PASS: u32 = u32::MAX - 1;
+
+#[inline(always)]
+fn check6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) -> Result<(), Verdict> {
+    // Small reads of what is checked, not whole headers: this runs in its own frame beside
+    // the hook's, and both share 512 bytes of stack.
+    const IP: usize = ETH_HLEN;
+    const UDP: usize = ETH_HLEN + IPV6_HLEN;
+    const VX: usize = UDP + UDP_HLEN;
+    const INNER: usize = VX + VXLAN_HLEN + ETH_HLEN;
+    let Some(c6) = ready_config6() else { return Err(Verdict::Pass) };
+    let [ver, _, _, _, plen_hi, plen_lo, next, _]: [u8; 8] = p.read_head(IP).ok_or(Verdict::Pass)?;
+    let udp: [u8; UDP_HLEN] = p.read_head(UDP).ok_or(Verdict::Pass)?;
+    if next != IPPROTO_UDP || udp_dst_port(&udp) != cfg.port {
+        return Err(Verdict::Pass);
+    }
+    let dst: [u8; 16] = p.read_head(IP + 24).ok_or(Verdict::Pass)?;
+    if dst != c6.underlay_ip {
+        return Err(Verdict::Pass);
+    }
+    check_outer6(ver, u16::from_be_bytes([plen_hi, plen_lo]), &udp, len, merged)?;
+    let peer: [u8; 16] = p.read_head(IP + 8).ok_or(Verdict::Pass)?;
+    let stats = peer6_stats(&peer).ok_or(Counter::UnknownPeer)?;
+    let vx: [u8; VXLAN_HLEN] = p.read_head(VX).ok_or(Counter::Truncated)?;
+    check_vxlan(&vx, cfg.vni)?;
+    let [t0, t1]: [u8; 2] = p.read_head(VX + VXLAN_HLEN + 12).ok_or(Counter::Truncated)?;
+    if u16::from_be_bytes([t0, t1]) != ETH_P_IPV6 {
+        return Err(Counter::InnerNotIpv4.into());
+    }
+    let [iver]: [u8; 1] = p.read_head(INNER).ok_or(Counter::Truncated)?;
+    if iver >> 4 != 6 {
+        return Err(Counter::InnerNotIpv4.into());
+    }
+    let inner_dst: [u8; 16] = p.read_head(INNER + 24).ok_or(Counter::Truncated)?;
+    if !c6.is_local(&inner_dst) {
+        return Err(Counter::NotLocalSubnet.into());
+    }
+    let inner_src: [u8; 16] = p.read_head(INNER + 8).ok_or(Counter::Truncated)?;
+    match VTEP6_BY_SUBNET.get(&Key { prefix_len: 128, data: inner_src }) {
+        Some(v) if v.underlay_ip == peer => {}
+        _ => return Err(Counter::SpoofedSource.into()),
+    }
+    account_rx(stats, len.saturating_sub(INNER) as u64);
+    count(Counter::Decapsulated);
+    Ok(())
+}
+
 /// Count a frame that passed every check and is on its way to a container.
 #[inline(always)]
 fn accepted(t: &Tunnel) {
@@ -210,7 +290,8 @@ pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
     crate::upgrade_variant_mark();
     match try_tc_decap(&ctx) {
         Ok(action) => action,
-        Err(Verdict::Pass) => TCX_NEXT,
+        // Checked (IPv6): flannel-v6's kernel device decapsulates it.
+        Err(Verdict::Pass | Verdict::Accepted6) => TCX_NEXT,
         Err(Verdict::Drop(reason)) => {
             count(reason);
             if monitor::wanted(false) {
@@ -278,7 +359,7 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
 #[xdp]
 pub fn xdp_decap(ctx: XdpContext) -> u32 {
     match try_xdp_check(&ctx) {
-        Ok(()) | Err(Verdict::Pass) => xdp_action::XDP_PASS,
+        Ok(()) | Err(Verdict::Pass | Verdict::Accepted6) => xdp_action::XDP_PASS,
         Err(Verdict::Drop(reason)) => {
             count(reason);
             if monitor::wanted(false) {

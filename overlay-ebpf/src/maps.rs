@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use overlay_common::{
-    Counter, DataplaneConfig, Ipv4Prefix, MonitorState, PacketEvent, PeerAddr, PeerStats, Vtep,
-    MAX_PEERS, MAX_ROUTES,
+    Counter, Dataplane6Config, DataplaneConfig, Ipv4Prefix, Ipv6Prefix, MonitorState, PacketEvent, Peer6Addr, PeerAddr,
+    PeerStats, Vtep, Vtep6, MAX_PEERS, MAX_ROUTES,
 };
 
 /// Remote subnet -> VTEP. Longest-prefix match on the inner destination (encap) and on the
@@ -20,6 +20,19 @@ pub static VTEP_BY_SUBNET: LpmTrie<Ipv4Prefix, Vtep, { MAX_ROUTES as usize }> = 
 #[btf_map]
 pub static PEER_STATS: PerCpuHashMap<PeerAddr, PeerStats, { MAX_PEERS as usize }> =
     PerCpuHashMap::new();
+
+/// A dual-stack peer's IPv6 subnet -> its IPv6 tunnel end (decap's inner-source check for
+/// frames to `flannel-v6.<VNI>`).
+#[btf_map]
+pub static VTEP6_BY_SUBNET: LpmTrie<Ipv6Prefix, Vtep6, { MAX_ROUTES as usize }> = LpmTrie::new();
+
+/// A peer's underlay IPv6 address -> per-CPU traffic counters. Presence is membership.
+#[btf_map]
+pub static PEER6_STATS: PerCpuHashMap<Peer6Addr, PeerStats, { MAX_PEERS as usize }> = PerCpuHashMap::new();
+
+/// This node's IPv6 side (dual stack), once the agent has written it.
+#[btf_map]
+pub static DP_CONFIG6: Array<Dataplane6Config, 1> = Array::new();
 
 /// Outcome counters, indexed by `Counter`.
 #[btf_map]
@@ -103,4 +116,22 @@ pub fn account_rx(stats: *mut PeerStats, bytes: u64) {
     let s = unsafe { &mut *stats };
     s.rx_packets += 1;
     s.rx_bytes += bytes;
+}
+
+/// This node's IPv6 side, if it is a dual-stack node whose IPv6 subnet is configured.
+#[inline(always)]
+pub fn ready_config6() -> Option<&'static Dataplane6Config> {
+    // A reference into the map, not a copy: the IPv6 checks run in a small stack frame.
+    DP_CONFIG6.get(0).filter(|c| c.enabled != 0)
+}
+
+/// An IPv6 peer's counters on this CPU, if it is a peer.
+#[inline(always)]
+pub fn peer6_stats(peer: &Peer6Addr) -> Option<*mut PeerStats> {
+    PEER6_STATS.get_ptr_mut(peer)
+}
+
+#[inline(always)]
+pub fn is_peer6(peer: &Peer6Addr) -> bool {
+    PEER6_STATS.get_ptr(peer).is_some()
 }

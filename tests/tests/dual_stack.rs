@@ -9,6 +9,7 @@
 use std::{net::Ipv6Addr, time::Duration};
 
 use ipnet::Ipv6Net;
+use overlay_common::Counter;
 use overlay_tests::{
     link_mac, require_root,
     traffic::{ping, ping6, tcp_transfer, tcp_transfer6},
@@ -86,7 +87,9 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
         ipv6_underlay: true,
         ..ClusterSpec::etcd(Backend::Vxlan, "tc", 3)
     };
-    let c = Cluster::new("ds", &spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"));
+    let mut c = Cluster::new("ds", &spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"));
+    // A host on the underlay that is no peer (used at the end).
+    let rogue = ok("rogue host", c.add_underlay_host("rogue6", "192.168.100.99".parse().unwrap()));
     let (n1, n2, stock) = (c.node(1), c.node(2), c.node(3));
     let etcd = c.etcd();
 
@@ -167,6 +170,37 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
     ok("v6 TCP n1 -> n2", tcp_transfer6(&n1.containers[1], &n2.containers[0], c6(sub6[1], 0), BULK));
     ok("v4 TCP n2 -> stock", tcp_transfer(&n2.containers[1], &stock.containers[1], stock.container_ip(1), BULK));
 
+    // The decap programs know the IPv6 peers and counted their traffic (TC on node 1, XDP
+    // on node 2).
+    for n in [n1, n2] {
+        let peers = ok("maps", overlay_agent::maps::Maps::open(&n.bpffs_dir).and_then(|m| m.peer6_totals()).map_err(anyhow::Error::from));
+        let t = peers.get(&underlay_ipv6(stock.index)).unwrap_or_else(|| panic!("node {}: no IPv6 peer entry for the stock node: {peers:?}", n.index));
+        assert!(t.rx_bytes >= BULK, "node {}: IPv6 traffic from the stock node not counted: {t:?}", n.index);
+    }
+
+    // A peer sending an inner source outside its IPv6 subnet: dropped and counted, at both
+    // hooks (the stock node's container takes an address that is not its node's).
+    let spoof = "fd00:10:244:99::5";
+    ok("spoofed address", stock.containers[0].run("ip", &["addr", "add", &format!("{spoof}/128"), "dev", "eth0", "nodad"]));
+    for (i, n) in [n1, n2].into_iter().enumerate() {
+        let before = n.counter(Counter::SpoofedSource);
+        let _ = stock.containers[0].run("ping", &["-6", "-c", "3", "-W", "1", "-i", "0.2", "-I", spoof, &c6(sub6[i], 0).to_string()]);
+        assert!(n.counter(Counter::SpoofedSource) >= before + 3, "node {}: spoofed IPv6 inner sources not dropped as such", n.index);
+    }
+    // A host on the underlay that is no peer, sending flannel-v6 frames to node 1: dropped.
+    ok("rogue v6", rogue.run("ip", &["addr", "add", "fd00:64::99/64", "dev", "eth0", "nodad"]));
+    ok("rogue vxlan", rogue.run("ip", &["link", "add", "vx", "type", "vxlan", "id", "1", "local", "fd00:64::99", "dev", "eth0", "dstport", "8472", "nolearning"]));
+    ok("rogue up", rogue.run("ip", &["link", "set", "vx", "up"]));
+    ok("rogue addr", rogue.run("ip", &["addr", "add", "fd00:10:244:77::1/64", "dev", "vx", "nodad"]));
+    let n1_mac6 = overlay_agent::netdev::format_mac(&ok("mac", link_mac(&n1.ns, "flannel-v6.1")));
+    let gw = sub6[0].network().to_string();
+    ok("rogue neigh", rogue.run("ip", &["-6", "neigh", "replace", &gw, "lladdr", &n1_mac6, "dev", "vx", "nud", "permanent"]));
+    ok("rogue fdb", rogue.run("bridge", &["fdb", "replace", &n1_mac6, "dev", "vx", "dst", &underlay_ipv6(1).to_string(), "self", "permanent"]));
+    ok("rogue route", rogue.run("ip", &["-6", "route", "replace", &sub6[0].to_string(), "via", &gw, "dev", "vx", "onlink"]));
+    let before = n1.counter(Counter::UnknownPeer);
+    assert!(ping6(&rogue, c6(sub6[0], 0), 3).is_err(), "a non-peer's IPv6 tunnel frames reached a container");
+    assert!(n1.counter(Counter::UnknownPeer) >= before + 3, "frames from a non-peer IPv6 address not counted as unknown_peer");
+
     // The stock node leaves: its IPv6 route, neighbour and forwarding entry go.
     ok("delete the stock lease", etcd.etcdctl(&["del", &key]));
     for n in [n1, n2] {
@@ -180,6 +214,9 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
         assert!(!neigh.contains(&stock6.network().to_string()), "{neigh}");
         let fdb = n.ns.run("bridge", &["fdb", "show", "dev", "flannel-v6.1"]).unwrap_or_default();
         assert!(!fdb.contains(&underlay_ipv6(stock.index).to_string()), "{fdb}");
+        // Nor is it a member any more: its frames would be dropped.
+        let peers = ok("maps", overlay_agent::maps::Maps::open(&n.bpffs_dir).and_then(|m| m.peer6_totals()).map_err(anyhow::Error::from));
+        assert!(!peers.contains_key(&underlay_ipv6(stock.index)), "node {}: {peers:?}", n.index);
     }
     // The others keep theirs.
     ok("v6 n1 -> n2 after", ping6(&n1.containers[0], c6(sub6[1], 0), 2));

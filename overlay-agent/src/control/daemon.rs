@@ -478,8 +478,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             (Box::new(tun.routes.clone()), None, Some(tun), mtu)
         }
     };
-    if let (Some(o6), Some(s6)) = (&v6, held.subnet6) {
-        o6.set_address(s6)?;
+    let mut v6 = v6;
+    if let (Some(o6), Some(s6)) = (v6.as_mut(), held.subnet6) {
+        o6.configure(s6, &spec.bpffs_dir)?;
     }
     let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, v6, state, rules: SharedRules::default(), keeper: None };
     d.start_keeper();
@@ -1106,9 +1107,9 @@ impl Daemon {
         self.held = held;
         self.start_keeper();
         self.state.set_lease(held.subnet, held.expires());
-        if let (Some(o6), Some(s6)) = (&self.v6, held.subnet6) {
+        if let (Some(o6), Some(s6)) = (self.v6.as_mut(), held.subnet6) {
             if Some(s6) != old6 {
-                o6.set_address(s6)?;
+                o6.configure(s6, &self.spec.bpffs_dir)?;
                 tracing::error!(old = ?old6.map(|s| s.to_string()), new = %s6, "re-acquired a different IPv6 subnet");
             }
         }

@@ -249,6 +249,8 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     }
     loader.map_max_entries(map_names::VTEP_BY_SUBNET, spec.max_routes);
     loader.map_max_entries(map_names::PEER_STATS, spec.max_peers);
+    loader.map_max_entries(map_names::VTEP6_BY_SUBNET, spec.max_routes);
+    loader.map_max_entries(map_names::PEER6_STATS, spec.max_peers);
     let mut ebpf = loader.load(EBPF_OBJECT).context(
         "loading the eBPF programs failed (root, a kernel with BTF and TCX are needed; \
          if the maps' layout or --max-routes/--max-peers changed, run `overlay-agent teardown` first)",

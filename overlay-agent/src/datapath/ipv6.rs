@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, net::Ipv6Addr};
 use anyhow::{Context as _, Result};
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::{netdev, reconcile::Route6};
+use crate::{maps::Maps, netdev, reconcile::Route6};
 
 /// IPv6 and UDP and VXLAN and the inner Ethernet header: what flannel-v6's packets carry on
 /// top of the inner IPv6 packet (the kernel's VXLAN6_HEADROOM).
@@ -30,7 +30,12 @@ pub struct Overlay6 {
     pub device: String,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// The node's public IPv6 address (the device's local end).
+    pub public_ip: Ipv6Addr,
     routes: BTreeMap<Ipv4Net, Route6>,
+    /// The pinned maps the decap programs check IPv6 frames against (once the data plane is
+    /// up): the IPv6 side's configuration, routes and peers.
+    maps: Option<Maps>,
 }
 
 impl Overlay6 {
@@ -45,12 +50,34 @@ impl Overlay6 {
             anyhow::bail!("{device}: MTU {mtu} is below IPv6's minimum of 1280 (underlay {underlay} has {})", under.mtu);
         }
         netdev::set_up_mtu(&device, mtu)?;
-        Ok(Self { device, mac: link.mac, mtu, routes: BTreeMap::new() })
+        Ok(Self { device, mac: link.mac, mtu, public_ip: local, routes: BTreeMap::new(), maps: None })
     }
 
-    /// The device's address: `subnet`'s network address as a /128 (flannel's).
-    pub fn set_address(&self, subnet: Ipv6Net) -> Result<()> {
-        netdev::set_device_address6(&self.device, subnet.network()).with_context(|| format!("the address of {}", self.device))
+    /// The device's address (`subnet`'s network address as a /128, flannel's), and the decap
+    /// programs' IPv6 configuration in the maps pinned under `bpffs_dir`: from then on they
+    /// check IPv6 tunnel frames (peer, VNI, inner source and destination).
+    pub fn configure(&mut self, subnet: Ipv6Net, bpffs_dir: &std::path::Path) -> Result<()> {
+        netdev::set_device_address6(&self.device, subnet.network()).with_context(|| format!("the address of {}", self.device))?;
+        let mut maps = Maps::open(bpffs_dir)?.lock_changes_in(bpffs_dir);
+        maps.set_config6(&overlay_common::Dataplane6Config {
+            underlay_ip: self.public_ip.octets(),
+            local_subnet: subnet.network().octets(),
+            local_prefix_len: subnet.prefix_len() as u32,
+            enabled: 1,
+        })?;
+        // Routes a previous run left in the maps are rewritten by the first sync.
+        for (s, _) in maps.routes6()? {
+            if !self.routes.values().any(|r| r.subnet == s) {
+                maps.remove_route6(s)?;
+            }
+        }
+        self.maps = Some(maps);
+        Ok(())
+    }
+
+    /// Whether the device has its address (`None`: no address configured yet).
+    pub fn address_intact(&self, subnet: Ipv6Net) -> Result<bool> {
+        Ok(netdev::has_address6(&self.device, subnet.network())?)
     }
 
     /// Route, neighbour and forwarding entry for the peer holding `key`, replacing what an
@@ -65,6 +92,10 @@ impl Overlay6 {
             self.routes.remove(&key);
         }
         if let Some(r) = want {
+            // The peer is a member before its frames can arrive.
+            if let Some(m) = self.maps.as_mut() {
+                m.upsert_route6(r.subnet, r.public_ip, r.vtep_mac)?;
+            }
             netdev::vxlan_fdb6_replace(&self.device, r.vtep_mac, r.public_ip)?;
             netdev::set_neighbour6(&self.device, r.subnet.network(), r.vtep_mac)?;
             netdev::set_peer_route6(&self.device, r.subnet)?;
@@ -77,8 +108,11 @@ impl Overlay6 {
     }
 
     /// What `old` added that `new` does not keep.
-    fn remove_entries(&self, old: &Route6, new: Option<&Route6>) -> Result<()> {
+    fn remove_entries(&mut self, old: &Route6, new: Option<&Route6>) -> Result<()> {
         if new.map(|n| n.subnet) != Some(old.subnet) {
+            if let Some(m) = self.maps.as_mut() {
+                m.remove_route6(old.subnet)?;
+            }
             netdev::del_peer_route6(old.subnet)?;
             netdev::del_neighbour6(&self.device, old.subnet.network())?;
         }

@@ -7,7 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -18,9 +18,10 @@ use aya::{
     },
     Ebpf,
 };
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_common::{
-    map_names, Counter, DataplaneConfig, EncapMode, Ipv4Prefix, PeerAddr, PeerStats, Vtep, MAP_LAYOUTS,
+    map_names, Counter, Dataplane6Config, DataplaneConfig, EncapMode, Ipv4Prefix, Ipv6Prefix, Peer6Addr, PeerAddr, PeerStats,
+    Vtep, Vtep6, MAP_LAYOUTS,
 };
 
 use crate::netdev;
@@ -91,6 +92,10 @@ pub struct Maps {
     config: Array<MapData, DataplaneConfig>,
     config_slot: Array<MapData, u32>,
     layouts: Array<MapData, u32>,
+    /// A dual-stack node's IPv6 routes and peers (membership, as for IPv4) and its IPv6 side.
+    routes6: LpmTrie<MapData, Ipv6Prefix, Vtep6>,
+    peers6: PerCpuHashMap<MapData, Peer6Addr, PeerStats>,
+    config6: Array<MapData, Dataplane6Config>,
     /// The pin directory, locked (flock) around every change to routes and peers: the daemon
     /// and `route add/del` both read, decide and write, and must not interleave.
     dir: Option<std::fs::File>,
@@ -163,6 +168,9 @@ impl Maps {
             config: typed(map_names::DP_CONFIG, open(map_names::DP_CONFIG)?)?,
             config_slot: typed(map_names::CONFIG_SLOT, open(map_names::CONFIG_SLOT)?)?,
             layouts,
+            routes6: typed(map_names::VTEP6_BY_SUBNET, open(map_names::VTEP6_BY_SUBNET)?)?,
+            peers6: typed(map_names::PEER6_STATS, open(map_names::PEER6_STATS)?)?,
+            config6: typed(map_names::DP_CONFIG6, open(map_names::DP_CONFIG6)?)?,
             dir: std::fs::File::open(dir).ok(),
         })
     }
@@ -199,6 +207,9 @@ impl Maps {
             config: typed(map_names::DP_CONFIG, take(map_names::DP_CONFIG)?)?,
             config_slot: typed(map_names::CONFIG_SLOT, take(map_names::CONFIG_SLOT)?)?,
             layouts: typed(map_names::LAYOUTS, take(map_names::LAYOUTS)?)?,
+            routes6: typed(map_names::VTEP6_BY_SUBNET, take(map_names::VTEP6_BY_SUBNET)?)?,
+            peers6: typed(map_names::PEER6_STATS, take(map_names::PEER6_STATS)?)?,
+            config6: typed(map_names::DP_CONFIG6, take(map_names::DP_CONFIG6)?)?,
             dir: None,
         };
         // The loader made (or reused, when the versions already matched) every map with this
@@ -337,6 +348,88 @@ impl Maps {
             }
         }
         Ok(())
+    }
+
+    /// This node's IPv6 side (dual stack): decap checks IPv6 tunnel frames from then on.
+    pub fn set_config6(&mut self, cfg: &Dataplane6Config) -> Result<()> {
+        self.config6.set(0, cfg, 0).map_err(map_err(map_names::DP_CONFIG6))
+    }
+
+    /// Add or replace a dual-stack peer's IPv6 route, and make its IPv6 address a member.
+    pub fn upsert_route6(&mut self, subnet: Ipv6Net, public_ip: Ipv6Addr, vtep_mac: [u8; 6]) -> Result<()> {
+        let _lock = self.write_lock()?;
+        let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
+        let old = self.routes6.get(&key, 0).ok();
+        let peer = public_ip.octets();
+        match self.peers6.get(&peer, 0) {
+            Ok(_) => {}
+            Err(MapError::KeyNotFound) => {
+                let values = PerCpuValues::try_from(vec![PeerStats::default(); nr_cpus()?])
+                    .map_err(|e| MapsError::Cpus(format!("per-CPU values: {e}")))?;
+                self.peers6.insert(peer, values, 0).map_err(map_err(map_names::PEER6_STATS))?;
+            }
+            Err(e) => return Err(map_err(map_names::PEER6_STATS)(e)),
+        }
+        let value = Vtep6 { underlay_ip: peer, vtep_mac, _pad: [0; 2] };
+        self.routes6.insert(&key, value, 0).map_err(map_err(map_names::VTEP6_BY_SUBNET))?;
+        if let Some(old) = old.filter(|o| o.underlay_ip != peer) {
+            self.forget_peer6_if_unused(old.underlay_ip)?;
+        }
+        Ok(())
+    }
+
+    /// Remove a dual-stack peer's IPv6 route (none: nothing to do); its address stops being
+    /// a member if no IPv6 route is left for it.
+    pub fn remove_route6(&mut self, subnet: Ipv6Net) -> Result<()> {
+        let _lock = self.write_lock()?;
+        let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
+        let Ok(old) = self.routes6.get(&key, 0) else { return Ok(()) };
+        self.routes6.remove(&key).map_err(map_err(map_names::VTEP6_BY_SUBNET))?;
+        self.forget_peer6_if_unused(old.underlay_ip)
+    }
+
+    fn forget_peer6_if_unused(&mut self, peer: Peer6Addr) -> Result<()> {
+        let mut used = false;
+        for item in self.routes6.iter() {
+            let (_, v) = item.map_err(map_err(map_names::VTEP6_BY_SUBNET))?;
+            used |= v.underlay_ip == peer;
+        }
+        if !used {
+            match self.peers6.remove(&peer) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(map_names::PEER6_STATS)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The IPv6 routes, as (subnet, peer).
+    pub fn routes6(&self) -> Result<Vec<(Ipv6Net, Ipv6Addr)>> {
+        let mut out = Vec::new();
+        for item in self.routes6.iter() {
+            let (key, v) = item.map_err(map_err(map_names::VTEP6_BY_SUBNET))?;
+            let subnet = Ipv6Net::new(Ipv6Addr::from(key.data()), key.prefix_len() as u8).expect("prefix <= 128");
+            out.push((subnet, Ipv6Addr::from(v.underlay_ip)));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Per-peer counters of the IPv6 peers, summed over CPUs.
+    pub fn peer6_totals(&self) -> Result<BTreeMap<Ipv6Addr, PeerTotals>> {
+        let mut out = BTreeMap::new();
+        for item in self.peers6.iter() {
+            let (peer, values) = item.map_err(map_err(map_names::PEER6_STATS))?;
+            let mut t = PeerTotals::default();
+            for v in values.iter() {
+                t.tx_packets += v.tx_packets;
+                t.tx_bytes += v.tx_bytes;
+                t.rx_packets += v.rx_packets;
+                t.rx_bytes += v.rx_bytes;
+            }
+            out.insert(Ipv6Addr::from(peer), t);
+        }
+        Ok(out)
     }
 
     /// All routes, sorted by subnet.
