@@ -618,9 +618,10 @@ impl Cluster {
             ns.sysctl(&format!("net.ipv4.conf.{scope}.rp_filter"), &spec.rp_filter.to_string())?;
         }
         // Static clusters give node n 10.244.<n>.0/24; with etcd, agents lease theirs and
-        // stock flannel nodes get a hand-written lease for 10.244.<100+n>.0/24.
+        // stock flannel nodes (vxlan, or host-gw: plain routing) get a hand-written lease for
+        // 10.244.<100+n>.0/24.
         let subnet: Ipv4Net = match (&spec.control, kind) {
-            (Control::Etcd { .. }, NodeKind::StockFlannel) => format!("10.244.{}.0/24", 100 + index).parse()?,
+            (Control::Etcd { .. }, NodeKind::StockFlannel | NodeKind::PlainRouting) => format!("10.244.{}.0/24", 100 + index).parse()?,
             _ => format!("10.244.{index}.0/24").parse()?,
         };
         Ok(Node {
@@ -733,6 +734,12 @@ impl Cluster {
                 node.underlay_ip,
                 overlay_agent::netdev::format_mac(&node.vtep_mac)
             );
+            let key = format!("/coreos.com/network/subnets/{}-{}", node.subnet.network(), node.subnet.prefix_len());
+            etcd.etcdctl(&["put", &key, &value])?;
+        }
+        if let (NodeKind::PlainRouting, Some(etcd)) = (node.kind, &self.etcd) {
+            // What a stock flannel host-gw node writes for itself.
+            let value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"host-gw"}}"#, node.underlay_ip);
             let key = format!("/coreos.com/network/subnets/{}-{}", node.subnet.network(), node.subnet.prefix_len());
             etcd.etcdctl(&["put", &key, &value])?;
         }

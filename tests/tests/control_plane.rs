@@ -589,6 +589,73 @@ fn host_gw_routes_each_subnet_via_its_node_without_a_device() {
     assert!(wait_until(PROPAGATION_BOUND, || !routes(1).contains("10.244.200.0")), "{}", routes(1));
 }
 
+/// host-gw among stock flannel host-gw nodes (set up by hand as flannel's host-gw sets itself
+/// up: its lease, a route to each peer's subnet via the peer's address): traffic both ways
+/// with both decap hooks' nodes, on rp_filter=1 nodes behind docker's FORWARD DROP; the
+/// stock node's departure takes its route away.
+#[test]
+fn host_gw_nodes_interoperate_with_a_stock_host_gw_node() {
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#;
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "tc" }, NodeKind::Agent { decap_hook: "xdp" }, NodeKind::PlainRouting],
+        control: Control::Etcd { tls: false, config: config.into() },
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 3)
+    };
+    let c = cluster("hs", &spec);
+    let stock = c.node(3);
+    for n in [c.node(1), c.node(2)] {
+        ok("stock route", c.add_route(stock, n));
+        ok("policy", n.ns.run("iptables", &["-w", "-P", "FORWARD", "DROP"]));
+    }
+    let routes = |i: usize| c.node(i).ns.run("ip", &["route", "show", "proto", "97"]).unwrap_or_default();
+    for i in [1, 2] {
+        let want = format!("{} via {} dev eth0", stock.subnet, stock.underlay_ip);
+        assert!(wait_until(PROPAGATION_BOUND, || routes(i).contains(&want)), "node {i}: {}", routes(i));
+    }
+    for n in [c.node(1), c.node(2)] {
+        ok("ours -> stock", ping(&n.containers[0], stock.container_ip(0), 2));
+        ok("stock -> ours", ping(&stock.containers[1], n.container_ip(1), 2));
+        ok("TCP ours -> stock", tcp_transfer(&n.containers[1], &stock.containers[0], stock.container_ip(0), 4 << 20));
+        ok("TCP stock -> ours", tcp_transfer(&stock.containers[0], &n.containers[0], n.container_ip(0), 4 << 20));
+    }
+    let key = format!("/coreos.com/network/subnets/{}-24", stock.subnet.network());
+    ok("del", c.etcd().etcdctl(&["del", &key]));
+    for i in [1, 2] {
+        assert!(wait_until(PROPAGATION_BOUND, || !routes(i).contains(&stock.subnet.to_string())), "node {i}: {}", routes(i));
+    }
+}
+
+/// vxlan with DirectRouting beside a stock flannel vxlan node with DirectRouting (set up by
+/// hand: flannel.1 and its lease, and, the peer being on its link, a plain route to our
+/// subnet via our address instead of the tunnel): both sides route each other directly, the
+/// traffic passes both ways unencapsulated (our encap and decap counters stay still), on
+/// rp_filter=1 nodes.
+#[test]
+fn direct_routing_interoperates_with_a_stock_direct_routing_node() {
+    use overlay_common::Counter;
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "tc" }, NodeKind::StockFlannel],
+        control: Control::Etcd { tls: false, config: config.into() },
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
+    };
+    let c = cluster("dx", &spec);
+    let (n1, stock) = (c.node(1), c.node(2));
+    // flannel's DirectRouting on the stock node: our node is on its link.
+    ok("stock direct route", stock.ns.run("ip", &["route", "replace", &n1.subnet.to_string(), "via", &n1.underlay_ip.to_string(), "dev", "eth0"]));
+    let direct = || n1.ns.run("ip", &["route", "show", "proto", "97"]).unwrap_or_default();
+    let want = format!("{} via {} dev eth0", stock.subnet, stock.underlay_ip);
+    assert!(wait_until(PROPAGATION_BOUND, || direct().contains(&want)), "{}
+{}", direct(), n1.log_text());
+    let (enc, dec) = (n1.counter(Counter::Encapsulated), n1.counter(Counter::Decapsulated));
+    ok("ours -> stock", ping(&n1.containers[0], stock.container_ip(0), 2));
+    ok("stock -> ours", ping(&stock.containers[1], n1.container_ip(1), 2));
+    ok("TCP ours -> stock", tcp_transfer(&n1.containers[1], &stock.containers[0], stock.container_ip(0), 4 << 20));
+    ok("TCP stock -> ours", tcp_transfer(&stock.containers[0], &n1.containers[0], n1.container_ip(0), 4 << 20));
+    assert_eq!((n1.counter(Counter::Encapsulated), n1.counter(Counter::Decapsulated)), (enc, dec), "direct traffic must not be encapsulated");
+    assert!(n1.routes().iter().any(|r| r.subnet == stock.subnet), "the tunnel route stays, for when the link changes");
+}
+
 /// Errors that no retry can fix stop the agent at once (a non-zero exit that systemd shows),
 /// naming what to change, instead of "cannot reach etcd; retrying" forever: a wrong password,
 /// none where etcd wants one, a user without permission on flannel's prefix, TLS flags with a
