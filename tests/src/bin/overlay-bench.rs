@@ -42,6 +42,10 @@ enum PathKind {
     EbpfVxlanXdp,
     EbpfUdp,
     TunUdp,
+    /// flannel's host-gw, run by the agent (etcd-driven): kernel routes via the peer.
+    HostGw,
+    /// vxlan with DirectRouting (etcd-driven): the peers share the link, so routed directly.
+    EbpfVxlanDirect,
 }
 
 impl PathKind {
@@ -54,6 +58,8 @@ impl PathKind {
             Self::EbpfVxlanXdp => "eBPF vxlan, XDP decap",
             Self::EbpfUdp => "eBPF udp",
             Self::TunUdp => "TUN udp (flannel udp)",
+            Self::HostGw => "host-gw (agent)",
+            Self::EbpfVxlanDirect => "vxlan DirectRouting (agent)",
         }
     }
     /// For the chart's axis.
@@ -66,6 +72,8 @@ impl PathKind {
             Self::EbpfVxlanXdp => "eBPF XDP",
             Self::EbpfUdp => "eBPF udp",
             Self::TunUdp => "TUN udp",
+            Self::HostGw => "host-gw",
+            Self::EbpfVxlanDirect => "DirectRouting",
         }
     }
     fn spec(self) -> ClusterSpec {
@@ -85,6 +93,14 @@ impl PathKind {
                 containers_per_node: 1,
                 ..ClusterSpec::etcd(Backend::Udp, "tc", 2)
             },
+            Self::HostGw | Self::EbpfVxlanDirect => {
+                let backend = if self == Self::HostGw { r#"{"Type":"host-gw"}"# } else { r#"{"Type":"vxlan","DirectRouting":true}"# };
+                ClusterSpec {
+                    containers_per_node: 1,
+                    control: Control::Etcd { tls: false, config: format!(r#"{{"Network":"10.244.0.0/16","Backend":{backend}}}"#) },
+                    ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
+                }
+            }
         }
     }
 }
@@ -119,8 +135,8 @@ struct Setup {
 /// on the wire underlay the vxlan paths and the ceiling.
 fn setups() -> Vec<Setup> {
     use PathKind::*;
-    let veth = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp, EbpfUdp, TunUdp];
-    let wire = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp];
+    let veth = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp, EbpfUdp, TunUdp, HostGw, EbpfVxlanDirect];
+    let wire = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp, HostGw, EbpfVxlanDirect];
     veth.iter()
         .map(|&path| Setup { path, underlay: Underlay::Veth })
         .chain(wire.iter().map(|&path| Setup { path, underlay: Underlay::Wire }))
@@ -426,8 +442,12 @@ fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result
         let spec = ClusterSpec { wire_underlay: s.underlay == Underlay::Wire, ..s.path.spec() };
         let what = format!("{} on {}", s.path.label(), s.underlay.name());
         let c = Cluster::new(&format!("b{i}"), &spec).with_context(|| format!("setting up {what}"))?;
-        // Every path must carry traffic before it is measured.
-        overlay_tests::traffic::ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2).with_context(|| format!("{what} carries no traffic"))?;
+        // Every path must carry traffic before it is measured (etcd-driven nodes learn each
+        // other's leases through their watches: a moment after they start).
+        let carries = || overlay_tests::traffic::ping(&c.node(1).containers[0], c.node(2).container_ip(0), 1).is_ok();
+        if !wait_until(Duration::from_secs(20), carries) {
+            overlay_tests::traffic::ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2).with_context(|| format!("{what} carries no traffic"))?;
+        }
         clusters.push(c);
     }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); all.len()];
@@ -515,6 +535,14 @@ fn targets(report: &Report) -> String {
             checks.push((format!("{at}: eBPF vxlan (TC, default) TCP 1 stream vs TUN"), tc.vs_tun["tcp1_gbps"], 8.0, true));
         }
         checks.push((format!("{at}: eBPF vxlan (TC, default) TCP 1 stream vs plain routing"), tc.vs_routing["tcp1_gbps"], 0.9, true));
+    }
+    // No encapsulation: they should reach plain routing.
+    for u in [Underlay::Veth, Underlay::Wire] {
+        for (k, what) in [(PathKind::HostGw, "host-gw"), (PathKind::EbpfVxlanDirect, "vxlan DirectRouting")] {
+            if let Some(p) = get(k, u).filter(|p| !p.vs_routing.is_empty()) {
+                checks.push((format!("{}: {what} TCP 1 stream vs plain routing", u.name()), p.vs_routing["tcp1_gbps"], 0.9, true));
+            }
+        }
     }
     if let Some(xdp) = get(PathKind::EbpfVxlanXdp, Underlay::Wire) {
         checks.push(("wire: eBPF vxlan (XDP) TCP 1 stream vs kernel vxlan".into(), xdp.vs_kernel_vxlan["tcp1_gbps"], 1.0, true));
