@@ -201,6 +201,20 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
     assert!(ping6(&rogue, c6(sub6[0], 0), 3).is_err(), "a non-peer's IPv6 tunnel frames reached a container");
     assert!(n1.counter(Counter::UnknownPeer) >= before + 3, "frames from a non-peer IPv6 address not counted as unknown_peer");
 
+    // Self-healing: node 1's flannel-v6.1 deleted -> made again with its peers' entries, and
+    // its new MAC reaches node 2 through the lease (node 2's neighbour entry follows).
+    let old_mac = ok("mac", link_mac(&n1.ns, "flannel-v6.1"));
+    ok("delete flannel-v6.1", n1.ns.run("ip", &["link", "del", "flannel-v6.1"]));
+    let both_ways = || ping6(&n1.containers[0], c6(sub6[1], 0), 1).is_ok() && ping6(&n2.containers[0], c6(sub6[0], 0), 1).is_ok();
+    assert!(wait_until(Duration::from_secs(20), both_ways), "IPv6 not restored after flannel-v6.1 was deleted:\n{}", n1.log_text());
+    let new_mac = ok("mac", link_mac(&n1.ns, "flannel-v6.1"));
+    assert!(n1.log_text().contains("IPv6 overlay device restored"), "{}", n1.log_text());
+    if new_mac != old_mac {
+        let key = format!("/coreos.com/network/subnets/{}-24&{}-64", n1.subnet.network(), sub6[0].network());
+        let value = ok("get", etcd.etcdctl(&["get", &key, "--print-value-only"]));
+        assert!(value.contains(&overlay_agent::netdev::format_mac(&new_mac)), "the new MAC is not announced: {value}");
+    }
+
     // The stock node leaves: its IPv6 route, neighbour and forwarding entry go.
     ok("delete the stock lease", etcd.etcdctl(&["del", &key]));
     for n in [n1, n2] {

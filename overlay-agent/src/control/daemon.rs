@@ -711,6 +711,7 @@ impl Daemon {
                     Wake::Keeper(ev) => self.keeper_event(ev).await?,
                     Wake::Heal => {
                         self.heal().await;
+                        self.heal_v6().await;
                         if self.follow_public_ip().await? {
                             // The watch's connection came from the old address: list and
                             // watch again on the new one.
@@ -1005,6 +1006,35 @@ impl Daemon {
                 }
             }
             Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the overlay device failed; trying again"),
+        }
+    }
+
+    /// The same for a dual-stack node's flannel-v6 device: made again with its address and
+    /// every peer's route, neighbour and forwarding entry; a new MAC is announced in the lease.
+    async fn heal_v6(&mut self) {
+        let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return };
+        let damage = match o6.damage(s6) {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(e.as_ref()), "checking the IPv6 overlay device");
+                return;
+            }
+        };
+        tracing::error!(device = %o6.device, problem = damage, "the IPv6 overlay device was damaged; restoring it");
+        let (vni, port, mtu) = (self.cfg.backend.vni, self.cfg.backend.port, self.cfg.backend.mtu);
+        if let Err(e) = o6.rebuild(vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
+            tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the IPv6 overlay device failed; trying again");
+            return;
+        }
+        self.state.device_repairs.fetch_add(1, Ordering::Relaxed);
+        let (mac, public_ipv6) = (o6.mac, o6.public_ip);
+        tracing::warn!(device = %o6.device, "IPv6 overlay device restored: device, address and peers' entries");
+        if self.attrs.vtep_mac_v6().ok() != Some(mac) {
+            let attrs = self.attrs.clone().with_ipv6(public_ipv6, vni, mac);
+            if let Err(e) = self.announce(attrs).await {
+                tracing::error!(error = %crate::error_chain(e.as_ref()), "announcing the restored IPv6 device's VtepMAC failed");
+            }
         }
     }
 

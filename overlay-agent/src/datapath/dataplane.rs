@@ -542,18 +542,17 @@ pub fn status(dir: &Path) -> Result<Status> {
 /// Remove everything `up` made: links (detaching the programs), pinned maps, the overlay
 /// device (and with it the overlay route) and the pin directory.
 pub fn teardown(dir: &Path) -> Result<()> {
-    let device = Maps::open(dir)
-        .ok()
-        .and_then(|m| m.config().ok())
-        .filter(|c| c.is_ready())
-        .and_then(|c| netdev::name_of(c.overlay_ifindex));
+    let config = Maps::open(dir).ok().and_then(|m| m.config().ok()).filter(|c| c.is_ready());
+    let device = config.and_then(|c| netdev::name_of(c.overlay_ifindex));
+    // A dual-stack node's IPv6 device goes too.
+    let device6 = config.map(|c| crate::datapath::ipv6::device_name(c.vni));
     for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP, LINK_GUARD] {
         remove_pin(&dir.join(link))?;
     }
     for map in map_names::ALL.iter().chain(&map_names::RETIRED) {
         remove_pin(&dir.join(map))?;
     }
-    if let Some(dev) = device {
+    for dev in device.into_iter().chain(device6) {
         if netdev::link(&dev)?.is_some() {
             netdev::delete_link(&dev)?;
         }

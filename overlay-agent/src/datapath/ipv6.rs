@@ -146,4 +146,33 @@ impl Overlay6 {
     pub fn routes(&self) -> impl Iterator<Item = &Route6> {
         self.routes.values()
     }
+
+    /// What is missing of the device and its address (`None`: intact).
+    pub fn damage(&self, subnet: Ipv6Net) -> Result<Option<&'static str>> {
+        let Some(link) = netdev::link(&self.device)? else { return Ok(Some("the device is gone")) };
+        if !link.up {
+            return Ok(Some("the device is down"));
+        }
+        if link.mac != self.mac {
+            return Ok(Some("the device was recreated by someone else"));
+        }
+        if !netdev::has_address6(&self.device, subnet.network())? {
+            return Ok(Some("its address is gone or changed"));
+        }
+        Ok(None)
+    }
+
+    /// Make the device, its address and every peer's entries again, as at start (the device
+    /// may get a new MAC: the caller announces it).
+    pub fn rebuild(&mut self, vni: u32, port: u16, underlay: &str, mtu: Option<u32>, subnet: Ipv6Net, bpffs_dir: &std::path::Path) -> Result<()> {
+        if netdev::link(&self.device)?.is_some() {
+            netdev::delete_link(&self.device)?;
+        }
+        let mut fresh = Overlay6::up(vni, port, self.public_ip, underlay, mtu)?;
+        fresh.configure(subnet, bpffs_dir)?;
+        let routes = std::mem::take(&mut self.routes);
+        fresh.sync(&routes)?;
+        *self = fresh;
+        Ok(())
+    }
 }
