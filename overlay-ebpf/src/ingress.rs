@@ -204,9 +204,9 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
 /// `flannel-v6.<VNI>`): UDP to our port right after the fixed IPv6 header, addressed to our
 /// public IPv6 address, from a peer in `PEER6_STATS`, our VNI and exactly the I flag, an
 /// inner IPv6 packet for this node's IPv6 subnet whose source belongs to the sending peer
-/// (`VTEP6_BY_SUBNET`). Frames with extension headers before UDP are not ours (flannel's
-/// kernel device never sends them). Before the agent configured the IPv6 side, or on an
-/// IPv4-only node: not ours.
+/// (`VTEP6_BY_SUBNET`). Tunnel frames with extension headers are dropped (`outer_ip_options`;
+/// flannel's kernel device never sends them). Before the agent configured the IPv6 side, or
+/// on an IPv4-only node: not ours.
 ///
 /// A function of its own (its buffers would not fit the hooks' 512-byte stacks beside the
 /// IPv4 path's), answering in a plain integer: `V6_OK` (accepted and counted), `V6_PASS`, or
@@ -234,12 +234,33 @@ fn check6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) -> 
     const INNER: usize = VX + VXLAN_HLEN + ETH_HLEN;
     let Some(c6) = ready_config6() else { return Err(Verdict::Pass) };
     let [ver, _, _, _, plen_hi, plen_lo, next, _]: [u8; 8] = p.read_head(IP).ok_or(Verdict::Pass)?;
-    let udp: [u8; UDP_HLEN] = p.read_head(UDP).ok_or(Verdict::Pass)?;
-    if next != IPPROTO_UDP || udp_dst_port(&udp) != cfg.port {
-        return Err(Verdict::Pass);
-    }
     let dst: [u8; 16] = p.read_head(IP + 24).ok_or(Verdict::Pass)?;
     if dst != c6.underlay_ip {
+        return Err(Verdict::Pass);
+    }
+    if next != IPPROTO_UDP {
+        // Extension headers (flannel's device sends none): a tunnel frame behind them is
+        // dropped, as an IPv4 one with options is, rather than passed unchecked. Followed up
+        // to three deep; fragments go to the kernel to be reassembled, whose datagram the
+        // socket guard checks (a peer's), as IPv4's do.
+        let (mut nh, mut off) = (next, UDP);
+        let mut i = 0;
+        while i < 3 && matches!(nh, 0 | 43 | 60) {
+            let [n, hlen]: [u8; 2] = p.read(off).ok_or(Verdict::Pass)?;
+            nh = n;
+            off += (hlen as usize + 1) * 8;
+            i += 1;
+        }
+        if nh == IPPROTO_UDP {
+            let [_, _, d0, d1]: [u8; 4] = p.read(off).ok_or(Verdict::Pass)?;
+            if u16::from_be_bytes([d0, d1]) == cfg.port {
+                return Err(Counter::OuterIpOptions.into());
+            }
+        }
+        return Err(Verdict::Pass);
+    }
+    let udp: [u8; UDP_HLEN] = p.read_head(UDP).ok_or(Verdict::Pass)?;
+    if udp_dst_port(&udp) != cfg.port {
         return Err(Verdict::Pass);
     }
     check_outer6(ver, u16::from_be_bytes([plen_hi, plen_lo]), &udp, len, merged)?;

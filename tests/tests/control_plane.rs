@@ -407,6 +407,17 @@ fn dual_stack_leases_count_for_allocation_and_routing() {
                 let other = LeaseAttrs::vxlan("192.168.100.98".parse().unwrap(), 1, [2, 0, 0, 0, 0, 0x98]);
                 let by_other = reg.claim(&free, &other, Duration::from_secs(60)).await?;
                 reg.revoke(first.expect("claimed")).await?;
+                // Two dual-stack claims of different IPv4 subnets naming one IPv6 subnet (the
+                // held lease's): the IPv6 subnet is already taken, so the claim is given up,
+                // its key gone; another IPv6 subnet is claimed.
+                use overlay_agent::lease::LeaseKey;
+                let v6_taken = LeaseKey { v4: "10.244.10.0/24".parse().unwrap(), v6: Some("fd00:0:0:7::/64".parse().unwrap()) };
+                let v6_free = LeaseKey { v4: "10.244.10.0/24".parse().unwrap(), v6: Some("fd00:0:0:a::/64".parse().unwrap()) };
+                let tie = reg.claim(v6_taken, &me, Duration::from_secs(60)).await?;
+                let tie_left = reg.get_lease(v6_taken).await?;
+                let untied = reg.claim(v6_free, &me, Duration::from_secs(60)).await?;
+                reg.revoke(untied.expect("claimed")).await?;
+                assert!(tie.is_none() && tie_left.is_none(), "a claim of a taken IPv6 subnet went through: {tie:?} {tie_left:?}");
                 Ok::<_, overlay_agent::lease::registry::RegistryError>((dual, first, again, by_other))
             })
         }),

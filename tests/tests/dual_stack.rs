@@ -72,6 +72,28 @@ fn stock_route6_to(stock: &Node, peer: &Node, subnet6: Ipv6Net) {
     ok("route", stock.ns.run("ip", &["-6", "route", "replace", &subnet6.to_string(), "via", &gw, "dev", "flannel-v6.1", "onlink"]));
 }
 
+/// An Ethernet frame carrying IPv6 from `src` to `dst` with a destination-options header
+/// before UDP to port 8472 and a VXLAN header.
+fn ext_header_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    let payload_len: u16 = 8 + 8 + 8;
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&payload_len.to_be_bytes());
+    f.extend_from_slice(&[60, 64]); // next: destination options; hop limit
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]); // next: UDP; 8 bytes; PadN
+    f.extend_from_slice(&40000u16.to_be_bytes());
+    f.extend_from_slice(&8472u16.to_be_bytes());
+    f.extend_from_slice(&16u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]); // VXLAN, VNI 1
+    f
+}
+
 /// The IPv6 routes through `node`'s flannel-v6.1.
 fn v6_routes(node: &Node) -> String {
     node.ns.run("ip", &["-6", "route", "show", "dev", "flannel-v6.1"]).unwrap_or_default()
@@ -111,7 +133,10 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
         // flannel's ip6tables masquerade and forward rules.
         let masq = ok("ip6tables", n.ns.run("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]));
         assert!(masq.contains(&format!("-s {s6} -d fd00:10:244::/56")), "{masq}");
-        assert!(masq.contains("-s fd00:10:244::/56 ! -d ff00::/8") && masq.contains("MASQUERADE"), "{masq}");
+        assert!(
+            masq.lines().any(|l| l.starts_with("-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8") && l.contains("-j MASQUERADE")),
+            "{masq}"
+        );
         let fwd = ok("ip6tables", n.ns.run("ip6tables", &["-S", "FLANNEL-FWD"]));
         assert!(fwd.contains("-s fd00:10:244::/56") && fwd.contains("-j ACCEPT"), "{fwd}");
         // docker's FORWARD DROP, both families: flannel's forward rules let the overlay pass.
@@ -200,6 +225,19 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
     let before = n1.counter(Counter::UnknownPeer);
     assert!(ping6(&rogue, c6(sub6[0], 0), 3).is_err(), "a non-peer's IPv6 tunnel frames reached a container");
     assert!(n1.counter(Counter::UnknownPeer) >= before + 3, "frames from a non-peer IPv6 address not counted as unknown_peer");
+
+    // A tunnel frame behind an IPv6 extension header (a destination-options header before
+    // UDP; flannel's device never sends one) is dropped and counted, not passed unchecked.
+    for n in [n1, n2] {
+        let before = n.counter(Counter::OuterIpOptions);
+        let frame = ext_header_frame(ok("mac", link_mac(&n.ns, "eth0")), ok("mac", link_mac(&stock.ns, "eth0")), underlay_ipv6(stock.index), underlay_ipv6(n.index));
+        ok("raw", overlay_tests::traffic::send_raw_frames(&stock.ns, "eth0", vec![frame; 3]));
+        assert!(
+            wait_until(Duration::from_secs(5), || n.counter(Counter::OuterIpOptions) >= before + 3),
+            "node {}: IPv6 tunnel frames with an extension header not dropped as such",
+            n.index
+        );
+    }
 
     // Self-healing: node 1's flannel-v6.1 deleted -> made again with its peers' entries, and
     // its new MAC reaches node 2 through the lease (node 2's neighbour entry follows).

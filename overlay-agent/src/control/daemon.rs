@@ -297,7 +297,7 @@ async fn acquire(
             Step::Claim(subnet) => {
                 let ttl = opts.lease_ttl;
                 let subnet6 = match cfg.ipv6 {
-                    Some(c6) => Some(manager::choose_v6(cfg, &listed, subnet).with_context(|| {
+                    Some(c6) => Some(manager::choose_v6(cfg, &listed, subnet, &mut rand::rng()).with_context(|| {
                         format!("no free IPv6 subnet in {} (IPv6SubnetMin {} .. IPv6SubnetMax {}, /{})", c6.network, c6.subnet_min, c6.subnet_max, c6.subnet_len)
                     })?),
                     None => None,
@@ -481,6 +481,21 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let mut v6 = v6;
     if let (Some(o6), Some(s6)) = (v6.as_mut(), held.subnet6) {
         o6.configure(s6, &spec.bpffs_dir)?;
+    }
+    if v6.is_none() && ebpf.is_some() {
+        // IPv6 switched off since the last run: its device goes and the programs stop
+        // checking IPv6 frames against a side that no longer exists.
+        let dev6 = crate::datapath::ipv6::device_name(cfg.backend.vni);
+        if netdev::link(&dev6)?.is_some() {
+            tracing::warn!(device = %dev6, "IPv6 is off in the network config; removing the IPv6 overlay device");
+            netdev::delete_link(&dev6)?;
+        }
+        Maps::open(&spec.bpffs_dir)?.set_config6(&overlay_common::Dataplane6Config {
+            underlay_ip: [0; 16],
+            local_subnet: [0; 16],
+            local_prefix_len: 0,
+            enabled: 0,
+        })?;
     }
     let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, v6, state, rules: SharedRules::default(), keeper: None };
     d.start_keeper();
@@ -791,14 +806,29 @@ impl Daemon {
             self.set_route(*s, None)?;
         }
         tracing::info!(routes = desired.len(), added_or_changed = changes.upsert.len(), removed = changes.remove.len(), "routes reconciled with etcd");
-        if self.v6.is_some() {
-            let desired6: BTreeMap<Ipv4Net, reconcile::Route6> = leases
-                .iter()
-                .filter_map(|l| Some((l.subnet, reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip)?)))
-                .collect();
+        if let Some(me6) = self.mine6() {
+            let mut desired6: BTreeMap<Ipv4Net, reconcile::Route6> = BTreeMap::new();
+            for l in leases {
+                match reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip, &me6) {
+                    Ok(Some(r)) => {
+                        desired6.insert(l.subnet, r);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(subnet = %l.subnet, error = %e, "lease's IPv6 part skipped");
+                    }
+                }
+            }
             self.sync_v6(&desired6);
         }
         Ok(())
+    }
+
+    /// This node's IPv6 side, on a dual-stack node.
+    fn mine6(&self) -> Option<reconcile::Mine6> {
+        self.v6.as_ref()?;
+        Some(reconcile::Mine6 { config: self.cfg.ipv6?, subnet6: self.held.subnet6 })
     }
 
     /// Make the IPv6 device's peer routes exactly `desired` (a failure is counted and logged:
@@ -824,8 +854,14 @@ impl Daemon {
         let me = reconcile::Mine { subnet: self.held.subnet, public_ip: self.attrs.public_ip, mode: self.spec.mode };
         match &ev {
             LeaseEvent::Put(l) if l.subnet != self.held.subnet => {
-                let r6 = reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip);
-                self.set_route6(l.subnet, r6);
+                if let Some(me6) = self.mine6() {
+                    let r6 = reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip, &me6).unwrap_or_else(|e| {
+                        self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(subnet = %l.subnet, error = %e, "lease's IPv6 part skipped");
+                        None
+                    });
+                    self.set_route6(l.subnet, r6);
+                }
             }
             LeaseEvent::Delete(s) if *s != self.held.subnet => self.set_route6(*s, None),
             _ => {}

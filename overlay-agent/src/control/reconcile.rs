@@ -37,14 +37,28 @@ pub struct Route6 {
     pub vtep_mac: [u8; 6],
 }
 
+/// This node's IPv6 side, as the IPv6 decisions need it.
+#[derive(Clone, Copy, Debug)]
+pub struct Mine6 {
+    pub config: crate::config::Ipv6Config,
+    pub subnet6: Option<Ipv6Net>,
+}
+
 /// The IPv6 route a lease asks for on a dual-stack node: none for our own lease or one
 /// naming our address, none for a peer without all three IPv6 parts (an IPv4-only node, as
-/// flannel skips it).
-pub fn route6_for(lease: &Lease, my_subnet: Ipv4Net, my_ip: Ipv4Addr) -> Option<Route6> {
+/// flannel skips it); an IPv6 subnet outside the network's range, or ours, is refused (it
+/// would take the host's own traffic, or our containers', to that peer).
+pub fn route6_for(lease: &Lease, my_subnet: Ipv4Net, my_ip: Ipv4Addr, me6: &Mine6) -> Result<Option<Route6>, LeaseFormatError> {
     if lease.subnet == my_subnet || lease.attrs.public_ip == my_ip {
-        return None;
+        return Ok(None);
     }
-    Some(Route6 { subnet: lease.subnet6?, public_ip: lease.attrs.public_ipv6?, vtep_mac: lease.attrs.vtep_mac_v6().ok()? })
+    let (Some(subnet), Some(public_ip), Ok(vtep_mac)) = (lease.subnet6, lease.attrs.public_ipv6, lease.attrs.vtep_mac_v6()) else {
+        return Ok(None);
+    };
+    if !me6.config.fits(&subnet) || Some(subnet) == me6.subnet6 {
+        return Err(LeaseFormatError::Ipv6SubnetRefused(subnet.to_string()));
+    }
+    Ok(Some(Route6 { subnet, public_ip, vtep_mac }))
 }
 
 /// Routes for all leases, and the leases skipped with the reason.
@@ -146,14 +160,20 @@ mod tests {
         let my_ip = Ipv4Addr::new(192, 168, 0, 1);
         let attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]).with_ipv6("fd00::2".parse().unwrap(), 1, [6; 6]);
         let peer = Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: Some("fd00:0:0:2::/64".parse().unwrap()), attrs, etcd_lease: 2 };
+        let cfg = crate::config::parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let me6 = Mine6 { config: cfg.ipv6.unwrap(), subnet6: Some("fd00:0:0:1::/64".parse().unwrap()) };
         assert_eq!(
-            route6_for(&peer, me, my_ip),
-            Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6] })
+            route6_for(&peer, me, my_ip, &me6),
+            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6] }))
         );
-        assert_eq!(route6_for(&Lease { subnet6: None, ..peer.clone() }, me, my_ip), None, "an IPv4-only peer");
+        assert_eq!(route6_for(&Lease { subnet6: None, ..peer.clone() }, me, my_ip, &me6), Ok(None), "an IPv4-only peer");
         let v4_only_attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]);
-        assert_eq!(route6_for(&Lease { attrs: v4_only_attrs, ..peer.clone() }, me, my_ip), None, "no PublicIPv6 or v6 VtepMAC");
-        assert_eq!(route6_for(&Lease { subnet: me, ..peer.clone() }, me, my_ip), None, "our own");
+        assert_eq!(route6_for(&Lease { attrs: v4_only_attrs, ..peer.clone() }, me, my_ip, &me6), Ok(None), "no PublicIPv6 or v6 VtepMAC");
+        assert_eq!(route6_for(&Lease { subnet: me, ..peer.clone() }, me, my_ip, &me6), Ok(None), "our own");
+        for bad in ["2000::/3", "fd00:0:0:1::/64", "fd01::/64", "fd00::/64"] {
+            let l = Lease { subnet6: Some(bad.parse().unwrap()), ..peer.clone() };
+            assert!(matches!(route6_for(&l, me, my_ip, &me6), Err(LeaseFormatError::Ipv6SubnetRefused(_))), "{bad}");
+        }
     }
 
     #[test]

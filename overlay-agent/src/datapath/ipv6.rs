@@ -10,7 +10,10 @@
 //! The routes are keyed by the peer's IPv4 subnet (what names a lease to the agent), so a
 //! lease deleted or changed finds what it had.
 
-use std::{collections::BTreeMap, net::Ipv6Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv6Addr,
+};
 
 use anyhow::{Context as _, Result};
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -33,6 +36,8 @@ pub struct Overlay6 {
     /// The node's public IPv6 address (the device's local end).
     pub public_ip: Ipv6Addr,
     routes: BTreeMap<Ipv4Net, Route6>,
+    /// Keys whose entries could not all be written: tried again by the next `set` or `sync`.
+    dirty: BTreeSet<Ipv4Net>,
     /// The pinned maps the decap programs check IPv6 frames against (once the data plane is
     /// up): the IPv6 side's configuration, routes and peers.
     maps: Option<Maps>,
@@ -50,7 +55,7 @@ impl Overlay6 {
             anyhow::bail!("{device}: MTU {mtu} is below IPv6's minimum of 1280 (underlay {underlay} has {})", under.mtu);
         }
         netdev::set_up_mtu(&device, mtu)?;
-        Ok(Self { device, mac: link.mac, mtu, public_ip: local, routes: BTreeMap::new(), maps: None })
+        Ok(Self { device, mac: link.mac, mtu, public_ip: local, routes: BTreeMap::new(), dirty: BTreeSet::new(), maps: None })
     }
 
     /// The device's address (`subnet`'s network address as a /128, flannel's), and the decap
@@ -65,31 +70,29 @@ impl Overlay6 {
             local_prefix_len: subnet.prefix_len() as u32,
             enabled: 1,
         })?;
-        // Routes a previous run left in the maps are rewritten by the first sync.
-        for (s, _) in maps.routes6()? {
-            if !self.routes.values().any(|r| r.subnet == s) {
-                maps.remove_route6(s)?;
-            }
-        }
+        // Routes a previous run left in the maps stay until the first sync (peers' frames keep
+        // being accepted across a restart), which removes those no lease asks for.
         self.maps = Some(maps);
         Ok(())
     }
 
-    /// Whether the device has its address (`None`: no address configured yet).
-    pub fn address_intact(&self, subnet: Ipv6Net) -> Result<bool> {
-        Ok(netdev::has_address6(&self.device, subnet.network())?)
-    }
-
     /// Route, neighbour and forwarding entry for the peer holding `key`, replacing what an
-    /// earlier lease of that key had (`None`: remove them).
+    /// earlier lease of that key had (`None`: remove them). The table is updated first, so a
+    /// failure midway leaves the key recorded (and marked to be tried again), never entries
+    /// that nothing removes; entries another key still uses (two leases of one node, for a
+    /// while) are kept.
     pub fn set(&mut self, key: Ipv4Net, want: Option<Route6>) -> Result<()> {
         let old = self.routes.get(&key).copied();
-        if old == want {
+        if old == want && !self.dirty.contains(&key) {
             return Ok(());
         }
-        if let Some(o) = old {
-            self.remove_entries(&o, want.as_ref())?;
-            self.routes.remove(&key);
+        match want {
+            Some(r) => self.routes.insert(key, r),
+            None => self.routes.remove(&key),
+        };
+        self.dirty.insert(key);
+        if let Some(o) = old.filter(|o| Some(o) != want.as_ref()) {
+            self.remove_unused(&o)?;
         }
         if let Some(r) = want {
             // The peer is a member before its frames can arrive.
@@ -99,45 +102,58 @@ impl Overlay6 {
             netdev::vxlan_fdb6_replace(&self.device, r.vtep_mac, r.public_ip)?;
             netdev::set_neighbour6(&self.device, r.subnet.network(), r.vtep_mac)?;
             netdev::set_peer_route6(&self.device, r.subnet)?;
-            self.routes.insert(key, r);
             tracing::info!(subnet = %r.subnet, public_ipv6 = %r.public_ip, "IPv6 route added or updated");
         } else if let Some(o) = old {
             tracing::info!(subnet = %o.subnet, "IPv6 route removed");
         }
+        self.dirty.remove(&key);
         Ok(())
     }
 
-    /// What `old` added that `new` does not keep.
-    fn remove_entries(&mut self, old: &Route6, new: Option<&Route6>) -> Result<()> {
-        if new.map(|n| n.subnet) != Some(old.subnet) {
+    /// Remove what `old` added and no route in the table uses any more.
+    fn remove_unused(&mut self, old: &Route6) -> Result<()> {
+        if !self.routes.values().any(|r| r.subnet == old.subnet) {
             if let Some(m) = self.maps.as_mut() {
                 m.remove_route6(old.subnet)?;
             }
             netdev::del_peer_route6(old.subnet)?;
             netdev::del_neighbour6(&self.device, old.subnet.network())?;
         }
-        if new.map(|n| (n.vtep_mac, n.public_ip)) != Some((old.vtep_mac, old.public_ip)) {
+        if !self.routes.values().any(|r| (r.vtep_mac, r.public_ip) == (old.vtep_mac, old.public_ip)) {
             netdev::vxlan_fdb6_del(&self.device, old.vtep_mac, old.public_ip)?;
         }
         Ok(())
     }
 
-    /// Hold exactly `desired` (by peer IPv4 subnet), also removing peer routes a previous
-    /// run left on the device that no lease asks for any more.
+    /// Hold exactly `desired` (by peer IPv4 subnet), also removing what a previous run left
+    /// on the device or in the maps that no lease asks for any more. One peer's failure does
+    /// not stop the others: the error says how many failed (each is tried again next time).
     pub fn sync(&mut self, desired: &BTreeMap<Ipv4Net, Route6>) -> Result<()> {
+        let mut failed: Vec<String> = Vec::new();
         let stale: Vec<Ipv4Net> = self.routes.keys().filter(|k| !desired.contains_key(k)).copied().collect();
         for k in stale {
-            self.set(k, None)?;
+            if let Err(e) = self.set(k, None) {
+                failed.push(format!("{k}: {}", crate::error_chain(e.as_ref())));
+            }
         }
         for (k, r) in desired {
-            self.set(*k, Some(*r))?;
-        }
-        for subnet in netdev::peer_routes6(&self.device)? {
-            if !self.routes.values().any(|r| r.subnet == subnet) {
-                tracing::info!(%subnet, "removing an IPv6 route no lease asks for");
-                netdev::del_peer_route6(subnet)?;
-                netdev::del_neighbour6(&self.device, subnet.network())?;
+            if let Err(e) = self.set(*k, Some(*r)) {
+                failed.push(format!("{}: {}", r.subnet, crate::error_chain(e.as_ref())));
             }
+        }
+        let wanted: BTreeSet<Ipv6Net> = self.routes.values().map(|r| r.subnet).collect();
+        for subnet in netdev::peer_routes6(&self.device)?.into_iter().filter(|s| !wanted.contains(s)) {
+            tracing::info!(%subnet, "removing an IPv6 route no lease asks for");
+            netdev::del_peer_route6(subnet)?;
+            netdev::del_neighbour6(&self.device, subnet.network())?;
+        }
+        if let Some(m) = self.maps.as_mut() {
+            for (subnet, _) in m.routes6()?.into_iter().filter(|(s, _)| !wanted.contains(s)) {
+                m.remove_route6(subnet)?;
+            }
+        }
+        if !failed.is_empty() {
+            anyhow::bail!("{} IPv6 route(s) not set: {}", failed.len(), failed.join("; "));
         }
         Ok(())
     }
@@ -170,9 +186,13 @@ impl Overlay6 {
         }
         let mut fresh = Overlay6::up(vni, port, self.public_ip, underlay, mtu)?;
         fresh.configure(subnet, bpffs_dir)?;
-        let routes = std::mem::take(&mut self.routes);
-        fresh.sync(&routes)?;
+        // Every route is to be written again on the new device; kept even if that fails
+        // midway (the next sync or set tries again).
+        let routes = self.routes.clone();
+        fresh.dirty = routes.keys().copied().collect();
+        fresh.routes = routes.clone();
+        let synced = fresh.sync(&routes);
         *self = fresh;
-        Ok(())
+        synced
     }
 }

@@ -38,9 +38,10 @@ pub fn incompatible_own(cfg: &NetworkConfig, leases: &[Lease], public_ip: Ipv4Ad
 
 /// The IPv6 subnet to claim beside IPv4 subnet `v4` (dual stack): the one at the same
 /// position in its range as `v4` in the IPv4 range if free (a node's two subnets then read
-/// alike: 10.244.7.0/24 and fd00:..:7::/64), else the first free one. `None`: IPv6 off, or
-/// no IPv6 subnet left. (flannel picks any free one; a stock node takes either.)
-pub fn choose_v6(cfg: &NetworkConfig, leases: &[Lease], v4: Ipv4Net) -> Option<Ipv6Net> {
+/// alike: 10.244.7.0/24 and fd00:..:7::/64), else a random one among the first
+/// `CANDIDATES` free ones (so that nodes starting together rarely pick the same; the claim
+/// settles a tie). `None`: IPv6 off, or no IPv6 subnet left. (flannel picks any free one.)
+pub fn choose_v6(cfg: &NetworkConfig, leases: &[Lease], v4: Ipv4Net, rng: &mut impl rand::Rng) -> Option<Ipv6Net> {
     let c6 = cfg.ipv6.as_ref()?;
     let used = |s: &Ipv6Net| leases.iter().filter_map(|l| l.subnet6).any(|t| t.contains(s) || s.contains(&t));
     let step4 = 1u32 << (32 - cfg.subnet_len);
@@ -48,7 +49,8 @@ pub fn choose_v6(cfg: &NetworkConfig, leases: &[Lease], v4: Ipv4Net) -> Option<I
     if let Some(s) = c6.nth(index).filter(|s| !used(s)) {
         return Some(s);
     }
-    (0u128..).map_while(|i| c6.nth(i)).find(|s| !used(s))
+    let free: Vec<Ipv6Net> = (0u128..).map_while(|i| c6.nth(i)).filter(|s| !used(s)).take(CANDIDATES).collect();
+    free.choose(rng).copied()
 }
 
 pub fn choose(
@@ -96,12 +98,15 @@ mod tests {
     fn dual_stack_subnets_pair_up_and_stale_single_stack_leases_go() {
         let c = cfg(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#);
         let v4: Ipv4Net = "10.0.7.0/24".parse().unwrap();
-        assert_eq!(choose_v6(&c, &[], v4), Some("fd00:0:0:7::/64".parse().unwrap()));
-        // Taken by someone (a stock node chose it): the first free one.
+        assert_eq!(choose_v6(&c, &[], v4, &mut rng()), Some("fd00:0:0:7::/64".parse().unwrap()));
+        // Taken by someone (a stock node chose it): another free one, spread.
         let mut other = lease("10.0.9.0/24", [9, 9, 9, 9]);
         other.subnet6 = Some("fd00:0:0:7::/64".parse().unwrap());
-        assert_eq!(choose_v6(&c, &[other.clone()], v4), Some("fd00:0:0:1::/64".parse().unwrap()));
-        assert_eq!(choose_v6(&cfg(r#"{"Network":"10.0.0.0/16"}"#), &[], v4), None);
+        let mut r = rng();
+        let picks: std::collections::BTreeSet<Ipv6Net> = (0..50).map(|_| choose_v6(&c, &[other.clone()], v4, &mut r).unwrap()).collect();
+        assert!(!picks.contains(&other.subnet6.unwrap()) && picks.len() > 10, "{picks:?}");
+        assert!(picks.iter().all(|s| c.ipv6.unwrap().fits(s)));
+        assert_eq!(choose_v6(&cfg(r#"{"Network":"10.0.0.0/16"}"#), &[], v4, &mut rng()), None);
         // Our single-stack lease from before IPv6 was switched on: deleted, not reused.
         let mine = lease("10.0.5.0/24", [2, 2, 2, 2]);
         assert_eq!(incompatible_own(&c, &[mine.clone(), other.clone()], Ipv4Addr::new(2, 2, 2, 2)), vec![mine.subnet]);
@@ -114,7 +119,7 @@ mod tests {
         let held: Vec<Lease> = (1..4u8)
             .map(|i| Lease { subnet6: Some(format!("fd00::{:x}/122", i * 64).parse().unwrap()), ..lease(&format!("10.0.{i}.0/24"), [i, 0, 0, 1]) })
             .collect();
-        assert_eq!(choose_v6(&tiny, &held, v4), None);
+        assert_eq!(choose_v6(&tiny, &held, v4, &mut rng()), None);
     }
     fn rng() -> rand::rngs::StdRng {
         rand::rngs::StdRng::seed_from_u64(1)

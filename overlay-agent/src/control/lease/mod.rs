@@ -19,6 +19,9 @@ pub enum LeaseFormatError {
     BadValue(String),
     #[error("vxlan lease without BackendData.VtepMAC (or with a malformed one)")]
     NoVtepMac,
+    /// A dual-stack peer's IPv6 subnet outside the network's IPv6 range, or ours.
+    #[error("IPv6 subnet {0} is not one of the network's (outside IPv6Network's range, the wrong length, or this node's own)")]
+    Ipv6SubnetRefused(String),
     /// Not an error of the lease: an IPv6-only node's, which this IPv4 agent has no route for.
     #[error("IPv6-only lease {0:?} (no IPv4 subnet; this agent routes IPv4)")]
     Ipv6Only(String),

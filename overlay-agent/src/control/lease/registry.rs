@@ -232,9 +232,20 @@ impl Registry {
             ])
             .and_then([TxnOp::put(key.clone(), attrs.to_json(), Some(PutOptions::new().with_lease(id)))])
             // Taken: by whom? (read in the same transaction)
-            .or_else([TxnOp::get(key, None)]);
+            .or_else([TxnOp::get(key.clone(), None)]);
         let resp = self.client.txn(txn).await.map_err(self.err())?;
         if resp.succeeded() {
+            // The IPv6 subnet is not part of what the transaction could compare (another
+            // node's key names it after its own IPv4 subnet): looked for now. Two claims of
+            // one IPv6 subnet: the earlier keeps it, the later gives its claim up and chooses
+            // again (`None`: taken).
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(i64::MAX);
+            if let Some(v6) = subnet.v6 {
+                if self.ipv6_claimed_before(&key, v6, revision).await? {
+                    let _ = self.client.lease_revoke(id).await;
+                    return Ok(None);
+                }
+            }
             return Ok(Some(id));
         }
         // Don't leave an unused etcd lease behind.
@@ -249,6 +260,21 @@ impl Registry {
             _ => None,
         });
         Ok(ours)
+    }
+
+    /// Whether a key other than `ours` names IPv6 subnet `v6` and was created before
+    /// `revision`.
+    async fn ipv6_claimed_before(&mut self, ours: &str, v6: ipnet::Ipv6Net, revision: i64) -> Result<bool> {
+        let suffix = format!("&{}-{}", v6.network(), v6.prefix_len());
+        let resp = self
+            .client
+            .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix().with_keys_only()))
+            .await
+            .map_err(self.err())?;
+        Ok(resp.kvs().iter().any(|kv| {
+            let k = String::from_utf8_lossy(kv.key());
+            k != ours && k.ends_with(&suffix) && kv.create_revision() < revision
+        }))
     }
 
     /// Rewrite our lease's value (e.g. a new VtepMAC) under the same etcd lease.
