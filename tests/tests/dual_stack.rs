@@ -253,6 +253,25 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
         assert!(value.contains(&overlay_agent::netdev::format_mac(&new_mac)), "the new MAC is not announced: {value}");
     }
 
+    // Node 2's public IPv6 address changes (no --public-ipv6): its lease and node 1's
+    // forwarding entry follow, IPv6 between them keeps working, no restart.
+    let new6: Ipv6Addr = "fd00:64::22".parse().unwrap();
+    ok("new address", n2.ns.run("ip", &["addr", "add", &format!("{new6}/64"), "dev", "eth0", "nodad"]));
+    ok("old address gone", n2.ns.run("ip", &["addr", "del", &format!("{}/64", underlay_ipv6(2)), "dev", "eth0"]));
+    let key2 = format!("/coreos.com/network/subnets/{}-24&{}-64", n2.subnet.network(), sub6[1].network());
+    assert!(
+        wait_until(Duration::from_secs(20), || etcd.etcdctl(&["get", &key2, "--print-value-only"]).is_ok_and(|v| v.contains(&format!("\"PublicIPv6\":\"{new6}\""))))
+            && wait_until(Duration::from_secs(10), || {
+                n1.ns.run("bridge", &["fdb", "show", "dev", "flannel-v6.1"]).is_ok_and(|f| f.contains(&format!("dst {new6}")))
+            }),
+        "node 2's new IPv6 address did not reach its lease and node 1:\n{}",
+        n2.log_text()
+    );
+    assert!(wait_until(Duration::from_secs(10), || ping6(&n1.containers[0], c6(sub6[1], 0), 1).is_ok()), "IPv6 to node 2 after its address changed");
+    ok("v6 n2 -> n1 after the move", ping6(&n2.containers[1], c6(sub6[0], 1), 2));
+    let peers = ok("maps", overlay_agent::maps::Maps::open(&n1.bpffs_dir).and_then(|m| m.peer6_totals()).map_err(anyhow::Error::from));
+    assert!(peers.contains_key(&new6) && !peers.contains_key(&underlay_ipv6(2)), "node 1's IPv6 peers: {peers:?}");
+
     // The stock node leaves: its IPv6 route, neighbour and forwarding entry go.
     ok("delete the stock lease", etcd.etcdctl(&["del", &key]));
     for n in [n1, n2] {
@@ -272,4 +291,37 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
     }
     // The others keep theirs.
     ok("v6 n1 -> n2 after", ping6(&n1.containers[0], c6(sub6[1], 0), 2));
+}
+
+/// Dual stack in nftables mode (`EnableNFTables`): flannel's `ip6 flannel-ipv6` table beside
+/// `ip flannel-ipv4`, rule for rule as flannel's nftables manager writes it, restored when
+/// someone deletes it, and gone after a clean stop; no ip6tables chains.
+#[test]
+fn dual_stack_nftables_mode_keeps_flannels_ipv6_table() {
+    require_root();
+    let config = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config: config.into() },
+        agent_args: vec!["--ip-masq".into(), "--iptables-resync=1".into()],
+        ipv6_underlay: true,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 1)
+    };
+    let mut c = Cluster::new("dn", &spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"));
+    let s6 = subnet6_of(c.node(1));
+    let list = |c: &Cluster| c.node(1).ns.run("nft", &["list", "table", "ip6", "flannel-ipv6"]);
+    let net = "fd00:10:244::/56";
+    let expected = format!(
+        "table ip6 flannel-ipv6 {{\n\tcomment \"rules for flannel-ipv6\"\n\tchain postrtg {{\n\t\tcomment \"chain to manage traffic masquerading by flannel\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark 0x00004000 return\n\t\tip6 saddr {s6} ip6 daddr {net} return\n\t\tip6 saddr {net} ip6 daddr {s6} return\n\t\tip6 saddr != {s6} ip6 daddr {net} return\n\t\tip6 saddr {net} ip6 daddr != ff00::/8 masquerade fully-random\n\t\tip6 saddr != {net} ip6 daddr {net} masquerade fully-random\n\t}}\n\n\tchain forward {{\n\t\tcomment \"chain to accept flannel traffic\"\n\t\ttype filter hook forward priority filter; policy accept;\n\t\tip6 saddr {net} accept\n\t\tip6 daddr {net} accept\n\t}}\n}}"
+    );
+    assert_eq!(ok("nft", list(&c)).trim_end(), expected);
+    assert!(ok("nft", c.node(1).ns.run("nft", &["list", "table", "ip", "flannel-ipv4"])).contains("ip saddr 10.244.0.0/16 accept"));
+    assert!(c.node(1).ns.run("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).is_err(), "no ip6tables chain in nftables mode");
+    ok("delete", c.node(1).ns.run("nft", &["delete", "table", "ip6", "flannel-ipv6"]));
+    assert!(
+        wait_until(Duration::from_secs(10), || list(&c).is_ok_and(|t| t.trim_end() == expected)),
+        "the IPv6 table was not restored:\n{}",
+        c.node(1).log_text()
+    );
+    ok("stop", c.stop_agent(1));
+    assert!(list(&c).is_err(), "the IPv6 table must be gone after SIGTERM");
 }

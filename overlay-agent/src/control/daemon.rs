@@ -727,6 +727,7 @@ impl Daemon {
                     Wake::Heal => {
                         self.heal().await;
                         self.heal_v6().await;
+                        self.follow_public_ipv6().await;
                         if self.follow_public_ip().await? {
                             // The watch's connection came from the old address: list and
                             // watch again on the new one.
@@ -1059,7 +1060,8 @@ impl Daemon {
         };
         tracing::error!(device = %o6.device, problem = damage, "the IPv6 overlay device was damaged; restoring it");
         let (vni, port, mtu) = (self.cfg.backend.vni, self.cfg.backend.port, self.cfg.backend.mtu);
-        if let Err(e) = o6.rebuild(vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
+        let public_ipv6 = o6.public_ip;
+        if let Err(e) = o6.rebuild(public_ipv6, vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
             tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the IPv6 overlay device failed; trying again");
             return;
         }
@@ -1071,6 +1073,36 @@ impl Daemon {
             if let Err(e) = self.announce(attrs).await {
                 tracing::error!(error = %crate::error_chain(e.as_ref()), "announcing the restored IPv6 device's VtepMAC failed");
             }
+        }
+    }
+
+    /// The node's public IPv6 address changed (SLAAC, DHCPv6, an operator) and was not fixed
+    /// by --public-ipv6: flannel-v6 is made again on the new address and the lease says it
+    /// (`PublicIPv6` and the new VtepMAC, same etcd lease); peers' forwarding entries follow.
+    async fn follow_public_ipv6(&mut self) {
+        if self.opts.public_ipv6.is_some() {
+            return;
+        }
+        let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return };
+        // No global address for a moment (between two): keep the old one.
+        let Ok(Some(ip)) = netdev::first_ipv6(&self.spec.iface) else { return };
+        if ip == o6.public_ip || netdev::has_ipv6(&self.spec.iface, o6.public_ip).unwrap_or(true) {
+            return;
+        }
+        tracing::warn!(old = %o6.public_ip, new = %ip, "this node's public IPv6 address changed; moving flannel-v6 and the lease to it");
+        let (vni, port, mtu) = (self.cfg.backend.vni, self.cfg.backend.port, self.cfg.backend.mtu);
+        if let Err(e) = o6.rebuild(ip, vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
+            tracing::error!(error = %crate::error_chain(e.as_ref()), "moving flannel-v6 to the new address failed; trying again");
+            return;
+        }
+        let mac = o6.mac;
+        let attrs = self.attrs.clone().with_ipv6(ip, vni, mac);
+        match self.announce(attrs).await {
+            Ok(()) => {
+                self.state.public_ip_changes.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(public_ipv6 = %ip, "flannel-v6 and the lease moved to the new public IPv6 address");
+            }
+            Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "announcing the new public IPv6 address failed"),
         }
     }
 

@@ -178,13 +178,24 @@ impl Overlay6 {
         Ok(None)
     }
 
-    /// Make the device, its address and every peer's entries again, as at start (the device
-    /// may get a new MAC: the caller announces it).
-    pub fn rebuild(&mut self, vni: u32, port: u16, underlay: &str, mtu: Option<u32>, subnet: Ipv6Net, bpffs_dir: &std::path::Path) -> Result<()> {
+    /// Make the device (bound to `public_ip`: the same, or the node's new address), its
+    /// address and every peer's entries again, as at start (the device may get a new MAC: the
+    /// caller announces it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rebuild(
+        &mut self,
+        public_ip: Ipv6Addr,
+        vni: u32,
+        port: u16,
+        underlay: &str,
+        mtu: Option<u32>,
+        subnet: Ipv6Net,
+        bpffs_dir: &std::path::Path,
+    ) -> Result<()> {
         if netdev::link(&self.device)?.is_some() {
             netdev::delete_link(&self.device)?;
         }
-        let mut fresh = Overlay6::up(vni, port, self.public_ip, underlay, mtu)?;
+        let mut fresh = Overlay6::up(vni, port, public_ip, underlay, mtu)?;
         fresh.configure(subnet, bpffs_dir)?;
         // Every route is to be written again on the new device; kept even if that fails
         // midway (the next sync or set tries again).

@@ -468,6 +468,12 @@ pub fn first_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
     Ok(ipv6_addresses(l.ifindex)?.into_iter().map(|(a, _)| a).find(|a| !a.is_loopback()))
 }
 
+/// Whether interface `name` has IPv6 address `addr`.
+pub fn has_ipv6(name: &str, addr: Ipv6Addr) -> Result<bool> {
+    let l = require_link(name)?;
+    Ok(ipv6_addresses(l.ifindex)?.iter().any(|(a, _)| *a == addr))
+}
+
 /// Give flannel-v6 its one address, the IPv6 subnet's network address as a /128 (flannel's
 /// ConfigureIPv6), removing any other global one.
 pub fn set_device_address6(name: &str, addr: Ipv6Addr) -> Result<()> {
