@@ -57,12 +57,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Routes) => {
-            print!("{}", report::routes_table(&Maps::open(&dir)?.routes()?));
+            let maps = Maps::open(&dir)?;
+            print!("{}", report::routes_table(&maps.routes()?, &maps.routes6()?));
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Stats) => {
             let maps = Maps::open(&dir)?;
-            print!("{}", report::stats_table(&maps.counters()?, &maps.peer_totals()?));
+            print!("{}", report::stats_table(&maps.counters()?, &maps.peer_totals()?, &maps.peer6_totals()?));
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Monitor { decisions, sample, count }) => {

@@ -203,6 +203,12 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
         assert!(t.rx_bytes >= BULK, "node {}: IPv6 traffic from the stock node not counted: {t:?}", n.index);
     }
 
+    // Operators see the IPv6 side: routes and peers.
+    let routes = ok("routes", n1.agent_cli(&["routes"]));
+    assert!(routes.contains(&format!("{stock6}")) && routes.contains(&underlay_ipv6(stock.index).to_string()), "{routes}");
+    let stats = ok("stats", n1.agent_cli(&["stats"]));
+    assert!(stats.contains(&underlay_ipv6(stock.index).to_string()), "{stats}");
+
     // A peer sending an inner source outside its IPv6 subnet: dropped and counted, at both
     // hooks (the stock node's container takes an address that is not its node's).
     let spoof = "fd00:10:244:99::5";

@@ -9,11 +9,18 @@ use crate::{
     netdev::format_mac,
 };
 
-pub fn routes_table(routes: &[Route]) -> String {
+/// The routes, and a dual-stack node's IPv6 routes (subnet, peer) after them.
+pub fn routes_table(routes: &[Route], routes6: &[(ipnet::Ipv6Net, std::net::Ipv6Addr)]) -> String {
     let mut s = format!("{:<20} {:<16} {}\n", "SUBNET", "PUBLIC-IP", "VTEP-MAC");
     for r in routes {
         let mac = if r.vtep_mac == [0; 6] { "-".to_string() } else { format_mac(&r.vtep_mac) };
         let _ = writeln!(s, "{:<20} {:<16} {}", r.subnet.to_string(), r.public_ip.to_string(), mac);
+    }
+    if !routes6.is_empty() {
+        let _ = write!(s, "\n{:<44} {}\n", "IPV6-SUBNET", "PUBLIC-IPV6");
+        for (subnet, peer) in routes6 {
+            let _ = writeln!(s, "{:<44} {}", subnet.to_string(), peer);
+        }
     }
     s
 }
@@ -21,6 +28,7 @@ pub fn routes_table(routes: &[Route]) -> String {
 pub fn stats_table(
     counters: &[u64; Counter::COUNT],
     peers: &std::collections::BTreeMap<std::net::Ipv4Addr, PeerTotals>,
+    peers6: &std::collections::BTreeMap<std::net::Ipv6Addr, PeerTotals>,
 ) -> String {
     let mut s = format!("{:<20} {:>14} {}\n", "OUTCOME", "PACKETS", "");
     for c in Counter::ALL {
@@ -43,17 +51,50 @@ pub fn stats_table(
             t.rx_bytes
         );
     }
+    // A dual-stack node's IPv6 peers (what the decap programs accepted from each).
+    for (ip, t) in peers6 {
+        let _ = writeln!(s, "{:<40} {:>12} {:>14} {:>12} {:>14}", ip.to_string(), t.tx_packets, t.tx_bytes, t.rx_packets, t.rx_bytes);
+    }
     s
 }
 
 /// `overlay-agent leases`: one row per lease, with the seconds left on its etcd lease.
 pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
     let mut s = format!("{:<20} {:<16} {:<8} {:<18} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT");
+    let dual = rows.iter().any(|(l, _)| l.subnet6.is_some());
+    if dual {
+        s.insert_str(s.len() - 1, "   IPV6-SUBNET PUBLIC-IPV6");
+    }
     for (l, left) in rows {
         let backend = if l.attrs.backend_type.is_empty() { "udp" } else { l.attrs.backend_type.as_str() };
         let mac = l.attrs.vtep_mac().map(|m| format_mac(&m)).unwrap_or_else(|_| "-".into());
         let left = if *left < 0 { "no TTL".to_string() } else { format!("{}h{:02}m{:02}s", left / 3600, left / 60 % 60, left % 60) };
-        let _ = writeln!(s, "{:<20} {:<16} {:<8} {:<18} {}", l.subnet.to_string(), l.attrs.public_ip.to_string(), backend, mac, left);
+        let _ = write!(s, "{:<20} {:<16} {:<8} {:<18} {}", l.subnet.to_string(), l.attrs.public_ip.to_string(), backend, mac, left);
+        if dual {
+            let sub6 = l.subnet6.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+            let ip6 = l.attrs.public_ipv6.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+            let _ = write!(s, "   {sub6} {ip6}");
+        }
+        s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dual_stack_nodes_show_their_ipv6_side() {
+        let r = Route { subnet: "10.244.2.0/24".parse().unwrap(), public_ip: "192.168.1.2".parse().unwrap(), vtep_mac: [2; 6] };
+        let t = routes_table(&[r], &[("fd00:0:0:2::/64".parse().unwrap(), "fd00::2".parse().unwrap())]);
+        assert!(t.contains("10.244.2.0/24") && t.contains("IPV6-SUBNET") && t.contains("fd00:0:0:2::/64") && t.contains("fd00::2"), "{t}");
+        assert!(!routes_table(&[r], &[]).contains("IPV6"), "an IPv4 node's table is as before");
+        let attrs = crate::lease::LeaseAttrs::vxlan("192.168.1.2".parse().unwrap(), 1, [2; 6]).with_ipv6("fd00::2".parse().unwrap(), 1, [6; 6]);
+        let l = crate::lease::Lease { subnet: r.subnet, subnet6: Some("fd00:0:0:2::/64".parse().unwrap()), attrs, etcd_lease: 1 };
+        let t = leases_table(&[(l, 60)]);
+        assert!(t.lines().next().unwrap().ends_with("IPV6-SUBNET PUBLIC-IPV6") && t.contains("fd00:0:0:2::/64 fd00::2"), "{t}");
+        let peers6 = [("fd00::2".parse().unwrap(), PeerTotals { rx_packets: 3, ..Default::default() })].into_iter().collect();
+        assert!(stats_table(&[0; Counter::COUNT], &Default::default(), &peers6).contains("fd00::2"));
+    }
 }
