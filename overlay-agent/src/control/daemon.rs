@@ -490,12 +490,14 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             tracing::warn!(device = %dev6, "IPv6 is off in the network config; removing the IPv6 overlay device");
             netdev::delete_link(&dev6)?;
         }
-        Maps::open(&spec.bpffs_dir)?.set_config6(&overlay_common::Dataplane6Config {
+        let mut maps6 = Maps::open(&spec.bpffs_dir)?;
+        maps6.set_config6(&overlay_common::Dataplane6Config {
             underlay_ip: [0; 16],
             local_subnet: [0; 16],
             local_prefix_len: 0,
             enabled: 0,
         })?;
+        maps6.clear6()?;
     }
     let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, v6, state, rules: SharedRules::default(), keeper: None };
     d.start_keeper();
@@ -726,8 +728,12 @@ impl Daemon {
                     Wake::Keeper(ev) => self.keeper_event(ev).await?,
                     Wake::Heal => {
                         self.heal().await;
-                        self.heal_v6().await;
-                        self.follow_public_ipv6().await;
+                        // One IPv6 rebuild a tick at most: following a new address first (a
+                        // heal would rebuild on the old one).
+                        if !self.follow_public_ipv6().await? {
+                            self.heal_v6().await?;
+                        }
+                        self.settle_v6().await?;
                         if self.follow_public_ip().await? {
                             // The watch's connection came from the old address: list and
                             // watch again on the new one.
@@ -987,10 +993,17 @@ impl Daemon {
             Box::pin(async move { r.update(key, &a, lease).await })
         })
         .await;
-        self.attrs = attrs;
+        // What etcd holds changes only with a write that went through (or a lease claimed
+        // again with these attributes).
         match written {
-            Ok(()) => Ok(()),
-            Err(e) if lease_gone(&e) => self.lost_lease("gone from etcd when rewritten").await,
+            Ok(()) => {
+                self.attrs = attrs;
+                Ok(())
+            }
+            Err(e) if lease_gone(&e) => {
+                self.attrs = attrs;
+                self.lost_lease("gone from etcd when rewritten").await
+            }
             Err(e) => Err(e),
         }
     }
@@ -1047,63 +1060,72 @@ impl Daemon {
     }
 
     /// The same for a dual-stack node's flannel-v6 device: made again with its address and
-    /// every peer's route, neighbour and forwarding entry; a new MAC is announced in the lease.
-    async fn heal_v6(&mut self) {
-        let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return };
+    /// every peer's route, neighbour and forwarding entry (`settle_v6` announces a new MAC).
+    async fn heal_v6(&mut self) -> Result<()> {
+        let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return Ok(()) };
         let damage = match o6.damage(s6) {
             Ok(Some(d)) => d,
-            Ok(None) => return,
+            Ok(None) => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %crate::error_chain(e.as_ref()), "checking the IPv6 overlay device");
-                return;
+                return Ok(());
             }
         };
         tracing::error!(device = %o6.device, problem = damage, "the IPv6 overlay device was damaged; restoring it");
         let (vni, port, mtu) = (self.cfg.backend.vni, self.cfg.backend.port, self.cfg.backend.mtu);
         let public_ipv6 = o6.public_ip;
-        if let Err(e) = o6.rebuild(public_ipv6, vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
-            tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the IPv6 overlay device failed; trying again");
-            return;
-        }
-        self.state.device_repairs.fetch_add(1, Ordering::Relaxed);
-        let (mac, public_ipv6) = (o6.mac, o6.public_ip);
-        tracing::warn!(device = %o6.device, "IPv6 overlay device restored: device, address and peers' entries");
-        if self.attrs.vtep_mac_v6().ok() != Some(mac) {
-            let attrs = self.attrs.clone().with_ipv6(public_ipv6, vni, mac);
-            if let Err(e) = self.announce(attrs).await {
-                tracing::error!(error = %crate::error_chain(e.as_ref()), "announcing the restored IPv6 device's VtepMAC failed");
+        match o6.rebuild(public_ipv6, vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
+            Ok(()) => {
+                self.state.device_repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(device = %o6.device, "IPv6 overlay device restored: device, address and peers' entries");
             }
+            Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the IPv6 overlay device failed; trying again"),
         }
+        Ok(())
+    }
+
+    /// After any IPv6 change: peers whose entries failed are written again, and the lease is
+    /// made to say the device's address and MAC if it does not (a rebuild, a move, or an
+    /// earlier rewrite that failed). Errors no retry can fix end the agent, as for IPv4.
+    async fn settle_v6(&mut self) -> Result<()> {
+        let Some(o6) = self.v6.as_mut() else { return Ok(()) };
+        if let Err(e) = o6.retry() {
+            tracing::warn!(error = %crate::error_chain(e.as_ref()), "IPv6 peers' entries");
+        }
+        let (ip, mac) = (o6.public_ip, o6.mac);
+        if self.attrs.public_ipv6 == Some(ip) && self.attrs.vtep_mac_v6().ok() == Some(mac) {
+            return Ok(());
+        }
+        let attrs = self.attrs.clone().with_ipv6(ip, self.cfg.backend.vni, mac);
+        self.announce(attrs).await?;
+        tracing::warn!(public_ipv6 = %ip, vtep_mac = %netdev::format_mac(&mac), "the lease now names the IPv6 device's address and MAC");
+        Ok(())
     }
 
     /// The node's public IPv6 address changed (SLAAC, DHCPv6, an operator) and was not fixed
-    /// by --public-ipv6: flannel-v6 is made again on the new address and the lease says it
-    /// (`PublicIPv6` and the new VtepMAC, same etcd lease); peers' forwarding entries follow.
-    async fn follow_public_ipv6(&mut self) {
+    /// by --public-ipv6: flannel-v6 is made again on the new address (`settle_v6` then writes
+    /// `PublicIPv6` and the new VtepMAC into the lease, same etcd lease; peers' forwarding
+    /// entries follow). True if a move was tried (the heal waits for the next tick).
+    async fn follow_public_ipv6(&mut self) -> Result<bool> {
         if self.opts.public_ipv6.is_some() {
-            return;
+            return Ok(false);
         }
-        let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return };
-        // No global address for a moment (between two): keep the old one.
-        let Ok(Some(ip)) = netdev::first_ipv6(&self.spec.iface) else { return };
+        let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return Ok(false) };
+        // No usable global address for a moment: keep the old one.
+        let Ok(Some(ip)) = netdev::first_ipv6(&self.spec.iface) else { return Ok(false) };
         if ip == o6.public_ip || netdev::has_ipv6(&self.spec.iface, o6.public_ip).unwrap_or(true) {
-            return;
+            return Ok(false);
         }
         tracing::warn!(old = %o6.public_ip, new = %ip, "this node's public IPv6 address changed; moving flannel-v6 and the lease to it");
         let (vni, port, mtu) = (self.cfg.backend.vni, self.cfg.backend.port, self.cfg.backend.mtu);
-        if let Err(e) = o6.rebuild(ip, vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
-            tracing::error!(error = %crate::error_chain(e.as_ref()), "moving flannel-v6 to the new address failed; trying again");
-            return;
-        }
-        let mac = o6.mac;
-        let attrs = self.attrs.clone().with_ipv6(ip, vni, mac);
-        match self.announce(attrs).await {
+        match o6.rebuild(ip, vni, port, &self.spec.iface, mtu, s6, &self.spec.bpffs_dir) {
             Ok(()) => {
                 self.state.public_ip_changes.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(public_ipv6 = %ip, "flannel-v6 and the lease moved to the new public IPv6 address");
+                tracing::warn!(public_ipv6 = %ip, "flannel-v6 moved to the new public IPv6 address");
             }
-            Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "announcing the new public IPv6 address failed"),
+            Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "moving flannel-v6 to the new address failed; trying again"),
         }
+        Ok(true)
     }
 
     /// The node's public address changed (DHCP, an operator) and was not fixed by

@@ -180,7 +180,8 @@ impl Overlay6 {
 
     /// Make the device (bound to `public_ip`: the same, or the node's new address), its
     /// address and every peer's entries again, as at start (the device may get a new MAC: the
-    /// caller announces it).
+    /// caller announces it). Ok once the device is in place: peers whose entries could not be
+    /// written are logged and marked, and `retry` writes them later.
     #[allow(clippy::too_many_arguments)]
     pub fn rebuild(
         &mut self,
@@ -204,6 +205,25 @@ impl Overlay6 {
         fresh.routes = routes.clone();
         let synced = fresh.sync(&routes);
         *self = fresh;
-        synced
+        if let Err(e) = synced {
+            tracing::error!(error = %crate::error_chain(e.as_ref()), "some IPv6 peers' entries are not written yet; trying again");
+        }
+        Ok(())
+    }
+
+    /// Write again the entries of peers whose last write failed. Err: how many still fail.
+    pub fn retry(&mut self) -> Result<()> {
+        let keys: Vec<Ipv4Net> = self.dirty.iter().copied().collect();
+        let mut failed = 0;
+        for k in keys {
+            let want = self.routes.get(&k).copied();
+            if self.set(k, want).is_err() {
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            anyhow::bail!("{failed} IPv6 peer(s) still not written");
+        }
+        Ok(())
     }
 }

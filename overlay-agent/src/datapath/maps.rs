@@ -403,6 +403,14 @@ impl Maps {
         Ok(())
     }
 
+    /// Remove every IPv6 route and peer (IPv6 switched off).
+    pub fn clear6(&mut self) -> Result<()> {
+        for (subnet, _) in self.routes6()? {
+            self.remove_route6(subnet)?;
+        }
+        Ok(())
+    }
+
     /// The IPv6 routes, as (subnet, peer).
     pub fn routes6(&self) -> Result<Vec<(Ipv6Net, Ipv6Addr)>> {
         let mut out = Vec::new();

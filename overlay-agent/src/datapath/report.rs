@@ -51,7 +51,15 @@ pub fn stats_table(
             t.rx_bytes
         );
     }
-    // A dual-stack node's IPv6 peers (what the decap programs accepted from each).
+    // A dual-stack node's IPv6 peers (what the decap programs accepted from each), under a
+    // header of their own.
+    if !peers6.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n{:<40} {:>12} {:>14} {:>12} {:>14}",
+            "IPV6-PEER", "TX-PACKETS", "TX-BYTES", "RX-PACKETS", "RX-BYTES"
+        );
+    }
     for (ip, t) in peers6 {
         let _ = writeln!(s, "{:<40} {:>12} {:>14} {:>12} {:>14}", ip.to_string(), t.tx_packets, t.tx_bytes, t.rx_packets, t.rx_bytes);
     }
@@ -61,21 +69,33 @@ pub fn stats_table(
 /// `overlay-agent leases`: one row per lease, with the seconds left on its etcd lease.
 pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
     let mut s = format!("{:<20} {:<16} {:<8} {:<18} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT");
+    // A dual-stack network's leases: two more columns, after a padded TIME-LEFT (which may
+    // read "no TTL").
     let dual = rows.iter().any(|(l, _)| l.subnet6.is_some());
     if dual {
-        s.insert_str(s.len() - 1, "   IPV6-SUBNET PUBLIC-IPV6");
+        s = format!("{:<20} {:<16} {:<8} {:<18} {:<10} {:<44} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "IPV6-SUBNET", "PUBLIC-IPV6");
     }
     for (l, left) in rows {
         let backend = if l.attrs.backend_type.is_empty() { "udp" } else { l.attrs.backend_type.as_str() };
         let mac = l.attrs.vtep_mac().map(|m| format_mac(&m)).unwrap_or_else(|_| "-".into());
         let left = if *left < 0 { "no TTL".to_string() } else { format!("{}h{:02}m{:02}s", left / 3600, left / 60 % 60, left % 60) };
-        let _ = write!(s, "{:<20} {:<16} {:<8} {:<18} {}", l.subnet.to_string(), l.attrs.public_ip.to_string(), backend, mac, left);
         if dual {
             let sub6 = l.subnet6.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
             let ip6 = l.attrs.public_ipv6.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-            let _ = write!(s, "   {sub6} {ip6}");
+            let _ = writeln!(
+                s,
+                "{:<20} {:<16} {:<8} {:<18} {:<10} {:<44} {}",
+                l.subnet.to_string(),
+                l.attrs.public_ip.to_string(),
+                backend,
+                mac,
+                left,
+                sub6,
+                ip6
+            );
+        } else {
+            let _ = writeln!(s, "{:<20} {:<16} {:<8} {:<18} {}", l.subnet.to_string(), l.attrs.public_ip.to_string(), backend, mac, left);
         }
-        s.push('\n');
     }
     s
 }
@@ -92,9 +112,15 @@ mod tests {
         assert!(!routes_table(&[r], &[]).contains("IPV6"), "an IPv4 node's table is as before");
         let attrs = crate::lease::LeaseAttrs::vxlan("192.168.1.2".parse().unwrap(), 1, [2; 6]).with_ipv6("fd00::2".parse().unwrap(), 1, [6; 6]);
         let l = crate::lease::Lease { subnet: r.subnet, subnet6: Some("fd00:0:0:2::/64".parse().unwrap()), attrs, etcd_lease: 1 };
-        let t = leases_table(&[(l, 60)]);
-        assert!(t.lines().next().unwrap().ends_with("IPV6-SUBNET PUBLIC-IPV6") && t.contains("fd00:0:0:2::/64 fd00::2"), "{t}");
+        let reservation = crate::lease::Lease { etcd_lease: 0, ..l.clone() };
+        let t = leases_table(&[(l, 60), (reservation, -1)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("PUBLIC-IPV6") && lines[1].contains("fd00:0:0:2::/64") && lines[1].ends_with("fd00::2"), "{t}");
+        // Columns line up, "no TTL" included: the IPv6 subnet starts where its header does.
+        let col = lines[0].find("IPV6-SUBNET").unwrap();
+        assert!(lines[1..].iter().all(|l| l[col..].starts_with("fd00:0:0:2::/64")), "{t}");
         let peers6 = [("fd00::2".parse().unwrap(), PeerTotals { rx_packets: 3, ..Default::default() })].into_iter().collect();
-        assert!(stats_table(&[0; Counter::COUNT], &Default::default(), &peers6).contains("fd00::2"));
+        let st = stats_table(&[0; Counter::COUNT], &Default::default(), &peers6);
+        assert!(st.contains("IPV6-PEER") && st.contains("fd00::2"), "{st}");
     }
 }

@@ -461,11 +461,40 @@ fn is_link_local6(ip: &Ipv6Addr) -> bool {
     ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
-/// The first global IPv6 address of interface `name` (flannel's public IPv6 when
-/// --public-ipv6 is not given).
+/// The first usable global IPv6 address of interface `name` (flannel's public IPv6 when
+/// --public-ipv6 is not given): not one still in duplicate address detection or failed it,
+/// not a temporary (privacy) one, which comes and goes; a deprecated one only if nothing
+/// else is there.
 pub fn first_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
+    use netlink_packet_route::address::AddressFlags as F;
     let l = require_link(name)?;
-    Ok(ipv6_addresses(l.ifindex)?.into_iter().map(|(a, _)| a).find(|a| !a.is_loopback()))
+    let mut m = AddressMessage::default();
+    m.header.family = AddressFamily::Inet6;
+    let msgs = request("list IPv6 addresses", RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP)?;
+    let mut fallback = None;
+    for a in msgs.iter().filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None }) {
+        if a.header.index != l.ifindex {
+            continue;
+        }
+        let Some(ip) = a.attributes.iter().find_map(|x| if let AddressAttribute::Address(IpAddr::V6(ip)) = x { Some(*ip) } else { None }) else {
+            continue;
+        };
+        let flags = a
+            .attributes
+            .iter()
+            .find_map(|x| if let AddressAttribute::Flags(f) = x { Some(*f) } else { None })
+            .unwrap_or_else(|| F::from_bits_retain(a.header.flags.bits() as u32));
+        // IFA_F_TEMPORARY has IFA_F_SECONDARY's value.
+        if is_link_local6(&ip) || ip.is_loopback() || flags.intersects(F::Tentative | F::Dadfailed | F::Secondary) {
+            continue;
+        }
+        if flags.contains(F::Deprecated) {
+            fallback.get_or_insert(ip);
+            continue;
+        }
+        return Ok(Some(ip));
+    }
+    Ok(fallback)
 }
 
 /// Whether interface `name` has IPv6 address `addr`.

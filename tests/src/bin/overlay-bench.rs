@@ -448,6 +448,15 @@ fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result
         if !wait_until(Duration::from_secs(20), carries) {
             overlay_tests::traffic::ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2).with_context(|| format!("{what} carries no traffic"))?;
         }
+        // DirectRouting measures the direct route, not the tunnel a ping also succeeds through.
+        if s.path == PathKind::EbpfVxlanDirect {
+            let direct = |i: usize, j: usize| {
+                c.node(i).ns.run("ip", &["route", "show", "proto", "97"]).is_ok_and(|r| r.contains(&c.node(j).subnet.to_string()))
+            };
+            if !(direct(1, 2) && direct(2, 1)) {
+                bail!("{what}: the nodes did not route each other directly");
+            }
+        }
         clusters.push(c);
     }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); all.len()];
