@@ -85,6 +85,18 @@ pub struct PeerTotals {
     pub rx_bytes: u64,
 }
 
+impl PeerTotals {
+    /// One peer's per-CPU counters, summed.
+    fn sum<'a>(per_cpu: impl Iterator<Item = &'a PeerStats>) -> Self {
+        per_cpu.fold(Self::default(), |t, v| Self {
+            tx_packets: t.tx_packets + v.tx_packets,
+            tx_bytes: t.tx_bytes + v.tx_bytes,
+            rx_packets: t.rx_packets + v.rx_packets,
+            rx_bytes: t.rx_bytes + v.rx_bytes,
+        })
+    }
+}
+
 pub struct Maps {
     routes: LpmTrie<MapData, Ipv4Prefix, Vtep>,
     peers: PerCpuHashMap<MapData, PeerAddr, PeerStats>,
@@ -428,13 +440,7 @@ impl Maps {
         let mut out = BTreeMap::new();
         for item in self.peers6.iter() {
             let (peer, values) = item.map_err(map_err(map_names::PEER6_STATS))?;
-            let mut t = PeerTotals::default();
-            for v in values.iter() {
-                t.tx_packets += v.tx_packets;
-                t.tx_bytes += v.tx_bytes;
-                t.rx_packets += v.rx_packets;
-                t.rx_bytes += v.rx_bytes;
-            }
+            let t = PeerTotals::sum(values.iter());
             out.insert(Ipv6Addr::from(peer), t);
         }
         Ok(out)
@@ -472,13 +478,7 @@ impl Maps {
         let mut out = BTreeMap::new();
         for item in self.peers.iter() {
             let (peer, values) = item.map_err(map_err(map_names::PEER_STATS))?;
-            let mut t = PeerTotals::default();
-            for v in values.iter() {
-                t.tx_packets += v.tx_packets;
-                t.tx_bytes += v.tx_bytes;
-                t.rx_packets += v.rx_packets;
-                t.rx_bytes += v.rx_bytes;
-            }
+            let t = PeerTotals::sum(values.iter());
             out.insert(Ipv4Addr::from(peer), t);
         }
         Ok(out)

@@ -99,6 +99,14 @@ fn request_once(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<(Vec<R
     }
 }
 
+/// Remove a route; one already gone is no error.
+fn delete_route(op: &str, m: RouteMessage) -> Result<()> {
+    match change(op, RouteNetlinkMessage::DelRoute(m), 0) {
+        Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
+        r => r,
+    }
+}
+
 /// A change the kernel acknowledges.
 fn change(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<()> {
     request(op, msg, NLM_F_ACK | flags).map(drop)
@@ -207,19 +215,29 @@ pub fn require_link(name: &str) -> Result<Link> {
     link(name)?.ok_or_else(|| NetdevError::NoSuchInterface(name.to_string()))
 }
 
-/// The IPv4 addresses (with prefix lengths) of interface `ifindex`.
-fn ipv4_addresses(ifindex: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+/// The addresses of one family on interface `ifindex` (a dump, filtered here).
+fn address_messages(family: AddressFamily, ifindex: u32) -> Result<Vec<AddressMessage>> {
     let mut m = AddressMessage::default();
-    m.header.family = AddressFamily::Inet;
+    m.header.family = family;
     let msgs = request("list addresses", RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP)?;
     Ok(msgs
-        .iter()
+        .into_iter()
         .filter_map(|m| match m {
-            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => a.attributes.iter().find_map(|x| match x {
+            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => Some(a),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The IPv4 addresses (with prefix lengths) of interface `ifindex`.
+fn ipv4_addresses(ifindex: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+    Ok(address_messages(AddressFamily::Inet, ifindex)?
+        .iter()
+        .filter_map(|a| {
+            a.attributes.iter().find_map(|x| match x {
                 AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, a.header.prefix_len)),
                 _ => None,
-            }),
-            _ => None,
+            })
         })
         .collect())
 }
@@ -372,38 +390,25 @@ fn new_link(op: &str, name: &str, info: Vec<LinkInfo>) -> Result<()> {
 /// egress does the encapsulation; the device itself gives the node UDP-tunnel GRO on port
 /// `port`, and stock tools show what operators expect.
 pub fn ensure_vxlan(name: &str, vni: u32, port: u16, local: Ipv4Addr, underlay: &str) -> Result<Link> {
-    if let Some(l) = link(name)? {
-        let want = VxlanParams { id: vni, port, local: Some(local), local6: None };
-        if l.kind.as_deref() == Some("vxlan") && l.vxlan.as_ref() == Some(&want) {
-            return Ok(l);
-        }
-        tracing::warn!(device = name, "existing device does not match the configuration; recreating it");
-        delete_link(name)?;
-    }
-    let under = require_link(underlay)?;
-    new_link(
-        &format!("create vxlan device {name}"),
-        name,
-        vec![
-            LinkInfo::Kind(InfoKind::Vxlan),
-            LinkInfo::Data(InfoData::Vxlan(vec![
-                InfoVxlan::Id(vni),
-                InfoVxlan::Local(local),
-                InfoVxlan::Link(under.ifindex),
-                InfoVxlan::Port(port),
-                InfoVxlan::Learning(false),
-            ])),
-        ],
-    )?;
-    require_link(name)
+    ensure_vxlan_on(name, vni, port, IpAddr::V4(local), underlay)
 }
 
 /// Create (or keep, if it already matches) flannel's IPv6 vxlan device `flannel-v6.<VNI>`:
 /// `nolearning`, bound to the underlay and its IPv6 address, as flannel makes it. The kernel
 /// device carries the node's IPv6 overlay traffic both ways.
 pub fn ensure_vxlan6(name: &str, vni: u32, port: u16, local: Ipv6Addr, underlay: &str) -> Result<Link> {
+    ensure_vxlan_on(name, vni, port, IpAddr::V6(local), underlay)
+}
+
+/// A `nolearning` vxlan device bound to `underlay` and its address `local` (either family),
+/// kept if one with these parameters exists, else made (again).
+fn ensure_vxlan_on(name: &str, vni: u32, port: u16, local: IpAddr, underlay: &str) -> Result<Link> {
+    let (local4, local6) = match local {
+        IpAddr::V4(a) => (Some(a), None),
+        IpAddr::V6(a) => (None, Some(a)),
+    };
     if let Some(l) = link(name)? {
-        let want = VxlanParams { id: vni, port, local: None, local6: Some(local) };
+        let want = VxlanParams { id: vni, port, local: local4, local6 };
         if l.kind.as_deref() == Some("vxlan") && l.vxlan.as_ref() == Some(&want) {
             return Ok(l);
         }
@@ -418,7 +423,10 @@ pub fn ensure_vxlan6(name: &str, vni: u32, port: u16, local: Ipv6Addr, underlay:
             LinkInfo::Kind(InfoKind::Vxlan),
             LinkInfo::Data(InfoData::Vxlan(vec![
                 InfoVxlan::Id(vni),
-                InfoVxlan::Local6(local),
+                match local {
+                    IpAddr::V4(a) => InfoVxlan::Local(a),
+                    IpAddr::V6(a) => InfoVxlan::Local6(a),
+                },
                 InfoVxlan::Link(under.ifindex),
                 InfoVxlan::Port(port),
                 InfoVxlan::Learning(false),
@@ -442,17 +450,13 @@ pub fn set_up_mtu(name: &str, mtu: u32) -> Result<()> {
 
 /// The IPv6 addresses of `ifindex` of global scope, with their prefix lengths.
 fn ipv6_addresses(ifindex: u32) -> Result<Vec<(Ipv6Addr, u8)>> {
-    let mut m = AddressMessage::default();
-    m.header.family = AddressFamily::Inet6;
-    let msgs = request("list IPv6 addresses", RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP)?;
-    Ok(msgs
+    Ok(address_messages(AddressFamily::Inet6, ifindex)?
         .iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewAddress(a) if a.header.index == ifindex => a.attributes.iter().find_map(|x| match x {
+        .filter_map(|a| {
+            a.attributes.iter().find_map(|x| match x {
                 AddressAttribute::Address(IpAddr::V6(ip)) if !is_link_local6(ip) => Some((*ip, a.header.prefix_len)),
                 _ => None,
-            }),
-            _ => None,
+            })
         })
         .collect())
 }
@@ -468,14 +472,8 @@ fn is_link_local6(ip: &Ipv6Addr) -> bool {
 pub fn first_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
     use netlink_packet_route::address::AddressFlags as F;
     let l = require_link(name)?;
-    let mut m = AddressMessage::default();
-    m.header.family = AddressFamily::Inet6;
-    let msgs = request("list IPv6 addresses", RouteNetlinkMessage::GetAddress(m), NLM_F_DUMP)?;
     let mut fallback = None;
-    for a in msgs.iter().filter_map(|m| if let RouteNetlinkMessage::NewAddress(a) = m { Some(a) } else { None }) {
-        if a.header.index != l.ifindex {
-            continue;
-        }
+    for a in address_messages(AddressFamily::Inet6, l.ifindex)? {
         let Some(ip) = a.attributes.iter().find_map(|x| if let AddressAttribute::Address(IpAddr::V6(ip)) = x { Some(*ip) } else { None }) else {
             continue;
         };
@@ -556,10 +554,7 @@ pub fn set_peer_route6(dev: &str, subnet: Ipv6Net) -> Result<()> {
 }
 
 pub fn del_peer_route6(subnet: Ipv6Net) -> Result<()> {
-    match change(&format!("remove route {subnet}"), RouteNetlinkMessage::DelRoute(route6_message(subnet)), 0) {
-        Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
-        r => r,
-    }
+    delete_route(&format!("remove route {subnet}"), route6_message(subnet))
 }
 
 /// The IPv6 routes through `dev` that have a gateway (the peer routes), by destination.
@@ -603,26 +598,15 @@ pub fn del_neighbour6(dev: &str, ip: Ipv6Addr) -> Result<()> {
     }
 }
 
-fn fdb6_message(ifindex: u32, mac: [u8; 6], dst: Ipv6Addr) -> NeighbourMessage {
-    let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Bridge;
-    m.header.ifindex = ifindex;
-    m.header.state = NeighbourState::Permanent;
-    m.header.flags = NeighbourFlags::Own;
-    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(dst)));
-    m
-}
-
 /// flannel's AddV6FDB: frames for the peer's VtepMAC go to its public IPv6 address.
 pub fn vxlan_fdb6_replace(dev: &str, mac: [u8; 6], dst: Ipv6Addr) -> Result<()> {
     let l = require_link(dev)?;
-    change(&format!("forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(fdb6_message(l.ifindex, mac, dst)), NLM_F_CREATE | NLM_F_REPLACE)
+    change(&format!("forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(fdb_message(l.ifindex, mac, IpAddr::V6(dst))), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
 pub fn vxlan_fdb6_del(dev: &str, mac: [u8; 6], dst: Ipv6Addr) -> Result<()> {
     let l = require_link(dev)?;
-    match change(&format!("remove forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::DelNeighbour(fdb6_message(l.ifindex, mac, dst)), 0) {
+    match change(&format!("remove forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::DelNeighbour(fdb_message(l.ifindex, mac, IpAddr::V6(dst))), 0) {
         Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
         r => r,
     }
@@ -786,10 +770,7 @@ pub fn set_direct_route(subnet: Ipv4Net, via: Ipv4Addr, underlay: &str) -> Resul
 
 /// Remove our direct route for `subnet` (none: nothing to do).
 pub fn del_direct_route(subnet: Ipv4Net) -> Result<()> {
-    match change(&format!("remove direct route {subnet}"), RouteNetlinkMessage::DelRoute(direct_route_message(subnet)), 0) {
-        Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
-        r => r,
-    }
+    delete_route(&format!("remove direct route {subnet}"), direct_route_message(subnet))
 }
 
 /// The direct routes this agent added (ours by `DIRECT_ROUTE_PROTO`), as (subnet, via).
@@ -826,10 +807,7 @@ pub fn blackhole_routes() -> Result<Vec<Ipv4Net>> {
 }
 
 pub fn del_blackhole_route(subnet: Ipv4Net) -> Result<()> {
-    match change(&format!("remove blackhole route {subnet}"), RouteNetlinkMessage::DelRoute(blackhole_message(subnet)), 0) {
-        Err(e) if is_errno(&e, libc::ESRCH) => Ok(()),
-        r => r,
-    }
+    delete_route(&format!("remove blackhole route {subnet}"), blackhole_message(subnet))
 }
 
 /// Whether the route for the whole `network` goes to `device` (the overlay route).
@@ -840,14 +818,18 @@ pub fn network_route_via(network: Ipv4Net, device: &str) -> Result<bool> {
     }))
 }
 
-fn fdb_message(ifindex: u32, mac: [u8; 6], dst: Ipv4Addr) -> NeighbourMessage {
+/// A vxlan device's forwarding entry: frames for `mac` go to `dst` (either family).
+fn fdb_message(ifindex: u32, mac: [u8; 6], dst: IpAddr) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
     m.header.family = AddressFamily::Bridge;
     m.header.ifindex = ifindex;
     m.header.state = NeighbourState::Permanent;
     m.header.flags = NeighbourFlags::Own;
     m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+    m.attributes.push(NeighbourAttribute::Destination(match dst {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    }));
     m
 }
 
@@ -892,12 +874,12 @@ pub fn vxlan_fdb(dev: &str) -> Result<Vec<([u8; 6], Ipv4Addr)>> {
 /// Add (or keep) the entry sending frames for `mac` to `dst`, as flannel's vxlan backend does.
 pub fn vxlan_fdb_replace(dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
     let l = require_link(dev)?;
-    change(&format!("forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(fdb_message(l.ifindex, mac, dst)), NLM_F_CREATE | NLM_F_REPLACE)
+    change(&format!("forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(fdb_message(l.ifindex, mac, IpAddr::V4(dst))), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
 pub fn vxlan_fdb_del(dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
     let l = require_link(dev)?;
-    change(&format!("remove forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::DelNeighbour(fdb_message(l.ifindex, mac, dst)), 0)
+    change(&format!("remove forwarding entry {} -> {dst} on {dev}", format_mac(&mac)), RouteNetlinkMessage::DelNeighbour(fdb_message(l.ifindex, mac, IpAddr::V4(dst))), 0)
 }
 
 pub fn delete_link(name: &str) -> Result<()> {

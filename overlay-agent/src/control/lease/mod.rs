@@ -167,12 +167,7 @@ impl LeaseAttrs {
 
     /// The VtepMAC of a dual-stack vxlan lease's IPv6 device.
     pub fn vtep_mac_v6(&self) -> Result<[u8; 6], LeaseFormatError> {
-        let data: VxlanData = self
-            .backend_v6_data
-            .clone()
-            .and_then(|d| serde_json::from_value(d).ok())
-            .ok_or(LeaseFormatError::NoVtepMac)?;
-        crate::netdev::parse_mac(&data.vtep_mac).ok_or(LeaseFormatError::NoVtepMac)
+        vtep_mac_of(&self.backend_v6_data)
     }
 
     /// What flannel's udp backend writes: the public IP only.
@@ -195,13 +190,14 @@ impl LeaseAttrs {
 
     /// The VtepMAC of a vxlan lease.
     pub fn vtep_mac(&self) -> Result<[u8; 6], LeaseFormatError> {
-        let data: VxlanData = self
-            .backend_data
-            .clone()
-            .and_then(|d| serde_json::from_value(d).ok())
-            .ok_or(LeaseFormatError::NoVtepMac)?;
-        crate::netdev::parse_mac(&data.vtep_mac).ok_or(LeaseFormatError::NoVtepMac)
+        vtep_mac_of(&self.backend_data)
     }
+}
+
+/// The VtepMAC in a vxlan backend's data (`BackendData` or `BackendV6Data`).
+fn vtep_mac_of(data: &Option<serde_json::Value>) -> Result<[u8; 6], LeaseFormatError> {
+    let data: VxlanData = data.clone().and_then(|d| serde_json::from_value(d).ok()).ok_or(LeaseFormatError::NoVtepMac)?;
+    crate::netdev::parse_mac(&data.vtep_mac).ok_or(LeaseFormatError::NoVtepMac)
 }
 
 /// A lease as read from etcd.
