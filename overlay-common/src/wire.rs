@@ -371,24 +371,6 @@ pub fn check_outer6(first_byte: u8, payload_len: u16, udp: &[u8; UDP_HLEN], fram
     Ok(())
 }
 
-/// Source and destination of an inner IPv6 header, or `InnerNotIpv4` (the inner packet is
-/// not of the tunnel's family).
-#[inline(always)]
-pub fn inner_ipv6_addrs(ip: &[u8; IPV6_HLEN]) -> Result<([u8; 16], [u8; 16]), Counter> {
-    if ip[0] >> 4 != 6 {
-        return Err(Counter::InnerNotIpv4);
-    }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    let mut i = 0;
-    while i < 16 {
-        src[i] = ip[8 + i];
-        dst[i] = ip[24 + i];
-        i += 1;
-    }
-    Ok((src, dst))
-}
-
 /// Check a VXLAN header: exactly the I flag, reserved bits zero, and our VNI.
 #[inline(always)]
 pub fn check_vxlan(h: &[u8; VXLAN_HLEN], vni: u32) -> Result<(), Counter> {

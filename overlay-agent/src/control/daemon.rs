@@ -420,7 +420,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         (EncapMode::Udp, _) => LeaseAttrs::udp(public_ip),
     };
     // Dual stack: flannel-v6.<VNI> on the node's public IPv6 address, named in the lease.
-    let v6 = match cfg.ipv6 {
+    let mut v6 = match cfg.ipv6 {
         Some(_) => {
             let public_ipv6 = match opts.public_ipv6 {
                 Some(a) => a,
@@ -478,7 +478,6 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             (Box::new(tun.routes.clone()), None, Some(tun), mtu)
         }
     };
-    let mut v6 = v6;
     if let (Some(o6), Some(s6)) = (v6.as_mut(), held.subnet6) {
         o6.configure(s6, &spec.bpffs_dir)?;
     }

@@ -158,11 +158,6 @@ impl Overlay6 {
         Ok(())
     }
 
-    /// The peers' routes held now.
-    pub fn routes(&self) -> impl Iterator<Item = &Route6> {
-        self.routes.values()
-    }
-
     /// What is missing of the device and its address (`None`: intact).
     pub fn damage(&self, subnet: Ipv6Net) -> Result<Option<&'static str>> {
         let Some(link) = netdev::link(&self.device)? else { return Ok(Some("the device is gone")) };

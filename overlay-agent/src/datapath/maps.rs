@@ -437,13 +437,7 @@ impl Maps {
 
     /// Per-peer counters of the IPv6 peers, summed over CPUs.
     pub fn peer6_totals(&self) -> Result<BTreeMap<Ipv6Addr, PeerTotals>> {
-        let mut out = BTreeMap::new();
-        for item in self.peers6.iter() {
-            let (peer, values) = item.map_err(map_err(map_names::PEER6_STATS))?;
-            let t = PeerTotals::sum(values.iter());
-            out.insert(Ipv6Addr::from(peer), t);
-        }
-        Ok(out)
+        totals(&self.peers6, map_names::PEER6_STATS)
     }
 
     /// All routes, sorted by subnet.
@@ -475,14 +469,22 @@ impl Maps {
 
     /// Per-peer counters summed over CPUs, by peer address.
     pub fn peer_totals(&self) -> Result<BTreeMap<Ipv4Addr, PeerTotals>> {
-        let mut out = BTreeMap::new();
-        for item in self.peers.iter() {
-            let (peer, values) = item.map_err(map_err(map_names::PEER_STATS))?;
-            let t = PeerTotals::sum(values.iter());
-            out.insert(Ipv4Addr::from(peer), t);
-        }
-        Ok(out)
+        totals(&self.peers, map_names::PEER_STATS)
     }
+}
+
+/// Each peer's per-CPU counters in `map`, summed, by address.
+fn totals<K, A>(map: &PerCpuHashMap<MapData, K, PeerStats>, name: &'static str) -> Result<BTreeMap<A, PeerTotals>>
+where
+    K: aya::Pod,
+    A: From<K> + Ord,
+{
+    let mut out = BTreeMap::new();
+    for item in map.iter() {
+        let (peer, values) = item.map_err(map_err(name))?;
+        out.insert(A::from(peer), PeerTotals::sum(values.iter()));
+    }
+    Ok(out)
 }
 
 fn nr_cpus() -> Result<usize> {

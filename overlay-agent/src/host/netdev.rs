@@ -501,35 +501,6 @@ pub fn has_ipv6(name: &str, addr: Ipv6Addr) -> Result<bool> {
     Ok(ipv6_addresses(l.ifindex)?.iter().any(|(a, _)| *a == addr))
 }
 
-/// Give flannel-v6 its one address, the IPv6 subnet's network address as a /128 (flannel's
-/// ConfigureIPv6), removing any other global one.
-pub fn set_device_address6(name: &str, addr: Ipv6Addr) -> Result<()> {
-    let l = require_link(name)?;
-    let have = ipv6_addresses(l.ifindex)?;
-    if have == [(addr, 128)] {
-        return Ok(());
-    }
-    let op = format!("set the IPv6 address of {name}");
-    let msg = |a: Ipv6Addr, len: u8| {
-        let mut m = AddressMessage::default();
-        m.header.family = AddressFamily::Inet6;
-        m.header.prefix_len = len;
-        m.header.index = l.ifindex;
-        m.attributes.push(AddressAttribute::Address(IpAddr::V6(a)));
-        m
-    };
-    for (a, len) in have {
-        change(&op, RouteNetlinkMessage::DelAddress(msg(a, len)), 0)?;
-    }
-    change(&op, RouteNetlinkMessage::NewAddress(msg(addr, 128)), NLM_F_CREATE | NLM_F_EXCL)
-}
-
-/// Whether `name` has exactly the IPv6 address the agent gives it (`addr`/128).
-pub fn has_address6(name: &str, addr: Ipv6Addr) -> Result<bool> {
-    let l = require_link(name)?;
-    Ok(ipv6_addresses(l.ifindex)? == [(addr, 128)])
-}
-
 fn route6_message(dst: Ipv6Net) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = AddressFamily::Inet6;
@@ -652,36 +623,80 @@ pub fn configure_up(name: &str, mtu: Option<u32>) -> Result<()> {
     change(&op, RouteNetlinkMessage::SetLink(m), 0)
 }
 
-fn address_message(ifindex: u32, addr: Ipv4Addr, prefix_len: u8) -> AddressMessage {
+fn address_message(ifindex: u32, addr: IpAddr, prefix_len: u8) -> AddressMessage {
     let mut m = AddressMessage::default();
-    m.header.family = AddressFamily::Inet;
     m.header.prefix_len = prefix_len;
     m.header.index = ifindex;
-    m.attributes.push(AddressAttribute::Local(IpAddr::V4(addr)));
-    m.attributes.push(AddressAttribute::Address(IpAddr::V4(addr)));
+    match addr {
+        IpAddr::V4(_) => {
+            m.header.family = AddressFamily::Inet;
+            m.attributes.push(AddressAttribute::Local(addr));
+        }
+        IpAddr::V6(_) => m.header.family = AddressFamily::Inet6,
+    }
+    m.attributes.push(AddressAttribute::Address(addr));
     m
 }
 
-/// Give the overlay device exactly one address, the subnet's network address as a /32 (as
-/// flannel does): the source the host uses to reach remote containers.
-pub fn set_device_address(name: &str, addr: Ipv4Addr) -> Result<()> {
+/// The addresses of `addr`'s family on `ifindex` (global ones for IPv6), as (address, length).
+fn addresses_like(ifindex: u32, addr: IpAddr) -> Result<Vec<(IpAddr, u8)>> {
+    Ok(match addr {
+        IpAddr::V4(_) => ipv4_addresses(ifindex)?.into_iter().map(|(a, l)| (IpAddr::V4(a), l)).collect(),
+        IpAddr::V6(_) => ipv6_addresses(ifindex)?.into_iter().map(|(a, l)| (IpAddr::V6(a), l)).collect(),
+    })
+}
+
+/// The full length of `addr`'s family (32 or 128): overlay devices' addresses are host routes.
+fn host_len(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// Give `name` exactly one address of `addr`'s family, `addr` as a host address, removing
+/// the others of that family; none removed when it is already so (an agent restart: host
+/// traffic never loses its source).
+fn set_only_address(name: &str, addr: IpAddr) -> Result<()> {
     let l = require_link(name)?;
-    let have = ipv4_addresses(l.ifindex)?;
-    // Already right (an agent restart): leave it, so host traffic never loses its source.
-    if have == [(addr, 32)] {
+    let have = addresses_like(l.ifindex, addr)?;
+    if have == [(addr, host_len(addr))] {
         return Ok(());
     }
     let op = format!("set the address of {name}");
     for (a, len) in have {
         change(&op, RouteNetlinkMessage::DelAddress(address_message(l.ifindex, a, len)), 0)?;
     }
-    change(&op, RouteNetlinkMessage::NewAddress(address_message(l.ifindex, addr, 32)), NLM_F_CREATE | NLM_F_EXCL)
+    change(&op, RouteNetlinkMessage::NewAddress(address_message(l.ifindex, addr, host_len(addr))), NLM_F_CREATE | NLM_F_EXCL)
+}
+
+/// Whether `name` has exactly the address of `addr`'s family that `set_only_address` gives.
+fn has_only_address(name: &str, addr: IpAddr) -> Result<bool> {
+    let l = require_link(name)?;
+    Ok(addresses_like(l.ifindex, addr)? == [(addr, host_len(addr))])
+}
+
+/// Give the overlay device exactly one address, the subnet's network address as a /32 (as
+/// flannel does): the source the host uses to reach remote containers.
+pub fn set_device_address(name: &str, addr: Ipv4Addr) -> Result<()> {
+    set_only_address(name, IpAddr::V4(addr))
+}
+
+/// Give flannel-v6 its one address, the IPv6 subnet's network address as a /128 (flannel's
+/// ConfigureIPv6), removing any other global one.
+pub fn set_device_address6(name: &str, addr: Ipv6Addr) -> Result<()> {
+    set_only_address(name, IpAddr::V6(addr))
 }
 
 /// Whether `name` has exactly the address the agent gives it (`addr`/32).
 pub fn has_address(name: &str, addr: Ipv4Addr) -> Result<bool> {
-    let l = require_link(name)?;
-    Ok(ipv4_addresses(l.ifindex)? == [(addr, 32)])
+    has_only_address(name, IpAddr::V4(addr))
+}
+
+/// Whether flannel-v6 has exactly the address the agent gives it (`addr`/128).
+pub fn has_address6(name: &str, addr: Ipv6Addr) -> Result<bool> {
+    has_only_address(name, IpAddr::V6(addr))
 }
 
 /// The next hop of the overlay route. Any address works on a NOARP device: routing the whole
