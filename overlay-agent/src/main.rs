@@ -5,7 +5,7 @@ use clap::Parser as _;
 use overlay_agent::{
     cli::{normalize_args, Cli, Command, ConfigCommand, RouteCommand, RunArgs},
     config, daemon, dataplane,
-    lease::{parse_subnet_key, registry::Registry},
+    lease::{parse_lease_key, registry::Registry},
     maps::{Maps, Route},
     netdev, report,
 };
@@ -115,17 +115,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }),
         Some(Command::Lease { subnet }) => runtime()?.block_on(async {
-            let net = subnet
-                .parse::<ipnet::Ipv4Net>()
+            // Either subnet of a lease, as a CIDR or in the key's form (dual-stack and
+            // IPv6-only keys too): the lease whose key names it.
+            let wanted = subnet
+                .parse::<ipnet::IpNet>()
                 .ok()
-                .or_else(|| parse_subnet_key(&subnet).ok())
-                .with_context(|| format!("{subnet:?} is neither 10.1.2.0/24 nor 10.1.2.0-24"))?;
+                .or_else(|| parse_lease_key(&subnet).ok().map(|k| k.primary()))
+                .with_context(|| format!("{subnet:?} is neither a subnet (10.1.2.0/24, fd00:0:0:1::/64) nor a lease key (10.1.2.0-24)"))?;
             let mut reg = Registry::connect(&cli.etcd.options()).await?;
-            let Some(l) = reg.get_lease(&net).await? else {
-                bail!("no lease for {net} at {}", reg.lease_key(&net));
+            let names = |l: &overlay_agent::lease::Lease| match wanted {
+                ipnet::IpNet::V4(n) => !l.key().is_ipv6_only() && l.subnet == n,
+                ipnet::IpNet::V6(n) => l.subnet6 == Some(n),
             };
+            let Some(l) = reg.list_leases().await?.leases.into_iter().find(names) else {
+                bail!("no lease for {wanted} under {}", reg.subnets_prefix());
+            };
+            let key = reg.lease_key(l.key());
             let left = reg.time_left(l.etcd_lease).await?;
-            println!("key:       {}", reg.lease_key(&net));
+            println!("key:       {key}");
             println!("value:     {}", l.attrs.to_json());
             print!("{}", report::leases_table(&[(l, left)]));
             Ok(ExitCode::SUCCESS)
@@ -179,17 +186,16 @@ fn config_command(etcd: &overlay_agent::cli::EtcdArgs, cmd: ConfigCommand) -> Re
             for w in &cfg.warnings {
                 println!("warning: {w}");
             }
-            println!(
-                "valid: Network={} SubnetLen={} SubnetMin={} SubnetMax={} Backend={} VNI={} Port={} ({} subnets)",
-                cfg.network,
-                cfg.subnet_len,
-                cfg.subnet_min,
-                cfg.subnet_max,
-                cfg.backend.type_name(),
-                cfg.backend.vni,
-                cfg.backend.port,
-                cfg.subnets().count()
-            );
+            let v4 = format!("Network={} SubnetLen={} SubnetMin={} SubnetMax={} ({} subnets)", cfg.network, cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.subnets().count());
+            let v6 = cfg.ipv6.map(|c| {
+                format!("IPv6Network={} IPv6SubnetLen={} IPv6SubnetMin={} IPv6SubnetMax={}", c.network, c.subnet_len, c.subnet_min, c.subnet_max)
+            });
+            let nets = match (cfg.enable_ipv4, v6) {
+                (true, Some(v6)) => format!("{v4} {v6}"),
+                (true, None) => v4,
+                (false, v6) => format!("IPv6-only {}", v6.unwrap_or_default()),
+            };
+            println!("valid: {nets} Backend={} VNI={} Port={}", cfg.backend.type_name(), cfg.backend.vni, cfg.backend.port);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -24,7 +24,7 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     /// A CA, a server certificate for `ip` and a client certificate, in `dir`.
-    pub fn generate(dir: &Path, ip: Ipv4Addr) -> Result<Self> {
+    pub fn generate(dir: &Path, ip: IpAddr) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let p = |n: &str| dir.join(n);
         let ssl = |args: &[&str]| run(Command::new("openssl").args(args).current_dir(dir)).context("openssl (apt package openssl)");
@@ -64,14 +64,18 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Start etcd in `ns`, serving clients on `ip`:2379, with `extra` flags; wait until it is
-    /// healthy.
-    pub fn start(ns: &Netns, ip: Ipv4Addr, dir: &Path, tls: bool, extra: &[String]) -> Result<Self> {
+    /// Start etcd in `ns`, serving clients on `ip`:2379 (either family), with `extra` flags;
+    /// wait until it is healthy.
+    pub fn start(ns: &Netns, ip: IpAddr, dir: &Path, tls: bool, extra: &[String]) -> Result<Self> {
         let data = dir.join("etcd-data");
         fs::create_dir_all(&data)?;
         let tls = if tls { Some(TlsFiles::generate(&dir.join("tls"), ip)?) } else { None };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let endpoint = format!("{scheme}://{ip}:2379");
+        let host = match ip {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        };
+        let endpoint = format!("{scheme}://{host}:2379");
         let log = dir.join("etcd.log");
         let mut args: Vec<std::ffi::OsString> = vec!["--name".into(), "default".into(), "--data-dir".into(), data.into()];
         for a in ["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint] {

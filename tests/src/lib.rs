@@ -15,7 +15,7 @@ pub mod traffic;
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -24,7 +24,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 pub use etcd::Etcd;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 pub use netns::Netns;
 use overlay_agent::maps::{Maps, PeerTotals};
 use overlay_common::Counter;
@@ -34,6 +34,8 @@ pub const NETWORK: &str = "10.244.0.0/16";
 /// Where a cluster's etcd serves clients (on the underlay bridge, inside the underlay
 /// namespace).
 pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
+/// etcd's address in an IPv6-only cluster (on the underlay's bridge).
+pub const ETCD_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0xfe);
 
 /// flannel's config for NETWORK with `backend`, as the seed writes it.
 pub fn network_config(backend: Backend) -> String {
@@ -166,6 +168,11 @@ pub struct ClusterSpec {
     /// Also give node i the underlay address fd00:64::<i>/64 (and IPv6 forwarding): a
     /// dual-stack underlay.
     pub ipv6_underlay: bool,
+    /// An IPv6-only network (`EnableIPv4: false` in the config): nodes' underlay has only
+    /// fd00:64::<i>/64 (no IPv4 address), etcd is reached at `ETCD_IPV6`, node subnets are
+    /// IPv6 (`Node::subnet6`, from FLANNEL_IPV6_SUBNET; stock nodes get fd00:10:244:<100+i>::/64
+    /// and flannel-v6.1), and containers get IPv6 addresses only.
+    pub ipv6_only: bool,
 }
 
 /// Where nodes get their subnets and routes.
@@ -203,6 +210,7 @@ impl ClusterSpec {
             docker_opts_step: false,
             etcd_args: Vec::new(),
             ipv6_underlay: false,
+            ipv6_only: false,
         }
     }
 }
@@ -215,7 +223,10 @@ pub struct Node {
     pub containers: Vec<Netns>,
     pub underlay_ip: Ipv4Addr,
     pub subnet: Ipv4Net,
+    /// The node's IPv6 subnet in an IPv6-only cluster.
+    pub subnet6: Option<Ipv6Net>,
     pub bpffs_dir: PathBuf,
+    /// The MAC of its overlay device (flannel-v6.1 in an IPv6-only cluster).
     pub vtep_mac: [u8; 6],
     agent: Option<Child>,
     pub log: PathBuf,
@@ -233,6 +244,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// The IPv6 address of container `k` (0-based) in an IPv6-only cluster.
+    pub fn container_ip6(&self, k: usize) -> Ipv6Addr {
+        let s6 = self.subnet6.expect("an IPv6-only cluster's node");
+        Ipv6Addr::from(u128::from(s6.network()) + 2 + k as u128)
+    }
+
     /// The address of container `k` (0-based).
     pub fn container_ip(&self, k: usize) -> Ipv4Addr {
         let o = self.subnet.network().octets();
@@ -401,6 +418,13 @@ pub fn parse_docker_network_options(text: &str) -> Option<(Ipv4Net, u32)> {
     Some((bip.trunc(), get("--mtu=")?.parse().ok()?))
 }
 
+/// FLANNEL_IPV6_SUBNET (as the subnet it lies in) and FLANNEL_MTU of a subnet file.
+pub fn parse_subnet_env6(text: &str) -> Option<(Ipv6Net, u32)> {
+    let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k));
+    let subnet: Ipv6Net = get("FLANNEL_IPV6_SUBNET=")?.parse().ok()?;
+    Some((subnet.trunc(), get("FLANNEL_MTU=")?.parse().ok()?))
+}
+
 /// FLANNEL_SUBNET (as the subnet it lies in) and FLANNEL_MTU of a subnet file.
 pub fn parse_subnet_env(text: &str) -> Option<(Ipv4Net, u32)> {
     let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
@@ -473,7 +497,13 @@ impl Cluster {
         if let Control::Etcd { tls, config } = &spec.control {
             assert!(!spec.routed_underlay, "etcd clusters use the bridged underlay");
             ip(&["-n", &ul, "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
-            let etcd = Etcd::start(&cluster.underlay, ETCD_IP, &cluster.workdir, *tls, &spec.etcd_args)?;
+            let etcd_ip = if spec.ipv6_only {
+                ip(&["-n", &ul, "addr", "add", &format!("{ETCD_IPV6}/64"), "dev", "br0", "nodad"])?;
+                std::net::IpAddr::V6(ETCD_IPV6)
+            } else {
+                std::net::IpAddr::V4(ETCD_IP)
+            };
+            let etcd = Etcd::start(&cluster.underlay, etcd_ip, &cluster.workdir, *tls, &spec.etcd_args)?;
             // An empty config means: the test writes it later.
             if !config.is_empty() {
                 etcd.etcdctl(&["put", "/coreos.com/network/config", config])?;
@@ -595,7 +625,9 @@ impl Cluster {
             ip(&["-n", ul, "link", "set", &port, "master", "br0", "up"])?;
             underlay_ip(index)
         };
-        ip(&["-n", &n, "addr", "add", &format!("{uip}/24"), "dev", "eth0"])?;
+        if !spec.ipv6_only {
+            ip(&["-n", &n, "addr", "add", &format!("{uip}/24"), "dev", "eth0"])?;
+        }
         ip(&["-n", &n, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
         ip(&["-n", &n, "link", "set", "lo", "up"])?;
         if spec.wire_underlay {
@@ -607,7 +639,7 @@ impl Cluster {
             ip(&["-n", &n, "route", "add", "192.168.0.0/16", "via", &gw.to_string()])?;
         }
         ns.sysctl("net.ipv4.ip_forward", "1")?;
-        if spec.ipv6_underlay {
+        if spec.ipv6_underlay || spec.ipv6_only {
             ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
             ip(&["-n", &n, "addr", "add", &format!("{}/64", underlay_ipv6(index)), "dev", "eth0", "nodad"])?;
         }
@@ -624,6 +656,10 @@ impl Cluster {
             (Control::Etcd { .. }, NodeKind::StockFlannel | NodeKind::PlainRouting) => format!("10.244.{}.0/24", 100 + index).parse()?,
             _ => format!("10.244.{index}.0/24").parse()?,
         };
+        let subnet6 = match kind {
+            NodeKind::StockFlannel if spec.ipv6_only => Some(format!("fd00:10:244:{:x}::/64", 100 + index).parse()?),
+            _ => None,
+        };
         Ok(Node {
             index,
             kind,
@@ -631,6 +667,7 @@ impl Cluster {
             containers: Vec::new(),
             underlay_ip: uip,
             subnet,
+            subnet6,
             bpffs_dir: PathBuf::from("/sys/fs/bpf").join(format!("{}-n{index}", self.prefix)),
             vtep_mac: [0; 6],
             agent: None,
@@ -638,7 +675,7 @@ impl Cluster {
             subnet_file: self.workdir.join(format!("n{index}-subnet.env")),
             agent_args: Vec::new(),
             agent_env: Vec::new(),
-            mtu: UNDERLAY_MTU - spec.backend.overhead(),
+            mtu: UNDERLAY_MTU - if spec.ipv6_only { 70 } else { spec.backend.overhead() },
             notify: None,
             notifications: Vec::new(),
             bin: None,
@@ -658,9 +695,28 @@ impl Cluster {
         let o = node.subnet.network().octets();
         let gw = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1);
         ip(&["-n", &n, "link", "add", "docker0", "type", "bridge"])?;
+        let mtu = node.mtu.to_string();
+        if let Some(s6) = node.subnet6 {
+            // IPv6 only: docker0 gets the subnet's first address, container k the (k+2)th.
+            let gw6 = Ipv6Addr::from(u128::from(s6.network()) + 1);
+            ip(&["-n", &n, "addr", "add", &format!("{gw6}/{}", s6.prefix_len()), "dev", "docker0", "nodad"])?;
+            ip(&["-n", &n, "link", "set", "docker0", "up"])?;
+            for k in 0..count {
+                let c = Netns::new(&format!("{prefix}-n{}c{k}", node.index))?;
+                let veth = format!("veth{k}");
+                ip(&["-n", &n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", c.name()])?;
+                ip(&["-n", &n, "link", "set", &veth, "master", "docker0", "up"])?;
+                let cip = node.container_ip6(k);
+                ip(&["-n", c.name(), "addr", "add", &format!("{cip}/{}", s6.prefix_len()), "dev", "eth0", "nodad"])?;
+                ip(&["-n", c.name(), "link", "set", "eth0", "mtu", &mtu, "up"])?;
+                ip(&["-n", c.name(), "link", "set", "lo", "up"])?;
+                ip(&["-n", c.name(), "-6", "route", "add", "default", "via", &gw6.to_string()])?;
+                node.containers.push(c);
+            }
+            return Ok(());
+        }
         ip(&["-n", &n, "addr", "add", &format!("{gw}/{}", node.subnet.prefix_len()), "dev", "docker0"])?;
         ip(&["-n", &n, "link", "set", "docker0", "up"])?;
-        let mtu = node.mtu.to_string();
         for k in 0..count {
             let c = Netns::new(&format!("{prefix}-n{}c{k}", node.index))?;
             let veth = format!("veth{k}");
@@ -703,6 +759,11 @@ impl Cluster {
                     let (bip, mtu) = parse_docker_network_options(&env).with_context(|| format!("docker options of node {}:\n{env}", node.index))?;
                     node.subnet = bip;
                     node.mtu = mtu;
+                } else if etcd_flags.is_some() && self.spec.ipv6_only {
+                    let env = fs::read_to_string(&node.subnet_file)?;
+                    let (subnet6, mtu) = parse_subnet_env6(&env).with_context(|| format!("subnet file of node {}:\n{env}", node.index))?;
+                    node.subnet6 = Some(subnet6);
+                    node.mtu = mtu;
                 } else if etcd_flags.is_some() {
                     let env = fs::read_to_string(&node.subnet_file)?;
                     let (subnet, mtu) = parse_subnet_env(&env).with_context(|| format!("subnet file of node {}:\n{env}", node.index))?;
@@ -711,6 +772,18 @@ impl Cluster {
                 }
             }
             NodeKind::PlainRouting => {}
+            NodeKind::StockFlannel if self.spec.ipv6_only => {
+                // flannel's vxlan backend on an IPv6-only node: flannel-v6.1 only, bound to
+                // the public IPv6 address, the subnet's network address as a /128.
+                let n = node.ns.name().to_string();
+                let s6 = node.subnet6.expect("stock IPv6-only node's subnet");
+                ip(&[
+                    "-n", &n, "link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "local",
+                    &underlay_ipv6(node.index).to_string(), "dev", "eth0", "dstport", "8472", "nolearning",
+                ])?;
+                ip(&["-n", &n, "link", "set", "flannel-v6.1", "mtu", &node.mtu.to_string(), "up"])?;
+                ip(&["-n", &n, "addr", "add", &format!("{}/128", s6.network()), "dev", "flannel-v6.1", "nodad"])?;
+            }
             NodeKind::StockFlannel => {
                 assert_eq!(backend, Backend::Vxlan, "stock flannel nodes are set up for vxlan only");
                 let n = node.ns.name().to_string();
@@ -724,10 +797,21 @@ impl Cluster {
         }
         // (A host-gw agent makes no device: no VtepMAC.)
         let host_gw = matches!(&self.spec.control, Control::Etcd { config, .. } if config.contains("host-gw"));
-        if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw {
+        if self.spec.ipv6_only {
+            node.vtep_mac = link_mac(&node.ns, "flannel-v6.1")?;
+        } else if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw {
             node.vtep_mac = link_mac(&node.ns, backend.device())?;
         }
-        if let (NodeKind::StockFlannel, Some(etcd)) = (node.kind, &self.etcd) {
+        if let (NodeKind::StockFlannel, Some(etcd), Some(s6)) = (node.kind, &self.etcd, node.subnet6) {
+            // What a stock flannel vxlan node writes for itself in an IPv6-only network.
+            let value = format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+                underlay_ipv6(node.index),
+                overlay_agent::netdev::format_mac(&node.vtep_mac)
+            );
+            let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-{}", s6.network(), s6.prefix_len());
+            etcd.etcdctl(&["put", &key, &value])?;
+        } else if let (NodeKind::StockFlannel, Some(etcd)) = (node.kind, &self.etcd) {
             // What a stock flannel vxlan node writes for itself.
             let value = format!(
                 r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
@@ -760,6 +844,10 @@ impl Cluster {
 
     /// Make `from` route `to`'s subnet to `to`.
     pub fn add_route(&self, from: &Node, to: &Node) -> Result<()> {
+        if self.spec.ipv6_only {
+            assert_eq!(from.kind, NodeKind::StockFlannel, "in an IPv6-only cluster only stock nodes are routed by hand");
+            return add_route6(from, to);
+        }
         match from.kind {
             NodeKind::Agent { .. } | NodeKind::TunAgent => {
                 let mac = overlay_agent::netdev::format_mac(&to.vtep_mac);
@@ -832,6 +920,21 @@ impl Cluster {
 }
 
 /// The MAC address of `dev` inside `ns`.
+/// What flannel's vxlan backend does on `from` (a stock node with flannel-v6.1) for an IPv6
+/// peer: a route to its IPv6 subnet via the subnet's network address onlink, a permanent
+/// neighbour entry with the peer's flannel-v6.1 MAC, a forwarding entry to its public IPv6
+/// address. (The peer's subnet and MAC: `to.subnet6`, `to.vtep_mac` in an IPv6-only cluster.)
+pub fn add_route6(from: &Node, to: &Node) -> Result<()> {
+    let n = from.ns.name();
+    let s6 = to.subnet6.context("the peer's IPv6 subnet")?;
+    let gw = s6.network().to_string();
+    let mac = overlay_agent::netdev::format_mac(&to.vtep_mac);
+    ip(&["-n", n, "-6", "neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel-v6.1", "nud", "permanent"])?;
+    run(Command::new("bridge").args(["-n", n, "fdb", "replace", &mac, "dev", "flannel-v6.1", "dst", &underlay_ipv6(to.index).to_string(), "self", "permanent"]))?;
+    ip(&["-n", n, "-6", "route", "replace", &s6.to_string(), "via", &gw, "dev", "flannel-v6.1", "onlink"])?;
+    Ok(())
+}
+
 pub fn link_mac(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
     let out = ip(&["-n", ns.name(), "-json", "link", "show", "dev", dev])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;

@@ -331,3 +331,127 @@ fn dual_stack_nftables_mode_keeps_flannels_ipv6_table() {
     ok("stop", c.stop_agent(1));
     assert!(list(&c).is_err(), "the IPv6 table must be gone after SIGTERM");
 }
+
+/// An IPv6-only network (`EnableIPv4: false`), as flannel runs it: nodes with no IPv4 address
+/// at all lease an IPv6 subnet under flannel's IPv6-only key (`0.0.0.0-0&<subnet>-64`, value
+/// with PublicIP 0.0.0.0 and BackendV6Data), make flannel-v6.1 and no flannel.1, write only
+/// the IPv6 lines to the subnet file, masquerade with ip6tables only, and carry IPv6 both ways
+/// with a stock IPv6-only flannel node set up by hand; the decap programs check its frames at
+/// both hooks; a restart keeps the subnet.
+#[test]
+fn ipv6_only_nodes_carry_traffic_with_a_stock_ipv6_only_node() {
+    require_root();
+    let config = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "tc" }, NodeKind::Agent { decap_hook: "xdp" }, NodeKind::StockFlannel],
+        control: Control::Etcd { tls: false, config: config.into() },
+        agent_args: vec!["--ip-masq".into()],
+        ipv6_only: true,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 3)
+    };
+    let mut c = Cluster::new("v6o", &spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"));
+    let etcd = c.etcd();
+    let (n1, n2, stock) = (c.node(1), c.node(2), c.node(3));
+    let subnet6 = |n: &Node| n.subnet6.expect("an IPv6 subnet");
+    let net: Ipv6Net = "fd00:10:244::/56".parse().unwrap();
+    assert_ne!(subnet6(n1), subnet6(n2), "no two nodes may hold the same IPv6 subnet");
+
+    for n in [n1, n2] {
+        let s6 = subnet6(n);
+        assert!(net.contains(&s6) && s6.prefix_len() == 64, "{s6}");
+        // No IPv4 on the node's underlay, and no IPv4 overlay device.
+        let addrs = ok("addresses", n.ns.run("ip", &["-4", "-o", "addr", "show", "dev", "eth0"]));
+        assert!(addrs.trim().is_empty(), "node {}: {addrs}", n.index);
+        assert!(n.ns.run("ip", &["link", "show", "flannel.1"]).is_err(), "node {}: an IPv6-only node has no flannel.1", n.index);
+        // flannel's IPv6-only lease, field for field.
+        let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", s6.network());
+        let value = ok("etcdctl get", etcd.etcdctl(&["get", &key, "--print-value-only"]));
+        let want = format!(
+            r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            underlay_ipv6(n.index),
+            overlay_agent::netdev::format_mac(&n.vtep_mac)
+        );
+        assert_eq!(value.trim(), want, "lease {key}");
+        // The subnet file has the IPv6 lines only, in flannel's order.
+        let file = std::fs::read_to_string(&n.subnet_file).unwrap();
+        assert_eq!(
+            file,
+            format!("FLANNEL_IPV6_NETWORK={net}\nFLANNEL_IPV6_SUBNET={}/64\nFLANNEL_MTU={MTU6}\nFLANNEL_IPMASQ=true\n", host(s6, 1)),
+            "node {}",
+            n.index
+        );
+        // ip6tables masquerade and forward rules; no IPv4 ones.
+        let masq = ok("ip6tables", n.ns.run("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]));
+        assert!(masq.contains(&format!("-s {s6} -d {net}")), "{masq}");
+        assert!(n.ns.run("iptables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]).is_err(), "node {}: IPv4 masquerade rules in an IPv6-only network", n.index);
+        // docker's FORWARD DROP, both families.
+        ok("policy", n.ns.run("iptables", &["-w", "-P", "FORWARD", "DROP"]));
+        ok("policy6", n.ns.run("ip6tables", &["-w", "-P", "FORWARD", "DROP"]));
+    }
+    for n in [n1, n2] {
+        ok("stock route", overlay_tests::add_route6(stock, n));
+    }
+
+    // Each of our nodes routes the two others' IPv6 subnets through flannel-v6.1.
+    for (n, others) in [(n1, [n2, stock]), (n2, [n1, stock])] {
+        assert!(
+            wait_until(Duration::from_secs(10), || others.iter().all(|o| v6_routes(n).contains(&format!("{} via {}", subnet6(o), subnet6(o).network())))),
+            "node {} IPv6 routes: {}\nlog:\n{}",
+            n.index,
+            v6_routes(n),
+            n.log_text()
+        );
+    }
+    ok("n1 -> n2", ping6(&n1.containers[0], n2.container_ip6(0), 3));
+    ok("n2 -> n1", ping6(&n2.containers[1], n1.container_ip6(1), 3));
+    for ours in [n1, n2] {
+        ok("ours -> stock", ping6(&ours.containers[0], stock.container_ip6(0), 3));
+        ok("stock -> ours", ping6(&stock.containers[1], ours.container_ip6(1), 3));
+        ok("TCP ours -> stock", tcp_transfer6(&ours.containers[0], &stock.containers[0], stock.container_ip6(0), BULK));
+        ok("TCP stock -> ours", tcp_transfer6(&stock.containers[1], &ours.containers[1], ours.container_ip6(1), BULK));
+    }
+    ok("TCP n1 -> n2", tcp_transfer6(&n1.containers[1], &n2.containers[0], n2.container_ip6(0), BULK));
+
+    // The decap programs (TC on node 1, XDP on node 2) know the stock node as an IPv6 peer and
+    // counted its traffic; a spoofed inner source from it is dropped and counted at both.
+    for n in [n1, n2] {
+        let peers = ok("maps", overlay_agent::maps::Maps::open(&n.bpffs_dir).and_then(|m| m.peer6_totals()).map_err(anyhow::Error::from));
+        let t = peers.get(&underlay_ipv6(stock.index)).unwrap_or_else(|| panic!("node {}: no IPv6 peer entry for the stock node: {peers:?}", n.index));
+        assert!(t.rx_bytes >= BULK, "node {}: traffic from the stock node not counted: {t:?}", n.index);
+    }
+    let spoof = "fd00:10:244:99::5";
+    ok("spoofed address", stock.containers[0].run("ip", &["addr", "add", &format!("{spoof}/128"), "dev", "eth0", "nodad"]));
+    for n in [n1, n2] {
+        let before = n.counter(Counter::SpoofedSource);
+        let _ = stock.containers[0].run("ping", &["-6", "-c", "3", "-W", "1", "-i", "0.2", "-I", spoof, &n.container_ip6(0).to_string()]);
+        assert!(n.counter(Counter::SpoofedSource) >= before + 3, "node {}: spoofed IPv6 inner sources not dropped as such", n.index);
+    }
+
+    // Operators see IPv6-only leases as such.
+    let leases = ok("leases", n1.agent_cli(&["leases", &format!("--etcd-endpoints={}", etcd.endpoint)]));
+    let row = leases.lines().find(|l| l.contains(&subnet6(stock).to_string())).unwrap_or_else(|| panic!("{leases}"));
+    assert!(row.starts_with("- ") && row.ends_with(&underlay_ipv6(stock.index).to_string()), "{leases}");
+    let one = ok("lease", n1.agent_cli(&["lease", &subnet6(n2).to_string(), &format!("--etcd-endpoints={}", etcd.endpoint)]));
+    assert!(one.contains(&format!("0.0.0.0-0&{}-64", subnet6(n2).network())), "{one}");
+
+    // A restart keeps the node's IPv6 subnet (its own lease, found by its PublicIPv6: every
+    // IPv6-only lease says PublicIP 0.0.0.0) and the traffic flows again.
+    let before = subnet6(c.node(1));
+    ok("restart", c.restart_agent(1));
+    let file = std::fs::read_to_string(&c.node(1).subnet_file).unwrap();
+    assert!(file.contains(&format!("FLANNEL_IPV6_SUBNET={}/64", host(before, 1))), "a restart changed the subnet:\n{file}");
+    let (n1, n2) = (c.node(1), c.node(2));
+    assert!(wait_until(Duration::from_secs(10), || ping6(&n2.containers[0], n1.container_ip6(0), 1).is_ok()), "IPv6 to node 1 after its restart");
+    ok("n1 -> stock after restart", ping6(&n1.containers[1], c.node(3).container_ip6(1), 2));
+
+    // The stock node leaves: its route, neighbour and forwarding entry go from our nodes.
+    let stock6 = subnet6(c.node(3));
+    let etcd = c.etcd();
+    ok("delete the stock lease", etcd.etcdctl(&["del", &format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", stock6.network())]));
+    for n in [n1, n2] {
+        assert!(wait_until(Duration::from_secs(10), || !v6_routes(n).contains(&stock6.to_string())), "node {}: {}", n.index, v6_routes(n));
+        let fdb = n.ns.run("bridge", &["fdb", "show", "dev", "flannel-v6.1"]).unwrap_or_default();
+        assert!(!fdb.contains(&underlay_ipv6(3).to_string()), "{fdb}");
+    }
+    ok("n1 -> n2 after", ping6(&n1.containers[0], n2.container_ip6(0), 2));
+}

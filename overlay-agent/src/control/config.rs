@@ -62,6 +62,10 @@ impl BackendConfig {
 /// A validated network configuration with flannel's defaults applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetworkConfig {
+    /// `EnableIPv4` (true unless the config says false). An IPv6-only network (false, with
+    /// `EnableIPv6`) has no IPv4 side: `network` is then `IPV6_ONLY_NETWORK`, which holds and
+    /// fits no subnet, and nothing IPv4 is set up.
+    pub enable_ipv4: bool,
     pub network: Ipv4Net,
     pub subnet_len: u8,
     /// First and last subnet (network addresses) leases may use.
@@ -118,20 +122,43 @@ impl NetworkConfig {
         })
     }
 
-    /// Whether a lease's subnets are what this configuration leases: the IPv4 one in range,
-    /// and an IPv6 one in range exactly when IPv6 is on (as flannel's compatibility check).
-    pub fn fits_pair(&self, subnet: &Ipv4Net, subnet6: Option<&Ipv6Net>) -> bool {
-        self.fits(subnet)
-            && match (&self.ipv6, subnet6) {
+    /// Whether a lease's key is what this configuration leases. IPv4 and dual stack: the IPv4
+    /// subnet in range, and an IPv6 one in range exactly when IPv6 is on (as flannel's
+    /// compatibility check). IPv6-only: a key without an IPv4 subnet, its IPv6 one in range.
+    pub fn fits_key(&self, key: &crate::lease::LeaseKey) -> bool {
+        if !self.enable_ipv4 {
+            return key.is_ipv6_only() && matches!((&self.ipv6, &key.v6), (Some(c), Some(s6)) if c.fits(s6));
+        }
+        self.fits(&key.v4)
+            && match (&self.ipv6, &key.v6) {
                 (Some(c), Some(s6)) => c.fits(s6),
                 (None, None) => true,
                 _ => false,
             }
     }
 
-    /// Whether `subnet` is one this configuration can lease.
+    /// Whether leases of `key`'s kind belong to this network: IPv6-only keys to an IPv6-only
+    /// network, the others to a network with IPv4 (the rest is another network's, skipped).
+    pub fn takes(&self, key: &crate::lease::LeaseKey) -> bool {
+        key.is_ipv6_only() != self.enable_ipv4
+    }
+
+    /// The subnet this network identifies a lease by, for the log: the IPv4 one, or the IPv6
+    /// one in an IPv6-only network.
+    pub fn describe(&self) -> String {
+        match self.ipv6 {
+            Some(c6) if !self.enable_ipv4 => format!("IPv6Network {} (IPv6SubnetMin {} .. IPv6SubnetMax {}, /{})", c6.network, c6.subnet_min, c6.subnet_max, c6.subnet_len),
+            Some(c6) => format!(
+                "{} (SubnetMin {} .. SubnetMax {}, /{}) and IPv6Network {} (IPv6SubnetMin {} .. IPv6SubnetMax {}, /{})",
+                self.network, self.subnet_min, self.subnet_max, self.subnet_len, c6.network, c6.subnet_min, c6.subnet_max, c6.subnet_len
+            ),
+            None => format!("{} (SubnetMin {} .. SubnetMax {}, /{})", self.network, self.subnet_min, self.subnet_max, self.subnet_len),
+        }
+    }
+
     pub fn fits(&self, subnet: &Ipv4Net) -> bool {
-        subnet.prefix_len() == self.subnet_len
+        self.enable_ipv4
+            && subnet.prefix_len() == self.subnet_len
             && subnet.network() >= self.subnet_min
             && subnet.network() <= self.subnet_max
             && self.network.contains(subnet)
@@ -187,11 +214,9 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     let obj = value.as_object().ok_or(ConfigError::NotAnObject)?;
     let mut warnings = Vec::new();
 
-    if boolean(obj, "EnableIPv4")? == Some(false) {
-        return Err(invalid(
-            "EnableIPv4",
-            "false (an IPv6-only network) is not supported yet: this agent runs IPv4 or dual-stack networks (EnableIPv6 with EnableIPv4)",
-        ));
+    let enable_ipv4 = boolean(obj, "EnableIPv4")?.unwrap_or(true);
+    if !enable_ipv4 && boolean(obj, "EnableIPv6")? != Some(true) {
+        return Err(invalid("EnableIPv4", "false leaves no network: an IPv6-only network also needs \"EnableIPv6\": true and an IPv6Network"));
     }
     let ipv6 = if boolean(obj, "EnableIPv6")? == Some(true) {
         Some(parse_ipv6(obj)?)
@@ -208,6 +233,9 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
         }
     }
 
+    if !enable_ipv4 {
+        return ipv6_only(obj, ipv6, enable_nftables, warnings);
+    }
     let network_s = string(obj, "Network")?.ok_or(ConfigError::Missing { field: "Network" })?;
     let network: Ipv4Net = network_s
         .parse()
@@ -272,7 +300,51 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
             format!("dual stack is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
         ));
     }
-    Ok(NetworkConfig { network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, ipv6, warnings })
+    Ok(NetworkConfig { enable_ipv4, network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, ipv6, warnings })
+}
+
+/// What stands for the IPv4 network of an IPv6-only network: a /32 of the unspecified
+/// address, which contains and fits no subnet a lease or route could have.
+pub const IPV6_ONLY_NETWORK: Ipv4Net = match Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 32) {
+    Ok(n) => n,
+    Err(_) => panic!("0.0.0.0/32"),
+};
+
+/// An IPv6-only network (`EnableIPv4: false`): the IPv6 half only, on vxlan (flannel-v6.<VNI>,
+/// without DirectRouting); the IPv4 fields are ignored, as flannel ignores them.
+fn ipv6_only(
+    obj: &Map<String, Value>,
+    ipv6: Option<Ipv6Config>,
+    enable_nftables: bool,
+    mut warnings: Vec<String>,
+) -> Result<NetworkConfig, ConfigError> {
+    for k in ["Network", "SubnetLen", "SubnetMin", "SubnetMax"] {
+        if has(obj, k) {
+            warnings.push(format!("{k} is ignored: EnableIPv4 is false (an IPv6-only network)"));
+        }
+    }
+    let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
+    if backend.mode != EncapMode::Vxlan || backend.host_gw {
+        return Err(invalid(
+            "EnableIPv4",
+            format!("false (an IPv6-only network) is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
+        ));
+    }
+    if backend.direct_routing {
+        return Err(invalid("Backend.DirectRouting", "is not implemented for IPv6-only networks (peers' IPv6 subnets are always encapsulated); remove it"));
+    }
+    let n = IPV6_ONLY_NETWORK;
+    Ok(NetworkConfig {
+        enable_ipv4: false,
+        network: n,
+        subnet_len: 32,
+        subnet_min: n.network(),
+        subnet_max: n.network(),
+        backend,
+        enable_nftables,
+        ipv6,
+        warnings,
+    })
 }
 
 fn ipv6_addr(obj: &Map<String, Value>, key: &'static str) -> Result<Option<Ipv6Addr>, ConfigError> {
@@ -411,6 +483,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lease::LeaseKey;
 
     fn ok(json: &str) -> NetworkConfig {
         parse(json).unwrap_or_else(|e| panic!("{json}: {e}"))
@@ -508,7 +581,11 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#, "Backend.Port: 70000 is not a UDP port"),
             (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "Backend: must be an object"),
-            (r#"{"Network":"10.0.0.0/16","EnableIPv4":false,"EnableIPv6":true}"#, "EnableIPv4: false (an IPv6-only network) is not supported"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv4":false}"#, "EnableIPv4: false leaves no network"),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#, "IPv6Network: is required"),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56"}"#, "implemented for the vxlan backend (flannel-v6.<VNI>), not \"udp\""),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#, "not \"host-gw\""),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","DirectRouting":true}}"#, "Backend.DirectRouting: is not implemented for IPv6-only"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"Backend":{"Type":"vxlan"}}"#, "IPv6Network: is required"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}"#, "not an IPv6 CIDR"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125","Backend":{"Type":"vxlan"}}"#, "smaller than /124"),
@@ -549,16 +626,43 @@ mod tests {
         assert_eq!(v6.nth(0), Some("fd00:10:244:1::/64".parse().unwrap()));
         assert_eq!(v6.nth(254), Some("fd00:10:244:ff::/64".parse().unwrap()));
         assert_eq!(v6.nth(255), None);
-        assert!(c.fits_pair(&"10.244.3.0/24".parse().unwrap(), Some(&"fd00:10:244:7::/64".parse().unwrap())));
-        assert!(!c.fits_pair(&"10.244.3.0/24".parse().unwrap(), None), "IPv6 on: a lease without an IPv6 subnet is stale");
-        assert!(!c.fits_pair(&"10.244.3.0/24".parse().unwrap(), Some(&"fd00:10:244::/64".parse().unwrap())), "below IPv6SubnetMin");
+        let key = |v4: &str, v6: Option<&str>| LeaseKey { v4: v4.parse().unwrap(), v6: v6.map(|s| s.parse().unwrap()) };
+        assert!(c.fits_key(&key("10.244.3.0/24", Some("fd00:10:244:7::/64"))));
+        assert!(!c.fits_key(&key("10.244.3.0/24", None)), "IPv6 on: a lease without an IPv6 subnet is stale");
+        assert!(!c.fits_key(&key("10.244.3.0/24", Some("fd00:10:244::/64"))), "below IPv6SubnetMin");
+        assert!(!c.fits_key(&LeaseKey::ipv6_only("fd00:10:244:7::/64".parse().unwrap())), "an IPv6-only key in a dual-stack network");
+        assert!(c.takes(&key("10.244.3.0/24", None)) && !c.takes(&LeaseKey::ipv6_only("fd00:10:244:7::/64".parse().unwrap())));
         let c = ok(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/120","Backend":{"Type":"vxlan"}}"#);
         assert_eq!(c.ipv6.unwrap().subnet_len, 122);
         let c = ok(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetLen":80,
                      "IPv6SubnetMin":"fd00:0:0:2::","IPv6SubnetMax":"fd00:0:0:3::","Backend":{"Type":"vxlan"}}"#);
         let v6 = c.ipv6.unwrap();
         assert_eq!((v6.subnet_len, v6.subnet_min.to_string(), v6.subnet_max.to_string()), (80, "fd00:0:0:2::".into(), "fd00:0:0:3::".into()));
-        assert!(!ok(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).fits_pair(&"10.244.3.0/24".parse().unwrap(), Some(&"fd00::/64".parse().unwrap())));
+        assert!(!ok(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).fits_key(&key("10.244.3.0/24", Some("fd00::/64"))));
+    }
+
+    /// flannel's IPv6-only network: EnableIPv4 false, no Network needed (ignored, warned, if
+    /// given); only IPv6-only keys fit, and no IPv4 subnet does.
+    #[test]
+    fn ipv6_only_networks_have_no_ipv4_side() {
+        let c = ok(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan","VNI":4}}"#);
+        assert!(!c.enable_ipv4 && c.backend.vni == 4 && c.warnings.is_empty(), "{c:?}");
+        assert_eq!(c.ipv6.unwrap().subnet_len, 64);
+        assert!(c.fits_key(&LeaseKey::ipv6_only("fd00:10:244:7::/64".parse().unwrap())));
+        assert!(!c.fits_key(&LeaseKey::ipv6_only("fd00:10:244::/64".parse().unwrap())), "below IPv6SubnetMin");
+        assert!(!c.fits_key(&LeaseKey { v4: "10.244.3.0/24".parse().unwrap(), v6: Some("fd00:10:244:7::/64".parse().unwrap()) }));
+        assert!(c.takes(&LeaseKey::ipv6_only("fd00:10:244:7::/64".parse().unwrap())) && !c.takes(&LeaseKey::from(&"10.244.3.0/24".parse().unwrap())));
+        // Nothing IPv4 fits or is held by the stand-in network (not even 0.0.0.0/0's parts).
+        for v4 in ["0.0.0.0/32", "0.0.0.0/0", "10.244.3.0/24"] {
+            let n: Ipv4Net = v4.parse().unwrap();
+            assert!(!c.fits(&n), "{v4}");
+        }
+        assert!(!c.network.contains(&"10.0.0.1".parse::<Ipv4Addr>().unwrap()));
+        assert!(c.describe().starts_with("IPv6Network fd00:10:244::/56"), "{}", c.describe());
+        let c = ok(r#"{"Network":"10.244.0.0/16","SubnetLen":26,"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#);
+        let w = c.warnings.join("\n");
+        assert!(w.contains("Network is ignored") && w.contains("SubnetLen is ignored"), "{w}");
+        assert!(!c.enable_ipv4);
     }
 
     #[test]

@@ -32,9 +32,8 @@ use crate::{
     lease::{
         acquire::{Acquisition, Outcome, Step, MAX_ATTEMPTS},
         keeper::{self, KeeperEvent},
-        manager,
         registry::{EtcdOptions, LeaseEvent, Registry, RegistryError},
-        Lease, LeaseAttrs, LeaseKey,
+        LeaseAttrs, LeaseKey,
     },
     maps::{Maps, MapsError},
     netdev, reconcile,
@@ -178,8 +177,8 @@ struct Held {
 }
 
 impl Held {
-    fn reservation(subnet: Ipv4Net, subnet6: Option<Ipv6Net>) -> Self {
-        Held { subnet, subnet6, etcd_lease: 0, ttl: Duration::ZERO, since: Instant::now() }
+    fn reservation(key: LeaseKey) -> Self {
+        Held { subnet: key.v4, subnet6: key.v6, etcd_lease: 0, ttl: Duration::ZERO, since: Instant::now() }
     }
     /// The key our lease has in etcd.
     fn key(&self) -> LeaseKey {
@@ -244,45 +243,36 @@ async fn acquire(
     reg: &mut Registry,
     cfg: &NetworkConfig,
     attrs: &LeaseAttrs,
-    previous: Option<Ipv4Net>,
+    previous: Option<LeaseKey>,
     opts: &DaemonOptions,
 ) -> Result<Held> {
-    let (mut acq, mut step) = Acquisition::start(cfg, attrs.public_ip, previous);
-    // The state machine names leases by their IPv4 subnet; their keys also carry a dual-stack
-    // node's IPv6 subnet: as listed, or as chosen for a claim.
-    let mut listed: Vec<Lease> = Vec::new();
-    let mut v6_of: BTreeMap<Ipv4Net, Option<Ipv6Net>> = BTreeMap::new();
-    let key = |v6_of: &BTreeMap<Ipv4Net, Option<Ipv6Net>>, v4: Ipv4Net| LeaseKey { v4, v6: v6_of.get(&v4).copied().flatten() };
+    let (mut acq, mut step) = Acquisition::start(cfg, attrs, previous);
     loop {
         let outcome = match step {
             Step::List => {
-                listed = retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?.leases;
-                v6_of = listed.iter().map(|l| (l.subnet, l.subnet6)).collect();
-                Outcome::Listed(listed.clone())
+                let listing = retry("listing leases", reg, |r| Box::pin(r.list_leases())).await?;
+                Outcome::Listed(listing.leases)
             }
             Step::Delete(stale) => {
-                tracing::warn!(subnet = %stale, network = %cfg.network, "this node's lease no longer fits the network config; deleting it, as flannel does");
-                let k = key(&v6_of, stale);
-                retry("deleting a lease that no longer fits", reg, move |r| Box::pin(async move { r.delete_lease(k).await })).await?;
+                tracing::warn!(lease = %stale, network = %cfg.describe(), "this node's lease no longer fits the network config; deleting it, as flannel does");
+                retry("deleting a lease that no longer fits", reg, move |r| Box::pin(async move { r.delete_lease(stale).await })).await?;
                 Outcome::Done
             }
             // A reservation (flannel's Documentation/reservations.md): used as it is, with our
             // attributes written into it and no TTL, never renewed and never re-claimed.
-            Step::TakeReservation(subnet) => {
-                let k = key(&v6_of, subnet);
+            Step::TakeReservation(k) => {
                 retry("updating our reservation", reg, |r| {
                     let a = attrs.clone();
                     Box::pin(async move { r.update(k, &a, 0).await })
                 })
                 .await?;
-                tracing::info!(%subnet, "using this node's reservation (no TTL: never expires, never renewed)");
+                tracing::info!(lease = %k, "using this node's reservation (no TTL: never expires, never renewed)");
                 Outcome::Done
             }
             // A lease etcd no longer knows (expired meanwhile) answers as an expired renewal.
-            Step::Renew { subnet, etcd_lease } => Outcome::Renewed(
+            Step::Renew { key: k, etcd_lease } => Outcome::Renewed(
                 match retry("renewing our lease", reg, |r| {
                     let a = attrs.clone();
-                    let k = key(&v6_of, subnet);
                     Box::pin(async move {
                         r.update(k, &a, etcd_lease).await?;
                         r.keep_alive(etcd_lease).await
@@ -294,42 +284,30 @@ async fn acquire(
                     r => r?,
                 },
             ),
-            Step::Claim(subnet) => {
+            Step::Claim(k) => {
                 let ttl = opts.lease_ttl;
-                let subnet6 = match cfg.ipv6 {
-                    Some(c6) => Some(manager::choose_v6(cfg, &listed, subnet, &mut rand::rng()).with_context(|| {
-                        format!("no free IPv6 subnet in {} (IPv6SubnetMin {} .. IPv6SubnetMax {}, /{})", c6.network, c6.subnet_min, c6.subnet_max, c6.subnet_len)
-                    })?),
-                    None => None,
-                };
-                v6_of.insert(subnet, subnet6);
-                let k = LeaseKey { v4: subnet, v6: subnet6 };
                 let claimed = retry("claiming a subnet", reg, |r| {
                     let a = attrs.clone();
                     Box::pin(async move { r.claim(k, &a, ttl).await })
                 })
                 .await?;
                 if claimed.is_none() {
-                    tracing::info!(%subnet, "subnet taken concurrently; choosing again");
+                    tracing::info!(lease = %k, "subnet taken concurrently; choosing again");
                 }
                 Outcome::Claimed(claimed)
             }
-            Step::Acquired { subnet, etcd_lease: 0, .. } => return Ok(Held::reservation(subnet, key(&v6_of, subnet).v6)),
-            Step::Acquired { subnet, etcd_lease, ttl_secs } => {
+            Step::Acquired { key, etcd_lease: 0, .. } => return Ok(Held::reservation(key)),
+            Step::Acquired { key, etcd_lease, ttl_secs } => {
                 match ttl_secs {
-                    Some(_) => tracing::info!(%subnet, "reusing this node's existing lease"),
-                    None => tracing::info!(%subnet, "leased a subnet"),
+                    Some(_) => tracing::info!(lease = %key, "reusing this node's existing lease"),
+                    None => tracing::info!(lease = %key, "leased a subnet"),
                 }
                 let ttl = ttl_secs.map_or(opts.lease_ttl, |t| Duration::from_secs(t as u64));
-                return Ok(Held { subnet, subnet6: key(&v6_of, subnet).v6, etcd_lease, ttl, since: Instant::now() });
+                return Ok(Held { subnet: key.v4, subnet6: key.v6, etcd_lease, ttl, since: Instant::now() });
             }
             Step::Exhausted => bail!(
-                "no free subnet in {} (SubnetMin {} .. SubnetMax {}, /{}): every subnet is leased; \
-                 widen Network or remove stale leases (overlay-agent leases)",
-                cfg.network,
-                cfg.subnet_min,
-                cfg.subnet_max,
-                cfg.subnet_len
+                "no free subnet in {}: every subnet is leased; widen the network or remove stale leases (overlay-agent leases)",
+                cfg.describe()
             ),
             Step::GaveUp => bail!(
                 "could not claim a subnet after {MAX_ATTEMPTS} listings: other nodes kept taking the chosen ones"
@@ -389,8 +367,22 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let mut reg = connect(&opts.etcd).await?;
     notify(&[sd_notify::NotifyState::Status("waiting for the network config")]);
     let cfg = network_config(&mut reg).await?;
-    let (iface, public_ip) = netdev::resolve_interface(&opts.iface, opts.public_ip)?;
-    tracing::info!(%iface, %public_ip, "underlay interface chosen");
+    // An IPv6-only node has no IPv4 address to announce: its interface is chosen by its IPv6
+    // address, and its lease says PublicIP 0.0.0.0, as flannel's.
+    let (iface, public_ip, public_ipv6) = if cfg.enable_ipv4 {
+        let (iface, ip) = netdev::resolve_interface(&opts.iface, opts.public_ip)?;
+        (iface, ip, opts.public_ipv6)
+    } else {
+        if opts.public_ip.is_some() {
+            tracing::warn!("--public-ip is ignored: the network is IPv6-only (EnableIPv4 false); --public-ipv6 gives the address");
+        }
+        if opts.blackhole_route {
+            tracing::warn!("--ip-blackhole-route adds IPv4 routes only; the network is IPv6-only, so none is added");
+        }
+        let (iface, ip6) = netdev::resolve_interface6(&opts.iface, opts.public_ipv6)?;
+        (iface, Ipv4Addr::UNSPECIFIED, Some(ip6))
+    };
+    tracing::info!(%iface, %public_ip, public_ipv6 = ?public_ipv6.map(|a| a.to_string()), "underlay interface chosen");
     let mode = cfg.backend.mode;
     let mut spec = NodeSpec {
         iface,
@@ -400,7 +392,8 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         mode,
         vni: cfg.backend.vni,
         port: cfg.backend.port,
-        device: default_device(mode, cfg.backend.vni),
+        // An IPv6-only node's one overlay device is flannel-v6's.
+        device: if cfg.enable_ipv4 { default_device(mode, cfg.backend.vni) } else { crate::datapath::ipv6::device_name(cfg.backend.vni) },
         decap_hook: opts.decap_hook,
         bpffs_dir: opts.bpffs_dir.clone(),
         mtu: cfg.backend.mtu,
@@ -411,36 +404,59 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     if opts.dataplane == DataplaneKind::Tun && mode != EncapMode::Udp {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
     }
-    let mut attrs = match (mode, opts.dataplane) {
-        _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
-        (EncapMode::Vxlan, _) => {
-            let (_, device, _) = dataplane::prepare_device(&spec)?;
-            LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
-        }
-        (EncapMode::Udp, _) => LeaseAttrs::udp(public_ip),
-    };
-    // Dual stack: flannel-v6.<VNI> on the node's public IPv6 address, named in the lease.
+    // Dual stack and IPv6-only: flannel-v6.<VNI> on the node's public IPv6 address.
     let mut v6 = match cfg.ipv6 {
         Some(_) => {
-            let public_ipv6 = match opts.public_ipv6 {
+            let public_ipv6 = match public_ipv6 {
                 Some(a) => a,
                 None => netdev::first_ipv6(&spec.iface)?.with_context(|| {
                     format!("EnableIPv6 is set but {} has no global IPv6 address: give it one or pass --public-ipv6", spec.iface)
                 })?,
             };
             let o6 = crate::datapath::ipv6::Overlay6::up(cfg.backend.vni, cfg.backend.port, public_ipv6, &spec.iface, cfg.backend.mtu)?;
-            tracing::info!(device = %o6.device, %public_ipv6, vtep_mac = %netdev::format_mac(&o6.mac), mtu = o6.mtu, "IPv6 overlay device up (dual stack)");
-            attrs = attrs.with_ipv6(public_ipv6, cfg.backend.vni, o6.mac);
+            let stack = if cfg.enable_ipv4 { "dual stack" } else { "IPv6-only" };
+            tracing::info!(device = %o6.device, %public_ipv6, vtep_mac = %netdev::format_mac(&o6.mac), mtu = o6.mtu, "IPv6 overlay device up ({stack})");
             Some(o6)
         }
         None => None,
     };
+    let attrs = match (mode, opts.dataplane, &v6) {
+        (_, _, Some(o6)) if !cfg.enable_ipv4 => LeaseAttrs::vxlan_ipv6_only(o6.public_ip, cfg.backend.vni, o6.mac),
+        _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
+        (EncapMode::Vxlan, _, _) => {
+            let (_, device, _) = dataplane::prepare_device(&spec)?;
+            LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
+        }
+        (EncapMode::Udp, _, _) => LeaseAttrs::udp(public_ip),
+    };
+    // A dual-stack lease also names flannel-v6's address and MAC.
+    let attrs = match &v6 {
+        Some(o6) if cfg.enable_ipv4 => attrs.with_ipv6(o6.public_ip, cfg.backend.vni, o6.mac),
+        _ => attrs,
+    };
     notify(&[sd_notify::NotifyState::Status("acquiring a subnet lease")]);
-    let previous = subnet_file::read_previous_subnet(&opts.subnet_file);
+    let previous = match subnet_file::read_previous(&opts.subnet_file) {
+        (v4, _) if cfg.enable_ipv4 => v4.map(|n| LeaseKey::from(&n)),
+        (_, v6) => v6.map(LeaseKey::ipv6_only),
+    };
     let held = acquire(&mut reg, &cfg, &attrs, previous, &opts).await?;
-    state.set_lease(held.subnet, held.expires());
+    state.set_lease(held.key().primary(), held.expires());
     spec.subnet = held.subnet;
     let (maps, ebpf, tun, mtu): (Box<dyn crate::tun::RouteTable>, _, _, u32) = match opts.dataplane {
+        // IPv6-only: no IPv4 device (one a previous IPv4 run left goes), the decap programs
+        // checking what arrives for flannel-v6.
+        _ if !cfg.enable_ipv4 => {
+            let dev4 = default_device(mode, cfg.backend.vni);
+            if netdev::link(&dev4)?.is_some() {
+                tracing::warn!(device = %dev4, "the network is IPv6-only; removing the IPv4 overlay device a previous run left");
+                netdev::delete_link(&dev4)?;
+            }
+            let s = spec.clone();
+            let dp = tokio::task::spawn_blocking(move || dataplane::up_ipv6_only(&s)).await.context("the data-plane task")??;
+            tracing::info!(decap = %dp.decap_hook, "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
+            let mtu = dp.mtu;
+            (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
+        }
         // host-gw: no device, no programs; peers' subnets are kernel routes via their
         // addresses, and containers keep the underlay's whole MTU.
         _ if cfg.backend.host_gw => {
@@ -515,7 +531,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     d.sync_blackhole()?;
     write_subnet_file(&d.opts, &d.cfg, &held, mtu)?;
     tracing::info!(
-        subnet = %held.subnet, subnet6 = ?held.subnet6.map(|s| s.to_string()), public_ip = %public_ip, device = %d.spec.device, mtu,
+        lease = %held.key(), public_ip = %public_ip, device = %d.spec.device, mtu,
         "lease held, data plane up, subnet file written"
     );
     Ok(d)
@@ -531,11 +547,14 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             _ => None,
         };
         if self.cfg.enable_nftables || !crate::nftables::has_iptables() {
-            let mut tables = vec![crate::nftables::NftRules {
-                ipv6: false,
-                masq: self.opts.ip_masq.then_some((self.cfg.network.into(), self.held.subnet.into(), self.opts.masq_random)),
-                forward: self.opts.forward_rules.then_some(self.cfg.network.into()),
-            }];
+            let mut tables = Vec::new();
+            if self.cfg.enable_ipv4 {
+                tables.push(crate::nftables::NftRules {
+                    ipv6: false,
+                    masq: self.opts.ip_masq.then_some((self.cfg.network.into(), self.held.subnet.into(), self.opts.masq_random)),
+                    forward: self.opts.forward_rules.then_some(self.cfg.network.into()),
+                });
+            }
             if let Some((n6, s6)) = v6 {
                 tables.push(crate::nftables::NftRules {
                     ipv6: true,
@@ -546,14 +565,19 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             return Firewall::Nft(tables);
         }
         let mut r = Vec::new();
+        let v4 = self.cfg.enable_ipv4;
         if self.opts.ip_masq {
-            r.push(iptables::masquerade(self.cfg.network, self.held.subnet, self.opts.masq_random));
+            if v4 {
+                r.push(iptables::masquerade(self.cfg.network, self.held.subnet, self.opts.masq_random));
+            }
             if let Some((n6, s6)) = v6 {
                 r.push(iptables::masquerade6(n6, s6, self.opts.masq_random));
             }
         }
         if self.opts.forward_rules {
-            r.push(iptables::forward(self.cfg.network));
+            if v4 {
+                r.push(iptables::forward(self.cfg.network));
+            }
             if let Some((n6, _)) = v6 {
                 r.push(iptables::forward6(n6));
             }
@@ -660,7 +684,7 @@ async fn dataplane_up(spec: &NodeSpec) -> Result<dataplane::Dataplane> {
 
 fn write_subnet_file(opts: &DaemonOptions, cfg: &NetworkConfig, held: &Held, mtu: u32) -> Result<()> {
     let ipv6 = cfg.ipv6.zip(held.subnet6).map(|(c6, s6)| (c6.network, s6));
-    let env = SubnetEnv { network: cfg.network, subnet: held.subnet, mtu, ip_masq: opts.ip_masq, ipv6 };
+    let env = SubnetEnv { ipv4: cfg.enable_ipv4.then_some((cfg.network, held.subnet)), mtu, ip_masq: opts.ip_masq, ipv6 };
     subnet_file::write(&opts.subnet_file, &env)?;
     Ok(())
 }
@@ -688,17 +712,18 @@ impl Daemon {
     async fn watch_loop(&mut self) -> Result<()> {
         let mut backoff = Backoff::new();
         loop {
-            let listing = retry("listing leases", &mut self.reg, |r| Box::pin(r.list_leases())).await?;
+            let mut listing = retry("listing leases", &mut self.reg, |r| Box::pin(r.list_leases())).await?;
             for (key, e) in &listing.malformed {
                 self.skipped_lease(key, e);
             }
-            if !listing.leases.iter().any(|l| l.subnet == self.held.subnet && l.attrs.public_ip == self.attrs.public_ip) {
+            listing.leases.retain(|l| self.takes(&l.key()));
+            if !listing.leases.iter().any(|l| l.key() == self.held.key() && l.attrs.same_node(&self.attrs)) {
                 self.lost_lease("missing from etcd").await?;
                 continue;
             }
             self.reconcile_all(&listing.leases)?;
             if !self.state.ready.swap(true, Ordering::SeqCst) {
-                let status = format!("lease {} held; {} routes", self.held.subnet, self.maps.routes()?.len());
+                let status = format!("lease {} held; {} routes", self.held.key(), self.maps.routes()?.len());
                 notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
                 tracing::info!("ready: {status}");
             }
@@ -813,16 +838,16 @@ impl Daemon {
         }
         tracing::info!(routes = desired.len(), added_or_changed = changes.upsert.len(), removed = changes.remove.len(), "routes reconciled with etcd");
         if let Some(me6) = self.mine6() {
-            let mut desired6: BTreeMap<Ipv4Net, reconcile::Route6> = BTreeMap::new();
+            let mut desired6: BTreeMap<LeaseKey, reconcile::Route6> = BTreeMap::new();
             for l in leases {
-                match reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip, &me6) {
+                match reconcile::route6_for(l, &me6) {
                     Ok(Some(r)) => {
-                        desired6.insert(l.subnet, r);
+                        desired6.insert(l.key(), r);
                     }
                     Ok(None) => {}
                     Err(e) => {
                         self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(subnet = %l.subnet, error = %e, "lease's IPv6 part skipped");
+                        tracing::warn!(lease = %l.key(), error = %e, "lease's IPv6 part skipped");
                     }
                 }
             }
@@ -831,15 +856,35 @@ impl Daemon {
         Ok(())
     }
 
-    /// This node's IPv6 side, on a dual-stack node.
+    /// This node's IPv6 side, on a dual-stack or IPv6-only node.
     fn mine6(&self) -> Option<reconcile::Mine6> {
-        self.v6.as_ref()?;
-        Some(reconcile::Mine6 { config: self.cfg.ipv6?, subnet6: self.held.subnet6 })
+        let o6 = self.v6.as_ref()?;
+        Some(reconcile::Mine6 { config: self.cfg.ipv6?, key: self.held.key(), public_ip: self.attrs.public_ip, public_ipv6: Some(o6.public_ip) })
+    }
+
+    /// Whether leases of `key`'s kind are this network's (`NetworkConfig::takes`); the others
+    /// are passed over (logged at debug level, not counted: they are not malformed).
+    fn takes(&self, key: &LeaseKey) -> bool {
+        let takes = self.cfg.takes(key);
+        if !takes {
+            tracing::debug!(lease = %key, ipv6_only_network = !self.cfg.enable_ipv4, "a lease of another kind of network (IPv6-only or not): no route");
+        }
+        takes
+    }
+
+    /// Whether `key` names the subnet we hold (the IPv4 one; in an IPv6-only network the IPv6
+    /// one).
+    fn holds(&self, key: &LeaseKey) -> bool {
+        if self.cfg.enable_ipv4 {
+            key.v4 == self.held.subnet
+        } else {
+            key.v6 == self.held.subnet6
+        }
     }
 
     /// Make the IPv6 device's peer routes exactly `desired` (a failure is counted and logged:
     /// the IPv4 overlay goes on).
-    fn sync_v6(&mut self, desired: &BTreeMap<Ipv4Net, reconcile::Route6>) {
+    fn sync_v6(&mut self, desired: &BTreeMap<LeaseKey, reconcile::Route6>) {
         let Some(o6) = self.v6.as_mut() else { return };
         if let Err(e) = o6.sync(desired) {
             self.state.route_errors.fetch_add(1, Ordering::Relaxed);
@@ -848,30 +893,50 @@ impl Daemon {
     }
 
     /// One lease's IPv6 route (`None`: none), as `reconcile::route6_for` decides it.
-    fn set_route6(&mut self, key: Ipv4Net, want: Option<reconcile::Route6>) {
+    fn set_route6(&mut self, key: LeaseKey, want: Option<reconcile::Route6>) {
         let Some(o6) = self.v6.as_mut() else { return };
         if let Err(e) = o6.set(key, want) {
             self.state.route_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(subnet = %key, error = %crate::error_chain(e.as_ref()), "could not set the IPv6 route");
+            tracing::error!(lease = %key, error = %crate::error_chain(e.as_ref()), "could not set the IPv6 route");
         }
     }
 
     async fn handle(&mut self, ev: LeaseEvent) -> Result<()> {
-        let me = reconcile::Mine { subnet: self.held.subnet, public_ip: self.attrs.public_ip, mode: self.spec.mode };
-        match &ev {
-            LeaseEvent::Put(l) if l.subnet != self.held.subnet => {
-                if let Some(me6) = self.mine6() {
-                    let r6 = reconcile::route6_for(l, self.held.subnet, self.attrs.public_ip, &me6).unwrap_or_else(|e| {
+        let key = match &ev {
+            LeaseEvent::Put(l) => Some(l.key()),
+            LeaseEvent::Delete(k) => Some(*k),
+            LeaseEvent::Malformed(..) => None,
+        };
+        if key.is_some_and(|k| !self.takes(&k)) {
+            return Ok(());
+        }
+        if let Some(me6) = self.mine6() {
+            match &ev {
+                LeaseEvent::Put(l) if !self.holds(&l.key()) => {
+                    let r6 = reconcile::route6_for(l, &me6).unwrap_or_else(|e| {
                         self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(subnet = %l.subnet, error = %e, "lease's IPv6 part skipped");
+                        tracing::warn!(lease = %l.key(), error = %e, "lease's IPv6 part skipped");
                         None
                     });
-                    self.set_route6(l.subnet, r6);
+                    self.set_route6(l.key(), r6);
                 }
+                LeaseEvent::Delete(k) if !self.holds(k) => self.set_route6(*k, None),
+                _ => {}
             }
-            LeaseEvent::Delete(s) if *s != self.held.subnet => self.set_route6(*s, None),
-            _ => {}
         }
+        // An IPv6-only node has no IPv4 routes: only its own lease's fate is left to decide.
+        if !self.cfg.enable_ipv4 {
+            match ev {
+                LeaseEvent::Put(l) if self.holds(&l.key()) && !l.attrs.same_node(&self.attrs) => {
+                    tracing::error!(lease = %l.key(), other = ?l.attrs.public_ipv6.map(|a| a.to_string()), "our subnet's lease now names another node");
+                }
+                LeaseEvent::Delete(k) if self.holds(&k) => self.lost_lease("deleted from etcd").await?,
+                LeaseEvent::Malformed(key, e) => self.skipped_lease(&key, &e),
+                _ => {}
+            }
+            return Ok(());
+        }
+        let me = reconcile::Mine { subnet: self.held.subnet, public_ip: self.attrs.public_ip, mode: self.spec.mode };
         match reconcile::on_event(&ev, &me) {
             reconcile::EventAction::SetRoute { subnet, route, skipped } => {
                 if let Some(e) = skipped {
@@ -890,7 +955,7 @@ impl Daemon {
     }
 
     /// A key under subnets/ that gives no lease: counted and logged if malformed; an IPv6-only
-    /// node's lease is not malformed, only of no use to an IPv4 data plane.
+    /// node's lease is not malformed, only of no use to a network with IPv4.
     fn skipped_lease(&self, key: &str, e: &crate::lease::LeaseFormatError) {
         if matches!(e, crate::lease::LeaseFormatError::Ipv6Only(_)) {
             tracing::debug!(%key, "an IPv6-only lease: no IPv4 route to add");
@@ -970,6 +1035,10 @@ impl Daemon {
     /// The `--ip-blackhole-route` route: for our subnet if asked for, and none left for a
     /// subnet we no longer hold (it would swallow traffic to whichever node holds it now).
     fn sync_blackhole(&self) -> Result<()> {
+        // IPv4 routes only (an IPv6-only network has none to add or tidy: warned at start).
+        if !self.cfg.enable_ipv4 {
+            return Ok(());
+        }
         for subnet in netdev::blackhole_routes()? {
             let ours_now = self.opts.blackhole_route && subnet == self.held.subnet;
             if self.cfg.network.contains(&subnet) && !ours_now {
@@ -1009,8 +1078,9 @@ impl Daemon {
 
     /// What is missing of the overlay device, its address and its route (`None`: intact).
     /// An operator or another tool may delete any of them; flannel would need a restart.
+    /// (An IPv6-only node has no IPv4 overlay device: `heal_v6` looks after flannel-v6.)
     fn overlay_damage(&self) -> Result<Option<&'static str>, netdev::NetdevError> {
-        let Some(dp) = &self.ebpf else { return Ok(None) };
+        let Some(dp) = self.ebpf.as_ref().filter(|_| self.cfg.enable_ipv4) else { return Ok(None) };
         let Some(link) = netdev::link(&self.spec.device)? else { return Ok(Some("the device is gone")) };
         if link.ifindex != dp.device.ifindex {
             return Ok(Some("the device was recreated by someone else"));
@@ -1133,7 +1203,7 @@ impl Daemon {
     /// VtepMAC under the same etcd lease; peers' routes follow the lease. No restart.
     /// True if it moved (the etcd connections were made anew).
     async fn follow_public_ip(&mut self) -> Result<bool> {
-        if self.opts.public_ip.is_some() || self.ebpf.is_none() {
+        if self.opts.public_ip.is_some() || self.ebpf.is_none() || !self.cfg.enable_ipv4 {
             return Ok(false);
         }
         let Ok((iface, ip)) = netdev::resolve_interface(&self.opts.iface, None) else {
@@ -1200,8 +1270,8 @@ impl Daemon {
                 self.held.ttl = Duration::from_secs(ttl_secs as u64);
                 self.held.since = Instant::now();
                 self.state.lease_renewals.fetch_add(1, Ordering::Relaxed);
-                self.state.set_lease(self.held.subnet, self.held.expires());
-                tracing::info!(subnet = %self.held.subnet, ttl_secs, "lease renewed");
+                self.state.set_lease(self.held.key().primary(), self.held.expires());
+                tracing::info!(lease = %self.held.key(), ttl_secs, "lease renewed");
                 Ok(())
             }
             Some(KeeperEvent::Gone) | None => self.lost_lease("expired before it could be renewed").await,
@@ -1211,8 +1281,8 @@ impl Daemon {
 
     /// Our lease is gone: claim it again (the same subnet if still free).
     async fn lost_lease(&mut self, why: &str) -> Result<()> {
-        let old = self.held.subnet;
-        tracing::error!(subnet = %old, "THIS NODE'S LEASE WAS {why}; re-acquiring (the same subnet if still free)", why = why.to_uppercase());
+        let old = self.held.key();
+        tracing::error!(lease = %old, "THIS NODE'S LEASE WAS {why}; re-acquiring (the same subnet if still free)", why = why.to_uppercase());
         let old_lease = self.held.etcd_lease;
         let held = acquire(&mut self.reg, &self.cfg, &self.attrs, Some(old), &self.opts).await?;
         // The etcd lease that held the lost key is of no use any more: revoked, not left to
@@ -1222,38 +1292,40 @@ impl Daemon {
                 tracing::debug!(error = %e, "revoking the lost lease's etcd lease");
             }
         }
-        let old6 = self.held.subnet6;
         self.held = held;
         self.start_keeper();
-        self.state.set_lease(held.subnet, held.expires());
+        self.state.set_lease(held.key().primary(), held.expires());
         if let (Some(o6), Some(s6)) = (self.v6.as_mut(), held.subnet6) {
-            if Some(s6) != old6 {
+            if Some(s6) != old.v6 {
                 o6.configure(s6, &self.spec.bpffs_dir)?;
-                tracing::error!(old = ?old6.map(|s| s.to_string()), new = %s6, "re-acquired a different IPv6 subnet");
+                tracing::error!(old = ?old.v6.map(|s| s.to_string()), new = %s6, "re-acquired a different IPv6 subnet");
             }
         }
-        if held.subnet != old || held.subnet6 != old6 {
-            tracing::error!(old = %old, new = %held.subnet, "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
-            if self.tun.is_some() {
-                bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
-            }
-            self.spec.subnet = held.subnet;
-            self.sync_blackhole()?;
-            if self.cfg.backend.host_gw {
-                let mtu = netdev::require_link(&self.spec.iface)?.mtu;
-                write_subnet_file(&self.opts, &self.cfg, &held, mtu)?;
-                *self.rules.lock().await = self.wanted_rules();
-                ensure_rules(&self.rules).await?;
-                return Ok(());
-            }
-            let dp = dataplane_up(&self.spec).await?;
-            write_subnet_file(&self.opts, &self.cfg, &held, dp.mtu)?;
-            self.ebpf = Some(dp);
-            *self.rules.lock().await = self.wanted_rules();
-            ensure_rules(&self.rules).await?;
-        } else {
-            tracing::warn!(subnet = %old, "re-acquired the same subnet");
+        if held.key() == old {
+            tracing::warn!(lease = %old, "re-acquired the same subnet");
+            return Ok(());
         }
+        tracing::error!(old = %old, new = %held.key(), "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
+        if self.tun.is_some() {
+            bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
+        }
+        self.spec.subnet = held.subnet;
+        self.sync_blackhole()?;
+        // host-gw has no device (containers keep the underlay's MTU); an IPv6-only node's one
+        // device is flannel-v6, already readdressed above.
+        let mtu = match &self.v6 {
+            Some(o6) if !self.cfg.enable_ipv4 => o6.mtu,
+            _ if self.cfg.backend.host_gw => netdev::require_link(&self.spec.iface)?.mtu,
+            _ => {
+                let dp = dataplane_up(&self.spec).await?;
+                let mtu = dp.mtu;
+                self.ebpf = Some(dp);
+                mtu
+            }
+        };
+        write_subnet_file(&self.opts, &self.cfg, &held, mtu)?;
+        *self.rules.lock().await = self.wanted_rules();
+        ensure_rules(&self.rules).await?;
         Ok(())
     }
 }

@@ -11,14 +11,15 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_common::EncapMode;
 
 use crate::{
-    lease::{registry::LeaseEvent, Lease, LeaseFormatError},
+    lease::{registry::LeaseEvent, Lease, LeaseFormatError, LeaseKey},
     maps::Route,
 };
 
 /// The route a lease asks for on this node, or why it is skipped. Our own subnet and leases
 /// that name our own address get no route (they would send packets to ourselves).
+/// An IPv6-only node's lease has no IPv4 route.
 pub fn route_for(lease: &Lease, mode: EncapMode, my_subnet: Ipv4Net, my_ip: Ipv4Addr) -> Result<Option<Route>, LeaseFormatError> {
-    if lease.subnet == my_subnet || lease.attrs.public_ip == my_ip {
+    if lease.key().is_ipv6_only() || lease.subnet == my_subnet || lease.attrs.public_ip == my_ip {
         return Ok(None);
     }
     let vtep_mac = match mode {
@@ -41,21 +42,36 @@ pub struct Route6 {
 #[derive(Clone, Copy, Debug)]
 pub struct Mine6 {
     pub config: crate::config::Ipv6Config,
-    pub subnet6: Option<Ipv6Net>,
+    /// Our lease's key (its IPv6 subnet, if any).
+    pub key: LeaseKey,
+    pub public_ip: Ipv4Addr,
+    pub public_ipv6: Option<Ipv6Addr>,
 }
 
-/// The IPv6 route a lease asks for on a dual-stack node: none for our own lease or one
-/// naming our address, none for a peer without all three IPv6 parts (an IPv4-only node, as
-/// flannel skips it); an IPv6 subnet outside the network's range, or ours, is refused (it
-/// would take the host's own traffic, or our containers', to that peer).
-pub fn route6_for(lease: &Lease, my_subnet: Ipv4Net, my_ip: Ipv4Addr, me6: &Mine6) -> Result<Option<Route6>, LeaseFormatError> {
-    if lease.subnet == my_subnet || lease.attrs.public_ip == my_ip {
+impl Mine6 {
+    /// Whether `lease` is this node's own: its key, or one naming this node (its IPv4 subnet
+    /// or address; in an IPv6-only network, where no lease has either, its IPv6 subnet or
+    /// address).
+    pub fn owns(&self, lease: &Lease) -> bool {
+        if self.key.is_ipv6_only() {
+            return lease.subnet6 == self.key.v6 || (lease.attrs.public_ipv6.is_some() && lease.attrs.public_ipv6 == self.public_ipv6);
+        }
+        lease.subnet == self.key.v4 || lease.attrs.public_ip == self.public_ip
+    }
+}
+
+/// The IPv6 route a lease asks for on a dual-stack or IPv6-only node: none for our own lease
+/// or one naming our address (`Mine6::owns`), none for a peer without all three IPv6 parts
+/// (an IPv4-only node, as flannel skips it); an IPv6 subnet outside the network's range, or
+/// ours, is refused (it would take the host's own traffic, or our containers', to that peer).
+pub fn route6_for(lease: &Lease, me6: &Mine6) -> Result<Option<Route6>, LeaseFormatError> {
+    if me6.owns(lease) {
         return Ok(None);
     }
     let (Some(subnet), Some(public_ip), Ok(vtep_mac)) = (lease.subnet6, lease.attrs.public_ipv6, lease.attrs.vtep_mac_v6()) else {
         return Ok(None);
     };
-    if !me6.config.fits(&subnet) || Some(subnet) == me6.subnet6 {
+    if !me6.config.fits(&subnet) || Some(subnet) == me6.key.v6 {
         return Err(LeaseFormatError::Ipv6SubnetRefused(subnet.to_string()));
     }
     Ok(Some(Route6 { subnet, public_ip, vtep_mac }))
@@ -103,9 +119,14 @@ pub enum EventAction {
     Skipped(String, LeaseFormatError),
 }
 
-/// The decision for one watched event (see `EventAction`).
+/// The decision for one watched event (see `EventAction`). An IPv6-only node's lease has
+/// nothing to do with the IPv4 routes (skipped, not counted).
 pub fn on_event(ev: &LeaseEvent, me: &Mine) -> EventAction {
     match ev {
+        LeaseEvent::Put(lease) if lease.key().is_ipv6_only() => {
+            EventAction::Skipped(lease.key().name(), LeaseFormatError::Ipv6Only(lease.key().name()))
+        }
+        LeaseEvent::Delete(key) if key.is_ipv6_only() => EventAction::Skipped(key.name(), LeaseFormatError::Ipv6Only(key.name())),
         LeaseEvent::Put(lease) if lease.subnet == me.subnet => {
             if lease.attrs.public_ip == me.public_ip {
                 EventAction::SetRoute { subnet: lease.subnet, route: None, skipped: None }
@@ -117,8 +138,8 @@ pub fn on_event(ev: &LeaseEvent, me: &Mine) -> EventAction {
             Ok(route) => EventAction::SetRoute { subnet: lease.subnet, route, skipped: None },
             Err(e) => EventAction::SetRoute { subnet: lease.subnet, route: None, skipped: Some(e) },
         },
-        LeaseEvent::Delete(subnet) if *subnet == me.subnet => EventAction::LostOwn,
-        LeaseEvent::Delete(subnet) => EventAction::SetRoute { subnet: *subnet, route: None, skipped: None },
+        LeaseEvent::Delete(key) if key.v4 == me.subnet => EventAction::LostOwn,
+        LeaseEvent::Delete(key) => EventAction::SetRoute { subnet: key.v4, route: None, skipped: None },
         LeaseEvent::Malformed(key, e) => EventAction::Skipped(key.clone(), e.clone()),
     }
 }
@@ -161,19 +182,48 @@ mod tests {
         let attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]).with_ipv6("fd00::2".parse().unwrap(), 1, [6; 6]);
         let peer = Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: Some("fd00:0:0:2::/64".parse().unwrap()), attrs, etcd_lease: 2 };
         let cfg = crate::config::parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#).unwrap();
-        let me6 = Mine6 { config: cfg.ipv6.unwrap(), subnet6: Some("fd00:0:0:1::/64".parse().unwrap()) };
+        let me6 = Mine6 {
+            config: cfg.ipv6.unwrap(),
+            key: LeaseKey { v4: me, v6: Some("fd00:0:0:1::/64".parse().unwrap()) },
+            public_ip: my_ip,
+            public_ipv6: Some("fd00::1".parse().unwrap()),
+        };
         assert_eq!(
-            route6_for(&peer, me, my_ip, &me6),
+            route6_for(&peer, &me6),
             Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6] }))
         );
-        assert_eq!(route6_for(&Lease { subnet6: None, ..peer.clone() }, me, my_ip, &me6), Ok(None), "an IPv4-only peer");
+        assert_eq!(route6_for(&Lease { subnet6: None, ..peer.clone() }, &me6), Ok(None), "an IPv4-only peer");
         let v4_only_attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]);
-        assert_eq!(route6_for(&Lease { attrs: v4_only_attrs, ..peer.clone() }, me, my_ip, &me6), Ok(None), "no PublicIPv6 or v6 VtepMAC");
-        assert_eq!(route6_for(&Lease { subnet: me, ..peer.clone() }, me, my_ip, &me6), Ok(None), "our own");
+        assert_eq!(route6_for(&Lease { attrs: v4_only_attrs, ..peer.clone() }, &me6), Ok(None), "no PublicIPv6 or v6 VtepMAC");
+        assert_eq!(route6_for(&Lease { subnet: me, ..peer.clone() }, &me6), Ok(None), "our own");
         for bad in ["2000::/3", "fd00:0:0:1::/64", "fd01::/64", "fd00::/64"] {
             let l = Lease { subnet6: Some(bad.parse().unwrap()), ..peer.clone() };
-            assert!(matches!(route6_for(&l, me, my_ip, &me6), Err(LeaseFormatError::Ipv6SubnetRefused(_))), "{bad}");
+            assert!(matches!(route6_for(&l, &me6), Err(LeaseFormatError::Ipv6SubnetRefused(_))), "{bad}");
         }
+    }
+
+    /// In an IPv6-only network every lease says PublicIP 0.0.0.0 and has the key's 0.0.0.0/0:
+    /// peers are told apart from us by their IPv6 subnet and address.
+    #[test]
+    fn ipv6_only_peers_get_routes_and_we_get_none() {
+        let cfg = crate::config::parse(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let me6 = Mine6 {
+            config: cfg.ipv6.unwrap(),
+            key: LeaseKey::ipv6_only("fd00:0:0:1::/64".parse().unwrap()),
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            public_ipv6: Some("fd00:64::1".parse().unwrap()),
+        };
+        let lease = |s6: &str, ip6: &str| {
+            let k = LeaseKey::ipv6_only(s6.parse().unwrap());
+            Lease { subnet: k.v4, subnet6: k.v6, attrs: LeaseAttrs::vxlan_ipv6_only(ip6.parse().unwrap(), 1, [6; 6]), etcd_lease: 2 }
+        };
+        assert_eq!(
+            route6_for(&lease("fd00:0:0:2::/64", "fd00:64::2"), &me6),
+            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00:64::2".parse().unwrap(), vtep_mac: [6; 6] }))
+        );
+        assert_eq!(route6_for(&lease("fd00:0:0:1::/64", "fd00:64::1"), &me6), Ok(None), "our own");
+        assert_eq!(route6_for(&lease("fd00:0:0:3::/64", "fd00:64::1"), &me6), Ok(None), "another lease naming our address");
+        assert!(matches!(route6_for(&lease("fd01::/64", "fd00:64::4"), &me6), Err(LeaseFormatError::Ipv6SubnetRefused(_))));
     }
 
     #[test]
@@ -197,15 +247,23 @@ mod tests {
 
     /// A lease event drawn from a small world (a few subnets and nodes, this node among
     /// them), so that sequences revisit the same keys: puts by other nodes, by us, by a node
-    /// taking our subnet, without a VtepMAC, and deletes.
+    /// taking our subnet, without a VtepMAC, IPv6-only nodes' leases (never an IPv4 route),
+    /// and deletes.
     fn event() -> impl Strategy<Value = LeaseEvent> {
-        let subnet = (0u8..6).prop_map(|i| Ipv4Net::new(Ipv4Addr::new(10, 0, i, 0), 24).unwrap());
-        let put = (subnet.clone(), 1u8..5, any::<bool>(), any::<u8>()).prop_map(|(subnet, node, has_mac, mac)| {
+        let key = prop_oneof![
+            4 => (0u8..6).prop_map(|i| LeaseKey::from(&Ipv4Net::new(Ipv4Addr::new(10, 0, i, 0), 24).unwrap())),
+            1 => (0u16..2).prop_map(|i| LeaseKey::ipv6_only(Ipv6Net::new(Ipv6Addr::new(0xfd00, 0, 0, i, 0, 0, 0, 0), 64).unwrap())),
+        ];
+        let put = (key.clone(), 1u8..5, any::<bool>(), any::<u8>()).prop_map(|(key, node, has_mac, mac)| {
             let ip = Ipv4Addr::new(192, 168, 0, node);
-            let attrs = if has_mac { LeaseAttrs::vxlan(ip, 1, [2, 0, 0, 0, node, mac]) } else { LeaseAttrs::udp(ip) };
-            LeaseEvent::Put(Lease { subnet, subnet6: None, attrs, etcd_lease: 7 })
+            let attrs = match (key.is_ipv6_only(), has_mac) {
+                (true, _) => LeaseAttrs::vxlan_ipv6_only(Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, node as u16), 1, [6, 0, 0, 0, node, mac]),
+                (false, true) => LeaseAttrs::vxlan(ip, 1, [2, 0, 0, 0, node, mac]),
+                (false, false) => LeaseAttrs::udp(ip),
+            };
+            LeaseEvent::Put(Lease { subnet: key.v4, subnet6: key.v6, attrs, etcd_lease: 7 })
         });
-        prop_oneof![3 => put, 1 => subnet.prop_map(LeaseEvent::Delete)]
+        prop_oneof![3 => put, 1 => key.prop_map(LeaseEvent::Delete)]
     }
 
     proptest! {
@@ -216,16 +274,16 @@ mod tests {
         #[test]
         fn events_and_listings_agree(start in proptest::collection::vec(event(), 0..8), events in proptest::collection::vec(event(), 0..40)) {
             let me = Mine { subnet: "10.0.0.0/24".parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, 1), mode: EncapMode::Vxlan };
-            let mut store: BTreeMap<Ipv4Net, Lease> = BTreeMap::new();
-            let apply = |store: &mut BTreeMap<Ipv4Net, Lease>, ev: &LeaseEvent| match ev {
-                LeaseEvent::Put(l) => { store.insert(l.subnet, l.clone()); }
+            let mut store: BTreeMap<LeaseKey, Lease> = BTreeMap::new();
+            let apply = |store: &mut BTreeMap<LeaseKey, Lease>, ev: &LeaseEvent| match ev {
+                LeaseEvent::Put(l) => { store.insert(l.key(), l.clone()); }
                 LeaseEvent::Delete(s) => { store.remove(s); }
                 LeaseEvent::Malformed(..) => {}
             };
             for ev in &start {
                 apply(&mut store, ev);
             }
-            let listing = |store: &BTreeMap<Ipv4Net, Lease>| {
+            let listing = |store: &BTreeMap<LeaseKey, Lease>| {
                 let leases: Vec<Lease> = store.values().cloned().collect();
                 let (routes, _) = desired_routes(&leases, me.mode, me.subnet, me.public_ip);
                 routes.into_iter().map(|r| (r.subnet, r)).collect::<BTreeMap<_, _>>()
@@ -251,7 +309,17 @@ mod tests {
         assert_eq!(on_event(&LeaseEvent::Put(other.clone()), &me), EventAction::SetRoute { subnet: other.subnet, route: Some(route("10.0.2.0/24", 2, 2)), skipped: None });
         let no_mac = Lease { attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 2)), ..other.clone() };
         assert_eq!(on_event(&LeaseEvent::Put(no_mac), &me), EventAction::SetRoute { subnet: other.subnet, route: None, skipped: Some(LeaseFormatError::NoVtepMac) });
-        assert_eq!(on_event(&LeaseEvent::Delete(me.subnet), &me), EventAction::LostOwn);
+        assert_eq!(on_event(&LeaseEvent::Delete(LeaseKey::from(&me.subnet)), &me), EventAction::LostOwn);
+        // An IPv6-only node's lease: nothing for the IPv4 routes (its key's 0.0.0.0/0 least of all).
+        let v6_only = Lease {
+            subnet: crate::lease::NO_IPV4,
+            subnet6: Some("fd00:0:0:2::/64".parse().unwrap()),
+            attrs: LeaseAttrs::vxlan_ipv6_only("fd00:64::2".parse().unwrap(), 1, [6; 6]),
+            etcd_lease: 3,
+        };
+        assert!(matches!(on_event(&LeaseEvent::Put(v6_only.clone()), &me), EventAction::Skipped(_, LeaseFormatError::Ipv6Only(_))));
+        assert!(matches!(on_event(&LeaseEvent::Delete(v6_only.key()), &me), EventAction::Skipped(_, LeaseFormatError::Ipv6Only(_))));
+        assert_eq!(desired_routes(&[v6_only], me.mode, me.subnet, me.public_ip), (vec![], vec![]));
         let taken = Lease { subnet: me.subnet, ..other.clone() };
         assert_eq!(on_event(&LeaseEvent::Put(taken), &me), EventAction::OwnNamesOther(Ipv4Addr::new(192, 168, 0, 2)));
     }

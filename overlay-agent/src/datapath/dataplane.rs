@@ -218,7 +218,72 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     prepare_pin_dir(&spec.bpffs_dir)?;
     let (underlay, device, mtu) = prepare_device(spec)?;
     netdev::set_device_address(&spec.device, spec.subnet.network())?;
+    let (mut ebpf, mut maps, previous) = load(spec)?;
+    maps.set_config(&DataplaneConfig {
+        mode: spec.mode as u32,
+        vni: spec.vni,
+        port: spec.port,
+        flags: config_flags::READY | delivery_flags(spec.delivery, spec.mode),
+        underlay_ifindex: underlay.ifindex,
+        overlay_ifindex: device.ifindex,
+        underlay_ip: spec.public_ip.octets(),
+        local_subnet: spec.subnet.network().octets(),
+        local_prefix_len: spec.subnet.prefix_len() as u32,
+        vtep_mac: device.mac,
+        _pad: [0; 2],
+    })?;
 
+    let same_device = previous.is_some_and(|c| c.overlay_ifindex == device.ifindex);
+    let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
+    let encap_pin = spec.bpffs_dir.join(LINK_ENCAP);
+    if !(same_device && adopt_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &encap_pin)) {
+        attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress)
+            .and_then(|l| pin_link(l, &encap_pin))
+            .context("attaching encapsulation to the overlay device")?;
+    }
+
+    // Routes kept in the pinned maps from a previous run: the device's entries follow them.
+    maps.sync_fdb()?;
+    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
+    attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
+    netdev::route_network(spec.network, &spec.device)?;
+    Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
+}
+
+/// An IPv6-only node's data plane: no IPv4 device, no encapsulation program (the kernel's
+/// `flannel-v6.<VNI>`, named by `spec.device`, carries the traffic); the decap programs on
+/// the underlay and the socket guard check what arrives for it, as on a dual-stack node. The
+/// IPv4 side is configured with no address and no subnet, so that no IPv4 frame is taken
+/// for a tunnel frame of ours (they all pass to the kernel). An encapsulation link a previous
+/// IPv4 run left pinned goes.
+pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
+    prepare_pin_dir(&spec.bpffs_dir)?;
+    let underlay = netdev::require_link(&spec.iface)?;
+    let device = netdev::require_link(&spec.device)?;
+    let (mut ebpf, mut maps, previous) = load(spec)?;
+    maps.set_config(&DataplaneConfig {
+        mode: EncapMode::Vxlan as u32,
+        vni: spec.vni,
+        port: spec.port,
+        flags: config_flags::READY | config_flags::KERNEL_DECAP,
+        underlay_ifindex: underlay.ifindex,
+        overlay_ifindex: device.ifindex,
+        underlay_ip: [0; 4],
+        local_subnet: [0; 4],
+        local_prefix_len: 32,
+        vtep_mac: device.mac,
+        _pad: [0; 2],
+    })?;
+    remove_pin(&spec.bpffs_dir.join(LINK_ENCAP))?;
+    let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
+    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
+    attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
+    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, ebpf })
+}
+
+/// Load the programs with their maps pinned under the node's directory (reusing the pins of
+/// this build's layout), and what configuration a previous run left (for adopting its links).
+fn load(spec: &NodeSpec) -> Result<(Ebpf, Maps, Option<DataplaneConfig>)> {
     if EBPF_OBJECT.is_empty() {
         bail!("this agent was built with AYA_BUILD_SKIP=1 and carries no eBPF programs; build it with `cargo xtask build`");
     }
@@ -255,36 +320,8 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         "loading the eBPF programs failed (root, a kernel with BTF and TCX are needed; \
          if the maps' layout or --max-routes/--max-peers changed, run `overlay-agent teardown` first)",
     )?;
-    let mut maps = Maps::take(&mut ebpf)?.lock_changes_in(&spec.bpffs_dir);
-    maps.set_config(&DataplaneConfig {
-        mode: spec.mode as u32,
-        vni: spec.vni,
-        port: spec.port,
-        flags: config_flags::READY | delivery_flags(spec.delivery, spec.mode),
-        underlay_ifindex: underlay.ifindex,
-        overlay_ifindex: device.ifindex,
-        underlay_ip: spec.public_ip.octets(),
-        local_subnet: spec.subnet.network().octets(),
-        local_prefix_len: spec.subnet.prefix_len() as u32,
-        vtep_mac: device.mac,
-        _pad: [0; 2],
-    })?;
-
-    let same_device = previous.is_some_and(|c| c.overlay_ifindex == device.ifindex);
-    let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
-    let encap_pin = spec.bpffs_dir.join(LINK_ENCAP);
-    if !(same_device && adopt_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &encap_pin)) {
-        attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress)
-            .and_then(|l| pin_link(l, &encap_pin))
-            .context("attaching encapsulation to the overlay device")?;
-    }
-
-    // Routes kept in the pinned maps from a previous run: the device's entries follow them.
-    maps.sync_fdb()?;
-    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
-    attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
-    netdev::route_network(spec.network, &spec.device)?;
-    Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
+    let maps = Maps::take(&mut ebpf)?.lock_changes_in(&spec.bpffs_dir);
+    Ok((ebpf, maps, previous))
 }
 
 /// The layout versions the pins in `dir` were made with, as `MAP_LAYOUTS` is ordered: those

@@ -7,8 +7,8 @@
 //! underlay check what arrives for it (peer and inner source, as for IPv4) against the
 //! routes kept here, which the agent mirrors into the IPv6 maps.
 //!
-//! The routes are keyed by the peer's IPv4 subnet (what names a lease to the agent), so a
-//! lease deleted or changed finds what it had.
+//! The routes are keyed by the peer's lease key, so a lease deleted or changed finds what it
+//! had. An IPv6-only node has this half only.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,9 +16,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::Ipv6Net;
 
-use crate::{maps::Maps, netdev, reconcile::Route6};
+use crate::{lease::LeaseKey, maps::Maps, netdev, reconcile::Route6};
 
 /// IPv6 and UDP and VXLAN and the inner Ethernet header: what flannel-v6's packets carry on
 /// top of the inner IPv6 packet (the kernel's VXLAN6_HEADROOM).
@@ -35,9 +35,9 @@ pub struct Overlay6 {
     pub mtu: u32,
     /// The node's public IPv6 address (the device's local end).
     pub public_ip: Ipv6Addr,
-    routes: BTreeMap<Ipv4Net, Route6>,
+    routes: BTreeMap<LeaseKey, Route6>,
     /// Keys whose entries could not all be written: tried again by the next `set` or `sync`.
-    dirty: BTreeSet<Ipv4Net>,
+    dirty: BTreeSet<LeaseKey>,
     /// The pinned maps the decap programs check IPv6 frames against (once the data plane is
     /// up): the IPv6 side's configuration, routes and peers.
     maps: Option<Maps>,
@@ -81,7 +81,7 @@ impl Overlay6 {
     /// failure midway leaves the key recorded (and marked to be tried again), never entries
     /// that nothing removes; entries another key still uses (two leases of one node, for a
     /// while) are kept.
-    pub fn set(&mut self, key: Ipv4Net, want: Option<Route6>) -> Result<()> {
+    pub fn set(&mut self, key: LeaseKey, want: Option<Route6>) -> Result<()> {
         let old = self.routes.get(&key).copied();
         if old == want && !self.dirty.contains(&key) {
             return Ok(());
@@ -125,12 +125,12 @@ impl Overlay6 {
         Ok(())
     }
 
-    /// Hold exactly `desired` (by peer IPv4 subnet), also removing what a previous run left
+    /// Hold exactly `desired` (by peer lease key), also removing what a previous run left
     /// on the device or in the maps that no lease asks for any more. One peer's failure does
     /// not stop the others: the error says how many failed (each is tried again next time).
-    pub fn sync(&mut self, desired: &BTreeMap<Ipv4Net, Route6>) -> Result<()> {
+    pub fn sync(&mut self, desired: &BTreeMap<LeaseKey, Route6>) -> Result<()> {
         let mut failed: Vec<String> = Vec::new();
-        let stale: Vec<Ipv4Net> = self.routes.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+        let stale: Vec<LeaseKey> = self.routes.keys().filter(|k| !desired.contains_key(k)).copied().collect();
         for k in stale {
             if let Err(e) = self.set(k, None) {
                 failed.push(format!("{k}: {}", crate::error_chain(e.as_ref())));
@@ -208,7 +208,7 @@ impl Overlay6 {
 
     /// Write again the entries of peers whose last write failed. Err: how many still fail.
     pub fn retry(&mut self) -> Result<()> {
-        let keys: Vec<Ipv4Net> = self.dirty.iter().copied().collect();
+        let keys: Vec<LeaseKey> = self.dirty.iter().copied().collect();
         let mut failed = 0;
         for k in keys {
             let want = self.routes.get(&k).copied();

@@ -76,6 +76,12 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
         s = format!("{:<20} {:<16} {:<8} {:<18} {:<10} {:<44} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "IPV6-SUBNET", "PUBLIC-IPV6");
     }
     for (l, left) in rows {
+        // An IPv6-only node's lease has neither an IPv4 subnet nor a PublicIP (0.0.0.0/0 and
+        // 0.0.0.0 in etcd): "-", and its IPv6 columns.
+        let (subnet, public_ip) = match l.key().is_ipv6_only() {
+            true => ("-".to_string(), "-".to_string()),
+            false => (l.subnet.to_string(), l.attrs.public_ip.to_string()),
+        };
         let backend = if l.attrs.backend_type.is_empty() { "udp" } else { l.attrs.backend_type.as_str() };
         let mac = l.attrs.vtep_mac().map(|m| format_mac(&m)).unwrap_or_else(|_| "-".into());
         let left = if *left < 0 { "no TTL".to_string() } else { format!("{}h{:02}m{:02}s", left / 3600, left / 60 % 60, left % 60) };
@@ -85,8 +91,8 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
             let _ = writeln!(
                 s,
                 "{:<20} {:<16} {:<8} {:<18} {:<10} {:<44} {}",
-                l.subnet.to_string(),
-                l.attrs.public_ip.to_string(),
+                subnet,
+                public_ip,
                 backend,
                 mac,
                 left,
@@ -94,7 +100,7 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
                 ip6
             );
         } else {
-            let _ = writeln!(s, "{:<20} {:<16} {:<8} {:<18} {}", l.subnet.to_string(), l.attrs.public_ip.to_string(), backend, mac, left);
+            let _ = writeln!(s, "{:<20} {:<16} {:<8} {:<18} {}", subnet, public_ip, backend, mac, left);
         }
     }
     s
@@ -119,6 +125,12 @@ mod tests {
         // Columns line up, "no TTL" included: the IPv6 subnet starts where its header does.
         let col = lines[0].find("IPV6-SUBNET").unwrap();
         assert!(lines[1..].iter().all(|l| l[col..].starts_with("fd00:0:0:2::/64")), "{t}");
+        // An IPv6-only node's lease: dashes for what it does not have.
+        let k = crate::lease::LeaseKey::ipv6_only("fd00:0:0:3::/64".parse().unwrap());
+        let attrs = crate::lease::LeaseAttrs::vxlan_ipv6_only("fd00::3".parse().unwrap(), 1, [6; 6]);
+        let t = leases_table(&[(crate::lease::Lease { subnet: k.v4, subnet6: k.v6, attrs, etcd_lease: 1 }, 60)]);
+        let row: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(row, ["-", "-", "vxlan", "-", "0h01m00s", "fd00:0:0:3::/64", "fd00::3"], "{t}");
         let peers6 = [("fd00::2".parse().unwrap(), PeerTotals { rx_packets: 3, ..Default::default() })].into_iter().collect();
         let st = stats_table(&[0; Counter::COUNT], &Default::default(), &peers6);
         assert!(st.contains("IPV6-PEER") && st.contains("fd00::2"), "{st}");

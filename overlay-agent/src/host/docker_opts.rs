@@ -48,6 +48,12 @@ pub enum DockerOptsError {
     },
     #[error("{path} has no FLANNEL_SUBNET; refusing to write docker options without --bip")]
     NoSubnet { path: PathBuf },
+    /// An IPv6-only network's file (flannel's script has no IPv6 options either).
+    #[error(
+        "{path} is an IPv6-only network's (FLANNEL_IPV6_SUBNET={subnet6}, no FLANNEL_SUBNET): mk-docker-opts writes IPv4 \
+         options (--bip) only, as flannel's script; give dockerd --ipv6 --fixed-cidr-v6={subnet6} --mtu=<FLANNEL_MTU> yourself"
+    )]
+    Ipv6Only { path: PathBuf, subnet6: String },
     #[error("{0:?} is not a valid shell variable name for -k")]
     BadKey(String),
     #[error("writing {path}: {cause}")]
@@ -128,7 +134,11 @@ pub fn run(args: &DockerOptsArgs) -> Result<String, DockerOptsError> {
         .map_err(|cause| DockerOptsError::Read { path: args.flannel_env.clone(), cause })?;
     let flannel = parse_env_file(&text);
     if flannel.get("FLANNEL_SUBNET").is_none_or(|s| s.is_empty()) {
-        return Err(DockerOptsError::NoSubnet { path: args.flannel_env.clone() });
+        let path = args.flannel_env.clone();
+        return Err(match flannel.get("FLANNEL_IPV6_SUBNET").filter(|s| !s.is_empty()) {
+            Some(s6) => DockerOptsError::Ipv6Only { path, subnet6: s6.clone() },
+            None => DockerOptsError::NoSubnet { path },
+        });
     }
     let environ: BTreeMap<String, String> = std::env::vars().collect();
     let out = render(args, &flannel, &environ)?;
@@ -205,6 +215,10 @@ mod tests {
         fs::write(&f, "FLANNEL_MTU=1450\n").unwrap();
         let e = run(&args(&["-f", f.to_str().unwrap(), "-d", dir.join("out").to_str().unwrap()])).unwrap_err();
         assert!(e.to_string().contains("has no FLANNEL_SUBNET"), "{e}");
+        fs::write(&f, "FLANNEL_IPV6_NETWORK=fd00::/56\nFLANNEL_IPV6_SUBNET=fd00:0:0:7::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n").unwrap();
+        let e = run(&args(&["-f", f.to_str().unwrap(), "-d", dir.join("out").to_str().unwrap()])).unwrap_err();
+        assert!(e.to_string().contains("IPv6-only") && e.to_string().contains("--fixed-cidr-v6=fd00:0:0:7::1/64"), "{e}");
+        assert!(!dir.join("out").exists(), "nothing written for an IPv6-only file");
         let e = run(&args(&["-f", dir.join("missing").to_str().unwrap()])).unwrap_err();
         assert!(e.to_string().contains("cannot read the subnet file"), "{e}");
         fs::remove_dir_all(&dir).unwrap();

@@ -18,7 +18,6 @@ use std::{
 use anyhow::{Context as _, Result};
 use http_body_util::Full;
 use hyper::{body::Bytes, Request, Response, StatusCode};
-use ipnet::Ipv4Net;
 use overlay_common::Counter;
 use prometheus_client::{
     collector::Collector,
@@ -33,8 +32,9 @@ use crate::maps::Maps;
 #[derive(Debug)]
 pub struct AgentState {
     pub ready: AtomicBool,
-    /// Our subnet and when its etcd lease expires unless renewed (`None`: a reservation).
-    pub lease: Mutex<Option<(Ipv4Net, Option<Instant>)>>,
+    /// Our subnet (the IPv6 one in an IPv6-only network) and when its etcd lease expires
+    /// unless renewed (`None`: a reservation).
+    pub lease: Mutex<Option<(ipnet::IpNet, Option<Instant>)>>,
     pub etcd_reconnects: AtomicU64,
     pub malformed_leases: AtomicU64,
     pub lease_renewals: AtomicU64,
@@ -67,7 +67,7 @@ impl AgentState {
         }
     }
 
-    pub fn set_lease(&self, subnet: Ipv4Net, expires: Option<Instant>) {
+    pub fn set_lease(&self, subnet: ipnet::IpNet, expires: Option<Instant>) {
         *self.lease.lock().expect("lease lock") = Some((subnet, expires));
     }
 }
@@ -277,7 +277,7 @@ mod tests {
     fn metrics_render_without_maps() {
         let st = Arc::new(AgentState::new("/nonexistent".into()));
         st.etcd_reconnects.fetch_add(3, Ordering::Relaxed);
-        st.set_lease("10.244.5.0/24".parse().unwrap(), Some(Instant::now() + std::time::Duration::from_secs(100)));
+        st.set_lease("10.244.5.0/24".parse::<ipnet::Ipv4Net>().unwrap().into(), Some(Instant::now() + std::time::Duration::from_secs(100)));
         let text = render_metrics(&st).unwrap();
         assert!(text.contains("overlay_etcd_reconnects_total 3"), "{text}");
         assert!(text.contains("overlay_lease_info{subnet=\"10.244.5.0/24\"} 1"), "{text}");

@@ -32,6 +32,8 @@ pub enum NetdevError {
     NoSuchInterface(String),
     #[error("interface {name:?} has no IPv4 address; pass --public-ip or give it one")]
     NoIpv4 { name: String },
+    #[error("interface {name:?} has no global IPv6 address (an IPv6-only network needs one); pass --public-ipv6 or give it one")]
+    NoIpv6 { name: String },
     #[error("no default route to pick an interface from; pass --iface")]
     NoDefaultRoute,
 }
@@ -308,16 +310,18 @@ pub struct IfaceChoice {
 /// order (against every address first, then every name), else the route to `--iface-can-reach`
 /// (`route`), else the default route's interface (`default`). The address is the one matched,
 /// else the interface's first IPv4 address (`None` if it has none).
-pub fn choose_interface(
+/// (An IPv6-only node gives its interfaces' public IPv6 addresses instead: `A` is the
+/// address family the node's public address is of.)
+pub fn choose_interface<A: Copy + PartialEq + std::str::FromStr + std::fmt::Display>(
     choice: &IfaceChoice,
-    interfaces: &[(String, Vec<Ipv4Addr>)],
-    route: impl FnOnce(Ipv4Addr) -> Option<(String, Option<Ipv4Addr>)>,
+    interfaces: &[(String, Vec<A>)],
+    route: impl FnOnce(Ipv4Addr) -> Option<(String, Option<A>)>,
     default: impl FnOnce() -> Option<String>,
-) -> std::result::Result<(String, Option<Ipv4Addr>), String> {
+) -> std::result::Result<(String, Option<A>), String> {
     let first_addr = |name: &str| interfaces.iter().find(|(n, _)| n == name).and_then(|(_, a)| a.first().copied());
     if !choice.iface.is_empty() {
         for want in &choice.iface {
-            if let Ok(ip) = want.parse::<Ipv4Addr>() {
+            if let Ok(ip) = want.parse::<A>() {
                 if let Some((name, _)) = interfaces.iter().find(|(_, a)| a.contains(&ip)) {
                     return Ok((name.clone(), Some(ip)));
                 }
@@ -325,7 +329,7 @@ pub fn choose_interface(
                 return Ok((want.clone(), first_addr(want)));
             }
         }
-        return Err(format!("none of --iface {} exists here (an interface name or one of its IPv4 addresses)", choice.iface.join(", ")));
+        return Err(format!("none of --iface {} exists here (an interface name or one of its addresses)", choice.iface.join(", ")));
     }
     if !choice.regex.is_empty() {
         for re in &choice.regex {
@@ -339,7 +343,7 @@ pub fn choose_interface(
             }
         }
         let res: Vec<&str> = choice.regex.iter().map(|r| r.as_str()).collect();
-        return Err(format!("no interface name or IPv4 address matches --iface-regex {}", res.join(", ")));
+        return Err(format!("no interface name or address matches --iface-regex {}", res.join(", ")));
     }
     if let Some(dst) = choice.can_reach {
         let (name, src) = route(dst).ok_or_else(|| format!("no route to --iface-can-reach {dst}"))?;
@@ -361,10 +365,41 @@ pub fn resolve_interface(choice: &IfaceChoice, public_ip: Option<Ipv4Addr>) -> s
     Ok((name, ip))
 }
 
+/// An IPv6-only node's underlay interface and public IPv6 address, chosen as
+/// `resolve_interface` chooses (--iface names or IPv6 addresses, --iface-regex against the
+/// interfaces' public IPv6 addresses and names, --iface-can-reach's route, else the default
+/// IPv6 route's interface, else the default IPv4 route's); the address is `public_ipv6`
+/// (--public-ipv6) if given, else the one matched, else the interface's (`first_ipv6`).
+pub fn resolve_interface6(choice: &IfaceChoice, public_ipv6: Option<Ipv6Addr>) -> std::result::Result<(String, Ipv6Addr), NetdevError> {
+    let interfaces: Vec<(String, Vec<Ipv6Addr>)> = interfaces()?
+        .into_iter()
+        .map(|(name, _)| {
+            let a = first_ipv6(&name).ok().flatten();
+            (name, a.into_iter().collect())
+        })
+        .collect();
+    let (name, addr) = choose_interface(
+        choice,
+        &interfaces,
+        |dst| route_to(dst).ok().map(|(name, _)| (name, None)),
+        || default_route_iface_of(AddressFamily::Inet6).or_else(|_| default_route_iface()).ok(),
+    )
+    .map_err(|why| NetdevError::Netlink { op: "choosing the interface".into(), cause: std::io::Error::other(why) })?;
+    let ip = match public_ipv6.or(addr) {
+        Some(ip) => ip,
+        None => first_ipv6(&name)?.ok_or_else(|| NetdevError::NoIpv6 { name: name.clone() })?,
+    };
+    Ok((name, ip))
+}
+
 /// The interface of the default route (flannel's choice when --iface is not given).
 pub fn default_route_iface() -> Result<String> {
+    default_route_iface_of(AddressFamily::Inet)
+}
+
+fn default_route_iface_of(family: AddressFamily) -> Result<String> {
     let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
+    m.header.address_family = family;
     let msgs = request("list routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
     let oif = msgs.iter().find_map(|m| match m {
         RouteNetlinkMessage::NewRoute(r) if r.header.destination_prefix_length == 0 && r.header.table == RouteHeader::RT_TABLE_MAIN => {

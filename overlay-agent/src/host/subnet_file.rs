@@ -13,19 +13,24 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
-    pub network: Ipv4Net,
-    /// The node's subnet; written as its first usable address, as flannel does.
-    pub subnet: Ipv4Net,
+    /// The IPv4 network and the node's subnet (FLANNEL_NETWORK/SUBNET; the subnet written as
+    /// its first usable address, as flannel does); none in an IPv6-only network.
+    pub ipv4: Option<(Ipv4Net, Ipv4Net)>,
     pub mtu: u32,
     pub ip_masq: bool,
-    /// A dual-stack node's IPv6 network and subnet (FLANNEL_IPV6_NETWORK/SUBNET).
+    /// A dual-stack or IPv6-only node's IPv6 network and subnet (FLANNEL_IPV6_NETWORK/SUBNET).
     pub ipv6: Option<(Ipv6Net, Ipv6Net)>,
 }
 
 impl SubnetEnv {
     pub fn render(&self) -> String {
-        let first = Ipv4Addr::from(u32::from(self.subnet.network()) + 1);
         // flannel's order: the IPv4 pair, the IPv6 pair, then MTU and masquerade.
+        let v4 = match self.ipv4 {
+            Some((network, subnet)) => {
+                format!("FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={}/{}\n", Ipv4Addr::from(u32::from(subnet.network()) + 1), subnet.prefix_len())
+            }
+            None => String::new(),
+        };
         let v6 = match self.ipv6 {
             Some((network, subnet)) => format!(
                 "FLANNEL_IPV6_NETWORK={network}\nFLANNEL_IPV6_SUBNET={}/{}\n",
@@ -34,14 +39,7 @@ impl SubnetEnv {
             ),
             None => String::new(),
         };
-        format!(
-            "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\n{v6}FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
-            self.network,
-            first,
-            self.subnet.prefix_len(),
-            self.mtu,
-            self.ip_masq
-        )
+        format!("{v4}{v6}FLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n", self.mtu, self.ip_masq)
     }
 }
 
@@ -72,16 +70,31 @@ pub fn write(path: &Path, env: &SubnetEnv) -> Result<(), SubnetFileError> {
     Ok(())
 }
 
-/// The subnet a previous run wrote (FLANNEL_SUBNET), if the file exists and parses.
-pub fn read_previous_subnet(path: &Path) -> Option<Ipv4Net> {
-    let text = fs::read_to_string(path).ok()?;
-    parse_subnet_line(&text)
+/// The subnets a previous run wrote (FLANNEL_SUBNET, FLANNEL_IPV6_SUBNET), each if the file
+/// has it and it parses.
+pub fn read_previous(path: &Path) -> (Option<Ipv4Net>, Option<Ipv6Net>) {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    (v4_line(&text), v6_line(&text))
 }
 
-fn parse_subnet_line(text: &str) -> Option<Ipv4Net> {
-    let v = text.lines().find_map(|l| l.trim().strip_prefix("FLANNEL_SUBNET="))?;
-    let n: Ipv4Net = v.trim().trim_matches('"').parse().ok()?;
-    Some(n.trunc())
+/// A `KEY=address/length` line's network.
+fn parse_line(text: &str, key: &str) -> Option<ipnet::IpNet> {
+    let v = text.lines().find_map(|l| l.trim().strip_prefix(key))?;
+    v.trim().trim_matches('"').parse::<ipnet::IpNet>().ok().map(|n| n.trunc())
+}
+
+fn v4_line(text: &str) -> Option<Ipv4Net> {
+    match parse_line(text, "FLANNEL_SUBNET=")? {
+        ipnet::IpNet::V4(n) => Some(n),
+        ipnet::IpNet::V6(_) => None,
+    }
+}
+
+fn v6_line(text: &str) -> Option<Ipv6Net> {
+    match parse_line(text, "FLANNEL_IPV6_SUBNET=")? {
+        ipnet::IpNet::V6(n) => Some(n),
+        ipnet::IpNet::V4(_) => None,
+    }
 }
 
 #[cfg(test)]
@@ -90,8 +103,7 @@ mod tests {
 
     fn env() -> SubnetEnv {
         SubnetEnv {
-            network: "172.17.0.0/16".parse().unwrap(),
-            subnet: "172.17.98.0/24".parse().unwrap(),
+            ipv4: Some(("172.17.0.0/16".parse().unwrap(), "172.17.98.0/24".parse().unwrap())),
             mtu: 1450,
             ip_masq: true,
             ipv6: None,
@@ -109,6 +121,16 @@ mod tests {
         );
     }
 
+    /// As flannel writes an IPv6-only node's file: no IPv4 pair at all.
+    #[test]
+    fn renders_flannels_ipv6_only_format() {
+        let e = SubnetEnv { ipv4: None, ipv6: Some(("fd00:10:244::/56".parse().unwrap(), "fd00:10:244:62::/64".parse().unwrap())), ..env() };
+        assert_eq!(e.render(), "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:62::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
+        let text = e.render();
+        assert_eq!(v6_line(&text), Some("fd00:10:244:62::/64".parse().unwrap()));
+        assert_eq!(v4_line(&text), None);
+    }
+
     #[test]
     fn renders_flannels_format() {
         assert_eq!(
@@ -123,10 +145,10 @@ mod tests {
         let path = dir.join("run/flannel/subnet.env");
         write(&path, &env()).unwrap();
         let mut e2 = env();
-        e2.subnet = "172.17.99.0/24".parse().unwrap();
+        e2.ipv4 = Some(("172.17.0.0/16".parse().unwrap(), "172.17.99.0/24".parse().unwrap()));
         write(&path, &e2).unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), e2.render());
-        assert_eq!(read_previous_subnet(&path), Some("172.17.99.0/24".parse().unwrap()));
+        assert_eq!(read_previous(&path), (Some("172.17.99.0/24".parse().unwrap()), None));
         let leftovers: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file may be left behind");
         assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
@@ -135,8 +157,10 @@ mod tests {
 
     #[test]
     fn previous_subnet_tolerates_garbage() {
-        assert_eq!(parse_subnet_line("FLANNEL_SUBNET=10.1.2.1/24\n"), Some("10.1.2.0/24".parse().unwrap()));
-        assert_eq!(parse_subnet_line("FLANNEL_SUBNET=garbage\n"), None);
-        assert_eq!(parse_subnet_line(""), None);
+        let v4 = v4_line;
+        assert_eq!(v4("FLANNEL_SUBNET=10.1.2.1/24\n"), Some("10.1.2.0/24".parse().unwrap()));
+        assert_eq!(v4("FLANNEL_SUBNET=garbage\n"), None);
+        assert_eq!(v4("FLANNEL_SUBNET=fd00::1/64\n"), None);
+        assert_eq!(v4(""), None);
     }
 }

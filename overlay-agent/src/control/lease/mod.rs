@@ -22,8 +22,9 @@ pub enum LeaseFormatError {
     /// A dual-stack peer's IPv6 subnet outside the network's IPv6 range, or ours.
     #[error("IPv6 subnet {0} is not one of the network's (outside IPv6Network's range, the wrong length, or this node's own)")]
     Ipv6SubnetRefused(String),
-    /// Not an error of the lease: an IPv6-only node's, which this IPv4 agent has no route for.
-    #[error("IPv6-only lease {0:?} (no IPv4 subnet; this agent routes IPv4)")]
+    /// Not an error of the lease: an IPv6-only node's, which an IPv4 or dual-stack network
+    /// has no route for.
+    #[error("IPv6-only lease {0:?} (no IPv4 subnet) in a network with IPv4")]
     Ipv6Only(String),
 }
 
@@ -33,19 +34,58 @@ pub fn subnet_key(subnet: &Ipv4Net) -> String {
 }
 
 /// What names a lease in etcd: its IPv4 subnet and, for a dual-stack node, its IPv6 subnet
-/// (flannel's MakeSubnetKey: `10.244.1.0-24&fd00:0:0:1::-64`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (flannel's MakeSubnetKey: `10.244.1.0-24&fd00:0:0:1::-64`). An IPv6-only node's key has
+/// no IPv4 subnet: flannel writes `0.0.0.0-0&fd00:0:0:1::-64`, and `v4` is then `0.0.0.0/0`,
+/// as in flannel's own Lease (`is_ipv6_only`; such a key never names an IPv4 route).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct LeaseKey {
     pub v4: Ipv4Net,
     pub v6: Option<Ipv6Net>,
 }
 
+/// The IPv4 part of an IPv6-only node's key (flannel's zero IP4Net).
+pub const NO_IPV4: Ipv4Net = match Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0) {
+    Ok(n) => n,
+    Err(_) => panic!("0.0.0.0/0"),
+};
+
 impl LeaseKey {
+    /// An IPv6-only node's key.
+    pub fn ipv6_only(v6: Ipv6Net) -> Self {
+        LeaseKey { v4: NO_IPV4, v6: Some(v6) }
+    }
+
+    /// Whether the key names only an IPv6 subnet (an IPv6-only network's lease).
+    pub fn is_ipv6_only(&self) -> bool {
+        self.v4 == NO_IPV4
+    }
+
+    /// The subnet that identifies the node in its network: the IPv4 one, or the IPv6 one of
+    /// an IPv6-only lease.
+    pub fn primary(&self) -> ipnet::IpNet {
+        match self.v6 {
+            Some(v6) if self.is_ipv6_only() => v6.into(),
+            _ => self.v4.into(),
+        }
+    }
+
     /// The last path element of the lease's key.
     pub fn name(&self) -> String {
         match self.v6 {
             None => subnet_key(&self.v4),
             Some(v6) => format!("{}&{}-{}", subnet_key(&self.v4), v6.network(), v6.prefix_len()),
+        }
+    }
+}
+
+/// For the log: `10.244.1.0/24`, `10.244.1.0/24+fd00:0:0:1::/64`, or an IPv6-only node's
+/// `fd00:0:0:1::/64`.
+impl std::fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.v6 {
+            Some(v6) if self.is_ipv6_only() => write!(f, "{v6}"),
+            Some(v6) => write!(f, "{}+{v6}", self.v4),
+            None => write!(f, "{}", self.v4),
         }
     }
 }
@@ -62,9 +102,13 @@ impl From<(Ipv4Net, Option<Ipv6Net>)> for LeaseKey {
     }
 }
 
-/// The IPv4 subnet a key names (what identifies a lease to this agent).
+/// The IPv4 subnet a key names (IPv6-only keys are `Ipv6Only`).
 pub fn parse_subnet_key(key: &str) -> Result<Ipv4Net, LeaseFormatError> {
-    parse_lease_key(key).map(|k| k.v4)
+    let k = parse_lease_key(key)?;
+    if k.is_ipv6_only() {
+        return Err(LeaseFormatError::Ipv6Only(key.to_string()));
+    }
+    Ok(k.v4)
 }
 
 /// Both subnets a key names.
@@ -94,8 +138,8 @@ pub fn parse_lease_key(key: &str) -> Result<LeaseKey, LeaseFormatError> {
         return Err(bad());
     }
     // An IPv6-only node writes 0.0.0.0-0 for the IPv4 part: it has no IPv4 subnet.
-    if len == 0 && v6.is_some() {
-        return Err(LeaseFormatError::Ipv6Only(key.to_string()));
+    if len == 0 && ip.is_unspecified() && v6.is_some() {
+        return Ok(LeaseKey { v4: NO_IPV4, v6 });
     }
     if len == 0 {
         return Err(bad());
@@ -170,12 +214,31 @@ impl LeaseAttrs {
         vtep_mac_of(&self.backend_v6_data)
     }
 
-    /// What flannel's udp backend writes: the public IP only.
+    /// An IPv6-only vxlan node's lease, as flannel writes it: `PublicIP` 0.0.0.0 and no
+    /// `BackendData`; its IPv6 address and `flannel-v6.<VNI>`'s MAC.
+    pub fn vxlan_ipv6_only(public_ipv6: Ipv6Addr, vni: u32, vtep_mac: [u8; 6]) -> Self {
+        Self {
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            public_ipv6: None,
+            backend_type: "vxlan".into(),
+            backend_data: None,
+            backend_v6_data: None,
+        }
+        .with_ipv6(public_ipv6, vni, vtep_mac)
+    }
+
+    /// Whether two leases' attributes name the same node: by its public IPv4 address, or,
+    /// for IPv6-only leases (no IPv4 address), by its public IPv6 address.
+    pub fn same_node(&self, other: &LeaseAttrs) -> bool {
+        self.public_ip == other.public_ip && (!self.public_ip.is_unspecified() || self.public_ipv6 == other.public_ipv6)
+    }
+
     /// flannel's host-gw lease: the address peers route this node's subnet via.
     pub fn host_gw(public_ip: Ipv4Addr) -> Self {
         Self { public_ip, public_ipv6: None, backend_type: "host-gw".into(), backend_data: None, backend_v6_data: None }
     }
 
+    /// What flannel's udp backend writes: the public IP only.
     pub fn udp(public_ip: Ipv4Addr) -> Self {
         Self { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None, backend_v6_data: None }
     }
@@ -200,7 +263,7 @@ fn vtep_mac_of(data: &Option<serde_json::Value>) -> Result<[u8; 6], LeaseFormatE
     crate::netdev::parse_mac(&data.vtep_mac).ok_or(LeaseFormatError::NoVtepMac)
 }
 
-/// A lease as read from etcd.
+/// A lease as read from etcd (`subnet` is `NO_IPV4` in an IPv6-only node's).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lease {
     pub subnet: Ipv4Net,
@@ -209,6 +272,12 @@ pub struct Lease {
     pub attrs: LeaseAttrs,
     /// The etcd lease the key is attached to (0: none).
     pub etcd_lease: i64,
+}
+
+impl Lease {
+    pub fn key(&self) -> LeaseKey {
+        LeaseKey { v4: self.subnet, v6: self.subnet6 }
+    }
 }
 
 #[cfg(test)]
@@ -274,6 +343,34 @@ mod tests {
         assert_eq!(key.name(), "10.244.1.0-24&fd00:0:0:1::-64");
         assert_eq!(parse_lease_key(&key.name()).unwrap(), key);
         assert_eq!(parse_lease_key("10.244.1.0-24").unwrap().v6, None);
+    }
+
+    /// An IPv6-only lease as flannel v0.2x writes it (vxlan, flannel-v6.1 only): PublicIP
+    /// 0.0.0.0 and no BackendData.
+    const STOCK_V6_ONLY: &str = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:64::3","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"ae:21:32:6f:8f:45"}}"#;
+
+    #[test]
+    fn ipv6_only_leases_round_trip() {
+        let v = LeaseAttrs::parse(STOCK_V6_ONLY.as_bytes()).unwrap();
+        assert_eq!(v, LeaseAttrs::vxlan_ipv6_only("fd00:64::3".parse().unwrap(), 1, [0xae, 0x21, 0x32, 0x6f, 0x8f, 0x45]));
+        assert_eq!(v.to_json(), STOCK_V6_ONLY);
+        assert_eq!(v.vtep_mac(), Err(LeaseFormatError::NoVtepMac));
+        let key = parse_lease_key("0.0.0.0-0&fd00:10:244:7::-64").unwrap();
+        assert!(key.is_ipv6_only());
+        assert_eq!(key, LeaseKey::ipv6_only("fd00:10:244:7::/64".parse().unwrap()));
+        assert_eq!(key.name(), "0.0.0.0-0&fd00:10:244:7::-64");
+        assert_eq!(key.to_string(), "fd00:10:244:7::/64");
+        assert_eq!(key.primary().to_string(), "fd00:10:244:7::/64");
+        // Only 0.0.0.0-0 stands for "no IPv4 subnet", and only beside an IPv6 one.
+        for bad in ["0.0.0.0-0", "10.0.0.0-0&fd00::-64", "0.0.0.0-0&"] {
+            assert!(matches!(parse_lease_key(bad), Err(LeaseFormatError::BadKey(_))), "{bad:?}");
+        }
+        // Which node a lease is: by PublicIP, and for IPv6-only leases (all 0.0.0.0) by PublicIPv6.
+        let other = LeaseAttrs::vxlan_ipv6_only("fd00:64::4".parse().unwrap(), 1, [1; 6]);
+        assert!(v.same_node(&v.clone()) && !v.same_node(&other));
+        let a = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, [1; 6]);
+        assert!(a.same_node(&a.clone().with_ipv6("fd00::1".parse().unwrap(), 1, [2; 6])), "IPv4 nodes: by PublicIP");
+        assert!(!a.same_node(&v));
     }
 
     /// Keys as flannel's MakeSubnetKey writes them for dual-stack and IPv6-only nodes.

@@ -7,9 +7,8 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     PutOptions, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
-use ipnet::Ipv4Net;
 
-use super::{parse_lease_key, parse_subnet_key, Lease, LeaseAttrs, LeaseFormatError, LeaseKey};
+use super::{parse_lease_key, Lease, LeaseAttrs, LeaseFormatError, LeaseKey};
 
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 
@@ -103,7 +102,7 @@ pub struct Listing {
 #[derive(Clone, Debug)]
 pub enum LeaseEvent {
     Put(Lease),
-    Delete(Ipv4Net),
+    Delete(LeaseKey),
     /// A key or value that is not flannel's format (skipped).
     Malformed(String, LeaseFormatError),
 }
@@ -223,13 +222,19 @@ impl Registry {
         let id = grant.id();
         // Nobody holds its IPv4 subnet in either of flannel's key forms: the plain key, or a
         // dual-stack node's "<key>&<IPv6 subnet>" (every key in that range must be absent;
-        // ours, if dual-stack, is one of them).
-        let (dual_start, dual_end) = super::dual_stack_range(&self.subnets_prefix(), &subnet.v4);
-        let txn = Txn::new()
-            .when([
+        // ours, if dual-stack, is one of them). An IPv6-only key (no IPv4 subnet): the key
+        // itself; its IPv6 subnet is looked for below.
+        let compare = if subnet.is_ipv6_only() {
+            vec![Compare::version(key.clone(), CompareOp::Equal, 0)]
+        } else {
+            let (dual_start, dual_end) = super::dual_stack_range(&self.subnets_prefix(), &subnet.v4);
+            vec![
                 Compare::version(self.lease_key(&subnet.v4), CompareOp::Equal, 0),
                 Compare::version(dual_start, CompareOp::Equal, 0).with_range(dual_end),
-            ])
+            ]
+        };
+        let txn = Txn::new()
+            .when(compare)
             .and_then([TxnOp::put(key.clone(), attrs.to_json(), Some(PutOptions::new().with_lease(id)))])
             // Taken: by whom? (read in the same transaction)
             .or_else([TxnOp::get(key.clone(), None)]);
@@ -255,7 +260,7 @@ impl Registry {
         // "taken" would have this node move on and hold two.
         let ours = resp.op_responses().into_iter().find_map(|op| match op {
             etcd_client::TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
-                LeaseAttrs::parse(kv.value()).ok().filter(|a| a.public_ip == attrs.public_ip).map(|_| kv.lease())
+                LeaseAttrs::parse(kv.value()).ok().filter(|a| a.same_node(attrs)).map(|_| kv.lease())
             }),
             _ => None,
         });
@@ -346,7 +351,7 @@ impl Registry {
                 EventType::Delete => {
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
                     let last = key.strip_prefix(&self.subnets_prefix()).unwrap_or(&key).to_string();
-                    match parse_subnet_key(&last) {
+                    match parse_lease_key(&last) {
                         Ok(s) => out.push(LeaseEvent::Delete(s)),
                         Err(e) => out.push(LeaseEvent::Malformed(key, e)),
                     }
