@@ -76,7 +76,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "device={} underlay={} encap={} decap={} guard={} ready={}",
                 st.device.as_deref().unwrap_or("-"),
                 st.underlay.as_deref().unwrap_or("-"),
-                if st.encap_attached { "attached" } else { "detached" },
+                match (st.encap_attached, st.is_ipv6_only()) {
+                    (true, _) => "attached",
+                    // The kernel's flannel-v6 encapsulates.
+                    (false, true) => "kernel",
+                    (false, false) => "detached",
+                },
                 st.decap_hook.map_or("-".to_string(), |h| h.to_string()),
                 if st.guard_attached { "attached" } else { "detached" },
                 st.config.is_ready()

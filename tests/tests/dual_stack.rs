@@ -278,6 +278,18 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
     let peers = ok("maps", overlay_agent::maps::Maps::open(&n1.bpffs_dir).and_then(|m| m.peer6_totals()).map_err(anyhow::Error::from));
     assert!(peers.contains_key(&new6) && !peers.contains_key(&underlay_ipv6(2)), "node 1's IPv6 peers: {peers:?}");
 
+    // An IPv6-only node's lease in this dual-stack network (key 0.0.0.0-0&...) gets no route
+    // of either family; it is written before the stock node's deletion, whose effect the
+    // next step waits for, so both nodes have seen it by then.
+    let v6_only = "fd00:10:244:88::/64";
+    ok(
+        "put an IPv6-only lease",
+        etcd.etcdctl(&[
+            "put",
+            "/coreos.com/network/subnets/0.0.0.0-0&fd00:10:244:88::-64",
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:64::88","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"0a:00:00:00:00:88"}}"#,
+        ]),
+    );
     // The stock node leaves: its IPv6 route, neighbour and forwarding entry go.
     ok("delete the stock lease", etcd.etcdctl(&["del", &key]));
     for n in [n1, n2] {
@@ -297,6 +309,12 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
     }
     // The others keep theirs.
     ok("v6 n1 -> n2 after", ping6(&n1.containers[0], c6(sub6[1], 0), 2));
+    for n in [n1, n2] {
+        assert!(!v6_routes(n).contains(v6_only), "node {}: an IPv6-only lease routed in a dual-stack network", n.index);
+        assert!(n.routes().iter().all(|r| r.subnet.prefix_len() > 0), "node {}: {:?}", n.index, n.routes());
+        let default = ok("ip route", n.ns.run("ip", &["-4", "route", "show", "exact", "0.0.0.0/0", "table", "all"]));
+        assert!(default.trim().is_empty(), "node {}: {default}", n.index);
+    }
 }
 
 /// Dual stack in nftables mode (`EnableNFTables`): flannel's `ip6 flannel-ipv6` table beside
@@ -380,6 +398,12 @@ fn ipv6_only_nodes_carry_traffic_with_a_stock_ipv6_only_node() {
             "node {}",
             n.index
         );
+        // The data plane is up without an IPv4 side: `status` says so and exits 0; no IPv4
+        // route anywhere on the node (it has no IPv4 address), none in the maps.
+        let status = ok("status", n.agent_cli(&["status"]));
+        assert!(status.contains("device=flannel-v6.1") && status.contains("encap=kernel") && status.contains("ready=true"), "{status}");
+        let routes4 = ok("ip -4 route", n.ns.run("ip", &["-4", "route", "show", "table", "main"]));
+        assert!(routes4.trim().is_empty(), "node {}: IPv4 routes on an IPv6-only node:\n{routes4}", n.index);
         // ip6tables masquerade and forward rules; no IPv4 ones.
         let masq = ok("ip6tables", n.ns.run("ip6tables", &["-t", "nat", "-S", "FLANNEL-POSTRTG"]));
         assert!(masq.contains(&format!("-s {s6} -d {net}")), "{masq}");
@@ -404,6 +428,11 @@ fn ipv6_only_nodes_carry_traffic_with_a_stock_ipv6_only_node() {
     }
     ok("n1 -> n2", ping6(&n1.containers[0], n2.container_ip6(0), 3));
     ok("n2 -> n1", ping6(&n2.containers[1], n1.container_ip6(1), 3));
+    for n in [n1, n2] {
+        assert!(n.routes().is_empty(), "node {}: IPv4 routes in the maps: {:?}", n.index, n.routes());
+        let table = ok("routes", n.agent_cli(&["routes"]));
+        assert!(table.contains(&subnet6(stock).to_string()), "{table}");
+    }
     for ours in [n1, n2] {
         ok("ours -> stock", ping6(&ours.containers[0], stock.container_ip6(0), 3));
         ok("stock -> ours", ping6(&stock.containers[1], ours.container_ip6(1), 3));
@@ -441,17 +470,26 @@ fn ipv6_only_nodes_carry_traffic_with_a_stock_ipv6_only_node() {
     let file = std::fs::read_to_string(&c.node(1).subnet_file).unwrap();
     assert!(file.contains(&format!("FLANNEL_IPV6_SUBNET={}/64", host(before, 1))), "a restart changed the subnet:\n{file}");
     let (n1, n2) = (c.node(1), c.node(2));
+    let etcd = c.etcd();
+    let values = ok("leases", etcd.etcdctl(&["get", "--prefix", "/coreos.com/network/subnets/", "--print-value-only"]));
+    let mine = format!("\"PublicIPv6\":\"{}\"", underlay_ipv6(1));
+    assert_eq!(values.lines().filter(|v| v.contains(&mine)).count(), 1, "node 1 must hold exactly one lease after its restart:\n{values}");
     assert!(wait_until(Duration::from_secs(10), || ping6(&n2.containers[0], n1.container_ip6(0), 1).is_ok()), "IPv6 to node 1 after its restart");
     ok("n1 -> stock after restart", ping6(&n1.containers[1], c.node(3).container_ip6(1), 2));
 
     // The stock node leaves: its route, neighbour and forwarding entry go from our nodes.
     let stock6 = subnet6(c.node(3));
-    let etcd = c.etcd();
     ok("delete the stock lease", etcd.etcdctl(&["del", &format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", stock6.network())]));
     for n in [n1, n2] {
-        assert!(wait_until(Duration::from_secs(10), || !v6_routes(n).contains(&stock6.to_string())), "node {}: {}", n.index, v6_routes(n));
-        let fdb = n.ns.run("bridge", &["fdb", "show", "dev", "flannel-v6.1"]).unwrap_or_default();
-        assert!(!fdb.contains(&underlay_ipv6(3).to_string()), "{fdb}");
+        let gone = || {
+            let route = n.ns.run("ip", &["-6", "route", "show", "dev", "flannel-v6.1"]);
+            let neigh = n.ns.run("ip", &["-6", "neigh", "show", "dev", "flannel-v6.1"]);
+            let fdb = n.ns.run("bridge", &["fdb", "show", "dev", "flannel-v6.1"]);
+            route.is_ok_and(|r| r.contains("via") && !r.contains(&stock6.to_string()))
+                && neigh.is_ok_and(|t| !t.contains(&stock6.network().to_string()))
+                && fdb.is_ok_and(|t| !t.contains(&underlay_ipv6(3).to_string()))
+        };
+        assert!(wait_until(Duration::from_secs(10), gone), "node {} kept the departed node's entries: {}", n.index, v6_routes(n));
     }
     ok("n1 -> n2 after", ping6(&n1.containers[0], n2.container_ip6(0), 2));
 }

@@ -401,6 +401,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         max_routes: opts.max_routes,
         max_peers: opts.max_peers,
     };
+    if opts.dataplane == DataplaneKind::Tun && !cfg.enable_ipv4 {
+        bail!("--dataplane tun carries IPv4 only; an IPv6-only network (EnableIPv4 false) runs on the eBPF data plane (leave --dataplane at ebpf)");
+    }
     if opts.dataplane == DataplaneKind::Tun && mode != EncapMode::Udp {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
     }
@@ -717,13 +720,14 @@ impl Daemon {
                 self.skipped_lease(key, e);
             }
             listing.leases.retain(|l| self.takes(&l.key()));
-            if !listing.leases.iter().any(|l| l.key() == self.held.key() && l.attrs.same_node(&self.attrs)) {
+            if !listing.leases.iter().any(|l| l.key() == self.held.key() && self.attrs.same_node(&l.attrs)) {
                 self.lost_lease("missing from etcd").await?;
                 continue;
             }
             self.reconcile_all(&listing.leases)?;
             if !self.state.ready.swap(true, Ordering::SeqCst) {
-                let status = format!("lease {} held; {} routes", self.held.key(), self.maps.routes()?.len());
+                let routes6 = self.v6.as_ref().map_or(0, |o6| o6.route_count());
+                let status = format!("lease {} held; {} routes, {routes6} IPv6 routes", self.held.key(), self.maps.routes()?.len());
                 notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
                 tracing::info!("ready: {status}");
             }
@@ -910,24 +914,30 @@ impl Daemon {
         if key.is_some_and(|k| !self.takes(&k)) {
             return Ok(());
         }
+        // The IPv6 routes: none for a key of ours (a previous holder's entries go, should its
+        // deletion arrive after we took the subnet), none left for a deleted key.
         if let Some(me6) = self.mine6() {
             match &ev {
-                LeaseEvent::Put(l) if !self.holds(&l.key()) => {
-                    let r6 = reconcile::route6_for(l, &me6).unwrap_or_else(|e| {
-                        self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(lease = %l.key(), error = %e, "lease's IPv6 part skipped");
+                LeaseEvent::Put(l) => {
+                    let r6 = if self.holds(&l.key()) {
                         None
-                    });
+                    } else {
+                        reconcile::route6_for(l, &me6).unwrap_or_else(|e| {
+                            self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(lease = %l.key(), error = %e, "lease's IPv6 part skipped");
+                            None
+                        })
+                    };
                     self.set_route6(l.key(), r6);
                 }
-                LeaseEvent::Delete(k) if !self.holds(k) => self.set_route6(*k, None),
-                _ => {}
+                LeaseEvent::Delete(k) => self.set_route6(*k, None),
+                LeaseEvent::Malformed(..) => {}
             }
         }
         // An IPv6-only node has no IPv4 routes: only its own lease's fate is left to decide.
         if !self.cfg.enable_ipv4 {
             match ev {
-                LeaseEvent::Put(l) if self.holds(&l.key()) && !l.attrs.same_node(&self.attrs) => {
+                LeaseEvent::Put(l) if self.holds(&l.key()) && !self.attrs.same_node(&l.attrs) => {
                     tracing::error!(lease = %l.key(), other = ?l.attrs.public_ipv6.map(|a| a.to_string()), "our subnet's lease now names another node");
                 }
                 LeaseEvent::Delete(k) if self.holds(&k) => self.lost_lease("deleted from etcd").await?,

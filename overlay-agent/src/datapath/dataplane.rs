@@ -253,9 +253,9 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
 /// An IPv6-only node's data plane: no IPv4 device, no encapsulation program (the kernel's
 /// `flannel-v6.<VNI>`, named by `spec.device`, carries the traffic); the decap programs on
 /// the underlay and the socket guard check what arrives for it, as on a dual-stack node. The
-/// IPv4 side is configured with no address and no subnet, so that no IPv4 frame is taken
-/// for a tunnel frame of ours (they all pass to the kernel). An encapsulation link a previous
-/// IPv4 run left pinned goes.
+/// IPv4 side is configured with no address, no subnet and no device (`is_ipv6_only`), so
+/// that no IPv4 frame is taken for a tunnel frame of ours (they all pass to the kernel). An
+/// encapsulation link a previous IPv4 run left pinned goes.
 pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
     prepare_pin_dir(&spec.bpffs_dir)?;
     let underlay = netdev::require_link(&spec.iface)?;
@@ -267,11 +267,11 @@ pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
         port: spec.port,
         flags: config_flags::READY | config_flags::KERNEL_DECAP,
         underlay_ifindex: underlay.ifindex,
-        overlay_ifindex: device.ifindex,
+        overlay_ifindex: 0,
         underlay_ip: [0; 4],
         local_subnet: [0; 4],
         local_prefix_len: 32,
-        vtep_mac: device.mac,
+        vtep_mac: [0; 6],
         _pad: [0; 2],
     })?;
     remove_pin(&spec.bpffs_dir.join(LINK_ENCAP))?;
@@ -552,8 +552,18 @@ pub struct Status {
 
 impl Status {
     pub fn is_up(&self) -> bool {
-        self.config.is_ready() && self.encap_attached && self.guard_attached && self.decap_hook.is_some()
+        self.config.is_ready() && (self.encap_attached || self.is_ipv6_only()) && self.guard_attached && self.decap_hook.is_some()
     }
+
+    /// An IPv6-only node's data plane (`up_ipv6_only`): no IPv4 address, no encapsulation.
+    pub fn is_ipv6_only(&self) -> bool {
+        is_ipv6_only(&self.config)
+    }
+}
+
+/// Whether `config` is an IPv6-only node's (`up_ipv6_only`: no IPv4 underlay address).
+pub fn is_ipv6_only(config: &DataplaneConfig) -> bool {
+    config.is_ready() && config.underlay_ip == [0; 4]
 }
 
 pub fn status(dir: &Path) -> Result<Status> {
@@ -566,8 +576,13 @@ pub fn status(dir: &Path) -> Result<Status> {
     } else {
         None
     };
+    // An IPv6-only node's one device is flannel-v6's.
+    let device = match is_ipv6_only(&config) {
+        true => Some(crate::datapath::ipv6::device_name(config.vni)).filter(|d| netdev::link(d).ok().flatten().is_some()),
+        false => netdev::name_of(config.overlay_ifindex),
+    };
     Ok(Status {
-        device: netdev::name_of(config.overlay_ifindex),
+        device,
         underlay: netdev::name_of(config.underlay_ifindex),
         encap_attached: dir.join(LINK_ENCAP).exists(),
         guard_attached: dir.join(LINK_GUARD).exists(),

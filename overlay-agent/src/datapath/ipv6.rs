@@ -206,6 +206,11 @@ impl Overlay6 {
         Ok(())
     }
 
+    /// How many peers' IPv6 routes are held.
+    pub fn route_count(&self) -> usize {
+        self.routes.len()
+    }
+
     /// Write again the entries of peers whose last write failed. Err: how many still fail.
     pub fn retry(&mut self) -> Result<()> {
         let keys: Vec<LeaseKey> = self.dirty.iter().copied().collect();

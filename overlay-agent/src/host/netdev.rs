@@ -374,8 +374,8 @@ pub fn resolve_interface6(choice: &IfaceChoice, public_ipv6: Option<Ipv6Addr>) -
     let interfaces: Vec<(String, Vec<Ipv6Addr>)> = interfaces()?
         .into_iter()
         .map(|(name, _)| {
-            let a = first_ipv6(&name).ok().flatten();
-            (name, a.into_iter().collect())
+            let a = usable_ipv6(&name).unwrap_or_default();
+            (name, a)
         })
         .collect();
     let (name, addr) = choose_interface(
@@ -505,9 +505,15 @@ fn is_link_local6(ip: &Ipv6Addr) -> bool {
 /// not a temporary (privacy) one, which comes and goes; a deprecated one only if nothing
 /// else is there.
 pub fn first_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
+    Ok(usable_ipv6(name)?.first().copied())
+}
+
+/// The usable global IPv6 addresses of interface `name` (as `first_ipv6` judges them), the
+/// preferred ones first, deprecated ones after them.
+pub fn usable_ipv6(name: &str) -> Result<Vec<Ipv6Addr>> {
     use netlink_packet_route::address::AddressFlags as F;
     let l = require_link(name)?;
-    let mut fallback = None;
+    let (mut preferred, mut deprecated) = (Vec::new(), Vec::new());
     for a in address_messages(AddressFamily::Inet6, l.ifindex)? {
         let Some(ip) = a.attributes.iter().find_map(|x| if let AddressAttribute::Address(IpAddr::V6(ip)) = x { Some(*ip) } else { None }) else {
             continue;
@@ -522,12 +528,13 @@ pub fn first_ipv6(name: &str) -> Result<Option<Ipv6Addr>> {
             continue;
         }
         if flags.contains(F::Deprecated) {
-            fallback.get_or_insert(ip);
-            continue;
+            deprecated.push(ip);
+        } else {
+            preferred.push(ip);
         }
-        return Ok(Some(ip));
     }
-    Ok(fallback)
+    preferred.extend(deprecated);
+    Ok(preferred)
 }
 
 /// Whether interface `name` has IPv6 address `addr`.
@@ -987,6 +994,27 @@ mod tests {
         assert!(choose_interface(&reach, &ifs, none, dflt).is_err());
         assert_eq!(pick(IfaceChoice::default()), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
         assert_eq!(pick(by(&["wg0"])), Ok(("wg0".into(), None)), "an interface without IPv4 needs --public-ip");
+    }
+
+    /// An IPv6-only node chooses among its interfaces' IPv6 addresses the same way: an
+    /// address that is not an interface's first one picks that interface and is the public
+    /// address; regexes match IPv6 addresses before names.
+    #[test]
+    fn ipv6_only_interface_choice_takes_any_of_an_interfaces_addresses() {
+        let a = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let ifs = vec![
+            ("eth0".to_string(), vec![a("fd00:64::1")]),
+            ("eth1".to_string(), vec![a("fd00:65::5"), a("fd00:65::6")]),
+        ];
+        let dflt = || Some("eth0".to_string());
+        let by = |iface: &[&str]| IfaceChoice { iface: iface.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+        let pick = |c: IfaceChoice| choose_interface(&c, &ifs, |_| None, dflt);
+        assert_eq!(pick(by(&["fd00:65::6"])), Ok(("eth1".into(), Some(a("fd00:65::6")))));
+        assert_eq!(pick(by(&["eth1"])), Ok(("eth1".into(), Some(a("fd00:65::5")))));
+        assert_eq!(pick(by(&["192.168.1.10", "eth0"])), Ok(("eth0".into(), Some(a("fd00:64::1")))), "an IPv4 address names no interface here");
+        let re = IfaceChoice { regex: vec![regex::Regex::new("::6$").unwrap()], ..Default::default() };
+        assert_eq!(pick(re), Ok(("eth1".into(), Some(a("fd00:65::6")))));
+        assert_eq!(pick(IfaceChoice::default()), Ok(("eth0".into(), Some(a("fd00:64::1")))));
     }
 
     #[test]

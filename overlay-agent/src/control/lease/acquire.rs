@@ -259,11 +259,14 @@ mod tests {
         assert_eq!(a.next(Outcome::Listed(vec![l6(v6("fd00:10:0:5::/64"), &other, 3)]), &mut rng), Step::Claim(v6("fd00:10:0:7::/64")));
         let Step::Claim(k) = a.next(Outcome::Claimed(None), &mut rng) else { panic!() };
         assert!(k.is_ipv6_only() && c.fits_key(&k) && k != v6("fd00:10:0:5::/64"), "{k:?}");
-        // IPv4 and dual-stack keys are not this network's: ours among them is deleted.
-        let mine4 = LeaseAttrs { public_ip: Ipv4Addr::UNSPECIFIED, ..me.clone() };
-        let (mut a, _) = Acquisition::start(&c, &me, None);
-        let stale = Lease { subnet: "10.0.1.0/24".parse().unwrap(), subnet6: Some("fd00:10:0:1::/64".parse().unwrap()), attrs: mine4, etcd_lease: 5 };
-        assert_eq!(a.next(Outcome::Listed(vec![stale.clone()]), &mut rng), Step::Delete(stale.key()));
+        // IPv4 and dual-stack keys are not this network's: ours among them (our dual-stack
+        // lease from before the network became IPv6-only: same PublicIPv6) is deleted, and its
+        // IPv6 subnet, our previous one, taken again.
+        let dual = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 9), 1, [1; 6]).with_ipv6("fd00:64::1".parse().unwrap(), 1, [1; 6]);
+        let (mut a, _) = Acquisition::start(&c, &me, Some(v6("fd00:10:0:1::/64")));
+        let stale = Lease { subnet: "10.0.1.0/24".parse().unwrap(), subnet6: Some("fd00:10:0:1::/64".parse().unwrap()), attrs: dual, etcd_lease: 5 };
+        assert_eq!(a.next(Outcome::Listed(vec![stale.clone(), l6(v6("fd00:10:0:5::/64"), &other, 3)]), &mut rng), Step::Delete(stale.key()));
+        assert_eq!(a.next(Outcome::Done, &mut rng), Step::Claim(v6("fd00:10:0:1::/64")));
         // Full.
         let tiny = cfg(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/120","Backend":{"Type":"vxlan"}}"#);
         let held: Vec<Lease> = (1..4u8).map(|i| l6(v6(&format!("fd00::{:x}/122", i * 64)), &other, 1)).collect();

@@ -42,7 +42,7 @@ pub fn free_subnets6<'a>(cfg: &'a NetworkConfig, leases: &'a [Lease]) -> impl It
 /// This node's leases (same node: `LeaseAttrs::same_node`) that the config no longer allows:
 /// flannel deletes them before choosing.
 pub fn incompatible_own(cfg: &NetworkConfig, leases: &[Lease], me: &LeaseAttrs) -> Vec<LeaseKey> {
-    leases.iter().filter(|l| l.attrs.same_node(me) && !cfg.fits_key(&l.key())).map(Lease::key).collect()
+    leases.iter().filter(|l| me.same_node(&l.attrs) && !cfg.fits_key(&l.key())).map(Lease::key).collect()
 }
 
 /// The IPv6 subnet to claim beside IPv4 subnet `v4` (dual stack): the one at the same
@@ -67,7 +67,7 @@ pub fn choose_v6(cfg: &NetworkConfig, leases: &[Lease], v4: Ipv4Net, rng: &mut i
 /// first `CANDIDATES`. An IPv6-only network chooses among IPv6 subnets; a dual-stack one
 /// pairs each IPv4 candidate with an IPv6 subnet (`choose_v6`).
 pub fn choose(cfg: &NetworkConfig, leases: &[Lease], me: &LeaseAttrs, previous: Option<LeaseKey>, rng: &mut impl rand::Rng) -> Choice {
-    if let Some(l) = leases.iter().find(|l| l.attrs.same_node(me) && cfg.fits_key(&l.key())) {
+    if let Some(l) = leases.iter().find(|l| me.same_node(&l.attrs) && cfg.fits_key(&l.key())) {
         return Choice::Reuse { key: l.key(), etcd_lease: l.etcd_lease };
     }
     if !cfg.enable_ipv4 {

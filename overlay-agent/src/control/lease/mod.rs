@@ -227,10 +227,17 @@ impl LeaseAttrs {
         .with_ipv6(public_ipv6, vni, vtep_mac)
     }
 
-    /// Whether two leases' attributes name the same node: by its public IPv4 address, or,
-    /// for IPv6-only leases (no IPv4 address), by its public IPv6 address.
+    /// Whether a lease with attributes `other` is the node's these attributes describe (ours):
+    /// same public IPv4 address; an IPv6-only node (PublicIP 0.0.0.0, as every IPv6-only lease
+    /// says) by its public IPv6 address, which also finds its dual-stack lease from before the
+    /// network became IPv6-only; and a dual-stack node finds its IPv6-only lease from before
+    /// IPv4 was switched on by its public IPv6 address.
     pub fn same_node(&self, other: &LeaseAttrs) -> bool {
-        self.public_ip == other.public_ip && (!self.public_ip.is_unspecified() || self.public_ipv6 == other.public_ipv6)
+        let by_v6 = self.public_ipv6.is_some() && self.public_ipv6 == other.public_ipv6;
+        if self.public_ip.is_unspecified() {
+            return by_v6;
+        }
+        self.public_ip == other.public_ip || (other.public_ip.is_unspecified() && by_v6)
     }
 
     /// flannel's host-gw lease: the address peers route this node's subnet via.
@@ -370,7 +377,11 @@ mod tests {
         assert!(v.same_node(&v.clone()) && !v.same_node(&other));
         let a = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 1), 1, [1; 6]);
         assert!(a.same_node(&a.clone().with_ipv6("fd00::1".parse().unwrap(), 1, [2; 6])), "IPv4 nodes: by PublicIP");
-        assert!(!a.same_node(&v));
+        assert!(!a.same_node(&v) && !v.same_node(&a), "an IPv4 node and an IPv6-only one");
+        // Switching between dual stack and IPv6-only: the node's lease of the other kind is its own.
+        let dual = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 3), 1, [1; 6]).with_ipv6("fd00:64::3".parse().unwrap(), 1, [2; 6]);
+        assert!(v.same_node(&dual) && dual.same_node(&v));
+        assert!(!LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 3), 1, [1; 6]).same_node(&v), "an IPv4-only node has no IPv6 address to match");
     }
 
     /// Keys as flannel's MakeSubnetKey writes them for dual-stack and IPv6-only nodes.

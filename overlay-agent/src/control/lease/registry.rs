@@ -260,7 +260,7 @@ impl Registry {
         // "taken" would have this node move on and hold two.
         let ours = resp.op_responses().into_iter().find_map(|op| match op {
             etcd_client::TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| {
-                LeaseAttrs::parse(kv.value()).ok().filter(|a| a.same_node(attrs)).map(|_| kv.lease())
+                LeaseAttrs::parse(kv.value()).ok().filter(|a| attrs.same_node(a)).map(|_| kv.lease())
             }),
             _ => None,
         });
