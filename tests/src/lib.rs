@@ -692,41 +692,42 @@ impl Cluster {
         let prefix = self.prefix.clone();
         let node = &mut self.nodes[i];
         let n = node.ns.name().to_string();
-        let o = node.subnet.network().octets();
-        let gw = Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1);
-        ip(&["-n", &n, "link", "add", "docker0", "type", "bridge"])?;
-        let mtu = node.mtu.to_string();
-        if let Some(s6) = node.subnet6 {
-            // IPv6 only: docker0 gets the subnet's first address, container k the (k+2)th.
-            let gw6 = Ipv6Addr::from(u128::from(s6.network()) + 1);
-            ip(&["-n", &n, "addr", "add", &format!("{gw6}/{}", s6.prefix_len()), "dev", "docker0", "nodad"])?;
-            ip(&["-n", &n, "link", "set", "docker0", "up"])?;
-            for k in 0..count {
-                let c = Netns::new(&format!("{prefix}-n{}c{k}", node.index))?;
-                let veth = format!("veth{k}");
-                ip(&["-n", &n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", c.name()])?;
-                ip(&["-n", &n, "link", "set", &veth, "master", "docker0", "up"])?;
-                let cip = node.container_ip6(k);
-                ip(&["-n", c.name(), "addr", "add", &format!("{cip}/{}", s6.prefix_len()), "dev", "eth0", "nodad"])?;
-                ip(&["-n", c.name(), "link", "set", "eth0", "mtu", &mtu, "up"])?;
-                ip(&["-n", c.name(), "link", "set", "lo", "up"])?;
-                ip(&["-n", c.name(), "-6", "route", "add", "default", "via", &gw6.to_string()])?;
-                node.containers.push(c);
+        // docker0 gets the subnet's first address, container k the (k+2)th: of the IPv6
+        // subnet in an IPv6-only cluster (no duplicate address detection to wait for).
+        let v6 = node.subnet6;
+        let (gw, plen) = match v6 {
+            Some(s6) => (Ipv6Addr::from(u128::from(s6.network()) + 1).to_string(), s6.prefix_len()),
+            None => {
+                let o = node.subnet.network().octets();
+                (Ipv4Addr::new(o[0], o[1], o[2], o[3] + 1).to_string(), node.subnet.prefix_len())
             }
-            return Ok(());
-        }
-        ip(&["-n", &n, "addr", "add", &format!("{gw}/{}", node.subnet.prefix_len()), "dev", "docker0"])?;
+        };
+        let add_address = |ns: &str, addr: &str, dev: &str| {
+            let cidr = format!("{addr}/{plen}");
+            let mut args = vec!["-n", ns, "addr", "add", &cidr, "dev", dev];
+            if v6.is_some() {
+                args.push("nodad");
+            }
+            ip(&args)
+        };
+        ip(&["-n", &n, "link", "add", "docker0", "type", "bridge"])?;
+        add_address(&n, &gw, "docker0")?;
         ip(&["-n", &n, "link", "set", "docker0", "up"])?;
+        let mtu = node.mtu.to_string();
         for k in 0..count {
             let c = Netns::new(&format!("{prefix}-n{}c{k}", node.index))?;
             let veth = format!("veth{k}");
             ip(&["-n", &n, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", c.name()])?;
             ip(&["-n", &n, "link", "set", &veth, "master", "docker0", "up"])?;
-            let cip = node.container_ip(k);
-            ip(&["-n", c.name(), "addr", "add", &format!("{cip}/{}", node.subnet.prefix_len()), "dev", "eth0"])?;
+            let cip = match v6 {
+                Some(_) => node.container_ip6(k).to_string(),
+                None => node.container_ip(k).to_string(),
+            };
+            add_address(c.name(), &cip, "eth0")?;
             ip(&["-n", c.name(), "link", "set", "eth0", "mtu", &mtu, "up"])?;
             ip(&["-n", c.name(), "link", "set", "lo", "up"])?;
-            ip(&["-n", c.name(), "route", "add", "default", "via", &gw.to_string()])?;
+            let family = if v6.is_some() { "-6" } else { "-4" };
+            ip(&["-n", c.name(), family, "route", "add", "default", "via", &gw])?;
             node.containers.push(c);
         }
         Ok(())

@@ -778,7 +778,7 @@ fn monitor_streams_drops_as_they_happen() {
     std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
     std::thread::spawn(move || BufReader::new(err).lines().map_while(Result::ok).for_each(|l| drop(tx2.send(format!("stderr: {l}")))));
     let mut lines = Vec::new();
-    let mut next_line = |lines: &mut Vec<String>| -> Option<String> {
+    let next_line = |lines: &mut Vec<String>| -> Option<String> {
         let l = rx.recv_timeout(Duration::from_secs(15)).ok()?;
         lines.push(l.clone());
         Some(l)
