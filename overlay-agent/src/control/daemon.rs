@@ -423,16 +423,17 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
         None => None,
     };
-    let attrs = match (mode, opts.dataplane, &v6) {
-        (_, _, Some(o6)) if !cfg.enable_ipv4 => LeaseAttrs::vxlan_ipv6_only(o6.public_ip, cfg.backend.vni, o6.mac),
+    // What the lease says: the IPv4 side's (its device's MAC made here), and flannel-v6's
+    // address and MAC on a dual-stack node; an IPv6-only node's has only the latter.
+    let attrs = match (&v6, mode) {
+        (Some(o6), _) if !cfg.enable_ipv4 => LeaseAttrs::vxlan_ipv6_only(o6.public_ip, cfg.backend.vni, o6.mac),
         _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
-        (EncapMode::Vxlan, _, _) => {
+        (_, EncapMode::Vxlan) => {
             let (_, device, _) = dataplane::prepare_device(&spec)?;
             LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
         }
-        (EncapMode::Udp, _, _) => LeaseAttrs::udp(public_ip),
+        (_, EncapMode::Udp) => LeaseAttrs::udp(public_ip),
     };
-    // A dual-stack lease also names flannel-v6's address and MAC.
     let attrs = match &v6 {
         Some(o6) if cfg.enable_ipv4 => attrs.with_ipv6(o6.public_ip, cfg.backend.vni, o6.mac),
         _ => attrs,
