@@ -49,9 +49,8 @@ pub struct Mine6 {
 }
 
 impl Mine6 {
-    /// Whether `lease` is this node's own: its key, or one naming this node (its IPv4 subnet
-    /// or address; in an IPv6-only network, where no lease has either, its IPv6 subnet or
-    /// address).
+    /// Whether `lease` is this node's own, or names this node: our IPv4 subnet or address;
+    /// in an IPv6-only network, where no lease has either, our IPv6 subnet or address.
     pub fn owns(&self, lease: &Lease) -> bool {
         if self.key.is_ipv6_only() {
             return lease.subnet6 == self.key.v6 || (lease.attrs.public_ipv6.is_some() && lease.attrs.public_ipv6 == self.public_ipv6);
