@@ -99,6 +99,18 @@ fn v6_routes(node: &Node) -> String {
     node.ns.run("ip", &["-6", "route", "show", "dev", "flannel-v6.1"]).unwrap_or_default()
 }
 
+/// Wait until `node` routes each of `subnets` through flannel-v6.1 as flannel does (via the
+/// subnet's network address); fail with its routes and log if it does not within 10 s.
+fn wait_for_v6_routes(node: &Node, subnets: &[Ipv6Net]) {
+    assert!(
+        wait_until(Duration::from_secs(10), || subnets.iter().all(|s| v6_routes(node).contains(&format!("{s} via {}", s.network())))),
+        "node {} IPv6 routes: {}\nlog:\n{}",
+        node.index,
+        v6_routes(node),
+        node.log_text()
+    );
+}
+
 #[test]
 fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
     require_root();
@@ -170,14 +182,7 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
 
     // Our nodes route each other's and the stock node's IPv6 subnets through flannel-v6.1.
     for (i, n) in [n1, n2].into_iter().enumerate() {
-        let want = [sub6[1 - i], stock6];
-        assert!(
-            wait_until(Duration::from_secs(10), || want.iter().all(|s| v6_routes(n).contains(&format!("{s} via {}", s.network())))),
-            "node {} IPv6 routes: {}\nlog:\n{}",
-            n.index,
-            v6_routes(n),
-            n.log_text()
-        );
+        wait_for_v6_routes(n, &[sub6[1 - i], stock6]);
     }
     // And the IPv4 overlay still carries, to the stock node too.
     ok("v4 ours -> stock", ping(&n1.containers[0], stock.container_ip(0), 2));
@@ -418,13 +423,7 @@ fn ipv6_only_nodes_carry_traffic_with_a_stock_ipv6_only_node() {
 
     // Each of our nodes routes the two others' IPv6 subnets through flannel-v6.1.
     for (n, others) in [(n1, [n2, stock]), (n2, [n1, stock])] {
-        assert!(
-            wait_until(Duration::from_secs(10), || others.iter().all(|o| v6_routes(n).contains(&format!("{} via {}", subnet6(o), subnet6(o).network())))),
-            "node {} IPv6 routes: {}\nlog:\n{}",
-            n.index,
-            v6_routes(n),
-            n.log_text()
-        );
+        wait_for_v6_routes(n, &others.map(subnet6));
     }
     ok("n1 -> n2", ping6(&n1.containers[0], n2.container_ip6(0), 3));
     ok("n2 -> n1", ping6(&n2.containers[1], n1.container_ip6(1), 3));

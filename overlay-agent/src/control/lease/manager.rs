@@ -23,20 +23,26 @@ pub enum Choice {
     Exhausted,
 }
 
+/// Whether a lease's IPv4 subnet overlaps `s` (an IPv6-only lease has none).
+fn taken4(leases: &[Lease], s: &Ipv4Net) -> bool {
+    leases.iter().filter(|l| !l.key().is_ipv6_only()).any(|l| l.subnet.contains(s) || s.contains(&l.subnet))
+}
+
+/// Whether a lease's IPv6 subnet overlaps `s`.
+fn taken6(leases: &[Lease], s: &Ipv6Net) -> bool {
+    leases.iter().filter_map(|l| l.subnet6).any(|t| t.contains(s) || s.contains(&t))
+}
+
 /// IPv4 subnets in the config's range that no lease overlaps, in address order.
 pub fn free_subnets<'a>(cfg: &'a NetworkConfig, leases: &'a [Lease]) -> impl Iterator<Item = Ipv4Net> + 'a {
-    let held: Vec<Ipv4Net> = leases.iter().filter(|l| !l.key().is_ipv6_only()).map(|l| l.subnet).collect();
-    cfg.subnets().filter(move |s| !held.iter().any(|h| h.contains(s) || s.contains(h)))
+    cfg.subnets().filter(move |s| !taken4(leases, s))
 }
 
 /// IPv6 subnets in the config's IPv6 range that no lease overlaps, in address order (none
 /// when IPv6 is off).
 pub fn free_subnets6<'a>(cfg: &'a NetworkConfig, leases: &'a [Lease]) -> impl Iterator<Item = Ipv6Net> + 'a {
-    let held: Vec<Ipv6Net> = leases.iter().filter_map(|l| l.subnet6).collect();
     let c6 = cfg.ipv6;
-    (0u128..)
-        .map_while(move |i| c6.and_then(|c| c.nth(i)))
-        .filter(move |s| !held.iter().any(|h| h.contains(s) || s.contains(h)))
+    (0u128..).map_while(move |i| c6.and_then(|c| c.nth(i))).filter(move |s| !taken6(leases, s))
 }
 
 /// This node's leases (same node: `LeaseAttrs::same_node`) that the config no longer allows:
@@ -52,10 +58,9 @@ pub fn incompatible_own(cfg: &NetworkConfig, leases: &[Lease], me: &LeaseAttrs) 
 /// settles a tie). `None`: IPv6 off, or no IPv6 subnet left. (flannel picks any free one.)
 pub fn choose_v6(cfg: &NetworkConfig, leases: &[Lease], v4: Ipv4Net, rng: &mut impl rand::Rng) -> Option<Ipv6Net> {
     let c6 = cfg.ipv6.as_ref()?;
-    let used = |s: &Ipv6Net| leases.iter().filter_map(|l| l.subnet6).any(|t| t.contains(s) || s.contains(&t));
     let step4 = 1u32 << (32 - cfg.subnet_len);
     let index = (u32::from(v4.network()).saturating_sub(u32::from(cfg.subnet_min)) / step4) as u128;
-    if let Some(s) = c6.nth(index).filter(|s| !used(s)) {
+    if let Some(s) = c6.nth(index).filter(|s| !taken6(leases, s)) {
         return Some(s);
     }
     let free: Vec<Ipv6Net> = free_subnets6(cfg, leases).take(CANDIDATES).collect();
@@ -71,13 +76,11 @@ pub fn choose(cfg: &NetworkConfig, leases: &[Lease], me: &LeaseAttrs, previous: 
         return Choice::Reuse { key: l.key(), etcd_lease: l.etcd_lease };
     }
     if !cfg.enable_ipv4 {
-        let previous = previous.and_then(|k| k.v6).filter(|p| {
-            cfg.ipv6.is_some_and(|c| c.fits(p)) && !leases.iter().filter_map(|l| l.subnet6).any(|h| h.contains(p) || p.contains(&h))
-        });
+        let previous = previous.and_then(|k| k.v6).filter(|p| cfg.ipv6.is_some_and(|c| c.fits(p)) && !taken6(leases, p));
         let free: Vec<Ipv6Net> = free_subnets6(cfg, leases).take(CANDIDATES).collect();
         return order(previous, free.choose(rng).copied()).map_or(Choice::Exhausted, |o| Choice::Claim(o.into_iter().map(LeaseKey::ipv6_only).collect()));
     }
-    let previous = previous.map(|k| k.v4).filter(|p| cfg.fits(p) && !leases.iter().any(|l| !l.key().is_ipv6_only() && (l.subnet.contains(p) || p.contains(&l.subnet))));
+    let previous = previous.map(|k| k.v4).filter(|p| cfg.fits(p) && !taken4(leases, p));
     let free: Vec<Ipv4Net> = free_subnets(cfg, leases).take(CANDIDATES).collect();
     let Some(v4s) = order(previous, free.choose(rng).copied()) else { return Choice::Exhausted };
     let mut keys = Vec::new();
