@@ -257,14 +257,234 @@ fn decap_checks_every_frame_and_counts_each_reason() {
                 assert_eq!((rc, moved), (drop, vec![(reason, 1)]), "{prog}: {reason}");
             }
 
-            // A peer's first fragment goes to the kernel to be reassembled.
-            let mut first = valid[..14 + 20 + 40].to_vec();
-            first[14 + 2..14 + 4].copy_from_slice(&60u16.to_be_bytes());
-            first[14 + 6] = 0x20; // MF
-            fix_checksum(&mut first, 14);
-            let (rc, out, moved) = n.run(prog, &first);
-            assert_eq!((rc, moved), (pass, vec![("fragment_to_kernel", 1)]), "{prog}: first fragment");
-            assert_eq!(out, first);
+        }
+    });
+}
+
+/// The IPv4 datagram of Ethernet frame `frame` (no options) as one fragment: `len` bytes of
+/// its payload from `offset` (a multiple of 8), more-fragments as given, IP ID `id`.
+fn fragment4(frame: &[u8], offset: usize, len: usize, more: bool, id: u16) -> Vec<u8> {
+    assert_eq!(offset % 8, 0);
+    let (eth, ip, payload) = (&frame[..14], &frame[14..34], &frame[34..]);
+    let mut h = ip.to_vec();
+    let data = &payload[offset..(offset + len).min(payload.len())];
+    h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+    h[4..6].copy_from_slice(&id.to_be_bytes());
+    let word = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+    h[6..8].copy_from_slice(&word.to_be_bytes());
+    let mut f = [eth, &h[..], data].concat();
+    fix_checksum(&mut f, 14);
+    f
+}
+
+/// Fragments fail closed at both hooks: a first fragment must carry the tunnel and inner
+/// headers whole and pass every check a whole frame passes; a later fragment to us may not
+/// start inside them; everything that is not ours still passes untouched. Each drop class
+/// beside its control (the legitimate fragment of the same datagram passing).
+#[test]
+fn ipv4_fragments_fail_closed() {
+    in_private_netns(|| {
+        let mut n = Node::new(config_flags::KERNEL_DECAP);
+        let mac = n.cfg.vtep_mac;
+        // 32 bytes of inner payload: the VXLAN datagram carries 8 + 8 + 14 + 20 + 8 + 32 bytes.
+        let valid = vxlan_frame(PEER_A, 0x08, 1, 0, &from_a(mac));
+        let forged = vxlan_frame(PEER_A, 0x08, 1, 0, &inner_frame([10, 244, 3, 7], [10, 244, 1, 5], 0, true, 32, MAC_A, mac));
+        let stranger = vxlan_frame(STRANGER, 0x08, 1, 0, &from_a(mac));
+        let mut other_port = valid.clone();
+        other_port[36..38].copy_from_slice(&4789u16.to_be_bytes());
+        let mut other_dst = valid.clone();
+        other_dst[33] = 77;
+        fix_checksum(&mut other_dst, 14);
+        let mut tcp = valid.clone();
+        tcp[14 + 9] = 6;
+        fix_checksum(&mut tcp, 14);
+        for prog in [prog_names::TC_INGRESS_DECAP, prog_names::XDP_DECAP] {
+            let (pass, drop) = if prog == prog_names::XDP_DECAP { (XDP_PASS, XDP_DROP) } else { (TCX_NEXT, TC_ACT_SHOT) };
+            let cases: Vec<(&str, Vec<u8>, u32, Vec<(&str, u64)>)> = vec![
+                // Controls: the legitimate datagram's fragments pass (the first checked whole).
+                ("first fragment carrying the headers", fragment4(&valid, 0, 56, true, 7), pass, vec![("fragment_to_kernel", 1)]),
+                ("the whole first fragment but one 8-byte block", fragment4(&valid, 0, 80, true, 7), pass, vec![("fragment_to_kernel", 1)]),
+                ("later fragment past the headers", fragment4(&valid, 56, 64, false, 7), pass, vec![]),
+                // A forged inner source behind a first fragment: caught as in a whole frame.
+                ("forged first fragment", fragment4(&forged, 0, 56, true, 8), drop, vec![("spoofed_source", 1)]),
+                ("first fragment from a stranger", fragment4(&stranger, 0, 56, true, 9), drop, vec![("unknown_peer", 1)]),
+                // Tiny first fragments: the headers would come from a later fragment.
+                ("first fragment without the inner header", fragment4(&valid, 0, 48, true, 10), drop, vec![("tiny_fragment", 1)]),
+                ("first fragment with only UDP", fragment4(&valid, 0, 8, true, 11), drop, vec![("tiny_fragment", 1)]),
+                // Later fragments starting inside the checked headers (overlapping a checked
+                // first fragment, or completing a tiny one).
+                ("later fragment at 8", fragment4(&valid, 8, 64, false, 12), drop, vec![("fragment_overlap", 1)]),
+                ("later fragment at 48", fragment4(&valid, 48, 64, true, 12), drop, vec![("fragment_overlap", 1)]),
+                ("later fragment at 8 with a tiny payload", fragment4(&valid, 8, 4, false, 12), drop, vec![("fragment_overlap", 1)]),
+                // Not ours: passed untouched, however small.
+                ("tiny first fragment to another port", fragment4(&other_port, 0, 8, true, 13), pass, vec![]),
+                ("later fragment at 8 to another host", fragment4(&other_dst, 8, 64, false, 13), pass, vec![]),
+                ("later TCP fragment at 8", fragment4(&tcp, 8, 64, false, 13), pass, vec![]),
+            ];
+            for (what, f, rc_want, moved_want) in cases {
+                let (rc, out, moved) = n.run(prog, &f);
+                assert_eq!((rc, moved), (rc_want, moved_want), "{prog}: {what}");
+                if rc_want == pass {
+                    assert_eq!(out, f, "{prog}: {what} untouched");
+                }
+            }
+        }
+        // The udp backend: its headers are 28 bytes (UDP and the inner IPv4 header), and its
+        // first fragments have no kernel socket to be reassembled for.
+        let mut udp_cfg = n.cfg;
+        udp_cfg.mode = EncapMode::Udp as u32;
+        udp_cfg.port = 8285;
+        n.maps.set_config(&udp_cfg).expect("config");
+        let mut raw = vxlan_frame(PEER_A, 0x08, 1, 0, &from_a(mac));
+        raw.drain(42..42 + 8 + 14); // the inner IPv4 packet right after UDP
+        raw[36..38].copy_from_slice(&8285u16.to_be_bytes());
+        let l = (raw.len() - 14) as u16;
+        raw[16..18].copy_from_slice(&l.to_be_bytes());
+        raw[38..40].copy_from_slice(&(l - 20).to_be_bytes());
+        fix_checksum(&mut raw, 14);
+        for prog in [prog_names::TC_INGRESS_DECAP, prog_names::XDP_DECAP] {
+            let (pass, drop) = if prog == prog_names::XDP_DECAP { (XDP_PASS, XDP_DROP) } else { (TCX_NEXT, TC_ACT_SHOT) };
+            for (what, f, rc_want, moved_want) in [
+                ("udp: first fragment", fragment4(&raw, 0, 32, true, 20), drop, vec![("outer_fragment", 1)]),
+                ("udp: tiny first fragment", fragment4(&raw, 0, 24, true, 21), drop, vec![("tiny_fragment", 1)]),
+                ("udp: later fragment at 24", fragment4(&raw, 24, 32, false, 22), drop, vec![("fragment_overlap", 1)]),
+                ("udp: later fragment at 32", fragment4(&raw, 32, 32, false, 22), pass, vec![]),
+            ] {
+                let (rc, _, moved) = n.run(prog, &f);
+                assert_eq!((rc, moved), (rc_want, moved_want), "{prog}: {what}");
+            }
+        }
+    });
+}
+
+const ME6: &str = "fd00:64::1";
+const PEER6_A: &str = "fd00:64::2";
+const STRANGER6: &str = "fd00:64::9";
+
+fn v6(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+}
+
+/// UDP to `dport`, VXLAN (I flag, VNI 1), then an inner Ethernet frame carrying IPv6/UDP
+/// from `src` to `dst` with 32 bytes of payload: a VXLAN-over-IPv6 datagram's payload.
+fn vxlan6_datagram(dport: u16, src: &str, dst: &str, dmac: [u8; 6]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, dmac).ipv6(v6(src), v6(dst), 64).udp(40000, 9000);
+    let mut inner = Vec::new();
+    b.write(&mut inner, &[7u8; 32]).unwrap();
+    let mut d = Vec::new();
+    d.extend_from_slice(&50000u16.to_be_bytes());
+    d.extend_from_slice(&dport.to_be_bytes());
+    d.extend_from_slice(&((8 + 8 + inner.len()) as u16).to_be_bytes());
+    d.extend_from_slice(&[0, 0]);
+    d.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]);
+    d.extend_from_slice(&inner);
+    d
+}
+
+/// Ethernet and IPv6 from `src` to us, then extension headers `ext` (their types and bodies
+/// after the next-header byte, chained in order), then `payload` of protocol `proto`.
+fn ipv6_frame(src: &str, dst: &str, ext: &[(u8, Vec<u8>)], proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut chain = Vec::new();
+    for (i, (_, body)) in ext.iter().enumerate() {
+        chain.push(ext.get(i + 1).map_or(proto, |(t, _)| *t));
+        chain.extend_from_slice(body);
+    }
+    let first = ext.first().map_or(proto, |(t, _)| *t);
+    let mut f = Vec::new();
+    f.extend_from_slice(&UNDERLAY_MAC);
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((chain.len() + payload.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[first, 64]);
+    f.extend_from_slice(&v6(src));
+    f.extend_from_slice(&v6(dst));
+    f.extend_from_slice(&chain);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A destination-options header of `len` bytes (a multiple of 8) after its next-header byte
+/// (PadN), as `ipv6_frame` takes it.
+fn dest_opts(len: usize) -> (u8, Vec<u8>) {
+    let mut b = vec![(len / 8 - 1) as u8, 1, (len - 4) as u8];
+    b.resize(len - 1, 0);
+    (60, b)
+}
+
+/// A fragment header (after its next-header byte): offset in bytes, more-fragments, ID.
+fn frag_header(offset: usize, more: bool, id: u32) -> (u8, Vec<u8>) {
+    let word = (offset as u16) | more as u16; // offset is a multiple of 8: its low 3 bits are free
+    let mut b = vec![0];
+    b.extend_from_slice(&word.to_be_bytes());
+    b.extend_from_slice(&id.to_be_bytes());
+    (44, b)
+}
+
+/// The IPv6 side of the checks, at both hooks: fragments as for IPv4, extension-header
+/// chains walked to their end (four deep is dropped as a tunnel frame with extension
+/// headers, one reaching past byte 128 too, where XDP used to stop reading and pass it),
+/// a chain longer than the program walks or cut short dropped as unreadable; controls pass.
+#[test]
+fn ipv6_fragments_and_header_chains_fail_closed() {
+    in_private_netns(|| {
+        let mut n = Node::new(config_flags::KERNEL_DECAP);
+        let mac = n.cfg.vtep_mac;
+        n.maps
+            .set_config6(&overlay_common::Dataplane6Config {
+                underlay_ip: v6(ME6),
+                local_subnet: v6("fd00:10:244:1::"),
+                local_prefix_len: 64,
+                enabled: 1,
+            })
+            .expect("config6");
+        n.maps.upsert_route6("fd00:10:244:2::/64".parse().unwrap(), PEER6_A.parse().unwrap(), MAC_A).expect("route6");
+        let valid = vxlan6_datagram(8472, "fd00:10:244:2::7", "fd00:10:244:1::5", mac);
+        let forged = vxlan6_datagram(8472, "fd00:10:244:3::7", "fd00:10:244:1::5", mac);
+        let other_port = vxlan6_datagram(4789, "fd00:10:244:2::7", "fd00:10:244:1::5", mac);
+        let frag = |d: &[u8], offset: usize, len: usize, more: bool, id: u32| {
+            let data = &d[offset..(offset + len).min(d.len())];
+            ipv6_frame(PEER6_A, ME6, &[frag_header(offset, more, id)], 17, data)
+        };
+        let four = [(0u8, dest_opts(8).1), dest_opts(8), (43, vec![0, 0, 0, 0, 0, 0, 0]), dest_opts(8)];
+        let nine: Vec<(u8, Vec<u8>)> = (0..9).map(|_| dest_opts(8)).collect();
+        let mut cut = ipv6_frame(PEER6_A, ME6, &nine, 17, &valid);
+        cut.truncate(14 + 40 + 8 * 4 + 4);
+        let mut tcp_frag_at_8 = frag(&valid, 8, 64, false, 6);
+        tcp_frag_at_8[14 + 40] = 6; // the fragment header says TCP follows
+        for prog in [prog_names::TC_INGRESS_DECAP, prog_names::XDP_DECAP] {
+            let (pass, drop) = if prog == prog_names::XDP_DECAP { (XDP_PASS, XDP_DROP) } else { (TCX_NEXT, TC_ACT_SHOT) };
+            let cases: Vec<(&str, Vec<u8>, u32, Vec<(&str, u64)>)> = vec![
+                // Controls.
+                ("whole", ipv6_frame(PEER6_A, ME6, &[], 17, &valid), pass, vec![("decapsulated", 1)]),
+                ("first fragment carrying the headers", frag(&valid, 0, 72, true, 1), pass, vec![("fragment_to_kernel", 1)]),
+                ("later fragment past the headers", frag(&valid, 72, 64, false, 1), pass, vec![]),
+                ("atomic fragment", frag(&valid, 0, valid.len(), false, 2), pass, vec![("decapsulated", 1)]),
+                ("four extension headers to another port", ipv6_frame(PEER6_A, ME6, &four, 17, &other_port), pass, vec![]),
+                ("TCP behind a destination-options header", ipv6_frame(PEER6_A, ME6, &[dest_opts(8)], 6, &valid), pass, vec![]),
+                ("nine extension headers to another host", ipv6_frame(PEER6_A, STRANGER6, &nine, 17, &valid), pass, vec![]),
+                // Fragments.
+                ("forged first fragment", frag(&forged, 0, 72, true, 3), drop, vec![("spoofed_source", 1)]),
+                ("first fragment from a stranger", ipv6_frame(STRANGER6, ME6, &[frag_header(0, true, 3)], 17, &valid[..72]), drop, vec![("unknown_peer", 1)]),
+                ("tiny first fragment", frag(&valid, 0, 64, true, 4), drop, vec![("tiny_fragment", 1)]),
+                ("later fragment at 8", frag(&valid, 8, 64, false, 5), drop, vec![("fragment_overlap", 1)]),
+                ("later fragment at 64", frag(&valid, 64, 64, true, 5), drop, vec![("fragment_overlap", 1)]),
+                ("later fragment at 8 saying TCP", tcp_frag_at_8.clone(), drop, vec![("fragment_overlap", 1)]),
+                ("first fragment behind a destination-options header",
+                    ipv6_frame(PEER6_A, ME6, &[dest_opts(8), frag_header(0, true, 7)], 17, &valid[..72]), drop, vec![("outer_ip_options", 1)]),
+                // Extension-header chains.
+                ("four extension headers", ipv6_frame(PEER6_A, ME6, &four, 17, &valid), drop, vec![("outer_ip_options", 1)]),
+                ("a chain past byte 128", ipv6_frame(PEER6_A, ME6, &[dest_opts(200)], 17, &valid), drop, vec![("outer_ip_options", 1)]),
+                ("nine extension headers", ipv6_frame(PEER6_A, ME6, &nine, 17, &valid), drop, vec![("unreadable_headers", 1)]),
+                ("a chain cut short", cut.clone(), drop, vec![("unreadable_headers", 1)]),
+            ];
+            for (what, f, rc_want, moved_want) in cases {
+                let (rc, out, moved) = n.run(prog, &f);
+                assert_eq!((rc, moved), (rc_want, moved_want), "{prog}: {what}");
+                if rc_want == pass {
+                    assert_eq!(out, f, "{prog}: {what} untouched");
+                }
+            }
         }
     });
 }

@@ -396,14 +396,15 @@ pub enum Counter {
     WrongVni = 6,
     /// Decap: VXLAN header flags other than exactly the I flag (dropped).
     BadVxlanFlags = 7,
-    /// Decap: frame from a peer to our port too short for the tunnel and inner headers
-    /// (dropped). Frames too short to show a UDP port are not ours and pass.
+    /// Decap: frame from a peer to our port too short for the tunnel and inner headers, or
+    /// whose IP length runs past the frame (dropped). Frames too short to show a UDP port are
+    /// not ours and pass (the stack drops them).
     Truncated = 8,
     /// Decap: outer IPv4 with options to our port (dropped).
     OuterIpOptions = 9,
-    /// Decap: outer IPv4 fragment to our port with the udp backend, which has no kernel socket
-    /// to reassemble for (dropped). With vxlan, peers' fragments go to the kernel instead
-    /// (`fragment_to_kernel`).
+    /// Decap: the first fragment of a datagram to our port with the udp backend, which has no
+    /// kernel socket to reassemble for (dropped). With vxlan, checked first fragments go to
+    /// the kernel instead (`fragment_to_kernel`).
     OuterFragment = 10,
     /// Decap: the inner payload is not a packet of the tunnel's family (IPv4 in IPv4 tunnels, IPv6
     /// in a dual-stack node's IPv6 ones) (dropped).
@@ -437,9 +438,11 @@ pub enum Counter {
     /// than the underlay device), or one the kernel refused to turn into an ICMP reply
     /// (dropped).
     EncapTooBig = 20,
-    /// Decap (vxlan): the first fragment of a peer's fragmented tunnel datagram, handed to the
-    /// kernel, which reassembles the datagram; the socket guard then checks it as any other
-    /// (a peer, on the underlay) before the kernel's vxlan device takes it. Not a drop.
+    /// Decap (vxlan): the first fragment of a peer's fragmented tunnel datagram, which carried
+    /// the tunnel and inner headers whole and passed every check a whole frame passes; handed
+    /// to the kernel, which reassembles the datagram (no later fragment may reach into those
+    /// headers: `fragment_overlap`); the socket guard then checks it (a peer, on the
+    /// underlay) before the kernel's vxlan device takes it. Not a drop.
     FragmentToKernel = 21,
     /// Decap: the outer header says congestion experienced and the inner packet is not
     /// ECN-capable: RFC 6040 drops it (the kernel's vxlan device does the same).
@@ -462,10 +465,22 @@ pub enum Counter {
     /// entry expired land here; a count that keeps growing means a peer (or the router
     /// towards it) does not answer on the underlay. `overlay-agent monitor` names the peer.
     UnresolvedNextHop = 25,
+    /// Decap: the first fragment of a datagram to our port that does not carry the tunnel and
+    /// inner headers whole (dropped): reassembled, the datagram would bring headers that no
+    /// check saw.
+    TinyFragment = 26,
+    /// Decap: a later fragment of a UDP datagram to our address whose payload starts inside
+    /// the bytes the checks read in a first fragment (RFC 1858's overlapping or tiny
+    /// fragments; dropped). Legitimate fragmentation never produces one.
+    FragmentOverlap = 27,
+    /// Decap: a frame to our address whose headers the program cannot read to their end
+    /// (more IPv6 extension headers than it walks, a chain cut short, or headers past the
+    /// bytes XDP may read), so it cannot tell whether the frame is a tunnel frame (dropped).
+    UnreadableHeaders = 28,
 }
 
 impl Counter {
-    pub const COUNT: usize = 26;
+    pub const COUNT: usize = 29;
     pub const ALL: [Counter; Self::COUNT] = [
         Self::Encapsulated,
         Self::Decapsulated,
@@ -493,6 +508,9 @@ impl Counter {
         Self::EncapToKernel,
         Self::NoUnderlayRoute,
         Self::UnresolvedNextHop,
+        Self::TinyFragment,
+        Self::FragmentOverlap,
+        Self::UnreadableHeaders,
     ];
     /// The name operators see (`overlay-agent stats`, metrics).
     pub const fn name(self) -> &'static str {
@@ -523,6 +541,9 @@ impl Counter {
             Self::EncapToKernel => "encap_to_kernel",
             Self::NoUnderlayRoute => "no_underlay_route",
             Self::UnresolvedNextHop => "unresolved_next_hop",
+            Self::TinyFragment => "tiny_fragment",
+            Self::FragmentOverlap => "fragment_overlap",
+            Self::UnreadableHeaders => "unreadable_headers",
         }
     }
     /// Whether this outcome drops the packet.

@@ -285,19 +285,38 @@ pub fn ethertype(eth: &[u8; ETH_HLEN]) -> u16 {
     u16::from_be_bytes([eth[12], eth[13]])
 }
 
+/// Where a packet sits in its datagram, from its IPv4 flags/fragment word or its IPv6
+/// fragment header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented.
+    Whole,
+    /// Offset 0 with more to come: the only fragment that carries the UDP header and the
+    /// tunnel's headers behind it.
+    First,
+    /// A later fragment, whose payload goes `offset` bytes into the datagram's payload.
+    Later { offset: usize },
+}
+
+impl Fragment {
+    /// From the offset (in 8-byte units) and the more-fragments flag.
+    #[inline(always)]
+    pub const fn from_parts(offset_units: u16, more: bool) -> Self {
+        match (offset_units, more) {
+            (0, false) => Fragment::Whole,
+            (0, true) => Fragment::First,
+            (o, _) => Fragment::Later { offset: o as usize * 8 },
+        }
+    }
+}
+
 /// What the fixed part of an IPv4 header says about a possible tunnel frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ipv4Class {
     /// Not UDP (or not IPv4 at all): not ours, pass it on.
     NotUdp,
-    /// A UDP datagram (or its first fragment). `header_len` is IHL * 4.
-    Udp {
-        header_len: usize,
-        /// More-fragments set (with offset 0): a first fragment.
-        first_fragment: bool,
-    },
-    /// A non-first fragment: no UDP header to look at; not ours to judge.
-    LaterFragment,
+    /// A UDP datagram or a fragment of one. `header_len` is IHL * 4.
+    Udp { header_len: usize, fragment: Fragment },
 }
 
 /// Classify a 20-byte IPv4 header.
@@ -307,13 +326,36 @@ pub fn classify_ipv4(ip: &[u8; IPV4_HLEN]) -> Ipv4Class {
         return Ipv4Class::NotUdp;
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if frag & 0x1fff != 0 {
-        return Ipv4Class::LaterFragment;
-    }
     Ipv4Class::Udp {
         header_len: ((ip[0] & 0x0f) as usize) * 4,
-        first_fragment: frag & 0x2000 != 0,
+        fragment: Fragment::from_parts(frag & 0x1fff, frag & 0x2000 != 0),
     }
+}
+
+/// Bytes after the outer IP header that decap reads and checks in a tunnel datagram: UDP,
+/// then VXLAN, inner Ethernet and inner IPv4 (vxlan, 50) or the inner IPv4 header (udp, 28).
+/// A first fragment must carry them whole, and no later fragment may start inside them
+/// (RFC 1858), so that a reassembled datagram cannot bring headers no check saw.
+pub const fn checked_bytes(mode: crate::EncapMode) -> usize {
+    match mode {
+        crate::EncapMode::Vxlan => UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN,
+        crate::EncapMode::Udp => UDP_HLEN + IPV4_HLEN,
+    }
+}
+
+/// The same for a dual-stack node's IPv6 tunnel datagrams (VXLAN with an inner IPv6 header).
+pub const CHECKED_BYTES6: usize = UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV6_HLEN;
+const _: () = assert!(checked_bytes(crate::EncapMode::Vxlan) == 50 && checked_bytes(crate::EncapMode::Udp) == 28);
+const _: () = assert!(CHECKED_BYTES6 == 70);
+
+/// A later fragment to our address whose payload starts inside the `checked` bytes would
+/// overwrite (or, with a tiny first fragment, supply) headers the checks read: dropped, as
+/// RFC 1858 drops TCP fragments at offset 1. Legitimate fragmentation never starts a later
+/// fragment that early (IPv4's smallest MTU, 68, leaves 48 bytes to a first fragment; IPv6's
+/// 1280 leaves 1232).
+#[inline(always)]
+pub fn later_fragment_overlaps(offset: usize, checked: usize) -> bool {
+    offset < checked
 }
 
 /// The UDP destination port of a UDP header, host order.
@@ -347,6 +389,58 @@ pub fn check_outer(ip: &[u8; IPV4_HLEN], udp: &[u8; UDP_HLEN], frame_len: usize,
     }
     Ok(())
 }
+
+/// Check the outer IPv4 (no options) and UDP headers of the first fragment of a tunnel
+/// datagram, as `check_outer` checks a whole one: the header checksum, a total length that
+/// fits in the frame (`Truncated` otherwise), a fragment carrying at least the `checked`
+/// bytes (the tunnel and inner headers: `TinyFragment` otherwise), and a UDP length no
+/// smaller than what this fragment carries (the datagram goes on in later fragments).
+#[inline(always)]
+pub fn check_first_fragment(ip: &[u8; IPV4_HLEN], udp: &[u8; UDP_HLEN], frame_len: usize, checked: usize) -> Result<(), Counter> {
+    if ipv4_checksum(ip) != 0 {
+        return Err(Counter::BadOuterHeader);
+    }
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if total > frame_len.saturating_sub(ETH_HLEN) {
+        return Err(Counter::Truncated);
+    }
+    let carried = total.saturating_sub(IPV4_HLEN);
+    if carried < checked {
+        return Err(Counter::TinyFragment);
+    }
+    if (u16::from_be_bytes([udp[4], udp[5]]) as usize) < carried {
+        return Err(Counter::BadOuterHeader);
+    }
+    Ok(())
+}
+
+/// The IPv6 counterpart for a tunnel datagram behind one fragment header (`FRAG6_HLEN`
+/// bytes between the fixed header and UDP): a payload that fits the frame, at least
+/// `CHECKED_BYTES6` of the datagram in this fragment (`TinyFragment`), and a UDP length
+/// that is at least what it carries (a first fragment) or exactly that (`more` clear: an
+/// atomic fragment, RFC 6946, a whole datagram with a fragment header).
+#[inline(always)]
+pub fn check_outer6_fragment(first_byte: u8, payload_len: u16, udp: &[u8; UDP_HLEN], frame_len: usize, more: bool) -> Result<(), Counter> {
+    if first_byte >> 4 != 6 {
+        return Err(Counter::BadOuterHeader);
+    }
+    let payload = payload_len as usize;
+    if IPV6_HLEN + payload > frame_len.saturating_sub(ETH_HLEN) {
+        return Err(Counter::Truncated);
+    }
+    let carried = payload.saturating_sub(FRAG6_HLEN);
+    if carried < CHECKED_BYTES6 {
+        return Err(Counter::TinyFragment);
+    }
+    let udp_len = u16::from_be_bytes([udp[4], udp[5]]) as usize;
+    if udp_len < carried || (!more && udp_len != carried) {
+        return Err(Counter::BadOuterHeader);
+    }
+    Ok(())
+}
+
+/// IPv6's fragment header.
+pub const FRAG6_HLEN: usize = 8;
 
 /// Check the outer IPv6 header (its first byte and payload length) and UDP header of a frame of `frame_len` bytes (from the Ethernet
 /// header on) as `ipv6_rcv` and `udp_rcv` would: a payload length that fits in the frame
@@ -660,27 +754,81 @@ mod tests {
         let mut ip = [0u8; 20];
         ip[0] = 0x45;
         ip[9] = IPPROTO_UDP;
-        assert_eq!(
-            classify_ipv4(&ip),
-            Ipv4Class::Udp { header_len: 20, first_fragment: false }
-        );
+        let udp = |header_len, fragment| Ipv4Class::Udp { header_len, fragment };
+        assert_eq!(classify_ipv4(&ip), udp(20, Fragment::Whole));
         ip[0] = 0x46;
-        assert_eq!(
-            classify_ipv4(&ip),
-            Ipv4Class::Udp { header_len: 24, first_fragment: false }
-        );
+        assert_eq!(classify_ipv4(&ip), udp(24, Fragment::Whole));
         ip[6] = 0x20; // MF
-        assert_eq!(
-            classify_ipv4(&ip),
-            Ipv4Class::Udp { header_len: 24, first_fragment: true }
-        );
-        ip[7] = 0x10; // offset 16
-        assert_eq!(classify_ipv4(&ip), Ipv4Class::LaterFragment);
+        assert_eq!(classify_ipv4(&ip), udp(24, Fragment::First));
+        ip[7] = 0x10; // offset 16 units
+        assert_eq!(classify_ipv4(&ip), udp(24, Fragment::Later { offset: 128 }));
+        ip[6] = 0x00; // the last fragment
+        assert_eq!(classify_ipv4(&ip), udp(24, Fragment::Later { offset: 128 }));
+        ip[6] = 0x5f; // DF and MF set, the largest offset
+        ip[7] = 0xff;
+        assert_eq!(classify_ipv4(&ip), udp(24, Fragment::Later { offset: 0x1fff * 8 }));
         ip[9] = 6;
         assert_eq!(classify_ipv4(&ip), Ipv4Class::NotUdp);
         ip[9] = IPPROTO_UDP;
         ip[0] = 0x65;
         assert_eq!(classify_ipv4(&ip), Ipv4Class::NotUdp, "IPv6 version nibble");
+    }
+
+    /// A later fragment may not start inside the checked headers: every offset below them is
+    /// refused, the first one past them taken, for each encapsulation.
+    #[test]
+    fn later_fragments_may_not_reach_into_the_checked_headers() {
+        for checked in [checked_bytes(crate::EncapMode::Vxlan), checked_bytes(crate::EncapMode::Udp), CHECKED_BYTES6] {
+            for offset in (8..checked).step_by(8) {
+                assert!(later_fragment_overlaps(offset, checked), "offset {offset} of {checked}");
+            }
+            let past = checked.div_ceil(8) * 8;
+            assert!(!later_fragment_overlaps(past, checked), "offset {past} of {checked}");
+        }
+    }
+
+    #[test]
+    fn first_fragments_must_carry_the_checked_headers() {
+        let p = params(1400);
+        let hdr = vxlan_encap_header(&p, 1, [2; 6], [4; 6]);
+        let udp: [u8; UDP_HLEN] = hdr[ETH_HLEN + IPV4_HLEN..ETH_HLEN + IPV4_HLEN + UDP_HLEN].try_into().unwrap();
+        // The first fragment of that datagram carrying `carried` bytes of it, MF set.
+        let first = |carried: usize| {
+            let mut ip: [u8; IPV4_HLEN] = hdr[ETH_HLEN..ETH_HLEN + IPV4_HLEN].try_into().unwrap();
+            ip[2..4].copy_from_slice(&((IPV4_HLEN + carried) as u16).to_be_bytes());
+            ip[6] = 0x20;
+            ip[7] = 0;
+            ip[10..12].copy_from_slice(&[0, 0]);
+            let c = ipv4_checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            ip
+        };
+        let vx = checked_bytes(crate::EncapMode::Vxlan);
+        let frame = |carried: usize| ETH_HLEN + IPV4_HLEN + carried;
+        assert_eq!(check_first_fragment(&first(56), &udp, frame(56), vx), Ok(()));
+        assert_eq!(check_first_fragment(&first(56), &udp, frame(56) + 4, vx), Ok(()), "padding");
+        assert_eq!(check_first_fragment(&first(48), &udp, frame(48), vx), Err(Counter::TinyFragment));
+        assert_eq!(check_first_fragment(&first(8), &udp, frame(8), vx), Err(Counter::TinyFragment));
+        assert_eq!(check_first_fragment(&first(48), &udp, frame(48), checked_bytes(crate::EncapMode::Udp)), Ok(()), "udp needs 28");
+        assert_eq!(check_first_fragment(&first(56), &udp, frame(56) - 1, vx), Err(Counter::Truncated));
+        let mut bad = first(56);
+        bad[8] ^= 1;
+        assert_eq!(check_first_fragment(&bad, &udp, frame(56), vx), Err(Counter::BadOuterHeader), "checksum");
+        let mut short_udp = udp;
+        short_udp[4..6].copy_from_slice(&40u16.to_be_bytes());
+        assert_eq!(check_first_fragment(&first(56), &short_udp, frame(56), vx), Err(Counter::BadOuterHeader), "UDP shorter than the fragment");
+        // IPv6: one fragment header, then UDP.
+        let udp6 = |len: u16| [0xc0, 0, 0x21, 0x18, (len >> 8) as u8, len as u8, 0, 0];
+        let f6 = |carried: usize| (FRAG6_HLEN + carried) as u16;
+        let frame6 = |carried: usize| ETH_HLEN + IPV6_HLEN + FRAG6_HLEN + carried;
+        assert_eq!(check_outer6_fragment(0x60, f6(72), &udp6(1400), frame6(72), true), Ok(()));
+        assert_eq!(check_outer6_fragment(0x60, f6(64), &udp6(1400), frame6(64), true), Err(Counter::TinyFragment));
+        assert_eq!(check_outer6_fragment(0x60, f6(72), &udp6(1400), frame6(72) - 1, true), Err(Counter::Truncated));
+        assert_eq!(check_outer6_fragment(0x60, f6(72), &udp6(64), frame6(72), true), Err(Counter::BadOuterHeader));
+        assert_eq!(check_outer6_fragment(0x40, f6(72), &udp6(1400), frame6(72), true), Err(Counter::BadOuterHeader));
+        // An atomic fragment is a whole datagram: its UDP length is exactly what it carries.
+        assert_eq!(check_outer6_fragment(0x60, f6(100), &udp6(100), frame6(100), false), Ok(()));
+        assert_eq!(check_outer6_fragment(0x60, f6(100), &udp6(1400), frame6(100), false), Err(Counter::BadOuterHeader));
     }
 
     #[test]

@@ -17,8 +17,12 @@
 //! Every way, the inner packet enters the host on the overlay device and crosses its
 //! netfilter (conntrack, NAT, FORWARD) and reverse-path filter, both directions of every
 //! flow alike. There is no path around the host's netfilter.
-//! Fragmented tunnel datagrams from peers (vxlan) go to the kernel to be reassembled, then to
-//! its vxlan device through the socket guard: the inner-source check does not see them.
+//! Fragmented tunnel datagrams (vxlan): the first fragment must carry the tunnel and inner
+//! headers whole and pass every check a whole frame passes; a later fragment to our address
+//! may not start inside those headers (RFC 1858). The kernel then reassembles the datagram
+//! and hands it to its vxlan device through the socket guard, so no reassembled datagram
+//! brings headers no check saw. Frames to our address whose headers cannot be read to their
+//! end (an IPv6 extension-header chain too long to walk) are dropped.
 //! Not handled: everything that is not addressed to our port passes untouched; frames to our
 //! port that fail a check are dropped and counted by reason.
 
@@ -34,9 +38,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    check_outer, check_outer6, check_vxlan, classify_ipv4, config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs,
-    udp_dst_port, Counter, DataplaneConfig, EncapMode, Hook, Ipv4Class, PeerStats, ECN_CE, ECN_MASK,
-    ETH_HLEN, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, TUNNEL_PAYLOAD_OFF, UDP_HLEN, UDP_OVERHEAD,
+    check_first_fragment, check_outer, check_outer6, check_outer6_fragment, check_vxlan, checked_bytes, classify_ipv4,
+    config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs, later_fragment_overlaps, udp_dst_port, Counter,
+    DataplaneConfig, EncapMode, Fragment, Hook, Ipv4Class, PeerStats, CHECKED_BYTES6, ECN_CE, ECN_MASK, ETH_HLEN,
+    ETH_P_IPV4, ETH_P_IPV6, FRAG6_HLEN, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, TUNNEL_PAYLOAD_OFF, UDP_HLEN, UDP_OVERHEAD,
     VXLAN_HLEN, VXLAN_OVERHEAD,
 };
 
@@ -100,9 +105,9 @@ fn sub<const M: usize, const N: usize>(a: &[u8; M], off: usize) -> [u8; N] {
 fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> {
     let len = p.len();
     let merged = p.merged();
-    // One read for the outer Ethernet, IPv4 (without options) and UDP headers. Too short for
+    // One read for the outer Ethernet and IPv4 headers (without options). Too short for
     // them: nothing says it is ours; the stack judges it.
-    let head: [u8; ETH_HLEN + IPV4_HLEN + UDP_HLEN] = p.read_head(0).ok_or(Verdict::Pass)?;
+    let head: [u8; ETH_HLEN + IPV4_HLEN] = p.read_head(0).ok_or(Verdict::Pass)?;
     let eth: [u8; ETH_HLEN] = sub(&head, 0);
     if ethertype(&eth) == ETH_P_IPV6 {
         return match classify6(p, cfg, len, merged) {
@@ -115,42 +120,56 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         return Err(Verdict::Pass);
     }
     let ip: [u8; IPV4_HLEN] = sub(&head, ETH_HLEN);
-    let (ihl, first_fragment) = match classify_ipv4(&ip) {
-        Ipv4Class::Udp { header_len, first_fragment } if header_len >= IPV4_HLEN => {
-            (header_len, first_fragment)
-        }
+    let (ihl, fragment) = match classify_ipv4(&ip) {
+        Ipv4Class::Udp { header_len, fragment } if header_len >= IPV4_HLEN => (header_len, fragment),
         _ => return Err(Verdict::Pass),
     };
-    let udp: [u8; UDP_HLEN] = if ihl == IPV4_HLEN {
-        sub(&head, ETH_HLEN + IPV4_HLEN)
-    } else {
-        p.read(ETH_HLEN + ihl).ok_or(Verdict::Pass)?
-    };
-    if udp_dst_port(&udp) != cfg.port {
-        return Err(Verdict::Pass);
-    }
     // A tunnel frame for another host (this node forwards, or the NIC is promiscuous) is not
     // ours to open; the socket guard keeps frames for the node's other addresses from the
     // kernel's vxlan socket.
     if ip[16..20] != cfg.underlay_ip {
         return Err(Verdict::Pass);
     }
+    let Some(mode) = cfg.encap_mode() else { return Err(Verdict::Pass) };
+    // A later fragment has no UDP header to say whose it is. The kernel reassembles it with
+    // the first fragment, whose headers are checked below; one that starts inside those
+    // headers could replace them after the check, so it goes (the kernel also discards a
+    // datagram whose fragments overlap; this keeps one that is tiny or out of order from
+    // being the one that counts).
+    if let Fragment::Later { offset } = fragment {
+        if later_fragment_overlaps(offset, checked_bytes(mode)) {
+            return Err(Counter::FragmentOverlap.into());
+        }
+        return Err(Verdict::Pass);
+    }
+    let udp: [u8; UDP_HLEN] = if ihl == IPV4_HLEN {
+        p.read_head(ETH_HLEN + IPV4_HLEN).ok_or(Verdict::Pass)?
+    } else {
+        p.read(ETH_HLEN + ihl).ok_or(Verdict::Pass)?
+    };
+    if udp_dst_port(&udp) != cfg.port {
+        return Err(Verdict::Pass);
+    }
     // From here on the frame is addressed to us.
     if ihl != IPV4_HLEN {
         return Err(Counter::OuterIpOptions.into());
     }
-    if first_fragment {
+    let peer = [ip[12], ip[13], ip[14], ip[15]];
+    if fragment == Fragment::First {
         // A datagram too big for some link between the nodes (its sender allowed
-        // fragmentation, as stock flannel's device always does). The kernel reassembles it;
-        // the socket guard then checks the whole datagram (a peer, on the underlay) before
-        // the kernel's vxlan device decapsulates it. Later fragments carry no UDP header and
-        // pass above. The udp backend has no kernel socket to reassemble for.
-        if !is_peer(&[ip[12], ip[13], ip[14], ip[15]]) {
+        // fragmentation, as stock flannel's device always does). Its first fragment must
+        // carry the tunnel and inner headers whole and pass every check a whole frame
+        // passes; then the kernel reassembles it, and the socket guard checks the datagram
+        // (a peer, on the underlay) before the kernel's vxlan device decapsulates it. The udp
+        // backend has no kernel socket to reassemble for.
+        check_first_fragment(&ip, &udp, len, checked_bytes(mode))?;
+        if !is_peer(&peer) {
             return Err(Counter::UnknownPeer.into());
         }
-        if cfg.encap_mode() != Some(EncapMode::Vxlan) {
+        if mode != EncapMode::Vxlan {
             return Err(Counter::OuterFragment.into());
         }
+        check_inner(p, cfg, mode, peer)?;
         count(Counter::FragmentToKernel);
         return Err(Verdict::Pass);
     }
@@ -158,10 +177,26 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     check_outer(&ip, &udp, len, merged)?;
     // Who sent it comes before what is in it: a non-peer's frame is counted as such,
     // however short.
-    let peer = [ip[12], ip[13], ip[14], ip[15]];
     let stats = peer_stats(&peer).ok_or(Counter::UnknownPeer)?;
-    let (strip, inner_ip) = match cfg.encap_mode() {
-        Some(EncapMode::Vxlan) => {
+    let strip = check_inner(p, cfg, mode, peer)?;
+    Ok(Tunnel {
+        stats,
+        outer_eth: eth,
+        strip,
+        inner_len: len - ETH_HLEN - strip,
+        outer_ce: ip[1] & ECN_MASK == ECN_CE,
+        merged,
+    })
+}
+
+/// What the tunnel carries, for a whole frame and a first fragment alike: our VNI and
+/// exactly the I flag (VXLAN), an inner IPv4 packet for this node's subnet whose source
+/// belongs to a subnet leased by `peer`, the node that sent it. The bytes between the outer
+/// Ethernet header and the inner IPv4 header (the tunnel's overhead) on success.
+#[inline(always)]
+fn check_inner<P: Packet>(p: &P, cfg: &DataplaneConfig, mode: EncapMode, peer: [u8; 4]) -> Result<usize, Verdict> {
+    let (strip, inner_ip) = match mode {
+        EncapMode::Vxlan => {
             // One read for the VXLAN, inner Ethernet and inner IPv4 headers.
             let t: [u8; VXLAN_HLEN + ETH_HLEN + IPV4_HLEN] =
                 p.read_head(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
@@ -174,11 +209,10 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
             }
             (VXLAN_OVERHEAD, iip)
         }
-        Some(EncapMode::Udp) => {
+        EncapMode::Udp => {
             let iip: [u8; IPV4_HLEN] = p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
             (UDP_OVERHEAD, iip)
         }
-        None => return Err(Verdict::Pass),
     };
     let (inner_src, inner_dst) = inner_ipv4_addrs(&inner_ip)?;
     if !cfg.is_local(inner_dst) {
@@ -187,26 +221,24 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     // The inner source must belong to a subnet leased by the very peer that sent it.
     let key = Key { prefix_len: 32, data: inner_src };
     match VTEP_BY_SUBNET.get(&key) {
-        Some(v) if v.underlay_ip == peer => {}
-        _ => return Err(Counter::SpoofedSource.into()),
+        Some(v) if v.underlay_ip == peer => Ok(strip),
+        _ => Err(Counter::SpoofedSource.into()),
     }
-    Ok(Tunnel {
-        stats,
-        outer_eth: eth,
-        strip,
-        inner_len: len - ETH_HLEN - strip,
-        outer_ce: ip[1] & ECN_MASK == ECN_CE,
-        merged,
-    })
 }
 
 /// The same checks for a dual-stack node's IPv6 tunnel frames (VXLAN over IPv6 to
-/// `flannel-v6.<VNI>`): UDP to our port right after the fixed IPv6 header, addressed to our
-/// public IPv6 address, from a peer in `PEER6_STATS`, our VNI and exactly the I flag, an
-/// inner IPv6 packet for this node's IPv6 subnet whose source belongs to the sending peer
-/// (`VTEP6_BY_SUBNET`). Tunnel frames with extension headers are dropped (`outer_ip_options`;
-/// flannel's kernel device never sends them). Before the agent configured the IPv6 side, or
-/// on an IPv4-only node: not ours.
+/// `flannel-v6.<VNI>`): UDP to our port, addressed to our public IPv6 address, from a peer
+/// in `PEER6_STATS`, our VNI and exactly the I flag, an inner IPv6 packet for this node's
+/// IPv6 subnet whose source belongs to the sending peer (`VTEP6_BY_SUBNET`). Before the agent
+/// configured the IPv6 side, or on an IPv4-only node: not ours.
+///
+/// Extension headers, on frames to our address: the chain is walked (up to
+/// `MAX_EXT_HEADERS`; a longer one, or one that cannot be read to its end, is dropped as
+/// `unreadable_headers`: it could hide a tunnel frame). A fragment header alone is how a
+/// stock node's device sends a datagram bigger than the path: its first fragment is checked
+/// as a whole frame is (and must carry the headers whole), later ones may not start inside
+/// them, as for IPv4. Any other extension header in front of UDP to our port is dropped
+/// (`outer_ip_options`; flannel's device never sends one).
 ///
 /// A function of its own (its buffers would not fit the hooks' 512-byte stacks beside the
 /// IPv4 path's), answering in a plain integer: `V6_OK` (accepted and counted), `V6_PASS`, or
@@ -224,68 +256,148 @@ fn classify6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) 
 const V6_OK: u32 = u32::MAX;
 const V6_PASS: u32 = u32::MAX - 1;
 
+/// How many IPv6 extension headers decap follows before it gives up (and drops a frame to
+/// our address). Real traffic carries a few at most.
+const MAX_EXT_HEADERS: usize = 8;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+/// Where the outer IPv6 header starts, and where UDP starts behind it without extension
+/// headers and behind a fragment header alone.
+const IP6: usize = ETH_HLEN;
+const UDP6: usize = ETH_HLEN + IPV6_HLEN;
+const UDP6_FRAG: usize = UDP6 + FRAG6_HLEN;
+
 #[inline(always)]
 fn check6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) -> Result<(), Verdict> {
-    // Small reads of what is checked, not whole headers: this runs in its own frame beside
-    // the hook's, and both share 512 bytes of stack.
-    const IP: usize = ETH_HLEN;
-    const UDP: usize = ETH_HLEN + IPV6_HLEN;
-    const VX: usize = UDP + UDP_HLEN;
-    const INNER: usize = VX + VXLAN_HLEN + ETH_HLEN;
     let Some(c6) = ready_config6() else { return Err(Verdict::Pass) };
-    let [ver, _, _, _, plen_hi, plen_lo, next, _]: [u8; 8] = p.read_head(IP).ok_or(Verdict::Pass)?;
-    let dst: [u8; 16] = p.read_head(IP + 24).ok_or(Verdict::Pass)?;
+    let [ver, _, _, _, plen_hi, plen_lo, next, _]: [u8; 8] = p.read_head(IP6).ok_or(Verdict::Pass)?;
+    let dst: [u8; 16] = p.read_head(IP6 + 24).ok_or(Verdict::Pass)?;
     if dst != c6.underlay_ip {
         return Err(Verdict::Pass);
     }
-    if next != IPPROTO_UDP {
-        // Extension headers (flannel's device sends none): a tunnel frame behind them is
-        // dropped, as an IPv4 one with options is, rather than passed unchecked. Followed up
-        // to three deep; fragments go to the kernel to be reassembled, whose datagram the
-        // socket guard checks (a peer's), as IPv4's do.
-        let (mut nh, mut off) = (next, UDP);
-        let mut i = 0;
-        while i < 3 && matches!(nh, 0 | 43 | 60) {
-            let [n, hlen]: [u8; 2] = p.read(off).ok_or(Verdict::Pass)?;
-            nh = n;
-            off += (hlen as usize + 1) * 8;
-            i += 1;
-        }
-        if nh == IPPROTO_UDP {
-            let [_, _, d0, d1]: [u8; 4] = p.read(off).ok_or(Verdict::Pass)?;
-            if u16::from_be_bytes([d0, d1]) == cfg.port {
-                return Err(Counter::OuterIpOptions.into());
+    let plen = u16::from_be_bytes([plen_hi, plen_lo]);
+    if next == IPPROTO_UDP {
+        return check6_at::<_, UDP6>(p, cfg, &c6, ver, plen, len, merged, Fragment::Whole);
+    }
+    // Extension headers on a frame to our address.
+    let (mut nh, mut off) = (next, UDP6);
+    let mut fragment = Fragment::Whole;
+    let mut frag_header = false;
+    let mut others = false;
+    let mut i = 0;
+    while i < MAX_EXT_HEADERS
+        && matches!(nh, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST)
+    {
+        let [n, hlen, f0, f1]: [u8; 4] = p.read(off).ok_or(Counter::UnreadableHeaders)?;
+        let size = match nh {
+            NEXTHDR_FRAGMENT => {
+                let word = u16::from_be_bytes([f0, f1]);
+                match Fragment::from_parts(word >> 3, word & 1 != 0) {
+                    // What follows is the middle of a datagram, not headers; the kernel takes
+                    // the reassembled datagram's protocol from the first fragment, whatever
+                    // this one says, so the rule holds for every later fragment to us.
+                    Fragment::Later { offset } if later_fragment_overlaps(offset, CHECKED_BYTES6) => {
+                        return Err(Counter::FragmentOverlap.into());
+                    }
+                    Fragment::Later { .. } => return Err(Verdict::Pass),
+                    f => {
+                        others |= frag_header; // a second fragment header
+                        frag_header = true;
+                        fragment = f;
+                        FRAG6_HLEN
+                    }
+                }
             }
-        }
+            NEXTHDR_AUTH => {
+                others = true;
+                (hlen as usize + 2) * 4
+            }
+            _ => {
+                others = true;
+                (hlen as usize + 1) * 8
+            }
+        };
+        nh = n;
+        off += size;
+        i += 1;
+    }
+    if matches!(nh, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST) {
+        return Err(Counter::UnreadableHeaders.into());
+    }
+    if nh != IPPROTO_UDP {
         return Err(Verdict::Pass);
     }
+    let [_, _, d0, d1]: [u8; 4] = p.read(off).ok_or(Counter::UnreadableHeaders)?;
+    if u16::from_be_bytes([d0, d1]) != cfg.port {
+        return Err(Verdict::Pass);
+    }
+    if others {
+        return Err(Counter::OuterIpOptions.into());
+    }
+    // A fragment header alone (so UDP right behind it): a first fragment, or an atomic
+    // fragment (RFC 6946: offset 0, no more to come; a whole datagram behind a fragment
+    // header).
+    check6_at::<_, UDP6_FRAG>(p, cfg, &c6, ver, plen, len, merged, fragment)
+}
+
+/// The checks of an IPv6 tunnel frame whose UDP header starts at `UDP` (a constant: the
+/// reads stay direct). `fragment`: `Whole` for a frame without extension headers, `First`
+/// for a first fragment (checked, then left to the kernel to reassemble: counted
+/// `fragment_to_kernel`), `Whole` behind a fragment header for an atomic fragment.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn check6_at<P: Packet, const UDP: usize>(
+    p: &P,
+    cfg: &DataplaneConfig,
+    c6: &overlay_common::Dataplane6Config,
+    ver: u8,
+    plen: u16,
+    len: usize,
+    merged: bool,
+    fragment: Fragment,
+) -> Result<(), Verdict> {
+    let vx_off = UDP + UDP_HLEN;
+    let inner = vx_off + VXLAN_HLEN + ETH_HLEN;
     let udp: [u8; UDP_HLEN] = p.read_head(UDP).ok_or(Verdict::Pass)?;
     if udp_dst_port(&udp) != cfg.port {
         return Err(Verdict::Pass);
     }
-    check_outer6(ver, u16::from_be_bytes([plen_hi, plen_lo]), &udp, len, merged)?;
-    let peer: [u8; 16] = p.read_head(IP + 8).ok_or(Verdict::Pass)?;
+    if UDP == UDP6 {
+        check_outer6(ver, plen, &udp, len, merged)?;
+    } else {
+        check_outer6_fragment(ver, plen, &udp, len, fragment == Fragment::First)?;
+    }
+    let peer: [u8; 16] = p.read_head(IP6 + 8).ok_or(Verdict::Pass)?;
     let stats = peer6_stats(&peer).ok_or(Counter::UnknownPeer)?;
-    let vx: [u8; VXLAN_HLEN] = p.read_head(VX).ok_or(Counter::Truncated)?;
+    let vx: [u8; VXLAN_HLEN] = p.read_head(vx_off).ok_or(Counter::Truncated)?;
     check_vxlan(&vx, cfg.vni)?;
-    let [t0, t1]: [u8; 2] = p.read_head(VX + VXLAN_HLEN + 12).ok_or(Counter::Truncated)?;
+    let [t0, t1]: [u8; 2] = p.read_head(vx_off + VXLAN_HLEN + 12).ok_or(Counter::Truncated)?;
     if u16::from_be_bytes([t0, t1]) != ETH_P_IPV6 {
         return Err(Counter::InnerNotIpv4.into());
     }
-    let [iver]: [u8; 1] = p.read_head(INNER).ok_or(Counter::Truncated)?;
+    let [iver]: [u8; 1] = p.read_head(inner).ok_or(Counter::Truncated)?;
     if iver >> 4 != 6 {
         return Err(Counter::InnerNotIpv4.into());
     }
-    let inner_dst: [u8; 16] = p.read_head(INNER + 24).ok_or(Counter::Truncated)?;
+    let inner_dst: [u8; 16] = p.read_head(inner + 24).ok_or(Counter::Truncated)?;
     if !c6.is_local(&inner_dst) {
         return Err(Counter::NotLocalSubnet.into());
     }
-    let inner_src: [u8; 16] = p.read_head(INNER + 8).ok_or(Counter::Truncated)?;
+    let inner_src: [u8; 16] = p.read_head(inner + 8).ok_or(Counter::Truncated)?;
     match VTEP6_BY_SUBNET.get(&Key { prefix_len: 128, data: inner_src }) {
         Some(v) if v.underlay_ip == peer => {}
         _ => return Err(Counter::SpoofedSource.into()),
     }
-    account_rx(stats, len.saturating_sub(INNER) as u64);
+    if fragment == Fragment::First {
+        count(Counter::FragmentToKernel);
+        return Err(Verdict::Pass);
+    }
+    account_rx(stats, len.saturating_sub(inner) as u64);
     count(Counter::Decapsulated);
     Ok(())
 }

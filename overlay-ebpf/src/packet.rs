@@ -4,6 +4,9 @@
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 
+/// How far into a frame XDP reads (a page: an XDP frame without fragments is at most that).
+pub const XDP_MAX_READ_OFF: usize = 4096;
+
 pub trait Packet {
     /// Length of the frame from the Ethernet header on.
     fn len(&self) -> usize;
@@ -50,8 +53,10 @@ impl Packet for XdpContext {
     }
     #[inline(always)]
     fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
-        // Keep the offset provably small for the verifier (IHL gives at most 60).
-        if off > 128 {
+        // Keep the offset provably bounded for the verifier. The deepest a header can start
+        // for the checks is an IPv6 extension-header chain's end; a frame to our address whose
+        // headers lie past this is dropped as unreadable by the caller, never passed.
+        if off > XDP_MAX_READ_OFF {
             return None;
         }
         let start = self.data() + off;

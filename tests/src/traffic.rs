@@ -129,7 +129,8 @@ pub struct UdpProbe {
 }
 
 impl UdpProbe {
-    pub fn start(ns: &Netns, addr: SocketAddrV4) -> Result<Self> {
+    pub fn start(ns: &Netns, addr: impl Into<SocketAddr>) -> Result<Self> {
+        let addr: SocketAddr = addr.into();
         let stop = Arc::new(AtomicBool::new(false));
         let got = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();

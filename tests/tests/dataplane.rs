@@ -420,39 +420,82 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
     let total_drops = |v: &[u64; Counter::COUNT]| Counter::ALL.iter().filter(|c| c.is_drop()).map(|c| v[*c as usize]).sum::<u64>();
     assert_eq!(total_drops(&now) - total_drops(&before), 4 + cut.len() as u64, "the other-EtherType frame must move no counter");
     assert_eq!(now[Counter::Decapsulated as usize], before[Counter::Decapsulated as usize]);
+    // Fragments of tunnel datagrams from the peer, each class with its own IP ID (so that
+    // the kernel's reassembly queues stay apart): none may bring the container a packet.
+    // 1. A forged inner source behind a first fragment that carries the headers whole.
+    let forged_payload = vxlan_payload(0x08, 1, n1.vtep_mac, Ipv4Addr::new(10, 244, 99, 7), n1.container_ip(0), port);
+    let forged = with_id(&raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, 5, 0, 8472, &forged_payload), 101);
+    // 2. A tiny first fragment (UDP and VXLAN only): the inner headers would come later.
+    // 3. A checked first fragment, then a second one overlapping its headers to rewrite the
+    //    inner source.
+    let overlap = [fragments(&with_id(&valid, 103), 56).remove(0), later_fragment(&with_id(&forged, 103), 8)];
+    let hostile: Vec<Vec<u8>> = [fragments(&forged, 56), fragments(&with_id(&valid, 102), 16), overlap.to_vec()].concat();
+    let before = n1.counters();
+    ok("raw hostile fragments", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", hostile));
+    let expect = [(Counter::SpoofedSource, 1), (Counter::TinyFragment, 1), (Counter::FragmentOverlap, 2), (Counter::FragmentToKernel, 1)];
+    let settled = wait_until(Duration::from_secs(5), || {
+        let now = n1.counters();
+        expect.iter().all(|(c, n)| now[*c as usize] - before[*c as usize] >= *n)
+    });
+    let now = n1.counters();
+    let deltas: Vec<_> = expect.iter().map(|(c, n)| (c.name(), *n, now[*c as usize] - before[*c as usize])).collect();
+    assert!(settled, "fragment counters (name, expected, got): {deltas:?}");
+    for (c, n) in expect {
+        assert_eq!(now[c as usize] - before[c as usize], n, "{}: exactly the hostile fragments of its class", c.name());
+    }
+
     // Control: the valid frame, sent the same way to the same probe, is delivered, and is
     // all that arrives (every malformed frame has been counted as dropped by now).
+    let before = n1.counters();
     ok("raw", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", vec![valid.clone()]));
     // The same datagram in two fragments (a router on the way fragmented it, as it may when
-    // DF is clear, which stock flannel's device always leaves it): the first goes to the
-    // kernel, which reassembles the datagram for its vxlan device, and it is delivered too.
-    let frags = fragments(&valid, 16);
+    // DF is clear, which stock flannel's device always leaves it): the first, carrying the
+    // headers whole, is checked and goes to the kernel, which reassembles the datagram for
+    // its vxlan device, and it is delivered too.
+    let frags = fragments(&valid, 56);
     ok("raw fragments", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", frags));
     assert_eq!(
         probe.finish_after(2),
         vec![b"hostile".to_vec(), b"hostile".to_vec()],
-        "the valid raw frame and its fragmented twin, and no malformed frame, must be delivered"
+        "the valid raw frame and its fragmented twin, and no malformed frame or hostile fragment, must be delivered"
     );
     assert_eq!(n1.counter(Counter::Decapsulated) - before[Counter::Decapsulated as usize], 1, "reassembled datagrams are not seen again");
     assert_eq!(n1.counter(Counter::FragmentToKernel) - before[Counter::FragmentToKernel as usize], 1, "one first fragment");
+}
+
+/// `frame` with IPv4 ID `id` (its header checksum made right again).
+fn with_id(frame: &[u8], id: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[18..20].copy_from_slice(&id.to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let sum = ipv4_sum(&f[14..34]);
+    f[24..26].copy_from_slice(&(!sum).to_be_bytes());
+    f
 }
 
 /// The IPv4 datagram of Ethernet frame `frame` (no options) split into two fragments, the
 /// first carrying `first` bytes (a multiple of 8) of the IPv4 payload.
 fn fragments(frame: &[u8], first: usize) -> Vec<Vec<u8>> {
     assert_eq!(first % 8, 0);
+    vec![fragment(frame, 0, first, true), later_fragment(frame, first)]
+}
+
+/// The last fragment of `frame`'s datagram, from byte `offset` of its payload on.
+fn later_fragment(frame: &[u8], offset: usize) -> Vec<u8> {
+    fragment(frame, offset, frame.len() - 34 - offset, false)
+}
+
+fn fragment(frame: &[u8], offset: usize, len: usize, more: bool) -> Vec<u8> {
     let (eth, ip, payload) = (&frame[..14], &frame[14..34], &frame[34..]);
-    let frag = |data: &[u8], offset: usize, more: bool| {
-        let mut h = ip.to_vec();
-        h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
-        let word = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
-        h[6..8].copy_from_slice(&word.to_be_bytes());
-        h[10..12].copy_from_slice(&[0, 0]);
-        let sum = ipv4_sum(&h);
-        h[10..12].copy_from_slice(&(!sum).to_be_bytes());
-        [eth, &h[..], data].concat()
-    };
-    vec![frag(&payload[..first], 0, true), frag(&payload[first..], first, false)]
+    let data = &payload[offset..offset + len];
+    let mut h = ip.to_vec();
+    h[2..4].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+    let word = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+    h[6..8].copy_from_slice(&word.to_be_bytes());
+    h[10..12].copy_from_slice(&[0, 0]);
+    let sum = ipv4_sum(&h);
+    h[10..12].copy_from_slice(&(!sum).to_be_bytes());
+    [eth, &h[..], data].concat()
 }
 
 #[test]

@@ -12,7 +12,7 @@ use ipnet::Ipv6Net;
 use overlay_common::Counter;
 use overlay_tests::{
     link_mac, require_root,
-    traffic::{ping, ping6, tcp_transfer, tcp_transfer6},
+    traffic::{ping, ping6, tcp_transfer, tcp_transfer6, UdpProbe},
     underlay_ipv6, wait_until, Backend, Cluster, ClusterSpec, Control, Node, NodeKind, UNDERLAY_MTU,
 };
 
@@ -92,6 +92,62 @@ fn ext_header_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv6Addr, dst: Ipv6
     f.extend_from_slice(&[0, 0]);
     f.extend_from_slice(&[0x08, 0, 0, 0, 0, 0, 1, 0]); // VXLAN, VNI 1
     f
+}
+
+/// A VXLAN-over-IPv6 tunnel frame as a stock node's flannel-v6 sends it (valid UDP checksums
+/// outside and inside, which IPv6 requires), from `from` to `to`'s underlay, carrying a UDP
+/// datagram with `body` from `src` to `dst`:`port` addressed to `to`'s VtepMAC. Returned as
+/// the outer Ethernet header and the outer IPv6 payload (the UDP datagram), for `ipv6_frames`.
+fn vxlan6_datagram(from: &Node, to: &Node, src: Ipv6Addr, dst: Ipv6Addr, port: u16, body: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let inner_b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 7], ok("mac", link_mac(&to.ns, "flannel-v6.1")))
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(40000, port);
+    let mut inner = Vec::new();
+    inner_b.write(&mut inner, body).expect("inner frame");
+    let mut vx = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    vx.extend_from_slice(&inner);
+    let outer_b = etherparse::PacketBuilder::ethernet2(ok("mac", link_mac(&from.ns, "eth0")), ok("mac", link_mac(&to.ns, "eth0")))
+        .ipv6(underlay_ipv6(from.index).octets(), underlay_ipv6(to.index).octets(), 64)
+        .udp(50000, 8472);
+    let mut outer = Vec::new();
+    outer_b.write(&mut outer, &vx).expect("outer frame");
+    let (head, datagram) = outer.split_at(14 + 40);
+    (head.to_vec(), datagram.to_vec())
+}
+
+/// Frames of that datagram: behind the extension headers `ext` (type, body after the
+/// next-header byte) and, with `frag = Some((first, id))`, split into a first fragment of
+/// `first` bytes and the rest (each behind a fragment header with `id`).
+fn ipv6_frames(head: &[u8], datagram: &[u8], ext: &[(u8, Vec<u8>)], frag: Option<(usize, u32)>) -> Vec<Vec<u8>> {
+    let frame = |ext: &[(u8, Vec<u8>)], data: &[u8]| {
+        let mut chain = Vec::new();
+        for (i, (_, body)) in ext.iter().enumerate() {
+            chain.push(ext.get(i + 1).map_or(17, |(t, _)| *t));
+            chain.extend_from_slice(body);
+        }
+        let mut f = head.to_vec();
+        f[14 + 4..14 + 6].copy_from_slice(&((chain.len() + data.len()) as u16).to_be_bytes());
+        f[14 + 6] = ext.first().map_or(17, |(t, _)| *t);
+        f.extend_from_slice(&chain);
+        f.extend_from_slice(data);
+        f
+    };
+    let Some((first, id)) = frag else { return vec![frame(ext, datagram)] };
+    let header = |offset: usize, more: bool| {
+        let mut b = vec![0];
+        b.extend_from_slice(&(offset as u16 | more as u16).to_be_bytes());
+        b.extend_from_slice(&id.to_be_bytes());
+        (44u8, b)
+    };
+    let with = |h: (u8, Vec<u8>)| [ext.to_vec(), vec![h]].concat();
+    vec![frame(&with(header(0, true)), &datagram[..first]), frame(&with(header(first, false)), &datagram[first..])]
+}
+
+/// A destination-options header of `len` bytes (PadN), as `ipv6_frames` takes it.
+fn dest_opts(len: usize) -> (u8, Vec<u8>) {
+    let mut b = vec![(len / 8 - 1) as u8, 1, (len - 4) as u8];
+    b.resize(len - 1, 0);
+    (60, b)
 }
 
 /// The IPv6 routes through `node`'s flannel-v6.1.
@@ -248,6 +304,42 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
             "node {}: IPv6 tunnel frames with an extension header not dropped as such",
             n.index
         );
+    }
+
+    // Fragments and extension-header chains from the stock node (a peer), sent raw to a
+    // container's UDP probe: only the legitimate datagram arrives, whole and in fragments;
+    // a forged inner source behind a first fragment, a tiny first fragment, a tunnel frame
+    // behind four extension headers and one whose headers reach past byte 128 (where XDP
+    // used to stop reading and pass it) are dropped and counted, at TC (node 1) and XDP
+    // (node 2).
+    for (i, n) in [n1, n2].into_iter().enumerate() {
+        let (port, to) = (9996, c6(sub6[i], 0));
+        let probe = ok("probe", UdpProbe::start(&n.containers[0], std::net::SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0)));
+        let (head, legit) = vxlan6_datagram(stock, n, c6(stock6, 0), to, port, b"legit");
+        let (_, forged) = vxlan6_datagram(stock, n, "fd00:10:244:99::5".parse().unwrap(), to, port, b"hostile");
+        let four = [(0u8, dest_opts(8).1), dest_opts(8), dest_opts(8), dest_opts(8)];
+        let hostile = [
+            ipv6_frames(&head, &forged, &[], Some((80, 11))),
+            ipv6_frames(&head, &legit, &[], Some((64, 12))),
+            ipv6_frames(&head, &legit, &four, None),
+            ipv6_frames(&head, &legit, &[dest_opts(200)], None),
+        ]
+        .concat();
+        let before = n.counters();
+        ok("raw v6", overlay_tests::traffic::send_raw_frames(&stock.ns, "eth0", hostile));
+        let expect = [(Counter::SpoofedSource, 1), (Counter::TinyFragment, 1), (Counter::FragmentOverlap, 1), (Counter::OuterIpOptions, 2)];
+        let settled = wait_until(Duration::from_secs(5), || expect.iter().all(|(c, k)| n.counter(*c) >= before[*c as usize] + k));
+        let deltas: Vec<_> = expect.iter().map(|(c, k)| (c.name(), *k, n.counter(*c) - before[*c as usize])).collect();
+        assert!(settled, "node {}: IPv6 drop counters (name, expected, got): {deltas:?}", n.index);
+        let legit_frames = [ipv6_frames(&head, &legit, &[], None), ipv6_frames(&head, &legit, &[], Some((80, 13)))].concat();
+        ok("raw v6", overlay_tests::traffic::send_raw_frames(&stock.ns, "eth0", legit_frames));
+        assert_eq!(
+            probe.finish_after(2),
+            vec![b"legit".to_vec(), b"legit".to_vec()],
+            "node {}: the legitimate IPv6 datagram, whole and reassembled, and nothing else must arrive",
+            n.index
+        );
+        assert!(n.counter(Counter::FragmentToKernel) > before[Counter::FragmentToKernel as usize], "node {}: no checked first fragment", n.index);
     }
 
     // Self-healing: node 1's flannel-v6.1 deleted -> made again with its peers' entries, and
