@@ -20,12 +20,14 @@ use crate::{
     about = "Overlay network node agent: flannel's contracts, an eBPF data plane",
     long_about = "Without a subcommand, runs the node agent in flanneld's place: reads the \
         network config from etcd, leases a subnet for this node, writes the subnet file, brings \
-        up the eBPF data plane (TC egress encapsulation on the overlay device, XDP or TC ingress \
-        decapsulation on the underlay, pinned under --bpffs-dir) and keeps its routes equal to \
-        the leases in etcd. The data plane keeps forwarding after the agent exits; `teardown` \
+        up the eBPF data plane (TC egress encapsulation on the overlay device; XDP or TC ingress \
+        checks on the underlay, before the kernel's vxlan device decapsulates what passes them; \
+        pinned under --bpffs-dir) and keeps its routes equal to the leases in etcd. The data plane keeps forwarding after the agent exits; `teardown` \
         removes it.\n\nflanneld's flags are accepted as flanneld spells them, Go style \
-        included (-etcd-cafile=F works like --etcd-cafile F), and every flag can be set as an \
-        environment variable FLANNELD_<FLAG> (e.g. FLANNELD_ETCD_ENDPOINTS).\n\nWith \
+        included (-etcd-cafile=F works like --etcd-cafile F, -v=2 sets the log level), and \
+        every flag can be set as an environment variable FLANNELD_<FLAG> (e.g. \
+        FLANNELD_ETCD_ENDPOINTS), read as flanneld reads them: Go's booleans (1, t, true, ...), \
+        an empty variable as unset, a bad value logged and left out.\n\nWith \
         --network and --subnet it runs without etcd (static mode; routes via `route add`).",
     args_conflicts_with_subcommands = true
 )]
@@ -36,6 +38,9 @@ pub struct Cli {
 
     #[command(flatten)]
     pub etcd: EtcdArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -59,6 +64,97 @@ impl From<Backend> for EncapMode {
             Backend::Udp => EncapMode::Udp,
         }
     }
+}
+
+/// The logging flags flanneld copies from klog (`-v`, `-vmodule`, `-log_backtrace_at`), so
+/// that its unit files work unchanged.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log verbosity, as klog's -v: 0 logs info and above, 1 to 3 also debug, 4 and more
+    /// trace. RUST_LOG, when set, takes precedence.
+    #[arg(short = 'v', long = "v", global = true, env = "FLANNELD_V", value_name = "LEVEL")]
+    pub v: Option<u32>,
+    /// klog's per-file verbosity (flanneld's -vmodule): accepted, and ignored with a note
+    /// (this agent's log levels are per module: RUST_LOG=overlay_agent::control=debug).
+    #[arg(long = "vmodule", global = true, env = "FLANNELD_VMODULE", value_name = "PATTERN=N,...")]
+    pub vmodule: Option<String>,
+    /// klog's stack trace at a log line (flanneld's -log_backtrace_at): accepted, and ignored
+    /// with a note.
+    #[arg(long = "log_backtrace_at", global = true, env = "FLANNELD_LOG_BACKTRACE_AT", value_name = "FILE:N")]
+    pub log_backtrace_at: Option<String>,
+}
+
+impl LogArgs {
+    /// The tracing filter for `-v` (used when RUST_LOG is not set).
+    pub fn filter(&self) -> &'static str {
+        match self.v.unwrap_or(0) {
+            0 => "info",
+            1..=3 => "info,overlay_agent=debug",
+            _ => "info,overlay_agent=trace",
+        }
+    }
+
+    /// Lines to log once logging is up: the klog flags that are accepted but do nothing here.
+    pub fn notes(&self) -> Vec<String> {
+        let mut n = Vec::new();
+        if let Some(m) = &self.vmodule {
+            n.push(format!("-vmodule={m} is klog's per-file verbosity and is ignored here; RUST_LOG sets levels per module (e.g. RUST_LOG=info,overlay_agent::control=debug)"));
+        }
+        if let Some(b) = &self.log_backtrace_at {
+            n.push(format!("-log_backtrace_at={b} is klog's and is ignored here"));
+        }
+        n
+    }
+}
+
+/// Parse the command line and the FLANNELD_ variables as flanneld does: a flag on the command
+/// line wins over its variable; an empty variable is as if unset; a variable whose value the
+/// flag does not take is left out (the flag keeps its default) and reported in the returned
+/// notes, for the caller to log, rather than stopping the agent. (Go's
+/// flagutil.SetFlagsFromEnv; clap alone would refuse both.) Command-line errors are errors.
+pub fn parse(argv: impl IntoIterator<Item = OsString>) -> std::result::Result<(Cli, Vec<String>), clap::Error> {
+    use clap::FromArgMatches as _;
+    // Looked at unbuilt: mut_arg on a built command would leave its flag index pointing at
+    // the wrong arguments.
+    let seen = Cli::command();
+    let mut notes = Vec::new();
+    let mut drop_env = Vec::new();
+    for arg in seen.get_arguments() {
+        let Some(name) = arg.get_env() else { continue };
+        let Some(value) = std::env::var_os(name) else { continue };
+        let shown = name.to_string_lossy();
+        if value.is_empty() {
+            drop_env.push(arg.get_id().clone());
+            continue;
+        }
+        let pieces: Vec<OsString> = match (arg.get_value_delimiter(), value.to_str()) {
+            (Some(d), Some(v)) => v.split(d).map(OsString::from).collect(),
+            _ => vec![value.clone()],
+        };
+        // The flag's own value parser, alone in a command of its own.
+        let Some(long) = arg.get_long() else { continue };
+        let probe = clap::Command::new("env").no_binary_name(true).arg(
+            clap::Arg::new("value").long("value").action(clap::ArgAction::Set).value_parser(arg.get_value_parser().clone()),
+        );
+        let bad = pieces.iter().find_map(|p| {
+            let mut flag = OsString::from("--value=");
+            flag.push(p);
+            probe.clone().try_get_matches_from([flag]).err()
+        });
+        if let Some(e) = bad {
+            let hidden = arg.is_hide_env_values_set();
+            let what = if hidden { "its value".to_string() } else { format!("{:?}", value.to_string_lossy()) };
+            let why = std::error::Error::source(&e).map_or_else(|| e.kind().to_string(), |s| s.to_string());
+            notes.push(format!("{shown}: {what} is not a value --{long} takes ({why}); ignored, as flanneld ignores it"));
+            drop_env.push(arg.get_id().clone());
+        }
+    }
+    let mut cmd = Cli::command();
+    for id in drop_env {
+        cmd = cmd.mut_arg(id, |a| a.env(None));
+    }
+    let matches = cmd.try_get_matches_from(normalize_args(argv))?;
+    Ok((Cli::from_arg_matches(&matches)?, notes))
 }
 
 /// How to reach etcd (flanneld's flags; also used by the admin subcommands).
@@ -154,6 +250,16 @@ fn parse_regex(s: &str) -> std::result::Result<regex::Regex, String> {
     regex::Regex::new(s).map_err(|e| format!("--iface-regex {s:?}: {e}"))
 }
 
+/// A boolean as Go's flag package reads one (strconv.ParseBool): 1, t, T, TRUE, true, True,
+/// 0, f, F, FALSE, false, False. flanneld's unit files and FLANNELD_ variables use them all.
+pub fn parse_go_bool(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)")),
+    }
+}
+
 /// flannel's range for --subnet-lease-renew-margin: 1 to 1439 minutes (less than a day).
 fn parse_renew_margin(s: &str) -> std::result::Result<u64, String> {
     let m: u64 = s.parse().map_err(|_| format!("{s:?} is not a number of minutes"))?;
@@ -196,15 +302,15 @@ pub struct RunArgs {
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_TTL", default_value = "24h", value_parser = parse_duration)]
     pub subnet_lease_ttl: Duration,
     /// Masquerade traffic from the overlay network to destinations outside it.
-    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false")]
     pub ip_masq: bool,
     /// Masquerade with `--random` instead of `--random-fully` (flannel's flag; for networks
     /// whose firewalls dislike fully random source ports).
-    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false")]
     pub ip_masq_fully_random_disable: bool,
     /// Add a blackhole route for this node's subnet (flannel's flag): traffic to it is
     /// dropped here while no bridge holds the subnet, instead of leaving by the default route.
-    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false")]
     pub ip_blackhole_route: bool,
     /// Address to serve /healthz on (with --healthz-port).
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
@@ -214,7 +320,7 @@ pub struct RunArgs {
     pub healthz_port: u16,
     /// Add flannel's FLANNEL-FWD rules accepting overlay traffic in FORWARD (needed when
     /// docker sets FORWARD's policy to DROP).
-    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "true")]
     pub iptables_forward_rules: bool,
     /// Seconds between checks that the iptables rules are still in place.
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
@@ -263,7 +369,8 @@ pub struct RunArgs {
     /// Static mode: overlay device name [default: flannel.<VNI> for vxlan, flannel0 for udp].
     #[arg(long, env = "FLANNELD_DEVICE", help_heading = "Static mode (without etcd)")]
     pub device: Option<String>,
-    /// Static mode: overlay MTU [default: underlay MTU - 50 (vxlan) or - 28 (udp)].
+    /// Static mode: the overlay device's MTU [default: underlay MTU - 50 (vxlan) or - 28
+    /// (udp)]. (In etcd mode flannel's Backend.MTU gives the underlay's MTU instead.)
     #[arg(long, env = "FLANNELD_MTU", help_heading = "Static mode (without etcd)")]
     pub mtu: Option<u32>,
 }
@@ -415,7 +522,7 @@ impl RunArgs {
             device: self.device.clone().unwrap_or(device),
             decap_hook: self.decap_hook,
             bpffs_dir,
-            mtu: self.mtu,
+            mtu: self.mtu.map(crate::dataplane::MtuAsked::Overlay),
             delivery: self.decap_delivery,
             max_routes: self.max_routes,
             max_peers: self.max_peers,
@@ -577,6 +684,73 @@ mod tests {
             let want = format!("FLANNELD_{}", long.to_uppercase().replace('-', "_"));
             assert_eq!(a.get_env().and_then(|e| e.to_str()), Some(want.as_str()), "--{long}");
         }
+    }
+
+    /// flanneld's environment, as Go's flagutil.SetFlagsFromEnv reads it: Go's booleans
+    /// (`FLANNELD_IP_MASQ=1`), an empty variable as if unset, a value the flag does not take
+    /// left out with a note (the flag keeps its default) instead of a refusal, and the
+    /// command line before the environment.
+    #[test]
+    fn flanneld_variables_are_read_as_flanneld_reads_them() {
+        let vars = [
+            ("FLANNELD_IP_MASQ", "1"),
+            ("FLANNELD_IPTABLES_FORWARD_RULES", "F"),
+            ("FLANNELD_IFACE", ""),
+            ("FLANNELD_PUBLIC_IP", ""),
+            ("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "abc"),
+            ("FLANNELD_HEALTHZ_PORT", "7"),
+            ("FLANNELD_IPTABLES_RESYNC", "9"),
+            ("FLANNELD_ETCD_PASSWORD", "s3cret, with no number"),
+            ("FLANNELD_V", "3"),
+        ];
+        if !in_child_with_env("flanneld_variables_are_read_as_flanneld_reads_them", &vars) {
+            return;
+        }
+        let argv = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        let (cli, notes) = super::parse(argv(&["overlay-agent"])).expect("parses");
+        assert!(cli.run.ip_masq, "FLANNELD_IP_MASQ=1 is true");
+        assert!(!cli.run.iptables_forward_rules, "FLANNELD_IPTABLES_FORWARD_RULES=F is false");
+        assert!(cli.run.iface.is_empty() && cli.run.public_ip.is_none(), "empty variables are unset");
+        assert_eq!(cli.run.subnet_lease_renew_margin, 60, "a bad value leaves the default");
+        assert_eq!((cli.run.healthz_port, cli.run.iptables_resync), (7, 9));
+        assert_eq!(cli.log.v, Some(3));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("FLANNELD_SUBNET_LEASE_RENEW_MARGIN: \"abc\" is not a value --subnet-lease-renew-margin takes"), "{notes:?}");
+        // The command line wins over the environment, a bad variable's too.
+        let (cli, _) = super::parse(argv(&["overlay-agent", "-subnet-lease-renew-margin=5", "--healthz-port=8", "-ip-masq=false"])).expect("parses");
+        assert_eq!((cli.run.subnet_lease_renew_margin, cli.run.healthz_port, cli.run.ip_masq), (5, 8, false));
+        // A bad command line is still an error.
+        assert!(super::parse(argv(&["overlay-agent", "--subnet-lease-renew-margin=abc"])).is_err());
+    }
+
+    #[test]
+    fn go_booleans_and_klog_flags_on_the_command_line() {
+        let argv = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        for (word, want) in [("1", true), ("t", true), ("T", true), ("TRUE", true), ("true", true), ("True", true),
+            ("0", false), ("f", false), ("F", false), ("FALSE", false), ("false", false), ("False", false)] {
+            assert_eq!(parse_go_bool(word), Ok(want), "{word}");
+            let cli = parse(&["overlay-agent", &format!("-ip-masq={word}"), &format!("--ip-blackhole-route={word}")]);
+            assert_eq!((cli.run.ip_masq, cli.run.ip_blackhole_route), (want, want), "{word}");
+        }
+        for bad in ["yes", "", "2", "tRUE"] {
+            assert!(parse_go_bool(bad).is_err(), "{bad:?}");
+        }
+        // klog's flags, as flanneld's unit files give them.
+        for (args, v, filter) in [
+            (vec!["overlay-agent", "-v=2"], Some(2), "info,overlay_agent=debug"),
+            (vec!["overlay-agent", "-v", "0"], Some(0), "info"),
+            (vec!["overlay-agent", "--v=5"], Some(5), "info,overlay_agent=trace"),
+            (vec!["overlay-agent"], None, "info"),
+            (vec!["overlay-agent", "leases", "-v=1"], Some(1), "info,overlay_agent=debug"),
+        ] {
+            let (cli, _) = super::parse(argv(&args)).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!((cli.log.v, cli.log.filter()), (v, filter), "{args:?}");
+        }
+        let (cli, _) = super::parse(argv(&["overlay-agent", "-v=2", "-vmodule=main=3,subnet=4", "-log_backtrace_at=main.go:100"])).expect("parses");
+        let notes = cli.log.notes();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("-vmodule=main=3,subnet=4") && notes[1].contains("-log_backtrace_at=main.go:100"), "{notes:?}");
+        assert!(super::parse(argv(&["overlay-agent", "-v=high"])).is_err());
     }
 
     /// Cases from Go's time.ParseDuration tests (those a positive TTL can be), and its errors.

@@ -1,9 +1,8 @@
 use std::{path::Path, process::ExitCode};
 
 use anyhow::{bail, Context as _, Result};
-use clap::Parser as _;
 use overlay_agent::{
-    cli::{normalize_args, Cli, Command, ConfigCommand, RouteCommand, RunArgs},
+    cli::{Cli, Command, ConfigCommand, RouteCommand, RunArgs},
     config, daemon, dataplane,
     lease::{parse_lease_key, registry::Registry},
     maps::{Maps, Route},
@@ -12,13 +11,22 @@ use overlay_agent::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    let (cli, notes) = match overlay_agent::cli::parse(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(e) => e.exit(),
+    };
     tracing_subscriber::fmt()
         // No colour codes where stderr is a file or journald, only on a terminal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cli.log.filter())))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse_from(normalize_args(std::env::args_os()));
+    for n in notes {
+        tracing::warn!("{n}");
+    }
+    for n in cli.log.notes() {
+        tracing::info!("{n}");
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

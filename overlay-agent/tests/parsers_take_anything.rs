@@ -3,9 +3,7 @@
 
 use std::{collections::BTreeMap, ffi::OsString, net::Ipv4Addr};
 
-use clap::Parser as _;
 use overlay_agent::{
-    cli::{normalize_args, Cli},
     config,
     docker_opts::{parse_env_file, render, DockerOptsArgs},
     lease::{parse_subnet_key, subnet_key, LeaseAttrs},
@@ -99,6 +97,6 @@ proptest! {
     #[test]
     fn command_lines_never_panic(words in prop::collection::vec("-{0,2}[a-z-]{0,16}(=[a-z0-9./]{0,8})?", 0..8)) {
         let argv: Vec<OsString> = std::iter::once("overlay-agent".to_string()).chain(words).map(OsString::from).collect();
-        let _ = Cli::try_parse_from(normalize_args(argv));
+        let _ = overlay_agent::cli::parse(argv);
     }
 }

@@ -24,7 +24,7 @@ pub struct Dockerd {
 const DOCKER: &str = "/usr/bin/docker";
 
 impl Dockerd {
-    /// Start dockerd in `ns` with `options` (e.g. " --bip=... --ip-masq=false --mtu=1450 ").
+    /// Start dockerd in `ns` with `options` (e.g. " --bip=... --ip-masq=false --mtu=1450").
     pub fn start(ns: &Netns, dir: &Path, options: &str) -> Result<Self> {
         let data = dir.join("data");
         let exec = dir.join("exec");

@@ -604,6 +604,18 @@ impl Cluster {
         node.spawn_agent(&args, matches!(self.spec.control, Control::Etcd { .. }))
     }
 
+    /// Stop node `index`'s agent (if running) and start it with the cluster's current agent
+    /// flags and environment (`set_agent_args`), as an operator who edited the unit would.
+    pub fn restart_agent_with_current_args(&mut self, index: usize) -> Result<()> {
+        self.stop_agent(index)?;
+        let etcd_flags = self.etcd_agent_flags();
+        let (backend, env) = (self.backend, self.agent_env.clone());
+        let node = &mut self.nodes[index - 1];
+        node.agent_env = env;
+        let args = node.command_line(etcd_flags.as_deref(), backend, &self.spec.agent_args);
+        node.spawn_agent(&args, etcd_flags.is_some())
+    }
+
     pub fn node_mut(&mut self, index: usize) -> &mut Node {
         &mut self.nodes[index - 1]
     }
@@ -733,14 +745,19 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_node(&mut self, i: usize) -> Result<()> {
-        let backend = self.backend;
-        let etcd_flags = self.etcd.as_ref().map(|e| {
+    /// The etcd flags (with the cluster's extra agent flags) agents start with, in etcd mode.
+    fn etcd_agent_flags(&self) -> Option<Vec<String>> {
+        self.etcd.as_ref().map(|e| {
             let overridden = self.spec.agent_args.iter().any(|a| a.starts_with("--etcd-endpoints"));
             let mut f: Vec<String> = e.agent_flags().into_iter().filter(|a| !(overridden && a.starts_with("--etcd-endpoints"))).collect();
             f.extend(self.spec.agent_args.iter().cloned());
             f
-        });
+        })
+    }
+
+    fn start_node(&mut self, i: usize) -> Result<()> {
+        let backend = self.backend;
+        let etcd_flags = self.etcd_agent_flags();
         let agent_env = self.agent_env.clone();
         let node = &mut self.nodes[i];
         node.agent_env = agent_env;

@@ -750,3 +750,33 @@ fn missing_config_is_waited_for_and_invalid_config_is_refused() {
     assert!(!status.success());
     assert!(c.node(j).log_text().contains("Backend.Type: \"gre\" is not supported"), "{}", c.node(j).log_text());
 }
+
+/// `Backend.MTU` is the underlay's MTU, as flannel reads it: `{"MTU":1500}` on a 1500-byte
+/// underlay gives flannel.1 and FLANNEL_MTU 1450 (it used to be taken as the overlay's and
+/// stop the agent), full-sized DF packets cross; a smaller value gives the overlay that
+/// less 50, as a stock node next to it gets, after a restart too.
+#[test]
+fn backend_mtu_is_the_underlay_mtu_as_flannel_reads_it() {
+    let mut spec = ClusterSpec::etcd(Backend::Vxlan, "tc", 2);
+    spec.control = Control::Etcd { tls: false, config: r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1500}}"#.into() };
+    let mut c = cluster("bm", &spec);
+    let flannel_mtu = |n: &overlay_tests::Node| {
+        let text = std::fs::read_to_string(&n.subnet_file).expect("subnet file");
+        text.lines().find_map(|l| l.strip_prefix("FLANNEL_MTU=")).map(str::to_string)
+    };
+    for n in &c.nodes {
+        assert_eq!(ok("mtu", overlay_tests::link_mtu(&n.ns, "flannel.1")), 1450, "node {}", n.index);
+        assert_eq!(flannel_mtu(n).as_deref(), Some("1450"), "node {}", n.index);
+    }
+    // A full-sized packet (1450 bytes, DF) crosses between containers.
+    let dst = c.node(2).container_ip(0).to_string();
+    ok("full-sized DF ping", c.node(1).containers[0].run("ping", &["-c", "2", "-W", "2", "-M", "do", "-s", "1422", &dst]));
+
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}"#;
+    ok("config", c.etcd().etcdctl(&["put", "/coreos.com/network/config", config]));
+    ok("restart", c.restart_agent(1));
+    let n1 = c.node(1);
+    assert_eq!(ok("mtu", overlay_tests::link_mtu(&n1.ns, "flannel.1")), 1350, "{}", n1.log_text());
+    assert_eq!(flannel_mtu(n1).as_deref(), Some("1350"));
+    ok("ping", ping(&n1.containers[0], c.node(2).container_ip(1), 2));
+}

@@ -84,7 +84,7 @@ fn wrapper_finds_the_agent_beside_it_on_path_or_by_variable() {
     symlink(overlay_tests::agent_bin(), beside.join("overlay-agent")).unwrap();
     symlink(overlay_tests::agent_bin(), bindir.join("overlay-agent")).unwrap();
     let subnet_env = root.join("fixtures/subnet-masq.env");
-    let want = "DOCKER_NETWORK_OPTIONS=\" --bip=172.17.98.1/24 --ip-masq=false --mtu=1450 \"";
+    let want = "DOCKER_NETWORK_OPTIONS=\" --bip=172.17.98.1/24 --ip-masq=false --mtu=1450\"";
     let run = |script: &Path, path: &str, agent: Option<&Path>| {
         let out = cwd.join("docker.env");
         let _ = std::fs::remove_file(&out);
@@ -114,4 +114,30 @@ fn wrapper_finds_the_agent_beside_it_on_path_or_by_variable() {
     assert!(err.contains("OVERLAY_AGENT") && err.contains("beside"), "{err}");
     assert!(got.is_none(), "nothing may be written: {got:?}");
     std::fs::remove_dir_all(&base).unwrap();
+}
+
+/// flannel's script exits 1 on a FLANNEL_IPMASQ that is neither true nor false, and writes
+/// nothing: so does the wrapper.
+#[test]
+fn an_ip_masq_other_than_true_or_false_fails_as_in_flannels_script() {
+    let dir = std::env::temp_dir().join(format!("mkdo-badmasq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let env = dir.join("subnet.env");
+    std::fs::write(&env, "FLANNEL_NETWORK=172.17.0.0/16\nFLANNEL_SUBNET=172.17.98.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=yes\n").unwrap();
+    let wrapper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/mk-docker-opts.sh");
+    let out = Command::new("sh")
+        .arg(&wrapper)
+        .arg("-f")
+        .arg(&env)
+        .arg("-d")
+        .arg(dir.join("out.env"))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("OVERLAY_AGENT", overlay_tests::agent_bin())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Invalid value of FLANNEL_IPMASQ: yes"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.join("out.env").exists(), "nothing may be written");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

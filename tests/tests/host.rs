@@ -112,18 +112,38 @@ fn ip_masq_hides_containers_going_outside_but_not_between_nodes() {
         c.node(1).log_text()
     );
 
-    // A clean shutdown removes them.
+    // A clean shutdown keeps them (flannel since v0.27): with docker's FORWARD DROP, new
+    // cross-node connections and masqueraded egress go on while the agent is away.
+    for n in [1, 2] {
+        ok("policy", c.node(n).ns.run("iptables", &["-w", "-P", "FORWARD", "DROP"]));
+    }
     ok("stop", c.stop_agent(1));
-    assert!(iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG").is_err(), "chain must be gone after SIGTERM");
+    assert_eq!(ok("iptables", iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG")).lines().filter(|l| l.starts_with("-A")).count(), 6, "chain kept after SIGTERM");
+    assert!(ok("postrouting", iptables_s(&c, 1, "nat", "POSTROUTING")).contains("-j FLANNEL-POSTRTG"));
+    assert!(ok("forward", iptables_s(&c, 1, "filter", "FORWARD")).contains("-j FLANNEL-FWD"), "forward jump kept after SIGTERM");
+    let (n1, n2) = (c.node(1), c.node(2));
+    ok("new TCP connection with the agent stopped", tcp_transfer(&n2.containers[0], &n1.containers[1], n1.container_ip(1), 1 << 20));
+    let probe = ok("probe", UdpProbe::start(&outside, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9002)));
+    ok("send", send_udp(&n1.containers[1], SocketAddrV4::new(n1.container_ip(1), 0), SocketAddrV4::new(Ipv4Addr::new(172, 30, 0, 2), 9002), vec![b"out".to_vec()]));
+    let got = probe.finish_after_with_sources(1);
+    assert_eq!(got.iter().map(|(a, _)| a.ip()).collect::<Vec<_>>(), vec![std::net::IpAddr::V4(Ipv4Addr::new(172, 30, 0, 1))], "masqueraded egress with the agent stopped");
+
+    // Started again without --ip-masq: the stale masquerade chain goes at start, the
+    // forward rules stay.
+    c.set_agent_args(vec!["--iptables-resync=1".into()], Vec::new());
+    ok("start", c.restart_agent_with_current_args(1));
+    assert!(iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG").is_err(), "a masquerade chain this run does not keep:\n{}", c.node(1).log_text());
     assert!(!ok("postrouting", iptables_s(&c, 1, "nat", "POSTROUTING")).contains("FLANNEL-POSTRTG"));
-    assert!(iptables_s(&c, 1, "filter", "FLANNEL-FWD").is_err(), "forward chain must be gone after SIGTERM");
+    assert!(ok("forward", iptables_s(&c, 1, "filter", "FORWARD")).contains("-j FLANNEL-FWD"));
+    ok("TCP after the restart", tcp_transfer(&c.node(2).containers[0], &c.node(1).containers[1], c.node(1).container_ip(1), 1 << 20));
     drop(outside);
 }
 
 /// `EnableNFTables: true`: flannel's nftables table instead of iptables chains, listed as
 /// flannel's users see it (`nft list table ip flannel-ipv4`), masquerading containers going
-/// outside, restored when someone deletes it, removed on a clean exit; no iptables chain of
-/// ours meanwhile.
+/// outside, restored when someone deletes it, kept on a clean exit (flannel since v0.27);
+/// no iptables chain of ours meanwhile. Switched back to iptables, the next start clears the
+/// table, as flannel clears the form it does not use.
 #[test]
 fn nftables_mode_keeps_flannels_table() {
     let config = r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
@@ -154,7 +174,13 @@ fn nftables_mode_keeps_flannels_table() {
     ok("delete", c.node(1).ns.run("nft", &["delete", "table", "ip", "flannel-ipv4"]));
     assert!(wait_until(Duration::from_secs(10), || list(&c).is_ok_and(|t| t.trim_end() == expected)), "the table was not restored:\n{}", c.node(1).log_text());
     ok("stop", c.stop_agent(1));
-    assert!(list(&c).is_err(), "the table must be gone after SIGTERM");
+    assert_eq!(ok("nft", list(&c)).trim_end(), expected, "the table is kept after SIGTERM");
+    ok("ping with the agent stopped", ping(&c.node(2).containers[0], c0, 1));
+    let config = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    ok("config", c.etcd().etcdctl(&["put", "/coreos.com/network/config", config]));
+    ok("start", c.restart_agent(1));
+    assert!(list(&c).is_err(), "the nftables table must go when the node runs iptables rules:\n{}", c.node(1).log_text());
+    assert!(ok("iptables", iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG")).contains("MASQUERADE"));
     drop(outside);
 }
 
@@ -358,7 +384,7 @@ fn the_seeds_procedure_end_to_end() {
         let env = std::fs::read_to_string(&n.subnet_file).unwrap();
         let line = env.lines().find(|l| l.starts_with("DOCKER_NETWORK_OPTIONS=")).unwrap_or_else(|| panic!("{env}"));
         let first = Ipv4Addr::from(u32::from(n.subnet.network()) + 1);
-        assert_eq!(line, format!("DOCKER_NETWORK_OPTIONS=\" --bip={first}/24 --ip-masq=false --mtu=1450 \""));
+        assert_eq!(line, format!("DOCKER_NETWORK_OPTIONS=\" --bip={first}/24 --ip-masq=false --mtu=1450\""));
     }
     ok("ping 1->2", ping(&n1.containers[0], n2.container_ip(1), 3));
     ok("ping 2->1", ping(&n2.containers[0], n1.container_ip(1), 3));
@@ -499,4 +525,20 @@ fn netfilter_sees_both_directions_with_split_delivery() {
 #[test]
 fn netfilter_sees_both_directions_with_xdp_decap() {
     netfilter_sees_both_directions("nfx", "xdp", "kernel");
+}
+
+/// A flanneld unit file's flags and environment start the agent: klog's `-v=2` and
+/// `-vmodule`, `FLANNELD_IP_MASQ=1` (Go's boolean), an empty `FLANNELD_IFACE=` (as if
+/// unset) and a variable the flag cannot take (logged and left out, as flanneld does).
+#[test]
+fn a_flanneld_unit_files_flags_and_variables_start_the_agent() {
+    let mut c = cluster("fu", &with_args(&[], 1));
+    let env = [("FLANNELD_IP_MASQ", "1"), ("FLANNELD_IFACE", ""), ("FLANNELD_HEALTHZ_PORT", "eighty")];
+    c.set_agent_args(vec!["-v=2".into(), "-vmodule=main=3".into()], env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    ok("restart with the unit's flags", c.restart_agent_with_current_args(1));
+    let log = c.node(1).log_text();
+    assert!(ok("iptables", iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG")).contains("MASQUERADE"), "FLANNELD_IP_MASQ=1 means true:\n{log}");
+    assert!(log.contains("FLANNELD_HEALTHZ_PORT: \"eighty\" is not a value --healthz-port takes"), "{log}");
+    assert!(log.contains("-vmodule=main=3 is klog's per-file verbosity and is ignored here"), "{log}");
+    ok("ping", ping(&c.node(1).containers[0], c.node(1).container_ip(1), 1));
 }

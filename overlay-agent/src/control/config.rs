@@ -35,7 +35,8 @@ pub struct BackendConfig {
     pub mode: EncapMode,
     pub vni: u32,
     pub port: u16,
-    /// Overlay MTU from `Backend.MTU` (vxlan), if set.
+    /// `Backend.MTU` (vxlan), if set: as flannel reads it, the underlay's MTU; the overlay
+    /// device and FLANNEL_MTU get this less the encapsulation.
     pub mtu: Option<u32>,
     /// vxlan's `DirectRouting`: peers on the underlay's own link are routed to directly,
     /// without encapsulation; the others are encapsulated.

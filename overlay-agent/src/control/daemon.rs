@@ -324,8 +324,10 @@ pub fn default_device(mode: EncapMode, vni: u32) -> String {
     }
 }
 
-/// Run the agent until `shutdown` resolves. The data plane stays up afterwards; the
-/// iptables rules are removed (flannel's behaviour on a clean exit).
+/// Run the agent until `shutdown` resolves. The data plane and the masquerade and forward
+/// rules stay in place afterwards, so that forwarding, masqueraded egress and new connections
+/// through docker's FORWARD DROP go on while the agent restarts (flannel since v0.27 keeps
+/// its rules on exit too, and clears stale ones when it starts); `teardown` removes them.
 pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     tokio::pin!(shutdown);
     let state = Arc::new(AgentState::new(opts.bpffs_dir.clone()));
@@ -358,7 +360,9 @@ pub async fn run(opts: DaemonOptions, shutdown: impl std::future::Future<Output 
     };
     notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status("stopping; the data plane keeps forwarding")]);
     resync.abort();
-    d.remove_rules().await;
+    // A check in flight finishes before the process exits (it holds the lock); the rules
+    // themselves stay.
+    drop(d.rules.lock().await);
     r
 }
 
@@ -396,7 +400,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         device: if cfg.enable_ipv4 { default_device(mode, cfg.backend.vni) } else { crate::datapath::ipv6::device_name(cfg.backend.vni) },
         decap_hook: opts.decap_hook,
         bpffs_dir: opts.bpffs_dir.clone(),
-        mtu: cfg.backend.mtu,
+        mtu: cfg.backend.mtu.map(dataplane::MtuAsked::Underlay),
         delivery: opts.delivery,
         max_routes: opts.max_routes,
         max_peers: opts.max_peers,
@@ -521,16 +525,12 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, v6, state, rules: SharedRules::default(), keeper: None };
     d.start_keeper();
     *d.rules.lock().await = d.wanted_rules();
-    // Leftovers of the other form (the config switched between them), as flannel clears them.
-    let nft_mode = matches!(&*d.rules.lock().await, Firewall::Nft(_));
-    let _ = tokio::task::spawn_blocking(move || {
-        if nft_mode && crate::nftables::has_iptables() {
-            let _ = iptables::remove_all();
-        } else if !nft_mode {
-            let _ = crate::nftables::remove();
-        }
-    })
-    .await;
+    // What a previous run left that this one does not keep: the other form's rules (the
+    // config switched between iptables and nftables, as flannel clears them), and ours that
+    // are no longer wanted (--ip-masq or the forward rules switched off, a family gone). Rules
+    // stay on exit, so this is where stale ones go.
+    let leftovers = d.rules.lock().await.leftovers(crate::nftables::has_iptables());
+    let _ = tokio::task::spawn_blocking(move || leftovers.clear()).await;
     ensure_rules(&d.rules).await.context("installing the masquerade and forward rules")?;
     d.sync_blackhole()?;
     write_subnet_file(&d.opts, &d.cfg, &held, mtu)?;
@@ -588,27 +588,6 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
         Firewall::Iptables(r)
     }
-
-    /// Remove our iptables rules (clean exit), after any check in flight; none come back.
-    async fn remove_rules(&self) {
-        let rules = std::mem::take(&mut *self.rules.lock().await);
-        let done = tokio::task::spawn_blocking(move || match rules {
-            Firewall::Iptables(chains) => {
-                for r in &chains {
-                    if let Err(e) = iptables::remove(r) {
-                        tracing::warn!(chain = r.chain, error = %e, "removing iptables rules");
-                    }
-                }
-            }
-            Firewall::Nft(_) => {
-                if let Err(e) = crate::nftables::remove() {
-                    tracing::warn!(error = %e, "removing the nftables table");
-                }
-            }
-            Firewall::None => {}
-        });
-        let _ = done.await;
-    }
 }
 
 /// The masquerade and forward rules this node keeps, in one of flannel's two forms.
@@ -623,7 +602,56 @@ pub enum Firewall {
     Nft(Vec<crate::nftables::NftRules>),
 }
 
+/// Rules a previous run (ours or flanneld's) left that this run does not keep.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    /// iptables/ip6tables chains to remove (by command and chain name).
+    pub chains: Vec<(&'static str, &'static str)>,
+    /// nftables tables to remove: flannel-ipv4, flannel-ipv6.
+    pub nft_ipv4: bool,
+    pub nft_ipv6: bool,
+}
+
+impl Leftovers {
+    /// Remove them (blocking; what is not there is no error, what fails is logged).
+    fn clear(&self) {
+        for t in iptables::all_chains() {
+            if self.chains.contains(&(t.cmd, t.chain)) {
+                match iptables::remove(&t) {
+                    Ok(()) => tracing::debug!(cmd = t.cmd, chain = t.chain, "removed a chain this run does not keep"),
+                    Err(e) => tracing::debug!(cmd = t.cmd, chain = t.chain, error = %e, "could not remove a chain this run does not keep"),
+                }
+            }
+        }
+        for (wanted_gone, ipv6) in [(self.nft_ipv4, false), (self.nft_ipv6, true)] {
+            if wanted_gone {
+                if let Err(e) = crate::nftables::remove_family(ipv6) {
+                    tracing::debug!(ipv6, error = %e, "could not remove an nftables table this run does not keep");
+                }
+            }
+        }
+    }
+}
+
 impl Firewall {
+    /// What to clear at start: every chain or table of flannel's this run does not keep.
+    /// `has_iptables`: whether iptables chains can exist on this host at all.
+    pub fn leftovers(&self, has_iptables: bool) -> Leftovers {
+        let all: Vec<(&'static str, &'static str)> = iptables::all_chains().iter().map(|c| (c.cmd, c.chain)).collect();
+        match self {
+            Firewall::Iptables(chains) => Leftovers {
+                chains: all.into_iter().filter(|k| !chains.iter().any(|c| (c.cmd, c.chain) == *k)).collect(),
+                nft_ipv4: true,
+                nft_ipv6: true,
+            },
+            Firewall::Nft(tables) => {
+                let keeps = |ipv6: bool| tables.iter().any(|t| t.ipv6 == ipv6 && !t.is_empty());
+                Leftovers { chains: if has_iptables { all } else { Vec::new() }, nft_ipv4: !keeps(false), nft_ipv6: !keeps(true) }
+            }
+            Firewall::None => Leftovers::default(),
+        }
+    }
+
     /// Install or restore; true if something had to change. Blocking (runs iptables or nft).
     fn ensure(&self) -> Result<bool> {
         Ok(match self {
@@ -1344,6 +1372,32 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Rules stay on exit, so the start clears what this run does not keep: the other form's,
+    /// and ours that a changed flag or network config no longer asks for.
+    #[test]
+    fn the_start_clears_exactly_the_rules_this_run_does_not_keep() {
+        let n: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
+        let s: ipnet::Ipv4Net = "10.244.1.0/24".parse().unwrap();
+        let (m, f) = (iptables::masquerade(n, s, iptables::MasqRandom::Fully), iptables::forward(n));
+        let all = [("iptables", "FLANNEL-POSTRTG"), ("iptables", "FLANNEL-FWD"), ("ip6tables", "FLANNEL-POSTRTG"), ("ip6tables", "FLANNEL-FWD")];
+        // Both IPv4 chains kept: the IPv6 ones and both nftables tables go.
+        let l = Firewall::Iptables(vec![m.clone(), f.clone()]).leftovers(true);
+        assert_eq!(l, Leftovers { chains: all[2..].to_vec(), nft_ipv4: true, nft_ipv6: true });
+        // --ip-masq switched off: its chain goes, the forward chain stays.
+        let l = Firewall::Iptables(vec![f.clone()]).leftovers(true);
+        assert_eq!(l.chains, vec![all[0], all[2], all[3]]);
+        // Neither wanted: every chain goes.
+        assert_eq!(Firewall::Iptables(vec![]).leftovers(true).chains, all.to_vec());
+        // nftables mode: every iptables chain goes (where iptables exists), and a family's
+        // table goes when this run keeps nothing in it.
+        let v4 = crate::nftables::NftRules { ipv6: false, masq: None, forward: Some(n.into()) };
+        let l = Firewall::Nft(vec![v4.clone()]).leftovers(true);
+        assert_eq!(l, Leftovers { chains: all.to_vec(), nft_ipv4: false, nft_ipv6: true });
+        assert_eq!(Firewall::Nft(vec![v4]).leftovers(false).chains, vec![], "no iptables on the host: no chain to look for");
+        let empty = crate::nftables::NftRules { ipv6: false, masq: None, forward: None };
+        assert!(Firewall::Nft(vec![empty]).leftovers(false).nft_ipv4, "an empty table is not kept");
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_with_jitter_in_the_upper_half() {

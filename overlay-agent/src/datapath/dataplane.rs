@@ -95,8 +95,10 @@ pub struct NodeSpec {
     pub device: String,
     pub decap_hook: DecapHook,
     pub bpffs_dir: PathBuf,
-    /// Overlay MTU; default: the underlay's minus the encapsulation overhead.
-    pub mtu: Option<u32>,
+    /// The MTU asked for: an overlay MTU (`--mtu`, static mode) or, as flannel reads
+    /// `Backend.MTU`, the underlay MTU to assume. Default: the underlay device's MTU, less the
+    /// encapsulation overhead for the overlay.
+    pub mtu: Option<MtuAsked>,
     /// How decapsulated packets reach containers.
     pub delivery: DecapDelivery,
     /// Capacity of the route map (remote subnets) and of the peer map (remote nodes).
@@ -163,17 +165,42 @@ fn overlay_peer_name(device: &str) -> String {
     peer
 }
 
-/// The overlay MTU: the one asked for (`--mtu`, `Backend.MTU`), or the underlay's minus the
-/// encapsulation overhead. Refused when an encapsulated packet of that size could not leave
-/// through the underlay: every full-sized packet would be lost (flannel accepts it and drops
-/// them later, one by one).
-pub fn overlay_mtu(asked: Option<u32>, mode: EncapMode, underlay: &str, underlay_mtu: u32) -> Result<u32> {
+/// Where an asked-for MTU comes from, which says what it measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MtuAsked {
+    /// `--mtu` (static mode): the overlay device's MTU itself.
+    Overlay(u32),
+    /// flannel's `Backend.MTU`: the MTU of the underlay, as flannel reads it (its vxlan backend
+    /// gives the device and FLANNEL_MTU this less 50, whatever the interface says).
+    Underlay(u32),
+}
+
+/// The overlay MTU: the one asked for (`--mtu`), or the underlay's (`Backend.MTU`, else the
+/// underlay device's) minus the encapsulation overhead. Refused when an encapsulated packet
+/// of that size could not leave through the underlay: every full-sized packet would be lost
+/// (flannel accepts it and drops them later, one by one).
+pub fn overlay_mtu(asked: Option<MtuAsked>, mode: EncapMode, underlay: &str, underlay_mtu: u32) -> Result<u32> {
     const MIN_IPV4_MTU: u32 = 68;
     let overhead = mode.overhead() as u32;
     let most = underlay_mtu.saturating_sub(overhead);
     let mode_name = match mode {
         EncapMode::Vxlan => "vxlan",
         EncapMode::Udp => "udp",
+    };
+    let asked = match asked {
+        None => None,
+        Some(MtuAsked::Overlay(m)) => Some(m),
+        Some(MtuAsked::Underlay(m)) if m > underlay_mtu => bail!(
+            "Backend.MTU {m} is larger than {underlay}'s MTU ({underlay_mtu}): flannel reads Backend.MTU as the \
+             underlay's MTU, and encapsulated packets of {m} bytes could not leave {underlay}; use at most \
+             {underlay_mtu}, or leave it unset"
+        ),
+        Some(MtuAsked::Underlay(m)) if m.saturating_sub(overhead) < MIN_IPV4_MTU => bail!(
+            "Backend.MTU {m} leaves {} bytes for packets after the {overhead} bytes of {mode_name} encapsulation, \
+             less than IPv4's minimum of {MIN_IPV4_MTU}",
+            m.saturating_sub(overhead)
+        ),
+        Some(MtuAsked::Underlay(m)) => Some(m - overhead),
     };
     if most < MIN_IPV4_MTU {
         bail!(
@@ -183,9 +210,9 @@ pub fn overlay_mtu(asked: Option<u32>, mode: EncapMode, underlay: &str, underlay
     }
     match asked {
         None => Ok(most),
-        Some(m) if m < MIN_IPV4_MTU => bail!("an overlay MTU of {m} (--mtu or Backend.MTU) is below IPv4's minimum of {MIN_IPV4_MTU}"),
+        Some(m) if m < MIN_IPV4_MTU => bail!("an overlay MTU of {m} (--mtu) is below IPv4's minimum of {MIN_IPV4_MTU}"),
         Some(m) if m > most => bail!(
-            "an overlay MTU of {m} (--mtu or Backend.MTU) does not fit {underlay}: with the {overhead} bytes of \
+            "an overlay MTU of {m} (--mtu) does not fit {underlay}: with the {overhead} bytes of \
              {mode_name} encapsulation its packets would be {} bytes and {underlay}'s MTU is {underlay_mtu}; \
              use at most {most}, or leave it unset",
             m + overhead
@@ -661,16 +688,25 @@ mod tests {
     #[test]
     fn an_overlay_mtu_that_cannot_leave_the_underlay_is_refused() {
         let (vx, udp) = (EncapMode::Vxlan, EncapMode::Udp);
+        use MtuAsked::{Overlay as O, Underlay as U};
         assert_eq!(overlay_mtu(None, vx, "eth0", 1500).unwrap(), 1450);
         assert_eq!(overlay_mtu(None, udp, "eth0", 1500).unwrap(), 1472);
-        assert_eq!(overlay_mtu(Some(1450), vx, "eth0", 1500).unwrap(), 1450);
-        assert_eq!(overlay_mtu(Some(1400), vx, "eth0", 1500).unwrap(), 1400, "smaller is allowed");
-        assert_eq!(overlay_mtu(Some(8950), vx, "eth0", 9000).unwrap(), 8950, "jumbo underlay");
-        let err = overlay_mtu(Some(1480), vx, "eth0", 1500).unwrap_err().to_string();
+        assert_eq!(overlay_mtu(Some(O(1450)), vx, "eth0", 1500).unwrap(), 1450);
+        assert_eq!(overlay_mtu(Some(O(1400)), vx, "eth0", 1500).unwrap(), 1400, "smaller is allowed");
+        assert_eq!(overlay_mtu(Some(O(8950)), vx, "eth0", 9000).unwrap(), 8950, "jumbo underlay");
+        // Backend.MTU, as flannel reads it: the underlay's MTU, less 50 for the overlay.
+        assert_eq!(overlay_mtu(Some(U(1500)), vx, "eth0", 1500).unwrap(), 1450, "flannel's MTU 1500 on a 1500-byte underlay");
+        assert_eq!(overlay_mtu(Some(U(1400)), vx, "eth0", 1500).unwrap(), 1350, "a narrower path than the link");
+        assert_eq!(overlay_mtu(Some(U(9000)), vx, "eth0", 9000).unwrap(), 8950);
+        let err = overlay_mtu(Some(U(9000)), vx, "eth0", 1500).unwrap_err().to_string();
+        assert!(err.contains("Backend.MTU 9000 is larger than eth0's MTU (1500)"), "{err}");
+        let err = overlay_mtu(Some(U(100)), vx, "eth0", 1500).unwrap_err().to_string();
+        assert!(err.contains("Backend.MTU 100 leaves 50 bytes"), "{err}");
+        let err = overlay_mtu(Some(O(1480)), vx, "eth0", 1500).unwrap_err().to_string();
         assert!(err.contains("1480") && err.contains("1530") && err.contains("at most 1450") && err.contains("eth0"), "{err}");
-        let err = overlay_mtu(Some(1473), udp, "eth0", 1500).unwrap_err().to_string();
+        let err = overlay_mtu(Some(O(1473)), udp, "eth0", 1500).unwrap_err().to_string();
         assert!(err.contains("at most 1472"), "{err}");
-        let err = overlay_mtu(Some(60), vx, "eth0", 1500).unwrap_err().to_string();
+        let err = overlay_mtu(Some(O(60)), vx, "eth0", 1500).unwrap_err().to_string();
         assert!(err.contains("minimum of 68"), "{err}");
         let err = overlay_mtu(None, vx, "eth0", 100).unwrap_err().to_string();
         assert!(err.contains("leaves 50 bytes"), "{err}");

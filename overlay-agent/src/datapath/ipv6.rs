@@ -45,12 +45,22 @@ pub struct Overlay6 {
 
 impl Overlay6 {
     /// Make (or keep) the device, bound to `local` on `underlay`, up with the underlay's MTU
-    /// less the encapsulation (or `mtu` when the config gives Backend.MTU).
-    pub fn up(vni: u32, port: u16, local: Ipv6Addr, underlay: &str, mtu: Option<u32>) -> Result<Self> {
+    /// (`backend_mtu` when the config gives Backend.MTU, which flannel reads as the
+    /// underlay's) less the encapsulation over IPv6 (70 bytes; flannel takes 50 there too,
+    /// which leaves IPv6 tunnel packets 20 bytes too big for the path).
+    pub fn up(vni: u32, port: u16, local: Ipv6Addr, underlay: &str, backend_mtu: Option<u32>) -> Result<Self> {
         let device = device_name(vni);
         let under = netdev::require_link(underlay)?;
+        if let Some(m) = backend_mtu.filter(|m| *m > under.mtu) {
+            anyhow::bail!(
+                "Backend.MTU {m} is larger than {underlay}'s MTU ({}): flannel reads Backend.MTU as the underlay's MTU; \
+                 use at most {}, or leave it unset",
+                under.mtu,
+                under.mtu
+            );
+        }
         let link = netdev::ensure_vxlan6(&device, vni, port, local, underlay)?;
-        let mtu = mtu.unwrap_or(under.mtu.saturating_sub(VXLAN6_OVERHEAD));
+        let mtu = backend_mtu.unwrap_or(under.mtu).saturating_sub(VXLAN6_OVERHEAD);
         if mtu < 1280 {
             anyhow::bail!("{device}: MTU {mtu} is below IPv6's minimum of 1280 (underlay {underlay} has {})", under.mtu);
         }

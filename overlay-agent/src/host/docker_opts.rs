@@ -3,15 +3,16 @@
 //!
 //! Same as the script: the individual `DOCKER_OPT_*` lines come first, sorted by name (bash's
 //! `compgen -v` order, environment variables of that name included), then the combined line,
-//! whose value starts with the current value of the combined key's variable and a space and
-//! ends with a space (` --bip=... --ip-masq=false --mtu=1450 `). Neither -i nor -c means both.
-//! `--ip-masq=false` is written only when FLANNEL_IPMASQ=true (flannel masquerades instead of
-//! docker).
+//! whose value is the current value of the combined key's variable and a space (if it has
+//! one), then a space before each option (` --bip=... --ip-masq=false --mtu=1450`). Neither -i nor -c means both.
+//! `--ip-masq` is the opposite of FLANNEL_IPMASQ, as in flannel's script from v0.11 on:
+//! FLANNEL_IPMASQ=true gives `--ip-masq=false` (flannel masquerades instead of docker),
+//! FLANNEL_IPMASQ=false gives `--ip-masq=true` (docker masquerades), another value is an
+//! error ("Invalid value of FLANNEL_IPMASQ"), none or `-m` writes none.
 //!
 //! Differences, on purpose: a missing subnet file or one without FLANNEL_SUBNET is an error
 //! (the script silently writes options without --bip, and docker then picks a conflicting
-//! bridge subnet); `-m` works (the script lists it in its usage but its getopts string lacks
-//! it, so `-m` makes the script fail); the output file is replaced atomically.
+//! bridge subnet); the output file is replaced atomically.
 
 use std::{collections::BTreeMap, fmt::Write as _, fs, io::Write as _, path::{Path, PathBuf}};
 
@@ -56,6 +57,9 @@ pub enum DockerOptsError {
     Ipv6Only { path: PathBuf, subnet6: String },
     #[error("{0:?} is not a valid shell variable name for -k")]
     BadKey(String),
+    /// flannel's script exits 1 with these words.
+    #[error("Invalid value of FLANNEL_IPMASQ: {0} (true or false)")]
+    BadIpMasq(String),
     #[error("writing {path}: {cause}")]
     Write {
         path: PathBuf,
@@ -109,18 +113,31 @@ pub fn render(
     if let Some(m) = vars.get("FLANNEL_MTU").filter(|m| !m.is_empty()) {
         opts.insert("DOCKER_OPT_MTU".into(), format!("--mtu={m}"));
     }
-    if vars.get("FLANNEL_IPMASQ").map(String::as_str) == Some("true") && !args.no_ip_masq {
-        opts.insert("DOCKER_OPT_IPMASQ".into(), "--ip-masq=false".into());
+    if !args.no_ip_masq {
+        match vars.get("FLANNEL_IPMASQ").map(String::as_str) {
+            None | Some("") => {}
+            Some("true") => {
+                opts.insert("DOCKER_OPT_IPMASQ".into(), "--ip-masq=false".into());
+            }
+            Some("false") => {
+                opts.insert("DOCKER_OPT_IPMASQ".into(), "--ip-masq=true".into());
+            }
+            Some(other) => return Err(DockerOptsError::BadIpMasq(other.to_string())),
+        }
     }
     let mut out = String::new();
+    // The script: the key's current value and a space if it has one, then a space before
+    // each option.
     let mut all = vars.get(&args.key).cloned().unwrap_or_default();
-    all.push(' ');
+    if !all.is_empty() {
+        all.push(' ');
+    }
     for (name, val) in &opts {
         if individual {
             let _ = writeln!(out, "{name}=\"{val}\"");
         }
-        all.push_str(val);
         all.push(' ');
+        all.push_str(val);
     }
     if combined {
         let _ = writeln!(out, "{}=\"{all}\"", args.key);
@@ -181,7 +198,7 @@ mod tests {
         assert_eq!(
             out,
             "DOCKER_OPT_BIP=\"--bip=172.17.98.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=false\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n\
-             DOCKER_NETWORK_OPTIONS=\" --bip=172.17.98.1/24 --ip-masq=false --mtu=1450 \"\n"
+             DOCKER_NETWORK_OPTIONS=\" --bip=172.17.98.1/24 --ip-masq=false --mtu=1450\"\n"
         );
     }
 
@@ -190,13 +207,34 @@ mod tests {
         let env: BTreeMap<String, String> =
             [("DOCKER_OPTS".to_string(), "--debug".to_string()), ("DOCKER_OPT_AAA".to_string(), "--x".to_string())].into();
         let out = render(&args(&["-c"]), &parse_env_file(MASQ), &env).unwrap();
-        assert_eq!(out, "DOCKER_OPTS=\"--debug --x --bip=172.17.98.1/24 --ip-masq=false --mtu=1450 \"\n");
+        assert_eq!(out, "DOCKER_OPTS=\"--debug  --x --bip=172.17.98.1/24 --ip-masq=false --mtu=1450\"\n");
     }
 
     #[test]
     fn m_leaves_out_ip_masq() {
         let out = render(&args(&["-m", "-c"]), &parse_env_file(MASQ), &BTreeMap::new()).unwrap();
-        assert_eq!(out, "DOCKER_OPTS=\" --bip=172.17.98.1/24 --mtu=1450 \"\n");
+        assert_eq!(out, "DOCKER_OPTS=\" --bip=172.17.98.1/24 --mtu=1450\"\n");
+    }
+
+    /// flannel's script (v0.11 to today): docker masquerades when flannel does not.
+    #[test]
+    fn ip_masq_is_the_opposite_of_flannels_both_ways() {
+        let no_masq = MASQ.replace("FLANNEL_IPMASQ=true", "FLANNEL_IPMASQ=false");
+        let out = render(&args(&["-k", "DOCKER_NETWORK_OPTIONS"]), &parse_env_file(&no_masq), &BTreeMap::new()).unwrap();
+        assert_eq!(
+            out,
+            "DOCKER_OPT_BIP=\"--bip=172.17.98.1/24\"\nDOCKER_OPT_IPMASQ=\"--ip-masq=true\"\nDOCKER_OPT_MTU=\"--mtu=1450\"\n\
+             DOCKER_NETWORK_OPTIONS=\" --bip=172.17.98.1/24 --ip-masq=true --mtu=1450\"\n"
+        );
+        let out = render(&args(&["-m", "-c"]), &parse_env_file(&no_masq), &BTreeMap::new()).unwrap();
+        assert_eq!(out, "DOCKER_OPTS=\" --bip=172.17.98.1/24 --mtu=1450\"\n", "-m: no --ip-masq either way");
+        let unset = MASQ.replace("FLANNEL_IPMASQ=true\n", "");
+        let out = render(&args(&["-c"]), &parse_env_file(&unset), &BTreeMap::new()).unwrap();
+        assert_eq!(out, "DOCKER_OPTS=\" --bip=172.17.98.1/24 --mtu=1450\"\n", "no FLANNEL_IPMASQ: no --ip-masq");
+        let odd = MASQ.replace("FLANNEL_IPMASQ=true", "FLANNEL_IPMASQ=yes");
+        let e = render(&args(&["-c"]), &parse_env_file(&odd), &BTreeMap::new()).unwrap_err();
+        assert_eq!(e.to_string(), "Invalid value of FLANNEL_IPMASQ: yes (true or false)");
+        assert!(render(&args(&["-m", "-c"]), &parse_env_file(&odd), &BTreeMap::new()).is_ok(), "-m: not looked at, as in the script");
     }
 
     #[test]

@@ -283,15 +283,22 @@ pub fn remove(r: &ChainRules) -> Result<()> {
     Ok(())
 }
 
+/// Each chain this agent (and flannel) may keep, for both families, with placeholder
+/// networks: enough to find and remove one whatever it was made for.
+pub fn all_chains() -> [ChainRules; 4] {
+    let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
+    let any6: Ipv6Net = "fd00::/8".parse().expect("literal");
+    [masquerade(any, any, MasqRandom::None), forward(any), masquerade6(any6, any6, MasqRandom::None), forward6(any6)]
+}
+
 /// Remove both of flannel's chains, whatever subnet they were for (teardown).
 pub fn remove_all() -> Result<()> {
-    let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
-    remove(&masquerade(any, any, MasqRandom::None))?;
-    remove(&forward(any))?;
+    let [masq, fwd, masq6, fwd6] = all_chains();
+    remove(&masq)?;
+    remove(&fwd)?;
     // A dual-stack node's IPv6 chains (where ip6tables exists).
-    let any6: Ipv6Net = "fd00::/8".parse().expect("literal");
-    let _ = remove(&masquerade6(any6, any6, MasqRandom::None));
-    let _ = remove(&forward6(any6));
+    let _ = remove(&masq6);
+    let _ = remove(&fwd6);
     Ok(())
 }
 

@@ -152,9 +152,20 @@ pub fn ensure(rules: &NftRules) -> Result<bool> {
     Ok(true)
 }
 
-/// Remove both tables (clean exit).
+/// Remove both tables (teardown, or the other form's leftovers).
 pub fn remove() -> Result<()> {
-    nft(&["-f", "-"], Some(&format!("add table ip {TABLE}\ndelete table ip {TABLE}\nadd table ip6 {TABLE6}\ndelete table ip6 {TABLE6}\n"))).map(drop)
+    remove_family(false)?;
+    remove_family(true)
+}
+
+/// Remove one family's table (`ipv6`: flannel-ipv6, else flannel-ipv4), if there is one.
+pub fn remove_family(ipv6: bool) -> Result<()> {
+    let script = if ipv6 {
+        format!("add table ip6 {TABLE6}\ndelete table ip6 {TABLE6}\n")
+    } else {
+        format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
+    };
+    nft(&["-f", "-"], Some(&script)).map(drop)
 }
 
 /// Whether this host has an iptables binary (flannel falls back to nftables without one).
