@@ -72,8 +72,8 @@ impl From<Backend> for EncapMode {
 pub struct LogArgs {
     /// Log verbosity, as klog's -v: 0 logs info and above, 1 to 3 also debug, 4 and more
     /// trace. RUST_LOG, when set, takes precedence.
-    #[arg(short = 'v', long = "v", global = true, env = "FLANNELD_V", value_name = "LEVEL")]
-    pub v: Option<u32>,
+    #[arg(short = 'v', long = "v", global = true, env = "FLANNELD_V", value_name = "LEVEL", value_parser = parse_go_i32, allow_negative_numbers = true)]
+    pub v: Option<i32>,
     /// klog's per-file verbosity (flanneld's -vmodule): accepted, and ignored with a note
     /// (this agent's log levels are per module: RUST_LOG=overlay_agent::control=debug).
     #[arg(long = "vmodule", global = true, env = "FLANNELD_VMODULE", value_name = "PATTERN=N,...")]
@@ -88,7 +88,7 @@ impl LogArgs {
     /// The tracing filter for `-v` (used when RUST_LOG is not set).
     pub fn filter(&self) -> &'static str {
         match self.v.unwrap_or(0) {
-            0 => "info",
+            ..=0 => "info",
             1..=3 => "info,overlay_agent=debug",
             _ => "info,overlay_agent=trace",
         }
@@ -107,54 +107,148 @@ impl LogArgs {
     }
 }
 
-/// Parse the command line and the FLANNELD_ variables as flanneld does: a flag on the command
-/// line wins over its variable; an empty variable is as if unset; a variable whose value the
-/// flag does not take is left out (the flag keeps its default) and reported in the returned
-/// notes, for the caller to log, rather than stopping the agent. (Go's
-/// flagutil.SetFlagsFromEnv; clap alone would refuse both.) Command-line errors are errors.
+/// flanneld's boolean and integer flags: a `FLANNELD_` value that Go's flag package cannot
+/// parse still sets them, to false or 0 (what strconv returns), and flanneld only logs it.
+const GO_BOOL_FLAGS: [&str; 4] = ["ip-masq", "ip-masq-fully-random-disable", "iptables-forward-rules", "ip-blackhole-route"];
+const GO_INT_FLAGS: [&str; 4] = ["subnet-lease-renew-margin", "healthz-port", "iptables-resync", "v"];
+
+/// Parse the command line and the FLANNELD_ variables as flanneld does (Go's
+/// flagutil.SetFlagsFromEnv over its flag set): a flag on the command line wins over its
+/// variable; an empty variable is as if unset; a boolean or integer variable Go cannot parse
+/// sets false or 0, as in flanneld, with a note (returned, for the caller to log), and is an
+/// error only where 0 is not a value the flag takes (flanneld then exits too); any other
+/// variable the flag cannot take is an error naming it (flanneld fails on those later, when
+/// it uses them; this agent's own flags were never flanneld's). Command-line errors are errors.
 pub fn parse(argv: impl IntoIterator<Item = OsString>) -> std::result::Result<(Cli, Vec<String>), clap::Error> {
+    parse_with_env(argv, |name| std::env::var_os(name))
+}
+
+/// `parse`, with the environment read through `env`.
+pub fn parse_with_env(
+    argv: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> std::result::Result<(Cli, Vec<String>), clap::Error> {
     use clap::FromArgMatches as _;
-    // Looked at unbuilt: mut_arg on a built command would leave its flag index pointing at
-    // the wrong arguments.
+    // Each variable's values, checked by the flag's own parser, become the flag's default
+    // (so the command line still wins); clap reads no environment itself.
     let seen = Cli::command();
     let mut notes = Vec::new();
-    let mut drop_env = Vec::new();
+    let mut plan = Vec::new();
     for arg in seen.get_arguments() {
-        let Some(name) = arg.get_env() else { continue };
-        let Some(value) = std::env::var_os(name) else { continue };
-        let shown = name.to_string_lossy();
-        if value.is_empty() {
-            drop_env.push(arg.get_id().clone());
+        let (Some(name), Some(long)) = (arg.get_env().and_then(|n| n.to_str()), arg.get_long()) else { continue };
+        let value = env(name).filter(|v| !v.is_empty());
+        let Some(value) = value else {
+            plan.push((arg.get_id().clone(), None));
             continue;
-        }
-        let pieces: Vec<OsString> = match (arg.get_value_delimiter(), value.to_str()) {
-            (Some(d), Some(v)) => v.split(d).map(OsString::from).collect(),
-            _ => vec![value.clone()],
         };
-        // The flag's own value parser, alone in a command of its own.
-        let Some(long) = arg.get_long() else { continue };
-        let probe = clap::Command::new("env").no_binary_name(true).arg(
-            clap::Arg::new("value").long("value").action(clap::ArgAction::Set).value_parser(arg.get_value_parser().clone()),
-        );
-        let bad = pieces.iter().find_map(|p| {
-            let mut flag = OsString::from("--value=");
-            flag.push(p);
-            probe.clone().try_get_matches_from([flag]).err()
-        });
-        if let Some(e) = bad {
-            let hidden = arg.is_hide_env_values_set();
-            let what = if hidden { "its value".to_string() } else { format!("{:?}", value.to_string_lossy()) };
-            let why = std::error::Error::source(&e).map_or_else(|| e.kind().to_string(), |s| s.to_string());
-            notes.push(format!("{shown}: {what} is not a value --{long} takes ({why}); ignored, as flanneld ignores it"));
-            drop_env.push(arg.get_id().clone());
-        }
+        let shown = if arg.is_hide_env_values_set() { "its value".to_string() } else { format!("{:?}", value.to_string_lossy()) };
+        let Some(text) = value.to_str() else {
+            return Err(clap::Error::raw(clap::error::ErrorKind::InvalidUtf8, format!("{name}: {shown} is not UTF-8\n")));
+        };
+        let pieces: Vec<String> = match arg.get_value_delimiter() {
+            Some(d) => text.split(d).map(str::to_string).collect(),
+            None => vec![text.to_string()],
+        };
+        let values = match check_values(arg, &pieces) {
+            Ok(()) => pieces,
+            Err(why) if GO_BOOL_FLAGS.contains(&long) => {
+                notes.push(format!("{name}: {shown} is not a boolean ({why}); read as false, as flanneld reads it"));
+                vec!["false".to_string()]
+            }
+            Err(why) if GO_INT_FLAGS.contains(&long) && check_values(arg, &["0".to_string()]).is_ok() => {
+                notes.push(format!("{name}: {shown} is not a number ({why}); read as 0, as flanneld reads it"));
+                vec!["0".to_string()]
+            }
+            Err(why) if GO_INT_FLAGS.contains(&long) => {
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!("{name}: {shown} is not a number ({why}); flanneld reads it as 0, which --{long} does not take\n"),
+                ))
+            }
+            Err(why) => {
+                return Err(clap::Error::raw(
+                    clap::error::ErrorKind::ValueValidation,
+                    format!("{name}: {shown} is not a value --{long} takes ({why})\n"),
+                ))
+            }
+        };
+        plan.push((arg.get_id().clone(), Some((values, arg.is_hide_env_values_set()))));
     }
     let mut cmd = Cli::command();
-    for id in drop_env {
-        cmd = cmd.mut_arg(id, |a| a.env(None));
+    for (id, values) in plan {
+        cmd = cmd.mut_arg(id, |a| {
+            let a = a.env(None);
+            match values {
+                // Leaked once per process: clap keeps defaults as 'static strings.
+                Some((v, hide)) => {
+                    let v: Vec<&'static str> = v.into_iter().map(|s| &*Box::leak(s.into_boxed_str())).collect();
+                    a.default_values(v).hide_default_value(hide)
+                }
+                None => a,
+            }
+        });
     }
     let matches = cmd.try_get_matches_from(normalize_args(argv))?;
     Ok((Cli::from_arg_matches(&matches)?, notes))
+}
+
+/// Whether `arg`'s own value parser takes each of `values` (the reason if not).
+fn check_values(arg: &clap::Arg, values: &[String]) -> std::result::Result<(), String> {
+    let probe = clap::Command::new("env")
+        .no_binary_name(true)
+        .arg(clap::Arg::new("value").long("value").action(clap::ArgAction::Set).allow_hyphen_values(true).value_parser(arg.get_value_parser().clone()));
+    for v in values {
+        if let Err(e) = probe.clone().try_get_matches_from([format!("--value={v}")]) {
+            return Err(std::error::Error::source(&e).map_or_else(|| e.kind().to_string(), |s| s.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// An integer as Go's flag package reads one (strconv.ParseInt with base 0): an optional
+/// sign, then decimal, `0x`/`0X` hex, `0o`/`0O` or a leading `0` octal, or `0b`/`0B` binary,
+/// with `_` allowed between digits.
+pub fn parse_go_int(s: &str) -> std::result::Result<i64, String> {
+    let bad = || format!("{s:?} is not an integer");
+    let (neg, body) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let lower = body.to_ascii_lowercase();
+    let (radix, digits) = if let Some(d) = lower.strip_prefix("0x") {
+        (16, d.to_string())
+    } else if let Some(d) = lower.strip_prefix("0o") {
+        (8, d.to_string())
+    } else if let Some(d) = lower.strip_prefix("0b") {
+        (2, d.to_string())
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        (8, lower[1..].to_string())
+    } else {
+        (10, lower.clone())
+    };
+    if digits.is_empty() || digits.starts_with('_') || digits.ends_with('_') || digits.contains("__") {
+        return Err(bad());
+    }
+    let v = i64::from_str_radix(&digits.replace('_', ""), radix).map_err(|_| bad())?;
+    Ok(if neg { -v } else { v })
+}
+
+fn go_int_in<T: TryFrom<i64>>(s: &str) -> std::result::Result<T, String> {
+    let v = parse_go_int(s)?;
+    T::try_from(v).map_err(|_| format!("{v} is out of range"))
+}
+
+fn parse_go_u16(s: &str) -> std::result::Result<u16, String> {
+    go_int_in(s)
+}
+
+fn parse_go_u64(s: &str) -> std::result::Result<u64, String> {
+    go_int_in(s)
+}
+
+fn parse_go_i32(s: &str) -> std::result::Result<i32, String> {
+    go_int_in(s)
 }
 
 /// How to reach etcd (flanneld's flags; also used by the admin subcommands).
@@ -262,11 +356,11 @@ pub fn parse_go_bool(s: &str) -> std::result::Result<bool, String> {
 
 /// flannel's range for --subnet-lease-renew-margin: 1 to 1439 minutes (less than a day).
 fn parse_renew_margin(s: &str) -> std::result::Result<u64, String> {
-    let m: u64 = s.parse().map_err(|_| format!("{s:?} is not a number of minutes"))?;
+    let m = parse_go_int(s).map_err(|_| format!("{s:?} is not a number of minutes"))?;
     if !(1..24 * 60).contains(&m) {
         return Err(format!("{m} is out of range: the renew margin is 1 to 1439 minutes, as flannel's"));
     }
-    Ok(m)
+    Ok(m as u64)
 }
 
 #[derive(Debug, Clone, Args)]
@@ -316,14 +410,14 @@ pub struct RunArgs {
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: Ipv4Addr,
     /// Port to serve /healthz on (0: off).
-    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
+    #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0, value_parser = parse_go_u16)]
     pub healthz_port: u16,
     /// Add flannel's FLANNEL-FWD rules accepting overlay traffic in FORWARD (needed when
     /// docker sets FORWARD's policy to DROP).
     #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "true")]
     pub iptables_forward_rules: bool,
     /// Seconds between checks that the iptables rules are still in place.
-    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = parse_go_u64)]
     pub iptables_resync: u64,
     /// Where decapsulation runs.
     #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
@@ -686,41 +780,76 @@ mod tests {
         }
     }
 
-    /// flanneld's environment, as Go's flagutil.SetFlagsFromEnv reads it: Go's booleans
-    /// (`FLANNELD_IP_MASQ=1`), an empty variable as if unset, a value the flag does not take
-    /// left out with a note (the flag keeps its default) instead of a refusal, and the
-    /// command line before the environment.
+    /// flanneld's environment, as Go's flagutil.SetFlagsFromEnv reads it into its flags.
     #[test]
     fn flanneld_variables_are_read_as_flanneld_reads_them() {
-        let vars = [
-            ("FLANNELD_IP_MASQ", "1"),
-            ("FLANNELD_IPTABLES_FORWARD_RULES", "F"),
-            ("FLANNELD_IFACE", ""),
-            ("FLANNELD_PUBLIC_IP", ""),
-            ("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "abc"),
-            ("FLANNELD_HEALTHZ_PORT", "7"),
-            ("FLANNELD_IPTABLES_RESYNC", "9"),
-            ("FLANNELD_ETCD_PASSWORD", "s3cret, with no number"),
-            ("FLANNELD_V", "3"),
-        ];
-        if !in_child_with_env("flanneld_variables_are_read_as_flanneld_reads_them", &vars) {
-            return;
-        }
-        let argv = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
-        let (cli, notes) = super::parse(argv(&["overlay-agent"])).expect("parses");
+        let run = |vars: &[(&str, &str)], args: &[&str]| {
+            let vars: std::collections::BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let argv = std::iter::once("overlay-agent").chain(args.iter().copied()).map(OsString::from);
+            super::parse_with_env(argv, |n| vars.get(n).map(OsString::from))
+        };
+        let (cli, notes) = run(
+            &[
+                ("FLANNELD_IP_MASQ", "1"),
+                ("FLANNELD_IPTABLES_FORWARD_RULES", "F"),
+                ("FLANNELD_IFACE", ""),
+                ("FLANNELD_PUBLIC_IP", ""),
+                ("FLANNELD_HEALTHZ_PORT", "0x1f90"),
+                ("FLANNELD_IPTABLES_RESYNC", "010"),
+                ("FLANNELD_V", "3"),
+                ("FLANNELD_ETCD_ENDPOINTS", "https://a:2379,https://b:2379"),
+            ],
+            &[],
+        )
+        .expect("parses");
         assert!(cli.run.ip_masq, "FLANNELD_IP_MASQ=1 is true");
         assert!(!cli.run.iptables_forward_rules, "FLANNELD_IPTABLES_FORWARD_RULES=F is false");
         assert!(cli.run.iface.is_empty() && cli.run.public_ip.is_none(), "empty variables are unset");
-        assert_eq!(cli.run.subnet_lease_renew_margin, 60, "a bad value leaves the default");
-        assert_eq!((cli.run.healthz_port, cli.run.iptables_resync), (7, 9));
+        assert_eq!((cli.run.healthz_port, cli.run.iptables_resync), (8080, 8), "Go's base-0 integers");
         assert_eq!(cli.log.v, Some(3));
-        assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].starts_with("FLANNELD_SUBNET_LEASE_RENEW_MARGIN: \"abc\" is not a value --subnet-lease-renew-margin takes"), "{notes:?}");
+        assert_eq!(cli.etcd.etcd_endpoints, vec!["https://a:2379", "https://b:2379"]);
+        assert!(notes.is_empty(), "{notes:?}");
+
+        // Go's flag package sets a boolean it cannot parse to false and an integer to 0, and
+        // flanneld only logs it: so here, with a note.
+        let (cli, notes) = run(&[("FLANNELD_IPTABLES_FORWARD_RULES", "yes"), ("FLANNELD_HEALTHZ_PORT", "eighty")], &[]).expect("parses");
+        assert!(!cli.run.iptables_forward_rules, "a bad boolean reads as false, as in flanneld (the default is true)");
+        assert_eq!(cli.run.healthz_port, 0);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].starts_with("FLANNELD_HEALTHZ_PORT: \"eighty\" is not a number") && notes[0].contains("read as 0"), "{notes:?}");
+        assert!(notes[1].starts_with("FLANNELD_IPTABLES_FORWARD_RULES: \"yes\" is not a boolean") && notes[1].contains("read as false"), "{notes:?}");
+        // 0 is no renew margin: flanneld exits, and so does this.
+        let e = run(&[("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "abc")], &[]).expect_err("refused").to_string();
+        assert!(e.contains("FLANNELD_SUBNET_LEASE_RENEW_MARGIN: \"abc\" is not a number") && e.contains("reads it as 0"), "{e}");
+        // Values flanneld keeps as strings and refuses when it uses them, and this agent's own
+        // flags: an error naming the variable.
+        for (var, val) in [("FLANNELD_PUBLIC_IP", "banana"), ("FLANNELD_BACKEND", "udpp"), ("FLANNELD_IFACE_CAN_REACH", "10.0.0.300")] {
+            let e = run(&[(var, val)], &[]).expect_err(var).to_string();
+            assert!(e.contains(&format!("{var}: \"{val}\" is not a value")), "{e}");
+        }
         // The command line wins over the environment, a bad variable's too.
-        let (cli, _) = super::parse(argv(&["overlay-agent", "-subnet-lease-renew-margin=5", "--healthz-port=8", "-ip-masq=false"])).expect("parses");
+        let (cli, notes) = run(
+            &[("FLANNELD_SUBNET_LEASE_RENEW_MARGIN", "7"), ("FLANNELD_HEALTHZ_PORT", "x"), ("FLANNELD_IP_MASQ", "true")],
+            &["-subnet-lease-renew-margin=5", "--healthz-port=8", "-ip-masq=false"],
+        )
+        .expect("parses");
         assert_eq!((cli.run.subnet_lease_renew_margin, cli.run.healthz_port, cli.run.ip_masq), (5, 8, false));
-        // A bad command line is still an error.
-        assert!(super::parse(argv(&["overlay-agent", "--subnet-lease-renew-margin=abc"])).is_err());
+        assert_eq!(notes.len(), 1, "the bad variable is still noted: {notes:?}");
+        // A bad command line is an error; a subcommand goes with any agent variable.
+        assert!(run(&[], &["--subnet-lease-renew-margin=abc"]).is_err());
+        let (cli, _) = run(&[("FLANNELD_IP_MASQ", "1"), ("FLANNELD_ETCD_PREFIX", "/x")], &["leases"]).expect("parses");
+        assert!(matches!(cli.command, Some(Command::Leases)));
+        assert_eq!(cli.etcd.etcd_prefix, "/x");
+    }
+
+    #[test]
+    fn go_integers() {
+        for (text, want) in [("0", 0), ("42", 42), ("-7", -7), ("+7", 7), ("0x1F90", 8080), ("010", 8), ("0o17", 15), ("0b101", 5), ("1_000", 1000)] {
+            assert_eq!(parse_go_int(text), Ok(want), "{text}");
+        }
+        for bad in ["", "x", "0x", "1__0", "_1", "1_", "08", "1.5", " 1"] {
+            assert!(parse_go_int(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -742,6 +871,7 @@ mod tests {
             (vec!["overlay-agent", "--v=5"], Some(5), "info,overlay_agent=trace"),
             (vec!["overlay-agent"], None, "info"),
             (vec!["overlay-agent", "leases", "-v=1"], Some(1), "info,overlay_agent=debug"),
+            (vec!["overlay-agent", "-v=-1"], Some(-1), "info"),
         ] {
             let (cli, _) = super::parse(argv(&args)).unwrap_or_else(|e| panic!("{args:?}: {e}"));
             assert_eq!((cli.log.v, cli.log.filter()), (v, filter), "{args:?}");

@@ -277,6 +277,17 @@ fn fragment4(frame: &[u8], offset: usize, len: usize, more: bool, id: u16) -> Ve
     f
 }
 
+/// `frame` (Ethernet + IPv4 without options) with four NOP bytes of IPv4 options.
+fn with_options(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f.splice(34..34, [1u8, 1, 1, 1]);
+    f[14] = 0x46;
+    let l = u16::from_be_bytes([f[16], f[17]]) + 4;
+    f[16..18].copy_from_slice(&l.to_be_bytes());
+    fix_checksum(&mut f, 14);
+    f
+}
+
 /// Fragments fail closed at both hooks: a first fragment must carry the tunnel and inner
 /// headers whole and pass every check a whole frame passes; a later fragment to us may not
 /// start inside them; everything that is not ours still passes untouched. Each drop class
@@ -320,6 +331,7 @@ fn ipv4_fragments_fail_closed() {
                 ("tiny first fragment to another port", fragment4(&other_port, 0, 8, true, 13), pass, vec![]),
                 ("later fragment at 8 to another host", fragment4(&other_dst, 8, 64, false, 13), pass, vec![]),
                 ("later TCP fragment at 8", fragment4(&tcp, 8, 64, false, 13), pass, vec![]),
+                ("first fragment with IP options", with_options(&fragment4(&valid, 0, 56, true, 14)), drop, vec![("outer_ip_options", 1)]),
             ];
             for (what, f, rc_want, moved_want) in cases {
                 let (rc, out, moved) = n.run(prog, &f);
@@ -463,6 +475,8 @@ fn ipv6_fragments_and_header_chains_fail_closed() {
                 ("four extension headers to another port", ipv6_frame(PEER6_A, ME6, &four, 17, &other_port), pass, vec![]),
                 ("TCP behind a destination-options header", ipv6_frame(PEER6_A, ME6, &[dest_opts(8)], 6, &valid), pass, vec![]),
                 ("nine extension headers to another host", ipv6_frame(PEER6_A, STRANGER6, &nine, 17, &valid), pass, vec![]),
+                // IPsec is opened only with a security association: the kernel's business.
+                ("AH ahead of UDP", ipv6_frame(PEER6_A, ME6, &[(51, vec![4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])], 17, &valid), pass, vec![]),
                 // Fragments.
                 ("forged first fragment", frag(&forged, 0, 72, true, 3), drop, vec![("spoofed_source", 1)]),
                 ("first fragment from a stranger", ipv6_frame(STRANGER6, ME6, &[frag_header(0, true, 3)], 17, &valid[..72]), drop, vec![("unknown_peer", 1)]),
@@ -470,6 +484,9 @@ fn ipv6_fragments_and_header_chains_fail_closed() {
                 ("later fragment at 8", frag(&valid, 8, 64, false, 5), drop, vec![("fragment_overlap", 1)]),
                 ("later fragment at 64", frag(&valid, 64, 64, true, 5), drop, vec![("fragment_overlap", 1)]),
                 ("later fragment at 8 saying TCP", tcp_frag_at_8.clone(), drop, vec![("fragment_overlap", 1)]),
+                ("two fragment headers", ipv6_frame(PEER6_A, ME6, &[frag_header(0, true, 8), frag_header(0, true, 8)], 17, &valid[..72]), drop, vec![("outer_ip_options", 1)]),
+                ("a first then a later fragment header", ipv6_frame(PEER6_A, ME6, &[frag_header(0, true, 9), frag_header(8, false, 9)], 17, &valid[..72]), drop, vec![("fragment_overlap", 1)]),
+                ("a fragment header, then half a UDP header", ipv6_frame(PEER6_A, ME6, &[frag_header(0, true, 10)], 17, &valid[..4]), drop, vec![("truncated", 1)]),
                 ("first fragment behind a destination-options header",
                     ipv6_frame(PEER6_A, ME6, &[dest_opts(8), frag_header(0, true, 7)], 17, &valid[..72]), drop, vec![("outer_ip_options", 1)]),
                 // Extension-header chains.

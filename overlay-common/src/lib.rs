@@ -469,9 +469,10 @@ pub enum Counter {
     /// inner headers whole (dropped): reassembled, the datagram would bring headers that no
     /// check saw.
     TinyFragment = 26,
-    /// Decap: a later fragment of a UDP datagram to our address whose payload starts inside
-    /// the bytes the checks read in a first fragment (RFC 1858's overlapping or tiny
-    /// fragments; dropped). Legitimate fragmentation never produces one.
+    /// Decap: a later fragment to our address (of a UDP datagram for IPv4; of any datagram
+    /// for IPv6, whose reassembly takes the protocol from the first fragment) whose payload
+    /// starts inside the bytes the checks read in a first fragment (RFC 1858's overlapping or
+    /// tiny fragments; dropped). Only paths with an MTU below 76 bytes fragment that early.
     FragmentOverlap = 27,
     /// Decap: a frame to our address whose headers the program cannot read to their end
     /// (more IPv6 extension headers than it walks, a chain cut short, or headers past the

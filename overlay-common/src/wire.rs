@@ -350,9 +350,10 @@ const _: () = assert!(CHECKED_BYTES6 == 70);
 
 /// A later fragment to our address whose payload starts inside the `checked` bytes would
 /// overwrite (or, with a tiny first fragment, supply) headers the checks read: dropped, as
-/// RFC 1858 drops TCP fragments at offset 1. Legitimate fragmentation never starts a later
-/// fragment that early (IPv4's smallest MTU, 68, leaves 48 bytes to a first fragment; IPv6's
-/// 1280 leaves 1232).
+/// RFC 1858 drops TCP fragments at offset 1. A trade-off taken on purpose: only a path whose
+/// MTU is below 76 bytes (IPv4's floor is 68, which leaves a first fragment 48 bytes) starts
+/// a legitimate later fragment that early, and then any UDP datagram to the node loses it;
+/// IPv6's floor of 1280 leaves first fragments 1232 bytes.
 #[inline(always)]
 pub fn later_fragment_overlaps(offset: usize, checked: usize) -> bool {
     offset < checked

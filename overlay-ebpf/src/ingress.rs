@@ -232,9 +232,10 @@ fn check_inner<P: Packet>(p: &P, cfg: &DataplaneConfig, mode: EncapMode, peer: [
 /// IPv6 subnet whose source belongs to the sending peer (`VTEP6_BY_SUBNET`). Before the agent
 /// configured the IPv6 side, or on an IPv4-only node: not ours.
 ///
-/// Extension headers, on frames to our address: the chain is walked (up to
-/// `MAX_EXT_HEADERS`; a longer one, or one that cannot be read to its end, is dropped as
-/// `unreadable_headers`: it could hide a tunnel frame). A fragment header alone is how a
+/// Extension headers, on frames to our address: the chain (hop-by-hop, routing, fragment,
+/// destination options) is walked (up to `MAX_EXT_HEADERS`; a longer one, or one that
+/// cannot be read to its end, is dropped as `unreadable_headers`: it could hide a tunnel
+/// frame). IPsec (ESP, AH) ends the walk and passes: only a security association opens it. A fragment header alone is how a
 /// stock node's device sends a datagram bigger than the path: its first fragment is checked
 /// as a whole frame is (and must carry the headers whole), later ones may not start inside
 /// them, as for IPv4. Any other extension header in front of UDP to our port is dropped
@@ -263,7 +264,6 @@ const MAX_EXT_HEADERS: usize = 8;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
-const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
 /// Where the outer IPv6 header starts, and where UDP starts behind it without extension
@@ -290,9 +290,7 @@ fn check6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) -> 
     let mut frag_header = false;
     let mut others = false;
     let mut i = 0;
-    while i < MAX_EXT_HEADERS
-        && matches!(nh, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST)
-    {
+    while i < MAX_EXT_HEADERS && matches!(nh, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST) {
         let [n, hlen, f0, f1]: [u8; 4] = p.read(off).ok_or(Counter::UnreadableHeaders)?;
         let size = match nh {
             NEXTHDR_FRAGMENT => {
@@ -313,10 +311,6 @@ fn check6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) -> 
                     }
                 }
             }
-            NEXTHDR_AUTH => {
-                others = true;
-                (hlen as usize + 2) * 4
-            }
             _ => {
                 others = true;
                 (hlen as usize + 1) * 8
@@ -326,9 +320,12 @@ fn check6<P: Packet>(p: &P, cfg: &DataplaneConfig, len: usize, merged: bool) -> 
         off += size;
         i += 1;
     }
-    if matches!(nh, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_AUTH | NEXTHDR_DEST) {
+    if matches!(nh, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_FRAGMENT | NEXTHDR_DEST) {
         return Err(Counter::UnreadableHeaders.into());
     }
+    // Not UDP: not ours. That includes IPsec (ESP, and AH, as for IPv4): the kernel opens it
+    // only with a security association, which authenticates the sender; the socket guard
+    // still checks where the datagram inside came from.
     if nh != IPPROTO_UDP {
         return Err(Verdict::Pass);
     }
@@ -363,7 +360,12 @@ fn check6_at<P: Packet, const UDP: usize>(
 ) -> Result<(), Verdict> {
     let vx_off = UDP + UDP_HLEN;
     let inner = vx_off + VXLAN_HLEN + ETH_HLEN;
-    let udp: [u8; UDP_HLEN] = p.read_head(UDP).ok_or(Verdict::Pass)?;
+    // Behind a fragment header the port was read already: ours, so a cut header is dropped.
+    let udp: [u8; UDP_HLEN] = match p.read_head(UDP) {
+        Some(u) => u,
+        None if UDP == UDP6 => return Err(Verdict::Pass),
+        None => return Err(Counter::Truncated.into()),
+    };
     if udp_dst_port(&udp) != cfg.port {
         return Err(Verdict::Pass);
     }
@@ -418,6 +420,16 @@ fn inner_offset(cfg: Option<DataplaneConfig>) -> usize {
     }
 }
 
+/// Where the monitor finds a dropped frame's inner header: none in a later fragment (its
+/// bytes are the middle of a datagram; an offset past any frame reads nothing).
+#[inline(always)]
+fn monitor_inner(reason: Counter) -> usize {
+    match reason {
+        Counter::FragmentOverlap => u32::MAX as usize,
+        _ => inner_offset(ready_config()),
+    }
+}
+
 #[classifier]
 pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
     crate::upgrade_variant_mark();
@@ -428,7 +440,7 @@ pub fn tc_ingress_decap(ctx: TcContext) -> i32 {
         Err(Verdict::Drop(reason)) => {
             count(reason);
             if monitor::wanted(false) {
-                monitor::report(&ctx, Hook::TcIngress, reason, true, inner_offset(ready_config()));
+                monitor::report(&ctx, Hook::TcIngress, reason, true, monitor_inner(reason));
             }
             if reason == Counter::DecapFailed {
                 error!(&ctx, "tc decap failed: the kernel refused adjust_room/store");
@@ -496,7 +508,7 @@ pub fn xdp_decap(ctx: XdpContext) -> u32 {
         Err(Verdict::Drop(reason)) => {
             count(reason);
             if monitor::wanted(false) {
-                monitor::report(&ctx, Hook::Xdp, reason, true, inner_offset(ready_config()));
+                monitor::report(&ctx, Hook::Xdp, reason, true, monitor_inner(reason));
             }
             xdp_action::XDP_DROP
         }

@@ -331,6 +331,9 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
         let settled = wait_until(Duration::from_secs(5), || expect.iter().all(|(c, k)| n.counter(*c) >= before[*c as usize] + k));
         let deltas: Vec<_> = expect.iter().map(|(c, k)| (c.name(), *k, n.counter(*c) - before[*c as usize])).collect();
         assert!(settled, "node {}: IPv6 drop counters (name, expected, got): {deltas:?}", n.index);
+        for (c, k) in expect {
+            assert_eq!(n.counter(c) - before[c as usize], k, "node {}: {}: exactly the hostile frames of its class", n.index, c.name());
+        }
         let legit_frames = [ipv6_frames(&head, &legit, &[], None), ipv6_frames(&head, &legit, &[], Some((80, 13)))].concat();
         ok("raw v6", overlay_tests::traffic::send_raw_frames(&stock.ns, "eth0", legit_frames));
         assert_eq!(
