@@ -463,6 +463,50 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
     assert_eq!(n1.counter(Counter::FragmentToKernel) - before[Counter::FragmentToKernel as usize], 1, "one first fragment");
 }
 
+/// The one path around the underlay programs: a forged first fragment that a local container
+/// sends to its node's underlay address (with a peer's address as source, which loose
+/// reverse-path filtering lets in), completed by a later fragment from the peer over the
+/// underlay (which the programs pass: it starts past the checked headers). The kernel gives
+/// the reassembled datagram the first fragment's interface, so the socket guard drops it as
+/// `foreign_tunnel` and the container's probe sees nothing; the same datagram, all over the
+/// underlay, is delivered.
+fn a_containers_first_fragment(tag: &str, hook: &'static str) {
+    let c = cluster(tag, &ClusterSpec { rp_filter: 2, ..ClusterSpec::agents(Backend::Vxlan, hook, 2) });
+    let (n1, n2) = (c.node(1), c.node(2));
+    let port = 9995;
+    let n1_mac = ok("mac", overlay_tests::link_mac(&n1.ns, "eth0"));
+    let payload = vxlan_payload(0x08, 1, n1.vtep_mac, n2.container_ip(0), n1.container_ip(0), port);
+    let valid = raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, 5, 0, 8472, &payload);
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+    let before = n1.counters();
+    // From container 1 on node 1, to docker0 (its gateway), the first 56 bytes.
+    let bridge_mac = ok("mac", overlay_tests::link_mac(&n1.ns, "docker0"));
+    let [first, later] = <[Vec<u8>; 2]>::try_from(fragments(&with_id(&valid, 301), 56)).unwrap();
+    let mut first = first;
+    first[..6].copy_from_slice(&bridge_mac);
+    first[6..12].copy_from_slice(&ok("mac", overlay_tests::link_mac(&n1.containers[1], "eth0")));
+    ok("container fragment", overlay_tests::traffic::send_raw_frames(&n1.containers[1], "eth0", vec![first]));
+    ok("underlay fragment", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", vec![later]));
+    assert!(
+        wait_until(Duration::from_secs(5), || n1.counter(Counter::ForeignTunnel) > before[Counter::ForeignTunnel as usize]),
+        "the datagram completed over the underlay was not dropped by the socket guard"
+    );
+    assert_eq!(n1.counter(Counter::FragmentToKernel), before[Counter::FragmentToKernel as usize], "no first fragment crossed the underlay");
+    // Control: the same datagram, both fragments over the underlay.
+    ok("underlay fragments", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", fragments(&with_id(&valid, 302), 56)));
+    assert_eq!(probe.finish_after(1), vec![b"hostile".to_vec()], "exactly the datagram that came whole over the underlay");
+}
+
+#[test]
+fn a_containers_first_fragment_is_not_completed_over_the_underlay_with_tc_decap() {
+    a_containers_first_fragment("cf", "tc");
+}
+
+#[test]
+fn a_containers_first_fragment_is_not_completed_over_the_underlay_with_xdp_decap() {
+    a_containers_first_fragment("cx", "xdp");
+}
+
 /// `frame` with IPv4 ID `id` (its header checksum made right again).
 fn with_id(frame: &[u8], id: u16) -> Vec<u8> {
     let mut f = frame.to_vec();
