@@ -529,7 +529,7 @@ fn netfilter_sees_both_directions_with_xdp_decap() {
 
 /// A flanneld unit file's flags and environment start the agent: klog's `-v=2` and
 /// `-vmodule`, `FLANNELD_IP_MASQ=1` (Go's boolean), an empty `FLANNELD_IFACE=` (as if
-/// unset) and a variable the flag cannot take (logged and left out, as flanneld does).
+/// unset) and an integer Go cannot parse (logged and read as 0, as flanneld reads it).
 #[test]
 fn a_flanneld_unit_files_flags_and_variables_start_the_agent() {
     let mut c = cluster("fu", &with_args(&[], 1));
@@ -538,7 +538,7 @@ fn a_flanneld_unit_files_flags_and_variables_start_the_agent() {
     ok("restart with the unit's flags", c.restart_agent_with_current_args(1));
     let log = c.node(1).log_text();
     assert!(ok("iptables", iptables_s(&c, 1, "nat", "FLANNEL-POSTRTG")).contains("MASQUERADE"), "FLANNELD_IP_MASQ=1 means true:\n{log}");
-    assert!(log.contains("FLANNELD_HEALTHZ_PORT: \"eighty\" is not a value --healthz-port takes"), "{log}");
+    assert!(log.contains("FLANNELD_HEALTHZ_PORT: \"eighty\" is not a number") && log.contains("read as 0, as flanneld reads it"), "{log}");
     assert!(log.contains("-vmodule=main=3 is klog's per-file verbosity and is ignored here"), "{log}");
     ok("ping", ping(&c.node(1).containers[0], c.node(1).container_ip(1), 1));
 }
