@@ -419,7 +419,11 @@ pub struct RunArgs {
     /// Seconds between checks that the iptables rules are still in place.
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = parse_go_u64)]
     pub iptables_resync: u64,
-    /// Where decapsulation runs.
+    /// Where the checks of arriving tunnel frames run: `auto` and `tc` attach to TC ingress on
+    /// the underlay. `xdp` (only when asked for) runs them earlier, before an skb exists, but
+    /// attaching native XDP costs the whole NIC: virtio_net (every KVM cloud VM) turns its
+    /// receive offloads (LRO, checksum) off for all traffic, and on veth the peer loses GSO.
+    /// The kernel's vxlan device decapsulates after GRO either way.
     #[arg(long, env = "FLANNELD_DECAP_HOOK", value_enum, default_value = "auto")]
     pub decap_hook: DecapHook,
     /// How checked tunnel frames reach containers; every choice hands the inner packet to

@@ -51,11 +51,15 @@ pub const LINK_GUARD: &str = "link_guard";
 /// Where decapsulation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapHook {
-    /// Native XDP (for physical NICs: runs before GRO and skb allocation).
+    /// Native XDP, only when asked for: it runs before GRO and skb allocation, but attaching
+    /// it degrades the whole NIC on common drivers (virtio_net turns the guest offloads off:
+    /// LRO and receive checksum, for every packet the node receives; on veth it turns off
+    /// GSO on the peer).
     Xdp,
-    /// TCX ingress (for virtual underlays, where native XDP disables GSO on the peer).
+    /// TC ingress on the underlay (TCX, or a cls_bpf filter on kernels without TCX).
     Tc,
-    /// XDP when the underlay is a physical NIC whose driver supports native mode, else TC.
+    /// TC on every underlay: XDP only checks frames here (the kernel's vxlan device
+    /// decapsulates after GRO either way), so it never pays for what XDP costs a NIC.
     Auto,
 }
 
@@ -502,19 +506,13 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink> {
     Ok(FdLink::try_from(link)?)
 }
 
-/// The hook to try first. XDP only checks and hands valid frames to the kernel's vxlan
-/// device, so it serves the vxlan backend with `kernel` delivery. `Auto`: native XDP then on
-/// a physical NIC (no rtnetlink kind), TC on virtual devices (veth, bridges, bonds...),
-/// where native XDP costs GSO on the peer; TC otherwise.
-pub fn resolve_hook(
-    requested: DecapHook,
-    underlay_kind: Option<&str>,
-    mode: EncapMode,
-    delivery: DecapDelivery,
-) -> Result<DecapHook> {
-    let xdp_fits = mode == EncapMode::Vxlan && delivery == DecapDelivery::Kernel;
+/// The hook to attach. XDP only checks and hands valid frames to the kernel's vxlan device,
+/// so it serves the vxlan backend with `kernel` delivery, and only when asked for: `Auto` is
+/// TC on every underlay (native XDP turns a virtio NIC's receive offloads off, and GSO off
+/// on a veth's peer, for all of the node's traffic, while the kernel device decapsulates
+/// after GRO either way).
+pub fn resolve_hook(requested: DecapHook, mode: EncapMode, delivery: DecapDelivery) -> Result<DecapHook> {
     Ok(match requested {
-        DecapHook::Auto if xdp_fits && underlay_kind.is_none() => DecapHook::Xdp,
         DecapHook::Auto => DecapHook::Tc,
         DecapHook::Xdp if mode != EncapMode::Vxlan => bail!(
             "--decap-hook xdp hands checked frames to the kernel's vxlan device, and the udp \
@@ -531,7 +529,7 @@ pub fn resolve_hook(
 
 fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay: bool) -> Result<DecapHook> {
     let dir = &spec.bpffs_dir;
-    let want = resolve_hook(spec.decap_hook, underlay.kind.as_deref(), spec.mode, spec.delivery)?;
+    let want = resolve_hook(spec.decap_hook, spec.mode, spec.delivery)?;
     if same_underlay {
         let adopted = match want {
             DecapHook::Xdp => adopt_xdp(ebpf, &dir.join(LINK_DECAP_XDP)).then_some(DecapHook::Xdp),
@@ -542,8 +540,12 @@ fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay
             return Ok(hook);
         }
     }
-    if spec.decap_hook == DecapHook::Auto && want == DecapHook::Tc {
-        tracing::info!(iface = %spec.iface, kind = underlay.kind.as_deref().unwrap_or("-"), "virtual underlay: decap in TC");
+    if want == DecapHook::Xdp {
+        tracing::info!(
+            iface = %spec.iface,
+            driver_kind = underlay.kind.as_deref().unwrap_or("physical"),
+            "native XDP as asked (--decap-hook xdp): on virtio_net this turns the NIC's receive offloads off, on veth GSO on the peer"
+        );
     }
     if want == DecapHook::Xdp {
         remove_pin(&dir.join(LINK_DECAP_XDP))?;
@@ -552,9 +554,6 @@ fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay
                 pin_link(link, &dir.join(LINK_DECAP_XDP))?;
                 remove_pin(&dir.join(LINK_DECAP_TC))?;
                 return Ok(DecapHook::Xdp);
-            }
-            Err(e) if spec.decap_hook == DecapHook::Auto => {
-                tracing::warn!(error = format!("{e:#}"), "native XDP unavailable; decap in TC");
             }
             Err(e) => return Err(e),
         }
@@ -652,25 +651,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_hook_is_xdp_on_nics_and_tc_on_virtual_devices() {
+    fn auto_hook_is_never_xdp() {
         let (vx, kernel) = (EncapMode::Vxlan, DecapDelivery::Kernel);
-        let hook = |h, kind, mode, delivery| resolve_hook(h, kind, mode, delivery).unwrap();
-        assert_eq!(hook(DecapHook::Auto, None, vx, kernel), DecapHook::Xdp);
-        for kind in ["veth", "bridge", "vxlan", "bond"] {
-            assert_eq!(hook(DecapHook::Auto, Some(kind), vx, kernel), DecapHook::Tc, "{kind}");
+        let hook = |h, mode, delivery| resolve_hook(h, mode, delivery).unwrap();
+        for (mode, delivery) in [(vx, kernel), (vx, DecapDelivery::Stack), (vx, DecapDelivery::Split), (EncapMode::Udp, kernel)] {
+            assert_eq!(hook(DecapHook::Auto, mode, delivery), DecapHook::Tc, "{mode:?} {delivery:?}");
         }
-        assert_eq!(hook(DecapHook::Xdp, Some("veth"), vx, kernel), DecapHook::Xdp, "explicit choice wins");
-        assert_eq!(hook(DecapHook::Tc, None, vx, kernel), DecapHook::Tc);
+        assert_eq!(hook(DecapHook::Xdp, vx, kernel), DecapHook::Xdp, "explicit choice wins");
+        assert_eq!(hook(DecapHook::Tc, vx, kernel), DecapHook::Tc);
         // XDP leaves decapsulation to the kernel's vxlan device: udp and other deliveries
         // decapsulate in TC.
-        assert_eq!(hook(DecapHook::Auto, None, EncapMode::Udp, kernel), DecapHook::Tc);
-        assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Stack), DecapHook::Tc);
-        assert_eq!(hook(DecapHook::Auto, None, vx, DecapDelivery::Split), DecapHook::Tc);
-        let err = resolve_hook(DecapHook::Xdp, None, vx, DecapDelivery::Split).unwrap_err().to_string();
+        let err = resolve_hook(DecapHook::Xdp, vx, DecapDelivery::Split).unwrap_err().to_string();
         assert!(err.contains("--decap-delivery split") && err.contains("--decap-hook tc"), "{err}");
-        let err = resolve_hook(DecapHook::Xdp, None, EncapMode::Udp, kernel).unwrap_err().to_string();
+        let err = resolve_hook(DecapHook::Xdp, EncapMode::Udp, kernel).unwrap_err().to_string();
         assert!(err.contains("udp") && err.contains("--decap-hook tc"), "{err}");
-        let err = resolve_hook(DecapHook::Xdp, None, vx, DecapDelivery::Stack).unwrap_err().to_string();
+        let err = resolve_hook(DecapHook::Xdp, vx, DecapDelivery::Stack).unwrap_err().to_string();
         assert!(err.contains("--decap-delivery stack") && err.contains("--decap-hook tc"), "{err}");
     }
 
