@@ -437,6 +437,10 @@ pub struct RunArgs {
     /// `split`, none with `stack`. No mode skips netfilter for the containers' traffic.
     #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "kernel")]
     pub decap_delivery: DecapDelivery,
+    /// How TC programs are attached: TCX where the kernel has it (Linux 6.6), else cls_bpf
+    /// filters under clsact. Hidden: `legacy` tests the older kernels' path on newer ones.
+    #[arg(long, env = "FLANNELD_TC_ATTACH", value_enum, default_value = "auto", hide = true)]
+    pub tc_attach: crate::datapath::attach::TcAttachChoice,
     /// Capacity of the route map: remote subnets the node can route to.
     #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]
     pub max_routes: u32,
@@ -584,6 +588,7 @@ impl RunArgs {
             delivery: self.decap_delivery,
             max_routes: self.max_routes,
             max_peers: self.max_peers,
+            tc_attach: self.tc_attach,
         }
     }
 
@@ -624,6 +629,7 @@ impl RunArgs {
             delivery: self.decap_delivery,
             max_routes: self.max_routes,
             max_peers: self.max_peers,
+            tc_attach: self.tc_attach,
         })
     }
 }

@@ -81,7 +81,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Some(Command::Status) => {
             let st = dataplane::status(&dir)?;
             println!(
-                "device={} underlay={} encap={} decap={} guard={} ready={}",
+                "device={} underlay={} encap={} decap={} attach={} guard={} ready={}",
                 st.device.as_deref().unwrap_or("-"),
                 st.underlay.as_deref().unwrap_or("-"),
                 match (st.encap_attached, st.is_ipv6_only()) {
@@ -91,6 +91,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     (false, false) => "detached",
                 },
                 st.decap_hook.map_or("-".to_string(), |h| h.to_string()),
+                st.attach.map_or("-".to_string(), |a| a.to_string()),
                 if st.guard_attached { "attached" } else { "detached" },
                 st.config.is_ready()
             );
@@ -228,6 +229,7 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         underlay = %spec.iface,
         public_ip = %spec.public_ip,
         decap = %dp.decap_hook,
+        attach = %dp.attach,
         subnet = %spec.subnet,
         "data plane up (static mode)"
     );

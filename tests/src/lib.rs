@@ -7,6 +7,7 @@
 //! inside these namespaces. Dropping the cluster kills the agents it started (by pid),
 //! removes its bpffs directories and deletes its namespaces, also when a test panics.
 
+pub mod bpf;
 pub mod capture;
 pub mod docker;
 pub mod etcd;

@@ -67,6 +67,8 @@ pub struct DaemonOptions {
     pub delivery: dataplane::DecapDelivery,
     pub max_routes: u32,
     pub max_peers: u32,
+    /// How TC programs are attached (hidden flag; TCX where the kernel has it).
+    pub tc_attach: crate::datapath::attach::TcAttachChoice,
 }
 
 /// Which data plane forwards the node's traffic.
@@ -213,6 +215,8 @@ struct Daemon {
     rules: SharedRules,
     /// The task renewing our etcd lease, and what it reports (none for a reservation).
     keeper: Option<(tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<KeeperEvent>)>,
+    /// What else runs on the underlay's TC ingress hook, as last logged.
+    decap_chain: crate::datapath::attach::Chain,
 }
 
 /// A future that is `f` if given, else never ready.
@@ -404,6 +408,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         delivery: opts.delivery,
         max_routes: opts.max_routes,
         max_peers: opts.max_peers,
+        tc_attach: opts.tc_attach,
     };
     if opts.dataplane == DataplaneKind::Tun && !cfg.enable_ipv4 {
         bail!("--dataplane tun carries IPv4 only; an IPv6-only network (EnableIPv4 false) runs on the eBPF data plane (leave --dataplane at ebpf)");
@@ -461,7 +466,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             }
             let s = spec.clone();
             let dp = tokio::task::spawn_blocking(move || dataplane::up_ipv6_only(&s)).await.context("the data-plane task")??;
-            tracing::info!(decap = %dp.decap_hook, "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
+            tracing::info!(decap = %dp.decap_hook, attach = %dp.attach, guard = %"sk_lookup", "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
             let mtu = dp.mtu;
             (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
         }
@@ -475,7 +480,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
         DataplaneKind::Ebpf => {
             let dp = dataplane_up(&spec).await?;
-            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, "eBPF data plane up");
+            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, attach = %dp.attach, guard = %"sk_lookup", "eBPF data plane up");
             let mtu = dp.mtu;
             (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
         }
@@ -522,7 +527,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         })?;
         maps6.clear6()?;
     }
-    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, v6, state, rules: SharedRules::default(), keeper: None };
+    let mut d = Daemon { opts, reg, cfg, attrs, spec, held, maps, ebpf, tun, v6, state, rules: SharedRules::default(), keeper: None, decap_chain: Default::default() };
     d.start_keeper();
     *d.rules.lock().await = d.wanted_rules();
     // What a previous run left that this one does not keep: the other form's rules (the
@@ -1139,6 +1144,7 @@ impl Daemon {
     /// Put the overlay device, its address, its route and the programs on it back, as at
     /// start, if any went missing: counted, logged, no restart.
     async fn heal(&mut self) {
+        self.check_decap_chain();
         let damage = match self.overlay_damage() {
             Ok(Some(d)) => d,
             Ok(None) => return,
@@ -1165,6 +1171,30 @@ impl Daemon {
             }
             Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the overlay device failed; trying again"),
         }
+    }
+
+    /// Log what else runs on the underlay's TC ingress hook whenever that changes (the first
+    /// time at start): our program goes first at attach time, but a program attached ahead
+    /// of it later that returns "ok" would end the chain, and the kernel would decapsulate
+    /// frames our checks never saw.
+    fn check_decap_chain(&mut self) {
+        let Some(dp) = self.ebpf.as_ref().filter(|dp| dp.decap_hook == DecapHook::Tc) else { return };
+        let chain = crate::datapath::attach::chain(&dp.underlay, aya::programs::TcAttachType::Ingress, overlay_common::prog_names::TC_INGRESS_DECAP);
+        if chain == self.decap_chain {
+            return;
+        }
+        let names = |v: &[(u32, String)]| v.iter().map(|(id, n)| format!("{n} (id {id})")).collect::<Vec<_>>().join(", ");
+        let filters = chain.filters.iter().map(|(p, k, n)| format!("{k} {n} (prio {p})")).collect::<Vec<_>>().join(", ");
+        if !chain.tcx_ahead.is_empty() {
+            tracing::warn!(
+                iface = %dp.underlay.name,
+                ahead = %names(&chain.tcx_ahead),
+                "programs run before our checks on the underlay's TC ingress: one that returns TC_ACT_OK lets tunnel frames past them"
+            );
+        } else if !chain.is_empty() {
+            tracing::info!(iface = %dp.underlay.name, after = %names(&chain.tcx_after), filters = %filters, "other programs on the underlay's TC ingress run after our checks");
+        }
+        self.decap_chain = chain;
     }
 
     /// The same for a dual-stack node's flannel-v6 device: made again with its address and

@@ -30,6 +30,7 @@ use ipnet::Ipv4Net;
 use overlay_common::{config_flags, map_names, prog_names, Counter, DataplaneConfig, EncapMode, MAP_LAYOUTS};
 
 use crate::{
+    datapath::attach::{self, TcAttach, TcAttachChoice},
     maps::Maps,
     netdev::{self, Link},
 };
@@ -108,6 +109,8 @@ pub struct NodeSpec {
     /// Capacity of the route map (remote subnets) and of the peer map (remote nodes).
     pub max_routes: u32,
     pub max_peers: u32,
+    /// How TC programs are attached (TCX where the kernel has it, unless forced).
+    pub tc_attach: TcAttachChoice,
 }
 
 /// A node whose data plane is up.
@@ -117,6 +120,8 @@ pub struct Dataplane {
     pub underlay: Link,
     /// The hook decapsulation ended up on (`Auto` resolved).
     pub decap_hook: DecapHook,
+    /// How the TC programs were attached.
+    pub attach: TcAttach,
     pub mtu: u32,
     /// Keeps the loaded objects (and aya-log's map) alive while the agent runs.
     pub ebpf: Ebpf,
@@ -266,19 +271,31 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
 
     let same_device = previous.is_some_and(|c| c.overlay_ifindex == device.ifindex);
     let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
+    let mech = attach::choose(spec.tc_attach)?;
     let encap_pin = spec.bpffs_dir.join(LINK_ENCAP);
-    if !(same_device && adopt_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &encap_pin)) {
-        attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress)
-            .and_then(|l| pin_link(l, &encap_pin))
-            .context("attaching encapsulation to the overlay device")?;
+    match mech {
+        TcAttach::Tcx => {
+            if !(same_device && adopt_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &encap_pin)) {
+                attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress, LinkOrder::default())
+                    .and_then(|l| pin_link(l, &encap_pin))
+                    .context("attaching encapsulation to the overlay device")?;
+            }
+            // A filter a legacy run left goes once the link runs (both run for a moment).
+            attach::detach_legacy(&device, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP)?;
+        }
+        TcAttach::Legacy => {
+            attach::attach_legacy(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &device, TcAttachType::Egress)
+                .context("attaching encapsulation to the overlay device")?;
+            remove_pin(&encap_pin)?;
+        }
     }
 
     // Routes kept in the pinned maps from a previous run: the device's entries follow them.
     maps.sync_fdb()?;
-    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
+    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
     attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
     netdev::route_network(spec.network, &spec.device)?;
-    Ok(Dataplane { maps, device, underlay, decap_hook, mtu, ebpf })
+    Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, mtu, ebpf })
 }
 
 /// An IPv6-only node's data plane: no IPv4 device, no encapsulation program (the kernel's
@@ -307,9 +324,10 @@ pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
     })?;
     remove_pin(&spec.bpffs_dir.join(LINK_ENCAP))?;
     let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
-    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay)?;
+    let mech = attach::choose(spec.tc_attach)?;
+    let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
     attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
-    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, ebpf })
+    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, ebpf })
 }
 
 /// Load the programs with their maps pinned under the node's directory (reusing the pins of
@@ -476,7 +494,7 @@ fn adopted(program: &str, pin: &Path, result: Result<()>) -> bool {
     }
 }
 
-fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType) -> Result<FdLink> {
+fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType, order: LinkOrder) -> Result<FdLink> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the object"))?
@@ -485,7 +503,7 @@ fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType) -> Resu
         prog.load().with_context(|| format!("verifier rejected {name}"))?;
     }
     let id = prog
-        .attach_with_options(iface, at, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .attach_with_options(iface, at, TcAttachOptions::TcxOrder(order))
         .with_context(|| format!("attaching {name} to {iface} (TCX needs Linux >= 6.6)"))?;
     let link = prog.take_link(id)?;
     Ok(FdLink::try_from(link)?)
@@ -527,9 +545,16 @@ pub fn resolve_hook(requested: DecapHook, mode: EncapMode, delivery: DecapDelive
     })
 }
 
-fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay: bool) -> Result<DecapHook> {
+fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay: bool, mech: TcAttach) -> Result<DecapHook> {
     let dir = &spec.bpffs_dir;
     let want = resolve_hook(spec.decap_hook, spec.mode, spec.delivery)?;
+    if want == DecapHook::Tc && mech == TcAttach::Legacy {
+        attach::attach_legacy(ebpf, prog_names::TC_INGRESS_DECAP, underlay, TcAttachType::Ingress)
+            .context("attaching decapsulation to the underlay")?;
+        remove_pin(&dir.join(LINK_DECAP_TC))?;
+        remove_pin(&dir.join(LINK_DECAP_XDP))?;
+        return Ok(DecapHook::Tc);
+    }
     if same_underlay {
         let adopted = match want {
             DecapHook::Xdp => adopt_xdp(ebpf, &dir.join(LINK_DECAP_XDP)).then_some(DecapHook::Xdp),
@@ -537,6 +562,7 @@ fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay
         };
         if let Some(hook) = adopted {
             remove_pin(&dir.join(if hook == DecapHook::Xdp { LINK_DECAP_TC } else { LINK_DECAP_XDP }))?;
+            attach::detach_legacy(underlay, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP)?;
             return Ok(hook);
         }
     }
@@ -553,15 +579,20 @@ fn attach_decap(ebpf: &mut Ebpf, spec: &NodeSpec, underlay: &Link, same_underlay
             Ok(link) => {
                 pin_link(link, &dir.join(LINK_DECAP_XDP))?;
                 remove_pin(&dir.join(LINK_DECAP_TC))?;
+                attach::detach_legacy(underlay, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP)?;
                 return Ok(DecapHook::Xdp);
             }
             Err(e) => return Err(e),
         }
     }
-    let link = attach_tc(ebpf, prog_names::TC_INGRESS_DECAP, &spec.iface, TcAttachType::Ingress)
+    // First in the chain: a program ahead of ours that says "ok" would end it, and the kernel
+    // would decapsulate the frame without our checks. (That holds at attach time; the daemon
+    // logs programs that get ahead later.)
+    let link = attach_tc(ebpf, prog_names::TC_INGRESS_DECAP, &spec.iface, TcAttachType::Ingress, LinkOrder::first())
         .context("attaching decapsulation to the underlay")?;
     pin_link(link, &dir.join(LINK_DECAP_TC))?;
     remove_pin(&dir.join(LINK_DECAP_XDP))?;
+    attach::detach_legacy(underlay, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP)?;
     Ok(DecapHook::Tc)
 }
 
@@ -574,6 +605,8 @@ pub struct Status {
     pub decap_hook: Option<DecapHook>,
     pub encap_attached: bool,
     pub guard_attached: bool,
+    /// How the TC programs are attached (none attached: `None`).
+    pub attach: Option<TcAttach>,
 }
 
 impl Status {
@@ -595,10 +628,22 @@ pub fn is_ipv6_only(config: &DataplaneConfig) -> bool {
 pub fn status(dir: &Path) -> Result<Status> {
     let maps = Maps::open(dir)?;
     let config = maps.config()?;
+    // Our cls_bpf filters (attached where the kernel has no TCX) have no pins: asked of the
+    // interfaces' hooks.
+    let legacy_decap = attach::legacy_attached(config.underlay_ifindex, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP);
+    let legacy_encap = attach::legacy_attached(config.overlay_ifindex, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP);
     let decap_hook = if dir.join(LINK_DECAP_XDP).exists() {
         Some(DecapHook::Xdp)
-    } else if dir.join(LINK_DECAP_TC).exists() {
+    } else if dir.join(LINK_DECAP_TC).exists() || legacy_decap {
         Some(DecapHook::Tc)
+    } else {
+        None
+    };
+    let tcx_pins = dir.join(LINK_DECAP_TC).exists() || dir.join(LINK_ENCAP).exists();
+    let attach = if legacy_decap || legacy_encap {
+        Some(TcAttach::Legacy)
+    } else if tcx_pins {
+        Some(TcAttach::Tcx)
     } else {
         None
     };
@@ -610,9 +655,10 @@ pub fn status(dir: &Path) -> Result<Status> {
     Ok(Status {
         device,
         underlay: netdev::name_of(config.underlay_ifindex),
-        encap_attached: dir.join(LINK_ENCAP).exists(),
+        encap_attached: dir.join(LINK_ENCAP).exists() || legacy_encap,
         guard_attached: dir.join(LINK_GUARD).exists(),
         decap_hook,
+        attach,
         config,
     })
 }
@@ -626,6 +672,18 @@ pub fn teardown(dir: &Path) -> Result<()> {
     let device6 = config.map(|c| crate::datapath::ipv6::device_name(c.vni));
     for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP, LINK_GUARD] {
         remove_pin(&dir.join(link))?;
+    }
+    // Our cls_bpf filters (kernels without TCX), and only ours: the qdisc and others' filters
+    // stay.
+    if let Some(c) = config {
+        for (ifindex, at, name) in [
+            (c.underlay_ifindex, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP),
+            (c.overlay_ifindex, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP),
+        ] {
+            if let Some(iface) = netdev::name_of(ifindex).and_then(|n| netdev::link(&n).ok().flatten()) {
+                attach::detach_legacy(&iface, at, name)?;
+            }
+        }
     }
     for map in map_names::ALL.iter().chain(&map_names::RETIRED) {
         remove_pin(&dir.join(map))?;

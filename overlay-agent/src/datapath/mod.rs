@@ -1,6 +1,7 @@
 //! The data plane: loading and attaching the eBPF programs (`dataplane`), the pinned maps
 //! they share with the agent (`maps`, the only code that writes them), the drop monitor, the
 //! operator's tables (`report`), and the userspace TUN forwarder of flannel's udp design.
+pub mod attach;
 pub mod dataplane;
 pub mod ipv6;
 pub mod maps;

@@ -7,3 +7,4 @@ pub mod iptables;
 pub mod nftables;
 pub mod netdev;
 pub mod subnet_file;
+pub mod tc;

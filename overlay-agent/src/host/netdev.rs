@@ -45,7 +45,7 @@ type Result<T> = std::result::Result<T, NetdevError>;
 /// marks interrupted (the table changed meanwhile) is asked again, a few times; a message
 /// the library cannot decode (a newer kernel's) is skipped by its header's length rather
 /// than failing the whole dump.
-fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+pub(crate) fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
     let mut attempts = 0;
     loop {
         match request_once(op, msg.clone(), flags)? {
