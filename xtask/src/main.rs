@@ -6,6 +6,7 @@
 mod fresh;
 mod fuzz;
 mod setup;
+mod vm;
 
 use std::{
     fs,
@@ -55,6 +56,10 @@ enum Cmd {
         #[arg(long)]
         runs: Option<u32>,
     },
+    /// Boot Debian 12's own kernels (6.1 without TCX, 6.12 with it) in qemu and run the
+    /// cluster that proves a kernel inside each, then two VMs over virtio-net for the decap
+    /// hook on virtio_net (root; a few minutes). `cargo xtask test` runs it too.
+    VmTest,
     /// Run every fuzz target (cargo fuzz, nightly) for a while each.
     Fuzz {
         /// Seconds per target.
@@ -235,7 +240,15 @@ fn run(cli: Cli) -> Result<()> {
             // The fuzzers, briefly: a smoke run that every target builds and survives.
             let fuzzed = fuzz::run(5);
             println!("tests: {passed} passed, {failed} failed");
-            fuzzed
+            fuzzed?;
+            // The kernel matrix: the same cluster on Debian 12's own kernels.
+            vm::run(&agent)
+        }
+        Cmd::VmTest => {
+            setup::run()?;
+            require_root("cargo xtask vm-test")?;
+            let agent = build_agent(false)?;
+            vm::run(&agent)
         }
         Cmd::Fuzz { seconds } => {
             setup::run()?;

@@ -72,6 +72,9 @@ pub fn run() -> Result<()> {
     rust_src().context("adding rust-src to the nightly toolchain")?;
     bpf_linker(llvm).context("installing bpf-linker")?;
     bpffs().context("mounting bpffs at /sys/fs/bpf")?;
+    // The kernel matrix's VMs: qemu and Debian 12's kernels, in a cache.
+    apt_install(crate::vm::PACKAGES, &log_dir()?.join("apt-vm.log"), "setup").context("installing the VM tools")?;
+    crate::vm::fetch().context("fetching Debian's kernels for the VM tests")?;
     Ok(())
 }
 
