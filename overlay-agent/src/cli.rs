@@ -609,7 +609,8 @@ impl RunArgs {
             bail!("--vni {} does not fit in VXLAN's 24 bits", self.vni);
         }
         let mode = EncapMode::from(self.backend);
-        let (iface, public_ip) = crate::netdev::resolve_interface(&self.iface_choice(), self.public_ip)?;
+        let u = crate::netdev::resolve_interface(&self.iface_choice(), self.public_ip)?;
+        let (iface, public_ip, underlay_ip) = (u.iface, u.public_ip, u.tunnel_ip);
         let (port, device) = match mode {
             EncapMode::Vxlan => (DEFAULT_VXLAN_PORT, format!("flannel.{}", self.vni)),
             EncapMode::Udp => (DEFAULT_UDP_PORT, "flannel0".to_string()),
@@ -617,6 +618,7 @@ impl RunArgs {
         Ok(NodeSpec {
             iface,
             public_ip,
+            underlay_ip,
             network,
             subnet,
             mode,

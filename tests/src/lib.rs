@@ -363,8 +363,9 @@ impl Node {
             }
         }
         // A test that chooses the interface its own way (--iface, --iface-regex,
-        // --iface-can-reach) replaces the default --iface eth0.
-        let chooses = |a: &String| ["--iface", "--iface-regex", "--iface-can-reach"].iter().any(|f| a == f || a.starts_with(&format!("{f}=")));
+        // --iface-can-reach, or --public-ip alone, which picks the interface that has it)
+        // replaces the default --iface eth0.
+        let chooses = |a: &String| ["--iface", "--iface-regex", "--iface-can-reach", "--public-ip"].iter().any(|f| a == f || a.starts_with(&format!("{f}=")));
         if args.iter().skip(2).any(chooses) {
             args.drain(..2);
         }
@@ -912,6 +913,50 @@ impl Cluster {
         ip(&["-n", ns.name(), "link", "set", "lo", "up"])?;
         let handle = ns.handle();
         self.extra.push(ns);
+        Ok(handle)
+    }
+}
+
+impl Cluster {
+    /// Move nodes (their agents stopped: their eth0 goes) behind one router that maps each
+    /// public address 1:1 to a node (DNAT in, SNAT out, hairpin between them included), as a
+    /// cloud's or a home router's 1:1 NAT does: node i's eth0 is made again on the router's
+    /// private bridge with 10.99.0.<i>/24 and a default route via 10.99.0.254, and the
+    /// router's `pub0` on the underlay holds the public addresses. Each node's
+    /// `underlay_ip` becomes its public address (where peers send).
+    pub fn put_behind_nat(&mut self, nodes: &[(usize, Ipv4Addr)]) -> Result<Netns> {
+        let r = Netns::new(&format!("{}-nat", self.prefix))?;
+        let (ul, rn) = (self.underlay.name().to_string(), r.name().to_string());
+        ip(&["-n", &ul, "link", "add", "xnat", "type", "veth", "peer", "name", "pub0", "netns", &rn])?;
+        ip(&["-n", &ul, "link", "set", "xnat", "master", "br0", "up"])?;
+        ip(&["-n", &rn, "link", "set", "lo", "up"])?;
+        ip(&["-n", &rn, "link", "set", "pub0", "up"])?;
+        ip(&["-n", &rn, "link", "add", "br1", "type", "bridge"])?;
+        ip(&["-n", &rn, "addr", "add", "10.99.0.254/24", "dev", "br1"])?;
+        ip(&["-n", &rn, "link", "set", "br1", "up"])?;
+        r.sysctl("net.ipv4.ip_forward", "1")?;
+        // Hairpinned packets leave by the interface they came in on: no redirects, the NAT
+        // is the way.
+        r.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        r.sysctl("net.ipv4.conf.br1.send_redirects", "0")?;
+        for &(i, public) in nodes {
+            let node = self.node(i).ns.name().to_string();
+            let private = Ipv4Addr::new(10, 99, 0, i as u8);
+            ip(&["-n", &rn, "addr", "add", &format!("{public}/24"), "dev", "pub0"])?;
+            ip(&["-n", &node, "link", "del", "eth0"])?;
+            let port = format!("q{i}");
+            ip(&["-n", &rn, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &node])?;
+            ip(&["-n", &rn, "link", "set", &port, "master", "br1", "up"])?;
+            ip(&["-n", &node, "addr", "add", &format!("{private}/24"), "dev", "eth0"])?;
+            ip(&["-n", &node, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
+            ip(&["-n", &node, "route", "add", "default", "via", "10.99.0.254"])?;
+            let (p, q) = (public.to_string(), private.to_string());
+            run(r.command("iptables").args(["-w", "-t", "nat", "-A", "PREROUTING", "-d", &p, "-j", "DNAT", "--to-destination", &q]))?;
+            run(r.command("iptables").args(["-w", "-t", "nat", "-A", "POSTROUTING", "-s", &q, "-j", "SNAT", "--to-source", &p]))?;
+            self.node_mut(i).underlay_ip = public;
+        }
+        let handle = r.handle();
+        self.extra.push(r);
         Ok(handle)
     }
 }

@@ -9,6 +9,8 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+
 use overlay_tests::{
     require_root,
     traffic::{ping, tcp_transfer},
@@ -779,4 +781,58 @@ fn backend_mtu_is_the_underlay_mtu_as_flannel_reads_it() {
     assert_eq!(ok("mtu", overlay_tests::link_mtu(&n1.ns, "flannel.1")), 1350, "{}", n1.log_text());
     assert_eq!(flannel_mtu(n1).as_deref(), Some("1350"));
     ok("ping", ping(&n1.containers[0], c.node(2).container_ip(1), 2));
+}
+
+/// Nodes behind 1:1 NAT, flannel's documented `--public-ip` case, as flannel v0.11 to v0.27
+/// run them: the tunnel ends at the interface's (private) address, the lease names the
+/// public one. Node 1 (TC) and node 2 (XDP) sit behind one router; node 3 does not. Node 1
+/// gives `--public-ip` alone (no interface has it: the default route's is used, with a
+/// warning). Traffic crosses the NAT both ways, and between the two NATed nodes through the
+/// router's hairpin, whose SNAT makes the outer source the sender's lease PublicIP (the one
+/// source the peer check accepts).
+#[test]
+fn nodes_behind_one_to_one_nat_carry_traffic_both_ways() {
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "tc" }, NodeKind::Agent { decap_hook: "xdp" }, NodeKind::Agent { decap_hook: "tc" }],
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 3)
+    };
+    let mut c = cluster("nt", &spec);
+    let publics = [(1usize, Ipv4Addr::new(192, 168, 100, 51)), (2, Ipv4Addr::new(192, 168, 100, 52))];
+    for (i, _) in publics {
+        ok("stop", c.stop_agent(i));
+        // Its lease named its old address; the restarted agent claims its subnet again.
+        let key = format!("/coreos.com/network/subnets/{}-24", c.node(i).subnet.network());
+        ok("del lease", c.etcd().etcdctl(&["del", &key]));
+    }
+    let router = ok("nat", c.put_behind_nat(&publics));
+    for (i, public) in publics {
+        let arg = format!("--public-ip={public}");
+        // Node 1: --public-ip alone; node 2 also names its interface.
+        let args = if i == 1 { vec![arg] } else { vec![arg, "--iface=eth0".into()] };
+        c.set_agent_args(args, Vec::new());
+        ok("restart behind NAT", c.restart_agent_with_current_args(i));
+    }
+    c.set_agent_args(Vec::new(), Vec::new());
+    assert!(
+        c.node(1).log_text().contains("no interface has the --public-ip address"),
+        "--public-ip on no interface is warned about:\n{}",
+        c.node(1).log_text()
+    );
+    for (i, public) in publics {
+        let lease = ok("lease", c.node(3).agent_cli(&["lease", &c.node(i).subnet.to_string(), &c.etcd().agent_flags()[0]]));
+        assert!(lease.contains(&format!("\"PublicIP\":\"{public}\"")), "node {i}'s lease names its public address:\n{lease}");
+        let dev = ok("ip", c.node(i).ns.run("ip", &["-d", "link", "show", "flannel.1"]));
+        assert!(dev.contains(&format!("local 10.99.0.{i} ")), "node {i}'s tunnel ends at its interface's address:\n{dev}");
+    }
+    assert!(wait_until(PROPAGATION_BOUND * 4, || converged(&c)), "routes did not converge after the move behind NAT");
+    for (a, b) in [(1, 3), (3, 1), (2, 3), (3, 2), (1, 2), (2, 1)] {
+        ok(&format!("ping {a} -> {b}"), ping(&c.node(a).containers[0], c.node(b).container_ip(1), 2));
+        ok(&format!("TCP {a} -> {b}"), tcp_transfer(&c.node(a).containers[1], &c.node(b).containers[0], c.node(b).container_ip(0), 4 << 20));
+    }
+    // The checks saw the NATed peers by their public addresses.
+    for (i, public) in publics {
+        assert!(c.node(3).peer_totals(public).rx_packets > 0, "node 3 took nothing from node {i} at {public}");
+    }
+    assert!(c.node(1).peer_totals(publics[1].1).rx_packets > 0, "node 1 took nothing from node 2 through the hairpin");
+    drop(router);
 }

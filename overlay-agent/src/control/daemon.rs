@@ -377,9 +377,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     let cfg = network_config(&mut reg).await?;
     // An IPv6-only node has no IPv4 address to announce: its interface is chosen by its IPv6
     // address, and its lease says PublicIP 0.0.0.0, as flannel's.
-    let (iface, public_ip, public_ipv6) = if cfg.enable_ipv4 {
-        let (iface, ip) = netdev::resolve_interface(&opts.iface, opts.public_ip)?;
-        (iface, ip, opts.public_ipv6)
+    let (iface, public_ip, underlay_ip, public_ipv6) = if cfg.enable_ipv4 {
+        let u = netdev::resolve_interface(&opts.iface, opts.public_ip)?;
+        (u.iface, u.public_ip, u.tunnel_ip, opts.public_ipv6)
     } else {
         if opts.public_ip.is_some() {
             tracing::warn!("--public-ip is ignored: the network is IPv6-only (EnableIPv4 false); --public-ipv6 gives the address");
@@ -388,13 +388,14 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             tracing::warn!("--ip-blackhole-route adds IPv4 routes only; the network is IPv6-only, so none is added");
         }
         let (iface, ip6) = netdev::resolve_interface6(&opts.iface, opts.public_ipv6)?;
-        (iface, Ipv4Addr::UNSPECIFIED, Some(ip6))
+        (iface, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Some(ip6))
     };
-    tracing::info!(%iface, %public_ip, public_ipv6 = ?public_ipv6.map(|a| a.to_string()), "underlay interface chosen");
+    tracing::info!(%iface, %public_ip, tunnel_endpoint = %underlay_ip, public_ipv6 = ?public_ipv6.map(|a| a.to_string()), "underlay interface chosen");
     let mode = cfg.backend.mode;
     let mut spec = NodeSpec {
         iface,
         public_ip,
+        underlay_ip,
         network: cfg.network,
         subnet: cfg.network, // replaced by the leased subnet below
         mode,
@@ -1275,7 +1276,7 @@ impl Daemon {
         if self.opts.public_ip.is_some() || self.ebpf.is_none() || !self.cfg.enable_ipv4 {
             return Ok(false);
         }
-        let Ok((iface, ip)) = netdev::resolve_interface(&self.opts.iface, None) else {
+        let Ok(netdev::Underlay { iface, public_ip: ip, .. }) = netdev::resolve_interface(&self.opts.iface, None) else {
             // No address at all for a moment (between a DHCP release and renewal): keep the
             // old one until there is a new one.
             return Ok(false);
@@ -1287,6 +1288,7 @@ impl Daemon {
         let mut spec = self.spec.clone();
         spec.iface = iface;
         spec.public_ip = ip;
+        spec.underlay_ip = ip;
         let dp = match dataplane_up(&spec).await {
             Ok(dp) => dp,
             Err(e) => {

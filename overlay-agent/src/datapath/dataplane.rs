@@ -91,7 +91,12 @@ pub enum DecapDelivery {
 #[derive(Clone, Debug)]
 pub struct NodeSpec {
     pub iface: String,
+    /// The address announced in the lease (flannel's PublicIP): where peers send.
     pub public_ip: Ipv4Addr,
+    /// Where this node's tunnel ends on the underlay interface: the vxlan device's `local`,
+    /// the outer source of what it sends, the destination decap and the guard accept. The
+    /// public address when the interface has it, else the interface's own (1:1 NAT).
+    pub underlay_ip: Ipv4Addr,
     pub network: Ipv4Net,
     pub subnet: Ipv4Net,
     pub mode: EncapMode,
@@ -237,7 +242,7 @@ pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32)> {
     let mtu = overlay_mtu(spec.mtu, spec.mode, &underlay.name, underlay.mtu)?;
     match spec.mode {
         EncapMode::Vxlan => {
-            netdev::ensure_vxlan(&spec.device, spec.vni, spec.port, spec.public_ip, &spec.iface)?;
+            netdev::ensure_vxlan(&spec.device, spec.vni, spec.port, spec.underlay_ip, &spec.iface)?;
         }
         EncapMode::Udp => {
             netdev::ensure_veth(&spec.device, &overlay_peer_name(&spec.device))?;
@@ -262,7 +267,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         flags: config_flags::READY | delivery_flags(spec.delivery, spec.mode),
         underlay_ifindex: underlay.ifindex,
         overlay_ifindex: device.ifindex,
-        underlay_ip: spec.public_ip.octets(),
+        underlay_ip: spec.underlay_ip.octets(),
         local_subnet: spec.subnet.network().octets(),
         local_prefix_len: spec.subnet.prefix_len() as u32,
         vtep_mac: device.mac,

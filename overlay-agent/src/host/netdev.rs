@@ -304,6 +304,13 @@ pub struct IfaceChoice {
     pub can_reach: Option<Ipv4Addr>,
 }
 
+impl IfaceChoice {
+    /// Nothing given: the default route's interface (or --public-ip's).
+    pub fn is_empty(&self) -> bool {
+        self.iface.is_empty() && self.regex.is_empty() && self.can_reach.is_none()
+    }
+}
+
 /// Pick the interface and the address it gives, from `interfaces` (name, IPv4 addresses),
 /// as flannel's LookupExtIface does: `--iface` entries in order (an address picks the
 /// interface holding it, and is the public address), else the `--iface-regex` patterns in
@@ -357,12 +364,53 @@ pub fn choose_interface<A: Copy + PartialEq + std::str::FromStr + std::fmt::Disp
 
 /// Choose the underlay interface and this node's public address on this host (`public_ip`
 /// overrides the address, as --public-ip does).
-pub fn resolve_interface(choice: &IfaceChoice, public_ip: Option<Ipv4Addr>) -> std::result::Result<(String, Ipv4Addr), NetdevError> {
+pub fn resolve_interface(choice: &IfaceChoice, public_ip: Option<Ipv4Addr>) -> std::result::Result<Underlay, NetdevError> {
     let interfaces = interfaces()?;
-    let (name, addr) = choose_interface(choice, &interfaces, |dst| route_to(dst).ok(), || default_route_iface().ok())
-        .map_err(|why| NetdevError::Netlink { op: "choosing the interface".into(), cause: std::io::Error::other(why) })?;
-    let ip = public_ip.or(addr).ok_or_else(|| NetdevError::NoIpv4 { name: name.clone() })?;
-    Ok((name, ip))
+    let owner = |ip: Ipv4Addr| interfaces.iter().find(|(_, a)| a.contains(&ip)).map(|(n, _)| n.clone());
+    let chosen = match public_ip {
+        // --public-ip alone: the interface that owns that address (flannel v0.28 does the
+        // same, and exits when none does).
+        Some(p) if choice.is_empty() => match owner(p) {
+            Some(name) => Some((name, Some(p))),
+            None => {
+                tracing::warn!(
+                    public_ip = %p,
+                    "no interface has the --public-ip address (a node behind NAT): the default route's interface and its \
+                     address carry the tunnel, and the lease tells peers to send to the public address"
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let (name, addr) = match chosen {
+        Some(c) => c,
+        None => choose_interface(choice, &interfaces, |dst| route_to(dst).ok(), || default_route_iface().ok())
+            .map_err(|why| NetdevError::Netlink { op: "choosing the interface".into(), cause: std::io::Error::other(why) })?,
+    };
+    let addr = addr.ok_or_else(|| NetdevError::NoIpv4 { name: name.clone() })?;
+    Ok(underlay_of(name, addr, public_ip, |n, ip| owner(ip).as_deref() == Some(n)))
+}
+
+/// The node's underlay: its interface, the address its tunnel ends at there (the outer
+/// source of what it sends, the destination of what it takes), and the address the lease
+/// announces (flannel's PublicIP), which differs from it behind 1:1 NAT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Underlay {
+    pub iface: String,
+    pub tunnel_ip: Ipv4Addr,
+    pub public_ip: Ipv4Addr,
+}
+
+/// The tunnel ends at `--public-ip` when the chosen interface has that address, else at the
+/// interface's own address, as flannel v0.11 to v0.27 bind the vxlan device (`owns`: whether
+/// interface `name` has address `ip`).
+pub fn underlay_of(iface: String, iface_addr: Ipv4Addr, public_ip: Option<Ipv4Addr>, owns: impl Fn(&str, Ipv4Addr) -> bool) -> Underlay {
+    let tunnel_ip = match public_ip {
+        Some(p) if owns(&iface, p) => p,
+        _ => iface_addr,
+    };
+    Underlay { public_ip: public_ip.unwrap_or(tunnel_ip), tunnel_ip, iface }
 }
 
 /// An IPv6-only node's underlay interface and public IPv6 address, chosen as
@@ -966,6 +1014,18 @@ pub fn name_of(ifindex: u32) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    /// Behind 1:1 NAT the tunnel ends at the interface's address and the lease names the
+    /// public one; a public address the interface has is both; no --public-ip, the
+    /// interface's address is both.
+    #[test]
+    fn the_tunnel_ends_on_the_interface_and_the_lease_names_the_public_address() {
+        let (private, public, second) = ("10.99.1.2".parse().unwrap(), "192.168.100.51".parse().unwrap(), "192.168.100.7".parse().unwrap());
+        let owns = |n: &str, ip| n == "eth0" && (ip == private || ip == second);
+        let u = |p| super::underlay_of("eth0".into(), private, p, owns);
+        assert_eq!((u(Some(public)).tunnel_ip, u(Some(public)).public_ip), (private, public), "NAT");
+        assert_eq!((u(Some(second)).tunnel_ip, u(Some(second)).public_ip), (second, second), "a second address of the interface");
+        assert_eq!((u(None).tunnel_ip, u(None).public_ip), (private, private));
+    }
     use super::*;
 
     /// flannel's order: --iface entries (names or addresses; first that exists), else
