@@ -441,6 +441,10 @@ pub struct RunArgs {
     /// filters under clsact. Hidden: `legacy` tests the older kernels' path on newer ones.
     #[arg(long, env = "FLANNELD_TC_ATTACH", value_enum, default_value = "auto", hide = true)]
     pub tc_attach: crate::datapath::attach::TcAttachChoice,
+    /// How the socket guard runs: its program where the kernel can run it (Linux 5.17), else
+    /// the same rule in the firewall. Hidden: `firewall` tests the older kernels' path.
+    #[arg(long, env = "FLANNELD_GUARD", value_enum, default_value = "auto", hide = true)]
+    pub guard: crate::datapath::attach::GuardChoice,
     /// Capacity of the route map: remote subnets the node can route to.
     #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]
     pub max_routes: u32,
@@ -589,6 +593,7 @@ impl RunArgs {
             max_routes: self.max_routes,
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,
+            guard: self.guard,
         }
     }
 
@@ -632,6 +637,7 @@ impl RunArgs {
             max_routes: self.max_routes,
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,
+            guard: self.guard,
         })
     }
 }

@@ -92,7 +92,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 st.decap_hook.map_or("-".to_string(), |h| h.to_string()),
                 st.attach.map_or("-".to_string(), |a| a.to_string()),
-                if st.guard_attached { "attached" } else { "detached" },
+                st.guard.map_or("detached".to_string(), |g| g.to_string()),
                 st.config.is_ready()
             );
             Ok(if st.is_up() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -219,6 +219,19 @@ fn config_command(etcd: &overlay_agent::cli::EtcdArgs, cmd: ConfigCommand) -> Re
 fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
     let spec = args.node_spec(dir)?;
     let mut dp = dataplane::up(&spec)?;
+    // Static mode keeps no other rules; the guard's firewall form, where its program cannot
+    // run, is installed here (iptables, else nftables) and stays, as the programs do.
+    if dp.guard == overlay_agent::datapath::attach::Guard::Firewall {
+        let addr = std::net::IpAddr::V4(spec.underlay_ip);
+        let installed = if overlay_agent::nftables::has_iptables() {
+            overlay_agent::iptables::ensure(&overlay_agent::iptables::guard("iptables", &spec.iface, addr, spec.port)).map(drop).map_err(anyhow::Error::from)
+        } else {
+            overlay_agent::nftables::ensure_guard(&overlay_agent::nftables::NftGuard { iface: spec.iface.clone(), addr, port: spec.port })
+                .map(drop)
+                .map_err(anyhow::Error::from)
+        };
+        installed.context("installing the socket guard's firewall rule")?;
+    }
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("net.ipv4.ip_forward is 0: containers will not be reachable across nodes");
     }
@@ -230,6 +243,7 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         public_ip = %spec.public_ip,
         decap = %dp.decap_hook,
         attach = %dp.attach,
+        guard = %dp.guard,
         subnet = %spec.subnet,
         "data plane up (static mode)"
     );

@@ -938,8 +938,9 @@ fn stack_delivery_goes_through_the_overlay_device() {
 /// by the socket guard and counted as `foreign_tunnel`: the kernel's vxlan socket, which
 /// listens on every address, never decapsulates it. The same frame from the peer over the
 /// underlay is delivered, so the interface is what stops the others.
-fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str) {
-    let mut c = cluster(tag, &ClusterSpec::agents(Backend::Vxlan, hook, 2));
+fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str, guard: &str) {
+    let spec = ClusterSpec { agent_args: vec![format!("--guard={guard}")], ..ClusterSpec::agents(Backend::Vxlan, hook, 2) };
+    let mut c = cluster(tag, &spec);
     let (side, side_gw, side_ip) = ok("side host", c.add_side_host(1, "side"));
     let (n1, n2) = (c.node(1), c.node(2));
     let probe_port = 9999;
@@ -959,7 +960,19 @@ fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str) {
         ("second interface -> node underlay address", &side, SocketAddrV4::new(side_ip, 0), port(n1.underlay_ip)),
         ("second interface -> its address there", &side, SocketAddrV4::new(side_ip, 0), port(side_gw)),
     ];
-    let guarded = || n1.counter(Counter::ForeignTunnel) - before[Counter::ForeignTunnel as usize];
+    let status = ok("status", n1.agent_cli(&["status"]));
+    assert!(status.contains(&format!("guard={}", guard.replace('-', "_"))), "{status}");
+    // Where the guard's program cannot run (forced here), its firewall rule drops instead:
+    // counted by iptables.
+    let chain_packets = || -> u64 {
+        let out = n1.ns.run("iptables", &["-w", "-t", "filter", "-L", "OVERLAY-GUARD", "-v", "-x", "-n"]).unwrap_or_default();
+        out.lines().skip(2).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum()
+    };
+    let chain_before = chain_packets();
+    let guarded = || match guard {
+        "firewall" => chain_packets() - chain_before,
+        _ => n1.counter(Counter::ForeignTunnel) - before[Counter::ForeignTunnel as usize],
+    };
     for (k, (what, ns, from, to)) in sends.iter().enumerate() {
         ok(what, send_udp(ns, *from, *to, vec![frame.clone()]));
         let k = k as u64 + 1;
@@ -982,12 +995,19 @@ fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str) {
 
 #[test]
 fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_tc_decap() {
-    tunnel_frames_from_elsewhere("gt", "tc");
+    tunnel_frames_from_elsewhere("gt", "tc", "sk-lookup");
 }
 
 #[test]
 fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_xdp_decap() {
-    tunnel_frames_from_elsewhere("gx", "xdp");
+    tunnel_frames_from_elsewhere("gx", "xdp", "sk-lookup");
+}
+
+/// Kernels before 5.17 cannot run the guard's program (no `ingress_ifindex`): the same rule
+/// in the firewall (forced here) drops the same frames.
+#[test]
+fn tunnel_frames_from_elsewhere_are_dropped_by_the_firewall_guard() {
+    tunnel_frames_from_elsewhere("gf", "tc", "firewall");
 }
 
 /// Packets the (one) tc filter action on node `n`'s eth0 ingress has seen.

@@ -542,3 +542,37 @@ fn a_flanneld_unit_files_flags_and_variables_start_the_agent() {
     assert!(log.contains("-vmodule=main=3 is klog's per-file verbosity and is ignored here"), "{log}");
     ok("ping", ping(&c.node(1).containers[0], c.node(1).container_ip(1), 1));
 }
+
+/// The socket guard's firewall form (for kernels before 5.17, forced here) on a node in
+/// nftables mode: a table of our own (flannel's keeps exactly flannel's rules) whose input
+/// chain drops tunnel datagrams that did not come in on the underlay to the tunnel address;
+/// a container's tunnel frame to its node is not decapsulated, a peer's is; restarted with
+/// the program, the table goes.
+#[test]
+fn the_firewall_guard_in_nftables_mode() {
+    let config = r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec { control: Control::Etcd { tls: false, config: config.into() }, ..with_args(&["--guard=firewall"], 2) };
+    let mut c = cluster("ng", &spec);
+    let (n1, n2) = (c.node(1), c.node(2));
+    let table = ok("nft", n1.ns.run("nft", &["list", "table", "ip", "overlay-guard"]));
+    for rule in ["type filter hook input priority filter - 10; policy accept;", "iifname != \"eth0\" udp dport 8472 drop", &format!("ip daddr != {} udp dport 8472 drop", n1.underlay_ip)] {
+        assert!(table.contains(rule), "{rule:?} missing:\n{table}");
+    }
+    assert!(ok("status", n1.agent_cli(&["status"])).contains("guard=firewall"));
+    ok("ping", ping(&n2.containers[0], n1.container_ip(0), 2));
+    // A container sends its node a tunnel frame that would pass every check on the underlay.
+    let rx_before = n1.link_stat("flannel.1", "rx", "packets");
+    let mut frame = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    let inner = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 9], n1.vtep_mac).ipv4(n2.container_ip(0).octets(), n1.container_ip(0).octets(), 64).udp(40000, 9000);
+    inner.write(&mut frame, b"from a container").unwrap();
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0);
+    ok("send", send_udp(&n1.containers[1], any, SocketAddrV4::new(n1.underlay_ip, 8472), vec![frame.clone(); 3]));
+    ok("ping", ping(&n2.containers[0], n1.container_ip(0), 1));
+    let rx = n1.link_stat("flannel.1", "rx", "packets") - rx_before;
+    assert!(rx >= 1 && rx < 3, "flannel.1 took {rx} packets: the peer's ping only, none of the container's frames");
+    // With the program again (auto on this kernel), the table goes at start.
+    c.set_agent_args(Vec::new(), Vec::new());
+    ok("restart", c.restart_agent_with_current_args(1));
+    assert!(c.node(1).ns.run("nft", &["list", "table", "ip", "overlay-guard"]).is_err(), "the guard's table must go with the program back");
+    assert!(ok("status", c.node(1).agent_cli(&["status"])).contains("guard=sk_lookup"));
+}

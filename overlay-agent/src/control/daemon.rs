@@ -69,6 +69,8 @@ pub struct DaemonOptions {
     pub max_peers: u32,
     /// How TC programs are attached (hidden flag; TCX where the kernel has it).
     pub tc_attach: crate::datapath::attach::TcAttachChoice,
+    /// How the socket guard runs (hidden flag; its program where the kernel can run it).
+    pub guard: crate::datapath::attach::GuardChoice,
 }
 
 /// Which data plane forwards the node's traffic.
@@ -410,6 +412,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         max_routes: opts.max_routes,
         max_peers: opts.max_peers,
         tc_attach: opts.tc_attach,
+        guard: opts.guard,
     };
     if opts.dataplane == DataplaneKind::Tun && !cfg.enable_ipv4 {
         bail!("--dataplane tun carries IPv4 only; an IPv6-only network (EnableIPv4 false) runs on the eBPF data plane (leave --dataplane at ebpf)");
@@ -467,7 +470,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             }
             let s = spec.clone();
             let dp = tokio::task::spawn_blocking(move || dataplane::up_ipv6_only(&s)).await.context("the data-plane task")??;
-            tracing::info!(decap = %dp.decap_hook, attach = %dp.attach, guard = %"sk_lookup", "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
+            tracing::info!(decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
             let mtu = dp.mtu;
             (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
         }
@@ -481,7 +484,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
         DataplaneKind::Ebpf => {
             let dp = dataplane_up(&spec).await?;
-            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, attach = %dp.attach, guard = %"sk_lookup", "eBPF data plane up");
+            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF data plane up");
             let mtu = dp.mtu;
             (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
         }
@@ -556,7 +559,23 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             (Some(c6), Some(s6)) => Some((c6.network, s6)),
             _ => None,
         };
+        // Where the guard's program cannot run, its rule: for the IPv4 tunnel address and a
+        // dual-stack node's IPv6 one, on the underlay.
+        let guard_firewall = self.ebpf.as_ref().is_some_and(|dp| dp.guard == crate::datapath::attach::Guard::Firewall);
+        let mut guard_addrs: Vec<std::net::IpAddr> = Vec::new();
+        if guard_firewall {
+            if self.cfg.enable_ipv4 {
+                guard_addrs.push(self.spec.underlay_ip.into());
+            }
+            if let Some(o6) = &self.v6 {
+                guard_addrs.push(o6.public_ip.into());
+            }
+        }
         if self.cfg.enable_nftables || !crate::nftables::has_iptables() {
+            let guards = guard_addrs
+                .iter()
+                .map(|a| crate::nftables::NftGuard { iface: self.spec.iface.clone(), addr: *a, port: self.spec.port })
+                .collect();
             let mut tables = Vec::new();
             if self.cfg.enable_ipv4 {
                 tables.push(crate::nftables::NftRules {
@@ -572,9 +591,12 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                     forward: self.opts.forward_rules.then_some(n6.into()),
                 });
             }
-            return Firewall::Nft(tables);
+            return Firewall::Nft(tables, guards);
         }
-        let mut r = Vec::new();
+        let mut r: Vec<ChainRules> = guard_addrs
+            .iter()
+            .map(|a| iptables::guard(if a.is_ipv4() { "iptables" } else { "ip6tables" }, &self.spec.iface, *a, self.spec.port))
+            .collect();
         let v4 = self.cfg.enable_ipv4;
         if self.opts.ip_masq {
             if v4 {
@@ -604,8 +626,8 @@ pub enum Firewall {
     /// flannel's iptables chains (FLANNEL-POSTRTG, FLANNEL-FWD).
     Iptables(Vec<ChainRules>),
     /// flannel's nftables tables (flannel-ipv4, and flannel-ipv6 for a dual-stack node:
-    /// postrtg, forward).
-    Nft(Vec<crate::nftables::NftRules>),
+    /// postrtg, forward), and our guard's tables where its program cannot run.
+    Nft(Vec<crate::nftables::NftRules>, Vec<crate::nftables::NftGuard>),
 }
 
 /// Rules a previous run (ours or flanneld's) left that this run does not keep.
@@ -616,6 +638,9 @@ pub struct Leftovers {
     /// nftables tables to remove: flannel-ipv4, flannel-ipv6.
     pub nft_ipv4: bool,
     pub nft_ipv6: bool,
+    /// Our guard's nftables tables (ip, ip6) to remove.
+    pub nft_guard4: bool,
+    pub nft_guard6: bool,
 }
 
 impl Leftovers {
@@ -636,6 +661,13 @@ impl Leftovers {
                 }
             }
         }
+        for (gone, ipv6) in [(self.nft_guard4, false), (self.nft_guard6, true)] {
+            if gone {
+                if let Err(e) = crate::nftables::remove_guard(ipv6) {
+                    tracing::debug!(ipv6, error = %e, "could not remove the guard's nftables table");
+                }
+            }
+        }
     }
 }
 
@@ -649,10 +681,19 @@ impl Firewall {
                 chains: all.into_iter().filter(|k| !chains.iter().any(|c| (c.cmd, c.chain) == *k)).collect(),
                 nft_ipv4: true,
                 nft_ipv6: true,
+                nft_guard4: true,
+                nft_guard6: true,
             },
-            Firewall::Nft(tables) => {
+            Firewall::Nft(tables, guards) => {
                 let keeps = |ipv6: bool| tables.iter().any(|t| t.ipv6 == ipv6 && !t.is_empty());
-                Leftovers { chains: if has_iptables { all } else { Vec::new() }, nft_ipv4: !keeps(false), nft_ipv6: !keeps(true) }
+                let guards_v = |ipv6: bool| guards.iter().any(|g| g.addr.is_ipv6() == ipv6);
+                Leftovers {
+                    chains: if has_iptables { all } else { Vec::new() },
+                    nft_ipv4: !keeps(false),
+                    nft_ipv6: !keeps(true),
+                    nft_guard4: !guards_v(false),
+                    nft_guard6: !guards_v(true),
+                }
             }
             Firewall::None => Leftovers::default(),
         }
@@ -668,10 +709,13 @@ impl Firewall {
                 }
                 changed
             }
-            Firewall::Nft(tables) => {
+            Firewall::Nft(tables, guards) => {
                 let mut changed = false;
                 for t in tables.iter().filter(|t| !t.is_empty()) {
                     changed |= crate::nftables::ensure(t)?;
+                }
+                for g in guards {
+                    changed |= crate::nftables::ensure_guard(g)?;
                 }
                 changed
             }
@@ -1302,6 +1346,8 @@ impl Daemon {
         });
         self.spec = spec;
         self.ebpf = Some(dp);
+        // A firewall guard names the tunnel address: it follows.
+        *self.rules.lock().await = self.wanted_rules();
         // The client's connections left from the old address, which is gone: waiting for
         // them to time out would leave the lease naming an address nobody answers on.
         self.reg = connect(&self.opts.etcd).await?;
@@ -1412,23 +1458,37 @@ mod tests {
         let n: ipnet::Ipv4Net = "10.244.0.0/16".parse().unwrap();
         let s: ipnet::Ipv4Net = "10.244.1.0/24".parse().unwrap();
         let (m, f) = (iptables::masquerade(n, s, iptables::MasqRandom::Fully), iptables::forward(n));
-        let all = [("iptables", "FLANNEL-POSTRTG"), ("iptables", "FLANNEL-FWD"), ("ip6tables", "FLANNEL-POSTRTG"), ("ip6tables", "FLANNEL-FWD")];
+        let all = [
+            ("iptables", "FLANNEL-POSTRTG"),
+            ("iptables", "FLANNEL-FWD"),
+            ("ip6tables", "FLANNEL-POSTRTG"),
+            ("ip6tables", "FLANNEL-FWD"),
+            ("iptables", "OVERLAY-GUARD"),
+            ("ip6tables", "OVERLAY-GUARD"),
+        ];
         // Both IPv4 chains kept: the IPv6 ones and both nftables tables go.
         let l = Firewall::Iptables(vec![m.clone(), f.clone()]).leftovers(true);
-        assert_eq!(l, Leftovers { chains: all[2..].to_vec(), nft_ipv4: true, nft_ipv6: true });
+        assert_eq!(l, Leftovers { chains: all[2..].to_vec(), nft_ipv4: true, nft_ipv6: true, nft_guard4: true, nft_guard6: true });
         // --ip-masq switched off: its chain goes, the forward chain stays.
         let l = Firewall::Iptables(vec![f.clone()]).leftovers(true);
-        assert_eq!(l.chains, vec![all[0], all[2], all[3]]);
+        assert_eq!(l.chains, vec![all[0], all[2], all[3], all[4], all[5]]);
         // Neither wanted: every chain goes.
         assert_eq!(Firewall::Iptables(vec![]).leftovers(true).chains, all.to_vec());
         // nftables mode: every iptables chain goes (where iptables exists), and a family's
         // table goes when this run keeps nothing in it.
         let v4 = crate::nftables::NftRules { ipv6: false, masq: None, forward: Some(n.into()) };
-        let l = Firewall::Nft(vec![v4.clone()]).leftovers(true);
-        assert_eq!(l, Leftovers { chains: all.to_vec(), nft_ipv4: false, nft_ipv6: true });
-        assert_eq!(Firewall::Nft(vec![v4]).leftovers(false).chains, vec![], "no iptables on the host: no chain to look for");
+        let l = Firewall::Nft(vec![v4.clone()], vec![]).leftovers(true);
+        assert_eq!(l, Leftovers { chains: all.to_vec(), nft_ipv4: false, nft_ipv6: true, nft_guard4: true, nft_guard6: true });
+        assert_eq!(Firewall::Nft(vec![v4.clone()], vec![]).leftovers(false).chains, vec![], "no iptables on the host: no chain to look for");
         let empty = crate::nftables::NftRules { ipv6: false, masq: None, forward: None };
-        assert!(Firewall::Nft(vec![empty]).leftovers(false).nft_ipv4, "an empty table is not kept");
+        assert!(Firewall::Nft(vec![empty], vec![]).leftovers(false).nft_ipv4, "an empty table is not kept");
+        // The guard's rule where its program cannot run: kept in the form the node uses.
+        let g = iptables::guard("iptables", "eth0", "192.168.100.1".parse().unwrap(), 8472);
+        let l = Firewall::Iptables(vec![g, f.clone()]).leftovers(true);
+        assert!(!l.chains.contains(&("iptables", "OVERLAY-GUARD")) && l.chains.contains(&("ip6tables", "OVERLAY-GUARD")), "{l:?}");
+        let ng = crate::nftables::NftGuard { iface: "eth0".into(), addr: "192.168.100.1".parse().unwrap(), port: 8472 };
+        let l = Firewall::Nft(vec![v4], vec![ng]).leftovers(true);
+        assert!(!l.nft_guard4 && l.nft_guard6 && l.chains.contains(&("iptables", "OVERLAY-GUARD")), "{l:?}");
     }
 
     #[test]

@@ -58,6 +58,38 @@ pub enum TcAttachChoice {
     Legacy,
 }
 
+/// How tunnel datagrams that did not come from the underlay are kept from the kernel's vxlan
+/// socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// The sk_lookup program (needs `ingress_ifindex` in its context: Linux 5.17).
+    SkLookup,
+    /// The same rule in the host's firewall (iptables or nftables, with our other rules):
+    /// UDP to the tunnel port dropped unless it came in on the underlay to our address.
+    Firewall,
+}
+
+impl fmt::Display for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Guard::SkLookup => "sk_lookup",
+            Guard::Firewall => "firewall",
+        })
+    }
+}
+
+/// What the operator asked for (`--guard`, hidden: for tests of the firewall path on kernels
+/// where the program runs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuardChoice {
+    /// The program where it loads, else the firewall rule.
+    #[default]
+    Auto,
+    #[value(name = "sk-lookup")]
+    SkLookup,
+    Firewall,
+}
+
 /// Whether this kernel has TCX: a query of the loopback's TCX ingress programs (which changes
 /// nothing) works only where it does. A probe, not a version comparison: distributions
 /// backport.

@@ -30,7 +30,7 @@ use ipnet::Ipv4Net;
 use overlay_common::{config_flags, map_names, prog_names, Counter, DataplaneConfig, EncapMode, MAP_LAYOUTS};
 
 use crate::{
-    datapath::attach::{self, TcAttach, TcAttachChoice},
+    datapath::attach::{self, Guard, GuardChoice, TcAttach, TcAttachChoice},
     maps::Maps,
     netdev::{self, Link},
 };
@@ -116,6 +116,8 @@ pub struct NodeSpec {
     pub max_peers: u32,
     /// How TC programs are attached (TCX where the kernel has it, unless forced).
     pub tc_attach: TcAttachChoice,
+    /// How the socket guard runs (the program where it loads, unless forced).
+    pub guard: GuardChoice,
 }
 
 /// A node whose data plane is up.
@@ -127,6 +129,9 @@ pub struct Dataplane {
     pub decap_hook: DecapHook,
     /// How the TC programs were attached.
     pub attach: TcAttach,
+    /// How tunnel datagrams not from the underlay are kept from the kernel's vxlan socket
+    /// (with `Firewall`, the daemon keeps the rule with its other rules).
+    pub guard: Guard,
     pub mtu: u32,
     /// Keeps the loaded objects (and aya-log's map) alive while the agent runs.
     pub ebpf: Ebpf,
@@ -298,9 +303,9 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     // Routes kept in the pinned maps from a previous run: the device's entries follow them.
     maps.sync_fdb()?;
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
-    attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
+    let guard = guard(&mut ebpf, spec)?;
     netdev::route_network(spec.network, &spec.device)?;
-    Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, mtu, ebpf })
+    Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf })
 }
 
 /// An IPv6-only node's data plane: no IPv4 device, no encapsulation program (the kernel's
@@ -331,8 +336,8 @@ pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
     let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
     let mech = attach::choose(spec.tc_attach)?;
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
-    attach_guard(&mut ebpf, &spec.bpffs_dir.join(LINK_GUARD))?;
-    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, ebpf })
+    let guard = guard(&mut ebpf, spec)?;
+    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, guard, ebpf })
 }
 
 /// Load the programs with their maps pinned under the node's directory (reusing the pins of
@@ -435,6 +440,32 @@ fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
         (DecapDelivery::Split, EncapMode::Vxlan) => config_flags::KERNEL_DECAP | config_flags::NATIVE_UNMERGED,
         (DecapDelivery::Kernel, EncapMode::Vxlan) => config_flags::KERNEL_DECAP,
         (_, EncapMode::Udp) | (DecapDelivery::Stack, _) => 0,
+    }
+}
+
+/// The socket guard as the spec wants it: the program, or where it cannot load or attach (no
+/// `ingress_ifindex` before Linux 5.17) the firewall rule, said once with why. A pinned
+/// program link goes when the firewall takes over.
+fn guard(ebpf: &mut Ebpf, spec: &NodeSpec) -> Result<Guard> {
+    let pin = spec.bpffs_dir.join(LINK_GUARD);
+    match spec.guard {
+        GuardChoice::Firewall => {
+            remove_pin(&pin)?;
+            Ok(Guard::Firewall)
+        }
+        GuardChoice::SkLookup => attach_guard(ebpf, &pin).map(|()| Guard::SkLookup),
+        GuardChoice::Auto => match attach_guard(ebpf, &pin) {
+            Ok(()) => Ok(Guard::SkLookup),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the socket guard program cannot run on this kernel (sk_lookup with ingress_ifindex needs Linux 5.17); \
+                     tunnel datagrams that do not come from the underlay are dropped by a firewall rule instead (guard=firewall)"
+                );
+                remove_pin(&pin)?;
+                Ok(Guard::Firewall)
+            }
+        },
     }
 }
 
@@ -612,6 +643,8 @@ pub struct Status {
     pub guard_attached: bool,
     /// How the TC programs are attached (none attached: `None`).
     pub attach: Option<TcAttach>,
+    /// How the socket guard runs (`guard_attached` covers both).
+    pub guard: Option<Guard>,
 }
 
 impl Status {
@@ -645,6 +678,14 @@ pub fn status(dir: &Path) -> Result<Status> {
         None
     };
     let tcx_pins = dir.join(LINK_DECAP_TC).exists() || dir.join(LINK_ENCAP).exists();
+    // The guard's program has a pin; its firewall form is asked of the firewall.
+    let guard = if dir.join(LINK_GUARD).exists() {
+        Some(Guard::SkLookup)
+    } else if crate::iptables::guard_present() || crate::nftables::guard_present() {
+        Some(Guard::Firewall)
+    } else {
+        None
+    };
     let attach = if legacy_decap || legacy_encap {
         Some(TcAttach::Legacy)
     } else if tcx_pins {
@@ -661,7 +702,8 @@ pub fn status(dir: &Path) -> Result<Status> {
         device,
         underlay: netdev::name_of(config.underlay_ifindex),
         encap_attached: dir.join(LINK_ENCAP).exists() || legacy_encap,
-        guard_attached: dir.join(LINK_GUARD).exists(),
+        guard_attached: guard.is_some(),
+        guard,
         decap_hook,
         attach,
         config,
@@ -701,6 +743,11 @@ pub fn teardown(dir: &Path) -> Result<()> {
     // An agent that was killed (not stopped) leaves its rules; iptables may also be absent.
     if let Err(e) = crate::iptables::remove_all() {
         tracing::warn!(error = %e, "removing flannel's iptables chains");
+    }
+    // And the nftables forms, where nft exists: flannel's tables and the guard's.
+    if crate::nftables::remove().is_ok() {
+        let _ = crate::nftables::remove_guard(false);
+        let _ = crate::nftables::remove_guard(true);
     }
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),

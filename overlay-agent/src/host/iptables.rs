@@ -41,6 +41,9 @@ pub struct ChainRules {
     pub comment: &'static str,
     /// Each rule's arguments after `-A <chain>`.
     pub rules: Vec<Vec<String>>,
+    /// The jump goes first in the built-in chain (a drop that an earlier accept must not
+    /// get around), not last.
+    pub first: bool,
 }
 
 fn words(s: &str) -> Vec<String> {
@@ -115,6 +118,7 @@ fn masquerade_rules(cmd: &'static str, n: &str, s: &str, multicast: &str, random
         chain: "FLANNEL-POSTRTG",
         hook: "POSTROUTING",
         comment: "flanneld masq",
+        first: false,
         rules: vec![
             // Marked by kube-proxy (or anyone) as already handled.
             words("-m mark --mark 0x4000/0x4000 -j RETURN"),
@@ -148,7 +152,27 @@ fn forward_rules(cmd: &'static str, n: &str) -> ChainRules {
         chain: "FLANNEL-FWD",
         hook: "FORWARD",
         comment: "flanneld forward",
+        first: false,
         rules: vec![words(&format!("-s {n} -j ACCEPT")), words(&format!("-d {n} -j ACCEPT"))],
+    }
+}
+
+/// The socket guard as a firewall rule, where its program cannot run: UDP to the tunnel
+/// `port` is dropped unless it came in on the underlay `iface` to the node's tunnel address
+/// `addr` (iptables, or ip6tables for a dual-stack node's IPv6 address). Checked before the
+/// reassembled datagram reaches the kernel's vxlan socket, as the program is.
+pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, port: u16) -> ChainRules {
+    ChainRules {
+        cmd,
+        table: "filter",
+        chain: "OVERLAY-GUARD",
+        hook: "INPUT",
+        comment: "overlay tunnel guard",
+        first: true,
+        rules: vec![
+            words(&format!("! -i {iface} -p udp -m udp --dport {port} -j DROP")),
+            words(&format!("! -d {addr}{} -p udp -m udp --dport {port} -j DROP", if addr.is_ipv4() { "/32" } else { "/128" })),
+        ],
     }
 }
 
@@ -265,7 +289,7 @@ pub fn ensure(r: &ChainRules) -> Result<bool> {
         }
     };
     if !present {
-        let mut add = s(&["-t", r.table, "-A", r.hook]);
+        let mut add = if r.first { s(&["-t", r.table, "-I", r.hook, "1"]) } else { s(&["-t", r.table, "-A", r.hook]) };
         add.extend(r.jump_args());
         iptables_must(r.cmd, &add)?;
         changed = true;
@@ -285,20 +309,34 @@ pub fn remove(r: &ChainRules) -> Result<()> {
 
 /// Each chain this agent (and flannel) may keep, for both families, with placeholder
 /// networks: enough to find and remove one whatever it was made for.
-pub fn all_chains() -> [ChainRules; 4] {
+pub fn all_chains() -> [ChainRules; 6] {
     let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
     let any6: Ipv6Net = "fd00::/8".parse().expect("literal");
-    [masquerade(any, any, MasqRandom::None), forward(any), masquerade6(any6, any6, MasqRandom::None), forward6(any6)]
+    let (a, a6) = (std::net::IpAddr::V4(any.addr()), std::net::IpAddr::V6(any6.addr()));
+    [
+        masquerade(any, any, MasqRandom::None),
+        forward(any),
+        masquerade6(any6, any6, MasqRandom::None),
+        forward6(any6),
+        guard("iptables", "eth0", a, 8472),
+        guard("ip6tables", "eth0", a6, 8472),
+    ]
 }
 
-/// Remove both of flannel's chains, whatever subnet they were for (teardown).
+/// Whether the guard's chain is in place (iptables, for `status`).
+pub fn guard_present() -> bool {
+    iptables("iptables", &s(&["-t", "filter", "-S", "OVERLAY-GUARD"])).is_ok_and(|o| o.status.success())
+}
+
+/// Remove flannel's chains and our guard's, whatever they were for (teardown).
 pub fn remove_all() -> Result<()> {
-    let [masq, fwd, masq6, fwd6] = all_chains();
+    let [masq, fwd, masq6, fwd6, g, g6] = all_chains();
     remove(&masq)?;
     remove(&fwd)?;
-    // A dual-stack node's IPv6 chains (where ip6tables exists).
-    let _ = remove(&masq6);
-    let _ = remove(&fwd6);
+    // ip6tables may be missing; the guard's chain exists only where its program cannot run.
+    for c in [masq6, fwd6, g, g6] {
+        let _ = remove(&c);
+    }
     Ok(())
 }
 

@@ -124,9 +124,13 @@ fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The rules now in our table's chains (`None`: no table).
+/// The rules now in flannel's table's chains (`None`: no table).
 fn current(ipv6: bool) -> Option<Vec<(String, Vec<String>)>> {
     let (ip, table) = family(ipv6);
+    current_of(ip, table)
+}
+
+fn current_of(ip: &str, table: &str) -> Option<Vec<(String, Vec<String>)>> {
     let text = nft(&["list", "table", ip, table], None).ok()?;
     let mut chains: Vec<(String, Vec<String>)> = Vec::new();
     for line in text.lines().map(str::trim) {
@@ -156,6 +160,66 @@ pub fn ensure(rules: &NftRules) -> Result<bool> {
 pub fn remove() -> Result<()> {
     remove_family(false)?;
     remove_family(true)
+}
+
+/// Our socket guard's table (not flannel's, which holds exactly flannel's rules): where the
+/// guard's program cannot run, UDP to the tunnel port is dropped unless it came in on the
+/// underlay to the node's tunnel address. A base chain of its own before the filter
+/// priority: an accept elsewhere does not get around a drop here.
+pub const GUARD_TABLE: &str = "overlay-guard";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftGuard {
+    pub iface: String,
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+}
+
+impl NftGuard {
+    fn family(&self) -> &'static str {
+        if self.addr.is_ipv4() { "ip" } else { "ip6" }
+    }
+
+    /// The input chain's rules, as `nft list table` prints them.
+    pub fn rules(&self) -> Vec<String> {
+        let ip = self.family();
+        vec![
+            format!("iifname != \"{}\" udp dport {} drop", self.iface, self.port),
+            format!("{ip} daddr != {} udp dport {} drop", self.addr, self.port),
+        ]
+    }
+
+    pub fn script(&self) -> String {
+        let ip = self.family();
+        let mut s = format!("add table {ip} {GUARD_TABLE}\ndelete table {ip} {GUARD_TABLE}\n");
+        s += &format!("table {ip} {GUARD_TABLE} {{\n\tchain input {{\n\t\ttype filter hook input priority filter - 10; policy accept;\n");
+        for r in self.rules() {
+            s += &format!("\t\t{r}\n");
+        }
+        s += "\t}\n}\n";
+        s
+    }
+}
+
+/// Make the guard's table hold exactly `g`'s rules; true if it had to change.
+pub fn ensure_guard(g: &NftGuard) -> Result<bool> {
+    let want = vec![("input".to_string(), g.rules())];
+    if current_of(g.family(), GUARD_TABLE).as_ref() == Some(&want) {
+        return Ok(false);
+    }
+    nft(&["-f", "-"], Some(&g.script()))?;
+    Ok(true)
+}
+
+/// Whether the guard's IPv4 table is in place (for `status`).
+pub fn guard_present() -> bool {
+    nft(&["list", "table", "ip", GUARD_TABLE], None).is_ok()
+}
+
+/// Remove the guard's table for one family, if there is one.
+pub fn remove_guard(ipv6: bool) -> Result<()> {
+    let ip = if ipv6 { "ip6" } else { "ip" };
+    nft(&["-f", "-"], Some(&format!("add table {ip} {GUARD_TABLE}\ndelete table {ip} {GUARD_TABLE}\n"))).map(drop)
 }
 
 /// Remove one family's table (`ipv6`: flannel-ipv6, else flannel-ipv4), if there is one.
