@@ -445,6 +445,10 @@ pub struct RunArgs {
     /// the same rule in the firewall. Hidden: `firewall` tests the older kernels' path.
     #[arg(long, env = "FLANNELD_GUARD", value_enum, default_value = "auto", hide = true)]
     pub guard: crate::datapath::attach::GuardChoice,
+    /// Behave as on a kernel where the eBPF data plane cannot run at all: the node runs as a
+    /// stock flannel vxlan node on the kernel device (hidden; for tests of that path).
+    #[arg(long, env = "FLANNELD_EBPF_UNAVAILABLE", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false", hide = true)]
+    pub ebpf_unavailable: bool,
     /// Capacity of the route map: remote subnets the node can route to.
     #[arg(long, env = "FLANNELD_MAX_ROUTES", default_value_t = overlay_common::MAX_ROUTES)]
     pub max_routes: u32,
@@ -594,6 +598,7 @@ impl RunArgs {
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,
             guard: self.guard,
+            ebpf_unavailable: self.ebpf_unavailable,
         }
     }
 

@@ -79,6 +79,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Status) => {
+            // A node running on the kernel device alone has no maps to read.
+            if let Some(marker) = overlay_agent::datapath::degraded::reason(&dir) {
+                let (where_, why) = marker.split_once('\n').unwrap_or(("", marker.as_str()));
+                println!("{where_} encap=kernel decap=kernel attach=- guard=none ready=true degraded=\"{}\"", why.replace('"', "'"));
+                return Ok(ExitCode::SUCCESS);
+            }
             let st = dataplane::status(&dir)?;
             println!(
                 "device={} underlay={} encap={} decap={} attach={} guard={} ready={}",

@@ -836,3 +836,54 @@ fn nodes_behind_one_to_one_nat_carry_traffic_both_ways() {
     assert!(c.node(1).peer_totals(publics[1].1).rx_packets > 0, "node 1 took nothing from node 2 through the hairpin");
     drop(router);
 }
+
+/// Degrade, don't refuse: where the eBPF data plane cannot run (forced here), the node runs
+/// as a stock flannel vxlan node on its kernel device with flannel's per-peer entries, says
+/// so once in its log, in `status` and in /metrics, leaves no program attached, and carries
+/// traffic with our other node and a stock one, both ways. Started again where eBPF runs,
+/// it is a full node again and the degraded run's routes go.
+#[test]
+fn a_node_without_ebpf_runs_as_a_stock_flannel_node() {
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "tc" }, NodeKind::Agent { decap_hook: "tc" }, NodeKind::StockFlannel],
+        full_mesh: false,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 3)
+    };
+    let mut c = cluster("dg", &spec);
+    c.set_agent_args(vec!["--ebpf-unavailable".into(), "--healthz-port=9911".into()], Vec::new());
+    ok("restart without eBPF", c.restart_agent_with_current_args(1));
+    c.set_agent_args(Vec::new(), Vec::new());
+    let n1 = c.node(1);
+    let log = n1.log_text();
+    assert_eq!(log.matches("the eBPF data plane cannot run on this node").count(), 1, "said once:\n{log}");
+    assert!(log.contains("forced with --ebpf-unavailable") && log.contains("no checks of arriving tunnel frames"), "{log}");
+    let status = ok("status", n1.agent_cli(&["status"]));
+    assert!(status.contains("encap=kernel decap=kernel") && status.contains("degraded=\"forced with --ebpf-unavailable\""), "{status}");
+    let (code, metrics) = ok("metrics", overlay_tests::traffic::http_get(&n1.ns, std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9911), "/metrics"));
+    assert_eq!(code, 200);
+    assert!(metrics.contains("overlay_degraded{reason=\"forced with --ebpf-unavailable\"} 1"), "{metrics}");
+    assert!(!n1.bpffs_dir.join("link_encap").exists() && !n1.bpffs_dir.join("link_decap_tc").exists() && !n1.bpffs_dir.join("link_guard").exists(), "programs left attached");
+    let stock = c.node(3);
+    for ours in [c.node(1), c.node(2)] {
+        ok("stock route", c.add_route(stock, ours));
+    }
+    assert!(wait_until(PROPAGATION_BOUND, || ok("routes", n1.ns.run("ip", &["route", "show", "dev", "flannel.1"])).lines().count() >= 2), "node 1's per-peer routes");
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1)] {
+        ok(&format!("ping {a} -> {b}"), ping(&c.node(a).containers[0], c.node(b).container_ip(1), 2));
+        ok(&format!("TCP {a} -> {b}"), tcp_transfer(&c.node(a).containers[1], &c.node(b).containers[0], c.node(b).container_ip(0), 4 << 20));
+    }
+    let routes = ok("routes", n1.ns.run("ip", &["route", "show", "dev", "flannel.1"]));
+    for peer in [c.node(2), c.node(3)] {
+        assert!(routes.contains(&format!("{} via {} ", peer.subnet, peer.subnet.network())), "flannel's route to node {}:\n{routes}", peer.index);
+    }
+    // eBPF again: a full node, the kernel-device routes gone.
+    ok("restart with eBPF", c.restart_agent_with_current_args(1));
+    let n1 = c.node(1);
+    let status = ok("status", n1.agent_cli(&["status"]));
+    assert!(status.contains("attach=tcx") && status.contains("guard=sk_lookup") && !status.contains("degraded"), "{status}");
+    let routes = ok("routes", n1.ns.run("ip", &["route", "show", "dev", "flannel.1"]));
+    assert!(!routes.contains(&format!("via {}", c.node(2).subnet.network())), "a degraded run's route left:\n{routes}");
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1)] {
+        ok(&format!("ping {a} -> {b} after"), ping(&c.node(a).containers[0], c.node(b).container_ip(0), 2));
+    }
+}

@@ -71,6 +71,8 @@ pub struct DaemonOptions {
     pub tc_attach: crate::datapath::attach::TcAttachChoice,
     /// How the socket guard runs (hidden flag; its program where the kernel can run it).
     pub guard: crate::datapath::attach::GuardChoice,
+    /// Behave as if the eBPF data plane could not run (hidden flag, for tests).
+    pub ebpf_unavailable: bool,
 }
 
 /// Which data plane forwards the node's traffic.
@@ -483,10 +485,51 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             (Box::new(crate::tun::HostGwRoutes { iface: spec.iface.clone() }), None, None, underlay.mtu)
         }
         DataplaneKind::Ebpf => {
-            let dp = dataplane_up(&spec).await?;
-            tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF data plane up");
-            let mtu = dp.mtu;
-            (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
+            let up = match opts.ebpf_unavailable {
+                true => Err(anyhow::anyhow!("forced with --ebpf-unavailable")),
+                false => dataplane_up(&spec).await,
+            };
+            match up {
+                Ok(dp) => {
+                    tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF data plane up");
+                    if crate::datapath::degraded::reason(&spec.bpffs_dir).is_some() {
+                        // A degraded run's per-peer routes: the network route and the program
+                        // carry the traffic now.
+                        for (dst, gw) in netdev::peer_routes(&spec.device)? {
+                            if gw == dst.network() {
+                                netdev::del_peer_route(dst)?;
+                            }
+                        }
+                        crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
+                        tracing::info!("the eBPF data plane runs again; the kernel-device routes of the degraded run are gone");
+                    }
+                    let mtu = dp.mtu;
+                    (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
+                }
+                // The vxlan backend's kernel device can carry the traffic alone, as a stock
+                // flannel node's does; the udp backend has nothing to fall back to.
+                Err(e) if mode == EncapMode::Vxlan => {
+                    let reason = crate::error_chain(e.as_ref());
+                    tracing::warn!(
+                        %reason,
+                        "the eBPF data plane cannot run on this node: running as a stock flannel vxlan node (the kernel's vxlan \
+                         device encapsulates and decapsulates, with flannel's per-peer route, neighbour and forwarding entries); \
+                         what that costs: no checks of arriving tunnel frames, no socket guard, no drop counters, no monitor"
+                    );
+                    dataplane::detach_programs(&spec)?;
+                    let underlay = netdev::require_link(&spec.iface)?;
+                    let mtu = dataplane::overlay_mtu(spec.mtu, mode, &underlay.name, underlay.mtu)?;
+                    netdev::set_device_address(&spec.device, held.subnet.network())?;
+                    netdev::set_arp(&spec.device, true)?;
+                    let routes = crate::datapath::degraded::KernelVxlanRoutes::new(&spec.device, cfg.network)?;
+                    let marker = format!("device={} underlay={}\n{reason}", spec.device, spec.iface);
+                    crate::datapath::degraded::set_marker(&spec.bpffs_dir, Some(&marker))
+                        .with_context(|| format!("writing {}", crate::datapath::degraded::marker(&spec.bpffs_dir).display()))?;
+                    let _ = state.degraded.set(reason);
+                    (Box::new(routes), None, None, mtu)
+                }
+                Err(e) => return Err(e),
+            }
         }
         DataplaneKind::Tun => {
             let underlay = netdev::require_link(&spec.iface)?;

@@ -147,8 +147,15 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
-/// Create the pin directory (root-only: maps hold the network's topology) on a bpffs.
+/// The kernel's BTF, which the programs' maps and relocations need.
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Create the pin directory (root-only: maps hold the network's topology) on a bpffs, after
+/// checking what the programs need before anything is loaded: one line says what is missing.
 fn prepare_pin_dir(dir: &Path) -> Result<()> {
+    if !Path::new(KERNEL_BTF).exists() {
+        bail!("this kernel has no BTF ({KERNEL_BTF} is missing; it is built with CONFIG_DEBUG_INFO_BTF=y), which the eBPF programs need");
+    }
     let parent = dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) && !is_bpffs(dir) {
         bail!(
@@ -710,6 +717,24 @@ pub fn status(dir: &Path) -> Result<Status> {
     })
 }
 
+/// Take every program of ours off the node's interfaces (link pins, cls_bpf filters, the
+/// guard), keeping the maps and the device: after an `up` that failed midway, nothing
+/// half-attached is left (the node then runs degraded, on the kernel device alone).
+pub fn detach_programs(spec: &NodeSpec) -> Result<()> {
+    for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP, LINK_GUARD] {
+        remove_pin(&spec.bpffs_dir.join(link))?;
+    }
+    for (iface, at, name) in [
+        (&spec.iface, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP),
+        (&spec.device, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP),
+    ] {
+        if let Some(l) = netdev::link(iface)? {
+            attach::detach_legacy(&l, at, name)?;
+        }
+    }
+    Ok(())
+}
+
 /// Remove everything `up` made: links (detaching the programs), pinned maps, the overlay
 /// device (and with it the overlay route) and the pin directory.
 pub fn teardown(dir: &Path) -> Result<()> {
@@ -749,6 +774,7 @@ pub fn teardown(dir: &Path) -> Result<()> {
         let _ = crate::nftables::remove_guard(false);
         let _ = crate::nftables::remove_guard(true);
     }
+    crate::datapath::degraded::set_marker(dir, None).context("removing the degraded marker")?;
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -3,6 +3,7 @@
 //! operator's tables (`report`), and the userspace TUN forwarder of flannel's udp design.
 pub mod attach;
 pub mod dataplane;
+pub mod degraded;
 pub mod ipv6;
 pub mod maps;
 pub mod monitor;

@@ -48,6 +48,8 @@ pub struct AgentState {
     pub bpffs_dir: PathBuf,
     /// Set when the TUN data plane forwards (its counters replace the maps').
     pub tun_stats: std::sync::OnceLock<Arc<crate::tun::TunStats>>,
+    /// Why the node runs degraded (on the kernel device alone), when it does.
+    pub degraded: std::sync::OnceLock<String>,
 }
 
 impl AgentState {
@@ -64,6 +66,7 @@ impl AgentState {
             route_errors: AtomicU64::new(0),
             bpffs_dir,
             tun_stats: std::sync::OnceLock::new(),
+            degraded: std::sync::OnceLock::new(),
         }
     }
 
@@ -89,6 +92,18 @@ impl Collector for AgentCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         gauge(&mut e, "overlay_ready", "1 once the lease is held, the maps are filled and the subnet file is written", s.ready.load(Ordering::Relaxed) as i64)?;
+        {
+            let mut m = e.encode_descriptor(
+                "overlay_degraded",
+                "1 when the eBPF data plane cannot run and the node runs as a stock flannel vxlan node (no checks, no guard, no counters), with why",
+                None,
+                MetricType::Gauge,
+            )?;
+            match s.degraded.get() {
+                Some(reason) => ConstGauge::new(1i64).encode(m.encode_family(&[("reason", reason.as_str())])?)?,
+                None => ConstGauge::new(0i64).encode(m.encode_family(&[("reason", "")])?)?,
+            }
+        }
         let lease = *s.lease.lock().expect("lease lock");
         {
             let mut m = e.encode_descriptor("overlay_lease_info", "This node's subnet lease (value 1)", None, MetricType::Gauge)?;

@@ -531,6 +531,17 @@ pub fn set_up_mtu(name: &str, mtu: u32) -> Result<()> {
     change(&format!("configure {name}"), RouteNetlinkMessage::SetLink(m), 0)
 }
 
+/// Turn neighbour discovery on `name` on or off (the eBPF data plane's device needs none;
+/// the kernel device alone resolves through flannel's permanent entries, as a stock node's).
+pub fn set_arp(name: &str, on: bool) -> Result<()> {
+    let l = require_link(name)?;
+    let mut m = LinkMessage::default();
+    m.header.index = l.ifindex;
+    m.header.flags = if on { LinkFlags::empty() } else { LinkFlags::Noarp };
+    m.header.change_mask = LinkFlags::Noarp;
+    change(&format!("set ARP {} on {name}", if on { "on" } else { "off" }), RouteNetlinkMessage::SetLink(m), 0)
+}
+
 /// The IPv6 addresses of `ifindex` of global scope, with their prefix lengths.
 fn ipv6_addresses(ifindex: u32) -> Result<Vec<(Ipv6Addr, u8)>> {
     Ok(address_messages(AddressFamily::Inet6, ifindex)?
@@ -782,6 +793,61 @@ pub fn set_device_address6(name: &str, addr: Ipv6Addr) -> Result<()> {
 /// Whether `name` has exactly the address the agent gives it (`addr`/32).
 pub fn has_address(name: &str, addr: Ipv4Addr) -> Result<bool> {
     has_only_address(name, IpAddr::V4(addr))
+}
+
+/// flannel's vxlan route for a peer (IPv4, the kernel device carrying the traffic): its
+/// subnet via the subnet's network address, `onlink` on the device (the neighbour entry
+/// gives that address the peer's VtepMAC).
+pub fn set_peer_route(dev: &str, subnet: Ipv4Net) -> Result<()> {
+    let l = require_link(dev)?;
+    let mut m = route_message(subnet, RouteProtocol::Boot, RouteType::Unicast);
+    m.header.flags = RouteFlags::Onlink;
+    m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(subnet.network())));
+    m.attributes.push(RouteAttribute::Oif(l.ifindex));
+    change(&format!("route {subnet} via {dev}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
+pub fn del_peer_route(subnet: Ipv4Net) -> Result<()> {
+    delete_route(&format!("remove route {subnet}"), route_message(subnet, RouteProtocol::Boot, RouteType::Unicast))
+}
+
+/// The IPv4 routes through `dev` that go via a gateway (the peer routes of `set_peer_route`,
+/// and the eBPF data plane's one network route).
+pub fn peer_routes(dev: &str) -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
+    let Some(l) = link(dev)? else { return Ok(Vec::new()) };
+    Ok(all_routes()?
+        .into_iter()
+        .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN && r.attributes.contains(&RouteAttribute::Oif(l.ifindex)))
+        .filter_map(|r| {
+            let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a { Some(*d) } else { None })?;
+            let gw = r.attributes.iter().find_map(|a| if let RouteAttribute::Gateway(RouteAddress::Inet(g)) = a { Some(*g) } else { None })?;
+            Some((Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?, gw))
+        })
+        .collect())
+}
+
+fn neigh_message(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = ifindex;
+    m.header.state = NeighbourState::Permanent;
+    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    m
+}
+
+/// flannel's AddARP: the peer subnet's network address has the peer's VtepMAC, for good.
+pub fn set_neighbour(dev: &str, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+    let l = require_link(dev)?;
+    change(&format!("neighbour {ip} {} on {dev}", format_mac(&mac)), RouteNetlinkMessage::NewNeighbour(neigh_message(l.ifindex, ip, mac)), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
+pub fn del_neighbour(dev: &str, ip: Ipv4Addr) -> Result<()> {
+    let l = require_link(dev)?;
+    match change(&format!("remove neighbour {ip} on {dev}"), RouteNetlinkMessage::DelNeighbour(neigh_message(l.ifindex, ip, [0; 6])), 0) {
+        Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+        r => r,
+    }
 }
 
 /// Whether flannel-v6 has exactly the address the agent gives it (`addr`/128).

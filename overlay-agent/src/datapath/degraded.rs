@@ -1,0 +1,126 @@
+//! Degrade, don't refuse: where the eBPF data plane cannot run at all (no BTF, no bpffs, a
+//! verifier that refuses the programs, a missing helper), the node runs as a stock flannel
+//! vxlan node. The kernel's vxlan device, which exists already (its MAC is in the lease),
+//! carries the traffic both ways with flannel's entries per peer: a route to the peer's
+//! subnet via the subnet's network address `onlink`, a permanent neighbour entry giving that
+//! address the peer's VtepMAC, a forwarding entry sending the VtepMAC to the peer's
+//! PublicIP. What it costs: no checks of arriving tunnel frames, no socket guard, no drop
+//! counters, no monitor. Said once at start, in `status` (from a marker file under /run,
+//! since bpffs may be what is missing) and in /metrics.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+
+use crate::{
+    maps::{MapsError, Route},
+    netdev,
+    tun::RouteTable,
+};
+
+/// Where `status` finds that the node behind bpffs directory `bpffs_dir` runs degraded, and
+/// why (the file's content).
+pub fn marker(bpffs_dir: &Path) -> PathBuf {
+    let name: String = bpffs_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    PathBuf::from("/run/overlay-agent").join(format!("{name}.degraded"))
+}
+
+/// Record (`Some(reason)`) or clear that the node runs degraded.
+pub fn set_marker(bpffs_dir: &Path, reason: Option<&str>) -> std::io::Result<()> {
+    let m = marker(bpffs_dir);
+    match reason {
+        Some(r) => {
+            std::fs::create_dir_all(m.parent().expect("a directory"))?;
+            std::fs::write(&m, r)
+        }
+        None => match std::fs::remove_file(&m) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
+/// Why the node runs degraded, if it does.
+pub fn reason(bpffs_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(marker(bpffs_dir)).ok()
+}
+
+/// flannel's per-peer entries on the kernel vxlan device.
+pub struct KernelVxlanRoutes {
+    pub device: String,
+    /// What this run wrote, by subnet (for the forwarding entries a removal must take).
+    known: BTreeMap<Ipv4Net, Route>,
+}
+
+impl KernelVxlanRoutes {
+    /// The table for `device`; the network-wide route an eBPF run leaves (one next hop for
+    /// the whole network, which only the encapsulation program can serve) goes.
+    pub fn new(device: &str, network: Ipv4Net) -> Result<Self, MapsError> {
+        let routes = netdev::peer_routes(device).map_err(host)?;
+        if routes.iter().any(|(dst, gw)| *dst == network && *gw == netdev::OVERLAY_NEXTHOP) {
+            netdev::del_peer_route(network).map_err(host)?;
+        }
+        Ok(Self { device: device.to_string(), known: BTreeMap::new() })
+    }
+}
+
+fn host(e: netdev::NetdevError) -> MapsError {
+    MapsError::Host(e.to_string())
+}
+
+impl RouteTable for KernelVxlanRoutes {
+    /// The peer routes on the device (their VtepMAC and PublicIP as this run wrote them; a
+    /// route an earlier run left shows with zeros, and the reconcile replaces or removes it).
+    fn routes(&self) -> Result<Vec<Route>, MapsError> {
+        Ok(netdev::peer_routes(&self.device)
+            .map_err(host)?
+            .into_iter()
+            .filter(|(dst, gw)| *gw == dst.network())
+            .map(|(subnet, _)| self.known.get(&subnet).copied().unwrap_or(Route { subnet, public_ip: Ipv4Addr::UNSPECIFIED, vtep_mac: [0; 6] }))
+            .collect())
+    }
+
+    fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError> {
+        let old = self.known.insert(r.subnet, *r);
+        netdev::vxlan_fdb_replace(&self.device, r.vtep_mac, r.public_ip).map_err(host)?;
+        netdev::set_neighbour(&self.device, r.subnet.network(), r.vtep_mac).map_err(host)?;
+        netdev::set_peer_route(&self.device, r.subnet).map_err(host)?;
+        if let Some(o) = old.filter(|o| (o.vtep_mac, o.public_ip) != (r.vtep_mac, r.public_ip)) {
+            self.forget_fdb_if_unused(&o)?;
+        }
+        Ok(())
+    }
+
+    fn remove_route(&mut self, subnet: Ipv4Net) -> Result<(), MapsError> {
+        netdev::del_peer_route(subnet).map_err(host)?;
+        netdev::del_neighbour(&self.device, subnet.network()).map_err(host)?;
+        if let Some(o) = self.known.remove(&subnet) {
+            self.forget_fdb_if_unused(&o)?;
+        }
+        Ok(())
+    }
+}
+
+impl KernelVxlanRoutes {
+    fn forget_fdb_if_unused(&mut self, old: &Route) -> Result<(), MapsError> {
+        if !self.known.values().any(|r| (r.vtep_mac, r.public_ip) == (old.vtep_mac, old.public_ip)) {
+            netdev::vxlan_fdb_del(&self.device, old.vtep_mac, old.public_ip).map_err(host)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_marker_is_one_file_per_bpffs_directory() {
+        let a = super::marker(std::path::Path::new("/sys/fs/bpf/overlay"));
+        let b = super::marker(std::path::Path::new("/sys/fs/bpf/ov1-n1"));
+        assert_ne!(a, b);
+        assert_eq!(a, std::path::PathBuf::from("/run/overlay-agent/_sys_fs_bpf_overlay.degraded"));
+    }
+}
