@@ -876,7 +876,21 @@ fn a_node_without_ebpf_runs_as_a_stock_flannel_node() {
     for peer in [c.node(2), c.node(3)] {
         assert!(routes.contains(&format!("{} via {} ", peer.subnet, peer.subnet.network())), "flannel's route to node {}:\n{routes}", peer.index);
     }
+    // teardown has no maps to read the device from: the marker names it.
+    ok("stop degraded", c.stop_agent(1));
+    let n1 = c.node(1);
+    ok("teardown degraded", n1.agent_cli(&["teardown"]));
+    assert!(n1.ns.run("ip", &["link", "show", "flannel.1"]).is_err(), "teardown left a degraded run's device");
+    let status = n1.agent_cli(&["status"]).unwrap_or_else(|e| e.to_string());
+    assert!(!status.contains("degraded"), "the marker outlived teardown: {status}");
     // eBPF again: a full node, the kernel-device routes gone.
+    c.set_agent_args(vec!["--ebpf-unavailable".into()], Vec::new());
+    ok("degraded again", c.restart_agent_with_current_args(1));
+    c.set_agent_args(Vec::new(), Vec::new());
+    // The device made again has a new MAC: the stock node's hand-made entries follow it.
+    c.node_mut(1).vtep_mac = ok("MAC", overlay_tests::link_mac(&c.node(1).ns, "flannel.1"));
+    ok("stock route again", c.add_route(c.node(3), c.node(1)));
+    assert!(wait_until(PROPAGATION_BOUND, || ok("routes", c.node(1).ns.run("ip", &["route", "show", "dev", "flannel.1"])).lines().count() >= 2), "node 1's per-peer routes again");
     ok("restart with eBPF", c.restart_agent_with_current_args(1));
     let n1 = c.node(1);
     let status = ok("status", n1.agent_cli(&["status"]));

@@ -571,6 +571,20 @@ fn ipv6_only_nodes_carry_traffic_with_a_stock_ipv6_only_node() {
     assert!(wait_until(Duration::from_secs(10), || ping6(&n2.containers[0], n1.container_ip6(0), 1).is_ok()), "IPv6 to node 1 after its restart");
     ok("n1 -> stock after restart", ping6(&n1.containers[1], c.node(3).container_ip6(1), 2));
 
+    // Where the eBPF checks cannot run (forced), an IPv6-only node runs as a stock one:
+    // flannel-v6 with its per-peer entries, no program attached, said in `status`; the
+    // departure below is then followed on the kernel device alone.
+    c.set_agent_args(vec!["--ip-masq".into(), "--ebpf-unavailable".into()], Vec::new());
+    ok("restart degraded", c.restart_agent_with_current_args(1));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let status = ok("status", n1.agent_cli(&["status"]));
+    assert!(status.contains("degraded=\"forced with --ebpf-unavailable\""), "{status}");
+    assert!(!n1.bpffs_dir.join("link_decap_tc").exists() && !n1.bpffs_dir.join("link_guard").exists(), "programs left attached");
+    assert!(wait_until(Duration::from_secs(10), || ping6(&n2.containers[0], n1.container_ip6(0), 1).is_ok()), "IPv6 to the degraded node");
+    ok("degraded n1 -> stock", ping6(&n1.containers[1], c.node(3).container_ip6(1), 2));
+    ok("stock -> degraded n1", ping6(&c.node(3).containers[0], n1.container_ip6(0), 2));
+    let etcd = c.etcd();
+
     // The stock node leaves: its route, neighbour and forwarding entry go from our nodes.
     let stock6 = subnet6(c.node(3));
     ok("delete the stock lease", etcd.etcdctl(&["del", &format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", stock6.network())]));

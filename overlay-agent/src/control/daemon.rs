@@ -471,10 +471,36 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 netdev::delete_link(&dev4)?;
             }
             let s = spec.clone();
-            let dp = tokio::task::spawn_blocking(move || dataplane::up_ipv6_only(&s)).await.context("the data-plane task")??;
-            tracing::info!(decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
-            let mtu = dp.mtu;
-            (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
+            let up = match opts.ebpf_unavailable {
+                true => Err(anyhow::anyhow!("forced with --ebpf-unavailable")),
+                false => tokio::task::spawn_blocking(move || dataplane::up_ipv6_only(&s)).await.context("the data-plane task")?,
+            };
+            match up {
+                Ok(dp) => {
+                    tracing::info!(decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
+                    crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
+                    let mtu = dp.mtu;
+                    (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
+                }
+                // flannel-v6 already carries the traffic with per-peer entries; only the checks go.
+                Err(e) if opts.ebpf_unavailable || dataplane::is_unsupported(&e) => {
+                    let reason = crate::error_chain(e.as_ref());
+                    tracing::warn!(
+                        %reason,
+                        "the eBPF checks cannot run on this node: running as a stock flannel IPv6-only vxlan node; what that \
+                         costs: no checks of arriving tunnel frames, no socket guard, no drop counters, no monitor"
+                    );
+                    dataplane::detach_programs(&spec)?;
+                    let dev6 = v6.as_ref().map(|o| o.device.clone()).unwrap_or_default();
+                    let marker = format!("device={dev6} underlay={}\n{reason}", spec.iface);
+                    crate::datapath::degraded::set_marker(&spec.bpffs_dir, Some(&marker))
+                        .with_context(|| format!("writing {}", crate::datapath::degraded::marker(&spec.bpffs_dir).display()))?;
+                    let _ = state.degraded.set(reason);
+                    let mtu = v6.as_ref().map(|o| o.mtu).unwrap_or(1450);
+                    (Box::new(crate::datapath::degraded::NoIpv4Routes), None, None, mtu)
+                }
+                Err(e) => return Err(e),
+            }
         }
         // host-gw: no device, no programs; peers' subnets are kernel routes via their
         // addresses, and containers keep the underlay's whole MTU.
@@ -508,7 +534,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 }
                 // The vxlan backend's kernel device can carry the traffic alone, as a stock
                 // flannel node's does; the udp backend has nothing to fall back to.
-                Err(e) if mode == EncapMode::Vxlan => {
+                Err(e) if mode == EncapMode::Vxlan && (opts.ebpf_unavailable || dataplane::is_unsupported(&e)) => {
                     let reason = crate::error_chain(e.as_ref());
                     tracing::warn!(
                         %reason,
@@ -555,7 +581,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
     };
     if let (Some(o6), Some(s6)) = (v6.as_mut(), held.subnet6) {
-        o6.configure(s6, &spec.bpffs_dir)?;
+        o6.configure(s6, ebpf.is_some().then_some(spec.bpffs_dir.as_path()))?;
     }
     if v6.is_none() && ebpf.is_some() {
         // IPv6 switched off since the last run: its device goes and the programs stop
@@ -1457,7 +1483,7 @@ impl Daemon {
         self.state.set_lease(held.key().primary(), held.expires());
         if let (Some(o6), Some(s6)) = (self.v6.as_mut(), held.subnet6) {
             if Some(s6) != old.v6 {
-                o6.configure(s6, &self.spec.bpffs_dir)?;
+                o6.configure(s6, self.ebpf.is_some().then_some(self.spec.bpffs_dir.as_path()))?;
                 tracing::error!(old = ?old.v6.map(|s| s.to_string()), new = %s6, "re-acquired a different IPv6 subnet");
             }
         }
@@ -1476,6 +1502,11 @@ impl Daemon {
         let mtu = match &self.v6 {
             Some(o6) if !self.cfg.enable_ipv4 => o6.mtu,
             _ if self.cfg.backend.host_gw => netdev::require_link(&self.spec.iface)?.mtu,
+            // Degraded: the kernel device alone, readdressed; the programs stay off.
+            _ if self.state.degraded.get().is_some() => {
+                netdev::set_device_address(&self.spec.device, held.subnet.network())?;
+                netdev::require_link(&self.spec.device)?.mtu
+            }
             _ => {
                 let dp = dataplane_up(&self.spec).await?;
                 let mtu = dp.mtu;

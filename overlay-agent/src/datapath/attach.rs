@@ -140,7 +140,7 @@ pub fn attach_legacy(ebpf: &mut Ebpf, name: &str, iface: &Link, at: TcAttachType
     let prog: &mut SchedClassifier =
         ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
     if prog.fd().is_err() {
-        prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        prog.load().with_context(|| crate::dataplane::Unsupported(format!("the kernel's verifier refused {name}")))?;
     }
     let slot = existing.iter().find(|f| f.priority == LEGACY_PRIORITY && f.handle == LEGACY_HANDLE);
     let handle = TcHandle::new((LEGACY_HANDLE >> 16) as u16, LEGACY_HANDLE as u16);

@@ -147,6 +147,18 @@ fn is_bpffs(path: &Path) -> bool {
     unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
 }
 
+/// What the kernel cannot do for the data plane (no BTF, no bpffs, a verifier that refuses a
+/// program: a helper or feature it lacks), as opposed to a setting or a conflict an operator
+/// can fix. The daemon runs a vxlan node degraded on these, and refuses on anything else.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub String);
+
+/// Whether `e` says the kernel cannot run the data plane (`Unsupported` anywhere in it).
+pub fn is_unsupported(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unsupported>()) || e.downcast_ref::<Unsupported>().is_some()
+}
+
 /// The kernel's BTF, which the programs' maps and relocations need.
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -154,15 +166,18 @@ const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// checking what the programs need before anything is loaded: one line says what is missing.
 fn prepare_pin_dir(dir: &Path) -> Result<()> {
     if !Path::new(KERNEL_BTF).exists() {
-        bail!("this kernel has no BTF ({KERNEL_BTF} is missing; it is built with CONFIG_DEBUG_INFO_BTF=y), which the eBPF programs need");
+        return Err(Unsupported(format!(
+            "this kernel has no BTF ({KERNEL_BTF} is missing; it is built with CONFIG_DEBUG_INFO_BTF=y), which the eBPF programs need"
+        ))
+        .into());
     }
     let parent = dir.parent().unwrap_or(Path::new("/"));
     if !is_bpffs(parent) && !is_bpffs(dir) {
-        bail!(
-            "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` \
-             (or run `cargo xtask setup`)",
+        return Err(Unsupported(format!(
+            "{} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf` (or run `cargo xtask setup`)",
             parent.display()
-        );
+        ))
+        .into());
     }
     fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
@@ -484,7 +499,7 @@ fn attach_guard(ebpf: &mut Ebpf, pin: &Path) -> Result<()> {
         .program_mut(prog_names::SK_LOOKUP_GUARD)
         .context("program sk_lookup_guard missing from the object")?
         .try_into()?;
-    prog.load().context("verifier rejected sk_lookup_guard")?;
+    prog.load().context(Unsupported("the kernel's verifier refused sk_lookup_guard".into()))?;
     let netns = fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
     let id = prog.attach(&netns).context("attaching the socket guard (sk_lookup, Linux >= 5.17)")?;
     let link = FdLink::from(prog.take_link(id)?);
@@ -499,7 +514,7 @@ fn adopt_tc(ebpf: &mut Ebpf, name: &str, pin: &Path) -> bool {
         let link = SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
         let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
         if prog.fd().is_err() {
-            prog.load().with_context(|| format!("verifier rejected {name}"))?;
+            prog.load().with_context(|| Unsupported(format!("the kernel's verifier refused {name}")))?;
         }
         let id = prog.attach_to_link(link)?;
         // The pin keeps the (updated) link; our fd may go with the agent.
@@ -514,7 +529,7 @@ fn adopt_xdp(ebpf: &mut Ebpf, pin: &Path) -> bool {
         let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
         let prog: &mut Xdp = ebpf.program_mut(prog_names::XDP_DECAP).context("program missing")?.try_into()?;
         if prog.fd().is_err() {
-            prog.load().context("verifier rejected xdp_decap")?;
+            prog.load().context(Unsupported("the kernel's verifier refused xdp_decap".into()))?;
         }
         let id = prog.attach_to_link(link)?;
         drop(prog.take_link(id)?);
@@ -543,7 +558,7 @@ fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType, order: 
         .with_context(|| format!("program {name} missing from the object"))?
         .try_into()?;
     if prog.fd().is_err() {
-        prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        prog.load().with_context(|| Unsupported(format!("the kernel's verifier refused {name}")))?;
     }
     let id = prog
         .attach_with_options(iface, at, TcAttachOptions::TcxOrder(order))
@@ -558,7 +573,7 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink> {
         .context("program xdp_decap missing from the object")?
         .try_into()?;
     if prog.fd().is_err() {
-        prog.load().context("verifier rejected xdp_decap")?;
+        prog.load().context(Unsupported("the kernel's verifier refused xdp_decap".into()))?;
     }
     let id = prog.attach(iface, XdpMode::Driver).with_context(|| {
         format!("attaching XDP in native (driver) mode to {iface}; its driver may not support it: try --decap-hook tc")
@@ -742,6 +757,8 @@ pub fn teardown(dir: &Path) -> Result<()> {
     let device = config.and_then(|c| netdev::name_of(c.overlay_ifindex));
     // A dual-stack node's IPv6 device goes too.
     let device6 = config.map(|c| crate::datapath::ipv6::device_name(c.vni));
+    // A degraded run has no maps: its marker names its devices.
+    let degraded = crate::datapath::degraded::devices(dir);
     for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP, LINK_GUARD] {
         remove_pin(&dir.join(link))?;
     }
@@ -760,7 +777,7 @@ pub fn teardown(dir: &Path) -> Result<()> {
     for map in map_names::ALL.iter().chain(&map_names::RETIRED) {
         remove_pin(&dir.join(map))?;
     }
-    for dev in device.into_iter().chain(device6) {
+    for dev in device.into_iter().chain(device6).chain(degraded) {
         if netdev::link(&dev)?.is_some() {
             netdev::delete_link(&dev)?;
         }

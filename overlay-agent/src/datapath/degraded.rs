@@ -49,6 +49,20 @@ pub fn reason(bpffs_dir: &Path) -> Option<String> {
     std::fs::read_to_string(marker(bpffs_dir)).ok()
 }
 
+/// The overlay devices a degraded run made (its marker's `device=`, and a dual-stack node's
+/// flannel-v6 of the same VNI), for teardown, which has no maps to read them from.
+pub fn devices(bpffs_dir: &Path) -> Vec<String> {
+    let Some(text) = reason(bpffs_dir) else { return Vec::new() };
+    let Some(dev) = text.split_whitespace().find_map(|w| w.strip_prefix("device=")).filter(|d| !d.is_empty()) else {
+        return Vec::new();
+    };
+    let mut v = vec![dev.to_string()];
+    if let Some(vni) = dev.strip_prefix("flannel.").and_then(|n| n.parse::<u32>().ok()) {
+        v.push(crate::datapath::ipv6::device_name(vni));
+    }
+    v
+}
+
 /// flannel's per-peer entries on the kernel vxlan device.
 pub struct KernelVxlanRoutes {
     pub device: String,
@@ -114,6 +128,22 @@ impl KernelVxlanRoutes {
     }
 }
 
+/// An IPv6-only node's IPv4 table when it runs degraded: the network takes no IPv4 leases,
+/// and there are no maps to hold any.
+pub struct NoIpv4Routes;
+
+impl RouteTable for NoIpv4Routes {
+    fn routes(&self) -> Result<Vec<Route>, MapsError> {
+        Ok(Vec::new())
+    }
+    fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError> {
+        Err(MapsError::Host(format!("the network is IPv6-only; no IPv4 route to {} is kept", r.subnet)))
+    }
+    fn remove_route(&mut self, subnet: Ipv4Net) -> Result<(), MapsError> {
+        Err(MapsError::NoSuchRoute(subnet))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -122,5 +152,16 @@ mod tests {
         let b = super::marker(std::path::Path::new("/sys/fs/bpf/ov1-n1"));
         assert_ne!(a, b);
         assert_eq!(a, std::path::PathBuf::from("/run/overlay-agent/_sys_fs_bpf_overlay.degraded"));
+    }
+
+    #[test]
+    fn teardown_finds_the_devices_a_degraded_run_named() {
+        let dir = std::env::temp_dir().join(format!("overlay-degraded-test-{}", std::process::id()));
+        super::set_marker(&dir, Some("device=flannel.7 underlay=eth0\nno BTF")).unwrap();
+        assert_eq!(super::devices(&dir), ["flannel.7", "flannel-v6.7"]);
+        super::set_marker(&dir, Some("device=flannel-v6.1 underlay=eth0\nforced")).unwrap();
+        assert_eq!(super::devices(&dir), ["flannel-v6.1"]);
+        super::set_marker(&dir, None).unwrap();
+        assert!(super::devices(&dir).is_empty());
     }
 }

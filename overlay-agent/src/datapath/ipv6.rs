@@ -71,8 +71,10 @@ impl Overlay6 {
     /// The device's address (`subnet`'s network address as a /128, flannel's), and the decap
     /// programs' IPv6 configuration in the maps pinned under `bpffs_dir`: from then on they
     /// check IPv6 tunnel frames (peer, VNI, inner source and destination).
-    pub fn configure(&mut self, subnet: Ipv6Net, bpffs_dir: &std::path::Path) -> Result<()> {
+    /// `bpffs_dir` `None`: the node runs degraded (no programs): the device alone.
+    pub fn configure(&mut self, subnet: Ipv6Net, bpffs_dir: Option<&std::path::Path>) -> Result<()> {
         netdev::set_device_address6(&self.device, subnet.network()).with_context(|| format!("the address of {}", self.device))?;
+        let Some(bpffs_dir) = bpffs_dir else { return Ok(()) };
         let mut maps = Maps::open(bpffs_dir)?.lock_changes_in(bpffs_dir);
         maps.set_config6(&overlay_common::Dataplane6Config {
             underlay_ip: self.public_ip.octets(),
@@ -202,7 +204,7 @@ impl Overlay6 {
             netdev::delete_link(&self.device)?;
         }
         let mut fresh = Overlay6::up(vni, port, public_ip, underlay, mtu)?;
-        fresh.configure(subnet, bpffs_dir)?;
+        fresh.configure(subnet, self.maps.is_some().then_some(bpffs_dir))?;
         // Every route is to be written again on the new device; kept even if that fails
         // midway (the next sync or set tries again).
         let routes = self.routes.clone();
