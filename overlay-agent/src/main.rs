@@ -226,17 +226,19 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
     let spec = args.node_spec(dir)?;
     let mut dp = dataplane::up(&spec)?;
     // Static mode keeps no other rules; the guard's firewall form, where its program cannot
-    // run, is installed here (iptables, else nftables) and stays, as the programs do.
+    // run, is installed here (nftables, before defragmentation, else iptables) and stays, as
+    // the programs do.
     if dp.guard == overlay_agent::datapath::attach::Guard::Firewall {
         let addr = std::net::IpAddr::V4(spec.underlay_ip);
-        let installed = if overlay_agent::nftables::has_iptables() {
-            overlay_agent::iptables::ensure(&overlay_agent::iptables::guard("iptables", &spec.iface, addr, spec.port)).map(drop).map_err(anyhow::Error::from)
-        } else {
+        let installed = if overlay_agent::nftables::has_nft() {
             overlay_agent::nftables::ensure_guard(&overlay_agent::nftables::NftGuard { iface: spec.iface.clone(), addr, port: spec.port })
                 .map(drop)
                 .map_err(anyhow::Error::from)
+        } else {
+            overlay_agent::iptables::ensure(&overlay_agent::iptables::guard("iptables", &spec.iface, addr, spec.port)).map(drop).map_err(anyhow::Error::from)
         };
         installed.context("installing the socket guard's firewall rule")?;
+        dataplane::retire_guard_program(&spec.bpffs_dir)?;
     }
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("net.ipv4.ip_forward is 0: containers will not be reachable across nodes");

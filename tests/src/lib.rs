@@ -174,6 +174,8 @@ pub struct ClusterSpec {
     /// IPv6 (`Node::subnet6`, from FLANNEL_IPV6_SUBNET; stock nodes get fd00:10:244:<100+i>::/64
     /// and flannel-v6.1), and containers get IPv6 addresses only.
     pub ipv6_only: bool,
+    /// The agents' environment (beyond RUST_LOG), e.g. a PATH without some tool.
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// Where nodes get their subnets and routes.
@@ -212,6 +214,7 @@ impl ClusterSpec {
             etcd_args: Vec::new(),
             ipv6_underlay: false,
             ipv6_only: false,
+            agent_env: Vec::new(),
         }
     }
 }
@@ -271,6 +274,23 @@ impl Node {
             .unwrap_or_else(|e| panic!("reading peers of node {}: {e}", self.index));
         all.get(&peer).copied().unwrap_or_default()
     }
+    /// What the socket guard's firewall form dropped on this node: its nftables rules'
+    /// counters (table overlay-guard, both families) and its iptables chains' (OVERLAY-GUARD).
+    pub fn firewall_guard_drops(&self) -> u64 {
+        let mut total = 0;
+        for family in ["ip", "ip6"] {
+            if let Ok(t) = self.ns.run("nft", &["list", "table", family, "overlay-guard"]) {
+                let words: Vec<&str> = t.split_whitespace().collect();
+                total += words.windows(2).filter(|w| w[0] == "packets").filter_map(|w| w[1].parse::<u64>().ok()).sum::<u64>();
+            }
+        }
+        for cmd in ["iptables", "ip6tables"] {
+            let out = self.ns.run(cmd, &["-w", "-t", "filter", "-L", "OVERLAY-GUARD", "-v", "-x", "-n"]).unwrap_or_default();
+            total += out.lines().skip(2).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum::<u64>();
+        }
+        total
+    }
+
     /// Run the agent CLI inside this node.
     pub fn agent_cli(&self, args: &[&str]) -> Result<String> {
         let bin = agent_bin();
@@ -481,7 +501,7 @@ impl Cluster {
             extra: Vec::new(),
             etcd: None,
             spec: spec.clone(),
-            agent_env: Vec::new(),
+            agent_env: spec.agent_env.clone(),
         };
         let ul = cluster.underlay.name().to_string();
         ip(&["-n", &ul, "link", "set", "lo", "up"])?;
@@ -688,7 +708,7 @@ impl Cluster {
             log: self.workdir.join(format!("agent-n{index}.log")),
             subnet_file: self.workdir.join(format!("n{index}-subnet.env")),
             agent_args: Vec::new(),
-            agent_env: Vec::new(),
+            agent_env: self.agent_env.clone(),
             mtu: UNDERLAY_MTU - if spec.ipv6_only { 70 } else { spec.backend.overhead() },
             notify: None,
             notifications: Vec::new(),
@@ -1085,5 +1105,33 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A PATH with iptables' tools and the system's, but no `nft`: an agent run with it takes the
+/// firewall forms a host without nftables' tool gets. The directory goes when this does.
+pub struct PathWithoutNft {
+    dir: PathBuf,
+    pub path: String,
+}
+
+impl PathWithoutNft {
+    pub fn new() -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("overlay-no-nft-{}-{k}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        let me = Self { path: format!("{}:/usr/bin:/bin", dir.display()), dir };
+        for tool in ["iptables", "iptables-restore", "iptables-save", "ip6tables", "ip6tables-restore", "ip6tables-save"] {
+            let target = Path::new("/usr/sbin").join(tool);
+            std::os::unix::fs::symlink(&target, me.dir.join(tool)).with_context(|| format!("linking {}", target.display()))?;
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for PathWithoutNft {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }

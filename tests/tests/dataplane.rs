@@ -470,8 +470,9 @@ fn malformed_outer_frames(tag: &str, hook: &'static str) {
 /// the reassembled datagram the first fragment's interface, so the socket guard drops it as
 /// `foreign_tunnel` and the container's probe sees nothing; the same datagram, all over the
 /// underlay, is delivered.
-fn a_containers_first_fragment(tag: &str, hook: &'static str) {
-    let c = cluster(tag, &ClusterSpec { rp_filter: 2, ..ClusterSpec::agents(Backend::Vxlan, hook, 2) });
+fn a_containers_first_fragment(tag: &str, hook: &'static str, guard: &str) {
+    let spec = ClusterSpec { rp_filter: 2, agent_args: vec![format!("--guard={guard}")], ..ClusterSpec::agents(Backend::Vxlan, hook, 2) };
+    let c = cluster(tag, &spec);
     let (n1, n2) = (c.node(1), c.node(2));
     let port = 9995;
     let n1_mac = ok("mac", overlay_tests::link_mac(&n1.ns, "eth0"));
@@ -479,6 +480,11 @@ fn a_containers_first_fragment(tag: &str, hook: &'static str) {
     let valid = raw_frame(n1_mac, n2.underlay_ip, n1.underlay_ip, 5, 0, 8472, &payload);
     let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
     let before = n1.counters();
+    let fw_before = n1.firewall_guard_drops();
+    let guarded = || match guard {
+        "firewall" => n1.firewall_guard_drops() > fw_before,
+        _ => n1.counter(Counter::ForeignTunnel) > before[Counter::ForeignTunnel as usize],
+    };
     // From container 1 on node 1, to docker0 (its gateway), the first 56 bytes.
     let bridge_mac = ok("mac", overlay_tests::link_mac(&n1.ns, "docker0"));
     let [first, later] = <[Vec<u8>; 2]>::try_from(fragments(&with_id(&valid, 301), 56)).unwrap();
@@ -487,10 +493,7 @@ fn a_containers_first_fragment(tag: &str, hook: &'static str) {
     first[6..12].copy_from_slice(&ok("mac", overlay_tests::link_mac(&n1.containers[1], "eth0")));
     ok("container fragment", overlay_tests::traffic::send_raw_frames(&n1.containers[1], "eth0", vec![first]));
     ok("underlay fragment", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", vec![later]));
-    assert!(
-        wait_until(Duration::from_secs(5), || n1.counter(Counter::ForeignTunnel) > before[Counter::ForeignTunnel as usize]),
-        "the datagram completed over the underlay was not dropped by the socket guard"
-    );
+    assert!(wait_until(Duration::from_secs(5), guarded), "the container's first fragment was not dropped by the socket guard ({guard})");
     assert_eq!(n1.counter(Counter::FragmentToKernel), before[Counter::FragmentToKernel as usize], "no first fragment crossed the underlay");
     // Control: the same datagram, both fragments over the underlay.
     ok("underlay fragments", overlay_tests::traffic::send_raw_frames(&n2.ns, "eth0", fragments(&with_id(&valid, 302), 56)));
@@ -499,12 +502,20 @@ fn a_containers_first_fragment(tag: &str, hook: &'static str) {
 
 #[test]
 fn a_containers_first_fragment_is_not_completed_over_the_underlay_with_tc_decap() {
-    a_containers_first_fragment("cf", "tc");
+    a_containers_first_fragment("cf", "tc", "sk-lookup");
+}
+
+/// The guard's firewall form sees each fragment with its own interface (its chain runs
+/// before defragmentation, which gives the datagram the last fragment's): the container's
+/// first fragment is dropped there, so the underlay's cannot complete it.
+#[test]
+fn a_containers_first_fragment_is_dropped_by_the_firewall_guard() {
+    a_containers_first_fragment("cw", "tc", "firewall");
 }
 
 #[test]
 fn a_containers_first_fragment_is_not_completed_over_the_underlay_with_xdp_decap() {
-    a_containers_first_fragment("cx", "xdp");
+    a_containers_first_fragment("cx", "xdp", "sk-lookup");
 }
 
 /// `frame` with IPv4 ID `id` (its header checksum made right again).
@@ -938,8 +949,14 @@ fn stack_delivery_goes_through_the_overlay_device() {
 /// by the socket guard and counted as `foreign_tunnel`: the kernel's vxlan socket, which
 /// listens on every address, never decapsulates it. The same frame from the peer over the
 /// underlay is delivered, so the interface is what stops the others.
-fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str, guard: &str) {
-    let spec = ClusterSpec { agent_args: vec![format!("--guard={guard}")], ..ClusterSpec::agents(Backend::Vxlan, hook, 2) };
+fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str, guard: &str, no_nft: bool) {
+    // A host without nft's tool: the guard's firewall form is an iptables chain.
+    let no_nft_path = no_nft.then(|| ok("PATH", overlay_tests::PathWithoutNft::new()));
+    let spec = ClusterSpec {
+        agent_args: vec![format!("--guard={guard}")],
+        agent_env: no_nft_path.iter().map(|p| ("PATH".to_string(), p.path.clone())).collect(),
+        ..ClusterSpec::agents(Backend::Vxlan, hook, 2)
+    };
     let mut c = cluster(tag, &spec);
     let (side, side_gw, side_ip) = ok("side host", c.add_side_host(1, "side"));
     let (n1, n2) = (c.node(1), c.node(2));
@@ -963,14 +980,15 @@ fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str, guard: &str) {
     let status = ok("status", n1.agent_cli(&["status"]));
     assert!(status.contains(&format!("guard={}", guard.replace('-', "_"))), "{status}");
     // Where the guard's program cannot run (forced here), its firewall rule drops instead:
-    // counted by iptables.
-    let chain_packets = || -> u64 {
-        let out = n1.ns.run("iptables", &["-w", "-t", "filter", "-L", "OVERLAY-GUARD", "-v", "-x", "-n"]).unwrap_or_default();
-        out.lines().skip(2).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum()
-    };
-    let chain_before = chain_packets();
+    // nftables where nft is (before defragmentation), else iptables; counted by the rules.
+    if guard == "firewall" {
+        let nft = n1.ns.run("nft", &["list", "table", "ip", "overlay-guard"]);
+        let chain = n1.ns.run("iptables", &["-w", "-S", "OVERLAY-GUARD"]);
+        assert_eq!((nft.is_ok(), chain.is_ok()), (!no_nft, no_nft), "the guard's form: nft {nft:?}, iptables {chain:?}");
+    }
+    let fw_before = n1.firewall_guard_drops();
     let guarded = || match guard {
-        "firewall" => chain_packets() - chain_before,
+        "firewall" => n1.firewall_guard_drops() - fw_before,
         _ => n1.counter(Counter::ForeignTunnel) - before[Counter::ForeignTunnel as usize],
     };
     for (k, (what, ns, from, to)) in sends.iter().enumerate() {
@@ -995,19 +1013,21 @@ fn tunnel_frames_from_elsewhere(tag: &str, hook: &'static str, guard: &str) {
 
 #[test]
 fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_tc_decap() {
-    tunnel_frames_from_elsewhere("gt", "tc", "sk-lookup");
+    tunnel_frames_from_elsewhere("gt", "tc", "sk-lookup", false);
 }
 
 #[test]
 fn tunnel_frames_from_elsewhere_than_the_underlay_are_dropped_with_xdp_decap() {
-    tunnel_frames_from_elsewhere("gx", "xdp", "sk-lookup");
+    tunnel_frames_from_elsewhere("gx", "xdp", "sk-lookup", false);
 }
 
-/// Kernels before 5.17 cannot run the guard's program (no `ingress_ifindex`): the same rule
-/// in the firewall (forced here) drops the same frames.
+/// Kernels before 5.17 cannot run the guard's program (no `ingress_ifindex`): its rule in
+/// the firewall (forced here) drops the same frames, in nftables and, on a host without nft,
+/// in iptables.
 #[test]
 fn tunnel_frames_from_elsewhere_are_dropped_by_the_firewall_guard() {
-    tunnel_frames_from_elsewhere("gf", "tc", "firewall");
+    tunnel_frames_from_elsewhere("gf", "tc", "firewall", false);
+    tunnel_frames_from_elsewhere("gi", "tc", "firewall", true);
 }
 
 /// Packets the (one) tc filter action on node `n`'s eth0 ingress has seen.

@@ -544,8 +544,8 @@ fn a_flanneld_unit_files_flags_and_variables_start_the_agent() {
 }
 
 /// The socket guard's firewall form (for kernels before 5.17, forced here) on a node in
-/// nftables mode: a table of our own (flannel's keeps exactly flannel's rules) whose input
-/// chain drops tunnel datagrams that did not come in on the underlay to the tunnel address;
+/// nftables mode: a table of our own (flannel's keeps exactly flannel's rules) whose chain,
+/// before defragmentation, drops tunnel datagrams that did not come in on the underlay to the tunnel address;
 /// a container's tunnel frame to its node is not decapsulated, a peer's is; restarted with
 /// the program, the table goes.
 #[test]
@@ -555,7 +555,11 @@ fn the_firewall_guard_in_nftables_mode() {
     let mut c = cluster("ng", &spec);
     let (n1, n2) = (c.node(1), c.node(2));
     let table = ok("nft", n1.ns.run("nft", &["list", "table", "ip", "overlay-guard"]));
-    for rule in ["type filter hook input priority filter - 10; policy accept;", "iifname != \"eth0\" udp dport 8472 drop", &format!("ip daddr != {} udp dport 8472 drop", n1.underlay_ip)] {
+    for rule in [
+        "type filter hook prerouting priority -450; policy accept;",
+        "iifname != \"eth0\" udp dport 8472 fib daddr type local counter packets",
+        &format!("udp dport 8472 ip daddr != {} fib daddr type local counter packets", n1.underlay_ip),
+    ] {
         assert!(table.contains(rule), "{rule:?} missing:\n{table}");
     }
     assert!(ok("status", n1.agent_cli(&["status"])).contains("guard=firewall"));

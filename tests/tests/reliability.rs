@@ -206,6 +206,11 @@ fn legacy_tc_filters_survive_sigkill_restart_and_upgrade_losing_nothing() {
     eprintln!("legacy: UDP sent {} received {} lost {} (receiver overflows {}); {transfers} TCP transfers", r.sent, r.received, r.lost, r.receiver_overflows);
     assert_eq!(r.lost, 0, "packets lost across legacy kills, restarts, the upgrade and the switch: {r:?}");
     assert!(errors.is_empty() && transfers > 0, "TCP: {errors:?}");
+    // A filter taken away with its qdisc is put back by the periodic check.
+    ok("qdisc del", c.node(2).ns.run("tc", &["qdisc", "del", "dev", "flannel.1", "clsact"]));
+    assert!(wait_until(Duration::from_secs(10), || encap(&c, 2).len() == 1), "the encap filter was not restored:\n{}", c.node(2).log_text());
+    assert!(c.node(2).log_text().contains("its encapsulation filter is gone"), "{}", c.node(2).log_text());
+    ok("ping after", ping(&c.node(2).containers[0], c.node(1).container_ip(0), 2));
     // teardown takes ours only.
     ok("stop", c.stop_agent(2));
     ok("teardown", c.node(2).agent_cli(&["teardown"]));
@@ -213,6 +218,13 @@ fn legacy_tc_filters_survive_sigkill_restart_and_upgrade_losing_nothing() {
     assert!(decap(&c, 2).is_empty(), "our decap filter left after teardown");
     let rest = ok("tc", c.node(2).ns.run("tc", &["filter", "show", "dev", "eth0", "ingress"]));
     assert!(rest.contains("u32") && rest.contains("pref 5"), "another's filter must survive teardown:\n{rest}");
+    // Another's filter at our priority (the first) would share it in an order we do not
+    // choose: the start is refused, naming it.
+    ok("foreign prio 1", c.node(2).ns.run("tc", &["filter", "add", "dev", "eth0", "ingress", "prio", "1", "handle", "0x7", "protocol", "all", "bpf", "bytecode", "1,6 0 0 0,"]));
+    c.set_agent_args(vec!["--tc-attach=legacy".into()], Vec::new());
+    assert!(c.restart_agent_with_current_args(2).is_err(), "started with another filter at priority 1");
+    let log = c.node(2).log_text();
+    assert!(log.contains("another tc filter shares priority 1 (the first) on eth0 ingress") && log.contains("handle 0x7"), "{log}");
 }
 
 /// The names of the TCX programs on a node's underlay ingress, in the order they run.

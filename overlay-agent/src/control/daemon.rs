@@ -606,10 +606,14 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     // What a previous run left that this one does not keep: the other form's rules (the
     // config switched between iptables and nftables, as flannel clears them), and ours that
     // are no longer wanted (--ip-masq or the forward rules switched off, a family gone). Rules
-    // stay on exit, so this is where stale ones go.
+    // stay on exit, so this is where stale ones go: after ours are in, so that a rule moving
+    // from one form to the other (the guard's, flannel's) is never missing between them.
     let leftovers = d.rules.lock().await.leftovers(crate::nftables::has_iptables());
-    let _ = tokio::task::spawn_blocking(move || leftovers.clear()).await;
     ensure_rules(&d.rules).await.context("installing the masquerade and forward rules")?;
+    let _ = tokio::task::spawn_blocking(move || leftovers.clear()).await;
+    if d.ebpf.as_ref().is_some_and(|dp| dp.guard == crate::datapath::attach::Guard::Firewall) {
+        dataplane::retire_guard_program(&d.spec.bpffs_dir)?;
+    }
     d.sync_blackhole()?;
     write_subnet_file(&d.opts, &d.cfg, &held, mtu)?;
     tracing::info!(
@@ -640,11 +644,17 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 guard_addrs.push(o6.public_ip.into());
             }
         }
-        if self.cfg.enable_nftables || !crate::nftables::has_iptables() {
-            let guards = guard_addrs
+        // The guard's nftables form runs before defragmentation: it is used wherever nft is,
+        // whichever form flannel's rules take.
+        let nft_guard = self.cfg.enable_nftables || !crate::nftables::has_iptables() || crate::nftables::has_nft();
+        let guards: Vec<crate::nftables::NftGuard> = match nft_guard {
+            true => guard_addrs
                 .iter()
                 .map(|a| crate::nftables::NftGuard { iface: self.spec.iface.clone(), addr: *a, port: self.spec.port })
-                .collect();
+                .collect(),
+            false => Vec::new(),
+        };
+        if self.cfg.enable_nftables || !crate::nftables::has_iptables() {
             let mut tables = Vec::new();
             if self.cfg.enable_ipv4 {
                 tables.push(crate::nftables::NftRules {
@@ -664,6 +674,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
         let mut r: Vec<ChainRules> = guard_addrs
             .iter()
+            .filter(|_| !nft_guard)
             .map(|a| iptables::guard(if a.is_ipv4() { "iptables" } else { "ip6tables" }, &self.spec.iface, *a, self.spec.port))
             .collect();
         let v4 = self.cfg.enable_ipv4;
@@ -683,7 +694,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 r.push(iptables::forward6(n6));
             }
         }
-        Firewall::Iptables(r)
+        Firewall::Iptables(r, guards)
     }
 }
 
@@ -692,8 +703,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
 pub enum Firewall {
     #[default]
     None,
-    /// flannel's iptables chains (FLANNEL-POSTRTG, FLANNEL-FWD).
-    Iptables(Vec<ChainRules>),
+    /// flannel's iptables chains (FLANNEL-POSTRTG, FLANNEL-FWD), and our guard's: its
+    /// nftables tables where nft exists, else its chains among the others.
+    Iptables(Vec<ChainRules>, Vec<crate::nftables::NftGuard>),
     /// flannel's nftables tables (flannel-ipv4, and flannel-ipv6 for a dual-stack node:
     /// postrtg, forward), and our guard's tables where its program cannot run.
     Nft(Vec<crate::nftables::NftRules>, Vec<crate::nftables::NftGuard>),
@@ -744,24 +756,24 @@ impl Firewall {
     /// What to clear at start: every chain or table of flannel's this run does not keep.
     /// `has_iptables`: whether iptables chains can exist on this host at all.
     pub fn leftovers(&self, has_iptables: bool) -> Leftovers {
+        let guards_v = |guards: &[crate::nftables::NftGuard], ipv6: bool| guards.iter().any(|g| g.addr.is_ipv6() == ipv6);
         let all: Vec<(&'static str, &'static str)> = iptables::all_chains().iter().map(|c| (c.cmd, c.chain)).collect();
         match self {
-            Firewall::Iptables(chains) => Leftovers {
+            Firewall::Iptables(chains, guards) => Leftovers {
                 chains: all.into_iter().filter(|k| !chains.iter().any(|c| (c.cmd, c.chain) == *k)).collect(),
                 nft_ipv4: true,
                 nft_ipv6: true,
-                nft_guard4: true,
-                nft_guard6: true,
+                nft_guard4: !guards_v(guards, false),
+                nft_guard6: !guards_v(guards, true),
             },
             Firewall::Nft(tables, guards) => {
                 let keeps = |ipv6: bool| tables.iter().any(|t| t.ipv6 == ipv6 && !t.is_empty());
-                let guards_v = |ipv6: bool| guards.iter().any(|g| g.addr.is_ipv6() == ipv6);
                 Leftovers {
                     chains: if has_iptables { all } else { Vec::new() },
                     nft_ipv4: !keeps(false),
                     nft_ipv6: !keeps(true),
-                    nft_guard4: !guards_v(false),
-                    nft_guard6: !guards_v(true),
+                    nft_guard4: !guards_v(guards, false),
+                    nft_guard6: !guards_v(guards, true),
                 }
             }
             Firewall::None => Leftovers::default(),
@@ -771,8 +783,11 @@ impl Firewall {
     /// Install or restore; true if something had to change. Blocking (runs iptables or nft).
     fn ensure(&self) -> Result<bool> {
         Ok(match self {
-            Firewall::Iptables(chains) => {
+            Firewall::Iptables(chains, guards) => {
                 let mut changed = false;
+                for g in guards {
+                    changed |= crate::nftables::ensure_guard(g)?;
+                }
                 for r in chains {
                     changed |= iptables::ensure(r)?;
                 }
@@ -1252,6 +1267,18 @@ impl Daemon {
         if !netdev::network_route_via(self.spec.network, &self.spec.device)? {
             return Ok(Some("the network's route no longer goes through it"));
         }
+        // cls_bpf filters go with their qdisc (`tc qdisc del ... clsact`) or alone; TCX
+        // links are pinned and cannot be taken off without their pin.
+        if dp.attach == crate::datapath::attach::TcAttach::Legacy {
+            use crate::datapath::attach::legacy_attached;
+            use aya::programs::TcAttachType::{Egress, Ingress};
+            if !legacy_attached(dp.device.ifindex, Egress, overlay_common::prog_names::TC_EGRESS_ENCAP) {
+                return Ok(Some("its encapsulation filter is gone"));
+            }
+            if dp.decap_hook == DecapHook::Tc && !legacy_attached(dp.underlay.ifindex, Ingress, overlay_common::prog_names::TC_INGRESS_DECAP) {
+                return Ok(Some("the underlay's decapsulation filter is gone"));
+            }
+        }
         Ok(None)
     }
 
@@ -1415,8 +1442,11 @@ impl Daemon {
         });
         self.spec = spec;
         self.ebpf = Some(dp);
-        // A firewall guard names the tunnel address: it follows.
+        // A firewall guard names the tunnel address: it follows, now.
         *self.rules.lock().await = self.wanted_rules();
+        if let Err(e) = ensure_rules(&self.rules).await {
+            tracing::error!(error = %crate::error_chain(e.as_ref()), "updating the rules for the new address failed; the periodic check tries again");
+        }
         // The client's connections left from the old address, which is gone: waiting for
         // them to time out would leave the lease naming an address nobody answers on.
         self.reg = connect(&self.opts.etcd).await?;
@@ -1541,13 +1571,13 @@ mod tests {
             ("ip6tables", "OVERLAY-GUARD"),
         ];
         // Both IPv4 chains kept: the IPv6 ones and both nftables tables go.
-        let l = Firewall::Iptables(vec![m.clone(), f.clone()]).leftovers(true);
+        let l = Firewall::Iptables(vec![m.clone(), f.clone()], vec![]).leftovers(true);
         assert_eq!(l, Leftovers { chains: all[2..].to_vec(), nft_ipv4: true, nft_ipv6: true, nft_guard4: true, nft_guard6: true });
         // --ip-masq switched off: its chain goes, the forward chain stays.
-        let l = Firewall::Iptables(vec![f.clone()]).leftovers(true);
+        let l = Firewall::Iptables(vec![f.clone()], vec![]).leftovers(true);
         assert_eq!(l.chains, vec![all[0], all[2], all[3], all[4], all[5]]);
         // Neither wanted: every chain goes.
-        assert_eq!(Firewall::Iptables(vec![]).leftovers(true).chains, all.to_vec());
+        assert_eq!(Firewall::Iptables(vec![], vec![]).leftovers(true).chains, all.to_vec());
         // nftables mode: every iptables chain goes (where iptables exists), and a family's
         // table goes when this run keeps nothing in it.
         let v4 = crate::nftables::NftRules { ipv6: false, masq: None, forward: Some(n.into()) };
@@ -1558,9 +1588,13 @@ mod tests {
         assert!(Firewall::Nft(vec![empty], vec![]).leftovers(false).nft_ipv4, "an empty table is not kept");
         // The guard's rule where its program cannot run: kept in the form the node uses.
         let g = iptables::guard("iptables", "eth0", "192.168.100.1".parse().unwrap(), 8472);
-        let l = Firewall::Iptables(vec![g, f.clone()]).leftovers(true);
+        let l = Firewall::Iptables(vec![g, f.clone()], vec![]).leftovers(true);
         assert!(!l.chains.contains(&("iptables", "OVERLAY-GUARD")) && l.chains.contains(&("ip6tables", "OVERLAY-GUARD")), "{l:?}");
+        assert!(l.nft_guard4 && l.nft_guard6, "{l:?}");
         let ng = crate::nftables::NftGuard { iface: "eth0".into(), addr: "192.168.100.1".parse().unwrap(), port: 8472 };
+        // iptables for flannel's rules, nftables for the guard (where nft exists).
+        let l = Firewall::Iptables(vec![f.clone()], vec![ng.clone()]).leftovers(true);
+        assert!(l.chains.contains(&("iptables", "OVERLAY-GUARD")) && !l.nft_guard4 && l.nft_guard6 && l.nft_ipv4, "{l:?}");
         let l = Firewall::Nft(vec![v4], vec![ng]).leftovers(true);
         assert!(!l.nft_guard4 && l.nft_guard6 && l.chains.contains(&("iptables", "OVERLAY-GUARD")), "{l:?}");
     }

@@ -142,6 +142,21 @@ pub fn attach_legacy(ebpf: &mut Ebpf, name: &str, iface: &Link, at: TcAttachType
     if prog.fd().is_err() {
         prog.load().with_context(|| crate::dataplane::Unsupported(format!("the kernel's verifier refused {name}")))?;
     }
+    // Another's filter at our priority would share the first place with ours, in an order the
+    // kernel keeps by insertion, not by us: refused, naming it.
+    if let Some(f) = existing.iter().find(|f| f.priority == LEGACY_PRIORITY && f.handle != LEGACY_HANDLE && f.bpf_name.as_deref() != Some(name)) {
+        bail!(
+            "another tc filter shares priority {LEGACY_PRIORITY} (the first) on {} {hook} with ours: {} {} handle {:#x}; \
+             our checks must run first: move it to a later priority (tc filter del dev {} {hook} prio {LEGACY_PRIORITY} handle {:#x} {})",
+            iface.name,
+            f.kind,
+            f.bpf_name.as_deref().unwrap_or("-"),
+            f.handle,
+            iface.name,
+            f.handle,
+            f.kind
+        );
+    }
     let slot = existing.iter().find(|f| f.priority == LEGACY_PRIORITY && f.handle == LEGACY_HANDLE);
     let handle = TcHandle::new((LEGACY_HANDLE >> 16) as u16, LEGACY_HANDLE as u16);
     let id = match slot {

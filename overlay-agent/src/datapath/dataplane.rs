@@ -471,10 +471,8 @@ fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
 fn guard(ebpf: &mut Ebpf, spec: &NodeSpec) -> Result<Guard> {
     let pin = spec.bpffs_dir.join(LINK_GUARD);
     match spec.guard {
-        GuardChoice::Firewall => {
-            remove_pin(&pin)?;
-            Ok(Guard::Firewall)
-        }
+        // A previous run's program stays until the firewall rule is in (`retire_guard_program`).
+        GuardChoice::Firewall => Ok(Guard::Firewall),
         GuardChoice::SkLookup => attach_guard(ebpf, &pin).map(|()| Guard::SkLookup),
         GuardChoice::Auto => match attach_guard(ebpf, &pin) {
             Ok(()) => Ok(Guard::SkLookup),
@@ -484,11 +482,16 @@ fn guard(ebpf: &mut Ebpf, spec: &NodeSpec) -> Result<Guard> {
                     "the socket guard program cannot run on this kernel (sk_lookup with ingress_ifindex needs Linux 5.17); \
                      tunnel datagrams that do not come from the underlay are dropped by a firewall rule instead (guard=firewall)"
                 );
-                remove_pin(&pin)?;
                 Ok(Guard::Firewall)
             }
         },
     }
+}
+
+/// The socket guard's program goes once its firewall rule is in place (forced to the
+/// firewall after a run with the program): no moment without either.
+pub fn retire_guard_program(dir: &Path) -> Result<()> {
+    remove_pin(&dir.join(LINK_GUARD))
 }
 
 /// The socket guard, attached to the agent's network namespace: tunnel datagrams that did

@@ -157,10 +157,14 @@ fn forward_rules(cmd: &'static str, n: &str) -> ChainRules {
     }
 }
 
-/// The socket guard as a firewall rule, where its program cannot run: UDP to the tunnel
-/// `port` is dropped unless it came in on the underlay `iface` to the node's tunnel address
-/// `addr` (iptables, or ip6tables for a dual-stack node's IPv6 address). Checked before the
-/// reassembled datagram reaches the kernel's vxlan socket, as the program is.
+/// The socket guard as an iptables rule, where its program cannot run and the host has no
+/// nft (the nftables form is used whenever it can be: see `nftables::GUARD_TABLE`): UDP to
+/// the tunnel `port` is dropped unless it came in on the underlay `iface` to the node's
+/// tunnel address `addr` (iptables, or ip6tables for a dual-stack node's IPv6 address), at
+/// INPUT, before the datagram reaches the kernel's vxlan socket. Every iptables chain runs
+/// after defragmentation, where `-i` is the interface of the fragment that completed the
+/// datagram: a first fragment sent from a container and completed by one from the underlay
+/// is not caught here (docs/kernels.md says so).
 pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, port: u16) -> ChainRules {
     ChainRules {
         cmd,
@@ -323,9 +327,11 @@ pub fn all_chains() -> [ChainRules; 6] {
     ]
 }
 
-/// Whether the guard's chain is in place (iptables, for `status`).
+/// Whether the guard's chain is in place (iptables or ip6tables, for `status`).
 pub fn guard_present() -> bool {
-    iptables("iptables", &s(&["-t", "filter", "-S", "OVERLAY-GUARD"])).is_ok_and(|o| o.status.success())
+    ["iptables", "ip6tables"]
+        .iter()
+        .any(|cmd| iptables(cmd, &s(&["-t", "filter", "-S", "OVERLAY-GUARD"])).is_ok_and(|o| o.status.success()))
 }
 
 /// Remove flannel's chains and our guard's, whatever they were for (teardown).

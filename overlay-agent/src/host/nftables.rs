@@ -131,7 +131,8 @@ fn current(ipv6: bool) -> Option<Vec<(String, Vec<String>)>> {
 }
 
 fn current_of(ip: &str, table: &str) -> Option<Vec<(String, Vec<String>)>> {
-    let text = nft(&["list", "table", ip, table], None).ok()?;
+    // Stateless: a counter's values are not part of the rule.
+    let text = nft(&["-s", "list", "table", ip, table], None).ok()?;
     let mut chains: Vec<(String, Vec<String>)> = Vec::new();
     for line in text.lines().map(str::trim) {
         if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix(" {")) {
@@ -163,10 +164,21 @@ pub fn remove() -> Result<()> {
 }
 
 /// Our socket guard's table (not flannel's, which holds exactly flannel's rules): where the
-/// guard's program cannot run, UDP to the tunnel port is dropped unless it came in on the
-/// underlay to the node's tunnel address. A base chain of its own before the filter
-/// priority: an accept elsewhere does not get around a drop here.
+/// guard's program cannot run, UDP to the tunnel port for this host is dropped unless it came
+/// in on the underlay to the node's tunnel address. Its base chain hooks prerouting at
+/// priority -450, before conntrack's defragmentation (-400): it sees each fragment with the
+/// interface it arrived on. After reassembly the datagram carries the interface of the
+/// fragment that completed it, so a check at input could be passed by a first fragment sent
+/// from a container (through cni0/docker0) whose datagram a fragment on the underlay
+/// completes. A first fragment carries the UDP header and is matched here; later fragments
+/// carry none and pass, but they cannot bring headers in: the first fragment that does
+/// arrives on the underlay, where the decap program checks it whole and drops any later
+/// fragment reaching into those bytes (and the kernel drops overlapping ones). A chain of
+/// its own: an accept elsewhere does not get around a drop here.
 pub const GUARD_TABLE: &str = "overlay-guard";
+
+/// The guard's chain's priority: before defragmentation (NF_IP_PRI_CONNTRACK_DEFRAG, -400).
+pub const GUARD_PRIORITY: i32 = -450;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NftGuard {
@@ -180,19 +192,22 @@ impl NftGuard {
         if self.addr.is_ipv4() { "ip" } else { "ip6" }
     }
 
-    /// The input chain's rules, as `nft list table` prints them.
+    /// The prerouting chain's rules, as `nft list table` prints them. `fib daddr type local`:
+    /// only datagrams for this host (tunnel traffic routed through it is not ours to judge).
     pub fn rules(&self) -> Vec<String> {
         let ip = self.family();
         vec![
-            format!("iifname != \"{}\" udp dport {} drop", self.iface, self.port),
-            format!("{ip} daddr != {} udp dport {} drop", self.addr, self.port),
+            format!("iifname != \"{}\" udp dport {} fib daddr type local counter drop", self.iface, self.port),
+            format!("udp dport {} {ip} daddr != {} fib daddr type local counter drop", self.port, self.addr),
         ]
     }
 
     pub fn script(&self) -> String {
         let ip = self.family();
         let mut s = format!("add table {ip} {GUARD_TABLE}\ndelete table {ip} {GUARD_TABLE}\n");
-        s += &format!("table {ip} {GUARD_TABLE} {{\n\tchain input {{\n\t\ttype filter hook input priority filter - 10; policy accept;\n");
+        s += &format!(
+            "table {ip} {GUARD_TABLE} {{\n\tchain prerouting {{\n\t\ttype filter hook prerouting priority {GUARD_PRIORITY}; policy accept;\n"
+        );
         for r in self.rules() {
             s += &format!("\t\t{r}\n");
         }
@@ -203,7 +218,7 @@ impl NftGuard {
 
 /// Make the guard's table hold exactly `g`'s rules; true if it had to change.
 pub fn ensure_guard(g: &NftGuard) -> Result<bool> {
-    let want = vec![("input".to_string(), g.rules())];
+    let want = vec![("prerouting".to_string(), g.rules())];
     if current_of(g.family(), GUARD_TABLE).as_ref() == Some(&want) {
         return Ok(false);
     }
@@ -211,9 +226,9 @@ pub fn ensure_guard(g: &NftGuard) -> Result<bool> {
     Ok(true)
 }
 
-/// Whether the guard's IPv4 table is in place (for `status`).
+/// Whether the guard's table is in place, for either family (for `status`).
 pub fn guard_present() -> bool {
-    nft(&["list", "table", "ip", GUARD_TABLE], None).is_ok()
+    ["ip", "ip6"].iter().any(|f| nft(&["list", "table", f, GUARD_TABLE], None).is_ok())
 }
 
 /// Remove the guard's table for one family, if there is one.
@@ -230,6 +245,32 @@ pub fn remove_family(ipv6: bool) -> Result<()> {
         format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
     };
     nft(&["-f", "-"], Some(&script)).map(drop)
+}
+
+/// Whether this host has an nft binary: the socket guard's firewall form uses it whenever
+/// it can (its chain runs before defragmentation; iptables' chains all run after).
+/// (Looked up in PATH, where `nft` is run from.)
+pub fn has_nft() -> bool {
+    match std::env::var_os("PATH") {
+        Some(p) => std::env::split_paths(&p).any(|d| d.join("nft").exists()),
+        None => std::path::Path::new("/usr/sbin/nft").exists(),
+    }
+}
+
+/// The datagrams the guard's nftables rules dropped (both families), for `status`.
+pub fn guard_drops() -> u64 {
+    ["ip", "ip6"]
+        .iter()
+        .filter_map(|f| nft(&["list", "table", f, GUARD_TABLE], None).ok())
+        .flat_map(|t| {
+            t.split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .filter(|w| w[0] == "packets")
+                .filter_map(|w| w[1].parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 /// Whether this host has an iptables binary (flannel falls back to nftables without one).
