@@ -85,13 +85,39 @@ fn resolve(meta: &str) -> Result<String> {
     ask().with_context(|| format!("apt knows no {meta}: is Debian 12's main archive in the apt sources?"))
 }
 
+/// The newest complete kernel of series `label` (e.g. 6.1) in the cache, by its release.
+fn cached_release(cache: &Path, label: &str) -> Option<String> {
+    let mut found: Vec<String> = fs::read_dir(cache)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|r| r.starts_with(&format!("{label}.")))
+        .filter(|r| {
+            let k = Kernel { label: "", release: r.clone(), root: cache.join(r) };
+            k.vmlinuz().exists() && k.modules().join("modules.dep").exists()
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
 /// Fetch and unpack Debian's kernels into the cache (each once); for `setup`.
 pub fn fetch() -> Result<Vec<Kernel>> {
     let cache = cache_dir()?;
     fs::create_dir_all(&cache)?;
     let mut out = Vec::new();
     for (meta, label) in KERNELS {
-        let pkg = resolve(meta)?;
+        // Offline (apt cannot say which package is current): a kernel of that series already
+        // in the cache does.
+        let pkg = match resolve(meta) {
+            Ok(p) => p,
+            Err(e) => match cached_release(&cache, label) {
+                Some(release) => {
+                    eprintln!("setup: apt cannot resolve {meta} ({e:#}); using the cached {release}");
+                    format!("linux-image-{release}")
+                }
+                None => return Err(e),
+            },
+        };
         let release = pkg.strip_prefix("linux-image-").unwrap_or(&pkg).to_string();
         let root = cache.join(&release);
         let k = Kernel { label, release: release.clone(), root: root.clone() };
@@ -227,6 +253,17 @@ fn boot(k: &Kernel, name: &str, script_body: &str, nic: &[String]) -> Result<Vm>
         cmd.args(nic);
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // qemu goes with us, however we end (a test harness's timeout, ^C): no VM left spinning.
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     writeln!(file, "$ {cmd:?}")?;
     let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
     let (tx, rx) = mpsc::channel();
@@ -273,7 +310,17 @@ impl Vm {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
-        (results, done, self.log)
+        (results, done, self.log.clone())
+    }
+}
+
+/// A VM dropped on an early return (the other VM failed to boot, a panic) is ended and reaped.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -320,7 +367,7 @@ pub fn run(agent: &Path) -> Result<()> {
             "cd {ws} && RUST_BACKTRACE=1 {programs} --test-threads=1
 rc=$?
 if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the programs' tests: exit status $rc)\"; fi
-OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact a_cluster_with_a_stock_node_works_on_this_kernel --test-threads=1 --nocapture
+OVERLAY_EXPECT_KERNEL={label} OVERLAY_EXPECT_ATTACH={expect} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact a_cluster_with_a_stock_node_works_on_this_kernel --test-threads=1 --nocapture
 rc=$?
 if [ $rc = 0 ]; then echo \"VM-RESULT: ok\"; else echo \"VM-RESULT: failed (the cluster's exit status $rc)\"; fi
 ",
@@ -328,6 +375,10 @@ if [ $rc = 0 ]; then echo \"VM-RESULT: ok\"; else echo \"VM-RESULT: failed (the 
             ws = crate::workspace_root().display(),
             agent = agent.display(),
             tests = tests.display(),
+            label = k.label,
+            // What the probe must find on each (Debian 12's 6.1 has no TCX; 6.12 has it),
+            // told from outside so that a probe that is wrong on both cannot pass.
+            expect = if k.label == "6.1" { "tc-legacy" } else { "tcx" },
         );
         let vm = boot(k, &format!("cluster-{}", k.label), &body, &[])?;
         let (results, powered_off, log) = vm.finish(Instant::now() + VM_TIMEOUT);
@@ -451,8 +502,21 @@ i=0
 while [ $i -lt 120 ]; do [ "$(dec)" -ge 1 ] 2>/dev/null && break; sleep 1; i=$((i+1)); done
 [ "$(dec)" -ge 1 ] 2>/dev/null || fail "XDP counted nothing decapsulated"
 echo "VM-INFO: node {n}: XDP checked $(dec) frames"
-# Stay up until the peer has pinged us too.
-ip netns exec c ping -c 20 -i 0.5 -W 1 10.244.{peer}.2 >/dev/null 2>&1
+# Each node needs the other up until its own checks are done. Node 2 stays until node 1 has
+# started its last phase (a second echo answered by node 2's container: node 1's first check
+# stops at one); node 1 then pings until node 2 no longer answers (three misses in a row).
+echos() {{ ip netns exec c awk '/^Icmp:/ {{ if (!h) {{ for (k = 1; k <= NF; k++) if ($k == "OutEchoReps") c = k; h = 1 }} else print $c }}' /proc/net/snmp; }}
+if [ {n} = 2 ]; then
+  i=0; while [ $i -lt 240 ] && ! [ "$(echos)" -ge 2 ] 2>/dev/null; do sleep 0.5; i=$((i+1)); done
+  [ "$(echos)" -ge 2 ] 2>/dev/null || fail "node 1 never reached its last phase"
+else
+  miss=0; i=0
+  while [ $miss -lt 3 ] && [ $i -lt 360 ]; do
+    if ip netns exec c ping -c 1 -W 1 10.244.{peer}.2 >/dev/null 2>&1; then miss=0; sleep 0.5; else miss=$((miss+1)); fi
+    i=$((i+1))
+  done
+  [ $miss -ge 3 ] || fail "node 2 did not finish"
+fi
 echo "VM-RESULT: ok"
 "#,
         agent = agent.display(),
