@@ -521,6 +521,11 @@ pub enum Command {
     /// Write docker daemon options from the subnet file, as flannel's mk-docker-opts.sh does
     /// (for the flanneld unit's ExecStartPost).
     MkDockerOpts(crate::docker_opts::DockerOptsArgs),
+    /// Install the CNI plugin (this executable, as `flannel`) and kube-flannel's conflist, as
+    /// kube-flannel's init containers do: containers of containerd, CRI-O, podman (CNI
+    /// backend) and Kubernetes join the overlay through it. A conflist it did not write is
+    /// left alone.
+    InstallCni(InstallCniArgs),
     /// Show one lease in etcd.
     Lease {
         /// The lease's subnet, e.g. 172.17.98.0/24 (or its key form 172.17.98.0-24).
@@ -953,4 +958,27 @@ mod tests {
             .expect_err("bad MAC");
         assert!(e.to_string().contains("is not a MAC address"), "{e}");
     }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstallCniArgs {
+    /// Where the runtime looks for CNI plugins (kube-flannel's /opt/cni/bin; Debian's
+    /// plugins live in /usr/lib/cni).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub bin_dir: std::path::PathBuf,
+    /// Where the runtime reads network configurations.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub conf_dir: std::path::PathBuf,
+    /// The conflist's file name (kube-flannel's).
+    #[arg(long, default_value = "10-flannel.conflist")]
+    pub conf_name: String,
+    /// The subnet file the agent writes (written into the conflist when not flannel's default).
+    #[arg(long, default_value = crate::cni::DEFAULT_SUBNET_FILE)]
+    pub subnet_file: std::path::PathBuf,
+    /// Where the plugin keeps each container's delegate configuration.
+    #[arg(long, default_value = crate::cni::DEFAULT_DATA_DIR)]
+    pub data_dir: std::path::PathBuf,
+    /// Replace a conflist of that name that this command did not write.
+    #[arg(long)]
+    pub force: bool,
 }

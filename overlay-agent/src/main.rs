@@ -11,6 +11,10 @@ use overlay_agent::{
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Run as `flannel` (a link or copy in a CNI plugin directory): the CNI plugin.
+    if std::env::args_os().next().is_some_and(|a| overlay_agent::cni::invoked_as_plugin(&a)) {
+        return overlay_agent::cni::main();
+    }
     let (cli, notes) = match overlay_agent::cli::parse(std::env::args_os()) {
         Ok(parsed) => parsed,
         Err(e) => e.exit(),
@@ -117,6 +121,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Config(cmd)) => config_command(&cli.etcd, cmd),
+        Some(Command::InstallCni(a)) => {
+            let exe = std::env::current_exe().context("finding this executable")?;
+            let content = overlay_agent::cni::conflist(&a.subnet_file, &a.data_dir);
+            let done = overlay_agent::cni::install(&exe, &a.bin_dir, &a.conf_dir, &a.conf_name, &content, a.force)?;
+            println!("installed {}", done.plugin.display());
+            match done.conflist_written {
+                true => println!("wrote {}", done.conflist.display()),
+                false => println!("{} is up to date", done.conflist.display()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Command::MkDockerOpts(args)) => {
             overlay_agent::docker_opts::run(&args)?;
             Ok(ExitCode::SUCCESS)

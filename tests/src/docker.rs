@@ -60,15 +60,7 @@ impl Dockerd {
 
     /// Import a busybox image as `bb:1` (busybox-static plus applet links).
     pub fn import_busybox(&self) -> Result<()> {
-        let root = self.dir.join("rootfs");
-        fs::create_dir_all(root.join("bin"))?;
-        fs::copy("/usr/bin/busybox", root.join("bin/busybox")).context("busybox-static is needed")?;
-        for applet in ["sh", "ping", "ip", "sleep", "nc", "cat", "echo", "wget"] {
-            let link = root.join("bin").join(applet);
-            if !link.exists() {
-                std::os::unix::fs::symlink("busybox", link)?;
-            }
-        }
+        let root = crate::podman::busybox_rootfs(&self.dir)?;
         let tar = Command::new("tar").arg("-C").arg(&root).args(["-c", "."]).stdout(Stdio::piped()).spawn()?;
         let out = Command::new(DOCKER)
             .args(["-H", &self.sock, "import", "-", "bb:1"])

@@ -12,6 +12,7 @@ pub mod capture;
 pub mod docker;
 pub mod etcd;
 pub mod netns;
+pub mod podman;
 pub mod traffic;
 
 use std::{

@@ -53,6 +53,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // and a busybox image built locally.
     ("docker.io", "/usr/sbin/dockerd"),
     ("busybox-static", "/usr/bin/busybox"),
+    // The CNI tests: the standard plugins the `flannel` plugin delegates to (bridge,
+    // host-local, portmap) and a real runtime driving them (podman with its CNI backend, on
+    // runc: Debian's crun fails here, ../shared/design/CNI.md).
+    ("containernetworking-plugins", "/usr/lib/cni/bridge"),
+    ("podman", "/usr/bin/podman"),
+    ("runc", "/usr/sbin/runc"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

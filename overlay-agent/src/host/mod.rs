@@ -8,3 +8,4 @@ pub mod nftables;
 pub mod netdev;
 pub mod subnet_file;
 pub mod tc;
+pub mod cni;

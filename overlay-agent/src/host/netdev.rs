@@ -275,6 +275,24 @@ pub fn interfaces() -> Result<Vec<(String, Vec<Ipv4Addr>)>> {
     Ok(out.into_iter().map(|(_, n, a)| (n, a)).collect())
 }
 
+/// The interfaces enslaved to `master` (a bridge's ports), by name, read over netlink (sysfs
+/// shows the namespace that mounted it, not the caller's).
+pub fn ports_of(master: &str) -> Result<Vec<String>> {
+    let Some(m_idx) = index_of(master) else { return Ok(Vec::new()) };
+    let mut m = LinkMessage::default();
+    m.header.interface_family = AddressFamily::Unspec;
+    let links = request("list links", RouteNetlinkMessage::GetLink(m), NLM_F_DUMP)?;
+    Ok(links
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) if l.attributes.iter().any(|a| matches!(a, LinkAttribute::Controller(i) if *i == m_idx)) => {
+                Some(to_link(l).name)
+            }
+            _ => None,
+        })
+        .collect())
+}
+
 /// The interface (and source address) the route to `dst` uses: `ip route get <dst>`.
 pub fn route_to(dst: Ipv4Addr) -> Result<(String, Option<Ipv4Addr>)> {
     let mut m = RouteMessage::default();
@@ -770,6 +788,12 @@ fn set_only_address(name: &str, addr: IpAddr) -> Result<()> {
         change(&op, RouteNetlinkMessage::DelAddress(address_message(l.ifindex, a, len)), 0)?;
     }
     change(&op, RouteNetlinkMessage::NewAddress(address_message(l.ifindex, addr, host_len(addr))), NLM_F_CREATE | NLM_F_EXCL)
+}
+
+/// `name`'s IPv4 addresses with their prefix lengths.
+pub fn addresses4(name: &str) -> Result<Vec<Ipv4Net>> {
+    let l = require_link(name)?;
+    Ok(ipv4_addresses(l.ifindex)?.into_iter().filter_map(|(a, len)| Ipv4Net::new(a, len).ok()).collect())
 }
 
 /// Whether `name` has exactly the address of `addr`'s family that `set_only_address` gives.
