@@ -27,7 +27,11 @@ use crate::{
         included (-etcd-cafile=F works like --etcd-cafile F, -v=2 sets the log level), and \
         every flag can be set as an environment variable FLANNELD_<FLAG> (e.g. \
         FLANNELD_ETCD_ENDPOINTS), read as flanneld reads them: Go's booleans (1, t, true, ...), \
-        an empty variable as unset, a bad value logged and left out.\n\nWith \
+        an empty variable as unset, a bad value logged and left out. Leases live in etcd: \
+        flanneld's --kube-subnet-mgr (leases in Kubernetes Node objects) is not implemented; \
+        a Kubernetes node runs the agent in etcd mode (docs/kubernetes.md).\n\nRun under the \
+        name `flannel` (see `install-cni`), it is flannel's CNI plugin for containerd, CRI-O, \
+        podman and Kubernetes.\n\nWith \
         --network and --subnet it runs without etcd (static mode; routes via `route add`).",
     args_conflicts_with_subcommands = true
 )]
