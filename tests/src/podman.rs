@@ -17,7 +17,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{run, Netns};
+use crate::{run, Cluster, Netns, Node};
+
+/// Where Debian's standard CNI plugins are (containernetworking-plugins).
+pub const DEBIAN_PLUGINS: &str = "/usr/lib/cni";
 
 pub struct Podman {
     ns: String,
@@ -131,4 +134,24 @@ impl Drop for Podman {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A node set up as a CNI node: `overlay-agent install-cni` into a directory of its own (its
+/// subnet file, a data directory of its own; kube-flannel's conflist otherwise), and podman
+/// on that conflist with the plugin and Debian's standard plugins. The directory too.
+pub fn cni_node(c: &Cluster, node: &Node) -> Result<(Podman, PathBuf)> {
+    let dir = c.workdir.join(format!("cni-n{}", node.index));
+    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
+    run(Command::new(crate::agent_bin())
+        .arg("install-cni")
+        .arg("--bin-dir")
+        .arg(&bin)
+        .arg("--conf-dir")
+        .arg(&conf)
+        .arg("--subnet-file")
+        .arg(&node.subnet_file)
+        .arg("--data-dir")
+        .arg(dir.join("data")))?;
+    let podman = Podman::new(&node.ns, &dir.join("podman"), &conf, &[&bin, Path::new(DEBIAN_PLUGINS)])?;
+    Ok((podman, dir))
 }

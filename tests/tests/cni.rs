@@ -7,7 +7,7 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
@@ -18,7 +18,7 @@ fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
 }
 
-const DEBIAN_PLUGINS: &str = "/usr/lib/cni";
+use overlay_tests::podman::DEBIAN_PLUGINS;
 
 /// One node's CNI set-up: the plugin and conflist installed by the agent, podman on them.
 struct CniNode {
@@ -26,35 +26,17 @@ struct CniNode {
     podman: Podman,
 }
 
-/// Install the plugin and kube-flannel's conflist for `node` (its subnet file, a data
-/// directory of its own) and start a podman on them.
+/// Install the plugin and kube-flannel's conflist for `node` and start a podman on them; the
+/// conflist is kube-flannel's but for the two paths.
 fn cni_node(c: &Cluster, node: &Node) -> CniNode {
-    let dir = c.workdir.join(format!("cni-n{}", node.index));
-    let (bin, conf) = (dir.join("bin"), dir.join("net.d"));
-    let out = ok(
-        "install-cni",
-        overlay_tests::run(
-            Command::new(overlay_tests::agent_bin())
-                .arg("install-cni")
-                .arg("--bin-dir")
-                .arg(&bin)
-                .arg("--conf-dir")
-                .arg(&conf)
-                .arg("--subnet-file")
-                .arg(&node.subnet_file)
-                .arg("--data-dir")
-                .arg(dir.join("data")),
-        ),
-    );
-    assert!(out.contains("flannel") && out.contains("10-flannel.conflist"), "{out}");
-    // kube-flannel's cni-conf.json, but for the two paths.
-    let written: Value = serde_json::from_str(&std::fs::read_to_string(conf.join("10-flannel.conflist")).unwrap()).unwrap();
+    let (podman, dir) = ok("install-cni and podman", overlay_tests::podman::cni_node(c, node));
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("net.d/10-flannel.conflist")).unwrap()).unwrap();
     let kube_flannel = json!({"name":"cbr0","cniVersion":"0.3.1","plugins":[
         {"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true},
          "subnetFile": node.subnet_file, "dataDir": dir.join("data")},
         {"type":"portmap","capabilities":{"portMappings":true}}]});
     assert_eq!(written, kube_flannel);
-    let podman = ok("podman", Podman::new(&node.ns, &dir.join("podman"), &conf, &[&bin, Path::new(DEBIAN_PLUGINS)]));
+    assert!(dir.join("bin/flannel").exists(), "the plugin is installed as flannel");
     CniNode { dir, podman }
 }
 

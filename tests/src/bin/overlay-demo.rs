@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: a local etcd and a 3-node cluster in network namespaces, shown as an
 //! operator wants to see it: the leases in etcd, each node's data plane and routes, pings and
-//! a transfer between containers on different nodes, and the counters that moved. Everything
-//! is removed at the end, or on Ctrl-C.
+//! a transfer between containers on different nodes, and the counters that moved; then two
+//! more nodes whose containers a CNI runtime (podman) attaches through the agent's `flannel`
+//! plugin. Everything is removed at the end, or on Ctrl-C.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -12,7 +13,7 @@ use anyhow::Result;
 use overlay_tests::{
     require_root,
     traffic::{ping, tcp_transfer},
-    Backend, Cluster, ClusterSpec,
+    Backend, Cluster, ClusterSpec, NodeKind,
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -67,6 +68,7 @@ fn demo(keep: bool) -> Result<()> {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+    let result = result.and_then(|()| if interrupted() { Ok(()) } else { cni() });
     section("cleaning up: agents, bpffs pins, namespaces");
     drop(cluster);
     println!("done; nothing left behind");
@@ -133,5 +135,40 @@ fn show(c: &Cluster) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Two nodes of their own (docker0 and cni0 must not own the same subnet), each with the
+/// agent's CNI plugin and kube-flannel's conflist installed by `overlay-agent install-cni`,
+/// and a podman container on each pinging the other's.
+fn cni() -> Result<()> {
+    section("containers from a CNI runtime: podman (CNI backend) on two more nodes");
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "auto" }, NodeKind::Agent { decap_hook: "auto" }],
+        containers_per_node: 0,
+        full_mesh: false,
+        ..ClusterSpec::etcd(Backend::Vxlan, "auto", 2)
+    };
+    let c = Cluster::new("dcni", &spec)?;
+    let rootfs = overlay_tests::podman::busybox_rootfs(&c.workdir)?;
+    let mut nodes = Vec::new();
+    for n in &c.nodes {
+        let (mut podman, dir) = overlay_tests::podman::cni_node(&c, n)?;
+        println!("node {}: overlay-agent install-cni -> {} and {}", n.index, dir.join("bin/flannel").display(), dir.join("net.d/10-flannel.conflist").display());
+        podman.run_container("c1", "cbr0", &rootfs, &[], &["/bin/busybox", "sleep", "3600"])?;
+        let ip = podman.ipv4("c1")?;
+        println!("node {}: podman run --network cbr0 ... -> container c1 at {ip} (subnet {})", n.index, n.subnet);
+        nodes.push((podman, ip));
+    }
+    for (a, b) in [(0, 1), (1, 0)] {
+        let ping = || nodes[a].0.exec("c1", &["/bin/busybox", "ping", "-c", "3", "-W", "2", &nodes[b].1.to_string()]);
+        let ok = overlay_tests::wait_until(Duration::from_secs(20), || ping().is_ok());
+        println!("node {} podman {} -> node {} podman {}: {}", a + 1, nodes[a].0.ipv4("c1")?, b + 1, nodes[b].1, if ok { "ok" } else { "FAILED" });
+        if !ok {
+            anyhow::bail!("podman containers on the overlay could not reach each other");
+        }
+    }
+    drop(nodes);
+    drop(c);
     Ok(())
 }
