@@ -472,7 +472,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             }
             let s = spec.clone();
             let up = match opts.ebpf_unavailable {
-                true => Err(anyhow::anyhow!("forced with --ebpf-unavailable")),
+                true => Err(forced_degraded()),
                 false => tokio::task::spawn_blocking(move || dataplane::up_ipv6_only(&s)).await.context("the data-plane task")?,
             };
             match up {
@@ -484,18 +484,8 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 }
                 // flannel-v6 already carries the traffic with per-peer entries; only the checks go.
                 Err(e) if opts.ebpf_unavailable || dataplane::is_unsupported(&e) => {
-                    let reason = crate::error_chain(e.as_ref());
-                    tracing::warn!(
-                        %reason,
-                        "the eBPF checks cannot run on this node: running as a stock flannel IPv6-only vxlan node; what that \
-                         costs: no checks of arriving tunnel frames, no socket guard, no drop counters, no monitor"
-                    );
-                    dataplane::detach_programs(&spec)?;
                     let dev6 = v6.as_ref().map(|o| o.device.clone()).unwrap_or_default();
-                    let marker = format!("device={dev6} underlay={}\n{reason}", spec.iface);
-                    crate::datapath::degraded::set_marker(&spec.bpffs_dir, Some(&marker))
-                        .with_context(|| format!("writing {}", crate::datapath::degraded::marker(&spec.bpffs_dir).display()))?;
-                    let _ = state.degraded.set(reason);
+                    enter_degraded(&spec, &state, &dev6, &e, "a stock flannel IPv6-only vxlan node (flannel-v6 with its per-peer entries)")?;
                     let mtu = v6.as_ref().map(|o| o.mtu).unwrap_or(1450);
                     (Box::new(crate::datapath::degraded::NoIpv4Routes), None, None, mtu)
                 }
@@ -512,7 +502,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         }
         DataplaneKind::Ebpf => {
             let up = match opts.ebpf_unavailable {
-                true => Err(anyhow::anyhow!("forced with --ebpf-unavailable")),
+                true => Err(forced_degraded()),
                 false => dataplane_up(&spec).await,
             };
             match up {
@@ -535,23 +525,19 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 // The vxlan backend's kernel device can carry the traffic alone, as a stock
                 // flannel node's does; the udp backend has nothing to fall back to.
                 Err(e) if mode == EncapMode::Vxlan && (opts.ebpf_unavailable || dataplane::is_unsupported(&e)) => {
-                    let reason = crate::error_chain(e.as_ref());
-                    tracing::warn!(
-                        %reason,
-                        "the eBPF data plane cannot run on this node: running as a stock flannel vxlan node (the kernel's vxlan \
-                         device encapsulates and decapsulates, with flannel's per-peer route, neighbour and forwarding entries); \
-                         what that costs: no checks of arriving tunnel frames, no socket guard, no drop counters, no monitor"
-                    );
-                    dataplane::detach_programs(&spec)?;
+                    enter_degraded(
+                        &spec,
+                        &state,
+                        &spec.device,
+                        &e,
+                        "a stock flannel vxlan node (the kernel's vxlan device encapsulates and decapsulates, with flannel's \
+                         per-peer route, neighbour and forwarding entries)",
+                    )?;
                     let underlay = netdev::require_link(&spec.iface)?;
                     let mtu = dataplane::overlay_mtu(spec.mtu, mode, &underlay.name, underlay.mtu)?;
                     netdev::set_device_address(&spec.device, held.subnet.network())?;
                     netdev::set_arp(&spec.device, true)?;
                     let routes = crate::datapath::degraded::KernelVxlanRoutes::new(&spec.device, cfg.network)?;
-                    let marker = format!("device={} underlay={}\n{reason}", spec.device, spec.iface);
-                    crate::datapath::degraded::set_marker(&spec.bpffs_dir, Some(&marker))
-                        .with_context(|| format!("writing {}", crate::datapath::degraded::marker(&spec.bpffs_dir).display()))?;
-                    let _ = state.degraded.set(reason);
                     (Box::new(routes), None, None, mtu)
                 }
                 Err(e) => return Err(e),
@@ -647,13 +633,11 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         // The guard's nftables form runs before defragmentation: it is used wherever nft is,
         // whichever form flannel's rules take.
         let nft_guard = self.cfg.enable_nftables || !crate::nftables::has_iptables() || crate::nftables::has_nft();
-        let guards: Vec<crate::nftables::NftGuard> = match nft_guard {
-            true => guard_addrs
-                .iter()
-                .map(|a| crate::nftables::NftGuard { iface: self.spec.iface.clone(), addr: *a, port: self.spec.port })
-                .collect(),
-            false => Vec::new(),
-        };
+        let guards: Vec<crate::nftables::NftGuard> = guard_addrs
+            .iter()
+            .filter(|_| nft_guard)
+            .map(|a| crate::nftables::NftGuard { iface: self.spec.iface.clone(), addr: *a, port: self.spec.port })
+            .collect();
         if self.cfg.enable_nftables || !crate::nftables::has_iptables() {
             let mut tables = Vec::new();
             if self.cfg.enable_ipv4 {
@@ -843,6 +827,29 @@ async fn resync_rules(rules: SharedRules, every: Duration, state: Arc<AgentState
 
 /// Load and attach the programs (verifier, netlink, bpffs: a few hundred milliseconds) on a
 /// blocking thread: /healthz and the lease keeper go on meanwhile.
+/// The error `--ebpf-unavailable` stands in for.
+fn forced_degraded() -> anyhow::Error {
+    anyhow::anyhow!("forced with --ebpf-unavailable")
+}
+
+/// Degrade, don't refuse (the eBPF side could not come up: `e`): said once with what it costs,
+/// nothing of ours left attached, and recorded for `status` (the marker, naming `device` for
+/// teardown) and /metrics. The node then runs as `what`.
+fn enter_degraded(spec: &NodeSpec, state: &AgentState, device: &str, e: &anyhow::Error, what: &str) -> Result<()> {
+    let reason = crate::error_chain(e.as_ref());
+    tracing::warn!(
+        %reason,
+        "the eBPF data plane cannot run on this node: running as {what}; what that costs: no checks of arriving tunnel \
+         frames, no socket guard, no drop counters, no monitor"
+    );
+    dataplane::detach_programs(spec)?;
+    let marker = format!("device={device} underlay={}\n{reason}", spec.iface);
+    crate::datapath::degraded::set_marker(&spec.bpffs_dir, Some(&marker))
+        .with_context(|| format!("writing {}", crate::datapath::degraded::marker(&spec.bpffs_dir).display()))?;
+    let _ = state.degraded.set(reason);
+    Ok(())
+}
+
 async fn dataplane_up(spec: &NodeSpec) -> Result<dataplane::Dataplane> {
     let spec = spec.clone();
     tokio::task::spawn_blocking(move || dataplane::up(&spec)).await.context("the data-plane task")?

@@ -140,7 +140,7 @@ pub fn attach_legacy(ebpf: &mut Ebpf, name: &str, iface: &Link, at: TcAttachType
     let prog: &mut SchedClassifier =
         ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
     if prog.fd().is_err() {
-        prog.load().with_context(|| crate::dataplane::Unsupported(format!("the kernel's verifier refused {name}")))?;
+        prog.load().with_context(|| crate::dataplane::verifier_refused(name))?;
     }
     // Another's filter at our priority would share the first place with ours, in an order the
     // kernel keeps by insertion, not by us: refused, naming it.

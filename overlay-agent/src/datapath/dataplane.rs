@@ -154,6 +154,11 @@ fn is_bpffs(path: &Path) -> bool {
 #[error("{0}")]
 pub struct Unsupported(pub String);
 
+/// A program the kernel's verifier would not take: the kernel lacks what it needs.
+pub fn verifier_refused(name: &str) -> Unsupported {
+    Unsupported(format!("the kernel's verifier refused {name}"))
+}
+
 /// Whether `e` says the kernel cannot run the data plane (`Unsupported` anywhere in it).
 pub fn is_unsupported(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Unsupported>()) || e.downcast_ref::<Unsupported>().is_some()
@@ -502,7 +507,7 @@ fn attach_guard(ebpf: &mut Ebpf, pin: &Path) -> Result<()> {
         .program_mut(prog_names::SK_LOOKUP_GUARD)
         .context("program sk_lookup_guard missing from the object")?
         .try_into()?;
-    prog.load().context(Unsupported("the kernel's verifier refused sk_lookup_guard".into()))?;
+    prog.load().with_context(|| verifier_refused(prog_names::SK_LOOKUP_GUARD))?;
     let netns = fs::File::open("/proc/self/ns/net").context("opening this network namespace")?;
     let id = prog.attach(&netns).context("attaching the socket guard (sk_lookup, Linux >= 5.17)")?;
     let link = FdLink::from(prog.take_link(id)?);
@@ -517,7 +522,7 @@ fn adopt_tc(ebpf: &mut Ebpf, name: &str, pin: &Path) -> bool {
         let link = SchedClassifierLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
         let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
         if prog.fd().is_err() {
-            prog.load().with_context(|| Unsupported(format!("the kernel's verifier refused {name}")))?;
+            prog.load().with_context(|| verifier_refused(name))?;
         }
         let id = prog.attach_to_link(link)?;
         // The pin keeps the (updated) link; our fd may go with the agent.
@@ -532,7 +537,7 @@ fn adopt_xdp(ebpf: &mut Ebpf, pin: &Path) -> bool {
         let link = XdpLink::try_from(FdLink::from(PinnedLink::from_pin(pin)?))?;
         let prog: &mut Xdp = ebpf.program_mut(prog_names::XDP_DECAP).context("program missing")?.try_into()?;
         if prog.fd().is_err() {
-            prog.load().context(Unsupported("the kernel's verifier refused xdp_decap".into()))?;
+            prog.load().with_context(|| verifier_refused(prog_names::XDP_DECAP))?;
         }
         let id = prog.attach_to_link(link)?;
         drop(prog.take_link(id)?);
@@ -561,7 +566,7 @@ fn attach_tc(ebpf: &mut Ebpf, name: &str, iface: &str, at: TcAttachType, order: 
         .with_context(|| format!("program {name} missing from the object"))?
         .try_into()?;
     if prog.fd().is_err() {
-        prog.load().with_context(|| Unsupported(format!("the kernel's verifier refused {name}")))?;
+        prog.load().with_context(|| verifier_refused(name))?;
     }
     let id = prog
         .attach_with_options(iface, at, TcAttachOptions::TcxOrder(order))
@@ -576,7 +581,7 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink> {
         .context("program xdp_decap missing from the object")?
         .try_into()?;
     if prog.fd().is_err() {
-        prog.load().context(Unsupported("the kernel's verifier refused xdp_decap".into()))?;
+        prog.load().with_context(|| verifier_refused(prog_names::XDP_DECAP))?;
     }
     let id = prog.attach(iface, XdpMode::Driver).with_context(|| {
         format!("attaching XDP in native (driver) mode to {iface}; its driver may not support it: try --decap-hook tc")
@@ -867,5 +872,21 @@ mod tests {
     fn udp_overlay_peer_name_fits_ifnamsiz() {
         assert_eq!(overlay_peer_name("flannel0"), "flannel0-p");
         assert!(overlay_peer_name("a-very-long-devname").len() <= 15);
+    }
+}
+
+#[cfg(test)]
+mod unsupported_tests {
+    use super::*;
+
+    /// Only what the kernel cannot do degrades a node: found under any context, from a
+    /// context or a source; any other error refuses.
+    #[test]
+    fn unsupported_is_found_wherever_it_sits() {
+        let as_context: anyhow::Error = Err::<(), _>(std::io::Error::other("EINVAL")).context(verifier_refused("xdp_decap")).unwrap_err();
+        assert!(is_unsupported(&as_context.context("bringing the data plane up").context("starting")));
+        let as_root = anyhow::Error::from(Unsupported("no BTF".into())).context("preparing");
+        assert!(is_unsupported(&as_root));
+        assert!(!is_unsupported(&anyhow::anyhow!("attaching to eth0: File exists").context("starting")));
     }
 }

@@ -512,7 +512,7 @@ pub fn run(env: &CniEnv, stdin: &[u8], bridges: &dyn BridgeHost) -> Result<Vec<u
     match env.command.as_str() {
         "ADD" => add(env, &conf, bridges),
         "DEL" => del(env, &conf).map(|()| Vec::new()),
-        "CHECK" => check(env, &conf, stdin).map(|()| Vec::new()),
+        "CHECK" => check(env, &conf).map(|()| Vec::new()),
         "STATUS" => SubnetFile::load(&conf.subnet_file)
             .map(drop)
             .map_err(|e| CniError::new(ERR_PLUGIN_NOT_AVAILABLE, e.msg))
@@ -570,16 +570,15 @@ fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     Ok(())
 }
 
-fn check(env: &CniEnv, conf: &NetConf, _stdin: &[u8]) -> Result<(), CniError> {
+fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let ok_version = SUPPORTED_VERSIONS.iter().position(|v| *v == conf.version()) >= SUPPORTED_VERSIONS.iter().position(|v| *v == "0.4.0");
     if !ok_version {
         return Err(CniError::new(ERR_INCOMPATIBLE_VERSION, "config version does not allow CHECK"));
     }
     let prev = conf.raw.get("prevResult");
-    let Some((delegate, path)) = saved(env, conf, &[("runtimeConfig", conf.runtime_config.as_ref()), ("prevResult", prev)])? else {
+    let Some((delegate, _)) = saved(env, conf, &[("runtimeConfig", conf.runtime_config.as_ref()), ("prevResult", prev)])? else {
         return Err(CniError::new(ERR_UNKNOWN_CONTAINER, format!("no configuration saved for container {} (under {})", env.container_id, conf.data_dir.display())));
     };
-    let _ = path;
     let plugin = find_plugin(delegate.get("type").and_then(Value::as_str).unwrap_or_default(), &env.path)?;
     exec_delegate(&plugin, "CHECK", &serde_json::to_vec(&Value::Object(delegate)).expect("json")).map(drop)
 }

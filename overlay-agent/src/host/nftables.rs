@@ -251,10 +251,12 @@ pub fn remove_family(ipv6: bool) -> Result<()> {
 /// it can (its chain runs before defragmentation; iptables' chains all run after).
 /// (Looked up in PATH, where `nft` is run from.)
 pub fn has_nft() -> bool {
-    match std::env::var_os("PATH") {
-        Some(p) => std::env::split_paths(&p).any(|d| d.join("nft").exists()),
-        None => std::path::Path::new("/usr/sbin/nft").exists(),
-    }
+    on_path("nft").unwrap_or_else(|| std::path::Path::new("/usr/sbin/nft").exists())
+}
+
+/// Whether `tool` is in one of PATH's directories (None: no PATH).
+fn on_path(tool: &str) -> Option<bool> {
+    std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
 }
 
 /// The datagrams the guard's nftables rules dropped (both families), for `status`.
@@ -275,10 +277,7 @@ pub fn guard_drops() -> u64 {
 
 /// Whether this host has an iptables binary (flannel falls back to nftables without one).
 pub fn has_iptables() -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("iptables").exists()))
-        .unwrap_or(false)
-        || std::path::Path::new("/usr/sbin/iptables").exists()
+    on_path("iptables").unwrap_or(false) || std::path::Path::new("/usr/sbin/iptables").exists()
 }
 
 #[cfg(test)]
