@@ -218,7 +218,11 @@ echo \"VM-INFO: kernel $(uname -r)\"
 ";
 
 /// And ends with: power off (the host's root goes with it, so nothing after this runs).
-const GUEST_EPILOGUE: &str = "echo o > /proc/sysrq-trigger
+/// The console is drained first (stty's `drain`, on by default, waits until the UART has sent
+/// everything): the kernel writes its power-off messages straight to the port and would
+/// otherwise land inside the last `VM-RESULT:` line.
+const GUEST_EPILOGUE: &str = "stty -F /dev/console drain -echo 2>/dev/null
+echo o > /proc/sysrq-trigger
 while :; do :; done
 ";
 
@@ -289,8 +293,8 @@ impl Vm {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left.min(Duration::from_secs(1))) {
                 Ok(l) => {
-                    if let Some(r) = l.split("VM-RESULT: ").nth(1) {
-                        results.push(r.trim().to_string());
+                    if let Some(r) = result_of(&l) {
+                        results.push(r);
                     }
                     if l.contains("VM-INFO:") {
                         eprintln!("  {}", l.trim());
@@ -312,6 +316,23 @@ impl Vm {
         let _ = self.child.wait();
         (results, done, self.log.clone())
     }
+}
+
+/// The result a console line carries, without a kernel message the port wrote into it
+/// (`VM-RESULT: ok[   49.59] sysrq: Power Off` is `ok`).
+fn result_of(line: &str) -> Option<String> {
+    let r = line.split("VM-RESULT: ").nth(1)?;
+    let bytes = r.as_bytes();
+    let end = (0..bytes.len())
+        .find(|&i| {
+            bytes[i] == b'[' && {
+                let rest = r[i + 1..].trim_start();
+                let stamp: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+                stamp.contains('.') && rest[stamp.len()..].starts_with(']')
+            }
+        })
+        .unwrap_or(r.len());
+    Some(r[..end].trim().to_string())
 }
 
 /// A VM dropped on an early return (the other VM failed to boot, a panic) is ended and reaped.
@@ -522,4 +543,18 @@ echo "VM-RESULT: ok"
         agent = agent.display(),
         epilogue = GUEST_EPILOGUE.replace('\n', "; "),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::result_of;
+
+    #[test]
+    fn a_kernel_message_inside_the_result_line_is_not_part_of_the_result() {
+        assert_eq!(result_of("VM-RESULT: ok[   49.592259] sysrq: Power Off").as_deref(), Some("ok"));
+        assert_eq!(result_of("VM-RESULT: ok").as_deref(), Some("ok"));
+        assert_eq!(result_of("VM-RESULT: failed (exit status 1) [ 3.1] x").as_deref(), Some("failed (exit status 1)"));
+        assert_eq!(result_of("VM-RESULT: failed [brackets] kept").as_deref(), Some("failed [brackets] kept"));
+        assert_eq!(result_of("VM-INFO: kernel 6.1"), None);
+    }
 }
