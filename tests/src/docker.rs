@@ -54,6 +54,11 @@ impl Dockerd {
         Ok(d)
     }
 
+    /// The daemon's socket, as `docker -H` takes it.
+    pub fn socket(&self) -> &str {
+        &self.sock
+    }
+
     pub fn docker(&self, args: &[&str]) -> Result<String> {
         run(Command::new(DOCKER).args(["-H", &self.sock]).args(args))
     }
@@ -80,6 +85,11 @@ impl Dockerd {
         ip.trim().parse().with_context(|| format!("container {name} address {ip:?}"))
     }
 
+    /// Remove container `name` (started by the test itself) when this daemon goes.
+    pub fn remove_on_drop(&mut self, name: &str) {
+        self.containers.push(name.to_string());
+    }
+
     pub fn exec(&self, name: &str, cmd: &[&str]) -> Result<String> {
         let mut args = vec!["exec", name];
         args.extend_from_slice(cmd);
@@ -98,6 +108,16 @@ impl Drop for Dockerd {
         if !stopped {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // What dockerd left mounted under its directories (the host network's sandbox,
+        // exec/netns/default, stays bound after a host-network container), deepest first.
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut left: Vec<&str> = mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| Path::new(m).starts_with(&self.dir)).collect();
+        left.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in left {
+            if let Ok(c) = std::ffi::CString::new(m) {
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -551,6 +551,22 @@ impl Cluster {
         Ok(&self.nodes[index - 1])
     }
 
+    /// Add a node without starting it, for a test that prepares the node first (a daemon of
+    /// its own there); `start_with_bin` starts it. Its 1-based index.
+    pub fn add_unstarted(&mut self, kind: NodeKind) -> Result<usize> {
+        let index = self.nodes.len() + 1;
+        let node = self.add_node(index, kind)?;
+        self.nodes.push(node);
+        Ok(index)
+    }
+
+    /// Start node `index` (from `add_unstarted`) as `join` would, its agent run by `bin` (a
+    /// wrapper that runs an installed agent, say) with the usual command line.
+    pub fn start_with_bin(&mut self, index: usize, bin: &Path) -> Result<()> {
+        self.nodes[index - 1].bin = Some(bin.to_path_buf());
+        self.start_node(index - 1)
+    }
+
     /// Flags and environment for agents started from now on (etcd mode).
     pub fn set_agent_args(&mut self, args: Vec<String>, env: Vec<(String, String)>) {
         self.spec.agent_args = args;

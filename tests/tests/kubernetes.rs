@@ -32,7 +32,12 @@ fn the_daemonset_gives_the_agent_what_it_needs() {
     // The init container is install-cni into the host's CNI directories.
     let init = &pod["initContainers"][0];
     let cmd = strs(&init["command"]);
-    assert_eq!(&cmd[..2], ["/overlay-agent", "install-cni"]);
+    assert_eq!(&cmd[..2], ["/usr/bin/overlay-agent", "install-cni"], "the agent where the image has it");
+    // The image `cargo xtask dist` makes (tests/tests/install.rs runs it), taken from the node.
+    let image = format!("overlay-agent:{}", env!("CARGO_PKG_VERSION"));
+    for c in [&pod["initContainers"][0], &pod["containers"][0]] {
+        assert_eq!((c["image"].as_str(), c["imagePullPolicy"].as_str()), (Some(image.as_str()), Some("IfNotPresent")), "{c:?}");
+    }
     let agent = overlay_tests::agent_bin();
     let help = Command::new(&agent).args(["install-cni", "--help"]).output().unwrap();
     for flag in cmd.iter().filter(|w| w.starts_with("--")) {

@@ -36,7 +36,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{check_logged, output, setup, spawn_logged, status, with_progress, workspace_root};
 
-const SUITE: &str = "bookworm";
+pub(crate) const SUITE: &str = "bookworm";
 /// Beyond debootstrap's minbase, what a machine that builds Rust with rustup has: cargo fetches
 /// from crates.io over TLS (ca-certificates) and rustc links through `cc` with libc's
 /// development files (gcc, libc6-dev). xtask itself needs them before setup can run.
@@ -225,12 +225,12 @@ fn check_space(dir: &Path) -> Result<()> {
 }
 
 /// Where the machine's apt gets `bookworm main` from: the mirror, and the file that says so.
-struct AptSource {
-    uri: String,
+pub(crate) struct AptSource {
+    pub(crate) uri: String,
     file: PathBuf,
 }
 
-fn apt_source() -> Result<AptSource> {
+pub(crate) fn apt_source() -> Result<AptSource> {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
         let mut more: Vec<PathBuf> = dir.filter_map(|e| Some(e.ok()?.path())).collect();

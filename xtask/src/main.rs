@@ -3,6 +3,7 @@
 //! xtask depends on nothing that needs the eBPF toolchain, so `setup` can run on a fresh
 //! machine before anything eBPF has been built.
 
+mod dist;
 mod fresh;
 mod fuzz;
 mod setup;
@@ -71,6 +72,15 @@ enum Cmd {
         /// Keep the cluster until Ctrl-C instead of cleaning up when the demo is done.
         #[arg(long)]
         keep: bool,
+    },
+    /// Build what installs without Rust into target/dist/: a statically linked agent as a
+    /// tarball, a Debian package (flannel's paths, flanneld.service, the CNI plugin), and a
+    /// container image as a `docker load` archive (root: the image's Debian 12 root is
+    /// debootstrapped once into target/dist-build/).
+    Dist {
+        /// Only the tarball and the package (no root needed).
+        #[arg(long)]
+        no_image: bool,
     },
     /// In a fresh Debian 12 root (debootstrap; the host's rustup toolchains seen through a
     /// copy-on-write overlay), run `cargo xtask setup` and `cargo xtask build` on a clean clone
@@ -226,9 +236,15 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::create_dir_all(&upgrade)?;
             std::fs::copy(target_dir().join("debug/overlay-agent"), upgrade.join("overlay-agent"))?;
             let agent = build_agent(false)?;
+            // What users install (package, image, static tarball), for the tests that install it.
+            let dist = dist::run(true).context("cargo xtask dist, for the installation tests")?;
             let mut c = cargo();
             c.args(["test", "--workspace", "--exclude", "overlay-ebpf", "--no-fail-fast"])
                 .args(&args)
+                .env("OVERLAY_DIST_DEB", &dist.deb)
+                .env("OVERLAY_DIST_TARBALL", &dist.tarball)
+                .env("OVERLAY_DIST_IMAGE", dist.image.as_ref().context("dist made no image")?)
+                .env("OVERLAY_DIST_ROOTFS", dist.rootfs.as_ref().context("dist made no root")?)
                 .env("OVERLAY_AGENT_BIN", &agent)
                 .env("OVERLAY_AGENT_UPGRADE_BIN", upgrade.join("overlay-agent"))
                 .env("RUST_BACKTRACE", "1");
@@ -297,6 +313,10 @@ fn run(cli: Cli) -> Result<()> {
             // Ctrl-C reaches the demo too; it cleans up and exits. Wait for it.
             unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             status(&mut c)
+        }
+        Cmd::Dist { no_image } => {
+            setup::run()?;
+            dist::run(!no_image).map(|_| ())
         }
         Cmd::FreshCheck { keep, uncommitted } => fresh::run(keep, &uncommitted),
     }
