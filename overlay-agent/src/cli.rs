@@ -435,10 +435,9 @@ pub struct RunArgs {
     /// FORWARD) and rp_filter as on a stock flannel node, both directions of every flow.
     /// `kernel` (vxlan): the kernel's vxlan device decapsulates, as on a stock flannel node
     /// (the udp backend has none and does as `stack`). `stack` (TC): decapsulated here and
-    /// handed to the overlay device. `split` (TC): frames GRO merged go to the kernel device,
-    /// the rest are decapsulated here. The tunnel datagrams themselves cross the node's
-    /// PREROUTING and INPUT rules with `kernel` (as with flannel), only the merged share with
-    /// `split`, none with `stack`. No mode skips netfilter for the containers' traffic.
+    /// handed to the overlay device. The tunnel datagrams themselves cross the node's
+    /// PREROUTING and INPUT rules with `kernel` (as with flannel), not with `stack`. No mode
+    /// skips netfilter for the containers' traffic. (`split` is retired and runs `kernel`.)
     #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "kernel")]
     pub decap_delivery: DecapDelivery,
     /// How TC programs are attached: TCX where the kernel has it (Linux 6.6), else cls_bpf
@@ -602,7 +601,7 @@ impl RunArgs {
             healthz: (self.healthz_port != 0)
                 .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),
             dataplane: self.dataplane,
-            delivery: self.decap_delivery,
+            delivery: self.decap_delivery.effective(),
             max_routes: self.max_routes,
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,
@@ -647,7 +646,7 @@ impl RunArgs {
             decap_hook: self.decap_hook,
             bpffs_dir,
             mtu: self.mtu.map(crate::dataplane::MtuAsked::Overlay),
-            delivery: self.decap_delivery,
+            delivery: self.decap_delivery.effective(),
             max_routes: self.max_routes,
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,

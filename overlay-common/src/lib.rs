@@ -310,12 +310,9 @@ pub mod config_flags {
     /// flannel node, so the inner packet enters the host on the overlay device and crosses
     /// its netfilter (conntrack, NAT, FORWARD) and reverse-path filter as flannel's do.
     pub const KERNEL_DECAP: u16 = 1 << 2;
-    /// With `KERNEL_DECAP`, in TC: frames GRO did not merge (no GSO size) and without
-    /// congestion experienced on the outer header are decapsulated by the program and handed
-    /// to the overlay device's ingress, which costs less than the kernel device's socket
-    /// path; merged frames still go to the kernel device, which also clears their tunnel GSO
-    /// state. Both ways the inner packet enters the host on the overlay device.
-    pub const NATIVE_UNMERGED: u16 = 1 << 3;
+    // 1 << 3 was NATIVE_UNMERGED (retired split delivery: merged frames through the kernel
+    // device and the rest through the program could reorder a flow, and it was never shown
+    // faster).
 }
 
 /// The single entry of `DP_CONFIG`. Written by the agent at start-up, read by every program

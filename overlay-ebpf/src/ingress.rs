@@ -9,9 +9,6 @@
 //! sending peer. What happens to an accepted frame depends on the delivery the agent chose:
 //! - kernel (the default for vxlan; always with XDP): the frame passes unchanged to the
 //!   kernel's vxlan device, which decapsulates it as on a stock flannel node;
-//! - split (vxlan in TC, opt-in): frames GRO merged, and frames whose outer header says
-//!   congestion experienced, go to the kernel's vxlan device as above (it clears the tunnel
-//!   GSO state and applies RFC 6040); the rest are decapsulated here as with stack;
 //! - stack (udp backend): TC strips the outer headers (keeping GSO sizes) and redirects the
 //!   inner packet into the overlay device's ingress.
 //! Every way, the inner packet enters the host on the overlay device and crosses its
@@ -463,15 +460,10 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
         monitor::report(ctx, Hook::TcIngress, Counter::Decapsulated, true, inner_offset(Some(cfg)));
     }
     if cfg.flags & config_flags::KERNEL_DECAP != 0 {
-        // GRO-merged frames carry tunnel GSO state that only the kernel device clears (on
-        // 6.18 adjust_room leaves it, and the forwarded frame would be segmented in
-        // software); CE-marked ones need RFC 6040, which the kernel device applies.
-        if cfg.flags & config_flags::NATIVE_UNMERGED == 0 || t.merged || t.outer_ce {
-            // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
-            // Programs and tc filters after ours see it, as they would on such a node.
-            accepted(&t);
-            return Ok(TCX_NEXT);
-        }
+        // Checked: the kernel's vxlan device decapsulates it, as on a stock flannel node.
+        // Programs and tc filters after ours see it, as they would on such a node.
+        accepted(&t);
+        return Ok(TCX_NEXT);
     }
     // RFC 6040: congestion experienced on the outer header is passed on to an ECN-capable
     // inner packet, and drops one that is not (the kernel device does the same).

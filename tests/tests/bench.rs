@@ -26,9 +26,9 @@ fn quick_data_plane_bench_measures_every_path() {
     assert_eq!(
         names,
         [
-            "veth/routing", "veth/kernel_vxlan", "veth/ebpf_vxlan_tc", "veth/ebpf_vxlan_tc_split", "veth/ebpf_vxlan_xdp",
+            "veth/routing", "veth/kernel_vxlan", "veth/ebpf_vxlan_tc", "veth/ebpf_vxlan_xdp",
             "veth/ebpf_udp", "veth/tun_udp", "veth/host_gw", "veth/ebpf_vxlan_direct", "wire/routing", "wire/kernel_vxlan",
-            "wire/ebpf_vxlan_tc", "wire/ebpf_vxlan_tc_split", "wire/ebpf_vxlan_xdp", "wire/host_gw", "wire/ebpf_vxlan_direct",
+            "wire/ebpf_vxlan_tc", "wire/ebpf_vxlan_xdp", "wire/host_gw", "wire/ebpf_vxlan_direct",
         ]
     );
     for p in paths {

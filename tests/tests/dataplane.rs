@@ -36,8 +36,6 @@ enum Decap {
     Kernel,
     /// Our program, every frame.
     Native,
-    /// GRO-merged frames the kernel device, the rest our program: some of each.
-    Split,
 }
 
 /// Containers on every pair of nodes reach each other; bulk TCP arrives intact; the
@@ -83,7 +81,6 @@ fn carries_traffic_on(tag: &str, spec: &ClusterSpec, expect: Decap) {
     match expect {
         Decap::Kernel => assert_eq!(native, 0, "node 2: every frame belongs to the kernel device ({all} accepted)"),
         Decap::Native => assert_eq!(native, all, "node 2: every frame decapsulated by the program"),
-        Decap::Split => assert!(native > 0 && native < all, "node 2: {native} of {all} decapsulated natively: expected the unmerged share"),
     }
     for n in &c.nodes {
         assert!(n.counter(Counter::Encapsulated) > 0, "node {} encapsulated nothing", n.index);
@@ -145,23 +142,29 @@ fn vxlan_with_xdp_decap_carries_ping_and_tcp_between_nodes() {
     carries_traffic("vx", Backend::Vxlan, "xdp", &[], Decap::Kernel);
 }
 
+/// The retired split delivery (merged frames through the kernel device, the rest through the
+/// program: two paths that could reorder a flow) runs as `kernel`: every frame to the kernel
+/// device, no program-decapsulation flag in the configuration, and a warning that says so.
 #[test]
-fn vxlan_with_split_delivery_carries_ping_and_tcp_between_nodes() {
-    carries_traffic("vs", Backend::Vxlan, "tc", &["--decap-delivery", "split"], Decap::Split);
+fn retired_split_delivery_runs_as_kernel_delivery() {
+    carries_traffic("vs", Backend::Vxlan, "tc", &["--decap-delivery", "split"], Decap::Kernel);
+    let spec = ClusterSpec {
+        containers_per_node: 0,
+        agent_args: vec!["--decap-delivery".into(), "split".into()],
+        ..ClusterSpec::agents(Backend::Vxlan, "tc", 1)
+    };
+    let c = cluster("vr", &spec);
+    let n = c.node(1);
+    assert_eq!(n.config_flags(), overlay_common::config_flags::READY | overlay_common::config_flags::KERNEL_DECAP);
+    assert!(n.log_text().contains("--decap-delivery split is retired"), "{}", n.log_text());
 }
 
 /// On an underlay that carries MTU-sized frames (as a physical link does), GRO merges the
-/// tunnel frames where nodes receive: split delivery still divides them between the kernel
-/// device (merged) and the program (the rest); XDP, before GRO, leaves all of them to the
-/// kernel device.
+/// tunnel frames where nodes receive; TC leaves every one of them to the kernel device, as XDP
+/// (before GRO) does.
 #[test]
-fn vxlan_with_split_delivery_on_a_wire_underlay_carries_ping_and_tcp() {
-    let spec = ClusterSpec {
-        wire_underlay: true,
-        agent_args: vec!["--decap-delivery".into(), "split".into()],
-        ..ClusterSpec::agents(Backend::Vxlan, "tc", 3)
-    };
-    carries_traffic_on("wt", &spec, Decap::Split);
+fn vxlan_with_tc_decap_on_a_wire_underlay_carries_ping_and_tcp() {
+    carries_traffic_on("wt", &ClusterSpec { wire_underlay: true, ..ClusterSpec::agents(Backend::Vxlan, "tc", 3) }, Decap::Kernel);
 }
 
 #[test]

@@ -82,9 +82,27 @@ pub enum DecapDelivery {
     Kernel,
     /// Decapsulated by our program and handed to the overlay device's ingress (TC).
     Stack,
-    /// vxlan in TC: frames GRO merged go to the kernel's vxlan device, the rest are
-    /// decapsulated by our program (as `stack`); udp as `stack`.
+    /// Retired (taken as `kernel`, with a warning): frames GRO merged went to the kernel's
+    /// vxlan device and the rest through our program, two paths that could reorder a flow
+    /// (CE-marked frames diverged exactly under congestion), and it was never shown faster.
+    #[value(hide = true)]
     Split,
+}
+
+impl DecapDelivery {
+    /// What the data plane runs for this choice: the retired `split` runs `kernel`.
+    pub fn effective(self) -> Self {
+        match self {
+            DecapDelivery::Split => {
+                tracing::warn!(
+                    "--decap-delivery split is retired (two receive paths could reorder a flow): running `kernel`, \
+                     the default; drop the flag"
+                );
+                DecapDelivery::Kernel
+            }
+            d => d,
+        }
+    }
 }
 
 /// Everything needed to bring one node's data plane up.
@@ -464,8 +482,7 @@ fn take_over_pins(dir: &Path) -> Result<Option<DataplaneConfig>> {
 /// the udp backend decapsulates itself (the stack path) when asked for `kernel`.
 fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
     match (delivery, mode) {
-        (DecapDelivery::Split, EncapMode::Vxlan) => config_flags::KERNEL_DECAP | config_flags::NATIVE_UNMERGED,
-        (DecapDelivery::Kernel, EncapMode::Vxlan) => config_flags::KERNEL_DECAP,
+        (DecapDelivery::Kernel | DecapDelivery::Split, EncapMode::Vxlan) => config_flags::KERNEL_DECAP,
         (_, EncapMode::Udp) | (DecapDelivery::Stack, _) => 0,
     }
 }
@@ -602,7 +619,7 @@ pub fn resolve_hook(requested: DecapHook, mode: EncapMode, delivery: DecapDelive
             "--decap-hook xdp hands checked frames to the kernel's vxlan device, and the udp \
              backend has none: use --decap-hook tc (or auto)"
         ),
-        DecapHook::Xdp if delivery != DecapDelivery::Kernel => bail!(
+        DecapHook::Xdp if delivery == DecapDelivery::Stack => bail!(
             "--decap-hook xdp always leaves decapsulation to the kernel's vxlan device; \
              --decap-delivery {} needs --decap-hook tc",
             format!("{delivery:?}").to_lowercase()
@@ -822,8 +839,6 @@ mod tests {
         assert_eq!(hook(DecapHook::Tc, vx, kernel), DecapHook::Tc);
         // XDP leaves decapsulation to the kernel's vxlan device: udp and other deliveries
         // decapsulate in TC.
-        let err = resolve_hook(DecapHook::Xdp, vx, DecapDelivery::Split).unwrap_err().to_string();
-        assert!(err.contains("--decap-delivery split") && err.contains("--decap-hook tc"), "{err}");
         let err = resolve_hook(DecapHook::Xdp, EncapMode::Udp, kernel).unwrap_err().to_string();
         assert!(err.contains("udp") && err.contains("--decap-hook tc"), "{err}");
         let err = resolve_hook(DecapHook::Xdp, vx, DecapDelivery::Stack).unwrap_err().to_string();
@@ -831,9 +846,10 @@ mod tests {
     }
 
     #[test]
-    fn delivery_flags_split_merged_frames_only_for_vxlan_split() {
-        use config_flags::{KERNEL_DECAP, NATIVE_UNMERGED};
-        assert_eq!(delivery_flags(DecapDelivery::Split, EncapMode::Vxlan), KERNEL_DECAP | NATIVE_UNMERGED);
+    fn only_kernel_delivery_of_vxlan_leaves_frames_to_the_kernel_device() {
+        use config_flags::KERNEL_DECAP;
+        assert_eq!(DecapDelivery::Split.effective(), DecapDelivery::Kernel, "split is retired");
+        assert_eq!(delivery_flags(DecapDelivery::Split, EncapMode::Vxlan), KERNEL_DECAP);
         assert_eq!(delivery_flags(DecapDelivery::Kernel, EncapMode::Vxlan), KERNEL_DECAP);
         assert_eq!(delivery_flags(DecapDelivery::Stack, EncapMode::Vxlan), 0);
         for d in [DecapDelivery::Split, DecapDelivery::Kernel, DecapDelivery::Stack] {

@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: the data plane against what users would otherwise run, side by side in
 //! one run on one machine: plain routing (the ceiling), the kernel vxlan device set up as
 //! flannel's vxlan backend does, our eBPF vxlan with TC decapsulation (default `kernel`
-//! delivery, and `split` delivery) and with XDP, our eBPF udp encapsulation, and the TUN
+//! delivery) and with XDP, our eBPF udp encapsulation, and the TUN
 //! path (flannel's udp backend design), on two underlays: `veth` (GSO frames cross whole)
 //! and `wire` (MTU-sized frames as on a physical link; GRO merges them where nodes receive).
 //!
@@ -38,7 +38,6 @@ enum PathKind {
     Routing,
     KernelVxlan,
     EbpfVxlanTc,
-    EbpfVxlanTcSplit,
     EbpfVxlanXdp,
     EbpfUdp,
     TunUdp,
@@ -54,7 +53,6 @@ impl PathKind {
             Self::Routing => "routing (no encap)",
             Self::KernelVxlan => "kernel vxlan (flannel)",
             Self::EbpfVxlanTc => "eBPF vxlan, TC decap",
-            Self::EbpfVxlanTcSplit => "eBPF vxlan, TC, split delivery",
             Self::EbpfVxlanXdp => "eBPF vxlan, XDP decap",
             Self::EbpfUdp => "eBPF udp",
             Self::TunUdp => "TUN udp (flannel udp)",
@@ -68,7 +66,6 @@ impl PathKind {
             Self::Routing => "routing",
             Self::KernelVxlan => "kernel vxlan",
             Self::EbpfVxlanTc => "eBPF TC",
-            Self::EbpfVxlanTcSplit => "eBPF TC split",
             Self::EbpfVxlanXdp => "eBPF XDP",
             Self::EbpfUdp => "eBPF udp",
             Self::TunUdp => "TUN udp",
@@ -82,10 +79,6 @@ impl PathKind {
             Self::Routing => two(NodeKind::PlainRouting),
             Self::KernelVxlan => two(NodeKind::StockFlannel),
             Self::EbpfVxlanTc => two(NodeKind::Agent { decap_hook: "tc" }),
-            Self::EbpfVxlanTcSplit => ClusterSpec {
-                agent_args: vec!["--decap-delivery".into(), "split".into()],
-                ..two(NodeKind::Agent { decap_hook: "tc" })
-            },
             Self::EbpfVxlanXdp => two(NodeKind::Agent { decap_hook: "xdp" }),
             Self::EbpfUdp => ClusterSpec { backend: Backend::Udp, ..two(NodeKind::Agent { decap_hook: "tc" }) },
             Self::TunUdp => ClusterSpec {
@@ -135,8 +128,8 @@ struct Setup {
 /// on the wire underlay the vxlan paths and the ceiling.
 fn setups() -> Vec<Setup> {
     use PathKind::*;
-    let veth = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp, EbpfUdp, TunUdp, HostGw, EbpfVxlanDirect];
-    let wire = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanTcSplit, EbpfVxlanXdp, HostGw, EbpfVxlanDirect];
+    let veth = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanXdp, EbpfUdp, TunUdp, HostGw, EbpfVxlanDirect];
+    let wire = [Routing, KernelVxlan, EbpfVxlanTc, EbpfVxlanXdp, HostGw, EbpfVxlanDirect];
     veth.iter()
         .map(|&path| Setup { path, underlay: Underlay::Veth })
         .chain(wire.iter().map(|&path| Setup { path, underlay: Underlay::Wire }))
@@ -625,9 +618,7 @@ fn write_benchmarks_md(md: &Path, report: &Report, table: &str) -> Result<()> {
          The eBPF paths run the agent's defaults (`--decap-delivery kernel`): every check in TC or\n\
          XDP, then the kernel's vxlan device decapsulates, as on a stock flannel node, so the inner\n\
          packet enters the host on `flannel.1` and its netfilter sees both directions of every flow.\n\
-         `TC, split delivery` leaves only GRO-merged frames to the kernel device and decapsulates\n\
-         the rest in the program, redirecting them into `flannel.1`'s ingress (also coherent for the\n\
-         containers' traffic). The udp backend has no kernel device: TC strips the headers onto\n\
+         The udp backend has no kernel device: TC strips the headers onto\n\
          `flannel0`, where GRO-merged frames keep tunnel GSO state on 6.18 and are segmented in\n\
          software.\n\n\
          <!-- control-plane -->{control}",
