@@ -35,3 +35,22 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// When the last error line was logged (ns since boot), shared by all CPUs: a racy update
+/// costs at most a second line.
+#[unsafe(no_mangle)]
+static mut LAST_ERROR_LOG_NS: u64 = 0;
+
+/// At most one error line a second, whatever the packet rate (every program of the object
+/// shares the budget).
+#[inline(always)]
+pub fn log_allowed() -> bool {
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_ns() };
+    let p = &raw mut LAST_ERROR_LOG_NS;
+    let last = unsafe { core::ptr::read_volatile(p) };
+    if last != 0 && now.wrapping_sub(last) < 1_000_000_000 {
+        return false;
+    }
+    unsafe { core::ptr::write_volatile(p, now) };
+    true
+}

@@ -25,14 +25,14 @@ use aya_ebpf::{
         bpf_fib_lookup, bpf_redir_neigh, BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_FIB_LKUP_RET_BLACKHOLE,
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
         BPF_FIB_LKUP_RET_UNREACHABLE,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
+        BPF_FIB_LKUP_RET_SUCCESS,
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
         TC_ACT_UNSPEC,
     },
     btf_maps::lpm_trie::Key,
     helpers::generated::{
-        bpf_check_mtu, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_check_mtu, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32,
         bpf_redirect,
         bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
     },
@@ -76,7 +76,7 @@ pub fn tc_egress_encap(ctx: TcContext) -> i32 {
             if monitor::wanted(false) {
                 monitor::report(&ctx, Hook::TcEgress, reason, false, ETH_HLEN);
             }
-            if reason == Counter::EncapFailed && log_allowed() {
+            if reason == Counter::EncapFailed && crate::log_allowed() {
                 // Rare (a kernel helper refused): worth a log line, at most one a second.
                 error!(&ctx, "encap failed: the kernel refused adjust_room/store/redirect_neigh");
             }
@@ -113,7 +113,10 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     // Where the outer packet goes and whether it fits: one route lookup, which also sees a
     // path MTU the node learnt from a router's fragmentation-needed (outer DF is inherited).
     // The helper answers only where the underlay forwards (`ip_forward`, on on every node
-    // that routes containers); elsewhere the packet is sent as before, unchecked.
+    // that routes containers); elsewhere the packet is sent as before, unchecked. A forwarding
+    // lookup (as if the packet came in on the underlay), not an output one: the helper pins an
+    // output lookup to the interface it is given, so a peer routed through another NIC would
+    // find no route, where the node's routing table (and flannel's device) reaches it.
     let gso = gso_size(ctx);
     let seg_len = outer_segment_len(inner_len, gso, if gso == 0 { 0 } else { l3l4_hlen(ctx, &ip) }, mode.overhead());
     let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -130,7 +133,7 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
             ctx.skb.skb as *mut _,
             &mut fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
+            0,
         )
     };
     // No way to the peer: the redirect would drop the packet where no counter sees it.
@@ -192,8 +195,16 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
             store_head(ctx, &vxlan_encap_header(&params, cfg.vni, cfg.vtep_mac, vtep.vtep_mac))?;
         }
         EncapMode::Udp => {
-            ctx.adjust_room(UDP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, UDP_ROOM_FLAGS)
-                .map_err(|_| Counter::EncapFailed)?;
+            if ctx.adjust_room(UDP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, UDP_ROOM_FLAGS).is_err() {
+                // Refused for a packet a container has already tunnelled (the skb carries
+                // inner headers of its own) and there is no kernel device to hand it to. A
+                // single packet needs no tunnel GSO state: room without it. A GSO aggregate
+                // does (each segment needs our headers), so it stays refused and counted.
+                if gso != 0 {
+                    return Err(Counter::EncapFailed);
+                }
+                ctx.adjust_room(UDP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, 0).map_err(|_| Counter::EncapFailed)?;
+            }
             store_head(ctx, &udp_encap_header(&params))?;
         }
     }
@@ -209,7 +220,11 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
         nh.__bindgen_anon_1.ipv4_nh = unsafe { fib.__bindgen_anon_4.ipv4_dst };
         unsafe { bpf_redirect_neigh(fib.ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) }
     } else {
-        unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) }
+        // To the device the lookup chose when it got as far as the neighbour (newer kernels
+        // report it with NO_NEIGH; older ones leave the underlay there), else the underlay;
+        // the helper's own route lookup is bound to that device.
+        let dev = if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 && fib.ifindex != 0 { fib.ifindex } else { cfg.underlay_ifindex };
+        unsafe { bpf_redirect_neigh(dev, core::ptr::null_mut(), 0, 0) }
     };
     if action != TC_ACT_REDIRECT as i64 {
         return Err(Counter::EncapFailed);
@@ -262,24 +277,6 @@ fn store_head<const N: usize>(ctx: &TcContext, hdr: &[u8; N]) -> Result<(), Coun
 
 /// TCX's "not decided here": the packet continues to the device's own transmit path.
 const TCX_NEXT: i32 = TC_ACT_UNSPEC;
-
-/// When the last error line was logged (ns since boot), shared by all CPUs: a racy update
-/// costs at most a second line.
-#[unsafe(no_mangle)]
-static mut LAST_ERROR_LOG_NS: u64 = 0;
-
-/// At most one error line a second, whatever the packet rate.
-#[inline(always)]
-fn log_allowed() -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
-    let p = &raw mut LAST_ERROR_LOG_NS;
-    let last = unsafe { core::ptr::read_volatile(p) };
-    if last != 0 && now.wrapping_sub(last) < 1_000_000_000 {
-        return false;
-    }
-    unsafe { core::ptr::write_volatile(p, now) };
-    true
-}
 
 const AF_INET: u8 = 2;
 

@@ -1104,3 +1104,99 @@ fn tunnel_frames_for_other_addresses_are_left_alone() {
     assert_eq!(probe.finish_after(1), vec![b"hostile".to_vec()], "only the frame for node 1's own address reaches the container");
     assert_eq!(guarded(), 1);
 }
+
+/// `status` asks the kernel, not the pin files: a link detached behind the agent's back (its
+/// pin still there) is reported detached, one piece at a time, and status fails.
+#[test]
+fn status_reports_links_detached_behind_their_pins() {
+    let spec = ClusterSpec { containers_per_node: 0, ..ClusterSpec::agents(Backend::Vxlan, "tc", 1) };
+    let c = cluster("sl", &spec);
+    let n = c.node(1);
+    let status = || {
+        let out = n
+            .ns
+            .command(overlay_tests::agent_bin().to_str().unwrap())
+            .args(["status", "--bpffs-dir"])
+            .arg(&n.bpffs_dir)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let (up, line) = status();
+    assert!(up && line.contains("encap=attached decap=tc attach=tcx guard=sk_lookup"), "{line}");
+    let detach = |pin: &str| {
+        let path = n.bpffs_dir.join(pin);
+        ok(pin, n.ns.run("bpftool", &["link", "detach", "pinned", path.to_str().unwrap()]));
+        assert!(path.exists(), "the pin stays");
+    };
+    detach(overlay_agent::dataplane::LINK_ENCAP);
+    let (up, line) = status();
+    assert!(!up && line.contains("encap=detached decap=tc"), "{line}");
+    detach(overlay_agent::dataplane::LINK_DECAP_TC);
+    let (up, line) = status();
+    assert!(!up && line.contains("decap=- attach=-"), "{line}");
+    detach(overlay_agent::dataplane::LINK_GUARD);
+    let (up, line) = status();
+    assert!(!up && line.contains("guard=detached"), "{line}");
+}
+
+/// A peer whose underlay address the node routes through another interface (a second NIC)
+/// gets its tunnel frames there, where the routing table (and flannel's device) sends them,
+/// instead of losing them to a route lookup pinned to the underlay interface.
+#[test]
+fn a_peer_routed_through_another_interface_gets_its_frames() {
+    let spec = ClusterSpec { containers_per_node: 1, ..ClusterSpec::agents(Backend::Vxlan, "tc", 1) };
+    let mut c = cluster("fo", &spec);
+    let (side, _, side_host) = ok("second interface", c.add_side_host(1, "side"));
+    let n = c.node(1);
+    // The peer 172.31.9.9 is reached through the second interface only.
+    let peer = Ipv4Addr::new(172, 31, 9, 9);
+    ok("route", n.ns.run("ip", &["route", "add", &format!("{peer}/32"), "via", &side_host.to_string(), "dev", "side0"]));
+    ok(
+        "overlay route",
+        n.agent_cli(&["route", "add", "10.244.77.0/24", "--public-ip", &peer.to_string(), "--vtep-mac", "02:00:00:00:77:01"]),
+    );
+    let cap = ok("capture", Capture::start(&side, "eth0", &format!("udp dst port 8472 and dst host {peer}"), c.workdir.join("side.pcap")));
+    let before = n.counter(Counter::NoUnderlayRoute);
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 244, 77, 2), 9);
+    let frames = ok(
+        "frames",
+        cap.finish_when(|f| {
+            let _ = send_udp(&n.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), to, vec![vec![7u8; 32]]);
+            !f.is_empty()
+        }),
+    );
+    assert!(
+        !frames.is_empty(),
+        "no tunnel frame for {peer} left through the second interface:\n{}\n{}",
+        n.agent_cli(&["stats"]).unwrap_or_default(),
+        n.ns.run("ip", &["route"]).unwrap_or_default()
+    );
+    assert_eq!(n.counter(Counter::NoUnderlayRoute) - before, 0, "counted as having no underlay route");
+    let sliced = SlicedPacket::from_ethernet(&frames[0]).expect("a frame");
+    match sliced.net {
+        Some(NetSlice::Ipv4(ip)) => assert_eq!(ip.header().destination_addr(), peer),
+        other => panic!("not IPv4: {other:?}"),
+    }
+}
+
+/// The udp backend carries packets a container has already tunnelled itself (its own vxlan
+/// device, segmentation off so its packets come one by one, checksums left to offload: the
+/// kernel marks them as encapsulated), where encapsulation used to be refused (`encap_failed`).
+#[test]
+fn udp_backend_carries_a_containers_own_tunnel() {
+    let c = cluster("ut", &ClusterSpec { containers_per_node: 1, ..ClusterSpec::agents(Backend::Udp, "tc", 2) });
+    let (n1, n2) = (c.node(1), c.node(2));
+    let (c1, c2) = (&n1.containers[0], &n2.containers[0]);
+    for (ns, local, remote, inner) in [(c1, n1.container_ip(0), n2.container_ip(0), "172.30.0.1/30"), (c2, n2.container_ip(0), n1.container_ip(0), "172.30.0.2/30")] {
+        let (local, remote) = (local.to_string(), remote.to_string());
+        ok("vxlan in a container", ns.run("ip", &["link", "add", "vx0", "type", "vxlan", "id", "42", "local", &local, "remote", &remote, "dstport", "4789", "dev", "eth0"]));
+        ok("mtu", ns.run("ip", &["link", "set", "vx0", "mtu", "1300", "up"]));
+        ok("address", ns.run("ip", &["addr", "add", inner, "dev", "vx0"]));
+        ok("one by one", ns.run("ethtool", &["-K", "vx0", "tso", "off", "gso", "off"]));
+    }
+    let failed_before = n1.counter(Counter::EncapFailed);
+    ok("ping through the container's tunnel", ping(c1, Ipv4Addr::new(172, 30, 0, 2), 3));
+    ok("TCP through the container's tunnel", tcp_transfer(c1, c2, Ipv4Addr::new(172, 30, 0, 2), 256 * 1024));
+    assert_eq!(n1.counter(Counter::EncapFailed) - failed_before, 0, "node 1 refused some of the container's tunnel packets");
+}

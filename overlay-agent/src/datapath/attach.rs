@@ -15,7 +15,15 @@
 //! (so a taken link is forgotten, never dropped), and its fresh netlink attach creates
 //! exclusively (so an existing filter is replaced through `attach_to_link` instead).
 
-use std::fmt;
+use std::{
+    ffi::CString,
+    fmt,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -264,9 +272,61 @@ pub fn chain(iface: &Link, at: TcAttachType, name: &str) -> Chain {
     c
 }
 
+/// What a pinned bpf link is attached to now: the interface index of a TCX or XDP link, the
+/// network namespace's inode of an sk_lookup (netns) link; `None` when the link was detached
+/// behind its pin's back (`bpftool link detach`, the device or namespace gone: the kernel keeps
+/// the link object and reports a zero target). A pin file says only that the object exists.
+pub fn pinned_link_target(pin: &Path) -> Result<Option<u32>> {
+    let path = CString::new(pin.as_os_str().as_bytes()).context("pin path")?;
+    // BPF_OBJ_GET: { pathname, bpf_fd, file_flags }.
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), std::mem::size_of_val(&get)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("opening the pinned link {}", pin.display()));
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id (u32 each), then (8-aligned) the union whose
+    // tcx, xdp and netns members all start with the target (ifindex or netns_ino).
+    let mut info = [0u8; 64];
+    // BPF_OBJ_GET_INFO_BY_FD: { bpf_fd: u32, info_len: u32, info: u64 }.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoByFd { bpf_fd: fd.as_raw_fd() as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &mut attr as *mut InfoByFd, std::mem::size_of::<InfoByFd>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("reading the link behind {}", pin.display()));
+    }
+    Ok(link_target(&info))
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The target in a `struct bpf_link_info` (see `pinned_link_target`).
+fn link_target(info: &[u8; 64]) -> Option<u32> {
+    let target = u32::from_ne_bytes([info[16], info[17], info[18], info[19]]);
+    (target != 0).then_some(target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_links_target_sits_after_its_type_id_and_program() {
+        let mut info = [0u8; 64];
+        info[0..4].copy_from_slice(&11u32.to_ne_bytes()); // BPF_LINK_TYPE_TCX
+        info[4..8].copy_from_slice(&7u32.to_ne_bytes());
+        info[8..12].copy_from_slice(&99u32.to_ne_bytes());
+        assert_eq!(link_target(&info), None, "detached: the kernel reports no interface");
+        info[16..20].copy_from_slice(&3u32.to_ne_bytes());
+        assert_eq!(link_target(&info), Some(3));
+    }
 
     #[test]
     fn program_names_compare_as_the_kernel_keeps_them() {

@@ -717,16 +717,22 @@ pub fn status(dir: &Path) -> Result<Status> {
     // interfaces' hooks.
     let legacy_decap = attach::legacy_attached(config.underlay_ifindex, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP);
     let legacy_encap = attach::legacy_attached(config.overlay_ifindex, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP);
-    let decap_hook = if dir.join(LINK_DECAP_XDP).exists() {
+    // A pin says only that the link object exists: it may have been detached (bpftool link
+    // detach) or its device or namespace may be gone. Asked of the kernel: attached, and to
+    // the interface (or namespace) this node's configuration names.
+    let linked = |pin: &str, target: u32| attach::pinned_link_target(&dir.join(pin)).ok().flatten() == Some(target);
+    let decap_hook = if linked(LINK_DECAP_XDP, config.underlay_ifindex) {
         Some(DecapHook::Xdp)
-    } else if dir.join(LINK_DECAP_TC).exists() || legacy_decap {
+    } else if linked(LINK_DECAP_TC, config.underlay_ifindex) || legacy_decap {
         Some(DecapHook::Tc)
     } else {
         None
     };
-    let tcx_pins = dir.join(LINK_DECAP_TC).exists() || dir.join(LINK_ENCAP).exists();
+    let encap_linked = linked(LINK_ENCAP, config.overlay_ifindex);
+    let tcx_pins = encap_linked || linked(LINK_DECAP_TC, config.underlay_ifindex);
     // The guard's program has a pin; its firewall form is asked of the firewall.
-    let guard = if dir.join(LINK_GUARD).exists() {
+    let netns = fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32).unwrap_or(0);
+    let guard = if netns != 0 && linked(LINK_GUARD, netns) {
         Some(Guard::SkLookup)
     } else if crate::iptables::guard_present() || crate::nftables::guard_present() {
         Some(Guard::Firewall)
@@ -748,7 +754,7 @@ pub fn status(dir: &Path) -> Result<Status> {
     Ok(Status {
         device,
         underlay: netdev::name_of(config.underlay_ifindex),
-        encap_attached: dir.join(LINK_ENCAP).exists() || legacy_encap,
+        encap_attached: encap_linked || legacy_encap,
         guard_attached: guard.is_some(),
         guard,
         decap_hook,
