@@ -81,8 +81,6 @@ struct Tunnel {
     inner_len: usize,
     /// The outer header's ECN field says congestion experienced (RFC 6040 applies).
     outer_ce: bool,
-    /// A GRO/GSO aggregate (read once: the outer checks and the split decision use it).
-    merged: bool,
 }
 
 /// `N` bytes of `a` from `off` (constant offsets: no bounds check survives compilation).
@@ -182,7 +180,6 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
         strip,
         inner_len: len - ETH_HLEN - strip,
         outer_ce: ip[1] & ECN_MASK == ECN_CE,
-        merged,
     })
 }
 
