@@ -303,6 +303,12 @@ fn health_endpoints_and_metrics_follow_the_traffic() {
     let c = cluster("hm", &with_args(&["--healthz-ip=127.0.0.1", "--healthz-port=9101"], 2));
     let (n1, n2) = (c.node(1), c.node(2));
     let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9101);
+    // The kernel's program statistics cost every run something: off until /metrics asks.
+    let holds_stats = || {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", n1.agent_pid().unwrap())).unwrap();
+        fds.filter_map(|f| std::fs::read_link(f.ok()?.path()).ok()).any(|l| l.to_string_lossy().contains("bpf-stats"))
+    };
+    assert!(!holds_stats(), "statistics on before anyone asked");
     assert_eq!(ok("healthz", http_get(&n1.ns, at, "/healthz")).0, 200);
     assert_eq!(ok("readyz", http_get(&n1.ns, at, "/readyz")).0, 200);
     assert_eq!(ok("404", http_get(&n1.ns, at, "/nope")).0, 404);
@@ -316,6 +322,12 @@ fn health_endpoints_and_metrics_follow_the_traffic() {
     let left = before["overlay_lease_expiry_seconds"];
     assert!(left > 23.0 * 3600.0 && left <= 24.0 * 3600.0, "{left}");
     assert!(before.contains_key("overlay_etcd_reconnects_total"));
+    assert_eq!(before["overlay_program_stats_enabled"], 1.0);
+    assert!(holds_stats(), "a scrape turns the program statistics on (BPF_ENABLE_STATS descriptor)");
+    let program = |m: &BTreeMap<String, f64>, metric: &str, name: &str| {
+        let prefix = format!("{metric}{{program=\"{name}\",id=");
+        m.iter().find(|(k, _)| k.starts_with(&prefix)).map(|(_, v)| *v).unwrap_or_else(|| panic!("no {prefix}: {m:#?}"))
+    };
 
     let peer = n2.underlay_ip;
     ok("TCP", tcp_transfer(&n1.containers[0], &n2.containers[0], n2.container_ip(0), 4 << 20));
@@ -327,6 +339,12 @@ fn health_endpoints_and_metrics_follow_the_traffic() {
     assert!(after[&tx] - before.get(&tx).copied().unwrap_or(0.0) >= (4 << 20) as f64, "{tx}");
     let drops = key("overlay_datapath_packets_total", "outcome=\"unknown_peer\",kind=\"drop\"");
     assert_eq!(after[&drops], 0.0);
+    // Each program's runs and time, counted since the first scrape turned them on.
+    for name in ["tc_egress_encap", "tc_ingress_decap", "sk_lookup_guard"] {
+        let runs = program(&after, "overlay_program_runs_total", name) - program(&before, "overlay_program_runs_total", name);
+        assert!(runs > 0.0, "{name}: no runs counted across the transfer");
+    }
+    assert!(program(&after, "overlay_program_run_seconds_total", "tc_egress_encap") > 0.0);
     // The peer's side counted the same traffic as received.
     let rx = key("overlay_peer_bytes_total", &format!("peer=\"{}\",direction=\"rx\"", n1.underlay_ip));
     let n2m = parse_metrics(&ok("metrics", http_get(&n2.ns, at, "/metrics")).1);

@@ -277,6 +277,12 @@ pub fn chain(iface: &Link, at: TcAttachType, name: &str) -> Chain {
 /// behind its pin's back (`bpftool link detach`, the device or namespace gone: the kernel keeps
 /// the link object and reports a zero target). A pin file says only that the object exists.
 pub fn pinned_link_target(pin: &Path) -> Result<Option<u32>> {
+    Ok(pinned_link_info(pin)?.1)
+}
+
+/// The program a pinned link runs (its id) and what the link is attached to now (see
+/// `pinned_link_target`).
+pub fn pinned_link_info(pin: &Path) -> Result<(u32, Option<u32>)> {
     let path = CString::new(pin.as_os_str().as_bytes()).context("pin path")?;
     // BPF_OBJ_GET: { pathname, bpf_fd, file_flags }.
     let mut get = [0u64; 2];
@@ -301,7 +307,14 @@ pub fn pinned_link_target(pin: &Path) -> Result<Option<u32>> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error()).with_context(|| format!("reading the link behind {}", pin.display()));
     }
-    Ok(link_target(&info))
+    Ok((u32::from_ne_bytes([info[8], info[9], info[10], info[11]]), link_target(&info)))
+}
+
+/// The ids of this node's cls_bpf program `name` on `ifindex`'s hook (kernels without TCX).
+pub fn legacy_program_ids(ifindex: u32, at: TcAttachType, name: &str) -> Vec<u32> {
+    tc::filters(ifindex, is_egress(at))
+        .map(|fs| fs.into_iter().filter(|f| f.bpf_name.as_deref() == Some(name)).filter_map(|f| f.prog_id).collect())
+        .unwrap_or_default()
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;

@@ -763,6 +763,31 @@ pub fn status(dir: &Path) -> Result<Status> {
     })
 }
 
+/// The programs this node runs, by name and kernel id: those behind its pinned links that are
+/// still attached, and its cls_bpf filters (kernels without TCX). For their run statistics.
+pub fn running_programs(dir: &Path) -> Vec<(&'static str, u32)> {
+    let mut out = Vec::new();
+    for (pin, name) in [
+        (LINK_ENCAP, prog_names::TC_EGRESS_ENCAP),
+        (LINK_DECAP_TC, prog_names::TC_INGRESS_DECAP),
+        (LINK_DECAP_XDP, prog_names::XDP_DECAP),
+        (LINK_GUARD, prog_names::SK_LOOKUP_GUARD),
+    ] {
+        if let Ok((id, Some(_))) = attach::pinned_link_info(&dir.join(pin)) {
+            out.push((name, id));
+        }
+    }
+    if let Ok(config) = Maps::open(dir).and_then(|m| m.config()) {
+        for (ifindex, at, name) in [
+            (config.underlay_ifindex, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP),
+            (config.overlay_ifindex, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP),
+        ] {
+            out.extend(attach::legacy_program_ids(ifindex, at, name).into_iter().map(|id| (name, id)));
+        }
+    }
+    out
+}
+
 /// Take every program of ours off the node's interfaces (link pins, cls_bpf filters, the
 /// guard), keeping the maps and the device: after an `up` that failed midway, nothing
 /// half-attached is left (the node then runs degraded, on the kernel device alone).

@@ -50,7 +50,16 @@ pub struct AgentState {
     pub tun_stats: std::sync::OnceLock<Arc<crate::tun::TunStats>>,
     /// Why the node runs degraded (on the kernel device alone), when it does.
     pub degraded: std::sync::OnceLock<String>,
+    /// The kernel's per-program run statistics, on while this descriptor is held
+    /// (BPF_ENABLE_STATS: the count and time cost a little on every run of every program, so
+    /// they run only while someone scrapes /metrics: taken at a scrape, given back once no
+    /// scrape came for `PROGRAM_STATS_HOLD`; the global sysctl is never touched). With the
+    /// last scrape's time.
+    program_stats: Mutex<Option<(std::os::fd::OwnedFd, Instant)>>,
 }
+
+/// How long the program statistics stay on after the last scrape that showed them.
+pub const PROGRAM_STATS_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl AgentState {
     pub fn new(bpffs_dir: PathBuf) -> Self {
@@ -67,6 +76,34 @@ impl AgentState {
             bpffs_dir,
             tun_stats: std::sync::OnceLock::new(),
             degraded: std::sync::OnceLock::new(),
+            program_stats: Mutex::new(None),
+        }
+    }
+
+    /// Keep the kernel's program statistics on for another `PROGRAM_STATS_HOLD` (taking the
+    /// descriptor if not held); whether they are on. A kernel without BPF_ENABLE_STATS (5.8)
+    /// has none to show.
+    fn hold_program_stats(&self) -> bool {
+        let mut held = self.program_stats.lock().expect("stats lock");
+        match held.as_mut() {
+            Some((_, at)) => *at = Instant::now(),
+            None => match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => {
+                    tracing::info!("program run statistics on while /metrics is scraped (BPF_ENABLE_STATS)");
+                    *held = Some((fd, Instant::now()))
+                }
+                Err(e) => tracing::debug!(error = %e, "no program run statistics (BPF_ENABLE_STATS, Linux 5.8)"),
+            },
+        }
+        held.is_some()
+    }
+
+    /// Give the statistics back once no scrape asked for them for `PROGRAM_STATS_HOLD`.
+    fn release_idle_program_stats(&self) {
+        let mut held = self.program_stats.lock().expect("stats lock");
+        if held.as_ref().is_some_and(|(_, at)| at.elapsed() >= PROGRAM_STATS_HOLD) {
+            *held = None;
+            tracing::info!("program run statistics off: no /metrics scrape for {} s", PROGRAM_STATS_HOLD.as_secs());
         }
     }
 
@@ -144,6 +181,7 @@ impl Collector for AgentCollector {
             return Ok(());
         }
         let Ok(maps) = Maps::open(&s.bpffs_dir) else { return Ok(()) };
+        program_stats(&mut e, s)?;
         // Where encap's redirect hands packets on: its failures (no route, no neighbour entry
         // could be made) count as the underlay's tx errors, a dead link's losses as its tx
         // drops, in the kernel's stats of that device; the programs never see them.
@@ -188,6 +226,33 @@ impl Collector for AgentCollector {
         }
         Ok(())
     }
+}
+
+/// Each of the node's programs' runs and time in them, as the kernel counts them while the
+/// statistics are on (since they were last turned on: counts restart from what the kernel kept).
+fn program_stats(e: &mut DescriptorEncoder, s: &AgentState) -> Result<(), std::fmt::Error> {
+    let on = s.hold_program_stats();
+    gauge(e, "overlay_program_stats_enabled", "1 while the kernel counts the programs' runs and run time (on while /metrics is scraped)", on as i64)?;
+    if !on {
+        return Ok(());
+    }
+    let ours = crate::dataplane::running_programs(&s.bpffs_dir);
+    let infos: Vec<aya::programs::ProgramInfo> =
+        aya::programs::loaded_programs().filter_map(|p| p.ok()).filter(|p| ours.iter().any(|(_, id)| *id == p.id())).collect();
+    let label = |id: u32| ours.iter().find(|(_, i)| *i == id).map(|(n, _)| *n).unwrap_or("?");
+    {
+        let mut m = e.encode_descriptor("overlay_program_runs", "Runs of each of the node's programs while statistics are on", None, MetricType::Counter)?;
+        for p in &infos {
+            let labels = [("program", label(p.id()).to_string()), ("id", p.id().to_string())];
+            ConstCounter::new(p.run_count()).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    let mut m = e.encode_descriptor("overlay_program_run_seconds", "Time spent in each of the node's programs while statistics are on", None, MetricType::Counter)?;
+    for p in &infos {
+        let labels = [("program", label(p.id()).to_string()), ("id", p.id().to_string())];
+        ConstCounter::new(p.run_time().as_secs_f64()).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// A device's transmit errors and drops.
@@ -246,10 +311,26 @@ fn handle(state: &Arc<AgentState>, req: &Request<hyper::body::Incoming>) -> Resp
     }
 }
 
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Serve until the future is dropped.
 pub async fn serve(addr: SocketAddr, state: Arc<AgentState>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} for /healthz"))?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    let idle = state.clone();
+    let _release = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            idle.release_idle_program_stats();
+        }
+    }));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
