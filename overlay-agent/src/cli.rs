@@ -420,6 +420,14 @@ pub struct RunArgs {
     /// docker sets FORWARD's policy to DROP).
     #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "true")]
     pub iptables_forward_rules: bool,
+    /// Opt-in: tunnel datagrams to and from this node's tunnel address and port skip
+    /// connection tracking (a raw-table NOTRACK rule, in iptables or nftables as flannel's
+    /// other rules, kept and removed with them). Saves conntrack's work per datagram; the
+    /// containers' flows keep theirs (the kernel resets it on decapsulation). But an INPUT
+    /// chain that accepts the tunnel port only as `--ctstate NEW,ESTABLISHED` before a DROP
+    /// policy then drops the tunnel: accept it by port, or `--ctstate UNTRACKED` too.
+    #[arg(long, env = "FLANNELD_NOTRACK_TUNNEL", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false")]
+    pub notrack_tunnel: bool,
     /// Seconds between checks that the iptables rules are still in place.
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = parse_go_u64)]
     pub iptables_resync: u64,
@@ -597,6 +605,7 @@ impl RunArgs {
             masq_random: crate::iptables::MasqRandom::choose(self.ip_masq_fully_random_disable),
             blackhole_route: self.ip_blackhole_route,
             forward_rules: self.iptables_forward_rules,
+            notrack_tunnel: self.notrack_tunnel,
             iptables_resync: Duration::from_secs(self.iptables_resync.max(1)),
             healthz: (self.healthz_port != 0)
                 .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),

@@ -598,3 +598,54 @@ fn the_firewall_guard_in_nftables_mode() {
     assert!(c.node(1).ns.run("nft", &["list", "table", "ip", "overlay-guard"]).is_err(), "the guard's table must go with the program back");
     assert!(ok("status", c.node(1).agent_cli(&["status"])).contains("guard=sk_lookup"));
 }
+
+/// The tunnel datagrams' conntrack entries on `n`'s side (UDP to the vxlan port).
+fn tunnel_entries(n: &overlay_tests::Node) -> Vec<String> {
+    let out = n.ns.run("conntrack", &["-L", "-p", "udp", "--dport", "8472"]).unwrap_or_default();
+    out.lines().filter(|l| l.contains("dport=8472")).map(str::to_string).collect()
+}
+
+/// --notrack-tunnel (opt-in) takes the tunnel datagrams out of connection tracking, in
+/// iptables mode and in nftables mode: where the kernel tracked each outer flow before, no
+/// entry for the tunnel port once the flag is on, while the containers' own flows are still
+/// tracked; the rule goes with teardown.
+#[test]
+fn notrack_tunnel_takes_only_the_tunnel_out_of_conntrack() {
+    // iptables mode, and the control: without the flag the kernel tracks the tunnel.
+    let mut c = cluster("nt", &with_args(&[], 2));
+    // kube-proxy's rule: conntrack runs in the node's namespace (the kernel hooks it in only
+    // where a rule needs it).
+    for n in &c.nodes {
+        ok("invalid", n.ns.run("iptables", &["-w", "-I", "FORWARD", "1", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]));
+    }
+    ok("TCP", tcp_transfer(&c.node(1).containers[0], &c.node(2).containers[0], c.node(2).container_ip(0), 1 << 20));
+    assert!(!tunnel_entries(c.node(2)).is_empty(), "control: the kernel tracks tunnel datagrams by default");
+    c.set_agent_args(vec!["--notrack-tunnel".into()], Vec::new());
+    ok("restart with the flag", c.restart_agent_with_current_args(2));
+    let n2 = c.node(2);
+    let rules = ok("raw table", n2.ns.run("iptables", &["-w", "-t", "raw", "-S", "OVERLAY-NOTRACK"]));
+    assert!(rules.contains("--dport 8472") && rules.contains("-j NOTRACK"), "{rules}");
+    ok("flush", n2.ns.run("conntrack", &["-F"]));
+    let (n1, n2) = (c.node(1), c.node(2));
+    ok("TCP", tcp_transfer(&n1.containers[0], &n2.containers[0], n2.container_ip(0), 1 << 20));
+    assert_eq!(tunnel_entries(n2), Vec::<String>::new(), "tunnel datagrams tracked despite --notrack-tunnel");
+    let inner = n2.ns.run("conntrack", &["-L", "-p", "tcp"]).unwrap_or_default();
+    assert!(inner.contains(&n1.container_ip(0).to_string()), "the containers' flow is tracked: {inner}");
+    ok("stop", c.stop_agent(2));
+    let n2 = c.node(2);
+    ok("teardown", n2.agent_cli(&["teardown"]));
+    assert!(n2.ns.run("iptables", &["-w", "-t", "raw", "-S", "OVERLAY-NOTRACK"]).is_err(), "teardown leaves the notrack chain");
+
+    // nftables mode: the rule in a table of ours at the raw priority.
+    let config = r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#.to_string();
+    let spec = ClusterSpec { control: Control::Etcd { tls: false, config }, ..with_args(&["--notrack-tunnel"], 2) };
+    let c = cluster("nn", &spec);
+    let (n1, n2) = (c.node(1), c.node(2));
+    for n in &c.nodes {
+        ok("invalid", n.ns.run("iptables", &["-w", "-I", "FORWARD", "1", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]));
+    }
+    let table = ok("nft table", n2.ns.run("nft", &["list", "table", "ip", "overlay-notrack"]));
+    assert!(table.contains("udp dport 8472 notrack") && table.contains("priority raw"), "{table}");
+    ok("TCP", tcp_transfer(&n1.containers[0], &n2.containers[0], n2.container_ip(0), 1 << 20));
+    assert_eq!(tunnel_entries(n2), Vec::<String>::new(), "nftables mode: tunnel datagrams tracked despite --notrack-tunnel");
+}

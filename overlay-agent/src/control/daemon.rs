@@ -59,6 +59,8 @@ pub struct DaemonOptions {
     pub blackhole_route: bool,
     /// Install flannel's FLANNEL-FWD accept rules (flannel's --iptables-forward-rules).
     pub forward_rules: bool,
+    /// Take our tunnel datagrams out of connection tracking (--notrack-tunnel, opt-in).
+    pub notrack_tunnel: bool,
     /// How often iptables rules are checked and restored.
     pub iptables_resync: Duration,
     /// Where to serve /healthz, /readyz and /metrics (None: off).
@@ -654,7 +656,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                     forward: self.opts.forward_rules.then_some(n6.into()),
                 });
             }
-            return Firewall::Nft(tables, guards);
+            let notrack = (self.opts.notrack_tunnel && self.cfg.enable_ipv4)
+                .then(|| crate::nftables::NftNotrack { addr: self.spec.underlay_ip, port: self.spec.port });
+            return Firewall::Nft(tables, guards, notrack);
         }
         let mut r: Vec<ChainRules> = guard_addrs
             .iter()
@@ -678,6 +682,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 r.push(iptables::forward6(n6));
             }
         }
+        if self.opts.notrack_tunnel && v4 {
+            r.extend(iptables::notrack(self.spec.underlay_ip, self.spec.port));
+        }
         Firewall::Iptables(r, guards)
     }
 }
@@ -691,8 +698,9 @@ pub enum Firewall {
     /// nftables tables where nft exists, else its chains among the others.
     Iptables(Vec<ChainRules>, Vec<crate::nftables::NftGuard>),
     /// flannel's nftables tables (flannel-ipv4, and flannel-ipv6 for a dual-stack node:
-    /// postrtg, forward), and our guard's tables where its program cannot run.
-    Nft(Vec<crate::nftables::NftRules>, Vec<crate::nftables::NftGuard>),
+    /// postrtg, forward), our guard's tables where its program cannot run, and the notrack
+    /// table where asked for.
+    Nft(Vec<crate::nftables::NftRules>, Vec<crate::nftables::NftGuard>, Option<crate::nftables::NftNotrack>),
 }
 
 /// Rules a previous run (ours or flanneld's) left that this run does not keep.
@@ -706,6 +714,8 @@ pub struct Leftovers {
     /// Our guard's nftables tables (ip, ip6) to remove.
     pub nft_guard4: bool,
     pub nft_guard6: bool,
+    /// The notrack table (nftables mode, --notrack-tunnel) to remove.
+    pub nft_notrack: bool,
 }
 
 impl Leftovers {
@@ -724,6 +734,11 @@ impl Leftovers {
                 if let Err(e) = crate::nftables::remove_family(ipv6) {
                     tracing::debug!(ipv6, error = %e, "could not remove an nftables table this run does not keep");
                 }
+            }
+        }
+        if self.nft_notrack {
+            if let Err(e) = crate::nftables::remove_notrack() {
+                tracing::debug!(error = %e, "could not remove the notrack table");
             }
         }
         for (gone, ipv6) in [(self.nft_guard4, false), (self.nft_guard6, true)] {
@@ -749,8 +764,9 @@ impl Firewall {
                 nft_ipv6: true,
                 nft_guard4: !guards_v(guards, false),
                 nft_guard6: !guards_v(guards, true),
+                nft_notrack: true,
             },
-            Firewall::Nft(tables, guards) => {
+            Firewall::Nft(tables, guards, notrack) => {
                 let keeps = |ipv6: bool| tables.iter().any(|t| t.ipv6 == ipv6 && !t.is_empty());
                 Leftovers {
                     chains: if has_iptables { all } else { Vec::new() },
@@ -758,6 +774,7 @@ impl Firewall {
                     nft_ipv6: !keeps(true),
                     nft_guard4: !guards_v(guards, false),
                     nft_guard6: !guards_v(guards, true),
+                    nft_notrack: notrack.is_none(),
                 }
             }
             Firewall::None => Leftovers::default(),
@@ -777,8 +794,11 @@ impl Firewall {
                 }
                 changed
             }
-            Firewall::Nft(tables, guards) => {
+            Firewall::Nft(tables, guards, notrack) => {
                 let mut changed = false;
+                if let Some(n) = notrack {
+                    changed |= crate::nftables::ensure_notrack(n)?;
+                }
                 for t in tables.iter().filter(|t| !t.is_empty()) {
                     changed |= crate::nftables::ensure(t)?;
                 }
@@ -1576,23 +1596,25 @@ mod tests {
             ("ip6tables", "FLANNEL-FWD"),
             ("iptables", "OVERLAY-GUARD"),
             ("ip6tables", "OVERLAY-GUARD"),
+            ("iptables", "OVERLAY-NOTRACK"),
+            ("iptables", "OVERLAY-NOTRACK-OUT"),
         ];
         // Both IPv4 chains kept: the IPv6 ones and both nftables tables go.
         let l = Firewall::Iptables(vec![m.clone(), f.clone()], vec![]).leftovers(true);
-        assert_eq!(l, Leftovers { chains: all[2..].to_vec(), nft_ipv4: true, nft_ipv6: true, nft_guard4: true, nft_guard6: true });
+        assert_eq!(l, Leftovers { chains: all[2..].to_vec(), nft_ipv4: true, nft_ipv6: true, nft_guard4: true, nft_guard6: true, nft_notrack: true });
         // --ip-masq switched off: its chain goes, the forward chain stays.
         let l = Firewall::Iptables(vec![f.clone()], vec![]).leftovers(true);
-        assert_eq!(l.chains, vec![all[0], all[2], all[3], all[4], all[5]]);
+        assert_eq!(l.chains, vec![all[0], all[2], all[3], all[4], all[5], all[6], all[7]]);
         // Neither wanted: every chain goes.
         assert_eq!(Firewall::Iptables(vec![], vec![]).leftovers(true).chains, all.to_vec());
         // nftables mode: every iptables chain goes (where iptables exists), and a family's
         // table goes when this run keeps nothing in it.
         let v4 = crate::nftables::NftRules { ipv6: false, masq: None, forward: Some(n.into()) };
-        let l = Firewall::Nft(vec![v4.clone()], vec![]).leftovers(true);
-        assert_eq!(l, Leftovers { chains: all.to_vec(), nft_ipv4: false, nft_ipv6: true, nft_guard4: true, nft_guard6: true });
-        assert_eq!(Firewall::Nft(vec![v4.clone()], vec![]).leftovers(false).chains, vec![], "no iptables on the host: no chain to look for");
+        let l = Firewall::Nft(vec![v4.clone()], vec![], None).leftovers(true);
+        assert_eq!(l, Leftovers { chains: all.to_vec(), nft_ipv4: false, nft_ipv6: true, nft_guard4: true, nft_guard6: true, nft_notrack: true });
+        assert_eq!(Firewall::Nft(vec![v4.clone()], vec![], None).leftovers(false).chains, vec![], "no iptables on the host: no chain to look for");
         let empty = crate::nftables::NftRules { ipv6: false, masq: None, forward: None };
-        assert!(Firewall::Nft(vec![empty], vec![]).leftovers(false).nft_ipv4, "an empty table is not kept");
+        assert!(Firewall::Nft(vec![empty], vec![], None).leftovers(false).nft_ipv4, "an empty table is not kept");
         // The guard's rule where its program cannot run: kept in the form the node uses.
         let g = iptables::guard("iptables", "eth0", "192.168.100.1".parse().unwrap(), 8472);
         let l = Firewall::Iptables(vec![g, f.clone()], vec![]).leftovers(true);
@@ -1602,7 +1624,7 @@ mod tests {
         // iptables for flannel's rules, nftables for the guard (where nft exists).
         let l = Firewall::Iptables(vec![f.clone()], vec![ng.clone()]).leftovers(true);
         assert!(l.chains.contains(&("iptables", "OVERLAY-GUARD")) && !l.nft_guard4 && l.nft_guard6 && l.nft_ipv4, "{l:?}");
-        let l = Firewall::Nft(vec![v4], vec![ng]).leftovers(true);
+        let l = Firewall::Nft(vec![v4], vec![ng], None).leftovers(true);
         assert!(!l.nft_guard4 && l.nft_guard6 && l.chains.contains(&("iptables", "OVERLAY-GUARD")), "{l:?}");
     }
 

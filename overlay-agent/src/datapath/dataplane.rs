@@ -846,6 +846,7 @@ pub fn teardown(dir: &Path) -> Result<()> {
     if crate::nftables::remove().is_ok() {
         let _ = crate::nftables::remove_guard(false);
         let _ = crate::nftables::remove_guard(true);
+        let _ = crate::nftables::remove_notrack();
     }
     crate::datapath::degraded::set_marker(dir, None).context("removing the degraded marker")?;
     match fs::remove_dir(dir) {

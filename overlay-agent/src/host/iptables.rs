@@ -180,6 +180,26 @@ pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, port: u16) 
     }
 }
 
+/// Opt-in (`--notrack-tunnel`): tunnel datagrams to (PREROUTING) and from (OUTPUT: what the
+/// kernel device sends for us) this node's tunnel address and `port` skip connection tracking,
+/// in the raw table. The inner flows keep theirs: the kernel resets an skb's conntrack state
+/// on decapsulation. `[prerouting, output]`.
+pub fn notrack(addr: std::net::Ipv4Addr, port: u16) -> [ChainRules; 2] {
+    let chain = |chain, hook, rule: String| ChainRules {
+        cmd: "iptables",
+        table: "raw",
+        chain,
+        hook,
+        comment: "overlay tunnel notrack",
+        first: true,
+        rules: vec![words(&rule)],
+    };
+    [
+        chain("OVERLAY-NOTRACK", "PREROUTING", format!("-d {addr}/32 -p udp -m udp --dport {port} -j NOTRACK")),
+        chain("OVERLAY-NOTRACK-OUT", "OUTPUT", format!("-s {addr}/32 -p udp -m udp --dport {port} -j NOTRACK")),
+    ]
+}
+
 impl ChainRules {
     /// A rule's full argument list, with our comment before the target.
     fn rule_args(&self, rule: &[String]) -> Vec<String> {
@@ -313,7 +333,7 @@ pub fn remove(r: &ChainRules) -> Result<()> {
 
 /// Each chain this agent (and flannel) may keep, for both families, with placeholder
 /// networks: enough to find and remove one whatever it was made for.
-pub fn all_chains() -> [ChainRules; 6] {
+pub fn all_chains() -> [ChainRules; 8] {
     let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
     let any6: Ipv6Net = "fd00::/8".parse().expect("literal");
     let (a, a6) = (std::net::IpAddr::V4(any.addr()), std::net::IpAddr::V6(any6.addr()));
@@ -324,6 +344,8 @@ pub fn all_chains() -> [ChainRules; 6] {
         forward6(any6),
         guard("iptables", "eth0", a, 8472),
         guard("ip6tables", "eth0", a6, 8472),
+        notrack(any.addr(), 8472)[0].clone(),
+        notrack(any.addr(), 8472)[1].clone(),
     ]
 }
 
@@ -336,11 +358,12 @@ pub fn guard_present() -> bool {
 
 /// Remove flannel's chains and our guard's, whatever they were for (teardown).
 pub fn remove_all() -> Result<()> {
-    let [masq, fwd, masq6, fwd6, g, g6] = all_chains();
+    let [masq, fwd, masq6, fwd6, g, g6, nt, nt_out] = all_chains();
     remove(&masq)?;
     remove(&fwd)?;
-    // ip6tables may be missing; the guard's chain exists only where its program cannot run.
-    for c in [masq6, fwd6, g, g6] {
+    // ip6tables may be missing; the guard's chain exists only where its program cannot run,
+    // the notrack chains only where asked for.
+    for c in [masq6, fwd6, g, g6, nt, nt_out] {
         let _ = remove(&c);
     }
     Ok(())
@@ -393,6 +416,15 @@ mod tests {
         assert!(text.contains(&format!("-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8 {c} -j MASQUERADE --random-fully")), "{text}");
         assert!(text.contains(&format!("-A FLANNEL-POSTRTG ! -s fd00:10:244::/56 -d fd00:10:244::/56 {c} -j MASQUERADE --random-fully")), "{text}");
         assert_eq!(forward6("fd00:10:244::/56".parse().unwrap()).cmd, "ip6tables");
+    }
+
+    #[test]
+    fn notrack_rules_take_only_our_tunnel_datagrams_out_of_conntrack() {
+        let [pre, out] = notrack("192.168.100.1".parse().unwrap(), 8472);
+        assert_eq!((pre.table, pre.hook, out.hook), ("raw", "PREROUTING", "OUTPUT"));
+        let c = "-m comment --comment \"overlay tunnel notrack\"";
+        assert!(pre.restore_input().contains(&format!("-A OVERLAY-NOTRACK -d 192.168.100.1/32 -p udp -m udp --dport 8472 {c} -j NOTRACK")));
+        assert!(out.restore_input().contains(&format!("-A OVERLAY-NOTRACK-OUT -s 192.168.100.1/32 -p udp -m udp --dport 8472 {c} -j NOTRACK")));
     }
 
     #[test]

@@ -216,6 +216,64 @@ impl NftGuard {
     }
 }
 
+/// The notrack table's name (`--notrack-tunnel`, nftables mode).
+pub const NOTRACK_TABLE: &str = "overlay-notrack";
+
+/// Opt-in: tunnel datagrams to and from this node's tunnel address and port skip connection
+/// tracking (see `iptables::notrack`), in a table of ours at the raw priority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NftNotrack {
+    pub addr: std::net::Ipv4Addr,
+    pub port: u16,
+}
+
+impl NftNotrack {
+    /// Each chain's rules, as `nft list table` prints them.
+    pub fn chains(&self) -> Vec<(String, Vec<String>)> {
+        vec![
+            ("prerouting".into(), vec![format!("ip daddr {} udp dport {} notrack", self.addr, self.port)]),
+            ("output".into(), vec![format!("ip saddr {} udp dport {} notrack", self.addr, self.port)]),
+        ]
+    }
+
+    pub fn script(&self) -> String {
+        let mut s = format!("add table ip {NOTRACK_TABLE}
+delete table ip {NOTRACK_TABLE}
+table ip {NOTRACK_TABLE} {{
+");
+        for (chain, rules) in self.chains() {
+            s += &format!("	chain {chain} {{
+		type filter hook {chain} priority raw; policy accept;
+");
+            for r in rules {
+                s += &format!("		{r}
+");
+            }
+            s += "	}
+";
+        }
+        s += "}
+";
+        s
+    }
+}
+
+/// Make the notrack table hold exactly `n`'s rules; true if it had to change.
+pub fn ensure_notrack(n: &NftNotrack) -> Result<bool> {
+    if current_of("ip", NOTRACK_TABLE).as_ref() == Some(&n.chains()) {
+        return Ok(false);
+    }
+    nft(&["-f", "-"], Some(&n.script()))?;
+    Ok(true)
+}
+
+/// Remove the notrack table, if there is one.
+pub fn remove_notrack() -> Result<()> {
+    nft(&["-f", "-"], Some(&format!("add table ip {NOTRACK_TABLE}
+delete table ip {NOTRACK_TABLE}
+"))).map(drop)
+}
+
 /// Make the guard's table hold exactly `g`'s rules; true if it had to change.
 pub fn ensure_guard(g: &NftGuard) -> Result<bool> {
     let want = vec![("prerouting".to_string(), g.rules())];
