@@ -657,7 +657,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
                 });
             }
             let notrack = (self.opts.notrack_tunnel && self.cfg.enable_ipv4)
-                .then(|| crate::nftables::NftNotrack { addr: self.spec.underlay_ip, port: self.spec.port });
+                .then_some(crate::nftables::NftNotrack { addr: self.spec.underlay_ip, port: self.spec.port });
             return Firewall::Nft(tables, guards, notrack);
         }
         let mut r: Vec<ChainRules> = guard_addrs
