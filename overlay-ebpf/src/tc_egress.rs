@@ -172,11 +172,18 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
         return to_kernel_device(ctx, &vtep, inner_len);
     }
 
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    // vxlan: a port per flow (ECMP and RSS spread flows), as the kernel device picks it. udp:
+    // flannel's own port, as its backend sends from its socket; a router's
+    // fragmentation-needed then quotes a port the agent's socket holds, and the kernel learns
+    // the path MTU from it.
+    let src_port = match mode {
+        EncapMode::Vxlan => source_port(unsafe { bpf_get_hash_recalc(ctx.skb.skb) }),
+        EncapMode::Udp => cfg.port,
+    };
     let params = EncapParams {
         src_ip: cfg.underlay_ip,
         dst_ip: vtep.underlay_ip,
-        src_port: source_port(hash),
+        src_port,
         dst_port: cfg.port,
         inner_len,
         tos,

@@ -796,6 +796,34 @@ fn a_smaller_path_mtu_is_discovered_end_to_end() {
     }
 }
 
+/// The udp backend learns a smaller path MTU too: its datagrams leave from flannel's port,
+/// which the agent holds (a socket that takes no data), so a router's fragmentation-needed
+/// finds a socket and the kernel records the path MTU; the encap program then tells the
+/// container (1300 - 28). Before, nothing listened there: the kernel dropped the router's
+/// answer and DF packets of the full size vanished.
+#[test]
+fn a_smaller_path_mtu_is_learnt_by_the_udp_backend() {
+    let spec = ClusterSpec { routed_underlay: true, ..ClusterSpec::agents(Backend::Udp, "tc", 2) };
+    let mut c = cluster("pu", &spec);
+    ok("router mtu", overlay_tests::ip(&["-n", c.underlay.name(), "link", "set", "p2", "mtu", "1300"]));
+    ok("node 2 mtu", overlay_tests::ip(&["-n", c.node(2).ns.name(), "link", "set", "eth0", "mtu", "1300"]));
+    ok("restart node 2", c.restart_agent(2));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let (c1, dst) = (&n1.containers[0], n2.container_ip(0));
+    ok("small ping", ping(c1, dst, 2));
+    let mut last = String::new();
+    let told = wait_until(Duration::from_secs(30), || {
+        let (_, out) = ping_sized(c1, dst, "do", 1472 - 28);
+        let told = out.contains("mtu = 1272") || out.contains("mtu=1272");
+        last = out;
+        told
+    });
+    assert!(told, "the container was never told the tunnel's MTU; last ping said:\n{last}");
+    let (answered, out) = ping_sized(c1, dst, "do", 1272 - 28);
+    assert!(answered, "a DF probe of the announced size must pass:\n{out}");
+    ok("TCP 1 -> 2", tcp_transfer(c1, &n2.containers[1], n2.container_ip(1), 4 << 20));
+}
+
 /// Containers that run a tunnel of their own (a VXLAN device between two containers on
 /// different nodes, with the kernel's offloads, as a CNI-in-CNI or a VPN would) get their
 /// encapsulated traffic carried inside ours, TCP included (GSO aggregates that already have

@@ -153,6 +153,52 @@ pub struct Dataplane {
     pub mtu: u32,
     /// Keeps the loaded objects (and aya-log's map) alive while the agent runs.
     pub ebpf: Ebpf,
+    /// udp: the tunnel port's socket, held so that a router's fragmentation-needed about our
+    /// datagrams finds one and the kernel records the path MTU (which the encap program's
+    /// route lookup then sees). It takes no data: the programs handle every tunnel datagram.
+    pub pmtu_socket: Option<std::net::UdpSocket>,
+}
+
+/// A socket on `addr:port` that receives nothing (a filter drops every datagram before it is
+/// queued) but lets ICMP errors about datagrams sent from that port update the path MTU.
+/// Where it cannot be had (the port taken), a warning: DF packets larger than a smaller path
+/// MTU are then lost, as before.
+fn pmtu_socket(addr: std::net::Ipv4Addr, port: u16) -> Option<std::net::UdpSocket> {
+    use std::os::fd::FromRawFd as _;
+    let fail = |what: &str| {
+        tracing::warn!(%addr, port, error = %std::io::Error::last_os_error(), "{what}: the path MTU is not learnt from routers' fragmentation-needed");
+        None
+    };
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return fail("cannot open a socket for the udp tunnel port");
+    }
+    // Owned from here: closed on every early return.
+    let sock = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    let set = |opt: libc::c_int, val: *const libc::c_void, len: usize| unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, opt, val, len as libc::socklen_t) == 0
+    };
+    // A data plane brought up again (a new subnet or address) binds before the old one lets go.
+    let one: libc::c_int = 1;
+    if !set(libc::SO_REUSEPORT, &one as *const _ as *const libc::c_void, std::mem::size_of::<libc::c_int>()) {
+        return fail("cannot share the udp tunnel port");
+    }
+    // Classic BPF `ret #0`: every datagram dropped before it is queued.
+    let mut drop_all = [libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 }];
+    let prog = libc::sock_fprog { len: 1, filter: drop_all.as_mut_ptr() };
+    if !set(libc::SO_ATTACH_FILTER, &prog as *const _ as *const libc::c_void, std::mem::size_of::<libc::sock_fprog>()) {
+        return fail("cannot filter the udp tunnel port's socket");
+    }
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
+        sin_zero: [0; 8],
+    };
+    if unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t) } != 0 {
+        return fail("cannot hold the udp tunnel port");
+    }
+    Some(sock)
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -350,7 +396,8 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
     let guard = guard(&mut ebpf, spec)?;
     netdev::route_network(spec.network, &spec.device)?;
-    Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf })
+    let pmtu_socket = (spec.mode == EncapMode::Udp).then(|| pmtu_socket(spec.underlay_ip, spec.port)).flatten();
+    Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf, pmtu_socket })
 }
 
 /// An IPv6-only node's data plane: no IPv4 device, no encapsulation program (the kernel's
@@ -382,7 +429,7 @@ pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
     let mech = attach::choose(spec.tc_attach)?;
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
     let guard = guard(&mut ebpf, spec)?;
-    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, guard, ebpf })
+    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, guard, ebpf, pmtu_socket: None })
 }
 
 /// Load the programs with their maps pinned under the node's directory (reusing the pins of
