@@ -164,41 +164,24 @@ pub struct Dataplane {
 /// Where it cannot be had (the port taken), a warning: DF packets larger than a smaller path
 /// MTU are then lost, as before.
 fn pmtu_socket(addr: std::net::Ipv4Addr, port: u16) -> Option<std::net::UdpSocket> {
-    use std::os::fd::FromRawFd as _;
-    let fail = |what: &str| {
-        tracing::warn!(%addr, port, error = %std::io::Error::last_os_error(), "{what}: the path MTU is not learnt from routers' fragmentation-needed");
-        None
+    use socket2::{Domain, SockFilter, Socket, Type};
+    let held = || -> std::io::Result<Socket> {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
+        // A data plane brought up again (a new subnet or address) binds before the old one
+        // lets go.
+        sock.set_reuse_port(true)?;
+        // Classic BPF `ret #0`: every datagram dropped before it is queued.
+        sock.attach_filter(&[SockFilter::new(0x06, 0, 0, 0)])?;
+        sock.bind(&std::net::SocketAddr::from((addr, port)).into())?;
+        Ok(sock)
     };
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return fail("cannot open a socket for the udp tunnel port");
+    match held() {
+        Ok(sock) => Some(sock.into()),
+        Err(e) => {
+            tracing::warn!(%addr, port, error = %e, "cannot hold the udp tunnel port: the path MTU is not learnt from routers' fragmentation-needed");
+            None
+        }
     }
-    // Owned from here: closed on every early return.
-    let sock = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
-    let set = |opt: libc::c_int, val: *const libc::c_void, len: usize| unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, opt, val, len as libc::socklen_t) == 0
-    };
-    // A data plane brought up again (a new subnet or address) binds before the old one lets go.
-    let one: libc::c_int = 1;
-    if !set(libc::SO_REUSEPORT, &one as *const _ as *const libc::c_void, std::mem::size_of::<libc::c_int>()) {
-        return fail("cannot share the udp tunnel port");
-    }
-    // Classic BPF `ret #0`: every datagram dropped before it is queued.
-    let mut drop_all = [libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 }];
-    let prog = libc::sock_fprog { len: 1, filter: drop_all.as_mut_ptr() };
-    if !set(libc::SO_ATTACH_FILTER, &prog as *const _ as *const libc::c_void, std::mem::size_of::<libc::sock_fprog>()) {
-        return fail("cannot filter the udp tunnel port's socket");
-    }
-    let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.octets()) },
-        sin_zero: [0; 8],
-    };
-    if unsafe { libc::bind(fd, &sa as *const _ as *const libc::sockaddr, std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t) } != 0 {
-        return fail("cannot hold the udp tunnel port");
-    }
-    Some(sock)
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -768,15 +751,16 @@ pub fn status(dir: &Path) -> Result<Status> {
     // detach) or its device or namespace may be gone. Asked of the kernel: attached, and to
     // the interface (or namespace) this node's configuration names.
     let linked = |pin: &str, target: u32| attach::pinned_link_target(&dir.join(pin)).ok().flatten() == Some(target);
+    let decap_tc_linked = linked(LINK_DECAP_TC, config.underlay_ifindex);
     let decap_hook = if linked(LINK_DECAP_XDP, config.underlay_ifindex) {
         Some(DecapHook::Xdp)
-    } else if linked(LINK_DECAP_TC, config.underlay_ifindex) || legacy_decap {
+    } else if decap_tc_linked || legacy_decap {
         Some(DecapHook::Tc)
     } else {
         None
     };
     let encap_linked = linked(LINK_ENCAP, config.overlay_ifindex);
-    let tcx_pins = encap_linked || linked(LINK_DECAP_TC, config.underlay_ifindex);
+    let tcx_pins = encap_linked || decap_tc_linked;
     // The guard's program has a pin; its firewall form is asked of the firewall.
     let netns = fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32).unwrap_or(0);
     let guard = if netns != 0 && linked(LINK_GUARD, netns) {
@@ -811,8 +795,9 @@ pub fn status(dir: &Path) -> Result<Status> {
 }
 
 /// The programs this node runs, by name and kernel id: those behind its pinned links that are
-/// still attached, and its cls_bpf filters (kernels without TCX). For their run statistics.
-pub fn running_programs(dir: &Path) -> Vec<(&'static str, u32)> {
+/// still attached, and its cls_bpf filters (kernels without TCX) on the interfaces `config`
+/// names. For their run statistics.
+pub fn running_programs(dir: &Path, config: &DataplaneConfig) -> Vec<(&'static str, u32)> {
     let mut out = Vec::new();
     for (pin, name) in [
         (LINK_ENCAP, prog_names::TC_EGRESS_ENCAP),
@@ -824,13 +809,11 @@ pub fn running_programs(dir: &Path) -> Vec<(&'static str, u32)> {
             out.push((name, id));
         }
     }
-    if let Ok(config) = Maps::open(dir).and_then(|m| m.config()) {
-        for (ifindex, at, name) in [
-            (config.underlay_ifindex, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP),
-            (config.overlay_ifindex, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP),
-        ] {
-            out.extend(attach::legacy_program_ids(ifindex, at, name).into_iter().map(|id| (name, id)));
-        }
+    for (ifindex, at, name) in [
+        (config.underlay_ifindex, TcAttachType::Ingress, prog_names::TC_INGRESS_DECAP),
+        (config.overlay_ifindex, TcAttachType::Egress, prog_names::TC_EGRESS_ENCAP),
+    ] {
+        out.extend(attach::legacy_program_ids(ifindex, at, name).into_iter().map(|id| (name, id)));
     }
     out
 }

@@ -181,7 +181,9 @@ impl Collector for AgentCollector {
             return Ok(());
         }
         let Ok(maps) = Maps::open(&s.bpffs_dir) else { return Ok(()) };
-        program_stats(&mut e, s)?;
+        if let Ok(config) = maps.config() {
+            program_stats(&mut e, s, &config)?;
+        }
         // Where encap's redirect hands packets on: its failures (no route, no neighbour entry
         // could be made) count as the underlay's tx errors, a dead link's losses as its tx
         // drops, in the kernel's stats of that device; the programs never see them.
@@ -230,27 +232,27 @@ impl Collector for AgentCollector {
 
 /// Each of the node's programs' runs and time in them, as the kernel counts them while the
 /// statistics are on (since they were last turned on: counts restart from what the kernel kept).
-fn program_stats(e: &mut DescriptorEncoder, s: &AgentState) -> Result<(), std::fmt::Error> {
+fn program_stats(e: &mut DescriptorEncoder, s: &AgentState, config: &overlay_common::DataplaneConfig) -> Result<(), std::fmt::Error> {
     let on = s.hold_program_stats();
     gauge(e, "overlay_program_stats_enabled", "1 while the kernel counts the programs' runs and run time (on while /metrics is scraped)", on as i64)?;
     if !on {
         return Ok(());
     }
-    let ours = crate::dataplane::running_programs(&s.bpffs_dir);
-    let infos: Vec<aya::programs::ProgramInfo> =
-        aya::programs::loaded_programs().filter_map(|p| p.ok()).filter(|p| ours.iter().any(|(_, id)| *id == p.id())).collect();
-    let label = |id: u32| ours.iter().find(|(_, i)| *i == id).map(|(n, _)| *n).unwrap_or("?");
+    let ours = crate::dataplane::running_programs(&s.bpffs_dir, config);
+    // Each of ours with its labels, as the kernel describes it now.
+    let infos: Vec<([(&str, String); 2], aya::programs::ProgramInfo)> = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter_map(|p| ours.iter().find(|(_, id)| *id == p.id()).map(|(name, id)| ([("program", name.to_string()), ("id", id.to_string())], p)))
+        .collect();
     {
         let mut m = e.encode_descriptor("overlay_program_runs", "Runs of each of the node's programs while statistics are on", None, MetricType::Counter)?;
-        for p in &infos {
-            let labels = [("program", label(p.id()).to_string()), ("id", p.id().to_string())];
-            ConstCounter::new(p.run_count()).encode(m.encode_family(&labels)?)?;
+        for (labels, p) in &infos {
+            ConstCounter::new(p.run_count()).encode(m.encode_family(labels)?)?;
         }
     }
     let mut m = e.encode_descriptor("overlay_program_run_seconds", "Time spent in each of the node's programs while statistics are on", None, MetricType::Counter)?;
-    for p in &infos {
-        let labels = [("program", label(p.id()).to_string()), ("id", p.id().to_string())];
-        ConstCounter::new(p.run_time().as_secs_f64()).encode(m.encode_family(&labels)?)?;
+    for (labels, p) in &infos {
+        ConstCounter::new(p.run_time().as_secs_f64()).encode(m.encode_family(labels)?)?;
     }
     Ok(())
 }

@@ -337,6 +337,7 @@ pub fn all_chains() -> [ChainRules; 8] {
     let any: Ipv4Net = "10.0.0.0/8".parse().expect("literal");
     let any6: Ipv6Net = "fd00::/8".parse().expect("literal");
     let (a, a6) = (std::net::IpAddr::V4(any.addr()), std::net::IpAddr::V6(any6.addr()));
+    let [notrack_in, notrack_out] = notrack(any.addr(), 8472);
     [
         masquerade(any, any, MasqRandom::None),
         forward(any),
@@ -344,8 +345,8 @@ pub fn all_chains() -> [ChainRules; 8] {
         forward6(any6),
         guard("iptables", "eth0", a, 8472),
         guard("ip6tables", "eth0", a6, 8472),
-        notrack(any.addr(), 8472)[0].clone(),
-        notrack(any.addr(), 8472)[1].clone(),
+        notrack_in,
+        notrack_out,
     ]
 }
 

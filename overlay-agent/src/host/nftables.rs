@@ -89,7 +89,7 @@ impl NftRules {
     pub fn script(&self) -> String {
         // "add" first, so that "delete" never fails on a host without the table.
         let (ip, table) = family(self.ipv6);
-        let mut s = format!("add table {ip} {table}\ndelete table {ip} {table}\n");
+        let mut s = drop_table(ip, table);
         s += &format!("table {ip} {table} {{\n\tcomment \"rules for {table}\"\n");
         for (chain, rules) in self.chain_rules() {
             let (comment, spec) = match chain {
@@ -105,6 +105,33 @@ impl NftRules {
         s += "}\n";
         s
     }
+}
+
+/// The start of a script that replaces `table`: "add" first, so that "delete" never fails on a
+/// host without it.
+fn drop_table(ip: &str, table: &str) -> String {
+    format!("add table {ip} {table}\ndelete table {ip} {table}\n")
+}
+
+/// Remove `table`, if there is one.
+fn remove_table(ip: &str, table: &str) -> Result<()> {
+    nft(&["-f", "-"], Some(&drop_table(ip, table))).map(drop)
+}
+
+/// The script that replaces a table of ours with filter chains: (hook, which is also the
+/// chain's name, priority, rules) each.
+fn filter_table_script(ip: &str, table: &str, chains: &[(&str, &str, Vec<String>)]) -> String {
+    let mut s = drop_table(ip, table);
+    s += &format!("table {ip} {table} {{\n");
+    for (hook, priority, rules) in chains {
+        s += &format!("\tchain {hook} {{\n\t\ttype filter hook {hook} priority {priority}; policy accept;\n");
+        for r in rules {
+            s += &format!("\t\t{r}\n");
+        }
+        s += "\t}\n";
+    }
+    s += "}\n";
+    s
 }
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
@@ -203,16 +230,7 @@ impl NftGuard {
     }
 
     pub fn script(&self) -> String {
-        let ip = self.family();
-        let mut s = format!("add table {ip} {GUARD_TABLE}\ndelete table {ip} {GUARD_TABLE}\n");
-        s += &format!(
-            "table {ip} {GUARD_TABLE} {{\n\tchain prerouting {{\n\t\ttype filter hook prerouting priority {GUARD_PRIORITY}; policy accept;\n"
-        );
-        for r in self.rules() {
-            s += &format!("\t\t{r}\n");
-        }
-        s += "\t}\n}\n";
-        s
+        filter_table_script(self.family(), GUARD_TABLE, &[("prerouting", &GUARD_PRIORITY.to_string(), self.rules())])
     }
 }
 
@@ -229,38 +247,23 @@ pub struct NftNotrack {
 
 impl NftNotrack {
     /// Each chain's rules, as `nft list table` prints them.
-    pub fn chains(&self) -> Vec<(String, Vec<String>)> {
+    pub fn chains(&self) -> Vec<(&'static str, Vec<String>)> {
         vec![
-            ("prerouting".into(), vec![format!("ip daddr {} udp dport {} notrack", self.addr, self.port)]),
-            ("output".into(), vec![format!("ip saddr {} udp dport {} notrack", self.addr, self.port)]),
+            ("prerouting", vec![format!("ip daddr {} udp dport {} notrack", self.addr, self.port)]),
+            ("output", vec![format!("ip saddr {} udp dport {} notrack", self.addr, self.port)]),
         ]
     }
 
     pub fn script(&self) -> String {
-        let mut s = format!("add table ip {NOTRACK_TABLE}
-delete table ip {NOTRACK_TABLE}
-table ip {NOTRACK_TABLE} {{
-");
-        for (chain, rules) in self.chains() {
-            s += &format!("	chain {chain} {{
-		type filter hook {chain} priority raw; policy accept;
-");
-            for r in rules {
-                s += &format!("		{r}
-");
-            }
-            s += "	}
-";
-        }
-        s += "}
-";
-        s
+        let chains: Vec<(&str, &str, Vec<String>)> = self.chains().into_iter().map(|(hook, rules)| (hook, "raw", rules)).collect();
+        filter_table_script("ip", NOTRACK_TABLE, &chains)
     }
 }
 
 /// Make the notrack table hold exactly `n`'s rules; true if it had to change.
 pub fn ensure_notrack(n: &NftNotrack) -> Result<bool> {
-    if current_of("ip", NOTRACK_TABLE).as_ref() == Some(&n.chains()) {
+    let want: Vec<(String, Vec<String>)> = n.chains().into_iter().map(|(c, r)| (c.to_string(), r)).collect();
+    if current_of("ip", NOTRACK_TABLE).as_ref() == Some(&want) {
         return Ok(false);
     }
     nft(&["-f", "-"], Some(&n.script()))?;
@@ -269,9 +272,7 @@ pub fn ensure_notrack(n: &NftNotrack) -> Result<bool> {
 
 /// Remove the notrack table, if there is one.
 pub fn remove_notrack() -> Result<()> {
-    nft(&["-f", "-"], Some(&format!("add table ip {NOTRACK_TABLE}
-delete table ip {NOTRACK_TABLE}
-"))).map(drop)
+    remove_table("ip", NOTRACK_TABLE)
 }
 
 /// Make the guard's table hold exactly `g`'s rules; true if it had to change.
@@ -291,18 +292,13 @@ pub fn guard_present() -> bool {
 
 /// Remove the guard's table for one family, if there is one.
 pub fn remove_guard(ipv6: bool) -> Result<()> {
-    let ip = if ipv6 { "ip6" } else { "ip" };
-    nft(&["-f", "-"], Some(&format!("add table {ip} {GUARD_TABLE}\ndelete table {ip} {GUARD_TABLE}\n"))).map(drop)
+    remove_table(if ipv6 { "ip6" } else { "ip" }, GUARD_TABLE)
 }
 
 /// Remove one family's table (`ipv6`: flannel-ipv6, else flannel-ipv4), if there is one.
 pub fn remove_family(ipv6: bool) -> Result<()> {
-    let script = if ipv6 {
-        format!("add table ip6 {TABLE6}\ndelete table ip6 {TABLE6}\n")
-    } else {
-        format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
-    };
-    nft(&["-f", "-"], Some(&script)).map(drop)
+    let (ip, table) = family(ipv6);
+    remove_table(ip, table)
 }
 
 /// Whether this host has an nft binary: the socket guard's firewall form uses it whenever
