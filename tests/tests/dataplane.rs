@@ -749,14 +749,33 @@ fn ping_sized(from: &overlay_tests::Netns, dst: Ipv4Addr, pmtudisc: &str, size: 
 /// full size leaves with a fragmentable outer header, the router fragments it, and node 2's
 /// kernel reassembles it. Before, outer headers had DF=0 and ID 0 and node 2 dropped
 /// fragments: both kinds were lost without a word.
-#[test]
-fn a_smaller_path_mtu_is_discovered_end_to_end() {
-    let spec = ClusterSpec { routed_underlay: true, ..ClusterSpec::agents(Backend::Vxlan, "tc", 2) };
-    let mut c = cluster("pm", &spec);
-    // Node 2's link is the narrow one; its agent, restarted, sizes its overlay for it.
+/// Two nodes of `backend` behind a router whose link to node 2 (and node 2's own) has MTU
+/// 1300; node 2's agent, restarted, sizes its overlay for it.
+fn narrow_path_to_node_2(tag: &str, backend: Backend) -> Cluster {
+    let spec = ClusterSpec { routed_underlay: true, ..ClusterSpec::agents(backend, "tc", 2) };
+    let mut c = cluster(tag, &spec);
     ok("router mtu", overlay_tests::ip(&["-n", c.underlay.name(), "link", "set", "p2", "mtu", "1300"]));
     ok("node 2 mtu", overlay_tests::ip(&["-n", c.node(2).ns.name(), "link", "set", "eth0", "mtu", "1300"]));
     ok("restart node 2", c.restart_agent(2));
+    c
+}
+
+/// DF pings of `size` from `from` until one is answered with fragmentation-needed saying
+/// `mtu` (bounded: 30 s); the first probes are lost while the node learns the path MTU.
+fn assert_told_mtu(from: &overlay_tests::Netns, dst: Ipv4Addr, size: u32, mtu: u32) {
+    let mut last = String::new();
+    let told = wait_until(Duration::from_secs(30), || {
+        let (_, out) = ping_sized(from, dst, "do", size);
+        let told = out.contains(&format!("mtu = {mtu}")) || out.contains(&format!("mtu={mtu}"));
+        last = out;
+        told
+    });
+    assert!(told, "the container was never told the tunnel's MTU; last ping said:\n{last}");
+}
+
+#[test]
+fn a_smaller_path_mtu_is_discovered_end_to_end() {
+    let c = narrow_path_to_node_2("pm", Backend::Vxlan);
     let (n1, n2) = (c.node(1), c.node(2));
     let dev_mtu = ok("flannel.1", overlay_tests::link_mtu(&n2.ns, "flannel.1"));
     assert_eq!(dev_mtu, 1250, "node 2's overlay MTU follows its smaller link");
@@ -773,14 +792,7 @@ fn a_smaller_path_mtu_is_discovered_end_to_end() {
     // Fills node 1's overlay MTU (1450) with DF: until the path MTU is learnt the router
     // drops it; then the answer says 1250.
     let before = n1.counters();
-    let mut last = String::new();
-    let told = wait_until(Duration::from_secs(30), || {
-        let (_, out) = ping_sized(c1, dst, "do", 1450 - 28);
-        let told = out.contains("mtu = 1250") || out.contains("mtu=1250");
-        last = out;
-        told
-    });
-    assert!(told, "the container was never told the tunnel's MTU; last ping said:\n{last}");
+    assert_told_mtu(c1, dst, 1450 - 28, 1250);
     let frag_needed = n1.counter(Counter::EncapFragNeeded) - before[Counter::EncapFragNeeded as usize];
     assert!(frag_needed >= 1, "node 1 counted no fragmentation-needed answer");
     let (answered, out) = ping_sized(c1, dst, "do", 1250 - 28);
@@ -803,22 +815,11 @@ fn a_smaller_path_mtu_is_discovered_end_to_end() {
 /// answer and DF packets of the full size vanished.
 #[test]
 fn a_smaller_path_mtu_is_learnt_by_the_udp_backend() {
-    let spec = ClusterSpec { routed_underlay: true, ..ClusterSpec::agents(Backend::Udp, "tc", 2) };
-    let mut c = cluster("pu", &spec);
-    ok("router mtu", overlay_tests::ip(&["-n", c.underlay.name(), "link", "set", "p2", "mtu", "1300"]));
-    ok("node 2 mtu", overlay_tests::ip(&["-n", c.node(2).ns.name(), "link", "set", "eth0", "mtu", "1300"]));
-    ok("restart node 2", c.restart_agent(2));
+    let c = narrow_path_to_node_2("pu", Backend::Udp);
     let (n1, n2) = (c.node(1), c.node(2));
     let (c1, dst) = (&n1.containers[0], n2.container_ip(0));
     ok("small ping", ping(c1, dst, 2));
-    let mut last = String::new();
-    let told = wait_until(Duration::from_secs(30), || {
-        let (_, out) = ping_sized(c1, dst, "do", 1472 - 28);
-        let told = out.contains("mtu = 1272") || out.contains("mtu=1272");
-        last = out;
-        told
-    });
-    assert!(told, "the container was never told the tunnel's MTU; last ping said:\n{last}");
+    assert_told_mtu(c1, dst, 1472 - 28, 1272);
     let (answered, out) = ping_sized(c1, dst, "do", 1272 - 28);
     assert!(answered, "a DF probe of the announced size must pass:\n{out}");
     ok("TCP 1 -> 2", tcp_transfer(c1, &n2.containers[1], n2.container_ip(1), 4 << 20));

@@ -37,9 +37,16 @@ impl Root {
         Root(to)
     }
 
-    /// `args` run in the root (chroot, no mounts), its output; an error with its stderr.
+    /// `args` run in the root (chroot, no mounts) with an environment of its own.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("/usr/sbin/chroot");
+        c.arg(&self.0).args(args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        c
+    }
+
+    /// `args` run in the root, its output; an error with its stderr.
     fn chroot(&self, args: &[&str]) -> anyhow::Result<String> {
-        run(Command::new("chroot").arg(&self.0).args(args).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))
+        run(&mut self.command(args))
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -101,7 +108,7 @@ fn the_package_installs_into_a_fresh_debian_root_and_runs_a_node() {
     // The CNI plugin is flannel's.
     let version = ok(
         "CNI VERSION",
-        run(Command::new("/usr/sbin/chroot").arg(&root.0).arg("/usr/lib/cni/flannel").env_clear().env("CNI_COMMAND", "VERSION")),
+        run(root.command(&["/usr/lib/cni/flannel"]).env("CNI_COMMAND", "VERSION")),
     );
     let v: serde_json::Value = serde_json::from_str(&version).unwrap_or_else(|e| panic!("{e}: {version}"));
     assert!(v["supportedVersions"].as_array().is_some_and(|a| a.iter().any(|x| x == "0.3.1")), "{version}");

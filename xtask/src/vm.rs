@@ -322,16 +322,13 @@ impl Vm {
 /// (`VM-RESULT: ok[   49.59] sysrq: Power Off` is `ok`).
 fn result_of(line: &str) -> Option<String> {
     let r = line.split("VM-RESULT: ").nth(1)?;
-    let bytes = r.as_bytes();
-    let end = (0..bytes.len())
-        .find(|&i| {
-            bytes[i] == b'[' && {
-                let rest = r[i + 1..].trim_start();
-                let stamp: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
-                stamp.contains('.') && rest[stamp.len()..].starts_with(']')
-            }
-        })
-        .unwrap_or(r.len());
+    // A kernel line starts `[ seconds.micros]`.
+    let is_stamp = |after: &str| {
+        let after = after.trim_start();
+        let digits = after.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(after.len());
+        after[..digits].contains('.') && after[digits..].starts_with(']')
+    };
+    let end = r.match_indices('[').map(|(i, _)| i).find(|&i| is_stamp(&r[i + 1..])).unwrap_or(r.len());
     Some(r[..end].trim().to_string())
 }
 
