@@ -1,5 +1,6 @@
 //! `overlay-bench --quick` (what `cargo xtask bench --quick` runs) produces numbers for every
-//! path and every figure, and the control-plane benchmark for its lease count. No
+//! path and every figure, then the paired rounds against both kernel baselines, and the
+//! control-plane benchmark for its lease count. No
 //! thresholds: speed is judged by `cargo xtask bench`, never by a test.
 
 use std::process::Command;
@@ -43,6 +44,7 @@ fn quick_data_plane_bench_measures_every_path() {
         // Every path has a kernel vxlan baseline on its own underlay.
         assert!(p["vs_kernel_vxlan"]["tcp1_gbps"]["median"].as_f64().unwrap() > 0.0, "{}", p["path"]);
     }
+    paired_runs_compare_the_default_against_both_baselines(&out);
     let svg = std::fs::read_to_string(out.join("dataplane.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("<rect"), "chart");
 
@@ -69,6 +71,50 @@ fn quick_data_plane_bench_measures_every_path() {
         assert!(text.contains(want), "BENCHMARKS.md lacks {want:?}:\n{text}");
     }
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// The second half of `overlay-bench --quick`: paired rounds of the default data plane and
+/// both kernel baselines, and where the eBPF path's time goes.
+fn paired_runs_compare_the_default_against_both_baselines(out: &std::path::Path) {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("paired.json")).unwrap()).unwrap();
+    let underlays = v["underlays"].as_array().unwrap();
+    assert_eq!(underlays.iter().map(|u| u["underlay"].as_str().unwrap()).collect::<Vec<_>>(), ["veth", "wire"]);
+    for u in underlays {
+        let at = u["underlay"].as_str().unwrap();
+        for side in ["ebpf", "kernel", "kernel_notrack"] {
+            let runs = u["runs"][side].as_array().unwrap_or_else(|| panic!("{at}: no runs of {side}"));
+            assert_eq!(runs.len(), 2, "{at}/{side}: one run per round");
+            for r in runs {
+                for f in ["udp64_kpps", "rr_tps", "tcp1_gbps", "cpu_s_per_gb", "cpu_s_per_mpkt"] {
+                    let x = r[f].as_f64().unwrap();
+                    assert!(x.is_finite() && x > 0.0, "{at}/{side}: {f} = {x}");
+                }
+                // The fixed loads are far below what any path carries.
+                assert!(r["udp_fixed_delivered"].as_f64().unwrap() > 0.5, "{at}/{side}: {r}");
+            }
+        }
+        let comparisons = u["comparisons"].as_array().unwrap();
+        assert_eq!(comparisons.len(), 10, "five figures against two baselines");
+        for c in comparisons {
+            let (m, lo, hi) = (c["median"].as_f64().unwrap(), c["lo"].as_f64().unwrap(), c["hi"].as_f64().unwrap());
+            assert!(lo <= m && m <= hi && m > 0.0, "{at}: {c}");
+        }
+        // The kernel's own counts: encap runs once per packet sent (the rest of the flow's
+        // packets are iperf3's control connection), decap once per packet received.
+        let programs = u["programs"].as_array().unwrap();
+        let per_packet = |node: u64, name: &str| {
+            programs
+                .iter()
+                .find(|p| p["node"] == node && p["program"] == name)
+                .unwrap_or_else(|| panic!("{at}: no {name} on node {node}: {programs:?}"))["runs_per_packet"]
+                .as_f64()
+                .unwrap()
+        };
+        for (node, name) in [(1, "tc_egress_encap"), (2, "tc_ingress_decap")] {
+            let r = per_packet(node, name);
+            assert!((0.9..1.5).contains(&r), "{at}: {name} on node {node} ran {r} times per packet");
+        }
+    }
 }
 
 #[test]

@@ -47,8 +47,10 @@ enum Cmd {
     /// programs`). Writes target/bench/ and BENCHMARKS.md (root).
     Bench {
         /// `control-plane` for the etcd/agent benchmark; `programs` for the programs' time per
-        /// packet (BPF_PROG_TEST_RUN); `render` to write BENCHMARKS.md again
-        /// from the last data-plane run's JSON (no measuring); nothing for the data plane.
+        /// packet (BPF_PROG_TEST_RUN); `paired` for the default data plane against the kernel
+        /// device (with and without NOTRACK) in paired rounds only; `render` to write
+        /// BENCHMARKS.md again from the last data-plane run's JSON (no measuring); nothing for
+        /// the data plane (every path, then the paired rounds).
         what: Option<String>,
         /// A short smoke run (does not update BENCHMARKS.md).
         #[arg(long)]
@@ -56,6 +58,9 @@ enum Cmd {
         /// Interleaved runs per figure (median, min, max); default 5.
         #[arg(long)]
         runs: Option<u32>,
+        /// Rounds of the paired comparison (at least 10 for a full run; default 10).
+        #[arg(long)]
+        pairs: Option<u32>,
     },
     /// Boot Debian 12's own kernels (6.1 without TCX, 6.12 with it) in qemu and run the
     /// cluster that proves a kernel inside each, then two VMs over virtio-net for the decap
@@ -270,7 +275,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             fuzz::run(seconds)
         }
-        Cmd::Bench { what, quick, runs } => {
+        Cmd::Bench { what, quick, runs, pairs } => {
             setup::run()?;
             require_root("cargo xtask bench")?;
             let agent = build_agent(true)?;
@@ -279,12 +284,13 @@ fn run(cli: Cli) -> Result<()> {
             c.current_dir(workspace_root()).env("OVERLAY_AGENT_BIN", &agent);
             match what.as_deref() {
                 None => {}
-                Some(sub @ ("control-plane" | "programs" | "render")) => {
+                Some(sub @ ("control-plane" | "programs" | "paired" | "render")) => {
                     c.arg(sub);
                 }
                 Some(other) => bail!(
                     "unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench control-plane`, \
-                     `cargo xtask bench programs` or `cargo xtask bench render` (BENCHMARKS.md again from the last run's JSON)"
+                     `cargo xtask bench programs`, `cargo xtask bench paired` or `cargo xtask bench render` \
+                     (BENCHMARKS.md again from the last run's JSON)"
                 ),
             }
             c.arg("--out").arg(target_dir().join("bench"));
@@ -295,6 +301,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(r) = runs {
                 c.args(["--runs", &r.to_string()]);
+            }
+            if let Some(p) = pairs {
+                c.args(["--pairs", &p.to_string()]);
             }
             unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             status(&mut c)
