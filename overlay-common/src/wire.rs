@@ -189,6 +189,47 @@ pub fn icmp_frag_needed_header(quote: &[u8; ICMP_QUOTE], mtu: u16) -> [u8; IPV4_
     h
 }
 
+/// Set a quoted TCP or UDP header's checksum field to the one value that completing a checksum
+/// over the quote would write there again, and return where it sits in the quote and its bytes.
+///
+/// The reply is built from the offending packet itself, whose checksum may be left to the
+/// device (CHECKSUM_PARTIAL: the start and offset point at its transport header, now in the
+/// quote). No helper clears that state and a TC program cannot read it; a device without
+/// checksum offload on the way back (or `skb_checksum_help`) would then complete a checksum
+/// from the quoted transport header to the end of the reply and write it into the quote,
+/// after the ICMP checksum was taken over the old bytes, and the sender would drop the reply.
+/// With the field at X such that the completion, ~(R + X) with R the sum of the other quoted
+/// transport bytes, gives X again (R + 2X = -0 in one's complement: X = ~R rotated right by
+/// one bit), the reply reads the same whether or not anything completes it. The quoted
+/// checksum is not one anybody checks (a sender matches an ICMP error by addresses and ports).
+#[inline(always)]
+pub fn settle_quoted_checksum(quote: &mut [u8; ICMP_QUOTE]) -> Option<(usize, [u8; 2])> {
+    let off = match quote[9] {
+        6 => 16,
+        17 => 6,
+        _ => return None,
+    };
+    if quote[0] != 0x45 {
+        return None;
+    }
+    let field = IPV4_HLEN + off;
+    quote[field] = 0;
+    quote[field + 1] = 0;
+    // Summed in place (no copy: the encap program's stack is nearly full).
+    let mut sum = 0u32;
+    let mut i = IPV4_HLEN;
+    while i + 1 < ICMP_QUOTE {
+        sum += u16::from_be_bytes([quote[i], quote[i + 1]]) as u32;
+        i += 2;
+    }
+    let rest = fold(sum);
+    // (A UDP field of 0 would read "no checksum", which nobody checks in a quote; a device
+    // that writes 0xffff for a UDP 0 changes the reply's sum by -0, which checks the same.)
+    let x = (!rest).rotate_right(1);
+    quote[field..field + 2].copy_from_slice(&x.to_be_bytes());
+    Some((field, x.to_be_bytes()))
+}
+
 /// The whole message: [`icmp_frag_needed_header`] and the quote.
 pub fn icmp_frag_needed(quote: &[u8; ICMP_QUOTE], mtu: u16) -> [u8; ICMP_FRAG_NEEDED_LEN] {
     let mut out = [0u8; ICMP_FRAG_NEEDED_LEN];
@@ -663,6 +704,62 @@ mod tests {
         assert_eq!(u16::from_be_bytes([m[26], m[27]]), 1250, "next-hop MTU");
         assert_eq!(&m[28..], &orig[..]);
         assert_eq!(internet_checksum(&m[20..]), 0, "ICMP checksum over header and quote");
+    }
+
+    /// What a device does to a CHECKSUM_PARTIAL packet (and `skb_checksum_help` in software):
+    /// the one's-complement sum from the transport header to the end, complemented, written
+    /// at the checksum field.
+    fn complete(msg: &mut [u8], start: usize, field: usize) {
+        let mut sum = 0u32;
+        for w in msg[start..].chunks(2) {
+            sum += u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32;
+        }
+        let v = !fold(sum);
+        msg[field..field + 2].copy_from_slice(&v.to_be_bytes());
+    }
+
+    #[test]
+    fn a_reply_whose_quote_gets_a_checksum_completed_still_checks() {
+        for (proto, off) in [(6u8, 16usize), (17, 6)] {
+            for seed in 0..300u32 {
+                let mut q = [0u8; ICMP_QUOTE];
+                q[0] = 0x45;
+                q[9] = proto;
+                for (i, b) in q[12..].iter_mut().enumerate() {
+                    *b = (seed.wrapping_mul(2654435761).rotate_left(i as u32) >> 7) as u8;
+                }
+                // Ports are never zero.
+                q[20] |= 0x80;
+                q[22] |= 0x01;
+                // The stack's seed in the field (the pseudo-header sum), whatever it is.
+                let before = q;
+                let (at, v) = settle_quoted_checksum(&mut q).expect("TCP and UDP quotes are settled");
+                assert_eq!((at, v), (IPV4_HLEN + off, [q[at], q[at + 1]]));
+                assert_eq!(q[..at], before[..at], "only the checksum field changes");
+                assert_eq!(q[at + 2..], before[at + 2..]);
+                let mut m = icmp_frag_needed(&q, 1250);
+                assert_eq!(internet_checksum(&m[20..]), 0);
+                // A device completes the quoted transport checksum: the reply is unchanged.
+                let l4 = IPV4_HLEN + ICMP_HLEN + IPV4_HLEN;
+                complete(&mut m, l4, l4 + off);
+                assert_eq!(&m[28..], &q[..], "proto {proto} seed {seed}: the completion changed the quote");
+                assert_eq!(internet_checksum(&m[20..]), 0, "proto {proto} seed {seed}");
+            }
+        }
+        // Without the settling, a completion breaks the reply (what happened before).
+        let mut q = [0u8; ICMP_QUOTE];
+        q[0] = 0x45;
+        q[9] = 6;
+        q[20..24].copy_from_slice(&[0x9c, 0x40, 0x1f, 0x90]);
+        q[36..38].copy_from_slice(&[0x12, 0x34]);
+        let mut m = icmp_frag_needed(&q, 1250);
+        complete(&mut m, 48, 48 + 16);
+        assert_ne!(internet_checksum(&m[20..]), 0);
+        // Other protocols are left alone.
+        let mut icmp = q;
+        icmp[9] = 1;
+        assert_eq!(settle_quoted_checksum(&mut icmp), None);
+        assert_eq!(icmp, { let mut i = q; i[9] = 1; i });
     }
 
     #[test]

@@ -34,14 +34,14 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_check_mtu, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32,
         bpf_redirect,
-        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_load_bytes, bpf_skb_store_bytes,
     },
     macros::classifier,
     programs::TcContext,
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    ethertype, fragment_id, icmp_frag_needed_header, outer_policy, outer_segment_len, source_port,
+    ethertype, fragment_id, icmp_frag_needed_header, outer_policy, outer_segment_len, settle_quoted_checksum, source_port,
     udp_encap_header, vxlan_encap_header, Counter, DataplaneConfig, EncapMode, EncapParams, Hook,
     ETH_HLEN, ETH_P_IPV4, ICMP_HLEN, ICMP_QUOTE, IPPROTO_UDP, IPV4_HLEN, UDP_HLEN, UDP_OVERHEAD,
     VXLAN_OVERHEAD, Vtep,
@@ -342,9 +342,14 @@ fn frag_needed(ctx: &TcContext, cfg: &DataplaneConfig, mtu: usize) -> Result<i32
     if rc != 0 {
         return Err(Counter::EncapTooBig);
     }
-    // Also drops GSO state: the reply is one small packet. A checksum left to the device
-    // (CHECKSUM_PARTIAL) keeps pointing into the quote, which holds it: the reply goes only to
-    // local senders, whose stacks take such a packet as checked.
+    // A checksum left to the device (CHECKSUM_PARTIAL) keeps pointing at the quoted transport
+    // header, and a device without checksum offload on the way back would complete it over the
+    // quote after the ICMP checksum was taken: the quoted field gets the value that completion
+    // writes again (see `settle_quoted_checksum`).
+    // (Its result is not kept: a value live across the helper calls below costs stack, and
+    // the quote says again which field it was.)
+    let _ = settle_quoted_checksum(quote);
+    // Also drops GSO state: the reply is one small packet.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + ICMP_QUOTE) as u32, 0) } != 0 {
         return Err(Counter::EncapTooBig);
     }
@@ -352,12 +357,20 @@ fn frag_needed(ctx: &TcContext, cfg: &DataplaneConfig, mtu: usize) -> Result<i32
         .map_err(|_| Counter::EncapTooBig)?;
     let hdr = icmp_frag_needed_header(quote, mtu as u16);
     ctx.store(ETH_HLEN, &hdr, 0).map_err(|_| Counter::EncapTooBig)?;
+    if matches!(quote[9], IPPROTO_TCP | IPPROTO_UDP) {
+        // The settled field, from the quote in the per-CPU slot (not a copy on the stack:
+        // this program's frames are at the verifier's limit).
+        let field = if quote[9] == IPPROTO_TCP { IPV4_HLEN + 16 } else { IPV4_HLEN + 6 };
+        let at = ETH_HLEN + IPV4_HLEN + ICMP_HLEN + field;
+        let rc = unsafe { bpf_skb_store_bytes(ctx.skb.skb as *mut _, at as u32, quote.as_ptr().add(field) as *const _, 2, 0) };
+        if rc != 0 {
+            return Err(Counter::EncapTooBig);
+        }
+    }
     // To the overlay device's own MAC: it takes the frame as addressed to the host.
-    let mut eth = [0u8; ETH_HLEN];
-    eth[0..6].copy_from_slice(&cfg.vtep_mac);
-    eth[6..12].copy_from_slice(&cfg.vtep_mac);
-    eth[12..14].copy_from_slice(&ETH_P_IPV4.to_be_bytes());
-    ctx.store(0, &eth, 0).map_err(|_| Counter::EncapTooBig)?;
+    ctx.store(0, &cfg.vtep_mac, 0).map_err(|_| Counter::EncapTooBig)?;
+    ctx.store(6, &cfg.vtep_mac, 0).map_err(|_| Counter::EncapTooBig)?;
+    ctx.store(12, &ETH_P_IPV4.to_be_bytes(), 0).map_err(|_| Counter::EncapTooBig)?;
     count(Counter::EncapFragNeeded);
     Ok(unsafe { bpf_redirect(cfg.overlay_ifindex, BPF_F_INGRESS as u64) } as i32)
 }

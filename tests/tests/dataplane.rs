@@ -808,6 +808,35 @@ fn a_smaller_path_mtu_is_discovered_end_to_end() {
     }
 }
 
+/// ICMP checksum errors counted by the stack of `ns` (/proc/net/snmp's `Icmp: InCsumErrors`).
+fn icmp_in_csum_errors(ns: &overlay_tests::Netns) -> u64 {
+    let snmp = ok("snmp", ns.run("cat", &["/proc/net/snmp"]));
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+    let (names, values) = (icmp.next().unwrap_or_default(), icmp.next().unwrap_or_default());
+    let at = names.split_whitespace().position(|n| n == "InCsumErrors").expect("InCsumErrors in /proc/net/snmp");
+    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).expect("a count")
+}
+
+/// The fragmentation-needed answer is built from the offending packet, whose checksum the
+/// container's stack left to the device (CHECKSUM_PARTIAL: TCP over a veth). On the way back
+/// a device without checksum offload completes that checksum in software (here node 1's
+/// bridge port towards the container, with transmit checksumming off, as a VM-based
+/// container's tap may have): the answer must still check, so that TCP learns the path MTU.
+/// Before, the completion wrote into the quote after the ICMP checksum had been taken: the
+/// container dropped every answer (InCsumErrors) and TCP through the narrow path stalled.
+#[test]
+fn a_frag_needed_answer_survives_a_software_checksum_on_the_way_back() {
+    let c = narrow_path_to_node_2("pc", Backend::Vxlan);
+    let (n1, n2) = (c.node(1), c.node(2));
+    ok("transmit checksum in software", n1.ns.run("ethtool", &["-K", "veth0", "tx", "off"]));
+    let c1 = &n1.containers[0];
+    let (errors, answered) = (icmp_in_csum_errors(c1), n1.counter(Counter::EncapFragNeeded));
+    let sent = tcp_transfer(c1, &n2.containers[0], n2.container_ip(0), 4 << 20);
+    assert!(n1.counter(Counter::EncapFragNeeded) > answered, "node 1 answered no packet with fragmentation-needed");
+    assert_eq!(icmp_in_csum_errors(c1) - errors, 0, "the container received fragmentation-needed answers with bad checksums");
+    ok("TCP through the narrow path", sent);
+}
+
 /// The udp backend learns a smaller path MTU too: its datagrams leave from flannel's port,
 /// which the agent holds (a socket that takes no data), so a router's fragmentation-needed
 /// finds a socket and the kernel records the path MTU; the encap program then tells the
