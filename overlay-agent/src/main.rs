@@ -91,7 +91,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let st = dataplane::status(&dir)?;
             println!(
-                "device={} underlay={} encap={} decap={} attach={} guard={} ready={}",
+                "device={} underlay={} encap={} decap={} attach={} guard={} ready={} kernel_drops={}",
                 st.device.as_deref().unwrap_or("-"),
                 st.underlay.as_deref().unwrap_or("-"),
                 match (st.encap_attached, st.is_ipv6_only()) {
@@ -103,7 +103,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 st.decap_hook.map_or("-".to_string(), |h| h.to_string()),
                 st.attach.map_or("-".to_string(), |a| a.to_string()),
                 st.guard.map_or("detached".to_string(), |g| g.to_string()),
-                st.config.is_ready()
+                st.config.is_ready(),
+                if st.kernel_drops_traced { "traced" } else { "-" }
             );
             Ok(if st.is_up() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
@@ -267,6 +268,7 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
         decap = %dp.decap_hook,
         attach = %dp.attach,
         guard = %dp.guard,
+        kernel_drops = %dp.kernel_drops,
         subnet = %spec.subnet,
         "data plane up (static mode)"
     );

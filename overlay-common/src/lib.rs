@@ -41,8 +41,17 @@ pub mod map_names {
     /// Array with one [`crate::Dataplane6Config`]: this node's IPv6 side (none: IPv6 frames
     /// pass unchecked, as before dual stack).
     pub const DP_CONFIG6: &str = "DP_CONFIG6";
-    pub const ALL: [&str; 11] =
-        [VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, EVENTS, MONITOR, CONFIG_SLOT, LAYOUTS, VTEP6_BY_SUBNET, PEER6_STATS, DP_CONFIG6];
+    /// Per-CPU hash: [`crate::KernelDropKey`] (the kernel's drop reason, the device) -> packets
+    /// the kernel dropped on the node's overlay devices and underlay, counted by the
+    /// `kfree_skb` tracepoint program.
+    pub const KERNEL_DROPS: &str = "KERNEL_DROPS";
+    /// Array with one [`crate::DropTraceConfig`]: what the `kfree_skb` program watches and
+    /// where the running kernel keeps the fields it reads.
+    pub const DROP_TRACE: &str = "DROP_TRACE";
+    pub const ALL: [&str; 13] = [
+        VTEP_BY_SUBNET, PEER_STATS, COUNTERS, DP_CONFIG, EVENTS, MONITOR, CONFIG_SLOT, LAYOUTS, VTEP6_BY_SUBNET, PEER6_STATS, DP_CONFIG6,
+        KERNEL_DROPS, DROP_TRACE,
+    ];
     /// Maps earlier versions pinned and this one no longer has (`PORT_BY_MAC`: the retired
     /// direct-delivery mode). `up` and `teardown` remove their pins.
     pub const RETIRED: [&str; 1] = ["PORT_BY_MAC"];
@@ -55,7 +64,7 @@ pub mod map_names {
 /// version's sizes and fails until the table is updated). Maps pinned before versions were
 /// recorded have version 1, except `DP_CONFIG`, which had one slot (version 1) and has two
 /// since (version 2).
-pub const MAP_LAYOUTS: [u32; map_names::ALL.len()] = [1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1];
+pub const MAP_LAYOUTS: [u32; map_names::ALL.len()] = [1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1];
 /// Entries of the `LAYOUTS` map (room for maps to come).
 pub const LAYOUT_SLOTS: u32 = 16;
 
@@ -92,6 +101,10 @@ pub mod prog_names {
     pub const TC_INGRESS_DECAP: &str = "tc_ingress_decap";
     pub const XDP_DECAP: &str = "xdp_decap";
     pub const SK_LOOKUP_GUARD: &str = "sk_lookup_guard";
+    /// `kfree_skb` raw tracepoint with the drop reason (kernels from 5.17).
+    pub const KFREE_SKB_REASON: &str = "kfree_skb_reason";
+    /// The same without a reason, for kernels whose tracepoint has none (5.10-5.16).
+    pub const KFREE_SKB_PLAIN: &str = "kfree_skb_plain";
 }
 
 /// Default capacity of the route and peer maps (flags may override it at load time).
@@ -252,6 +265,9 @@ pub enum Hook {
     Xdp = 2,
     TcEgress = 3,
     SocketGuard = 4,
+    /// The kernel dropped the packet (the `kfree_skb` tracepoint): `outcome` is then the
+    /// kernel's own drop reason (`enum skb_drop_reason`, as the running kernel numbers it).
+    Kernel = 5,
 }
 
 impl Hook {
@@ -261,6 +277,7 @@ impl Hook {
             2 => Some(Self::Xdp),
             3 => Some(Self::TcEgress),
             4 => Some(Self::SocketGuard),
+            5 => Some(Self::Kernel),
             _ => None,
         }
     }
@@ -270,6 +287,7 @@ impl Hook {
             Self::Xdp => "xdp",
             Self::TcEgress => "tc-egress",
             Self::SocketGuard => "socket-guard",
+            Self::Kernel => "kernel",
         }
     }
 }
@@ -287,7 +305,11 @@ pub struct PacketEvent {
     pub hook: u8,
     /// The inner packet's IP protocol.
     pub proto: u8,
-    pub _pad: [u8; 2],
+    /// For [`Hook::Kernel`]: which watched device the packet was on (the index into
+    /// [`DropTraceConfig::ifindex`], from 1); the addresses and ports are then the packet's
+    /// own IPv4 header's (the outer one on the underlay).
+    pub device: u8,
+    pub _pad: u8,
     /// Outer (tunnel) addresses: the peer and us. For encap, zero.
     pub outer_src: [u8; 4],
     pub outer_dst: [u8; 4],
@@ -299,6 +321,50 @@ pub struct PacketEvent {
     pub len: u32,
 }
 const _: () = assert!(core::mem::size_of::<PacketEvent>() == 40);
+
+/// The `kfree_skb` tracepoint program's configuration. Offsets are into the running kernel's
+/// structures, found in its BTF by the agent (they differ between kernels and builds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct DropTraceConfig {
+    /// 0: the program returns at once.
+    pub enabled: u32,
+    /// The node's network namespace (its inode number): devices of other namespaces can have
+    /// the same ifindex.
+    pub netns_inum: u32,
+    /// The watched devices: the underlay and the overlay devices (0: an unused slot).
+    pub ifindex: [u32; 4],
+    /// Reasons not counted: our own programs' drops (`TC_INGRESS`, `TC_EGRESS`), which their
+    /// own counters already hold; `u32::MAX` in unused slots.
+    pub skip_reason: [u32; 4],
+    /// `sk_buff.dev`, `.head`, `.network_header`, `.len`.
+    pub off_skb_dev: u32,
+    pub off_skb_head: u32,
+    pub off_skb_network_header: u32,
+    pub off_skb_len: u32,
+    /// `net_device.ifindex`; `net_device.nd_net` and `net.ns.inum` (`NO_OFFSET` where the
+    /// kernel has no network namespaces).
+    pub off_dev_ifindex: u32,
+    pub off_dev_nd_net: u32,
+    pub off_net_inum: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<DropTraceConfig>() == 72);
+
+impl DropTraceConfig {
+    pub const NO_OFFSET: u32 = u32::MAX;
+}
+
+/// Key of `KERNEL_DROPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct KernelDropKey {
+    /// The kernel's drop reason (0 on kernels before 5.17, which give none).
+    pub reason: u32,
+    pub ifindex: u32,
+}
 
 /// Flags in [`DataplaneConfig::flags`].
 pub mod config_flags {
@@ -568,6 +634,8 @@ mod user {
     unsafe impl aya::Pod for super::MonitorState {}
     unsafe impl aya::Pod for super::Vtep6 {}
     unsafe impl aya::Pod for super::Dataplane6Config {}
+    unsafe impl aya::Pod for super::DropTraceConfig {}
+    unsafe impl aya::Pod for super::KernelDropKey {}
 }
 
 #[cfg(test)]
@@ -600,6 +668,8 @@ mod tests {
             (map_names::VTEP6_BY_SUBNET, 1, 20, 24),
             (map_names::PEER6_STATS, 1, 16, 32),
             (map_names::DP_CONFIG6, 1, 4, 40),
+            (map_names::KERNEL_DROPS, 1, 8, 8),
+            (map_names::DROP_TRACE, 1, 4, 72),
         ];
         let actual = [
             (4 + size_of::<Ipv4Prefix>(), size_of::<Vtep>()),
@@ -613,6 +683,8 @@ mod tests {
             (4 + size_of::<Ipv6Prefix>(), size_of::<Vtep6>()),
             (size_of::<Peer6Addr>(), size_of::<PeerStats>()),
             (4, size_of::<Dataplane6Config>()),
+            (size_of::<KernelDropKey>(), 8),
+            (4, size_of::<DropTraceConfig>()),
         ];
         for (i, (name, version, key, value)) in recorded.iter().enumerate() {
             assert_eq!(map_names::ALL[i], *name);

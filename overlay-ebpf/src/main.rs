@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod drops;
 mod guard;
 mod ingress;
 mod maps;

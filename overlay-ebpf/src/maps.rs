@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use overlay_common::{
-    Counter, Dataplane6Config, DataplaneConfig, Ipv4Prefix, Ipv6Prefix, MonitorState, PacketEvent, Peer6Addr, PeerAddr,
+    Counter, Dataplane6Config, DataplaneConfig, DropTraceConfig, KernelDropKey, Ipv4Prefix, Ipv6Prefix, MonitorState, PacketEvent, Peer6Addr, PeerAddr,
     PeerStats, Vtep, Vtep6, MAX_PEERS, MAX_ROUTES,
 };
 
@@ -61,6 +61,14 @@ pub static MONITOR: Array<MonitorState, 1> = Array::new();
 /// Per CPU: the start of the current one-second window and the events written in it.
 #[btf_map]
 pub static MONITOR_RATE: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// The kernel's drops on the node's devices, per (reason, device): the `kfree_skb` program's.
+#[btf_map]
+pub static KERNEL_DROPS: PerCpuHashMap<KernelDropKey, u64, 1024> = PerCpuHashMap::new();
+
+/// What the `kfree_skb` program watches (one entry, written by the agent).
+#[btf_map]
+pub static DROP_TRACE: Array<DropTraceConfig, 1> = Array::new();
 
 /// Per CPU: room for what does not fit the programs' 512-byte stacks (the quote of an ICMP
 /// reply). Never pinned: its content lives for one packet.

@@ -122,7 +122,7 @@ fn cluster_converges_from_etcd_alone_and_carries_traffic() {
         assert!(!log.contains('\x1b'), "colour codes in node {}'s log:\n{log}", n.index);
         assert!(!log.contains("Some(") && !log.contains("decap=Tc"), "debug formatting in node {}'s log:\n{log}", n.index);
         let status = ok("status", n.agent_cli(&["status"]));
-        assert_eq!(status.trim(), "device=flannel.1 underlay=eth0 encap=attached decap=tc attach=tcx guard=sk_lookup ready=true");
+        assert_eq!(status.trim(), "device=flannel.1 underlay=eth0 encap=attached decap=tc attach=tcx guard=sk_lookup ready=true kernel_drops=traced");
     }
 }
 

@@ -907,7 +907,8 @@ fn big_tcp_aggregates_are_carried() {
 /// packet's addresses and ports) and one from the socket guard (a container sending tunnel
 /// frames to its own node). A drop from before the monitor started was counted but never
 /// queued; a packet sent towards a peer that no longer answers ARP shows as queued for an
-/// unresolved next hop, with the peer; the monitor stops cleanly on SIGTERM.
+/// unresolved next hop, with the peer; a drop the kernel makes past our programs (a firewall
+/// rule) shows with the kernel's reason and is counted; the monitor stops cleanly on SIGTERM.
 #[test]
 fn monitor_streams_drops_as_they_happen() {
     use std::io::{BufRead as _, BufReader};
@@ -969,8 +970,14 @@ fn monitor_streams_drops_as_they_happen() {
         "queued unresolved_next_hop tc-egress tunnel {} -> {} udp {victim}:5556 -> {to_n3}",
         n1.underlay_ip, n3.underlay_ip
     );
+    // Past our programs: node 1's firewall drops what comes in on flannel.1 for port 9993.
+    // The kernel's kfree_skb tracepoint sees it, named by the running kernel's own reason.
+    ok("firewall", n1.ns.run("iptables", &["-w", "-I", "FORWARD", "1", "-i", "flannel.1", "-p", "udp", "--dport", "9993", "-j", "DROP"]));
+    let n2c = SocketAddrV4::new(n2.container_ip(0), 5557);
+    ok("send", send_udp(&n2.containers[0], n2c, SocketAddrV4::new(victim, 9993), vec![b"firewalled".to_vec()]));
+    let kernel = format!("drop NETFILTER_DROP kernel dev flannel.1 udp {n2c} -> {victim}:9993");
     let seen = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
-    while !(seen(&lines, &wrong_vni) && seen(&lines, &guard) && seen(&lines, &queued)) {
+    while !(seen(&lines, &wrong_vni) && seen(&lines, &guard) && seen(&lines, &queued) && seen(&lines, &kernel)) {
         if next_line(&mut lines).is_none() {
             break;
         }
@@ -981,7 +988,18 @@ fn monitor_streams_drops_as_they_happen() {
     assert!(seen(&lines, &guard), "expected a line with {guard:?} in {lines:#?}");
     assert!(seen(&lines, &queued), "expected a line with {queued:?} in {lines:#?}");
     assert!(n1.counter(Counter::UnresolvedNextHop) > unresolved_before, "unresolved_next_hop did not move");
+    assert!(seen(&lines, &kernel), "expected a line with {kernel:?} in {lines:#?}");
     assert!(!seen(&lines, "spoofed_source"), "a drop from before the monitor was queued: {lines:#?}");
+    // Counted by reason and device; our own programs' drops (the spoofed frame, the wrong
+    // VNI: TC_ACT_SHOT) are theirs to count, not counted again as the kernel's.
+    let reasons = overlay_agent::datapath::kernel_drops::reasons();
+    let counts = ok("kernel drops", overlay_agent::datapath::kernel_drops::counts(&n1.bpffs_dir));
+    let named: Vec<(String, u32, u64)> =
+        counts.iter().map(|(k, v)| (overlay_agent::datapath::kernel_drops::reason_name(reasons, k.reason), k.ifindex, *v)).collect();
+    let link = ok("ifindex", n1.ns.run("ip", &["-o", "link", "show", "flannel.1"]));
+    let flannel1: u32 = link.split(':').next().and_then(|i| i.trim().parse().ok()).unwrap_or_else(|| panic!("no ifindex in {link:?}"));
+    assert!(named.iter().any(|(r, i, v)| r == "NETFILTER_DROP" && *i == flannel1 && *v >= 1), "{named:?}");
+    assert!(!named.iter().any(|(r, _, _)| r.starts_with("TC_")), "our own drops counted again: {named:?}");
     assert!(status.success(), "the monitor should stop cleanly on SIGTERM: {status:?}");
 }
 

@@ -345,6 +345,14 @@ fn health_endpoints_and_metrics_follow_the_traffic() {
         assert!(runs > 0.0, "{name}: no runs counted across the transfer");
     }
     assert!(program(&after, "overlay_program_run_seconds_total", "tc_egress_encap") > 0.0);
+    // The kernel's own drops past our programs, by its reason and the device: node 1's
+    // firewall drops what comes in on flannel.1 for one port.
+    ok("firewall", n1.ns.run("iptables", &["-w", "-I", "FORWARD", "1", "-i", "flannel.1", "-p", "udp", "--dport", "9992", "-j", "DROP"]));
+    let firewalled = SocketAddrV4::new(n1.container_ip(0), 9992);
+    let dropped_by_firewall = key("overlay_kernel_drops_total", "reason=\"NETFILTER_DROP\",device=\"flannel.1\"");
+    let kernel_drops = || parse_metrics(&http_get(&n1.ns, at, "/metrics").map(|r| r.1).unwrap_or_default()).get(&dropped_by_firewall).copied().unwrap_or(0.0);
+    ok("send", overlay_tests::traffic::send_udp(&n2.containers[0], SocketAddrV4::new(n2.container_ip(0), 5558), firewalled, vec![b"x".to_vec(); 5]));
+    assert!(wait_until(Duration::from_secs(10), || kernel_drops() >= 5.0), "{dropped_by_firewall}: {}", kernel_drops());
     // The peer's side counted the same traffic as received.
     let rx = key("overlay_peer_bytes_total", &format!("peer=\"{}\",direction=\"rx\"", n1.underlay_ip));
     let n2m = parse_metrics(&ok("metrics", http_get(&n2.ns, at, "/metrics")).1);

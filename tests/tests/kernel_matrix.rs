@@ -50,6 +50,8 @@ fn a_cluster_with_a_stock_node_works_on_this_kernel() {
     for i in [1, 2] {
         let status = ok("status", c.node(i).agent_cli(&["status"]));
         assert!(status.contains(want) && status.contains("decap=tc") && status.contains("ready=true"), "node {i} on {kernel}: {status}");
+        // The kernel's drops are traced there too (its BTF gives the offsets and reasons).
+        assert!(status.contains("kernel_drops=traced"), "node {i} on {kernel}: {status}\n{}", c.node(i).log_text());
         assert!(c.node(i).log_text().contains(want), "the start-up line names the mechanism:\n{}", c.node(i).log_text());
     }
     let stock = c.node(3);

@@ -479,7 +479,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             };
             match up {
                 Ok(dp) => {
-                    tracing::info!(decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
+                    tracing::info!(decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, kernel_drops = %dp.kernel_drops, "eBPF checks up for the IPv6-only overlay (the kernel's flannel-v6 encapsulates)");
                     crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
                     let mtu = dp.mtu;
                     (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
@@ -509,7 +509,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
             };
             match up {
                 Ok(dp) => {
-                    tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, "eBPF data plane up");
+                    tracing::info!(vtep_mac = %netdev::format_mac(&dp.device.mac), decap = %dp.decap_hook, attach = %dp.attach, guard = %dp.guard, kernel_drops = %dp.kernel_drops, "eBPF data plane up");
                     if crate::datapath::degraded::reason(&spec.bpffs_dir).is_some() {
                         // A degraded run's per-peer routes: the network route and the program
                         // carry the traffic now.

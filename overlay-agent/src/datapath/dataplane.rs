@@ -157,6 +157,9 @@ pub struct Dataplane {
     /// datagrams finds one and the kernel records the path MTU (which the encap program's
     /// route lookup then sees). It takes no data: the programs handle every tunnel datagram.
     pub pmtu_socket: Option<std::net::UdpSocket>,
+    /// Whether the kernel's own drops on the underlay and the overlay device are traced
+    /// (`kernel_drops`): observability, so the data plane runs without it where it cannot be.
+    pub kernel_drops: crate::datapath::kernel_drops::DropTrace,
 }
 
 /// A socket on `addr:port` that receives nothing (a filter drops every datagram before it is
@@ -380,7 +383,8 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     let guard = guard(&mut ebpf, spec)?;
     netdev::route_network(spec.network, &spec.device)?;
     let pmtu_socket = (spec.mode == EncapMode::Udp).then(|| pmtu_socket(spec.underlay_ip, spec.port)).flatten();
-    Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf, pmtu_socket })
+    let kernel_drops = crate::datapath::kernel_drops::attach(&mut ebpf, &[underlay.ifindex, device.ifindex]);
+    Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf, pmtu_socket, kernel_drops })
 }
 
 /// An IPv6-only node's data plane: no IPv4 device, no encapsulation program (the kernel's
@@ -412,7 +416,8 @@ pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
     let mech = attach::choose(spec.tc_attach)?;
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
     let guard = guard(&mut ebpf, spec)?;
-    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, guard, ebpf, pmtu_socket: None })
+    let kernel_drops = crate::datapath::kernel_drops::attach(&mut ebpf, &[underlay.ifindex, device.ifindex]);
+    Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, guard, ebpf, pmtu_socket: None, kernel_drops })
 }
 
 /// Load the programs with their maps pinned under the node's directory (reusing the pins of
@@ -722,6 +727,9 @@ pub struct Status {
     pub attach: Option<TcAttach>,
     /// How the socket guard runs (`guard_attached` covers both).
     pub guard: Option<Guard>,
+    /// Whether a `kfree_skb` program counting into this node's `KERNEL_DROPS` is loaded (it
+    /// lives as long as the agent that attached it).
+    pub kernel_drops_traced: bool,
 }
 
 impl Status {
@@ -783,6 +791,7 @@ pub fn status(dir: &Path) -> Result<Status> {
         false => netdev::name_of(config.overlay_ifindex),
     };
     Ok(Status {
+        kernel_drops_traced: crate::datapath::kernel_drops::traced(dir),
         device,
         underlay: netdev::name_of(config.underlay_ifindex),
         encap_attached: encap_linked || legacy_encap,

@@ -47,8 +47,19 @@ fn open(dir: &Path, name: &str) -> Result<Map> {
     Map::from_map_data(data).with_context(|| format!("map {name}"))
 }
 
+/// What a kernel drop's event needs to be read: the running kernel's reason names and the
+/// devices the tracer watches (by slot, from 1).
+#[derive(Debug, Default)]
+pub struct KernelNames {
+    pub reasons: std::collections::BTreeMap<u32, String>,
+    pub devices: Vec<String>,
+}
+
 /// One line for an event.
-pub fn format_event(e: &PacketEvent) -> String {
+pub fn format_event(e: &PacketEvent, names: &KernelNames) -> String {
+    if e.hook == Hook::Kernel as u8 {
+        return format_kernel_drop(e, names);
+    }
     let outcome = Counter::ALL.get(e.outcome as usize).copied();
     let kind = match outcome {
         Some(c) if c.is_drop() => "drop",
@@ -89,6 +100,23 @@ pub fn format_event(e: &PacketEvent) -> String {
     line
 }
 
+/// A drop the kernel made past our programs: its reason as the kernel names it, the device,
+/// and the packet's own IPv4 header (the outer one on the underlay).
+fn format_kernel_drop(e: &PacketEvent, names: &KernelNames) -> String {
+    let reason = crate::datapath::kernel_drops::reason_name(&names.reasons, e.outcome);
+    let dev = names.devices.get((e.device as usize).wrapping_sub(1)).cloned().unwrap_or_else(|| format!("device-{}", e.device));
+    let mut line = format!("{:.6} drop {reason} kernel dev {dev}", e.ts_ns as f64 / 1e9);
+    if e.inner_src != [0; 4] || e.inner_dst != [0; 4] {
+        let (src, dst) = (Ipv4Addr::from(e.inner_src), Ipv4Addr::from(e.inner_dst));
+        line += &match e.proto {
+            6 | 17 => format!(" {} {src}:{} -> {dst}:{}", if e.proto == 6 { "tcp" } else { "udp" }, e.sport, e.dport),
+            1 => format!(" icmp {src} -> {dst}"),
+            p => format!(" proto-{p} {src} -> {dst}"),
+        };
+    }
+    line + &format!(" len {}", e.len)
+}
+
 /// Stream events to stdout until interrupted (or `count` events).
 pub fn run(dir: &Path, opts: MonitorOptions) -> Result<()> {
     let mut state: Array<MapData, MonitorState> =
@@ -102,6 +130,12 @@ pub fn run(dir: &Path, opts: MonitorOptions) -> Result<()> {
     let write_state = |state: &mut Array<MapData, MonitorState>, flags: u32| {
         let s = MonitorState { heartbeat_ns: monotonic_ns(), flags, sample: opts.sample.max(1) };
         state.set(0, s, 0).context("writing MONITOR")
+    };
+    let names = KernelNames {
+        reasons: crate::datapath::kernel_drops::reasons().clone(),
+        devices: crate::datapath::kernel_drops::watched(dir)
+            .map(|w| w.iter().map(|i| crate::netdev::name_of(*i).unwrap_or_else(|| format!("ifindex-{i}"))).collect())
+            .unwrap_or_default(),
     };
     // Whatever an earlier monitor left unread is not this one's business.
     while ring.next().is_some() {}
@@ -123,7 +157,7 @@ pub fn run(dir: &Path, opts: MonitorOptions) -> Result<()> {
             }
             let e: PacketEvent = bytemuck::pod_read_unaligned(&item[..std::mem::size_of::<PacketEvent>()]);
             drop(item);
-            if writeln!(out, "{}", format_event(&e)).and_then(|_| out.flush()).is_err() {
+            if writeln!(out, "{}", format_event(&e, &names)).and_then(|_| out.flush()).is_err() {
                 // stdout closed (a pipe to `head`): done.
                 STOP.store(true, Ordering::SeqCst);
                 break;
@@ -169,7 +203,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            format_event(&e),
+            format_event(&e, &KernelNames::default()),
             "1.500000 drop spoofed_source tc-ingress tunnel 192.168.100.2 -> 192.168.100.1 udp 10.244.3.7:40000 -> 10.244.1.5:9000 len 92"
         );
         let g = PacketEvent {
@@ -182,8 +216,13 @@ mod tests {
             dport: 8472,
             ..Default::default()
         };
-        assert_eq!(format_event(&g), "0.000000 drop foreign_tunnel socket-guard tunnel 10.244.1.5 -> 192.168.100.1 ports 5555 -> 8472 len 0");
+        assert_eq!(format_event(&g, &KernelNames::default()), "0.000000 drop foreign_tunnel socket-guard tunnel 10.244.1.5 -> 192.168.100.1 ports 5555 -> 8472 len 0");
         let ok = PacketEvent { outcome: Counter::Encapsulated as u32, hook: Hook::TcEgress as u8, proto: 1, inner_src: [10, 244, 1, 5], inner_dst: [10, 244, 2, 7], ..Default::default() };
-        assert_eq!(format_event(&ok), "0.000000 ok encapsulated tc-egress icmp 10.244.1.5 -> 10.244.2.7 len 0");
+        assert_eq!(format_event(&ok, &KernelNames::default()), "0.000000 ok encapsulated tc-egress icmp 10.244.1.5 -> 10.244.2.7 len 0");
+        // The kernel's drops: its reason by its own name, the device, the packet's header.
+        let names = KernelNames { reasons: [(3, "NETFILTER_DROP".to_string())].into_iter().collect(), devices: vec!["eth0".into(), "flannel.1".into()] };
+        let k = PacketEvent { ts_ns: 2_000_000_000, outcome: 3, hook: Hook::Kernel as u8, device: 2, proto: 17, inner_src: [10, 244, 2, 7], inner_dst: [10, 244, 1, 5], sport: 4000, dport: 9999, len: 92, ..Default::default() };
+        assert_eq!(format_event(&k, &names), "2.000000 drop NETFILTER_DROP kernel dev flannel.1 udp 10.244.2.7:4000 -> 10.244.1.5:9999 len 92");
+        assert_eq!(format_event(&PacketEvent { outcome: 77, ..k }, &names), "2.000000 drop reason-77 kernel dev flannel.1 udp 10.244.2.7:4000 -> 10.244.1.5:9999 len 92");
     }
 }

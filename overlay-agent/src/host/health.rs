@@ -207,6 +207,22 @@ impl Collector for AgentCollector {
                 ConstCounter::new(counters[c as usize]).encode(m.encode_family(&labels)?)?;
             }
         }
+        // The kernel's own drops on the underlay and the overlay device (kfree_skb), by the
+        // running kernel's reason names.
+        if let Ok(drops) = crate::datapath::kernel_drops::counts(&s.bpffs_dir) {
+            let reasons = crate::datapath::kernel_drops::reasons();
+            let mut m = e.encode_descriptor(
+                "overlay_kernel_drops",
+                "Packets the kernel dropped on the underlay or the overlay device past our programs, by the kernel's reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for (k, v) in &drops {
+                let dev = crate::netdev::name_of(k.ifindex).unwrap_or_else(|| format!("ifindex-{}", k.ifindex));
+                let labels = [("reason", crate::datapath::kernel_drops::reason_name(reasons, k.reason)), ("device", dev)];
+                ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+            }
+        }
         if let Ok(peers) = maps.peer_totals() {
             gauge(&mut e, "overlay_peers", "Peers (nodes some route points at)", peers.len() as i64)?;
             {
