@@ -118,7 +118,8 @@ fn vxlan_frame(inner: &[u8]) -> Vec<u8> {
 struct Case {
     path: &'static str,
     program: &'static str,
-    /// Which of the node's configurations (0: kernel delivery, 1: stack delivery).
+    /// Which of the node's configurations (0: kernel delivery, 1: stack delivery, 2: kernel
+    /// delivery with `BIG_TRIE` routes).
     node: usize,
     frame: Vec<u8>,
     expect_rc: u32,
@@ -154,9 +155,17 @@ fn measure(calls: usize) -> Result<Vec<ProgramFigure>> {
     links()?;
     let (mut kernel_node, _kmaps, cfg) = node(config_flags::KERNEL_DECAP)?;
     let (mut stack_node, _smaps, _) = node(0)?;
+    // The route lookup's share: the same programs with a trie of a large cluster's size
+    // (flannel's default network holds 256 /24 leases; a /8 with /24s holds 65536).
+    let (mut big_node, mut bmaps, _) = node(config_flags::KERNEL_DECAP)?;
+    for x in 0..BIG_TRIE {
+        let subnet = format!("10.{}.{}.0/24", x / 256, x % 256).parse()?;
+        bmaps.upsert_route(&Route { subnet, public_ip: PEER, vtep_mac: PEER_VTEP_MAC })?;
+    }
     let mac = cfg.vtep_mac;
     let to_peer = inner_frame([10, 244, 1, 5], [10, 244, 2, 7], 1398 - 40, mac, mac);
     let from_peer = vxlan_frame(&inner_frame([10, 244, 2, 7], [10, 244, 1, 5], 1398 - 40, PEER_VTEP_MAC, mac));
+    let from_peer_big = from_peer.clone();
     let mut arp = inner_frame([10, 244, 1, 5], [10, 244, 2, 7], 18, mac, mac);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     const TCX_NEXT: u32 = u32::MAX;
@@ -167,13 +176,19 @@ fn measure(calls: usize) -> Result<Vec<ProgramFigure>> {
         Case { path: "TC decap, kernel delivery", program: prog_names::TC_INGRESS_DECAP, node: 0, frame: from_peer.clone(), expect_rc: TCX_NEXT, outcome: "checked, left to the vxlan device", samples: vec![] },
         Case { path: "XDP decap", program: prog_names::XDP_DECAP, node: 0, frame: from_peer.clone(), expect_rc: XDP_PASS, outcome: "checked, passed to the stack", samples: vec![] },
         Case { path: "TC decap, stack delivery", program: prog_names::TC_INGRESS_DECAP, node: 1, frame: from_peer, expect_rc: TC_ACT_REDIRECT, outcome: "decapsulated, redirected", samples: vec![] },
-        Case { path: "TC encap (vxlan)", program: prog_names::TC_EGRESS_ENCAP, node: 0, frame: to_peer, expect_rc: TC_ACT_REDIRECT, outcome: "encapsulated, redirected", samples: vec![] },
+        Case { path: "TC encap (vxlan)", program: prog_names::TC_EGRESS_ENCAP, node: 0, frame: to_peer.clone(), expect_rc: TC_ACT_REDIRECT, outcome: "encapsulated, redirected", samples: vec![] },
+        Case { path: "TC decap, kernel delivery, 10,000 routes", program: prog_names::TC_INGRESS_DECAP, node: 2, frame: from_peer_big, expect_rc: TCX_NEXT, outcome: "checked, left to the vxlan device", samples: vec![] },
+        Case { path: "TC encap (vxlan), 10,000 routes", program: prog_names::TC_EGRESS_ENCAP, node: 2, frame: to_peer, expect_rc: TC_ACT_REDIRECT, outcome: "encapsulated, redirected", samples: vec![] },
     ];
     let mut out = vec![0u8; 4096];
     // Warm up (JIT, caches, the neighbour entry), then interleave rounds.
     for round in 0..calls + 1000 {
         for c in cases.iter_mut() {
-            let ebpf = if c.node == 0 { &mut kernel_node } else { &mut stack_node };
+            let ebpf = match c.node {
+                0 => &mut kernel_node,
+                1 => &mut stack_node,
+                _ => &mut big_node,
+            };
             let (rc, ns) = run_once(ebpf, c.program, &c.frame, &mut out)?;
             if rc != c.expect_rc {
                 bail!("{}: the program returned {rc:#x}, expected {:#x}", c.path, c.expect_rc);
@@ -244,16 +259,22 @@ pub fn run(quick: bool, out: &Path, md: Option<&Path>, sh_out: impl Fn(&str) -> 
              Encap's figure includes its route lookup (`bpf_fib_lookup`), `bpf_skb_adjust_room` and the\n\
              header store; the redirect itself happens after the program and is not in it. A test run's\n\
              packet carries no flow hash, so encap's source-port hash (`bpf_get_hash_recalc`) runs the\n\
-             flow dissector here (about 270 ns of the figure when measured without it); a packet from a\n\
-             local TCP socket carries its hash already, and the kernel's vxlan device computes the same.\n\
-             Compare figures of one run only: this machine's speed drifts between runs (the same build\n\
-             measured 930-980 ns for encap in some runs and 1280-1380 ns in others).\n\n{t}",
+             flow dissector here; a packet from a local TCP socket carries its hash already, and the\n\
+             kernel's vxlan device computes the same.\n\
+             The `10,000 routes` rows run the same programs with that many /24 routes in the trie\n\
+             (decap's inner-source check and encap's route lookup both use it): the difference to\n\
+             the one-route rows is what the trie's size costs.\n\
+             Compare figures of one run only: these machines' speed differs from one boot to the next\n\
+             (encap measured 260-280 ns in one and 930-1380 ns in others).\n\n{t}",
             report.date, report.kernel, report.calls
         );
         fs::write(md, text)?;
     }
     Ok(())
 }
+
+/// Routes in the large trie (`TC * 10,000 routes`).
+const BIG_TRIE: u32 = 10_000;
 
 /// Where the section starts in BENCHMARKS.md; the other benchmarks keep what follows it.
 pub const MARKER: &str = "<!-- programs -->";
