@@ -407,7 +407,7 @@ fn accepted(t: &Tunnel) {
 
 /// Where the inner IPv4 header of a tunnel frame starts (for the monitor's events).
 #[inline(always)]
-fn inner_offset(cfg: Option<DataplaneConfig>) -> usize {
+fn inner_offset(cfg: Option<&DataplaneConfig>) -> usize {
     match cfg.and_then(|c| c.encap_mode()) {
         Some(EncapMode::Udp) => ETH_HLEN + UDP_OVERHEAD,
         _ => ETH_HLEN + VXLAN_OVERHEAD,
@@ -453,7 +453,7 @@ fn try_tc_decap(ctx: &TcContext) -> Result<i32, Verdict> {
     let Some(cfg) = ready_config() else {
         return Err(Verdict::Pass);
     };
-    let t = classify(ctx, &cfg)?;
+    let t = classify(ctx, cfg)?;
     if monitor::wanted(true) {
         monitor::report(ctx, Hook::TcIngress, Counter::Decapsulated, true, inner_offset(Some(cfg)));
     }
@@ -514,7 +514,7 @@ fn try_xdp_check(ctx: &XdpContext) -> Result<(), Verdict> {
     let Some(cfg) = ready_config() else {
         return Err(Verdict::Pass);
     };
-    let t = classify(ctx, &cfg)?;
+    let t = classify(ctx, cfg)?;
     if monitor::wanted(true) {
         monitor::report(ctx, Hook::Xdp, Counter::Decapsulated, true, inner_offset(Some(cfg)));
     }

@@ -147,13 +147,13 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
         let path_mtu = unsafe { fib.__bindgen_anon_1.mtu_result } as usize;
         if dont_fragment || gso != 0 {
             let mtu = path_mtu.saturating_sub(mode.overhead());
-            if !can_answer(&cfg, &ip, mtu) {
+            if !can_answer(cfg, &ip, mtu) {
                 return Err(Counter::EncapTooBig);
             }
             if monitor::wanted(false) {
                 monitor::report(ctx, Hook::TcEgress, Counter::EncapFragNeeded, false, ETH_HLEN);
             }
-            return frag_needed(ctx, &cfg, mtu);
+            return frag_needed(ctx, cfg, mtu);
         }
         // May be fragmented, which this program cannot do: the kernel device fragments the
         // outer packet. The udp backend has no such device: the packet leaves whole if the

@@ -149,6 +149,18 @@ pub fn stale_layouts(layouts: &Array<MapData, u32>) -> Vec<String> {
         .collect()
 }
 
+/// How long a configuration slot is left alone after it stopped being current: far longer
+/// than any program run (microseconds), so that no program reads a slot being rewritten.
+pub const CONFIG_REWRITE_GAP: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// When this process last flipped the configuration slot (the agent is its only writer).
+static LAST_CONFIG_FLIP: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+
+/// How long to wait before rewriting the slot that the flip at `last` retired.
+fn rewrite_wait(last: Option<std::time::Instant>, now: std::time::Instant) -> std::time::Duration {
+    last.map_or(std::time::Duration::ZERO, |t| CONFIG_REWRITE_GAP.saturating_sub(now.saturating_duration_since(t)))
+}
+
 impl Maps {
     /// Open the maps pinned under `dir` (no program needs to be loaded or running).
     pub fn open(dir: &Path) -> Result<Self> {
@@ -243,9 +255,19 @@ impl Maps {
     /// Write the configuration into the slot the programs are not reading, then make it the
     /// current one: a program sees the old configuration or the new one, never a mixture.
     pub fn set_config(&mut self, cfg: &DataplaneConfig) -> Result<()> {
+        // The programs read the current slot in place, for as long as they run. The slot
+        // written now was current until the last flip: a program that started before it may
+        // still be reading, so it is left alone for a while after.
+        let mut last = LAST_CONFIG_FLIP.lock().unwrap_or_else(|p| p.into_inner());
+        let wait = rewrite_wait(*last, std::time::Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
         let next = 1 - self.current_slot();
         self.config.set(next, cfg, 0).map_err(map_err(map_names::DP_CONFIG))?;
-        self.config_slot.set(0, next, 0).map_err(map_err(map_names::CONFIG_SLOT))
+        self.config_slot.set(0, next, 0).map_err(map_err(map_names::CONFIG_SLOT))?;
+        *last = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Add or replace the route for `route.subnet`, and make its peer a member.
@@ -489,4 +511,20 @@ where
 
 fn nr_cpus() -> Result<usize> {
     aya::util::nr_cpus().map_err(|(what, e)| MapsError::Cpus(format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_retired_configuration_slot_is_left_alone_for_the_gap() {
+        let t = Instant::now();
+        assert_eq!(rewrite_wait(None, t), Duration::ZERO, "the first write waits for nothing");
+        assert_eq!(rewrite_wait(Some(t), t), CONFIG_REWRITE_GAP);
+        assert_eq!(rewrite_wait(Some(t), t + Duration::from_millis(4)), CONFIG_REWRITE_GAP - Duration::from_millis(4));
+        assert_eq!(rewrite_wait(Some(t), t + CONFIG_REWRITE_GAP), Duration::ZERO);
+        assert_eq!(rewrite_wait(Some(t + Duration::from_secs(1)), t), CONFIG_REWRITE_GAP, "a clock that seems to go back waits the whole gap");
+    }
 }
