@@ -51,6 +51,69 @@ pub struct Cli {
 
     #[command(flatten)]
     pub run: RunArgs,
+
+    #[command(flatten)]
+    pub kube: KubeArgs,
+}
+
+/// flanneld's Kubernetes subnet manager's flags, so that a unit written for that mode stops
+/// with what to do instead rather than "unexpected argument" (this build runs flannel's etcd
+/// mode), and `--net-config-path`, which flanneld reads only in that mode (taken and ignored,
+/// as flanneld ignores it in etcd mode).
+#[derive(Debug, Clone, Args)]
+pub struct KubeArgs {
+    /// flanneld: leases in the Kubernetes API. Refused.
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false", hide = true)]
+    pub kube_subnet_mgr: bool,
+    /// flanneld (Kubernetes mode): kubeconfig file. Refused.
+    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", hide = true)]
+    pub kubeconfig_file: Option<String>,
+    /// flanneld (Kubernetes mode): API server URL. Refused.
+    #[arg(long, env = "FLANNELD_KUBE_API_URL", hide = true)]
+    pub kube_api_url: Option<String>,
+    /// flanneld (Kubernetes mode): the Node annotations' prefix. Refused.
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", hide = true)]
+    pub kube_annotation_prefix: Option<String>,
+    /// flanneld (Kubernetes mode): clear the Node's NetworkUnavailable condition. Refused.
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", hide = true)]
+    pub set_node_network_unavailable: Option<bool>,
+    /// flanneld (Kubernetes mode only): the network config file. Ignored in etcd mode, as by
+    /// flanneld.
+    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", hide = true)]
+    pub net_config_path: Option<String>,
+}
+
+impl KubeArgs {
+    /// Why the agent will not start with these flags, if it will not.
+    pub fn refusal(&self) -> Option<String> {
+        let given: Vec<&str> = [
+            (self.kube_subnet_mgr, "--kube-subnet-mgr"),
+            (self.kubeconfig_file.is_some(), "--kubeconfig-file"),
+            (self.kube_api_url.is_some(), "--kube-api-url"),
+            (self.kube_annotation_prefix.is_some(), "--kube-annotation-prefix"),
+            (self.set_node_network_unavailable.is_some(), "--set-node-network-unavailable"),
+        ]
+        .into_iter()
+        .filter_map(|(on, flag)| on.then_some(flag))
+        .collect();
+        (!given.is_empty()).then(|| {
+            format!(
+                "{}: flanneld's Kubernetes subnet manager is not part of this build, which runs flannel's etcd mode \
+                 (the network config and the subnet leases in etcd under --etcd-prefix, as a binary install of flanneld \
+                 sets up). Remove these flags and give --etcd-endpoints; on Kubernetes, run the agent against etcd as \
+                 its DaemonSet does (docs/kubernetes.md), or keep kube-flannel on this cluster",
+                given.join(", ")
+            )
+        })
+    }
+
+    /// Lines to log: flags taken and ignored.
+    pub fn notes(&self) -> Vec<String> {
+        self.net_config_path
+            .iter()
+            .map(|p| format!("--net-config-path={p} is read by flanneld only with --kube-subnet-mgr; in etcd mode the network config comes from etcd, as with flanneld: ignored"))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,7 +176,8 @@ impl LogArgs {
 
 /// flanneld's boolean and integer flags: a `FLANNELD_` value that Go's flag package cannot
 /// parse still sets them, to false or 0 (what strconv returns), and flanneld only logs it.
-const GO_BOOL_FLAGS: [&str; 4] = ["ip-masq", "ip-masq-fully-random-disable", "iptables-forward-rules", "ip-blackhole-route"];
+const GO_BOOL_FLAGS: [&str; 6] =
+    ["ip-masq", "ip-masq-fully-random-disable", "iptables-forward-rules", "ip-blackhole-route", "kube-subnet-mgr", "set-node-network-unavailable"];
 const GO_INT_FLAGS: [&str; 4] = ["subnet-lease-renew-margin", "healthz-port", "iptables-resync", "v"];
 
 /// Parse the command line and the FLANNELD_ variables as flanneld does (Go's
@@ -737,6 +801,31 @@ mod tests {
     fn parse(args: &[&str]) -> Cli {
         let argv = normalize_args(args.iter().map(OsString::from));
         Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// flanneld's Kubernetes-mode flags: a clear refusal naming them, from the command line
+    /// or a FLANNELD_ variable; `--net-config-path` taken and ignored with a note.
+    #[test]
+    fn kubernetes_mode_flags_are_refused_with_what_to_do() {
+        let with_env = |vars: &[(&str, &str)], args: &[&str]| {
+            let vars: std::collections::BTreeMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let argv = std::iter::once("overlay-agent").chain(args.iter().copied()).map(OsString::from);
+            super::parse_with_env(argv, |n| vars.get(n).map(OsString::from)).unwrap_or_else(|e| panic!("{args:?}: {e}")).0
+        };
+        let why = parse(&["overlay-agent", "--kube-subnet-mgr", "--ip-masq"]).kube.refusal().expect("refused");
+        assert!(why.starts_with("--kube-subnet-mgr: ") && why.contains("etcd mode") && why.contains("docs/kubernetes.md"), "{why}");
+        let why = parse(&["overlay-agent", "-kube-subnet-mgr=true", "-kubeconfig-file=/k", "--kube-api-url", "https://api:6443", "--kube-annotation-prefix=x", "--set-node-network-unavailable=false"])
+            .kube
+            .refusal()
+            .expect("refused");
+        assert!(why.starts_with("--kube-subnet-mgr, --kubeconfig-file, --kube-api-url, --kube-annotation-prefix, --set-node-network-unavailable: "), "{why}");
+        assert!(with_env(&[("FLANNELD_KUBE_SUBNET_MGR", "true")], &[]).kube.refusal().is_some(), "from its variable too");
+        // flanneld's default, said out loud, is etcd mode.
+        assert_eq!(parse(&["overlay-agent", "--kube-subnet-mgr=false"]).kube.refusal(), None);
+        let cli = parse(&["overlay-agent", "--net-config-path", "/etc/kube-flannel/net-conf.json"]);
+        assert_eq!(cli.kube.refusal(), None);
+        assert!(cli.kube.notes()[0].contains("ignored"), "{:?}", cli.kube.notes());
+        assert!(parse(&["overlay-agent"]).kube.notes().is_empty());
     }
 
     #[test]

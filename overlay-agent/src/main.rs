@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     for n in notes {
         tracing::warn!("{n}");
     }
-    for n in cli.log.notes() {
+    for n in cli.log.notes().into_iter().chain(cli.kube.notes()) {
         tracing::info!("{n}");
     }
     match run(cli) {
@@ -61,6 +61,9 @@ async fn shutdown_signal() {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let dir = cli.bpffs_dir.clone();
+    if let (None, Some(why)) = (&cli.command, cli.kube.refusal()) {
+        anyhow::bail!(why);
+    }
     match cli.command {
         None if cli.run.subnet.is_some() => run_static(&cli.run, dir),
         None => {
