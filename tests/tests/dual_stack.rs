@@ -420,6 +420,34 @@ fn dual_stack_nodes_carry_ipv6_both_ways_with_a_stock_flannel_node() {
 /// Dual stack in nftables mode (`EnableNFTables`): flannel's `ip6 flannel-ipv6` table beside
 /// `ip flannel-ipv4`, rule for rule as flannel's nftables manager writes it, restored when
 /// someone deletes it, and gone after a clean stop; no ip6tables chains.
+/// flanneld's --ip-blackhole-route on a dual-stack node: a blackhole for each of its subnets,
+/// IPv4 and IPv6, re-added every --iptables-resync seconds when someone removes one (before:
+/// IPv4 only, and only at start).
+#[test]
+fn ip_blackhole_route_covers_both_families_and_comes_back() {
+    require_root();
+    let config = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config: config.into() },
+        agent_args: vec!["--ip-blackhole-route".into(), "--iptables-resync=1".into()],
+        ipv6_underlay: true,
+        ..ClusterSpec::etcd(Backend::Vxlan, "tc", 1)
+    };
+    let c = Cluster::new("db", &spec).unwrap_or_else(|e| panic!("building the cluster failed: {e:#}"));
+    let n = c.node(1);
+    let (s4, s6) = (n.subnet.to_string(), subnet6_of(n).to_string());
+    let has = |family: &str, subnet: &str| {
+        n.ns.run("ip", &[family, "route", "show", "type", "blackhole"]).is_ok_and(|r| r.lines().any(|l| l.starts_with(&format!("blackhole {subnet} ")) && l.contains("metric 4096")))
+    };
+    assert!(wait_until(Duration::from_secs(10), || has("-4", &s4) && has("-6", &s6)), "{:?}\n{:?}", n.ns.run("ip", &["-4", "route"]), n.ns.run("ip", &["-6", "route"]));
+    for (family, subnet) in [("-4", &s4), ("-6", &s6)] {
+        ok("remove", n.ns.run("ip", &[family, "route", "del", "blackhole", subnet, "metric", "4096"]));
+        assert!(!has(family, subnet));
+        assert!(wait_until(Duration::from_secs(10), || has(family, subnet)), "the {subnet} blackhole was not restored:\n{}", n.log_text());
+    }
+    assert!(n.log_text().contains("the blackhole route was missing; restored"), "{}", n.log_text());
+}
+
 #[test]
 fn dual_stack_nftables_mode_keeps_flannels_ipv6_table() {
     require_root();

@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::sync::mpsc;
 use overlay_common::EncapMode;
 
@@ -389,9 +389,6 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
     } else {
         if opts.public_ip.is_some() {
             tracing::warn!("--public-ip is ignored: the network is IPv6-only (EnableIPv4 false); --public-ipv6 gives the address");
-        }
-        if opts.blackhole_route {
-            tracing::warn!("--ip-blackhole-route adds IPv4 routes only; the network is IPv6-only, so none is added");
         }
         let (iface, ip6) = netdev::resolve_interface6(&opts.iface, opts.public_ipv6)?;
         (iface, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Some(ip6))
@@ -826,6 +823,34 @@ async fn ensure_rules(rules: &SharedRules) -> Result<bool> {
     tokio::task::spawn_blocking(move || guard.ensure()).await.context("the iptables task")?
 }
 
+/// The `--ip-blackhole-route` routes a node holding `held` should have: one per subnet it
+/// holds, both families (flanneld adds IPv4's where EnableIPv4, IPv6's where EnableIPv6).
+fn blackholes_wanted(asked: bool, cfg: &NetworkConfig, held: &Held) -> Vec<IpNet> {
+    if !asked {
+        return Vec::new();
+    }
+    let v4 = cfg.enable_ipv4.then_some(IpNet::V4(held.subnet));
+    let v6 = cfg.ipv6.and(held.subnet6).map(IpNet::V6);
+    v4.into_iter().chain(v6).collect()
+}
+
+/// Re-add the `--ip-blackhole-route` routes someone removed (flanneld re-adds them every
+/// `--iptables-resync` seconds); true if one had to be.
+fn keep_blackholes(state: &AgentState) -> Result<bool> {
+    let wanted = state.blackholes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if wanted.is_empty() {
+        return Ok(false);
+    }
+    let present = netdev::blackhole_routes()?;
+    let mut restored = false;
+    for subnet in wanted.iter().filter(|s| !present.contains(s)) {
+        netdev::blackhole_route(*subnet)?;
+        tracing::warn!(%subnet, "the blackhole route was missing; restored");
+        restored = true;
+    }
+    Ok(restored)
+}
+
 /// Check the rules every `every` and restore what someone removed or changed, in a task of
 /// its own: neither an etcd outage nor a slow iptables holds up the other.
 async fn resync_rules(rules: SharedRules, every: Duration, state: Arc<AgentState>) {
@@ -834,6 +859,12 @@ async fn resync_rules(rules: SharedRules, every: Duration, state: Arc<AgentState
     tick.tick().await;
     loop {
         tick.tick().await;
+        let st = state.clone();
+        match tokio::task::spawn_blocking(move || keep_blackholes(&st)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %crate::error_chain(e.as_ref()), "checking the blackhole routes"),
+            Err(e) => tracing::error!(error = %e, "the blackhole route task"),
+        }
         match ensure_rules(&rules).await {
             Ok(true) => {
                 state.iptables_restores.fetch_add(1, Ordering::Relaxed);
@@ -1232,23 +1263,25 @@ impl Daemon {
         }
     }
 
-    /// The `--ip-blackhole-route` route: for our subnet if asked for, and none left for a
-    /// subnet we no longer hold (it would swallow traffic to whichever node holds it now).
+    /// The `--ip-blackhole-route` routes: for our subnets (IPv4 and IPv6, as flanneld) if
+    /// asked for, and none left for a subnet we no longer hold (it would swallow traffic to
+    /// whichever node holds it now). The resync task re-adds them (`keep_blackholes`).
     fn sync_blackhole(&self) -> Result<()> {
-        // IPv4 routes only (an IPv6-only network has none to add or tidy: warned at start).
-        if !self.cfg.enable_ipv4 {
-            return Ok(());
-        }
+        let wanted = blackholes_wanted(self.opts.blackhole_route, &self.cfg, &self.held);
         for subnet in netdev::blackhole_routes()? {
-            let ours_now = self.opts.blackhole_route && subnet == self.held.subnet;
-            if self.cfg.network.contains(&subnet) && !ours_now {
+            let in_network = match subnet {
+                IpNet::V4(n) => self.cfg.enable_ipv4 && self.cfg.network.contains(&n),
+                IpNet::V6(n) => self.cfg.ipv6.is_some_and(|c6| c6.network.contains(&n)),
+            };
+            if in_network && !wanted.contains(&subnet) {
                 tracing::info!(%subnet, "removing a blackhole route for a subnet this node does not hold");
                 netdev::del_blackhole_route(subnet)?;
             }
         }
-        if self.opts.blackhole_route {
-            netdev::blackhole_route(self.held.subnet)?;
+        for subnet in &wanted {
+            netdev::blackhole_route(*subnet)?;
         }
+        *self.state.blackholes.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
         Ok(())
     }
 

@@ -45,6 +45,9 @@ pub struct AgentState {
     pub public_ip_changes: AtomicU64,
     /// Routes that could not be written (a full map).
     pub route_errors: AtomicU64,
+    /// The `--ip-blackhole-route` routes the node should have (its subnets, both families),
+    /// re-added every `--iptables-resync` seconds when someone removed them, as flanneld does.
+    pub blackholes: Mutex<Vec<ipnet::IpNet>>,
     pub bpffs_dir: PathBuf,
     /// Set when the TUN data plane forwards (its counters replace the maps').
     pub tun_stats: std::sync::OnceLock<Arc<crate::tun::TunStats>>,
@@ -73,6 +76,7 @@ impl AgentState {
             device_repairs: AtomicU64::new(0),
             public_ip_changes: AtomicU64::new(0),
             route_errors: AtomicU64::new(0),
+            blackholes: Mutex::new(Vec::new()),
             bpffs_dir,
             tun_stats: std::sync::OnceLock::new(),
             degraded: std::sync::OnceLock::new(),

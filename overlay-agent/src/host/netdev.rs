@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE,
     NLM_F_REQUEST,
@@ -920,9 +920,10 @@ pub fn route_network(network: Ipv4Net, device: &str) -> Result<()> {
 /// subnet (metric 0), so it only catches traffic while the bridge or its route is missing.
 pub const BLACKHOLE_METRIC: u32 = 4096;
 
-/// flannel's `--ip-blackhole-route`: a blackhole route for the node's own subnet, so that
-/// traffic to it is dropped here (not sent out the default route) while no bridge holds it.
-pub fn blackhole_route(subnet: Ipv4Net) -> Result<()> {
+/// flannel's `--ip-blackhole-route`: a blackhole route for one of the node's own subnets
+/// (IPv4 or IPv6), so that traffic to it is dropped here (not sent out the default route)
+/// while no bridge holds it.
+pub fn blackhole_route(subnet: IpNet) -> Result<()> {
     change(&format!("blackhole route for {subnet}"), RouteNetlinkMessage::NewRoute(blackhole_message(subnet)), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
@@ -986,22 +987,41 @@ fn destination(r: &RouteMessage) -> Option<Ipv4Net> {
     Ipv4Net::new(dst, r.header.destination_prefix_length).ok()
 }
 
-fn blackhole_message(subnet: Ipv4Net) -> RouteMessage {
-    let mut m = route_message(subnet, RouteProtocol::Boot, RouteType::BlackHole);
+fn blackhole_message(subnet: IpNet) -> RouteMessage {
+    let mut m = match subnet {
+        IpNet::V4(n) => route_message(n, RouteProtocol::Boot, RouteType::BlackHole),
+        IpNet::V6(n) => {
+            let mut m = route6_message(n);
+            m.header.kind = RouteType::BlackHole;
+            m
+        }
+    };
     m.attributes.push(RouteAttribute::Priority(BLACKHOLE_METRIC));
     m
 }
 
-/// The `--ip-blackhole-route` routes on this node (blackholes with our metric).
-pub fn blackhole_routes() -> Result<Vec<Ipv4Net>> {
+/// The `--ip-blackhole-route` routes on this node (blackholes with our metric), both families.
+pub fn blackhole_routes() -> Result<Vec<IpNet>> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    let v6 = request("list IPv6 routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    let v6 = v6.into_iter().filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None });
     Ok(all_routes()?
-        .iter()
+        .into_iter()
+        .chain(v6)
         .filter(|r| r.header.kind == RouteType::BlackHole && r.attributes.contains(&RouteAttribute::Priority(BLACKHOLE_METRIC)))
-        .filter_map(destination)
+        .filter_map(|r| {
+            let len = r.header.destination_prefix_length;
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Ipv4Net::new(*d, len).ok().map(IpNet::V4),
+                RouteAttribute::Destination(RouteAddress::Inet6(d)) => Ipv6Net::new(*d, len).ok().map(IpNet::V6),
+                _ => None,
+            })
+        })
         .collect())
 }
 
-pub fn del_blackhole_route(subnet: Ipv4Net) -> Result<()> {
+pub fn del_blackhole_route(subnet: IpNet) -> Result<()> {
     delete_route(&format!("remove blackhole route {subnet}"), blackhole_message(subnet))
 }
 
