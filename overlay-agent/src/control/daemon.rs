@@ -394,6 +394,9 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         (iface, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, Some(ip6))
     };
     tracing::info!(%iface, %public_ip, tunnel_endpoint = %underlay_ip, public_ipv6 = ?public_ipv6.map(|a| a.to_string()), "underlay interface chosen");
+    if let Some(w) = br_netfilter_warning(std::path::Path::new(BRIDGE_SYSCTLS), cfg.enable_ipv4, cfg.ipv6.is_some(), cfg.enable_nftables) {
+        tracing::warn!("{w}");
+    }
     let mode = cfg.backend.mode;
     let mut spec = NodeSpec {
         iface,
@@ -821,6 +824,32 @@ async fn ensure_rules(rules: &SharedRules) -> Result<bool> {
     // waits for a check in flight before it removes the rules.
     let guard = rules.clone().lock_owned().await;
     tokio::task::spawn_blocking(move || guard.ensure()).await.context("the iptables task")?
+}
+
+/// Where br_netfilter's switches live (absent while the module is not loaded).
+const BRIDGE_SYSCTLS: &str = "/proc/sys/net/bridge";
+
+/// flanneld exits when br_netfilter is not loaded (outside nftables mode: its switch for each
+/// family the network uses is missing), since Kubernetes 1.30's kubeadm stopped checking it
+/// and kube-proxy's rules then miss bridged traffic. A docker node in etcd mode runs fine
+/// without it (docker's own rules do not need it), so this agent says so and goes on.
+fn br_netfilter_warning(dir: &std::path::Path, ipv4: bool, ipv6: bool, nftables: bool) -> Option<String> {
+    if nftables {
+        return None;
+    }
+    let missing: Vec<&str> = [(ipv4, "bridge-nf-call-iptables"), (ipv6, "bridge-nf-call-ip6tables")]
+        .into_iter()
+        .filter(|(used, name)| *used && !dir.join(name).exists())
+        .map(|(_, name)| name)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "br_netfilter is not loaded ({} missing under {}): flanneld exits here; this agent goes on, but traffic \
+             between containers on the same bridge skips iptables (kube-proxy's Service rules need it: modprobe br_netfilter)",
+            missing.join(", "),
+            dir.display()
+        )
+    })
 }
 
 /// The `--ip-blackhole-route` routes a node holding `held` should have: one per subnet it
@@ -1614,6 +1643,23 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// flanneld exits without br_netfilter (outside nftables mode); this agent warns, naming
+    /// the missing switch of each family the network uses.
+    #[test]
+    fn a_missing_br_netfilter_is_a_warning_for_the_families_in_use() {
+        let dir = std::env::temp_dir().join(format!("br-netfilter-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let w = br_netfilter_warning(&dir, true, true, false).expect("both missing");
+        assert!(w.contains("bridge-nf-call-iptables, bridge-nf-call-ip6tables missing") && w.contains("modprobe br_netfilter"), "{w}");
+        assert_eq!(br_netfilter_warning(&dir, true, true, true), None, "nftables mode does not need it (flanneld neither)");
+        std::fs::write(dir.join("bridge-nf-call-iptables"), "1").unwrap();
+        assert_eq!(br_netfilter_warning(&dir, true, false, false), None);
+        assert!(br_netfilter_warning(&dir, true, true, false).is_some_and(|w| w.contains("(bridge-nf-call-ip6tables missing")));
+        std::fs::write(dir.join("bridge-nf-call-ip6tables"), "1").unwrap();
+        assert_eq!(br_netfilter_warning(&dir, true, true, false), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// Rules stay on exit, so the start clears what this run does not keep: the other form's,
     /// and ours that a changed flag or network config no longer asks for.
