@@ -503,15 +503,18 @@ fn reservations_are_kept_and_leases_the_config_drops_are_deleted() {
 
 /// The underlay interface chosen as flannel chooses it: `--iface` repeated (a name that does
 /// not exist is passed over; an address picks the interface holding it), `--iface-regex`
-/// (addresses, then names), `--iface-can-reach` (the route to an address). Each node comes
-/// up on eth0 with its address as PublicIP, and the nodes route to each other.
+/// (addresses, then names), `--iface-can-reach` (the route to an address), each tried in turn
+/// when the one before matches nothing. Each node comes up on eth0 with its address as
+/// PublicIP, and the nodes route to each other.
 #[test]
 fn the_interface_is_chosen_as_flannel_chooses_it() {
     let mut c = cluster("if", &ClusterSpec { nodes: vec![], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 0) });
-    let ways: [Vec<String>; 3] = [
+    let ways: [Vec<String>; 4] = [
         vec!["--iface=nosuch0".into(), format!("--iface={}", overlay_tests::underlay_ip(1))],
         vec![r"--iface-regex=^192\.168\.100\.".into()],
         vec![format!("--iface-can-reach={}", overlay_tests::ETCD_IP)],
+        // No --iface exists: on to --iface-regex (none matches), then --iface-can-reach.
+        vec!["--iface=nosuch0".into(), "--iface-regex=^ib".into(), format!("--iface-can-reach={}", overlay_tests::ETCD_IP)],
     ];
     for (i, args) in ways.into_iter().enumerate() {
         c.set_agent_args(args, vec![]);

@@ -344,36 +344,47 @@ pub fn choose_interface<A: Copy + PartialEq + std::str::FromStr + std::fmt::Disp
     default: impl FnOnce() -> Option<String>,
 ) -> std::result::Result<(String, Option<A>), String> {
     let first_addr = |name: &str| interfaces.iter().find(|(n, _)| n == name).and_then(|(_, a)| a.first().copied());
+    // As flanneld: each kind of choice in turn (--iface, --iface-regex, --iface-can-reach),
+    // the next one tried when the one before matches nothing; the default route only when none
+    // was given.
+    let mut misses = Vec::new();
+    for want in &choice.iface {
+        if let Ok(ip) = want.parse::<A>() {
+            if let Some((name, _)) = interfaces.iter().find(|(_, a)| a.contains(&ip)) {
+                return Ok((name.clone(), Some(ip)));
+            }
+        } else if interfaces.iter().any(|(n, _)| n == want) {
+            return Ok((want.clone(), first_addr(want)));
+        }
+    }
     if !choice.iface.is_empty() {
-        for want in &choice.iface {
-            if let Ok(ip) = want.parse::<A>() {
-                if let Some((name, _)) = interfaces.iter().find(|(_, a)| a.contains(&ip)) {
-                    return Ok((name.clone(), Some(ip)));
-                }
-            } else if interfaces.iter().any(|(n, _)| n == want) {
-                return Ok((want.clone(), first_addr(want)));
+        misses.push(format!("none of --iface {} exists here (an interface name or one of its addresses)", choice.iface.join(", ")));
+    }
+    for re in &choice.regex {
+        for (name, addrs) in interfaces {
+            if let Some(ip) = addrs.iter().find(|a| re.is_match(&a.to_string())) {
+                return Ok((name.clone(), Some(*ip)));
             }
         }
-        return Err(format!("none of --iface {} exists here (an interface name or one of its addresses)", choice.iface.join(", ")));
+        if let Some((name, _)) = interfaces.iter().find(|(n, _)| re.is_match(n)) {
+            return Ok((name.clone(), first_addr(name)));
+        }
     }
     if !choice.regex.is_empty() {
-        for re in &choice.regex {
-            for (name, addrs) in interfaces {
-                if let Some(ip) = addrs.iter().find(|a| re.is_match(&a.to_string())) {
-                    return Ok((name.clone(), Some(*ip)));
-                }
-            }
-            if let Some((name, _)) = interfaces.iter().find(|(n, _)| re.is_match(n)) {
-                return Ok((name.clone(), first_addr(name)));
-            }
-        }
         let res: Vec<&str> = choice.regex.iter().map(|r| r.as_str()).collect();
-        return Err(format!("no interface name or address matches --iface-regex {}", res.join(", ")));
+        misses.push(format!("no interface name or address matches --iface-regex {}", res.join(", ")));
     }
     if let Some(dst) = choice.can_reach {
-        let (name, src) = route(dst).ok_or_else(|| format!("no route to --iface-can-reach {dst}"))?;
-        let addr = src.or_else(|| first_addr(&name));
-        return Ok((name, addr));
+        match route(dst) {
+            Some((name, src)) => {
+                let addr = src.or_else(|| first_addr(&name));
+                return Ok((name, addr));
+            }
+            None => misses.push(format!("no route to --iface-can-reach {dst}")),
+        }
+    }
+    if !misses.is_empty() {
+        return Err(misses.join("; "));
     }
     let name = default().ok_or_else(|| "no default route to pick an interface from; pass --iface".to_string())?;
     let addr = first_addr(&name);
@@ -1139,7 +1150,8 @@ mod tests {
     use super::*;
 
     /// flannel's order: --iface entries (names or addresses; first that exists), else
-    /// --iface-regex (addresses before names), else --iface-can-reach, else the default route.
+    /// --iface-regex (addresses before names), else --iface-can-reach, else (none given) the
+    /// default route.
     #[test]
     fn interface_choice_follows_flannels_order() {
         let ifs = vec![
@@ -1155,6 +1167,17 @@ mod tests {
         assert_eq!(pick(by(&["nosuch", "eth1"])), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 5)))));
         assert_eq!(pick(by(&["10.0.0.6", "eth0"])), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
         assert!(pick(by(&["nosuch", "10.9.9.9"])).unwrap_err().contains("none of --iface nosuch, 10.9.9.9"));
+        // Nothing matches --iface: --iface-regex, then --iface-can-reach, are tried in turn
+        // (flanneld's fall-through); all missing is an error naming each, never the default route.
+        let all = |iface: &[&str], r: &[&str], reach: Option<Ipv4Addr>| IfaceChoice {
+            iface: iface.iter().map(|s| s.to_string()).collect(),
+            regex: r.iter().map(|s| regex::Regex::new(s).unwrap()).collect(),
+            can_reach: reach,
+        };
+        assert_eq!(pick(all(&["nosuch"], &["^eth0$"], None)), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
+        assert_eq!(pick(all(&["nosuch"], &["^ib"], Some(Ipv4Addr::new(10, 0, 0, 1)))), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
+        let why = choose_interface(&all(&["nosuch"], &["^ib"], Some(Ipv4Addr::new(10, 0, 0, 1))), &ifs, none, dflt).unwrap_err();
+        assert!(why.contains("none of --iface nosuch") && why.contains("--iface-regex ^ib") && why.contains("no route to --iface-can-reach 10.0.0.1"), "{why}");
         let re = |r: &[&str]| IfaceChoice { regex: r.iter().map(|s| regex::Regex::new(s).unwrap()).collect(), ..Default::default() };
         assert_eq!(pick(re(&[r"^10\.0\.0\.6$"])), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
         assert_eq!(pick(re(&["^nomatch", "^eth"])), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
