@@ -466,8 +466,8 @@ pub struct RunArgs {
     /// Masquerade traffic from the overlay network to destinations outside it.
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false")]
     pub ip_masq: bool,
-    /// Masquerade with `--random` instead of `--random-fully` (flannel's flag; for networks
-    /// whose firewalls dislike fully random source ports).
+    /// Masquerade without `--random-fully` (nftables: without `fully-random`), as flannel's
+    /// flag does; for networks whose firewalls dislike fully random source ports.
     #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false")]
     pub ip_masq_fully_random_disable: bool,
     /// Add a blackhole route for this node's subnet (flannel's flag): traffic to it is

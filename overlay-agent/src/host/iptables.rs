@@ -55,9 +55,11 @@ fn words(s: &str) -> Vec<String> {
 pub enum MasqRandom {
     /// `--random-fully` (where iptables supports it: 1.6.2 or later).
     Fully,
-    /// `--random` (flannel's --ip-masq-fully-random-disable).
-    Random,
-    /// Neither (an iptables too old for --random-fully).
+    /// No port randomisation option: flannel's --ip-masq-fully-random-disable writes plain
+    /// `MASQUERADE` (nftables: `masquerade`).
+    Disabled,
+    /// Neither (an iptables too old for --random-fully; nftables masquerades fully-random
+    /// all the same, as every kernel this agent runs on has it).
     None,
 }
 
@@ -65,17 +67,16 @@ impl MasqRandom {
     fn suffix(self) -> &'static str {
         match self {
             MasqRandom::Fully => " --random-fully",
-            MasqRandom::Random => " --random",
-            MasqRandom::None => "",
+            MasqRandom::Disabled | MasqRandom::None => "",
         }
     }
 
-    /// What to use: `--random` if the operator disabled fully-random, else `--random-fully` if
+    /// What to use: nothing if the operator disabled fully-random, else `--random-fully` if
     /// this iptables supports it (probed once from `iptables --version`, as go-iptables'
     /// HasRandomFully does), else nothing.
     pub fn choose(fully_random_disabled: bool) -> Self {
         if fully_random_disabled {
-            return MasqRandom::Random;
+            return MasqRandom::Disabled;
         }
         let version = Command::new("iptables").arg("--version").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
         match version.as_deref().and_then(parse_version) {
@@ -380,9 +381,11 @@ mod tests {
         assert_eq!(parse_version("iptables v1.6.1"), Some((1, 6, 1)));
         assert_eq!(parse_version("iptables v1.10"), Some((1, 10, 0)));
         assert_eq!(parse_version("garbage"), None);
-        assert_eq!(MasqRandom::choose(true), MasqRandom::Random);
+        assert_eq!(MasqRandom::choose(true), MasqRandom::Disabled);
         let n: Ipv4Net = "10.244.0.0/16".parse().unwrap();
-        for (random, tail) in [(MasqRandom::Fully, "MASQUERADE --random-fully"), (MasqRandom::Random, "MASQUERADE --random"), (MasqRandom::None, "MASQUERADE")] {
+        // flannel's masqRules: --random-fully, or (disabled, or an iptables without it) plain
+        // MASQUERADE; never --random.
+        for (random, tail) in [(MasqRandom::Fully, "-j MASQUERADE --random-fully"), (MasqRandom::Disabled, "-j MASQUERADE"), (MasqRandom::None, "-j MASQUERADE")] {
             let input = masquerade(n, n, random).restore_input();
             let masq: Vec<&str> = input.lines().filter(|l| l.contains("MASQUERADE")).collect();
             assert_eq!(masq.len(), 2);

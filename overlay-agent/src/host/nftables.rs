@@ -63,9 +63,10 @@ impl NftRules {
         let multicast = if self.ipv6 { "ff00::/8" } else { "224.0.0.0/4" };
         if let Some((n, s, random)) = self.masq {
             let r = match random {
-                MasqRandom::Fully => " fully-random",
-                MasqRandom::Random => " random",
-                MasqRandom::None => "",
+                // flannel's addMasqRules: fully-random unless disabled (it probes the kernel,
+                // which has it from 5.0 on; the iptables binary's version is not its concern).
+                MasqRandom::Fully | MasqRandom::None => " fully-random",
+                MasqRandom::Disabled => "",
             };
             out.push((
                 "postrtg",
@@ -348,8 +349,12 @@ mod tests {
         assert!(script.contains("\tchain postrtg {\n\t\tcomment \"chain to manage traffic masquerading by flannel\"\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tmeta mark 0x00004000 return\n\t\tip saddr 10.244.1.0/24 ip daddr 10.244.0.0/16 return\n"), "{script}");
         assert!(script.contains("\t\tip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade fully-random\n"), "{script}");
         assert!(script.contains("\tchain forward {"), "{script}");
-        let none = NftRules { ipv6: false, masq: Some((n, s, MasqRandom::Random)), forward: None };
-        assert!(none.script().contains("masquerade random\n") && !none.script().contains("chain forward"));
+        // --ip-masq-fully-random-disable: plain masquerade, as flannel writes it.
+        let disabled = NftRules { ipv6: false, masq: Some((n, s, MasqRandom::Disabled)), forward: None };
+        let d = disabled.script();
+        assert!(d.contains("ip daddr != 224.0.0.0/4 masquerade\n") && !d.contains("random") && !d.contains("chain forward"), "{d}");
+        let old_iptables = NftRules { ipv6: false, masq: Some((n, s, MasqRandom::None)), forward: None };
+        assert!(old_iptables.script().contains("masquerade fully-random\n"), "nftables does not depend on the iptables binary's version");
         let n6: IpNet = "fd00:10:244::/56".parse().unwrap();
         let v6 = NftRules { ipv6: true, masq: Some((n6, "fd00:10:244:1::/64".parse().unwrap(), MasqRandom::Fully)), forward: Some(n6) }.script();
         assert!(v6.starts_with("add table ip6 flannel-ipv6\ndelete table ip6 flannel-ipv6\ntable ip6 flannel-ipv6 {"), "{v6}");
