@@ -442,10 +442,10 @@ pub struct RunArgs {
     /// first match wins (repeatable: tried in order). Used when no --iface is given.
     #[arg(long, env = "FLANNELD_IFACE_REGEX", action = clap::ArgAction::Append, value_parser = parse_regex)]
     pub iface_regex: Vec<regex::Regex>,
-    /// Use the interface the route to this address goes through (`ip route get`), when
-    /// neither --iface nor --iface-regex is given.
+    /// Use the interface the route to this address (IPv4 or IPv6) goes through (`ip route
+    /// get`), when neither --iface nor --iface-regex is given or matches.
     #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
-    pub iface_can_reach: Option<Ipv4Addr>,
+    pub iface_can_reach: Option<std::net::IpAddr>,
     /// This node's underlay address (default: the address --iface named, else the first
     /// IPv4 address of the chosen interface).
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
@@ -474,9 +474,9 @@ pub struct RunArgs {
     /// dropped here while no bridge holds the subnet, instead of leaving by the default route.
     #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", num_args = 0..=1, action = clap::ArgAction::Set, value_parser = parse_go_bool, default_missing_value = "true", default_value = "false")]
     pub ip_blackhole_route: bool,
-    /// Address to serve /healthz on (with --healthz-port).
+    /// Address to serve /healthz on (with --healthz-port), IPv4 or IPv6.
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
-    pub healthz_ip: Ipv4Addr,
+    pub healthz_ip: std::net::IpAddr,
     /// Port to serve /healthz on (0: off).
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0, value_parser = parse_go_u16)]
     pub healthz_port: u16,
@@ -801,6 +801,16 @@ mod tests {
     fn parse(args: &[&str]) -> Cli {
         let argv = normalize_args(args.iter().map(OsString::from));
         Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// `--iface-can-reach` and `--healthz-ip` take either family, as flanneld's.
+    #[test]
+    fn addresses_of_either_family_where_flanneld_takes_them() {
+        let cli = parse(&["overlay-agent", "--iface-can-reach=fd00:64::1", "--healthz-ip=::1", "--healthz-port=8471"]);
+        assert_eq!(cli.run.iface_can_reach, Some("fd00:64::1".parse().unwrap()));
+        let opts = cli.run.daemon_options(&cli.etcd, PathBuf::from("/sys/fs/bpf/x"));
+        assert_eq!(opts.healthz, Some("[::1]:8471".parse().unwrap()));
+        assert_eq!(parse(&["overlay-agent", "--iface-can-reach=10.0.0.1"]).run.iface_can_reach, Some("10.0.0.1".parse().unwrap()));
     }
 
     /// flanneld's Kubernetes-mode flags: a clear refusal naming them, from the command line

@@ -187,10 +187,10 @@ pub fn send_udp(ns: &Netns, bind: SocketAddrV4, to: SocketAddrV4, payloads: Vec<
 }
 
 /// `GET path` over HTTP/1.1 from inside `ns`; the status code and the body.
-pub fn http_get(ns: &Netns, addr: SocketAddrV4, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
+pub fn http_get(ns: &Netns, addr: impl Into<SocketAddr>, path: &str) -> Result<(u16, String)> {
+    let (addr, path) = (addr.into(), path.to_string());
     ns.enter(move || -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).with_context(|| format!("connecting to {addr}"))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
         let mut resp = String::new();

@@ -299,6 +299,14 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// `--healthz-ip` takes an IPv6 address, as flanneld's does (before: IPv4 only, refused).
+#[test]
+fn healthz_serves_on_an_ipv6_address() {
+    let c = cluster("h6", &with_args(&["--healthz-ip=::1", "--healthz-port=9104"], 1));
+    let at: std::net::SocketAddr = "[::1]:9104".parse().unwrap();
+    assert!(wait_until(Duration::from_secs(10), || http_get(&c.node(1).ns, at, "/healthz").is_ok_and(|r| r.0 == 200)), "{}", c.node(1).log_text());
+}
+
 #[test]
 fn health_endpoints_and_metrics_follow_the_traffic() {
     let c = cluster("hm", &with_args(&["--healthz-ip=127.0.0.1", "--healthz-port=9101"], 2));

@@ -294,11 +294,15 @@ pub fn ports_of(master: &str) -> Result<Vec<String>> {
 }
 
 /// The interface (and source address) the route to `dst` uses: `ip route get <dst>`.
-pub fn route_to(dst: Ipv4Addr) -> Result<(String, Option<Ipv4Addr>)> {
+pub fn route_to(dst: IpAddr) -> Result<(String, Option<IpAddr>)> {
     let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
-    m.header.destination_prefix_length = 32;
-    m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+    let (family, len, addr) = match dst {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    m.header.address_family = family;
+    m.header.destination_prefix_length = len;
+    m.attributes.push(RouteAttribute::Destination(addr));
     let op = format!("route to {dst}");
     let msgs = request(&op, RouteNetlinkMessage::GetRoute(m), 0)?;
     let r = msgs.iter().find_map(|m| match m {
@@ -306,7 +310,13 @@ pub fn route_to(dst: Ipv4Addr) -> Result<(String, Option<Ipv4Addr>)> {
         _ => None,
     });
     let oif = r.and_then(|r| r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None }));
-    let src = r.and_then(|r| r.attributes.iter().find_map(|a| if let RouteAttribute::PrefSource(RouteAddress::Inet(ip)) = a { Some(*ip) } else { None }));
+    let src = r.and_then(|r| {
+        r.attributes.iter().find_map(|a| match a {
+            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+            RouteAttribute::PrefSource(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+            _ => None,
+        })
+    });
     let name = oif.and_then(name_of).ok_or_else(|| NetdevError::Netlink { op, cause: std::io::Error::other("no route") })?;
     Ok((name, src))
 }
@@ -318,8 +328,8 @@ pub struct IfaceChoice {
     pub iface: Vec<String>,
     /// `--iface-regex`, in order: the first matching an address, then a name, wins.
     pub regex: Vec<regex::Regex>,
-    /// `--iface-can-reach`: the interface of the route to this address.
-    pub can_reach: Option<Ipv4Addr>,
+    /// `--iface-can-reach`: the interface of the route to this address (either family).
+    pub can_reach: Option<IpAddr>,
 }
 
 impl IfaceChoice {
@@ -340,7 +350,7 @@ impl IfaceChoice {
 pub fn choose_interface<A: Copy + PartialEq + std::str::FromStr + std::fmt::Display>(
     choice: &IfaceChoice,
     interfaces: &[(String, Vec<A>)],
-    route: impl FnOnce(Ipv4Addr) -> Option<(String, Option<A>)>,
+    route: impl FnOnce(IpAddr) -> Option<(String, Option<A>)>,
     default: impl FnOnce() -> Option<String>,
 ) -> std::result::Result<(String, Option<A>), String> {
     let first_addr = |name: &str| interfaces.iter().find(|(n, _)| n == name).and_then(|(_, a)| a.first().copied());
@@ -414,7 +424,14 @@ pub fn resolve_interface(choice: &IfaceChoice, public_ip: Option<Ipv4Addr>) -> s
     };
     let (name, addr) = match chosen {
         Some(c) => c,
-        None => choose_interface(choice, &interfaces, |dst| route_to(dst).ok(), || default_route_iface().ok())
+        None => choose_interface(
+            choice,
+            &interfaces,
+            // The route's source address where it is an IPv4 one (an IPv6 --iface-can-reach
+            // picks the interface; its IPv4 address is then the first one).
+            |dst| route_to(dst).ok().map(|(name, src)| (name, src.and_then(|s| if let IpAddr::V4(a) = s { Some(a) } else { None }))),
+            || default_route_iface().ok(),
+        )
             .map_err(|why| NetdevError::Netlink { op: "choosing the interface".into(), cause: std::io::Error::other(why) })?,
     };
     let addr = addr.ok_or_else(|| NetdevError::NoIpv4 { name: name.clone() })?;
@@ -1172,7 +1189,7 @@ mod tests {
         let all = |iface: &[&str], r: &[&str], reach: Option<Ipv4Addr>| IfaceChoice {
             iface: iface.iter().map(|s| s.to_string()).collect(),
             regex: r.iter().map(|s| regex::Regex::new(s).unwrap()).collect(),
-            can_reach: reach,
+            can_reach: reach.map(IpAddr::V4),
         };
         assert_eq!(pick(all(&["nosuch"], &["^eth0$"], None)), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
         assert_eq!(pick(all(&["nosuch"], &["^ib"], Some(Ipv4Addr::new(10, 0, 0, 1)))), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
@@ -1182,8 +1199,12 @@ mod tests {
         assert_eq!(pick(re(&[r"^10\.0\.0\.6$"])), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
         assert_eq!(pick(re(&["^nomatch", "^eth"])), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
         assert!(pick(re(&["^ib"])).is_err());
-        let reach = IfaceChoice { can_reach: Some(Ipv4Addr::new(10, 0, 0, 1)), ..Default::default() };
+        let reach = IfaceChoice { can_reach: Some(Ipv4Addr::new(10, 0, 0, 1).into()), ..Default::default() };
         assert_eq!(pick(reach.clone()), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 6)))));
+        // An IPv6 address to reach (flannel takes either family): the route's interface.
+        let reach6 = IfaceChoice { can_reach: Some("fd00:64::9".parse().unwrap()), ..Default::default() };
+        let via = |dst: IpAddr| dst.is_ipv6().then(|| ("eth1".to_string(), None));
+        assert_eq!(choose_interface(&reach6, &ifs, via, dflt), Ok(("eth1".into(), Some(Ipv4Addr::new(10, 0, 0, 5)))), "its first IPv4 address");
         assert!(choose_interface(&reach, &ifs, none, dflt).is_err());
         assert_eq!(pick(IfaceChoice::default()), Ok(("eth0".into(), Some(Ipv4Addr::new(192, 168, 1, 10)))));
         assert_eq!(pick(by(&["wg0"])), Ok(("wg0".into(), None)), "an interface without IPv4 needs --public-ip");
