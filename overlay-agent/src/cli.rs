@@ -512,6 +512,16 @@ pub struct RunArgs {
     /// skips netfilter for the containers' traffic. (`split` is retired and runs `kernel`.)
     #[arg(long, env = "FLANNELD_DECAP_DELIVERY", value_enum, default_value = "kernel")]
     pub decap_delivery: DecapDelivery,
+    /// Which inner source addresses a peer's tunnel frames may carry. `strict`: one in a
+    /// subnet the sending peer leases, so that no node (or anything that reaches the underlay
+    /// as it) can send as another node's containers. `peer`: any address, from a known peer,
+    /// as a stock flannel node takes them (traffic from clients routed through a peer, or from
+    /// a peer's host processes bound to another address); the price is that a compromised or
+    /// misconfigured node can then reach this node's containers with any source address, so
+    /// rules that trust source addresses (network policies, allow lists) no longer hold
+    /// across nodes. Frames from non-peers, and for other nodes' subnets, are dropped either way.
+    #[arg(long, env = "FLANNELD_INNER_SOURCE_CHECK", value_enum, default_value = "strict")]
+    pub inner_source_check: crate::datapath::dataplane::InnerSourceCheck,
     /// How TC programs are attached: TCX where the kernel has it (Linux 6.6), else cls_bpf
     /// filters under clsact. Hidden: `legacy` tests the older kernels' path on newer ones.
     #[arg(long, env = "FLANNELD_TC_ATTACH", value_enum, default_value = "auto", hide = true)]
@@ -675,6 +685,7 @@ impl RunArgs {
                 .then(|| std::net::SocketAddr::from((self.healthz_ip, self.healthz_port))),
             dataplane: self.dataplane,
             delivery: self.decap_delivery.effective(),
+            inner_source: self.inner_source_check,
             max_routes: self.max_routes,
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,
@@ -720,6 +731,7 @@ impl RunArgs {
             bpffs_dir,
             mtu: self.mtu.map(crate::dataplane::MtuAsked::Overlay),
             delivery: self.decap_delivery.effective(),
+            inner_source: self.inner_source_check,
             max_routes: self.max_routes,
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,

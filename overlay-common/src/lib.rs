@@ -379,6 +379,10 @@ pub mod config_flags {
     // 1 << 3 was NATIVE_UNMERGED (retired split delivery: merged frames through the kernel
     // device and the rest through the program could reorder a flow, and it was never shown
     // faster).
+    /// `--inner-source-check peer`: a known peer's frame may carry any inner source (as a
+    /// stock flannel node takes it: routed external clients, host processes bound to another
+    /// address); without it the source must lie in a subnet that very peer leases.
+    pub const ANY_INNER_SOURCE: u16 = 1 << 4;
 }
 
 /// The single entry of `DP_CONFIG`. Written by the agent at start-up, read by every program

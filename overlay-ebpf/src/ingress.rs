@@ -212,7 +212,11 @@ fn check_inner<P: Packet>(p: &P, cfg: &DataplaneConfig, mode: EncapMode, peer: [
     if !cfg.is_local(inner_dst) {
         return Err(Counter::NotLocalSubnet.into());
     }
-    // The inner source must belong to a subnet leased by the very peer that sent it.
+    // The inner source must belong to a subnet leased by the very peer that sent it (unless
+    // the operator relaxed it: any source from a known peer).
+    if cfg.flags & config_flags::ANY_INNER_SOURCE != 0 {
+        return Ok(strip);
+    }
     let key = Key { prefix_len: 32, data: inner_src };
     match VTEP_BY_SUBNET.get(&key) {
         Some(v) if v.underlay_ip == peer => Ok(strip),
@@ -385,9 +389,11 @@ fn check6_at<P: Packet, const UDP: usize>(
         return Err(Counter::NotLocalSubnet.into());
     }
     let inner_src: [u8; 16] = p.read_head(inner + 8).ok_or(Counter::Truncated)?;
-    match VTEP6_BY_SUBNET.get(&Key { prefix_len: 128, data: inner_src }) {
-        Some(v) if v.underlay_ip == peer => {}
-        _ => return Err(Counter::SpoofedSource.into()),
+    if cfg.flags & config_flags::ANY_INNER_SOURCE == 0 {
+        match VTEP6_BY_SUBNET.get(&Key { prefix_len: 128, data: inner_src }) {
+            Some(v) if v.underlay_ip == peer => {}
+            _ => return Err(Counter::SpoofedSource.into()),
+        }
     }
     if fragment == Fragment::First {
         count(Counter::FragmentToKernel);

@@ -566,6 +566,38 @@ fn malformed_outer_frames_are_dropped_and_counted_with_xdp_decap() {
     malformed_outer_frames("mx", "xdp");
 }
 
+/// `--inner-source-check peer`: a known peer's frame may carry an inner source outside the
+/// peer's own subnet (here another node's container: a client routed through the peer), as
+/// a stock flannel node takes it, and it is delivered; a non-peer's frame, and one for
+/// another node's subnet, are still dropped. (The default, strict, drops the first as
+/// `spoofed_source`: `hostile_frames`.)
+#[test]
+fn a_peer_may_speak_for_other_sources_when_the_check_is_relaxed() {
+    let spec = ClusterSpec { agent_args: vec!["--inner-source-check=peer".into()], ..ClusterSpec::agents(Backend::Vxlan, "tc", 3) };
+    let mut c = cluster("is", &spec);
+    let evil_ip = Ipv4Addr::new(192, 168, 100, 98);
+    let evil = ok("evil host", c.add_underlay_host("evil", evil_ip));
+    let (n1, n2, n3) = (c.node(1), c.node(2), c.node(3));
+    let (victim, port, mac) = (n1.container_ip(0), 9996, n1.vtep_mac);
+    let vxlan_to_n1 = SocketAddrV4::new(n1.underlay_ip, 8472);
+    let from_n2 = SocketAddrV4::new(n2.underlay_ip, 0);
+    let probe = ok("probe", UdpProbe::start(&n1.containers[0], SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)));
+    let before = n1.counters();
+    // Not a peer, and for another node's subnet: dropped as before.
+    ok("send", send_udp(&evil, SocketAddrV4::new(evil_ip, 0), vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, n2.container_ip(0), victim, port)]));
+    ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, n2.container_ip(0), n3.container_ip(0), port)]));
+    let dropped = || {
+        let now = n1.counters();
+        now[Counter::UnknownPeer as usize] > before[Counter::UnknownPeer as usize] && now[Counter::NotLocalSubnet as usize] > before[Counter::NotLocalSubnet as usize]
+    };
+    assert!(wait_until(Duration::from_secs(10), dropped), "{:?}", n1.counters());
+    // From a peer, with node 3's container as the inner source: delivered.
+    ok("send", send_udp(&n2.ns, from_n2, vxlan_to_n1, vec![vxlan_payload(0x08, 1, mac, n3.container_ip(0), victim, port)]));
+    let got = probe.finish_after_with_sources(1);
+    assert_eq!(got.iter().map(|(from, _)| from.ip()).collect::<Vec<_>>(), vec![std::net::IpAddr::V4(n3.container_ip(0))], "{got:?}");
+    assert_eq!(n1.counter(Counter::SpoofedSource), before[Counter::SpoofedSource as usize]);
+}
+
 #[test]
 fn hostile_frames_are_dropped_and_counted_with_tc_decap() {
     hostile_frames("ht", "tc");

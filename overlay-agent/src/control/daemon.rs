@@ -67,6 +67,7 @@ pub struct DaemonOptions {
     pub healthz: Option<SocketAddr>,
     pub dataplane: DataplaneKind,
     pub delivery: dataplane::DecapDelivery,
+    pub inner_source: dataplane::InnerSourceCheck,
     pub max_routes: u32,
     pub max_peers: u32,
     /// How TC programs are attached (hidden flag; TCX where the kernel has it).
@@ -413,6 +414,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         bpffs_dir: opts.bpffs_dir.clone(),
         mtu: cfg.backend.mtu.map(dataplane::MtuAsked::Underlay),
         delivery: opts.delivery,
+        inner_source: opts.inner_source,
         max_routes: opts.max_routes,
         max_peers: opts.max_peers,
         tc_attach: opts.tc_attach,

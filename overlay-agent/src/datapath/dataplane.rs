@@ -75,6 +75,27 @@ impl std::fmt::Display for DecapHook {
     }
 }
 
+/// Which inner sources a peer's tunnel frames may carry (see `--inner-source-check`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum InnerSourceCheck {
+    /// Only an address in a subnet the sending peer leases: no node can speak for another
+    /// node's containers.
+    #[default]
+    Strict,
+    /// Any address, from a known peer (as a stock flannel node takes frames): traffic from
+    /// clients routed through a peer, or from a peer's host processes bound to another address.
+    Peer,
+}
+
+impl InnerSourceCheck {
+    fn flags(self) -> u16 {
+        match self {
+            InnerSourceCheck::Strict => 0,
+            InnerSourceCheck::Peer => config_flags::ANY_INNER_SOURCE,
+        }
+    }
+}
+
 /// How checked tunnel frames reach local containers (see `--decap-delivery`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapDelivery {
@@ -129,6 +150,8 @@ pub struct NodeSpec {
     pub mtu: Option<MtuAsked>,
     /// How decapsulated packets reach containers.
     pub delivery: DecapDelivery,
+    /// Which inner sources a peer's frames may carry.
+    pub inner_source: InnerSourceCheck,
     /// Capacity of the route map (remote subnets) and of the peer map (remote nodes).
     pub max_routes: u32,
     pub max_peers: u32,
@@ -346,7 +369,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         mode: spec.mode as u32,
         vni: spec.vni,
         port: spec.port,
-        flags: config_flags::READY | delivery_flags(spec.delivery, spec.mode),
+        flags: config_flags::READY | delivery_flags(spec.delivery, spec.mode) | spec.inner_source.flags(),
         underlay_ifindex: underlay.ifindex,
         overlay_ifindex: device.ifindex,
         underlay_ip: spec.underlay_ip.octets(),
@@ -402,7 +425,7 @@ pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
         mode: EncapMode::Vxlan as u32,
         vni: spec.vni,
         port: spec.port,
-        flags: config_flags::READY | config_flags::KERNEL_DECAP,
+        flags: config_flags::READY | config_flags::KERNEL_DECAP | spec.inner_source.flags(),
         underlay_ifindex: underlay.ifindex,
         overlay_ifindex: 0,
         underlay_ip: [0; 4],
