@@ -597,7 +597,15 @@ pub enum Command {
     #[command(subcommand)]
     Route(RouteCommand),
     /// Remove everything the agent made: links, pinned maps, overlay device and route.
-    Teardown,
+    Teardown {
+        /// Roll back to flanneld instead: remove only what is ours (programs, pinned maps, the
+        /// guard's and NOTRACK's rules, our network route) and leave what a flanneld started
+        /// next adopts: the vxlan device, flannel's forwarding and neighbour entries and
+        /// per-peer routes (written from the route map first, so no packet is lost), flannel's
+        /// firewall chains and the subnet file. Stop the agent first.
+        #[arg(long)]
+        leave_kernel_state: bool,
+    },
     /// Read, write or check the network config in etcd (`<prefix>/config`).
     #[command(subcommand)]
     Config(ConfigCommand),

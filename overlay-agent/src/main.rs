@@ -120,8 +120,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Maps::open(&dir)?.remove_route(subnet.trunc())?;
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::Teardown) => {
+        Some(Command::Teardown { leave_kernel_state: false }) => {
             dataplane::teardown(&dir)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::Teardown { leave_kernel_state: true }) => {
+            dataplane::release_to_flannel(&dir)?;
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Config(cmd)) => config_command(&cli.etcd, cmd),

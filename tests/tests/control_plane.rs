@@ -904,3 +904,54 @@ fn a_node_without_ebpf_runs_as_a_stock_flannel_node() {
         ok(&format!("ping {a} -> {b} after"), ping(&c.node(a).containers[0], c.node(b).container_ip(0), 2));
     }
 }
+
+/// Rolling a node back to flanneld: with its agent stopped, `teardown --leave-kernel-state`
+/// leaves what a flanneld started next adopts (the vxlan device and its address, flannel's
+/// neighbour, forwarding and per-peer route entries, flannel's chains) and removes what is
+/// ours (programs, pins, our network route). A ping stream of 100/s from a container on the
+/// other node loses nothing across the switch, and the kernel device carries the traffic
+/// afterwards, both ways.
+#[test]
+fn a_rollback_to_flanneld_leaves_its_kernel_state_and_loses_nothing() {
+    use overlay_common::Counter;
+    let mut c = cluster("rb", &ClusterSpec { agent_args: vec!["--ip-masq".into()], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2) });
+    assert!(wait_until(PROPAGATION_BOUND, || converged(&c)));
+    let (n1, n2) = (c.node(1), c.node(2));
+    let (n2_subnet, n2_gw, n2_mac, n2_ip) = (n2.subnet.to_string(), n2.subnet.network().to_string(), overlay_agent::netdev::format_mac(&n2.vtep_mac), n2.underlay_ip.to_string());
+    let dst = n1.container_ip(0).to_string();
+    let tx_packets = |c: &Cluster| -> u64 {
+        let out = c.node(1).ns.run("cat", &["/proc/net/dev"]).unwrap_or_default();
+        out.lines().find(|l| l.trim_start().starts_with("flannel.1:")).and_then(|l| l.split_whitespace().nth(10)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let kernel_tx_before = tx_packets(&c);
+    let encapsulated = n1.counter(Counter::Encapsulated);
+    let stream = c.node(2).containers[0]
+        .command("ping")
+        .args(["-n", "-q", "-i", "0.01", "-c", "400", "-W", "1", &dst])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    // The switch happens while the stream flows: once node 1's program has answered some.
+    assert!(wait_until(Duration::from_secs(10), || c.node(1).counter(Counter::Encapsulated) >= encapsulated + 20), "the stream did not start");
+    ok("stop", c.stop_agent(1));
+    ok("rollback", c.node(1).agent_cli(&["teardown", "--leave-kernel-state"]));
+    let out = stream.wait_with_output().expect("ping output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("400 packets transmitted, 400 received"), "packets were lost across the rollback:\n{text}");
+
+    let (n1, n2) = (c.node(1), c.node(2));
+    assert!(!n1.bpffs_dir.exists(), "pins left");
+    let routes = ok("routes", n1.ns.run("ip", &["route", "show", "dev", "flannel.1"]));
+    assert!(routes.contains(&format!("{n2_subnet} via {n2_gw} onlink")) && !routes.contains("169.254.1.1"), "{routes}");
+    let neigh = ok("neigh", n1.ns.run("ip", &["neigh", "show", "dev", "flannel.1"]));
+    assert!(neigh.contains(&format!("{n2_gw} lladdr {n2_mac} PERMANENT")), "{neigh}");
+    let fdb = ok("fdb", n1.ns.run("bridge", &["fdb", "show", "dev", "flannel.1"]));
+    assert!(fdb.contains(&format!("{n2_mac} dst {n2_ip}")), "{fdb}");
+    let addr = ok("addr", n1.ns.run("ip", &["-4", "addr", "show", "dev", "flannel.1"]));
+    assert!(addr.contains(&format!("inet {}/32", n1.subnet.network())), "{addr}");
+    assert!(ok("chains", n1.ns.run("iptables", &["-w", "-t", "nat", "-S", "FLANNEL-POSTRTG"])).contains("MASQUERADE"), "flannel's chains stay");
+    // The kernel device encapsulates now, both ways.
+    ok("ping 1 -> 2", ping(&n1.containers[0], n2.container_ip(0), 3));
+    ok("ping 2 -> 1", ping(&n2.containers[0], n1.container_ip(0), 3));
+    assert!(tx_packets(&c) > kernel_tx_before + 3, "flannel.1's own transmit path did not carry the traffic");
+}

@@ -379,6 +379,9 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         _pad: [0; 2],
     })?;
 
+    // The drop tracer before the links: once `status` sees the programs attached, it is too.
+    let kernel_drops = crate::datapath::kernel_drops::attach(&mut ebpf, &[underlay.ifindex, device.ifindex]);
+
     let same_device = previous.is_some_and(|c| c.overlay_ifindex == device.ifindex);
     let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
     let mech = attach::choose(spec.tc_attach)?;
@@ -406,7 +409,6 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     let guard = guard(&mut ebpf, spec)?;
     netdev::route_network(spec.network, &spec.device)?;
     let pmtu_socket = (spec.mode == EncapMode::Udp).then(|| pmtu_socket(spec.underlay_ip, spec.port)).flatten();
-    let kernel_drops = crate::datapath::kernel_drops::attach(&mut ebpf, &[underlay.ifindex, device.ifindex]);
     Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf, pmtu_socket, kernel_drops })
 }
 
@@ -437,9 +439,9 @@ pub fn up_ipv6_only(spec: &NodeSpec) -> Result<Dataplane> {
     remove_pin(&spec.bpffs_dir.join(LINK_ENCAP))?;
     let same_underlay = previous.is_some_and(|c| c.underlay_ifindex == underlay.ifindex);
     let mech = attach::choose(spec.tc_attach)?;
+    let kernel_drops = crate::datapath::kernel_drops::attach(&mut ebpf, &[underlay.ifindex, device.ifindex]);
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
     let guard = guard(&mut ebpf, spec)?;
-    let kernel_drops = crate::datapath::kernel_drops::attach(&mut ebpf, &[underlay.ifindex, device.ifindex]);
     Ok(Dataplane { maps, mtu: device.mtu, device, underlay, decap_hook, attach: mech, guard, ebpf, pmtu_socket: None, kernel_drops })
 }
 
@@ -868,15 +870,67 @@ pub fn detach_programs(spec: &NodeSpec) -> Result<()> {
     Ok(())
 }
 
-/// Remove everything `up` made: links (detaching the programs), pinned maps, the overlay
-/// device (and with it the overlay route) and the pin directory.
-pub fn teardown(dir: &Path) -> Result<()> {
-    let config = Maps::open(dir).ok().and_then(|m| m.config().ok()).filter(|c| c.is_ready());
-    let device = config.and_then(|c| netdev::name_of(c.overlay_ifindex));
-    // A dual-stack node's IPv6 device goes too.
-    let device6 = config.map(|c| crate::datapath::ipv6::device_name(c.vni));
-    // A degraded run has no maps: its marker names its devices.
-    let degraded = crate::datapath::degraded::devices(dir);
+/// `teardown --leave-kernel-state`: hand the node back to flanneld (a rollback) without a
+/// lost packet. What a flanneld started next adopts stays: the overlay device with its
+/// address, flannel's forwarding and neighbour entries and its per-peer routes (made here
+/// from the route map, first, so that traffic already follows them while our programs are
+/// still attached), flannel's own firewall chains, the subnet file. What is ours goes, in an
+/// order that never leaves a gap: the programs (their links and filters), the pinned maps,
+/// the socket guard's and NOTRACK's firewall rules, and our one network route. Run it with
+/// the agent stopped (its links are held by their pins only then). The udp backend has no
+/// kernel device to leave: refused, `teardown` removes it.
+pub fn release_to_flannel(dir: &Path) -> Result<()> {
+    let maps = Maps::open(dir).context("no data plane of this agent here (nothing to hand over)")?;
+    let config = maps.config()?;
+    if !config.is_ready() {
+        bail!("the data plane in {} was never configured: nothing to hand over; `teardown` removes it", dir.display());
+    }
+    if config.encap_mode() != Some(EncapMode::Vxlan) {
+        bail!("the udp backend has no kernel device a flanneld could take over (flanneld's udp backend makes its own TUN device): use `teardown`");
+    }
+    if !is_ipv6_only(&config) {
+        let device = netdev::name_of(config.overlay_ifindex).context("the overlay device is gone: nothing to hand over")?;
+        // Peers this node routes directly (DirectRouting) keep their direct route.
+        let direct: Vec<Ipv4Net> = netdev::direct_routes()?.into_iter().map(|(s, _)| s).collect();
+        for r in maps.routes()?.iter().filter(|r| !direct.contains(&r.subnet)) {
+            netdev::vxlan_fdb_replace(&device, r.vtep_mac, r.public_ip)?;
+            netdev::set_neighbour(&device, r.subnet.network(), r.vtep_mac)?;
+            netdev::set_peer_route(&device, r.subnet)?;
+        }
+        drop(maps);
+        detach_and_unpin(dir, Some(config))?;
+        // Our one route for the whole network (flanneld routes per peer, as just set up).
+        for (subnet, via) in netdev::peer_routes(&device)? {
+            if via == netdev::OVERLAY_NEXTHOP {
+                netdev::del_peer_route(subnet)?;
+            }
+        }
+    } else {
+        // An IPv6-only node's flannel-v6 already carries flannel's own entries.
+        drop(maps);
+        detach_and_unpin(dir, Some(config))?;
+    }
+    // Our rules; flannel's chains (masquerade, forward) stay for flanneld to adopt.
+    let [_, _, _, _, g, g6, nt, nt_out] = crate::iptables::all_chains();
+    for c in [g, g6, nt, nt_out] {
+        let _ = crate::iptables::remove(&c);
+    }
+    if crate::nftables::has_nft() {
+        let _ = crate::nftables::remove_guard(false);
+        let _ = crate::nftables::remove_guard(true);
+        let _ = crate::nftables::remove_notrack();
+    }
+    crate::datapath::degraded::set_marker(dir, None).context("removing the degraded marker")?;
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+    }
+}
+
+/// Detach our programs (their pinned links, and our cls_bpf filters where the kernel has no
+/// TCX) and remove every pinned map.
+fn detach_and_unpin(dir: &Path, config: Option<DataplaneConfig>) -> Result<()> {
     for link in [LINK_ENCAP, LINK_DECAP_TC, LINK_DECAP_XDP, LINK_GUARD] {
         remove_pin(&dir.join(link))?;
     }
@@ -895,6 +949,19 @@ pub fn teardown(dir: &Path) -> Result<()> {
     for map in map_names::ALL.iter().chain(&map_names::RETIRED) {
         remove_pin(&dir.join(map))?;
     }
+    Ok(())
+}
+
+/// Remove everything `up` made: links (detaching the programs), pinned maps, the overlay
+/// device (and with it the overlay route) and the pin directory.
+pub fn teardown(dir: &Path) -> Result<()> {
+    let config = Maps::open(dir).ok().and_then(|m| m.config().ok()).filter(|c| c.is_ready());
+    let device = config.and_then(|c| netdev::name_of(c.overlay_ifindex));
+    // A dual-stack node's IPv6 device goes too.
+    let device6 = config.map(|c| crate::datapath::ipv6::device_name(c.vni));
+    // A degraded run has no maps: its marker names its devices.
+    let degraded = crate::datapath::degraded::devices(dir);
+    detach_and_unpin(dir, config)?;
     for dev in device.into_iter().chain(device6).chain(degraded) {
         if netdev::link(&dev)?.is_some() {
             netdev::delete_link(&dev)?;
