@@ -740,6 +740,7 @@ impl RunArgs {
             mtu: self.mtu.map(crate::dataplane::MtuAsked::Overlay),
             delivery: self.decap_delivery.effective(),
             inner_source: self.inner_source_check,
+            flannel_peers: Vec::new(),
             max_routes: self.max_routes,
             max_peers: self.max_peers,
             tc_attach: self.tc_attach,

@@ -567,6 +567,23 @@ impl Cluster {
         self.start_node(index - 1)
     }
 
+    /// Replace node `index`'s stock flannel node by an agent in place, as an operator
+    /// replacing flanneld does: everything flanneld left (its lease, the device and its address,
+    /// neighbour, forwarding and route entries) stays; the agent starts over it with the
+    /// cluster's flags (etcd mode) and is waited for.
+    pub fn take_over_stock_node(&mut self, index: usize) -> Result<()> {
+        let etcd_flags = self.etcd_agent_flags();
+        let (backend, env, extra) = (self.backend, self.agent_env.clone(), self.spec.agent_args.clone());
+        let node = &mut self.nodes[index - 1];
+        if node.kind != NodeKind::StockFlannel {
+            bail!("node {index} is not a stock flannel node");
+        }
+        node.kind = NodeKind::Agent { decap_hook: "tc" };
+        node.agent_env = env;
+        let args = node.command_line(etcd_flags.as_deref(), backend, &extra);
+        node.spawn_agent(&args, etcd_flags.is_some())
+    }
+
     /// Flags and environment for agents started from now on (etcd mode).
     pub fn set_agent_args(&mut self, args: Vec<String>, env: Vec<(String, String)>) {
         self.spec.agent_args = args;

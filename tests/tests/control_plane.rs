@@ -955,3 +955,33 @@ fn a_rollback_to_flanneld_leaves_its_kernel_state_and_loses_nothing() {
     ok("ping 2 -> 1", ping(&n2.containers[0], n1.container_ip(0), 3));
     assert!(tx_packets(&c) > kernel_tx_before + 3, "flannel.1's own transmit path did not carry the traffic");
 }
+
+/// Replacing a running flanneld in place: node 1 is set up exactly as flanneld leaves it (its
+/// lease in etcd, flannel.1 with its address, per-peer neighbour, forwarding and route entries
+/// to node 2), node 2 runs the agent. The agent started on node 1 keeps its subnet and takes
+/// over flannel.1, and a UDP stream of 1,000 datagrams/s from node 2's container to node 1's
+/// loses nothing across the switch.
+#[test]
+fn taking_over_a_flanneld_node_loses_nothing() {
+    let spec = ClusterSpec { nodes: vec![NodeKind::StockFlannel, NodeKind::Agent { decap_hook: "tc" }], ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2) };
+    let mut c = cluster("to", &spec);
+    ok("flanneld's routes on node 1", c.add_route(c.node(1), c.node(2)));
+    let subnet = c.node(1).subnet;
+    assert!(wait_until(PROPAGATION_BOUND, || c.node(2).routes().iter().any(|r| r.subnet == subnet)), "node 2 never learnt node 1's lease");
+    let stream = ok(
+        "stream",
+        overlay_tests::traffic::UdpStream::start(&c.node(2).containers[0], &c.node(1).containers[0], c.node(1).container_ip(0), 7004, 1000),
+    );
+    assert!(wait_until(Duration::from_secs(10), || stream.received_so_far() >= 500), "the stream did not start");
+    ok("take over", c.take_over_stock_node(1));
+    let n1 = c.node(1);
+    let status = ok("status", n1.agent_cli(&["status"]));
+    assert!(status.contains("encap=attached") && status.contains("ready=true"), "{status}");
+    assert_eq!(n1.routes().len(), 1, "{}", n1.log_text());
+    assert!(n1.log_text().contains(&subnet.to_string()), "node 1 did not keep its subnet:\n{}", n1.log_text());
+    let got = stream.received_so_far();
+    assert!(wait_until(Duration::from_secs(10), || stream.received_so_far() >= got + 1000), "the stream stalled after the takeover");
+    let r = ok("stream", stream.finish());
+    assert_eq!(r.lost, 0, "datagrams lost across the takeover: {r:?}\n{}", c.node(1).log_text());
+    ok("ping back", ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2));
+}

@@ -415,6 +415,7 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         mtu: cfg.backend.mtu.map(dataplane::MtuAsked::Underlay),
         delivery: opts.delivery,
         inner_source: opts.inner_source,
+        flannel_peers: Vec::new(),
         max_routes: opts.max_routes,
         max_peers: opts.max_peers,
         tc_attach: opts.tc_attach,
@@ -448,7 +449,8 @@ async fn start(opts: DaemonOptions, state: Arc<AgentState>) -> Result<Daemon> {
         (Some(o6), _) if !cfg.enable_ipv4 => LeaseAttrs::vxlan_ipv6_only(o6.public_ip, cfg.backend.vni, o6.mac),
         _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
         (_, EncapMode::Vxlan) => {
-            let (_, device, _) = dataplane::prepare_device(&spec)?;
+            let (_, device, _, flannel_peers) = dataplane::prepare_device(&spec)?;
+            spec.flannel_peers = flannel_peers;
             LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
         }
         (_, EncapMode::Udp) => LeaseAttrs::udp(public_ip),

@@ -152,6 +152,9 @@ pub struct NodeSpec {
     pub delivery: DecapDelivery,
     /// Which inner sources a peer's frames may carry.
     pub inner_source: InnerSourceCheck,
+    /// The peers a stock flanneld left on the device, found when it was first prepared
+    /// (`prepare_device`), for `up` to put into empty maps.
+    pub flannel_peers: Vec<FlannelPeer>,
     /// Capacity of the route map (remote subnets) and of the peer map (remote nodes).
     pub max_routes: u32,
     pub max_peers: u32,
@@ -342,9 +345,18 @@ pub fn overlay_mtu(asked: Option<MtuAsked>, mode: EncapMode, underlay: &str, und
 
 /// The overlay device as the spec wants it (created or kept), its MTU, and the underlay.
 /// Called before a lease is claimed: the device's MAC is the VtepMAC the lease announces.
-pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32)> {
+pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32, Vec<FlannelPeer>)> {
     let underlay = netdev::require_link(&spec.iface)?;
     let mtu = overlay_mtu(spec.mtu, spec.mode, &underlay.name, underlay.mtu)?;
+    // The peers a stock flanneld left on its device, read before the device is configured
+    // (turning ARP off on it flushes its neighbour entries, permanent ones included).
+    let flannel_peers = match spec.mode {
+        EncapMode::Vxlan if netdev::link(&spec.device)?.is_some() => netdev::flannel_peers(&spec.device).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, device = %spec.device, "reading the peers flanneld left on the device");
+            Vec::new()
+        }),
+        _ => Vec::new(),
+    };
     match spec.mode {
         EncapMode::Vxlan => {
             netdev::ensure_vxlan(&spec.device, spec.vni, spec.port, spec.underlay_ip, &spec.iface)?;
@@ -355,14 +367,19 @@ pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32)> {
     }
     netdev::configure_up(&spec.device, Some(mtu))?;
     let device = netdev::require_link(&spec.device)?;
-    Ok((underlay, device, mtu))
+    Ok((underlay, device, mtu, flannel_peers))
 }
+
+/// A peer a stock flanneld left on its device: (subnet, public IP, VtepMAC).
+pub type FlannelPeer = (Ipv4Net, Ipv4Addr, [u8; 6]);
 
 /// Bring the node's data plane up (idempotent: an existing device, maps and links are
 /// reused or replaced in place).
 pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     prepare_pin_dir(&spec.bpffs_dir)?;
-    let (underlay, device, mtu) = prepare_device(spec)?;
+    let (underlay, device, mtu, found) = prepare_device(spec)?;
+    // Those the daemon found when it first prepared the device (for its MAC), else these.
+    let flannel_peers = if spec.flannel_peers.is_empty() { found } else { spec.flannel_peers.clone() };
     netdev::set_device_address(&spec.device, spec.subnet.network())?;
     let (mut ebpf, mut maps, previous) = load(spec)?;
     maps.set_config(&DataplaneConfig {
@@ -378,6 +395,14 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
         vtep_mac: device.mac,
         _pad: [0; 2],
     })?;
+
+    // Taking over from flanneld (its device kept, our maps empty): the peers it left on the
+    // device go into the maps before any program is attached, so that neither decap (which
+    // drops frames from senders not in the peer map) nor encap (no route) stops the traffic
+    // flowing through the device while the agent first reads etcd; that reconcile corrects them.
+    if !flannel_peers.is_empty() && maps.routes()?.is_empty() {
+        adopt_flannel_peers(&mut maps, &spec.device, flannel_peers);
+    }
 
     // The drop tracer before the links: once `status` sees the programs attached, it is too.
     let kernel_drops = crate::datapath::kernel_drops::attach(&mut ebpf, &[underlay.ifindex, device.ifindex]);
@@ -410,6 +435,21 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     netdev::route_network(spec.network, &spec.device)?;
     let pmtu_socket = (spec.mode == EncapMode::Udp).then(|| pmtu_socket(spec.underlay_ip, spec.port)).flatten();
     Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf, pmtu_socket, kernel_drops })
+}
+
+/// Put the peers a stock flanneld left on `device` into empty maps (logged; etcd's listing
+/// comes right after and corrects them).
+fn adopt_flannel_peers(maps: &mut Maps, device: &str, peers: Vec<FlannelPeer>) {
+    let mut adopted = 0;
+    for (subnet, public_ip, vtep_mac) in peers {
+        match maps.upsert_route(&crate::datapath::maps::Route { subnet, public_ip, vtep_mac }) {
+            Ok(()) => adopted += 1,
+            Err(e) => tracing::warn!(error = %e, %subnet, "adopting a peer flanneld left"),
+        }
+    }
+    if adopted > 0 {
+        tracing::info!(peers = adopted, %device, "took over the peers flanneld left on the device (etcd's listing follows)");
+    }
 }
 
 /// An IPv6-only node's data plane: no IPv4 device, no encapsulation program (the kernel's

@@ -1114,6 +1114,45 @@ pub fn vxlan_fdb(dev: &str) -> Result<Vec<([u8; 6], Ipv4Addr)>> {
         .collect())
 }
 
+/// The IPv4 neighbour entries on `dev` with a link-layer address (flanneld's permanent
+/// entries giving each peer subnet's network address the peer's VtepMAC among them).
+pub fn neighbours(dev: &str) -> Result<Vec<(Ipv4Addr, [u8; 6])>> {
+    let l = require_link(dev)?;
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    let msgs = request(&format!("list the neighbours of {dev}"), RouteNetlinkMessage::GetNeighbour(m), NLM_F_DUMP)?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == l.ifindex => {
+                let ip = n.attributes.iter().find_map(|a| if let NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) = a { Some(*ip) } else { None })?;
+                let mac = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => <[u8; 6]>::try_from(b.as_slice()).ok(),
+                    _ => None,
+                })?;
+                Some((ip, mac))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+/// The peers a stock flanneld left configured on its vxlan device `dev`, as (subnet, public
+/// IP, VtepMAC): each route `subnet via <subnet's network address> onlink`, whose neighbour
+/// entry gives the VtepMAC and whose forwarding entry gives where frames for it go.
+pub fn flannel_peers(dev: &str) -> Result<Vec<(Ipv4Net, Ipv4Addr, [u8; 6])>> {
+    let (neigh, fdb) = (neighbours(dev)?, vxlan_fdb(dev)?);
+    Ok(peer_routes(dev)?
+        .into_iter()
+        .filter(|(subnet, via)| *via == subnet.network())
+        .filter_map(|(subnet, via)| {
+            let mac = neigh.iter().find(|(ip, _)| *ip == via)?.1;
+            let dst = fdb.iter().find(|(m, _)| *m == mac)?.1;
+            Some((subnet, dst, mac))
+        })
+        .collect())
+}
+
 /// Add (or keep) the entry sending frames for `mac` to `dst`, as flannel's vxlan backend does.
 pub fn vxlan_fdb_replace(dev: &str, mac: [u8; 6], dst: Ipv4Addr) -> Result<()> {
     let l = require_link(dev)?;
