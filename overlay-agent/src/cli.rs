@@ -23,13 +23,14 @@ use crate::{
         up the eBPF data plane (TC egress encapsulation on the overlay device; XDP or TC ingress \
         checks on the underlay, before the kernel's vxlan device decapsulates what passes them; \
         pinned under --bpffs-dir) and keeps its routes equal to the leases in etcd. The data plane keeps forwarding after the agent exits; `teardown` \
-        removes it.\n\nflanneld's flags are accepted as flanneld spells them, Go style \
+        removes it (`teardown --leave-kernel-state` hands the node back to flanneld).\n\nflanneld's flags are accepted as flanneld spells them, Go style \
         included (-etcd-cafile=F works like --etcd-cafile F, -v=2 sets the log level), and \
         every flag can be set as an environment variable FLANNELD_<FLAG> (e.g. \
         FLANNELD_ETCD_ENDPOINTS), read as flanneld reads them: Go's booleans (1, t, true, ...), \
         an empty variable as unset, a bad value logged and left out. Leases live in etcd: \
-        flanneld's --kube-subnet-mgr (leases in Kubernetes Node objects) is not implemented; \
-        a Kubernetes node runs the agent in etcd mode (docs/kubernetes.md).\n\nRun under the \
+        flanneld's --kube-subnet-mgr (leases in Kubernetes Node objects) and its other \
+        Kubernetes-mode flags are refused with what to do instead; a Kubernetes node runs the \
+        agent in etcd mode (docs/kubernetes.md).\n\nRun under the \
         name `flannel` (see `install-cni`), it is flannel's CNI plugin for containerd, CRI-O, \
         podman and Kubernetes.\n\nWith \
         --network and --subnet it runs without etcd (static mode; routes via `route add`).",
