@@ -871,9 +871,6 @@ fn blackholes_wanted(asked: bool, cfg: &NetworkConfig, held: &Held) -> Vec<IpNet
 /// `--iptables-resync` seconds); true if one had to be.
 fn keep_blackholes(state: &AgentState) -> Result<bool> {
     let wanted = state.blackholes.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if wanted.is_empty() {
-        return Ok(false);
-    }
     let present = netdev::blackhole_routes()?;
     let mut restored = false;
     for subnet in wanted.iter().filter(|s| !present.contains(s)) {
@@ -892,11 +889,14 @@ async fn resync_rules(rules: SharedRules, every: Duration, state: Arc<AgentState
     tick.tick().await;
     loop {
         tick.tick().await;
-        let st = state.clone();
-        match tokio::task::spawn_blocking(move || keep_blackholes(&st)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!(error = %crate::error_chain(e.as_ref()), "checking the blackhole routes"),
-            Err(e) => tracing::error!(error = %e, "the blackhole route task"),
+        // Netlink on a blocking thread, and only where --ip-blackhole-route asked for routes.
+        if !state.blackholes.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            let st = state.clone();
+            match tokio::task::spawn_blocking(move || keep_blackholes(&st)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %crate::error_chain(e.as_ref()), "checking the blackhole routes"),
+                Err(e) => tracing::error!(error = %e, "the blackhole route task"),
+            }
         }
         match ensure_rules(&rules).await {
             Ok(true) => {

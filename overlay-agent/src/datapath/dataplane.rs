@@ -956,10 +956,20 @@ pub fn release_to_flannel(dir: &Path) -> Result<()> {
         let _ = crate::iptables::remove(&c);
     }
     if crate::nftables::has_nft() {
-        let _ = crate::nftables::remove_guard(false);
-        let _ = crate::nftables::remove_guard(true);
-        let _ = crate::nftables::remove_notrack();
+        remove_our_nft_tables();
     }
+    remove_pin_dir(dir)
+}
+
+/// The guard's and NOTRACK's nftables tables (flannel's own tables are not ours to judge here).
+fn remove_our_nft_tables() {
+    let _ = crate::nftables::remove_guard(false);
+    let _ = crate::nftables::remove_guard(true);
+    let _ = crate::nftables::remove_notrack();
+}
+
+/// The degraded marker and the (then empty) pin directory.
+fn remove_pin_dir(dir: &Path) -> Result<()> {
     crate::datapath::degraded::set_marker(dir, None).context("removing the degraded marker")?;
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
@@ -1013,16 +1023,9 @@ pub fn teardown(dir: &Path) -> Result<()> {
     }
     // And the nftables forms, where nft exists: flannel's tables and the guard's.
     if crate::nftables::remove().is_ok() {
-        let _ = crate::nftables::remove_guard(false);
-        let _ = crate::nftables::remove_guard(true);
-        let _ = crate::nftables::remove_notrack();
+        remove_our_nft_tables();
     }
-    crate::datapath::degraded::set_marker(dir, None).context("removing the degraded marker")?;
-    match fs::remove_dir(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
-    }
+    remove_pin_dir(dir)
 }
 
 #[cfg(test)]
