@@ -105,8 +105,14 @@ fn a_cluster_with_a_stock_node_works_on_this_kernel() {
         b.write(&mut p, body).expect("inner frame");
         p
     };
-    ok("forged", send_udp(&n2.ns, from_n2, to_n1, vec![frame(Ipv4Addr::new(10, 244, 99, 7), b"forged")]));
-    assert!(wait_until(Duration::from_secs(30), || n1.counter(Counter::SpoofedSource) > before), "the forged frame was not counted");
+    // A single datagram went uncounted once in a full run on a loaded machine (never alone,
+    // 6 of 6): one datagram is not a condition to wait for. Sent again, a bounded number of
+    // times, until the counter moves; every copy is dropped, so none can reach the probe.
+    let counted = (0..6).any(|_| {
+        ok("forged", send_udp(&n2.ns, from_n2, to_n1, vec![frame(Ipv4Addr::new(10, 244, 99, 7), b"forged")]));
+        wait_until(Duration::from_secs(5), || n1.counter(Counter::SpoofedSource) > before)
+    });
+    assert!(counted, "the forged frame was not counted (sent 6 times, 5 s apart)");
     ok("legit", send_udp(&n2.ns, from_n2, to_n1, vec![frame(n2.container_ip(0), b"legit")]));
     assert_eq!(probe.finish_after(1), vec![b"legit".to_vec()], "only the frame with its own source arrives");
 }
