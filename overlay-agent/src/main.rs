@@ -97,9 +97,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "device={} underlay={} encap={} decap={} attach={} guard={} ready={} kernel_drops={}",
                 st.device.as_deref().unwrap_or("-"),
                 st.underlay.as_deref().unwrap_or("-"),
-                match (st.encap_attached, st.is_ipv6_only()) {
+                match (st.encap_attached, st.kernel_encapsulates()) {
                     (true, _) => "attached",
-                    // The kernel's flannel-v6 encapsulates.
+                    // The kernel's flannel-v6 or flannel.ipip encapsulates.
                     (false, true) => "kernel",
                     (false, false) => "detached",
                 },
@@ -253,12 +253,13 @@ fn run_static(args: &RunArgs, dir: std::path::PathBuf) -> Result<ExitCode> {
     // the programs do.
     if dp.guard == overlay_agent::datapath::attach::Guard::Firewall {
         let addr = std::net::IpAddr::V4(spec.underlay_ip);
+        let tunnel = overlay_agent::iptables::GuardedTunnel::of(spec.mode, spec.port);
         let installed = if overlay_agent::nftables::has_nft() {
-            overlay_agent::nftables::ensure_guard(&overlay_agent::nftables::NftGuard { iface: spec.iface.clone(), addr, port: spec.port })
+            overlay_agent::nftables::ensure_guard(&overlay_agent::nftables::NftGuard { iface: spec.iface.clone(), addr, tunnel })
                 .map(drop)
                 .map_err(anyhow::Error::from)
         } else {
-            overlay_agent::iptables::ensure(&overlay_agent::iptables::guard("iptables", &spec.iface, addr, spec.port)).map(drop).map_err(anyhow::Error::from)
+            overlay_agent::iptables::ensure(&overlay_agent::iptables::guard("iptables", &spec.iface, addr, tunnel)).map(drop).map_err(anyhow::Error::from)
         };
         installed.context("installing the socket guard's firewall rule")?;
         dataplane::retire_guard_program(&spec.bpffs_dir)?;

@@ -261,6 +261,85 @@ fn decap_checks_every_frame_and_counts_each_reason() {
     });
 }
 
+/// An IP-in-IP packet from `outer_src` to us carrying the IPv4 packet of `inner` (an
+/// Ethernet frame: its header is left off), as flannel.ipip sends it.
+fn ipip_frame(outer_src: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([0x02, 0, 0, 0, 0, 0x99], UNDERLAY_MAC)
+        .ipv4(outer_src.octets(), ME.octets(), 64)
+        .write(&mut f, etherparse::IpNumber::IPV4, &inner[14..])
+        .unwrap();
+    f
+}
+
+/// flannel's ipip backend: on an ipip node, IP-in-IP to our address is checked as VXLAN is
+/// (a peer's, no options, an outer header ip_rcv takes, an inner packet for our subnet from
+/// the sending peer's; fragments fail closed) and left to the kernel's flannel.ipip; UDP to
+/// a tunnel port is not ours there, and IP-in-IP is not ours on a vxlan node.
+#[test]
+fn ipip_decap_checks_every_packet_and_counts_each_reason() {
+    in_private_netns(|| {
+        let mut n = Node::new(config_flags::KERNEL_DECAP);
+        let mac = n.cfg.vtep_mac;
+        let valid = ipip_frame(PEER_A, &from_a(mac));
+        // On a vxlan node, IP-in-IP is not ours.
+        for prog in [prog_names::TC_INGRESS_DECAP, prog_names::XDP_DECAP] {
+            let pass = if prog == prog_names::XDP_DECAP { XDP_PASS } else { TCX_NEXT };
+            assert_eq!(n.run(prog, &valid), (pass, valid.clone(), vec![]), "{prog}: IP-in-IP on a vxlan node");
+        }
+        n.cfg.mode = EncapMode::Ipip as u32;
+        n.cfg.port = 0;
+        n.maps.set_config(&n.cfg).expect("config");
+        for prog in [prog_names::TC_INGRESS_DECAP, prog_names::XDP_DECAP] {
+            let (pass, drop) = if prog == prog_names::XDP_DECAP { (XDP_PASS, XDP_DROP) } else { (TCX_NEXT, TC_ACT_SHOT) };
+            let (rc, out, moved) = n.run(prog, &valid);
+            assert_eq!((rc, moved), (pass, vec![("decapsulated", 1)]), "{prog}: a valid packet goes on to flannel.ipip");
+            assert_eq!(out, valid, "{prog}: unchanged");
+
+            // Not ours: another node's address, a VXLAN datagram (no UDP tunnel here).
+            let mut other_dst = valid.clone();
+            other_dst[33] = 77;
+            fix_checksum(&mut other_dst, 14);
+            let vxlan = vxlan_frame(PEER_A, 0x08, 1, 0, &from_a(mac));
+            for (what, f) in [("other destination", other_dst), ("VXLAN on an ipip node", vxlan)] {
+                let (rc, out, moved) = n.run(prog, &f);
+                assert_eq!((rc, moved), (pass, vec![]), "{prog}: {what} is not ours");
+                assert_eq!(out, f, "{prog}: {what} untouched");
+            }
+
+            let mut bad_sum = valid.clone();
+            bad_sum[24] ^= 0xff;
+            let mut long = valid.clone();
+            long[16..18].copy_from_slice(&((valid.len() - 14 + 8) as u16).to_be_bytes());
+            fix_checksum(&mut long, 14);
+            let cases: Vec<(&str, Vec<u8>)> = vec![
+                ("unknown_peer", ipip_frame(STRANGER, &from_a(mac))),
+                ("outer_ip_options", with_options(&valid)),
+                ("bad_outer_header", bad_sum),
+                ("truncated", long),
+                ("not_local_subnet", ipip_frame(PEER_A, &inner_frame([10, 244, 2, 7], [10, 244, 3, 5], 0, true, 32, MAC_A, mac))),
+                ("spoofed_source", ipip_frame(PEER_A, &inner_frame([10, 244, 3, 7], [10, 244, 1, 5], 0, true, 32, MAC_A, mac))),
+                // Fragments: a later one may not start inside the inner header; a first one
+                // must carry it whole.
+                ("fragment_overlap", fragment4(&valid, 8, 64, false, 7)),
+                ("tiny_fragment", fragment4(&valid, 0, 16, true, 7)),
+                ("unknown_peer", fragment4(&ipip_frame(STRANGER, &from_a(mac)), 0, 24, true, 8)),
+                ("spoofed_source", fragment4(&ipip_frame(PEER_A, &inner_frame([10, 244, 3, 7], [10, 244, 1, 5], 0, true, 32, MAC_A, mac)), 0, 24, true, 9)),
+            ];
+            for (reason, f) in cases {
+                let (rc, _, moved) = n.run(prog, &f);
+                assert_eq!((rc, moved), (drop, vec![(reason, 1)]), "{prog}: {reason}");
+            }
+            // The legitimate fragments of the same packet: the first checked and left to the
+            // kernel to reassemble, a later one past the inner header passed.
+            let (rc, _, moved) = n.run(prog, &fragment4(&valid, 0, 24, true, 10));
+            assert_eq!((rc, moved), (pass, vec![("fragment_to_kernel", 1)]), "{prog}: a first fragment carrying the inner header");
+            let (rc, _, moved) = n.run(prog, &fragment4(&valid, 24, 64, false, 10));
+            assert_eq!((rc, moved), (pass, vec![]), "{prog}: a later fragment past the inner header");
+        }
+    });
+}
+
 /// The IPv4 datagram of Ethernet frame `frame` (no options) as one fragment: `len` bytes of
 /// its payload from `offset` (a multiple of 8), more-fragments as given, IP ID `id`.
 fn fragment4(frame: &[u8], offset: usize, len: usize, more: bool, id: u16) -> Vec<u8> {

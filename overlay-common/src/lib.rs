@@ -119,6 +119,9 @@ pub enum EncapMode {
     Vxlan = 1,
     /// flannel's udp backend: the raw inner IPv4 packet as UDP payload (28 bytes).
     Udp = 2,
+    /// flannel's ipip backend: IPv4 in IPv4 (protocol 4, 20 bytes). The kernel's
+    /// `flannel.ipip` device encapsulates and decapsulates; the programs check what arrives.
+    Ipip = 3,
 }
 
 impl EncapMode {
@@ -126,6 +129,7 @@ impl EncapMode {
         match v {
             1 => Some(Self::Vxlan),
             2 => Some(Self::Udp),
+            3 => Some(Self::Ipip),
             _ => None,
         }
     }
@@ -135,6 +139,7 @@ impl EncapMode {
         match self {
             Self::Vxlan => VXLAN_OVERHEAD,
             Self::Udp => UDP_OVERHEAD,
+            Self::Ipip => IPIP_OVERHEAD,
         }
     }
 }

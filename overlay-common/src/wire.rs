@@ -13,6 +13,8 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 /// The fixed IPv6 header (no extension headers).
 pub const IPV6_HLEN: usize = 40;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv4 in IPv4 (RFC 2003): flannel's ipip backend.
+pub const IPPROTO_IPIP: u8 = 4;
 /// The ECN field of the IPv4 TOS byte, and its congestion-experienced codepoint (RFC 3168).
 pub const ECN_MASK: u8 = 0x03;
 pub const ECN_CE: u8 = 0x03;
@@ -27,7 +29,10 @@ pub const DEFAULT_VNI: u32 = 1;
 pub const VXLAN_OVERHEAD: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
 /// Outer IPv4 + UDP: the MTU cost of flannel's udp encapsulation.
 pub const UDP_OVERHEAD: usize = IPV4_HLEN + UDP_HLEN;
-const _: () = assert!(VXLAN_OVERHEAD == 50 && UDP_OVERHEAD == 28);
+/// Outer IPv4 alone: the MTU cost of IP-in-IP (flannel's ipip backend: the underlay's MTU
+/// less 20).
+pub const IPIP_OVERHEAD: usize = IPV4_HLEN;
+const _: () = assert!(VXLAN_OVERHEAD == 50 && UDP_OVERHEAD == 28 && IPIP_OVERHEAD == 20);
 
 /// Bytes written in front of the inner IPv4 packet by VXLAN encap (outer Ethernet included).
 pub const VXLAN_ENCAP_HDR: usize = ETH_HLEN + VXLAN_OVERHEAD;
@@ -354,23 +359,27 @@ impl Fragment {
 /// What the fixed part of an IPv4 header says about a possible tunnel frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ipv4Class {
-    /// Not UDP (or not IPv4 at all): not ours, pass it on.
+    /// Neither UDP nor IP-in-IP (or not IPv4 at all): not ours, pass it on.
     NotUdp,
     /// A UDP datagram or a fragment of one. `header_len` is IHL * 4.
     Udp { header_len: usize, fragment: Fragment },
+    /// An IP-in-IP packet (protocol 4) or a fragment of one.
+    Ipip { header_len: usize, fragment: Fragment },
 }
 
 /// Classify a 20-byte IPv4 header.
 #[inline(always)]
 pub fn classify_ipv4(ip: &[u8; IPV4_HLEN]) -> Ipv4Class {
-    if ip[0] >> 4 != 4 || ip[9] != IPPROTO_UDP {
+    if ip[0] >> 4 != 4 || (ip[9] != IPPROTO_UDP && ip[9] != IPPROTO_IPIP) {
         return Ipv4Class::NotUdp;
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    Ipv4Class::Udp {
-        header_len: ((ip[0] & 0x0f) as usize) * 4,
-        fragment: Fragment::from_parts(frag & 0x1fff, frag & 0x2000 != 0),
+    let header_len = ((ip[0] & 0x0f) as usize) * 4;
+    let fragment = Fragment::from_parts(frag & 0x1fff, frag & 0x2000 != 0);
+    if ip[9] == IPPROTO_IPIP {
+        return Ipv4Class::Ipip { header_len, fragment };
     }
+    Ipv4Class::Udp { header_len, fragment }
 }
 
 /// Bytes after the outer IP header that decap reads and checks in a tunnel datagram: UDP,
@@ -381,12 +390,15 @@ pub const fn checked_bytes(mode: crate::EncapMode) -> usize {
     match mode {
         crate::EncapMode::Vxlan => UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV4_HLEN,
         crate::EncapMode::Udp => UDP_HLEN + IPV4_HLEN,
+        crate::EncapMode::Ipip => IPV4_HLEN,
     }
 }
 
 /// The same for a dual-stack node's IPv6 tunnel datagrams (VXLAN with an inner IPv6 header).
 pub const CHECKED_BYTES6: usize = UDP_HLEN + VXLAN_HLEN + ETH_HLEN + IPV6_HLEN;
-const _: () = assert!(checked_bytes(crate::EncapMode::Vxlan) == 50 && checked_bytes(crate::EncapMode::Udp) == 28);
+const _: () = assert!(
+    checked_bytes(crate::EncapMode::Vxlan) == 50 && checked_bytes(crate::EncapMode::Udp) == 28 && checked_bytes(crate::EncapMode::Ipip) == 20
+);
 const _: () = assert!(CHECKED_BYTES6 == 70);
 
 /// A later fragment to our address whose payload starts inside the `checked` bytes would
@@ -452,6 +464,45 @@ pub fn check_first_fragment(ip: &[u8; IPV4_HLEN], udp: &[u8; UDP_HLEN], frame_le
     }
     if (u16::from_be_bytes([udp[4], udp[5]]) as usize) < carried {
         return Err(Counter::BadOuterHeader);
+    }
+    Ok(())
+}
+
+/// Check the outer IPv4 header (no options) of an IP-in-IP packet as ip_rcv would: the
+/// header checksum, a total length that fits in the frame (`Truncated` otherwise) and that
+/// holds at least the inner IPv4 header. A merged (GRO) packet's total length is the
+/// kernel's to keep.
+#[inline(always)]
+pub fn check_outer_ipip(ip: &[u8; IPV4_HLEN], frame_len: usize, merged: bool) -> Result<(), Counter> {
+    if ipv4_checksum(ip) != 0 {
+        return Err(Counter::BadOuterHeader);
+    }
+    if merged {
+        return Ok(());
+    }
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if total > frame_len.saturating_sub(ETH_HLEN) {
+        return Err(Counter::Truncated);
+    }
+    if total < IPV4_HLEN + IPV4_HLEN {
+        return Err(Counter::Truncated);
+    }
+    Ok(())
+}
+
+/// The first fragment of an IP-in-IP packet: the checksum, a total length that fits in the
+/// frame, and the whole inner IPv4 header in this fragment (`TinyFragment` otherwise).
+#[inline(always)]
+pub fn check_first_fragment_ipip(ip: &[u8; IPV4_HLEN], frame_len: usize) -> Result<(), Counter> {
+    if ipv4_checksum(ip) != 0 {
+        return Err(Counter::BadOuterHeader);
+    }
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if total > frame_len.saturating_sub(ETH_HLEN) {
+        return Err(Counter::Truncated);
+    }
+    if total.saturating_sub(IPV4_HLEN) < checked_bytes(crate::EncapMode::Ipip) {
+        return Err(Counter::TinyFragment);
     }
     Ok(())
 }
@@ -577,6 +628,38 @@ mod tests {
         let c = ipv4_checksum(&tiny);
         tiny[10..12].copy_from_slice(&c.to_be_bytes());
         assert_eq!(check_outer(&tiny, &udp, frame_len, false), Err(Counter::BadOuterHeader), "no room for UDP");
+    }
+
+    /// An IP-in-IP packet's outer header: checksum, a length within the frame, room for the
+    /// inner header; a first fragment carries the inner header whole.
+    #[test]
+    fn ipip_outer_headers_are_checked_as_the_stack_would() {
+        let with = |total: u16, frag: u16| {
+            let mut ip = [0u8; IPV4_HLEN];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            ip[6..8].copy_from_slice(&frag.to_be_bytes());
+            ip[8] = 64;
+            ip[9] = IPPROTO_IPIP;
+            ip[12..16].copy_from_slice(&[192, 168, 100, 2]);
+            ip[16..20].copy_from_slice(&[192, 168, 100, 1]);
+            let c = ipv4_checksum(&ip);
+            ip[10..12].copy_from_slice(&c.to_be_bytes());
+            ip
+        };
+        let ip = with(84, 0);
+        let frame_len = ETH_HLEN + 84;
+        assert_eq!(check_outer_ipip(&ip, frame_len, false), Ok(()));
+        assert_eq!(check_outer_ipip(&ip, frame_len + 6, false), Ok(()), "Ethernet padding is allowed");
+        assert_eq!(check_outer_ipip(&ip, frame_len - 1, false), Err(Counter::Truncated));
+        let mut bad = ip;
+        bad[8] ^= 1;
+        assert_eq!(check_outer_ipip(&bad, frame_len, true), Err(Counter::BadOuterHeader));
+        assert_eq!(check_outer_ipip(&with(39, 0), frame_len, false), Err(Counter::Truncated), "no room for the inner header");
+        assert_eq!(check_outer_ipip(&with(39, 0), frame_len, true), Ok(()), "merged: lengths are the kernel's");
+        assert_eq!(check_first_fragment_ipip(&with(1500, 0x2000), ETH_HLEN + 1500), Ok(()));
+        assert_eq!(check_first_fragment_ipip(&with(36, 0x2000), ETH_HLEN + 36), Err(Counter::TinyFragment));
+        assert_eq!(check_first_fragment_ipip(&with(1500, 0x2000), ETH_HLEN + 100), Err(Counter::Truncated));
     }
 
     #[test]
@@ -867,6 +950,8 @@ mod tests {
         assert_eq!(classify_ipv4(&ip), udp(24, Fragment::Later { offset: 0x1fff * 8 }));
         ip[9] = 6;
         assert_eq!(classify_ipv4(&ip), Ipv4Class::NotUdp);
+        ip[9] = IPPROTO_IPIP;
+        assert_eq!(classify_ipv4(&ip), Ipv4Class::Ipip { header_len: 24, fragment: Fragment::Later { offset: 0x1fff * 8 } });
         ip[9] = IPPROTO_UDP;
         ip[0] = 0x65;
         assert_eq!(classify_ipv4(&ip), Ipv4Class::NotUdp, "IPv6 version nibble");
@@ -876,7 +961,7 @@ mod tests {
     /// refused, the first one past them taken, for each encapsulation.
     #[test]
     fn later_fragments_may_not_reach_into_the_checked_headers() {
-        for checked in [checked_bytes(crate::EncapMode::Vxlan), checked_bytes(crate::EncapMode::Udp), CHECKED_BYTES6] {
+        for checked in [checked_bytes(crate::EncapMode::Vxlan), checked_bytes(crate::EncapMode::Udp), checked_bytes(crate::EncapMode::Ipip), CHECKED_BYTES6] {
             for offset in (8..checked).step_by(8) {
                 assert!(later_fragment_overlaps(offset, checked), "offset {offset} of {checked}");
             }

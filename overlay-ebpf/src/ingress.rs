@@ -14,6 +14,10 @@
 //! Every way, the inner packet enters the host on the overlay device and crosses its
 //! netfilter (conntrack, NAT, FORWARD) and reverse-path filter, both directions of every
 //! flow alike. There is no path around the host's netfilter.
+//! flannel's ipip backend: IP-in-IP (protocol 4) to our address gets the same checks (a
+//! peer's, no options, an inner IPv4 packet for our subnet from the sender's subnet) and
+//! passes unchanged to the kernel's flannel.ipip, which decapsulates it; the fragment rules
+//! below apply to it too, with the inner IPv4 header as the checked bytes.
 //! Fragmented tunnel datagrams (vxlan): the first fragment must carry the tunnel and inner
 //! headers whole and pass every check a whole frame passes; a later fragment to our address
 //! may not start inside those headers (RFC 1858). The kernel then reassembles the datagram
@@ -35,10 +39,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::error;
 use overlay_common::{
-    check_first_fragment, check_outer, check_outer6, check_outer6_fragment, check_vxlan, checked_bytes, classify_ipv4,
+    check_first_fragment, check_first_fragment_ipip, check_outer, check_outer6, check_outer_ipip, check_outer6_fragment, check_vxlan, checked_bytes, classify_ipv4,
     config_flags, ecn_decapsulate, ethertype, inner_ipv4_addrs, later_fragment_overlaps, udp_dst_port, Counter,
     DataplaneConfig, EncapMode, Fragment, Hook, Ipv4Class, PeerStats, CHECKED_BYTES6, ECN_CE, ECN_MASK, ETH_HLEN,
-    ETH_P_IPV4, ETH_P_IPV6, FRAG6_HLEN, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, TUNNEL_PAYLOAD_OFF, UDP_HLEN, UDP_OVERHEAD,
+    ETH_P_IPV4, ETH_P_IPV6, FRAG6_HLEN, IPIP_OVERHEAD, IPPROTO_UDP, IPV4_HLEN, IPV6_HLEN, TUNNEL_PAYLOAD_OFF, UDP_HLEN, UDP_OVERHEAD,
     VXLAN_HLEN, VXLAN_OVERHEAD,
 };
 
@@ -83,6 +87,15 @@ struct Tunnel {
     outer_ce: bool,
 }
 
+impl Tunnel {
+    /// A frame of `len` bytes that passed every check: `strip` bytes of tunnel between its
+    /// outer Ethernet header `eth` and the inner packet, outer IPv4 header `ip`.
+    #[inline(always)]
+    fn new(stats: *mut PeerStats, eth: [u8; ETH_HLEN], ip: &[u8; IPV4_HLEN], strip: usize, len: usize) -> Self {
+        Tunnel { stats, outer_eth: eth, strip, inner_len: len - ETH_HLEN - strip, outer_ce: ip[1] & ECN_MASK == ECN_CE }
+    }
+}
+
 /// `N` bytes of `a` from `off` (constant offsets: no bounds check survives compilation).
 #[inline(always)]
 fn sub<const M: usize, const N: usize>(a: &[u8; M], off: usize) -> [u8; N] {
@@ -117,6 +130,9 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     let ip: [u8; IPV4_HLEN] = sub(&head, ETH_HLEN);
     let (ihl, fragment) = match classify_ipv4(&ip) {
         Ipv4Class::Udp { header_len, fragment } if header_len >= IPV4_HLEN => (header_len, fragment),
+        Ipv4Class::Ipip { header_len, fragment } if header_len >= IPV4_HLEN => {
+            return classify_ipip(p, cfg, eth, &ip, header_len, fragment, len, merged);
+        }
         _ => return Err(Verdict::Pass),
     };
     // A tunnel frame for another host (this node forwards, or the NIC is promiscuous) is not
@@ -125,7 +141,11 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     if ip[16..20] != cfg.underlay_ip {
         return Err(Verdict::Pass);
     }
-    let Some(mode) = cfg.encap_mode() else { return Err(Verdict::Pass) };
+    // An ipip node's tunnel is protocol 4, not UDP (classify_ipip).
+    let mode = match cfg.encap_mode() {
+        Some(m @ (EncapMode::Vxlan | EncapMode::Udp)) => m,
+        _ => return Err(Verdict::Pass),
+    };
     // A later fragment has no UDP header to say whose it is. The kernel reassembles it with
     // the first fragment, whose headers are checked below; one that starts inside those
     // headers could replace them after the check, so it goes (the kernel also discards a
@@ -174,13 +194,54 @@ fn classify<P: Packet>(p: &P, cfg: &DataplaneConfig) -> Result<Tunnel, Verdict> 
     // however short.
     let stats = peer_stats(&peer).ok_or(Counter::UnknownPeer)?;
     let strip = check_inner(p, cfg, mode, peer)?;
-    Ok(Tunnel {
-        stats,
-        outer_eth: eth,
-        strip,
-        inner_len: len - ETH_HLEN - strip,
-        outer_ce: ip[1] & ECN_MASK == ECN_CE,
-    })
+    Ok(Tunnel::new(stats, eth, &ip, strip, len))
+}
+
+/// An IP-in-IP packet (flannel's ipip backend): on an ipip node, addressed to our tunnel
+/// address, it must come from a peer, without outer options, with an outer header ip_rcv
+/// would take, and carry an inner IPv4 packet for this node's subnet whose source belongs to
+/// the sending peer; then the kernel's flannel.ipip device decapsulates it (flannel's device
+/// alone takes IP-in-IP from any source). Fragments as for the UDP tunnels: a first one must
+/// carry the inner header and pass the same checks, a later one may not start inside it.
+/// Anywhere else (another node's address, a vxlan or udp node): not ours.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn classify_ipip<P: Packet>(
+    p: &P,
+    cfg: &DataplaneConfig,
+    eth: [u8; ETH_HLEN],
+    ip: &[u8; IPV4_HLEN],
+    ihl: usize,
+    fragment: Fragment,
+    len: usize,
+    merged: bool,
+) -> Result<Tunnel, Verdict> {
+    if ip[16..20] != cfg.underlay_ip || cfg.encap_mode() != Some(EncapMode::Ipip) {
+        return Err(Verdict::Pass);
+    }
+    if let Fragment::Later { offset } = fragment {
+        if later_fragment_overlaps(offset, checked_bytes(EncapMode::Ipip)) {
+            return Err(Counter::FragmentOverlap.into());
+        }
+        return Err(Verdict::Pass);
+    }
+    if ihl != IPV4_HLEN {
+        return Err(Counter::OuterIpOptions.into());
+    }
+    let peer = [ip[12], ip[13], ip[14], ip[15]];
+    if fragment == Fragment::First {
+        check_first_fragment_ipip(ip, len)?;
+        if !is_peer(&peer) {
+            return Err(Counter::UnknownPeer.into());
+        }
+        check_inner(p, cfg, EncapMode::Ipip, peer)?;
+        count(Counter::FragmentToKernel);
+        return Err(Verdict::Pass);
+    }
+    check_outer_ipip(ip, len, merged)?;
+    let stats = peer_stats(&peer).ok_or(Counter::UnknownPeer)?;
+    let strip = check_inner(p, cfg, EncapMode::Ipip, peer)?;
+    Ok(Tunnel::new(stats, eth, ip, strip, len))
 }
 
 /// What the tunnel carries, for a whole frame and a first fragment alike: our VNI and
@@ -206,6 +267,10 @@ fn check_inner<P: Packet>(p: &P, cfg: &DataplaneConfig, mode: EncapMode, peer: [
         EncapMode::Udp => {
             let iip: [u8; IPV4_HLEN] = p.read(TUNNEL_PAYLOAD_OFF).ok_or(Counter::Truncated)?;
             (UDP_OVERHEAD, iip)
+        }
+        EncapMode::Ipip => {
+            let iip: [u8; IPV4_HLEN] = p.read(ETH_HLEN + IPV4_HLEN).ok_or(Counter::Truncated)?;
+            (IPIP_OVERHEAD, iip)
         }
     };
     let (inner_src, inner_dst) = inner_ipv4_addrs(&inner_ip)?;
@@ -416,6 +481,7 @@ fn accepted(t: &Tunnel) {
 fn inner_offset(cfg: Option<&DataplaneConfig>) -> usize {
     match cfg.and_then(|c| c.encap_mode()) {
         Some(EncapMode::Udp) => ETH_HLEN + UDP_OVERHEAD,
+        Some(EncapMode::Ipip) => ETH_HLEN + IPIP_OVERHEAD,
         _ => ETH_HLEN + VXLAN_OVERHEAD,
     }
 }

@@ -104,8 +104,10 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
         data: [ip[16], ip[17], ip[18], ip[19]],
     };
     let vtep = *VTEP_BY_SUBNET.get(&key).ok_or(Counter::NoRoute)?;
-    let Some(mode) = cfg.encap_mode() else {
-        return Err(Counter::EncapFailed);
+    // ipip: the kernel's flannel.ipip device encapsulates (this program is not attached there).
+    let mode = match cfg.encap_mode() {
+        Some(m @ (EncapMode::Vxlan | EncapMode::Udp)) => m,
+        _ => return Err(Counter::EncapFailed),
     };
     let inner_len = Packet::len(ctx) - ETH_HLEN;
     let (tos, dont_fragment) = outer_policy(&ip);
@@ -178,7 +180,7 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
     // the path MTU from it.
     let src_port = match mode {
         EncapMode::Vxlan => source_port(unsafe { bpf_get_hash_recalc(ctx.skb.skb) }),
-        EncapMode::Udp => cfg.port,
+        EncapMode::Udp | EncapMode::Ipip => cfg.port,
     };
     let params = EncapParams {
         src_ip: cfg.underlay_ip,
@@ -201,7 +203,7 @@ fn try_encap(ctx: &TcContext) -> Result<i32, Counter> {
             }
             store_head(ctx, &vxlan_encap_header(&params, cfg.vni, cfg.vtep_mac, vtep.vtep_mac))?;
         }
-        EncapMode::Udp => {
+        EncapMode::Udp | EncapMode::Ipip => {
             if ctx.adjust_room(UDP_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, UDP_ROOM_FLAGS).is_err() {
                 // Refused for a packet a container has already tunnelled (the skb carries
                 // inner headers of its own) and there is no kernel device to hand it to. A

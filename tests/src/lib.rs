@@ -96,6 +96,8 @@ pub fn ip(args: &[&str]) -> Result<String> {
 pub enum Backend {
     Vxlan,
     Udp,
+    /// flannel's ipip (etcd mode only: the kernel's flannel.ipip; needs the ipip module).
+    Ipip,
 }
 
 impl Backend {
@@ -103,24 +105,28 @@ impl Backend {
         match self {
             Backend::Vxlan => "vxlan",
             Backend::Udp => "udp",
+            Backend::Ipip => "ipip",
         }
     }
     pub fn port(self) -> u16 {
         match self {
             Backend::Vxlan => 8472,
             Backend::Udp => 8285,
+            Backend::Ipip => 0,
         }
     }
     pub fn device(self) -> &'static str {
         match self {
             Backend::Vxlan => "flannel.1",
             Backend::Udp => "flannel0",
+            Backend::Ipip => "flannel.ipip",
         }
     }
     pub fn overhead(self) -> u32 {
         match self {
             Backend::Vxlan => 50,
             Backend::Udp => 28,
+            Backend::Ipip => 20,
         }
     }
 }
@@ -240,7 +246,8 @@ pub struct Node {
     /// The command line the agent was started with (for restarts).
     agent_args: Vec<String>,
     agent_env: Vec<(String, String)>,
-    mtu: u32,
+    /// FLANNEL_MTU as the agent wrote it (the containers' MTU).
+    pub mtu: u32,
     /// The agent binary, when not `agent_bin()` (an upgrade).
     bin: Option<PathBuf>,
     /// The NOTIFY_SOCKET the agent reports to (etcd mode), and what it said so far.
@@ -858,8 +865,17 @@ impl Cluster {
                 ip(&["-n", &n, "link", "set", "flannel-v6.1", "mtu", &node.mtu.to_string(), "up"])?;
                 ip(&["-n", &n, "addr", "add", &format!("{}/128", s6.network()), "dev", "flannel-v6.1", "nodad"])?;
             }
+            NodeKind::StockFlannel if backend == Backend::Ipip => {
+                // flannel's ipip backend: flannel.ipip with local = the interface's address
+                // and no remote, MTU the underlay's less 20, the subnet's network address as
+                // a /32.
+                let n = node.ns.name().to_string();
+                ip(&["-n", &n, "link", "add", "flannel.ipip", "type", "ipip", "local", &node.underlay_ip.to_string()])?;
+                ip(&["-n", &n, "link", "set", "flannel.ipip", "mtu", &node.mtu.to_string(), "up"])?;
+                ip(&["-n", &n, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel.ipip"])?;
+            }
             NodeKind::StockFlannel => {
-                assert_eq!(backend, Backend::Vxlan, "stock flannel nodes are set up for vxlan only");
+                assert_eq!(backend, Backend::Vxlan, "stock flannel nodes are set up for vxlan and ipip only");
                 let n = node.ns.name().to_string();
                 ip(&[
                     "-n", &n, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local",
@@ -873,7 +889,7 @@ impl Cluster {
         let host_gw = matches!(&self.spec.control, Control::Etcd { config, .. } if config.contains("host-gw"));
         if self.spec.ipv6_only {
             node.vtep_mac = link_mac(&node.ns, "flannel-v6.1")?;
-        } else if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw {
+        } else if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw && backend != Backend::Ipip {
             node.vtep_mac = link_mac(&node.ns, backend.device())?;
         }
         if let (NodeKind::StockFlannel, Some(etcd), Some(s6)) = (node.kind, &self.etcd, node.subnet6) {
@@ -884,6 +900,11 @@ impl Cluster {
                 overlay_agent::netdev::format_mac(&node.vtep_mac)
             );
             let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-{}", s6.network(), s6.prefix_len());
+            etcd.etcdctl(&["put", &key, &value])?;
+        } else if let (NodeKind::StockFlannel, Some(etcd), Backend::Ipip) = (node.kind, &self.etcd, backend) {
+            // What a stock flannel ipip node writes for itself.
+            let value = format!(r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"ipip"}}"#, node.underlay_ip);
+            let key = format!("/coreos.com/network/subnets/{}-{}", node.subnet.network(), node.subnet.prefix_len());
             etcd.etcdctl(&["put", &key, &value])?;
         } else if let (NodeKind::StockFlannel, Some(etcd)) = (node.kind, &self.etcd) {
             // What a stock flannel vxlan node writes for itself.
@@ -932,6 +953,14 @@ impl Cluster {
             }
             NodeKind::PlainRouting => {
                 ip(&["-n", from.ns.name(), "route", "replace", &to.subnet.to_string(), "via", &to.underlay_ip.to_string()])?;
+            }
+            NodeKind::StockFlannel if self.spec.backend == Backend::Ipip => {
+                // flannel's ipip backend: the peer's subnet via its address, onlink, through
+                // flannel.ipip.
+                ip(&[
+                    "-n", from.ns.name(), "route", "replace", &to.subnet.to_string(), "via", &to.underlay_ip.to_string(),
+                    "dev", "flannel.ipip", "onlink",
+                ])?;
             }
             NodeKind::StockFlannel => {
                 // flannel's vxlan backend: route via the peer's VTEP address (its subnet's

@@ -7,7 +7,8 @@
 //! `vm-test` builds an initramfs per kernel (busybox, the virtio and 9p modules), boots it,
 //! and inside runs the programs' tests (`overlay-agent/tests/programs.rs`: every program
 //! through that kernel's verifier, TC and XDP) and `tests/tests/kernel_matrix.rs` (the
-//! cluster that proves a kernel); then
+//! cluster that proves a kernel, and the ipip backend's, which needs the ipip module this
+//! machine's kernel lacks); then
 //! two 6.12 VMs joined by a virtio-net link run an agent each, to check the decap hook's
 //! choice on virtio_net and native XDP there. The console is the only channel back: the
 //! guest prints `VM-RESULT:` lines, which are read here; everything else goes to
@@ -404,6 +405,9 @@ if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the programs' tests: exit status
 OVERLAY_EXPECT_KERNEL={label} OVERLAY_EXPECT_ATTACH={expect} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact a_cluster_with_a_stock_node_works_on_this_kernel --test-threads=1 --nocapture
 rc=$?
 if [ $rc = 0 ]; then echo \"VM-RESULT: ok\"; else echo \"VM-RESULT: failed (the cluster's exit status $rc)\"; fi
+OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_module --test-threads=1 --nocapture
+rc=$?
+if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the ipip cluster's exit status $rc)\"; fi
 ",
             programs = programs.display(),
             ws = crate::workspace_root().display(),

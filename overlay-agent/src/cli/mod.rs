@@ -594,6 +594,8 @@ impl RunArgs {
         let (port, device) = match mode {
             EncapMode::Vxlan => (DEFAULT_VXLAN_PORT, format!("flannel.{}", self.vni)),
             EncapMode::Udp => (DEFAULT_UDP_PORT, "flannel0".to_string()),
+            // Static mode's --backend offers vxlan and udp only.
+            EncapMode::Ipip => (0, crate::dataplane::IPIP_DEVICE.to_string()),
         };
         Ok(NodeSpec {
             iface,

@@ -56,6 +56,7 @@ impl BackendConfig {
         match self.mode {
             EncapMode::Vxlan => "vxlan",
             EncapMode::Udp => "udp",
+            EncapMode::Ipip => "ipip",
         }
     }
 }
@@ -458,17 +459,31 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
             host_gw: false,
         }),
         "host-gw" => Ok(BackendConfig { mode: EncapMode::Udp, vni: DEFAULT_VNI, port: 0, mtu: None, direct_routing: false, host_gw: true }),
-        // flannel's kernel-module backends: these machines' kernels have neither module
-        // (docs/backends.md says what they would take).
-        kind @ ("wireguard" | "extension" | "ipip" | "ipsec") => Err(invalid(
+        // flannel's ipip backend (pkg/backend/ipip): DirectRouting is its only option; the
+        // kernel's flannel.ipip device tunnels, the programs check what arrives. Where the
+        // kernel has no ipip module, bringing the device up says so.
+        "ipip" => {
+            if port != 0 {
+                warnings.push("Backend.Port is ignored: IP-in-IP has no port".to_string());
+            }
+            Ok(BackendConfig {
+                mode: EncapMode::Ipip,
+                vni: DEFAULT_VNI,
+                port: 0,
+                mtu: None,
+                direct_routing: boolean(obj, "DirectRouting")?.unwrap_or(false),
+                host_gw: false,
+            })
+        }
+        // flannel's other kernel-module backends (docs/backends.md says what they would take).
+        kind @ ("wireguard" | "extension" | "ipsec") => Err(invalid(
             "Backend.Type",
             format!(
                 "{kind:?} is flannel's, not this agent's: it needs the kernel's {} module, which this \
                  data plane does not drive (see docs/backends.md); use \"vxlan\" (flannel's default, \
-                 interoperable with stock nodes), \"host-gw\" or \"udp\"",
+                 interoperable with stock nodes), \"host-gw\", \"ipip\" or \"udp\"",
                 match kind {
                     "wireguard" => "wireguard",
-                    "ipip" => "ipip",
                     "ipsec" => "xfrm/IPsec",
                     _ => "helper-script (extension)",
                 }
@@ -476,7 +491,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
         )),
         other => Err(invalid(
             "Backend.Type",
-            format!("{other:?} is not supported (this agent implements \"vxlan\", \"udp\" and \"host-gw\")"),
+            format!("{other:?} is not supported (this agent implements \"vxlan\", \"udp\", \"host-gw\" and \"ipip\")"),
         )),
     }
 }
@@ -512,6 +527,7 @@ mod tests {
             (r#"{"Network":"10.1.0.0/28","Backend":{"Type":"VXLAN"}}"#, 30, "10.1.0.4", "10.1.0.12", EncapMode::Vxlan, 8472),
             (r#"{"network":"10.2.0.0/16","subnetlen":25,"backend":{"type":"vxlan","vni":7}}"#, 25, "10.2.0.128", "10.2.255.128", EncapMode::Vxlan, 8472),
             (r#"{"Network":"10.2.0.0/16","SubnetMin":"10.2.10.0","SubnetMax":"10.2.20.0","Backend":{"Type":"vxlan"}}"#, 24, "10.2.10.0", "10.2.20.0", EncapMode::Vxlan, 8472),
+            (r#"{"Network":"10.3.0.0/16","Backend":{"Type":"ipip"}}"#, 24, "10.3.1.0", "10.3.255.0", EncapMode::Ipip, 0),
         ];
         for (json, len, min, max, mode, port) in cases {
             let c = ok(json);
@@ -521,6 +537,10 @@ mod tests {
             assert_eq!((c.backend.mode, c.backend.port), (mode, port), "{json}");
         }
         assert_eq!(ok(r#"{"network":"10.2.0.0/16","backend":{"type":"vxlan","vni":7}}"#).backend.vni, 7);
+        // flannel's ipip: DirectRouting its one option; a port means nothing to it.
+        let ipip = ok(r#"{"Network":"10.3.0.0/16","Backend":{"Type":"ipip","DirectRouting":true,"Port":9}}"#);
+        assert!(ipip.backend.direct_routing && ipip.backend.type_name() == "ipip");
+        assert!(ipip.warnings.iter().any(|w| w.contains("Backend.Port is ignored")), "{:?}", ipip.warnings);
     }
 
     /// flannel's own cases (pkg/subnet/config_test.go and checkNetworkConfig): defaults,
@@ -577,7 +597,7 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"x"}"#, "SubnetMin: \"x\" is not an IPv4 address"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"gre"}}"#, "Backend.Type: \"gre\" is not supported"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard"}}"#, "needs the kernel's wireguard module"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"ipip"}}"#, "needs the kernel's ipip module"),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"ipip"}}"#, "not \"ipip\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"WireGuard"}}"#, "use \"vxlan\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#, "Backend.Port: 70000 is not a UDP port"),

@@ -24,7 +24,7 @@ pub fn route_for(lease: &Lease, mode: EncapMode, my_subnet: Ipv4Net, my_ip: Ipv4
     }
     let vtep_mac = match mode {
         EncapMode::Vxlan => lease.attrs.vtep_mac()?,
-        EncapMode::Udp => [0; 6],
+        EncapMode::Udp | EncapMode::Ipip => [0; 6],
     };
     Ok(Some(Route { subnet: lease.subnet, public_ip: lease.attrs.public_ip, vtep_mac }))
 }

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod dataplane;
 pub mod degraded;
+pub mod ipip;
 pub mod ipv6;
 pub mod kernel_drops;
 pub mod maps;

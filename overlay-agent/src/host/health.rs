@@ -136,7 +136,7 @@ impl Collector for AgentCollector {
         {
             let mut m = e.encode_descriptor(
                 "overlay_degraded",
-                "1 when the eBPF data plane cannot run and the node runs as a stock flannel vxlan node (no checks, no guard, no counters), with why",
+                "1 when the eBPF data plane cannot run and the node runs as a stock flannel node on its kernel device, vxlan or ipip (no checks, no guard, no counters), with why",
                 None,
                 MetricType::Gauge,
             )?;

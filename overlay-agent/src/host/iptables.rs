@@ -166,7 +166,12 @@ fn forward_rules(cmd: &'static str, n: &str) -> ChainRules {
 /// after defragmentation, where `-i` is the interface of the fragment that completed the
 /// datagram: a first fragment sent from a container and completed by one from the underlay
 /// is not caught here (docs/kernels.md says so).
-pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, port: u16) -> ChainRules {
+pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, tunnel: GuardedTunnel) -> ChainRules {
+    let m = match tunnel {
+        GuardedTunnel::Udp(port) => format!("-p udp -m udp --dport {port}"),
+        // As `iptables -S` prints protocol 4 (/etc/protocols' name for it).
+        GuardedTunnel::Ipip => "-p ipencap".to_string(),
+    };
     ChainRules {
         cmd,
         table: "filter",
@@ -175,9 +180,28 @@ pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, port: u16) 
         comment: "overlay tunnel guard",
         first: true,
         rules: vec![
-            words(&format!("! -i {iface} -p udp -m udp --dport {port} -j DROP")),
-            words(&format!("! -d {addr}{} -p udp -m udp --dport {port} -j DROP", if addr.is_ipv4() { "/32" } else { "/128" })),
+            words(&format!("! -i {iface} {m} -j DROP")),
+            words(&format!("! -d {addr}{} {m} -j DROP", if addr.is_ipv4() { "/32" } else { "/128" })),
         ],
+    }
+}
+
+/// What the guard keeps from reaching the kernel's tunnel device except through the
+/// underlay to the tunnel address: UDP to the tunnel port (vxlan, udp), or IP-in-IP (ipip:
+/// the kernel's flannel.ipip takes protocol 4 from anywhere, and a packet that did not come
+/// in on the underlay never met the checks there; no socket, so no sk_lookup program).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuardedTunnel {
+    Udp(u16),
+    Ipip,
+}
+
+impl GuardedTunnel {
+    pub fn of(mode: overlay_common::EncapMode, port: u16) -> Self {
+        match mode {
+            overlay_common::EncapMode::Ipip => GuardedTunnel::Ipip,
+            _ => GuardedTunnel::Udp(port),
+        }
     }
 }
 
@@ -344,8 +368,8 @@ pub fn all_chains() -> [ChainRules; 8] {
         forward(any),
         masquerade6(any6, any6, MasqRandom::None),
         forward6(any6),
-        guard("iptables", "eth0", a, 8472),
-        guard("ip6tables", "eth0", a6, 8472),
+        guard("iptables", "eth0", a, GuardedTunnel::Udp(8472)),
+        guard("ip6tables", "eth0", a6, GuardedTunnel::Udp(8472)),
         notrack_in,
         notrack_out,
     ]

@@ -212,7 +212,7 @@ pub const GUARD_PRIORITY: i32 = -450;
 pub struct NftGuard {
     pub iface: String,
     pub addr: std::net::IpAddr,
-    pub port: u16,
+    pub tunnel: crate::iptables::GuardedTunnel,
 }
 
 impl NftGuard {
@@ -224,9 +224,14 @@ impl NftGuard {
     /// only datagrams for this host (tunnel traffic routed through it is not ours to judge).
     pub fn rules(&self) -> Vec<String> {
         let ip = self.family();
+        let m = match self.tunnel {
+            crate::iptables::GuardedTunnel::Udp(port) => format!("udp dport {port}"),
+            // As nft prints protocol 4 (/etc/protocols' name for it).
+            crate::iptables::GuardedTunnel::Ipip => "ip protocol ipencap".to_string(),
+        };
         vec![
-            format!("iifname != \"{}\" udp dport {} fib daddr type local counter drop", self.iface, self.port),
-            format!("udp dport {} {ip} daddr != {} fib daddr type local counter drop", self.port, self.addr),
+            format!("iifname != \"{}\" {m} fib daddr type local counter drop", self.iface),
+            format!("{m} {ip} daddr != {} fib daddr type local counter drop", self.addr),
         ]
     }
 

@@ -106,6 +106,9 @@ pub(super) fn underlay(opts: &DaemonOptions, cfg: &NetworkConfig) -> Result<(Nod
     if let Some(w) = br_netfilter_warning(std::path::Path::new(BRIDGE_SYSCTLS), cfg.enable_ipv4, cfg.ipv6.is_some(), cfg.enable_nftables) {
         tracing::warn!("{w}");
     }
+    if opts.notrack_tunnel && cfg.backend.mode == EncapMode::Ipip {
+        tracing::warn!("--notrack-tunnel is for the UDP tunnels (vxlan, udp): IP-in-IP keeps its connection tracking");
+    }
     let spec = node_spec(opts, cfg, (iface, public_ip, underlay_ip));
     let plan = plan(opts.dataplane, cfg)?;
     Ok((spec, plan, public_ipv6))
@@ -144,6 +147,7 @@ pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&
             LeaseAttrs::vxlan(public_ip, cfg.backend.vni, device.mac)
         }
         (_, EncapMode::Udp) => LeaseAttrs::udp(public_ip),
+        (_, EncapMode::Ipip) => LeaseAttrs::ipip(public_ip),
     };
     Ok(match v6 {
         Some(o6) if cfg.enable_ipv4 => attrs.with_ipv6(o6.public_ip, cfg.backend.vni, o6.mac),
@@ -229,7 +233,19 @@ pub(super) async fn dataplane(
                         tracing::info!("the eBPF data plane runs again; the kernel-device routes of the degraded run are gone");
                     }
                     let mtu = dp.mtu;
-                    (Box::new(Maps::open(&spec.bpffs_dir)?), Some(dp), None, mtu)
+                    let maps = Maps::open(&spec.bpffs_dir)?;
+                    let routes: Box<dyn crate::tun::RouteTable> = match mode {
+                        EncapMode::Ipip => Box::new(ipip_routes(Some(maps), spec, cfg)),
+                        _ => Box::new(maps),
+                    };
+                    (routes, Some(dp), None, mtu)
+                }
+                // flannel.ipip carries the traffic alone as on a stock flannel ipip node.
+                Err(e) if mode == EncapMode::Ipip && (opts.ebpf_unavailable || dataplane::is_unsupported(&e)) => {
+                    enter_degraded(spec, state, &spec.device, &e, "a stock flannel ipip node (the kernel's flannel.ipip, routes via peers)")?;
+                    let (_, _, mtu, _) = dataplane::prepare_device(spec)?;
+                    netdev::set_device_address(&spec.device, held.subnet.network())?;
+                    (Box::new(ipip_routes(None, spec, cfg)), None, None, mtu)
                 }
                 // The vxlan backend's kernel device can carry the traffic alone, as a stock
                 // flannel node's does; the udp backend has nothing to fall back to.
@@ -276,6 +292,11 @@ pub(super) async fn dataplane(
         }
     };
     Ok(Up { maps, ebpf, tun, mtu })
+}
+
+/// An ipip node's routes: the kernel's, and the map's where the checks run.
+fn ipip_routes(maps: Option<Maps>, spec: &NodeSpec, cfg: &NetworkConfig) -> crate::datapath::ipip::IpipRoutes {
+    crate::datapath::ipip::IpipRoutes { maps, device: spec.device.clone(), iface: spec.iface.clone(), direct_routing: cfg.backend.direct_routing }
 }
 
 /// The IPv6 side once a subnet is held: flannel-v6 addressed for it (checked by the

@@ -80,13 +80,16 @@ impl Daemon {
             return Ok(Some((expected, seen)));
         }
         seen.address = netdev::has_address(&self.spec.device, self.held.subnet.network())?;
-        seen.route = netdev::network_route_via(self.spec.network, &self.spec.device)?;
+        // An ipip node has per-peer routes through its device, no network route (flannel's).
+        seen.route = self.spec.mode == EncapMode::Ipip || netdev::network_route_via(self.spec.network, &self.spec.device)?;
         // cls_bpf filters go with their qdisc (`tc qdisc del ... clsact`) or alone; TCX
         // links are pinned and cannot be taken off without their pin.
         if dp.attach == crate::datapath::attach::TcAttach::Legacy {
             use crate::datapath::attach::legacy_attached;
             use aya::programs::TcAttachType::{Egress, Ingress};
-            seen.encap_filter = legacy_attached(dp.device.ifindex, Egress, overlay_common::prog_names::TC_EGRESS_ENCAP);
+            // ipip: the kernel device encapsulates; no filter on it.
+            seen.encap_filter = self.spec.mode == EncapMode::Ipip
+                || legacy_attached(dp.device.ifindex, Egress, overlay_common::prog_names::TC_EGRESS_ENCAP);
             seen.decap_filter = dp.decap_hook != DecapHook::Tc
                 || legacy_attached(dp.underlay.ifindex, Ingress, overlay_common::prog_names::TC_INGRESS_DECAP);
         }
@@ -246,6 +249,7 @@ impl Daemon {
         let attrs = self.keep_v6(match spec.mode {
             EncapMode::Vxlan => LeaseAttrs::vxlan(ip, spec.vni, dp.device.mac),
             EncapMode::Udp => LeaseAttrs::udp(ip),
+            EncapMode::Ipip => LeaseAttrs::ipip(ip),
         });
         self.spec = spec;
         self.ebpf = Some(dp);

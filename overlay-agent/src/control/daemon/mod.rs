@@ -140,6 +140,7 @@ pub fn default_device(mode: EncapMode, vni: u32) -> String {
     match mode {
         EncapMode::Vxlan => format!("flannel.{vni}"),
         EncapMode::Udp => "flannel0".to_string(),
+        EncapMode::Ipip => crate::dataplane::IPIP_DEVICE.to_string(),
     }
 }
 

@@ -21,10 +21,11 @@ use crate::{
 };
 
 /// DirectRouting's kernel routes a previous run left (`ours`) that go: all of them when
-/// DirectRouting is off, else those for subnets no lease asks for any more. (host-gw's
-/// routes are the route table itself: the maps' diff keeps them.)
+/// DirectRouting is off, else those for subnets no lease asks for any more. (host-gw's and
+/// ipip's routes are their route tables: the diff keeps them.)
 pub(super) fn stale_direct_routes(ours: &[(Ipv4Net, Ipv4Addr)], desired: &[Route], backend: &BackendConfig) -> Vec<Ipv4Net> {
-    if backend.host_gw {
+    // host-gw's and ipip's routes are their route tables (ipip's DirectRouting among them).
+    if backend.host_gw || backend.mode == overlay_common::EncapMode::Ipip {
         return Vec::new();
     }
     ours.iter()
@@ -223,7 +224,8 @@ impl Daemon {
     /// address, which takes the subnet's traffic past the overlay device unencapsulated; the
     /// others stay encapsulated. Without DirectRouting, or with no peer: no such route.
     fn set_direct_route(&mut self, subnet: Ipv4Net, peer: Option<Ipv4Addr>) -> Result<()> {
-        if !self.cfg.backend.direct_routing {
+        // ipip's route table routes a peer on the same link directly itself.
+        if !self.cfg.backend.direct_routing || self.cfg.backend.mode == overlay_common::EncapMode::Ipip {
             return Ok(());
         }
         let direct = match peer {
@@ -283,5 +285,8 @@ mod tests {
         assert_eq!(stale_direct_routes(&ours, &desired, &b), vec![net("10.244.2.0/24"), net("10.244.3.0/24")]);
         b.host_gw = true;
         assert_eq!(stale_direct_routes(&ours, &desired, &b), vec![], "host-gw's routes are its route table");
+        b.host_gw = false;
+        b.mode = overlay_common::EncapMode::Ipip;
+        assert_eq!(stale_direct_routes(&ours, &desired, &b), vec![], "ipip's too");
     }
 }

@@ -17,7 +17,7 @@ use super::{lease::Held, Daemon};
 use crate::{
     config::NetworkConfig,
     health::AgentState,
-    iptables::{self, ChainRules, MasqRandom},
+    iptables::{self, ChainRules, GuardedTunnel, MasqRandom},
     netdev,
     nftables::{NftGuard, NftNotrack, NftRules},
 };
@@ -35,10 +35,12 @@ pub(super) struct RuleInputs {
     pub notrack_tunnel: bool,
     /// The network config's `EnableNFTables`.
     pub nftables: bool,
-    /// The underlay, the tunnel address and port (the guard's and notrack's match).
+    /// The underlay, the tunnel address and port (notrack's match), and what the guard keeps
+    /// off the tunnel device.
     pub iface: String,
     pub underlay_ip: Ipv4Addr,
     pub port: u16,
+    pub tunnel: GuardedTunnel,
     /// The addresses whose tunnel port the guard's rule protects: where its program cannot
     /// run, the IPv4 tunnel address and a dual-stack node's IPv6 one (empty otherwise).
     pub guard_addrs: Vec<IpAddr>,
@@ -70,7 +72,7 @@ pub(super) fn wanted(i: &RuleInputs, tools: Tools) -> Firewall {
         .guard_addrs
         .iter()
         .filter(|_| nft_guard)
-        .map(|a| NftGuard { iface: i.iface.clone(), addr: *a, port: i.port })
+        .map(|a| NftGuard { iface: i.iface.clone(), addr: *a, tunnel: i.tunnel })
         .collect();
     if nft_mode {
         let mut tables = Vec::new();
@@ -95,7 +97,7 @@ pub(super) fn wanted(i: &RuleInputs, tools: Tools) -> Firewall {
         .guard_addrs
         .iter()
         .filter(|_| !nft_guard)
-        .map(|a| iptables::guard(if a.is_ipv4() { "iptables" } else { "ip6tables" }, &i.iface, *a, i.port))
+        .map(|a| iptables::guard(if a.is_ipv4() { "iptables" } else { "ip6tables" }, &i.iface, *a, i.tunnel))
         .collect();
     if i.ip_masq {
         if let Some((n, s)) = i.ipv4 {
@@ -371,11 +373,14 @@ impl Daemon {
             ip_masq: self.opts.ip_masq,
             masq_random: self.opts.masq_random,
             forward_rules: self.opts.forward_rules,
-            notrack_tunnel: self.opts.notrack_tunnel,
+            // IP-in-IP has no port to single out: --notrack-tunnel is for the UDP tunnels
+            // (said at start).
+            notrack_tunnel: self.opts.notrack_tunnel && self.spec.mode != overlay_common::EncapMode::Ipip,
             nftables: self.cfg.enable_nftables,
             iface: self.spec.iface.clone(),
             underlay_ip: self.spec.underlay_ip,
             port: self.spec.port,
+            tunnel: GuardedTunnel::of(self.spec.mode, self.spec.port),
             guard_addrs,
         }
     }
@@ -482,11 +487,11 @@ mod tests {
         let empty = crate::nftables::NftRules { ipv6: false, masq: None, forward: None };
         assert!(Firewall::Nft(vec![empty], vec![], None).leftovers(false).nft_ipv4, "an empty table is not kept");
         // The guard's rule where its program cannot run: kept in the form the node uses.
-        let g = iptables::guard("iptables", "eth0", "192.168.100.1".parse().unwrap(), 8472);
+        let g = iptables::guard("iptables", "eth0", "192.168.100.1".parse().unwrap(), GuardedTunnel::Udp(8472));
         let l = Firewall::Iptables(vec![g, f.clone()], vec![]).leftovers(true);
         assert!(!l.chains.contains(&("iptables", "OVERLAY-GUARD")) && l.chains.contains(&("ip6tables", "OVERLAY-GUARD")), "{l:?}");
         assert!(l.nft_guard4 && l.nft_guard6, "{l:?}");
-        let ng = crate::nftables::NftGuard { iface: "eth0".into(), addr: "192.168.100.1".parse().unwrap(), port: 8472 };
+        let ng = crate::nftables::NftGuard { iface: "eth0".into(), addr: "192.168.100.1".parse().unwrap(), tunnel: GuardedTunnel::Udp(8472) };
         // iptables for flannel's rules, nftables for the guard (where nft exists).
         let l = Firewall::Iptables(vec![f.clone()], vec![ng.clone()]).leftovers(true);
         assert!(l.chains.contains(&("iptables", "OVERLAY-GUARD")) && !l.nft_guard4 && l.nft_guard6 && l.nft_ipv4, "{l:?}");
@@ -507,6 +512,7 @@ mod tests {
             iface: "eth0".into(),
             underlay_ip: "192.168.100.1".parse().unwrap(),
             port: 8472,
+            tunnel: GuardedTunnel::Udp(8472),
             guard_addrs: vec![],
         }
     }
@@ -546,9 +552,9 @@ mod tests {
     fn the_guard_prefers_nftables_and_notrack_needs_ipv4() {
         let a: IpAddr = "192.168.100.1".parse().unwrap();
         let i = RuleInputs { ip_masq: false, forward_rules: false, guard_addrs: vec![a], ..inputs() };
-        let g = NftGuard { iface: "eth0".into(), addr: a, port: 8472 };
+        let g = NftGuard { iface: "eth0".into(), addr: a, tunnel: GuardedTunnel::Udp(8472) };
         assert_eq!(wanted(&i, BOTH), Firewall::Iptables(vec![], vec![g.clone()]));
-        assert_eq!(wanted(&i, Tools { iptables: true, nft: false }), Firewall::Iptables(vec![iptables::guard("iptables", "eth0", a, 8472)], vec![]));
+        assert_eq!(wanted(&i, Tools { iptables: true, nft: false }), Firewall::Iptables(vec![iptables::guard("iptables", "eth0", a, GuardedTunnel::Udp(8472))], vec![]));
         let n = RuleInputs { nftables: true, notrack_tunnel: true, ..i.clone() };
         let notrack = NftNotrack { addr: "192.168.100.1".parse().unwrap(), port: 8472 };
         assert_eq!(wanted(&n, BOTH), Firewall::Nft(vec![NftRules { ipv6: false, masq: None, forward: None }], vec![g], Some(notrack)));
@@ -557,6 +563,17 @@ mod tests {
         assert_eq!(chains, iptables::notrack("192.168.100.1".parse().unwrap(), 8472).to_vec());
         let only6 = RuleInputs { ipv4: None, ipv6: Some(("fd00:10::/56".parse().unwrap(), "fd00:10:0:1::/64".parse().unwrap())), notrack_tunnel: true, guard_addrs: vec![], ..i };
         assert_eq!(wanted(&only6, BOTH), Firewall::Iptables(vec![], vec![]), "no IPv4 tunnel: no notrack");
+    }
+
+    /// An ipip node's guard keeps IP-in-IP, not a UDP port, off its tunnel device.
+    #[test]
+    fn an_ipip_nodes_guard_is_for_protocol_4() {
+        let a: IpAddr = "192.168.100.1".parse().unwrap();
+        let i = RuleInputs { ip_masq: false, forward_rules: false, guard_addrs: vec![a], tunnel: GuardedTunnel::Ipip, ..inputs() };
+        let Firewall::Iptables(_, guards) = wanted(&i, BOTH) else { panic!("iptables form") };
+        assert_eq!(guards[0].rules()[0], "iifname != \"eth0\" ip protocol ipencap fib daddr type local counter drop");
+        let Firewall::Iptables(chains, _) = wanted(&i, Tools { iptables: true, nft: false }) else { panic!("iptables form") };
+        assert_eq!(chains[0].rules[0].join(" "), "! -i eth0 -p ipencap -j DROP");
     }
 
     /// A blackhole route goes when it is in the network and not wanted; others' outside the

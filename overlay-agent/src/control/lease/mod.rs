@@ -245,6 +245,12 @@ impl LeaseAttrs {
         Self { public_ip, public_ipv6: None, backend_type: "host-gw".into(), backend_data: None, backend_v6_data: None }
     }
 
+    /// flannel's ipip lease: the address peers route this node's subnet via, through their
+    /// flannel.ipip devices.
+    pub fn ipip(public_ip: Ipv4Addr) -> Self {
+        Self { public_ip, public_ipv6: None, backend_type: "ipip".into(), backend_data: None, backend_v6_data: None }
+    }
+
     /// What flannel's udp backend writes: the public IP only.
     pub fn udp(public_ip: Ipv4Addr) -> Self {
         Self { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None, backend_v6_data: None }

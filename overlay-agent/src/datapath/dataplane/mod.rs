@@ -53,6 +53,8 @@ pub const LINK_ENCAP: &str = "link_encap";
 pub const LINK_DECAP_TC: &str = "link_decap_tc";
 pub const LINK_DECAP_XDP: &str = "link_decap_xdp";
 pub const LINK_GUARD: &str = "link_guard";
+/// flannel's ipip device.
+pub const IPIP_DEVICE: &str = crate::datapath::ipip::DEVICE;
 
 /// Where decapsulation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -313,6 +315,7 @@ pub fn overlay_mtu(asked: Option<MtuAsked>, mode: EncapMode, underlay: &str, und
     let mode_name = match mode {
         EncapMode::Vxlan => "vxlan",
         EncapMode::Udp => "udp",
+        EncapMode::Ipip => "ipip",
     };
     let asked = match asked {
         None => None,
@@ -369,6 +372,9 @@ pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32, Vec<FlannelPe
         EncapMode::Udp => {
             netdev::ensure_veth(&spec.device, &overlay_peer_name(&spec.device))?;
         }
+        EncapMode::Ipip => {
+            netdev::ensure_ipip(&spec.device, spec.underlay_ip)?;
+        }
     }
     netdev::configure_up(&spec.device, Some(mtu))?;
     let device = netdev::require_link(&spec.device)?;
@@ -417,6 +423,8 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     let mech = attach::choose(spec.tc_attach)?;
     let encap_pin = spec.bpffs_dir.join(LINK_ENCAP);
     match mech {
+        // ipip: the kernel's flannel.ipip encapsulates; no program on it.
+        _ if spec.mode == EncapMode::Ipip => remove_pin(&encap_pin)?,
         TcAttach::Tcx => {
             if !(same_device && adopt_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &encap_pin)) {
                 attach_tc(&mut ebpf, prog_names::TC_EGRESS_ENCAP, &spec.device, TcAttachType::Egress, LinkOrder::default())
@@ -436,8 +444,16 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
     // Routes kept in the pinned maps from a previous run: the device's entries follow them.
     maps.sync_fdb()?;
     let decap_hook = attach_decap(&mut ebpf, spec, &underlay, same_underlay, mech)?;
-    let guard = guard(&mut ebpf, spec)?;
-    netdev::route_network(spec.network, &spec.device)?;
+    let guard = match spec.mode {
+        // IP-in-IP reaches no socket: the guard is the firewall's rule (for protocol 4).
+        EncapMode::Ipip => Guard::Firewall,
+        _ => guard(&mut ebpf, spec)?,
+    };
+    // flannel's ipip routes each lease through its device (the peer is the outer
+    // destination); the others route the whole network to theirs.
+    if spec.mode != EncapMode::Ipip {
+        netdev::route_network(spec.network, &spec.device)?;
+    }
     let pmtu_socket = (spec.mode == EncapMode::Udp).then(|| pmtu_socket(spec.underlay_ip, spec.port)).flatten();
     Ok(Dataplane { maps, device, underlay, decap_hook, attach: mech, guard, mtu, ebpf, pmtu_socket, kernel_drops })
 }
@@ -587,6 +603,8 @@ fn take_over_pins(dir: &Path) -> Result<Option<DataplaneConfig>> {
 /// the udp backend decapsulates itself (the stack path) when asked for `kernel`.
 fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
     match (delivery, mode) {
+        // Only the kernel's flannel.ipip opens IP-in-IP here.
+        (_, EncapMode::Ipip) => config_flags::KERNEL_DECAP,
         (DecapDelivery::Kernel | DecapDelivery::Split, EncapMode::Vxlan) => config_flags::KERNEL_DECAP,
         (_, EncapMode::Udp) | (DecapDelivery::Stack, _) => 0,
     }
@@ -600,11 +618,11 @@ fn delivery_flags(delivery: DecapDelivery, mode: EncapMode) -> u16 {
 pub fn resolve_hook(requested: DecapHook, mode: EncapMode, delivery: DecapDelivery) -> Result<DecapHook> {
     Ok(match requested {
         DecapHook::Auto => DecapHook::Tc,
-        DecapHook::Xdp if mode != EncapMode::Vxlan => bail!(
+        DecapHook::Xdp if mode == EncapMode::Udp => bail!(
             "--decap-hook xdp hands checked frames to the kernel's vxlan device, and the udp \
              backend has none: use --decap-hook tc (or auto)"
         ),
-        DecapHook::Xdp if delivery == DecapDelivery::Stack => bail!(
+        DecapHook::Xdp if delivery == DecapDelivery::Stack && mode == EncapMode::Vxlan => bail!(
             "--decap-hook xdp always leaves decapsulation to the kernel's vxlan device; \
              --decap-delivery {} needs --decap-hook tc",
             format!("{delivery:?}").to_lowercase()

@@ -38,7 +38,13 @@ pub struct Status {
 
 impl Status {
     pub fn is_up(&self) -> bool {
-        self.config.is_ready() && (self.encap_attached || self.is_ipv6_only()) && self.guard_attached && self.decap_hook.is_some()
+        self.config.is_ready() && (self.encap_attached || self.kernel_encapsulates()) && self.guard_attached && self.decap_hook.is_some()
+    }
+
+    /// Whether a kernel device encapsulates (an IPv6-only node's flannel-v6, an ipip node's
+    /// flannel.ipip): no encapsulation program is expected.
+    pub fn kernel_encapsulates(&self) -> bool {
+        self.is_ipv6_only() || self.config.encap_mode() == Some(overlay_common::EncapMode::Ipip)
     }
 
     /// An IPv6-only node's data plane (`up_ipv6_only`): no IPv4 address, no encapsulation.

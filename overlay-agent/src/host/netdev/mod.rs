@@ -26,7 +26,7 @@ use netlink_packet_core::{
     NLM_F_REQUEST,
 };
 use netlink_packet_route::{
-    link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoIpTunnel, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::RouteMessage, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -145,6 +145,8 @@ pub struct Link {
     pub kind: Option<String>,
     pub up: bool,
     pub vxlan: Option<VxlanParams>,
+    /// An ipip device's ends (`local`, `remote`; unset: any).
+    pub ipip: Option<(Option<Ipv4Addr>, Option<Ipv4Addr>)>,
 }
 
 fn kind_name(k: &InfoKind) -> String {
@@ -154,12 +156,13 @@ fn kind_name(k: &InfoKind) -> String {
         InfoKind::Bridge => "bridge".into(),
         InfoKind::Tun => "tun".into(),
         InfoKind::Dummy => "dummy".into(),
+        InfoKind::IpIp => "ipip".into(),
         other => format!("{other:?}").to_lowercase(),
     }
 }
 
 fn to_link(m: &LinkMessage) -> Link {
-    let mut l = Link { ifindex: m.header.index, name: String::new(), mtu: 0, mac: [0; 6], kind: None, up: m.header.flags.contains(LinkFlags::Up), vxlan: None };
+    let mut l = Link { ifindex: m.header.index, name: String::new(), mtu: 0, mac: [0; 6], kind: None, up: m.header.flags.contains(LinkFlags::Up), vxlan: None, ipip: None };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
@@ -182,6 +185,15 @@ fn to_link(m: &LinkMessage) -> Link {
                                 }
                             }
                             l.vxlan = Some(p);
+                        }
+                        LinkInfo::Data(InfoData::IpTunnel(v)) => {
+                            let addr = |a: &IpAddr| match a {
+                                IpAddr::V4(a) if !a.is_unspecified() => Some(*a),
+                                _ => None,
+                            };
+                            let local = v.iter().find_map(|x| if let InfoIpTunnel::Local(a) = x { addr(a) } else { None });
+                            let remote = v.iter().find_map(|x| if let InfoIpTunnel::Remote(a) = x { addr(a) } else { None });
+                            l.ipip = Some((local, remote));
                         }
                         _ => {}
                     }
@@ -280,6 +292,41 @@ fn ensure_vxlan_on(name: &str, vni: u32, port: u16, local: IpAddr, underlay: &st
         ],
     )?;
     require_link(name)
+}
+
+/// Create (or keep, if it already matches) flannel's ipip device: `name` (flannel.ipip) with
+/// `local` the underlay's address and no remote, so that it takes IP-in-IP to that address
+/// only (the namespace's tunl0, if the module made one, keeps the rest: flannel leaves tunl0
+/// alone, since users may use it). Another kind of device of that name is refused, as
+/// flannel refuses it; an ipip device with other ends is made again. A kernel without the
+/// ipip module is said so by name.
+pub fn ensure_ipip(name: &str, local: Ipv4Addr) -> std::result::Result<Link, anyhow::Error> {
+    if let Some(l) = link(name)? {
+        match (l.kind.as_deref(), l.ipip) {
+            (Some("ipip"), Some((Some(a), None))) if a == local => return Ok(l),
+            (Some("ipip"), ends) => {
+                tracing::warn!(device = name, ?ends, %local, "the ipip device has other ends (local, remote); recreating it");
+                delete_link(name)?;
+            }
+            (kind, _) => anyhow::bail!(
+                "{name} exists and is not an ipip device ({}): remove it and start again (flannel refuses it too)",
+                kind.unwrap_or("a physical interface")
+            ),
+        }
+    }
+    let made = new_link(
+        &format!("create ipip device {name}"),
+        name,
+        vec![LinkInfo::Kind(InfoKind::IpIp), LinkInfo::Data(InfoData::IpTunnel(vec![InfoIpTunnel::Local(IpAddr::V4(local))]))],
+    );
+    match made {
+        Err(e) if is_errno(&e, libc::EOPNOTSUPP) => anyhow::bail!(
+            "Backend.Type \"ipip\" needs the kernel's ipip module, which this kernel does not have ({e}): \
+             load it (modprobe ipip) or use \"vxlan\" (flannel's default, interoperable with stock nodes)"
+        ),
+        r => r?,
+    }
+    Ok(require_link(name)?)
 }
 
 /// Bring `name` up with `mtu`, neighbour discovery left on (flannel-v6's neighbours are

@@ -175,6 +175,18 @@ pub fn set_direct_route(subnet: Ipv4Net, via: Ipv4Addr, underlay: &str) -> Resul
     change(&format!("direct route {subnet} via {via}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
+/// Route `subnet` via the peer `via` through the ipip device `dev` (`onlink`: the peer is the
+/// outer destination, not a neighbour on the device), replacing ours, as flannel's ipip
+/// backend routes each lease; marked ours as direct routes are (`direct_routes` lists both).
+pub fn set_tunnel_route(subnet: Ipv4Net, via: Ipv4Addr, dev: &str) -> Result<()> {
+    let l = require_link(dev)?;
+    let mut m = direct_route_message(subnet);
+    m.header.flags = RouteFlags::Onlink;
+    m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(via)));
+    m.attributes.push(RouteAttribute::Oif(l.ifindex));
+    change(&format!("route {subnet} via {via} on {dev}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
 /// Remove our direct route for `subnet` (none: nothing to do).
 pub fn del_direct_route(subnet: Ipv4Net) -> Result<()> {
     delete_route(&format!("remove direct route {subnet}"), direct_route_message(subnet))
