@@ -324,6 +324,7 @@ fn ipip_decap_checks_every_packet_and_counts_each_reason() {
                 ("fragment_overlap", fragment4(&valid, 8, 64, false, 7)),
                 ("tiny_fragment", fragment4(&valid, 0, 16, true, 7)),
                 ("unknown_peer", fragment4(&ipip_frame(STRANGER, &from_a(mac)), 0, 24, true, 8)),
+                ("unknown_peer", fragment4(&ipip_frame(STRANGER, &from_a(mac)), 24, 64, false, 8)),
                 ("spoofed_source", fragment4(&ipip_frame(PEER_A, &inner_frame([10, 244, 3, 7], [10, 244, 1, 5], 0, true, 32, MAC_A, mac)), 0, 24, true, 9)),
             ];
             for (reason, f) in cases {

@@ -219,16 +219,22 @@ fn classify_ipip<P: Packet>(
     if ip[16..20] != cfg.underlay_ip || cfg.encap_mode() != Some(EncapMode::Ipip) {
         return Err(Verdict::Pass);
     }
+    let peer = [ip[12], ip[13], ip[14], ip[15]];
     if let Fragment::Later { offset } = fragment {
         if later_fragment_overlaps(offset, checked_bytes(EncapMode::Ipip)) {
             return Err(Counter::FragmentOverlap.into());
+        }
+        // No socket guard stands behind the firewall's rule here (where only iptables is,
+        // it sees reassembled packets): a later fragment must at least be a peer's, so that
+        // one from elsewhere cannot complete a first fragment that never met these checks.
+        if !is_peer(&peer) {
+            return Err(Counter::UnknownPeer.into());
         }
         return Err(Verdict::Pass);
     }
     if ihl != IPV4_HLEN {
         return Err(Counter::OuterIpOptions.into());
     }
-    let peer = [ip[12], ip[13], ip[14], ip[15]];
     if fragment == Fragment::First {
         check_first_fragment_ipip(ip, len)?;
         if !is_peer(&peer) {

@@ -7,6 +7,8 @@
 //! the peers as on a vxlan node; the guard's rule keeps IP-in-IP that did not come in on the
 //! underlay from the device. No encapsulation program: the kernel device does it.
 
+use std::net::Ipv4Addr;
+
 use ipnet::Ipv4Net;
 
 use crate::{
@@ -32,32 +34,45 @@ fn host(e: impl std::fmt::Display) -> MapsError {
     MapsError::Host(e.to_string())
 }
 
-/// The routes as the reconcile sees them: those in the kernel and (where the checks run)
-/// in the map alike. One that only one of them has, or that they give different peers, is
-/// given with no peer, so that a lease asking for it writes both again and one that does not
-/// removes both.
-pub fn merged(kernel: &[(Ipv4Net, std::net::Ipv4Addr)], map: Option<&[Route]>) -> Vec<Route> {
-    let none = std::net::Ipv4Addr::UNSPECIFIED;
+/// The routes as the reconcile sees them: those in the kernel (subnet, peer, output
+/// interface) and, where the checks run, in the map alike. One that only one of them has,
+/// that they give different peers, or that leaves through another interface than the one
+/// it should (`expected_oif` of its peer: the underlay for DirectRouting's peers on the same
+/// link, else the device) is given with no peer, so that a lease asking for it writes both
+/// again and one that does not removes both.
+pub fn merged(kernel: &[(Ipv4Net, Ipv4Addr, u32)], map: Option<&[Route]>, expected_oif: impl Fn(Ipv4Addr) -> u32) -> Vec<Route> {
+    let none = Ipv4Addr::UNSPECIFIED;
     let mut out: Vec<Route> = kernel
         .iter()
-        .map(|(subnet, via)| {
-            let agrees = map.is_none_or(|m| m.iter().any(|r| r.subnet == *subnet && r.public_ip == *via));
+        .map(|(subnet, via, oif)| {
+            let agrees = map.is_none_or(|m| m.iter().any(|r| r.subnet == *subnet && r.public_ip == *via)) && *oif == expected_oif(*via);
             Route { subnet: *subnet, public_ip: if agrees { *via } else { none }, vtep_mac: [0; 6] }
         })
         .collect();
     for r in map.unwrap_or_default() {
-        if !kernel.iter().any(|(s, _)| *s == r.subnet) {
+        if !kernel.iter().any(|(s, _, _)| *s == r.subnet) {
             out.push(Route { subnet: r.subnet, public_ip: none, vtep_mac: [0; 6] });
         }
     }
     out
 }
 
+/// Whether the kernel's routes and the map hold different subnets or peers (ignoring which
+/// interface: that needs a route lookup per peer, left to the reconcile).
+pub fn apart(kernel: &[(Ipv4Net, Ipv4Addr, u32)], map: &[Route]) -> bool {
+    kernel.len() != map.len() || map.iter().any(|r| !kernel.iter().any(|(s, via, _)| *s == r.subnet && *via == r.public_ip))
+}
+
 impl RouteTable for IpipRoutes {
     fn routes(&self) -> Result<Vec<Route>, MapsError> {
-        let kernel = netdev::direct_routes().map_err(host)?;
+        let kernel = netdev::direct_routes_via().map_err(host)?;
         let map = self.maps.as_ref().map(|m| m.routes()).transpose()?;
-        Ok(merged(&kernel, map.as_deref()))
+        let (device, underlay) = (netdev::index_of(&self.device).unwrap_or(0), netdev::index_of(&self.iface).unwrap_or(0));
+        let expected = |via| match self.direct_routing && netdev::directly_reachable(via, &self.iface).unwrap_or(false) {
+            true => underlay,
+            false => device,
+        };
+        Ok(merged(&kernel, map.as_deref(), expected))
     }
 
     fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError> {
@@ -88,6 +103,16 @@ impl RouteTable for IpipRoutes {
         }
         Ok(())
     }
+
+    fn drifted(&self) -> bool {
+        // A device made again (self-healing) took its routes with it; an operator may delete
+        // one. Without the map (no checks running) there is nothing to compare with.
+        let Some(maps) = self.maps.as_ref() else { return false };
+        match (netdev::direct_routes_via(), maps.routes()) {
+            (Ok(kernel), Ok(map)) => apart(&kernel, &map),
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -97,22 +122,28 @@ mod tests {
     #[test]
     fn the_kernel_and_the_map_must_agree_for_a_route_to_count() {
         let s = |x: &str| -> Ipv4Net { x.parse().unwrap() };
-        let (a, b) = ("192.168.100.2".parse().unwrap(), "192.168.100.3".parse().unwrap());
+        let (a, b): (Ipv4Addr, Ipv4Addr) = ("192.168.100.2".parse().unwrap(), "192.168.100.3".parse().unwrap());
         let route = |subnet, public_ip| Route { subnet, public_ip, vtep_mac: [0; 6] };
-        let kernel = [(s("10.244.2.0/24"), a), (s("10.244.3.0/24"), b), (s("10.244.4.0/24"), a)];
-        let map = [route(s("10.244.2.0/24"), a), route(s("10.244.3.0/24"), a), route(s("10.244.5.0/24"), b)];
-        let none = std::net::Ipv4Addr::UNSPECIFIED;
+        // Interface 7 is flannel.ipip, 2 the underlay; peer b is on the underlay's link.
+        let oif = |via: Ipv4Addr| if via == b { 2 } else { 7 };
+        let kernel = [(s("10.244.2.0/24"), a, 7), (s("10.244.3.0/24"), b, 7), (s("10.244.4.0/24"), a, 7), (s("10.244.6.0/24"), b, 2)];
+        let map = [route(s("10.244.2.0/24"), a), route(s("10.244.3.0/24"), b), route(s("10.244.5.0/24"), b), route(s("10.244.6.0/24"), b)];
+        let none = Ipv4Addr::UNSPECIFIED;
         assert_eq!(
-            merged(&kernel, Some(&map)),
+            merged(&kernel, Some(&map), oif),
             vec![
                 route(s("10.244.2.0/24"), a),
                 route(s("10.244.3.0/24"), none),
                 route(s("10.244.4.0/24"), none),
+                route(s("10.244.6.0/24"), b),
                 route(s("10.244.5.0/24"), none),
             ],
-            "agreeing: as is; the map names another peer, lacks it, or the kernel lacks it: no peer"
+            "agreeing and through the right interface: as is; through the wrong one, missing from the map, or from the kernel: no peer"
         );
-        assert_eq!(merged(&kernel, None).len(), 3, "no checks running: the kernel's routes alone");
-        assert_eq!(merged(&kernel, None)[1], route(s("10.244.3.0/24"), b));
+        assert_eq!(merged(&kernel, None, |_| 7)[0], route(s("10.244.2.0/24"), a), "no checks running: the kernel's routes alone");
+        assert!(apart(&kernel, &map), "4 in the kernel, a different 4 in the map");
+        let same: Vec<Route> = kernel.iter().map(|(s, via, _)| route(*s, *via)).collect();
+        assert!(!apart(&kernel, &same));
+        assert!(apart(&kernel[..3], &same), "a route gone from the kernel");
     }
 }

@@ -106,6 +106,12 @@ pub trait RouteTable: Send {
     fn routes(&self) -> Result<Vec<Route>, MapsError>;
     fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError>;
     fn remove_route(&mut self, subnet: Ipv4Net) -> Result<(), MapsError>;
+    /// Whether what forwards has drifted from what was written (a cheap check, made every
+    /// second): then the routes are reconciled again. Only tables kept in two places
+    /// (ipip's kernel routes and map) can drift apart.
+    fn drifted(&self) -> bool {
+        false
+    }
 }
 
 /// host-gw's routes: kernel routes to each peer's subnet via its address on the underlay

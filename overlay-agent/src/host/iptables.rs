@@ -167,23 +167,36 @@ fn forward_rules(cmd: &'static str, n: &str) -> ChainRules {
 /// datagram: a first fragment sent from a container and completed by one from the underlay
 /// is not caught here (docs/kernels.md says so).
 pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, tunnel: GuardedTunnel) -> ChainRules {
-    let m = match tunnel {
-        GuardedTunnel::Udp(port) => format!("-p udp -m udp --dport {port}"),
-        // As `iptables -S` prints protocol 4 (/etc/protocols' name for it).
-        GuardedTunnel::Ipip => "-p ipencap".to_string(),
-    };
-    ChainRules {
-        cmd,
-        table: "filter",
-        chain: "OVERLAY-GUARD",
-        hook: "INPUT",
-        comment: "overlay tunnel guard",
-        first: true,
-        rules: vec![
-            words(&format!("! -i {iface} {m} -j DROP")),
-            words(&format!("! -d {addr}{} {m} -j DROP", if addr.is_ipv4() { "/32" } else { "/128" })),
+    let host = if addr.is_ipv4() { "/32" } else { "/128" };
+    let rules = match tunnel {
+        GuardedTunnel::Udp(port) => vec![
+            words(&format!("! -i {iface} -p udp -m udp --dport {port} -j DROP")),
+            words(&format!("! -d {addr}{host} -p udp -m udp --dport {port} -j DROP")),
         ],
-    }
+        // flannel.ipip takes IP-in-IP to the tunnel address only: that alone is guarded
+        // (IP-in-IP to the node's other addresses is the namespace's tunl0's, its users').
+        // Written as `iptables -S` prints it.
+        GuardedTunnel::Ipip => vec![words(&format!("-d {addr}{host} ! -i {iface} -p {} -j DROP", ipip_protocol_name()))],
+    };
+    ChainRules { cmd, table: "filter", chain: "OVERLAY-GUARD", hook: "INPUT", comment: "overlay tunnel guard", first: true, rules }
+}
+
+/// What iptables and nft call IP protocol 4 when they print a rule: its name in
+/// /etc/protocols (`ipencap` on Debian; it differs between distributions), else the number.
+pub fn ipip_protocol_name() -> String {
+    protocol_name_in(&std::fs::read_to_string("/etc/protocols").unwrap_or_default(), 4)
+}
+
+fn protocol_name_in(protocols: &str, number: u8) -> String {
+    protocols
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next()?;
+            (f.next()? == number.to_string()).then(|| name.to_string())
+        })
+        .unwrap_or_else(|| number.to_string())
 }
 
 /// What the guard keeps from reaching the kernel's tunnel device except through the
@@ -461,5 +474,15 @@ mod tests {
         assert_eq!((r.table, r.chain, r.hook), ("filter", "FLANNEL-FWD", "FORWARD"));
         assert!(r.restore_input().contains("-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT"));
         assert!(r.restore_input().contains("-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment \"flanneld forward\" -j ACCEPT"));
+    }
+
+    #[test]
+    fn protocol_4_is_named_as_the_host_names_it() {
+        assert_eq!(protocol_name_in("ip\t0\tIP\n# c\nipencap\t4\tIP-ENCAP\t# IP in IP\n", 4), "ipencap");
+        assert_eq!(protocol_name_in("ipv4 4 IPv4 # IPv4 encapsulation\n", 4), "ipv4");
+        assert_eq!(protocol_name_in("# 4 is not here\nudp 17 UDP\n", 4), "4");
+        assert_eq!(protocol_name_in("", 4), "4");
+        let g = guard("iptables", "eth0", "192.168.100.1".parse().unwrap(), GuardedTunnel::Ipip);
+        assert_eq!(g.rules, vec![words(&format!("-d 192.168.100.1/32 ! -i eth0 -p {} -j DROP", ipip_protocol_name()))]);
     }
 }

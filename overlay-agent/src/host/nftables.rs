@@ -224,15 +224,19 @@ impl NftGuard {
     /// only datagrams for this host (tunnel traffic routed through it is not ours to judge).
     pub fn rules(&self) -> Vec<String> {
         let ip = self.family();
-        let m = match self.tunnel {
-            crate::iptables::GuardedTunnel::Udp(port) => format!("udp dport {port}"),
-            // As nft prints protocol 4 (/etc/protocols' name for it).
-            crate::iptables::GuardedTunnel::Ipip => "ip protocol ipencap".to_string(),
-        };
-        vec![
-            format!("iifname != \"{}\" {m} fib daddr type local counter drop", self.iface),
-            format!("{m} {ip} daddr != {} fib daddr type local counter drop", self.addr),
-        ]
+        match self.tunnel {
+            crate::iptables::GuardedTunnel::Udp(port) => vec![
+                format!("iifname != \"{}\" udp dport {port} fib daddr type local counter drop", self.iface),
+                format!("udp dport {port} {ip} daddr != {} fib daddr type local counter drop", self.addr),
+            ],
+            // IP-in-IP to the tunnel address only (flannel.ipip's), as nft prints it.
+            crate::iptables::GuardedTunnel::Ipip => vec![format!(
+                "iifname != \"{}\" {ip} daddr {} ip protocol {} counter drop",
+                self.iface,
+                self.addr,
+                crate::iptables::ipip_protocol_name()
+            )],
+        }
     }
 
     pub fn script(&self) -> String {

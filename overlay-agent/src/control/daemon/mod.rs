@@ -118,6 +118,8 @@ struct Daemon {
     keeper: Option<(tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<KeeperEvent>)>,
     /// What else runs on the underlay's TC ingress hook, as last logged.
     decap_chain: crate::datapath::attach::Chain,
+    /// When the routes were last reconciled again because they had drifted.
+    drift_reconciled: Option<Instant>,
 }
 
 /// A future that is `f` if given, else never ready.
@@ -218,6 +220,7 @@ impl Daemon {
             rules: SharedRules::default(),
             keeper: None,
             decap_chain: Default::default(),
+            drift_reconciled: None,
         };
         d.start_keeper();
         d.install_rules().await?;
@@ -228,6 +231,22 @@ impl Daemon {
             "lease held, data plane up, subnet file written"
         );
         Ok(d)
+    }
+}
+
+/// The least time between two reconciles for drifted routes: a route that cannot be written
+/// must not make the agent list etcd every second.
+const DRIFT_RECONCILE_GAP: Duration = Duration::from_secs(10);
+
+impl Daemon {
+    /// Whether the route table drifted (checked every tick, acted on at most every
+    /// `DRIFT_RECONCILE_GAP`).
+    fn routes_drifted(&mut self) -> bool {
+        if self.drift_reconciled.is_some_and(|t| t.elapsed() < DRIFT_RECONCILE_GAP) || !self.maps.drifted() {
+            return false;
+        }
+        self.drift_reconciled = Some(Instant::now());
+        true
     }
 }
 
@@ -296,6 +315,12 @@ impl Daemon {
                         if self.follow_public_ip().await? {
                             // The watch's connection came from the old address: list and
                             // watch again on the new one.
+                            break;
+                        }
+                        if self.routes_drifted() {
+                            // Routes kept in two places came apart (an ipip device made
+                            // again took its routes): the listing writes them again.
+                            tracing::warn!("the kernel's routes and the route map came apart; reconciling with etcd again");
                             break;
                         }
                     }

@@ -571,9 +571,10 @@ mod tests {
         let a: IpAddr = "192.168.100.1".parse().unwrap();
         let i = RuleInputs { ip_masq: false, forward_rules: false, guard_addrs: vec![a], tunnel: GuardedTunnel::Ipip, ..inputs() };
         let Firewall::Iptables(_, guards) = wanted(&i, BOTH) else { panic!("iptables form") };
-        assert_eq!(guards[0].rules()[0], "iifname != \"eth0\" ip protocol ipencap fib daddr type local counter drop");
+        let p = iptables::ipip_protocol_name();
+        assert_eq!(guards[0].rules(), vec![format!("iifname != \"eth0\" ip daddr 192.168.100.1 ip protocol {p} counter drop")]);
         let Firewall::Iptables(chains, _) = wanted(&i, Tools { iptables: true, nft: false }) else { panic!("iptables form") };
-        assert_eq!(chains[0].rules[0].join(" "), "! -i eth0 -p ipencap -j DROP");
+        assert_eq!(chains[0].rules.iter().map(|r| r.join(" ")).collect::<Vec<_>>(), vec![format!("-d 192.168.100.1/32 ! -i eth0 -p {p} -j DROP")]);
     }
 
     /// A blackhole route goes when it is in the network and not wanted; others' outside the

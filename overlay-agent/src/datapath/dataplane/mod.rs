@@ -363,6 +363,14 @@ pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32, Vec<FlannelPe
             tracing::warn!(error = %e, device = %spec.device, "reading the peers flanneld left on the device");
             Vec::new()
         }),
+        // flanneld's ipip routes: each peer's subnet via its address through flannel.ipip.
+        EncapMode::Ipip if netdev::link(&spec.device)?.is_some() => match netdev::peer_routes(&spec.device) {
+            Ok(routes) => routes.into_iter().map(|(subnet, via)| (subnet, via, [0; 6])).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, device = %spec.device, "reading the peers flanneld left on the device");
+                Vec::new()
+            }
+        },
         _ => Vec::new(),
     };
     match spec.mode {
@@ -378,7 +386,29 @@ pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32, Vec<FlannelPe
     }
     netdev::configure_up(&spec.device, Some(mtu))?;
     let device = netdev::require_link(&spec.device)?;
+    retire_other_backends(spec)?;
     Ok((underlay, device, mtu, flannel_peers))
+}
+
+/// The devices of flannel's other backends on this node (a run before the network config
+/// changed its `Backend.Type`) go: one left up would go on taking its tunnel's packets with
+/// no check in front of it (the programs check only the backend the node runs), and a
+/// vxlan device's network route would shadow the per-lease routes of ipip.
+fn retire_other_backends(spec: &NodeSpec) -> Result<()> {
+    for (mode, name, kind) in [
+        (EncapMode::Vxlan, format!("flannel.{}", spec.vni), "vxlan"),
+        (EncapMode::Ipip, IPIP_DEVICE.to_string(), "ipip"),
+        (EncapMode::Udp, "flannel0".to_string(), "veth"),
+    ] {
+        if mode == spec.mode || name == spec.device {
+            continue;
+        }
+        if netdev::link(&name)?.is_some_and(|l| l.kind.as_deref() == Some(kind)) {
+            tracing::warn!(device = %name, backend = ?spec.mode, "removing the device of the backend a previous run used");
+            netdev::delete_link(&name)?;
+        }
+    }
+    Ok(())
 }
 
 /// A peer a stock flanneld left on its device: (subnet, public IP, VtepMAC).

@@ -45,18 +45,24 @@ pub fn detach_programs(spec: &NodeSpec) -> Result<()> {
 /// still attached), flannel's own firewall chains, the subnet file. What is ours goes, in an
 /// order that never leaves a gap: the programs (their links and filters), the pinned maps,
 /// the socket guard's and NOTRACK's firewall rules, and our one network route. Run it with
-/// the agent stopped (its links are held by their pins only then). The udp backend has no
-/// kernel device to leave: refused, `teardown` removes it.
+/// the agent stopped (its links are held by their pins only then). An ipip node's device and
+/// routes are flanneld's as they stand. The udp backend has no kernel device to leave:
+/// refused, `teardown` removes it.
 pub fn release_to_flannel(dir: &Path) -> Result<()> {
     let maps = Maps::open(dir).context("no data plane of this agent here (nothing to hand over)")?;
     let config = maps.config()?;
     if !config.is_ready() {
         bail!("the data plane in {} was never configured: nothing to hand over; `teardown` removes it", dir.display());
     }
-    if config.encap_mode() != Some(EncapMode::Vxlan) {
+    if config.encap_mode() == Some(EncapMode::Udp) {
         bail!("the udp backend has no kernel device a flanneld could take over (flanneld's udp backend makes its own TUN device): use `teardown`");
     }
-    if !is_ipv6_only(&config) {
+    if config.encap_mode() == Some(EncapMode::Ipip) {
+        // flannel.ipip and the per-lease routes through it (or the underlay) are flanneld's
+        // own as they stand: only the checks go.
+        drop(maps);
+        detach_and_unpin(dir, Some(config))?;
+    } else if !is_ipv6_only(&config) {
         let device = netdev::name_of(config.overlay_ifindex).context("the overlay device is gone: nothing to hand over")?;
         // Peers this node routes directly (DirectRouting) keep their direct route.
         let direct: Vec<Ipv4Net> = netdev::direct_routes()?.into_iter().map(|(s, _)| s).collect();

@@ -204,6 +204,19 @@ pub fn direct_routes() -> Result<Vec<(Ipv4Net, Ipv4Addr)>> {
         .collect())
 }
 
+/// The same with each route's output interface (its ifindex; 0 if it names none).
+pub fn direct_routes_via() -> Result<Vec<(Ipv4Net, Ipv4Addr, u32)>> {
+    Ok(all_routes()?
+        .iter()
+        .filter(|r| r.header.protocol == RouteProtocol::Other(DIRECT_ROUTE_PROTO))
+        .filter_map(|r| {
+            let via = r.attributes.iter().find_map(|a| if let RouteAttribute::Gateway(RouteAddress::Inet(g)) = a { Some(*g) } else { None })?;
+            let oif = r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None }).unwrap_or(0);
+            Some((destination(r)?, via, oif))
+        })
+        .collect())
+}
+
 /// A route's IPv4 destination network.
 pub(super) fn destination(r: &RouteMessage) -> Option<Ipv4Net> {
     let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a { Some(*d) } else { None })?;
