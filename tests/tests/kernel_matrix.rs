@@ -25,6 +25,28 @@ fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("{what}: {e:#}"))
 }
 
+/// Send (`send`) again, up to 6 times 5 s apart, until `counted`: one datagram is not a
+/// condition to wait for on a loaded machine. Whether it ever was.
+fn resend_until(mut send: impl FnMut(), counted: impl Fn() -> bool) -> bool {
+    (0..6).any(|_| {
+        send();
+        wait_until(Duration::from_secs(5), &counted)
+    })
+}
+
+/// A 200/s UDP stream from node `from`'s container to node `to`'s, and `to`'s agent
+/// restarted under it: not one datagram lost.
+fn restart_under_a_stream_loses_nothing(c: &mut Cluster, from: usize, to: usize, port: u16) {
+    let stream = ok("stream", UdpStream::start(&c.node(from).containers[1], &c.node(to).containers[0], c.node(to).container_ip(0), port, 200));
+    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= 400), "the stream did not start");
+    ok("restart", c.restart_agent(to));
+    let after = stream.received_so_far();
+    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= after + 400), "the stream stalled after the restart");
+    let r = ok("stream", stream.finish());
+    eprintln!("restart: UDP sent {} received {} lost {} (receiver overflows {})", r.sent, r.received, r.lost, r.receiver_overflows);
+    assert_eq!(r.lost, 0, "datagrams lost across the restart: {r:?}");
+}
+
 /// The agents' nodes as the seed's are: docker's FORWARD DROP, and kube-proxy's drop of
 /// INVALID packets (so that conntrack must track every flow).
 fn seed_forward_rules(c: &Cluster) {
@@ -88,14 +110,7 @@ fn a_cluster_with_a_stock_node_works_on_this_kernel() {
     ok("TCP through the Service", tcp_transfer_via(&c.node(1).containers[0], &c.node(2).containers[1], 8080, service, 2 << 20));
 
     // A restart under a UDP stream loses nothing.
-    let stream = ok("stream", UdpStream::start(&c.node(1).containers[1], &c.node(2).containers[0], c.node(2).container_ip(0), 7010, 200));
-    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= 400), "the stream did not start");
-    ok("restart", c.restart_agent(2));
-    let after = stream.received_so_far();
-    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= after + 400), "the stream stalled after the restart");
-    let r = ok("stream", stream.finish());
-    eprintln!("restart: UDP sent {} received {} lost {} (receiver overflows {})", r.sent, r.received, r.lost, r.receiver_overflows);
-    assert_eq!(r.lost, 0, "datagrams lost across the restart: {r:?}");
+    restart_under_a_stream_loses_nothing(&mut c, 1, 2, 7010);
 
     // A forged frame from a peer (an inner source it does not lease): dropped and counted,
     // never delivered; the same frame with its own source is.
@@ -114,10 +129,10 @@ fn a_cluster_with_a_stock_node_works_on_this_kernel() {
     // A single datagram went uncounted once in a full run on a loaded machine (never alone,
     // 6 of 6): one datagram is not a condition to wait for. Sent again, a bounded number of
     // times, until the counter moves; every copy is dropped, so none can reach the probe.
-    let counted = (0..6).any(|_| {
-        ok("forged", send_udp(&n2.ns, from_n2, to_n1, vec![frame(Ipv4Addr::new(10, 244, 99, 7), b"forged")]));
-        wait_until(Duration::from_secs(5), || n1.counter(Counter::SpoofedSource) > before)
-    });
+    let counted = resend_until(
+        || ok("forged", send_udp(&n2.ns, from_n2, to_n1, vec![frame(Ipv4Addr::new(10, 244, 99, 7), b"forged")])),
+        || n1.counter(Counter::SpoofedSource) > before,
+    );
     assert!(counted, "the forged frame was not counted (sent 6 times, 5 s apart)");
     ok("legit", send_udp(&n2.ns, from_n2, to_n1, vec![frame(n2.container_ip(0), b"legit")]));
     assert_eq!(probe.finish_after(1), vec![b"legit".to_vec()], "only the frame with its own source arrives");
@@ -211,15 +226,15 @@ fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_mod
     let (spoofed, unknown) = (n1.counter(Counter::SpoofedSource), n1.counter(Counter::UnknownPeer));
     // One packet is not a condition to wait for: sent again (a bounded number of times)
     // until counted; every copy is dropped.
-    let counted = (0..6).any(|_| {
-        ok("forged", send_raw_frames(&n2.ns, "eth0", vec![packet(n2_mac, n2.underlay_ip, Ipv4Addr::new(10, 244, 99, 7), b"forged")]));
-        wait_until(Duration::from_secs(5), || n1.counter(Counter::SpoofedSource) > spoofed)
-    });
+    let counted = resend_until(
+        || ok("forged", send_raw_frames(&n2.ns, "eth0", vec![packet(n2_mac, n2.underlay_ip, Ipv4Addr::new(10, 244, 99, 7), b"forged")])),
+        || n1.counter(Counter::SpoofedSource) > spoofed,
+    );
     assert!(counted, "the forged IP-in-IP packet from a peer was not counted");
-    let counted = (0..6).any(|_| {
-        ok("stranger's", send_raw_frames(&stranger, "eth0", vec![packet(stranger_mac, stranger_ip, n2.container_ip(0), b"stranger")]));
-        wait_until(Duration::from_secs(5), || n1.counter(Counter::UnknownPeer) > unknown)
-    });
+    let counted = resend_until(
+        || ok("stranger's", send_raw_frames(&stranger, "eth0", vec![packet(stranger_mac, stranger_ip, n2.container_ip(0), b"stranger")])),
+        || n1.counter(Counter::UnknownPeer) > unknown,
+    );
     assert!(counted, "IP-in-IP from a host that is no node was not counted");
     let legit = packet(n2_mac, n2.underlay_ip, n2.container_ip(0), b"legit");
     ok("legit", send_raw_frames(&n2.ns, "eth0", vec![legit.clone(), legit.clone(), legit]));
@@ -240,10 +255,10 @@ fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_mod
         .write(&mut inner, b"from a container")
         .expect("inner packet");
     let before = guard_drops(n1);
-    let dropped = (0..6).any(|_| {
-        ok("ipip from a container", send_ip_in_ip(&n1.containers[1], n1.underlay_ip, inner.clone()));
-        wait_until(Duration::from_secs(5), || guard_drops(n1) > before)
-    });
+    let dropped = resend_until(
+        || ok("ipip from a container", send_ip_in_ip(&n1.containers[1], n1.underlay_ip, inner.clone())),
+        || guard_drops(n1) > before,
+    );
     assert!(dropped, "the guard did not drop IP-in-IP from a container (counter {before})");
     assert_eq!(probe.finish_after(1), Vec::<Vec<u8>>::new(), "IP-in-IP from a container was opened");
 
@@ -259,13 +274,7 @@ fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_mod
     // A restart under a UDP stream loses nothing; a vxlan device a run before the backend
     // changed left goes (it would take VXLAN with no check in front of it).
     ok("stale vxlan device", c.node(1).ns.run("ip", &["link", "add", "flannel.1", "type", "vxlan", "id", "1", "dstport", "8472", "nolearning"]));
-    let stream = ok("stream", UdpStream::start(&c.node(2).containers[1], &c.node(1).containers[0], c.node(1).container_ip(0), 7011, 200));
-    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= 400), "the stream did not start");
-    ok("restart", c.restart_agent(1));
-    let after = stream.received_so_far();
-    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= after + 400), "the stream stalled after the restart");
-    let r = ok("stream", stream.finish());
-    assert_eq!(r.lost, 0, "datagrams lost across the restart: {r:?}");
+    restart_under_a_stream_loses_nothing(&mut c, 2, 1, 7011);
     let links = ok("links", c.node(1).ns.run("ip", &["-o", "link"]));
     assert!(!links.contains("flannel.1") && links.contains("flannel.ipip"), "{links}");
 

@@ -184,7 +184,9 @@ pub fn guard(cmd: &'static str, iface: &str, addr: std::net::IpAddr, tunnel: Gua
 /// What iptables and nft call IP protocol 4 when they print a rule: its name in
 /// /etc/protocols (`ipencap` on Debian; it differs between distributions), else the number.
 pub fn ipip_protocol_name() -> String {
-    protocol_name_in(&std::fs::read_to_string("/etc/protocols").unwrap_or_default(), 4)
+    // Read once: the rules are compared with the firewall's every --iptables-resync.
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| protocol_name_in(&std::fs::read_to_string("/etc/protocols").unwrap_or_default(), 4)).clone()
 }
 
 fn protocol_name_in(protocols: &str, number: u8) -> String {
