@@ -10,7 +10,7 @@ pub mod host;
 
 pub use control::{config, daemon, lease, reconcile};
 pub use datapath::{dataplane, maps, monitor, report, tun};
-pub use host::{cni, docker_opts, health, iptables, netdev, nftables, subnet_file, tc};
+pub use host::{cni, docker_opts, health, iptables, netdev, nftables, subnet_file, tc, wireguard};
 
 use anyhow::{Context as _, Result};
 

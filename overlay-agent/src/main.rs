@@ -86,6 +86,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Status) => {
+            // A wireguard node runs no programs: its device says it all.
+            if let Some((line, up)) = overlay_agent::datapath::wireguard::status_line(&dir)? {
+                println!("{line}");
+                return Ok(if up { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
             // A node running on the kernel device alone has no maps to read.
             if let Some(marker) = overlay_agent::datapath::degraded::reason(&dir) {
                 let (where_, why) = marker.split_once('\n').unwrap_or(("", marker.as_str()));
@@ -113,7 +118,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Some(Command::Route(RouteCommand::Add { subnet, public_ip, vtep_mac })) => {
             let mut maps = Maps::open(&dir)?;
-            maps.upsert_route(&Route { subnet: subnet.trunc(), public_ip, vtep_mac: vtep_mac.unwrap_or([0; 6]) })?;
+            maps.upsert_route(&Route { subnet: subnet.trunc(), public_ip, vtep_mac: vtep_mac.unwrap_or([0; 6]), wireguard: None })?;
             Ok(ExitCode::SUCCESS)
         }
         Some(Command::Route(RouteCommand::Del { subnet })) => {

@@ -111,7 +111,7 @@ impl Node {
         };
         maps.set_config(&cfg).expect("config");
         for (subnet, ip, mac) in [("10.244.2.0/24", PEER_A, MAC_A), ("10.244.3.0/24", PEER_B, MAC_B), ("10.244.4.0/24", PEER_C, MAC_C)] {
-            maps.upsert_route(&Route { subnet: subnet.parse().unwrap(), public_ip: ip, vtep_mac: mac }).expect("route");
+            maps.upsert_route(&Route { subnet: subnet.parse().unwrap(), public_ip: ip, vtep_mac: mac, wireguard: None }).expect("route");
         }
         Node { ebpf, maps, cfg }
     }
@@ -723,7 +723,7 @@ fn forwarding_entries_follow_the_routes() {
         assert!(listed.contains(&(MAC_A, PEER_A)) && listed.contains(&(MAC_C, PEER_C)), "{listed:?}");
         // A's VtepMAC changes (its agent recreated the device): the old entry goes.
         let new_mac = [0x02, 0, 0, 0, 0, 0x1a];
-        n.maps.upsert_route(&Route { subnet: "10.244.2.0/24".parse().unwrap(), public_ip: PEER_A, vtep_mac: new_mac }).expect("route");
+        n.maps.upsert_route(&Route { subnet: "10.244.2.0/24".parse().unwrap(), public_ip: PEER_A, vtep_mac: new_mac, wireguard: None }).expect("route");
         let fdb = bridge();
         assert!(fdb.contains(&format!("{} dst {PEER_A} self permanent", netdev::format_mac(&new_mac))), "{fdb}");
         assert!(!fdb.contains(&netdev::format_mac(&MAC_A)), "{fdb}");

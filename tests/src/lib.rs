@@ -39,10 +39,20 @@ pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
 /// etcd's address in an IPv6-only cluster (on the underlay's bridge).
 pub const ETCD_IPV6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0xfe);
 
-/// flannel's config for NETWORK with `backend`, as the seed writes it.
+/// flannel's config for NETWORK with `backend`, as the seed writes it (wireguard's with a
+/// preshared key and a keepalive, which stock nodes set up by hand are given too).
 pub fn network_config(backend: Backend) -> String {
-    format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{}"}}}}"#, backend.flag())
+    match backend {
+        Backend::Wireguard => format!(
+            r#"{{"Network":"{NETWORK}","Backend":{{"Type":"wireguard","PSK":"{WIREGUARD_PSK}","PersistentKeepaliveInterval":{WIREGUARD_KEEPALIVE}}}}}"#
+        ),
+        _ => format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"{}"}}}}"#, backend.flag()),
+    }
 }
+
+/// The wireguard clusters' preshared key (`wg genpsk`) and keepalive.
+pub const WIREGUARD_PSK: &str = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
+pub const WIREGUARD_KEEPALIVE: u16 = 25;
 pub const UNDERLAY_MTU: u32 = 1500;
 
 /// Fail loudly (never skip) when the tests cannot run here.
@@ -98,6 +108,8 @@ pub enum Backend {
     Udp,
     /// flannel's ipip (etcd mode only: the kernel's flannel.ipip; needs the ipip module).
     Ipip,
+    /// flannel's wireguard (etcd mode only: the kernel's flannel-wg; needs the module).
+    Wireguard,
 }
 
 impl Backend {
@@ -106,6 +118,7 @@ impl Backend {
             Backend::Vxlan => "vxlan",
             Backend::Udp => "udp",
             Backend::Ipip => "ipip",
+            Backend::Wireguard => "wireguard",
         }
     }
     pub fn port(self) -> u16 {
@@ -113,6 +126,7 @@ impl Backend {
             Backend::Vxlan => 8472,
             Backend::Udp => 8285,
             Backend::Ipip => 0,
+            Backend::Wireguard => 51820,
         }
     }
     pub fn device(self) -> &'static str {
@@ -120,6 +134,7 @@ impl Backend {
             Backend::Vxlan => "flannel.1",
             Backend::Udp => "flannel0",
             Backend::Ipip => "flannel.ipip",
+            Backend::Wireguard => "flannel-wg",
         }
     }
     pub fn overhead(self) -> u32 {
@@ -127,6 +142,7 @@ impl Backend {
             Backend::Vxlan => 50,
             Backend::Udp => 28,
             Backend::Ipip => 20,
+            Backend::Wireguard => 80,
         }
     }
 }
@@ -351,7 +367,8 @@ impl Node {
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let bin = self.bin.clone().unwrap_or_else(agent_bin);
         let mut cmd = self.ns.command(bin.to_str().expect("utf-8 path"));
-        cmd.args(args).envs(self.agent_env.iter().cloned()).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        // Each node its own wireguard key file (they share this machine's /run).
+        cmd.args(args).env("WIREGUARD_KEY_FILE", self.log.with_extension("wgkey")).envs(self.agent_env.iter().cloned()).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         if notify {
             let path = self.log.with_extension("notify.sock");
             let _ = fs::remove_file(&path);
@@ -874,8 +891,22 @@ impl Cluster {
                 ip(&["-n", &n, "link", "set", "flannel.ipip", "mtu", &node.mtu.to_string(), "up"])?;
                 ip(&["-n", &n, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel.ipip"])?;
             }
+            NodeKind::StockFlannel if backend == Backend::Wireguard => {
+                // flannel's wireguard backend: flannel-wg with a key of its own and port
+                // 51820, MTU the underlay's less 80, the subnet's network address as a /32,
+                // the network routed through it (scope link); peers come with add_route.
+                let n = node.ns.name().to_string();
+                let key = node.log.with_extension("stock-wgkey");
+                let private = run(Command::new("wg").arg("genkey"))?;
+                fs::write(&key, private.trim())?;
+                ip(&["-n", &n, "link", "add", "flannel-wg", "type", "wireguard"])?;
+                node.ns.run("wg", &["set", "flannel-wg", "private-key", &key.display().to_string(), "listen-port", "51820"])?;
+                ip(&["-n", &n, "link", "set", "flannel-wg", "mtu", &node.mtu.to_string(), "up"])?;
+                ip(&["-n", &n, "addr", "add", &format!("{}/32", node.subnet.network()), "dev", "flannel-wg"])?;
+                ip(&["-n", &n, "route", "replace", NETWORK, "dev", "flannel-wg", "scope", "link"])?;
+            }
             NodeKind::StockFlannel => {
-                assert_eq!(backend, Backend::Vxlan, "stock flannel nodes are set up for vxlan and ipip only");
+                assert_eq!(backend, Backend::Vxlan, "stock flannel nodes are set up for vxlan, ipip and wireguard only");
                 let n = node.ns.name().to_string();
                 ip(&[
                     "-n", &n, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local",
@@ -889,7 +920,7 @@ impl Cluster {
         let host_gw = matches!(&self.spec.control, Control::Etcd { config, .. } if config.contains("host-gw"));
         if self.spec.ipv6_only {
             node.vtep_mac = link_mac(&node.ns, "flannel-v6.1")?;
-        } else if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw && backend != Backend::Ipip {
+        } else if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw && !matches!(backend, Backend::Ipip | Backend::Wireguard) {
             node.vtep_mac = link_mac(&node.ns, backend.device())?;
         }
         if let (NodeKind::StockFlannel, Some(etcd), Some(s6)) = (node.kind, &self.etcd, node.subnet6) {
@@ -900,6 +931,16 @@ impl Cluster {
                 overlay_agent::netdev::format_mac(&node.vtep_mac)
             );
             let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-{}", s6.network(), s6.prefix_len());
+            etcd.etcdctl(&["put", &key, &value])?;
+        } else if let (NodeKind::StockFlannel, Some(etcd), Backend::Wireguard) = (node.kind, &self.etcd, backend) {
+            // What a stock flannel wireguard node writes for itself.
+            let key = node.ns.run("wg", &["show", "flannel-wg", "public-key"])?;
+            let value = format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820}}}}"#,
+                node.underlay_ip,
+                key.trim()
+            );
+            let key = format!("/coreos.com/network/subnets/{}-{}", node.subnet.network(), node.subnet.prefix_len());
             etcd.etcdctl(&["put", &key, &value])?;
         } else if let (NodeKind::StockFlannel, Some(etcd), Backend::Ipip) = (node.kind, &self.etcd, backend) {
             // What a stock flannel ipip node writes for itself.
@@ -953,6 +994,21 @@ impl Cluster {
             }
             NodeKind::PlainRouting => {
                 ip(&["-n", from.ns.name(), "route", "replace", &to.subnet.to_string(), "via", &to.underlay_ip.to_string()])?;
+            }
+            NodeKind::StockFlannel if self.spec.backend == Backend::Wireguard => {
+                // flannel's wireguard backend (addPeer): the peer's key, endpoint
+                // PublicIP:Port, allowed IPs its subnet, the network's PSK and keepalive.
+                let key = to.ns.run("wg", &["show", "flannel-wg", "public-key"])?;
+                let psk = from.log.with_extension("stock-psk");
+                fs::write(&psk, WIREGUARD_PSK)?;
+                from.ns.run(
+                    "wg",
+                    &[
+                        "set", "flannel-wg", "peer", key.trim(), "endpoint", &format!("{}:51820", to.underlay_ip),
+                        "allowed-ips", &to.subnet.to_string(), "preshared-key", &psk.display().to_string(),
+                        "persistent-keepalive", &WIREGUARD_KEEPALIVE.to_string(),
+                    ],
+                )?;
             }
             NodeKind::StockFlannel if self.spec.backend == Backend::Ipip => {
                 // flannel's ipip backend: the peer's subnet via its address, onlink, through
@@ -1143,6 +1199,9 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            // What a node that runs no programs leaves in /run/overlay-agent.
+            let _ = overlay_agent::datapath::wireguard::set_marker(&node.bpffs_dir, None);
+            let _ = overlay_agent::datapath::degraded::set_marker(&node.bpffs_dir, None);
             if node.bpffs_dir.exists() {
                 if let Err(e) = fs::remove_dir_all(&node.bpffs_dir) {
                     eprintln!("cleanup: removing {}: {e}", node.bpffs_dir.display());

@@ -241,7 +241,7 @@ fn tunnel_frame(frame: &[u8], backend: Backend) -> Option<TunnelFrame> {
         }
         Backend::Udp => (None, None, None, payload),
         // Not a UDP tunnel (the ipip cluster is kernel_matrix's).
-        Backend::Ipip => return None,
+        Backend::Ipip | Backend::Wireguard => return None,
     };
     let inner = etherparse::Ipv4HeaderSlice::from_slice(inner).ok()?;
     let fields = |h: &[u8]| (h[1], h[6] & 0x40 != 0, u16::from_be_bytes([h[4], h[5]]));

@@ -561,7 +561,7 @@ fn concurrent_route_writers_keep_peers_and_routes_consistent() {
             let mut maps = Maps::open(&dir).map_err(|e| e.to_string())?;
             let mut violations = 0;
             for _ in 0..3000 {
-                maps.upsert_route(&Route { subnet, public_ip: peer, vtep_mac: [0; 6] }).map_err(|e| e.to_string())?;
+                maps.upsert_route(&Route { subnet, public_ip: peer, vtep_mac: [0; 6], wireguard: None }).map_err(|e| e.to_string())?;
                 if !maps.peer_totals().map_err(|e| e.to_string())?.contains_key(&peer) {
                     violations += 1;
                 }

@@ -34,6 +34,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("kmod", "/usr/sbin/depmod"),
     ("xz-utils", "/usr/bin/xz"),
     ("busybox-static", "/usr/bin/busybox"),
+    // The stock flannel wireguard node in the matrix is set up with `wg`, as flannel would.
+    ("wireguard-tools", "/usr/bin/wg"),
 ];
 
 /// The kernels: Debian 12's meta package naming each (its dependency is the current build),

@@ -45,6 +45,36 @@ pub struct BackendConfig {
     /// routed via its public address, which must be on the underlay's link. (`mode` is
     /// `Udp` then, for what needs a mode: leases carry no VtepMAC.)
     pub host_gw: bool,
+    /// `wireguard`: the kernel's flannel-wg device encrypts and carries everything; one peer
+    /// per lease, no programs. (`mode` is `Udp` then, `port` the listen port.)
+    pub wireguard: Option<WireguardConfig>,
+}
+
+/// flannel's wireguard backend's options (pkg/backend/wireguard), its defaults applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// `ListenPort` (51820): flannel-wg's port, and the `Port` of the lease.
+    pub listen_port: u16,
+    /// `ListenPortV6` (51821): flannel-wg-v6's, in an IPv6 network with Mode `separate`.
+    pub listen_port_v6: u16,
+    /// `PSK`: one preshared key for every peer (the same on every node; never in a lease).
+    pub psk: Option<crate::wireguard::Key>,
+    /// `PersistentKeepaliveInterval`, seconds (0: off).
+    pub keepalive: u16,
+    pub mode: WireguardMode,
+}
+
+/// flannel's wireguard `Mode`: which devices and which of a peer's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireguardMode {
+    /// One device per family (flannel-wg, flannel-wg-v6): the default.
+    Separate,
+    /// One device (flannel-wg), a peer's endpoint chosen by its addresses.
+    Auto,
+    /// One device, peers' IPv4 endpoints.
+    Ipv4,
+    /// One device, peers' IPv6 endpoints.
+    Ipv6,
 }
 
 impl BackendConfig {
@@ -52,6 +82,9 @@ impl BackendConfig {
     pub fn type_name(&self) -> &'static str {
         if self.host_gw {
             return "host-gw";
+        }
+        if self.wireguard.is_some() {
+            return "wireguard";
         }
         match self.mode {
             EncapMode::Vxlan => "vxlan",
@@ -302,6 +335,12 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
             format!("dual stack is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
         ));
     }
+    if backend.wireguard.is_some_and(|w| w.mode == WireguardMode::Ipv6) {
+        return Err(invalid(
+            "Backend.Mode",
+            "\"ipv6\" sends to peers' IPv6 addresses, which needs EnableIPv6 (wireguard here carries IPv4 networks); use \"separate\" or \"ipv4\"",
+        ));
+    }
     Ok(NetworkConfig { enable_ipv4, network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, ipv6, warnings })
 }
 
@@ -448,6 +487,7 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
                 mtu,
                 direct_routing,
                 host_gw: false,
+                wireguard: None,
             })
         }
         "udp" => Ok(BackendConfig {
@@ -457,8 +497,9 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
             mtu: None,
             direct_routing: false,
             host_gw: false,
+            wireguard: None,
         }),
-        "host-gw" => Ok(BackendConfig { mode: EncapMode::Udp, vni: DEFAULT_VNI, port: 0, mtu: None, direct_routing: false, host_gw: true }),
+        "host-gw" => Ok(BackendConfig { mode: EncapMode::Udp, vni: DEFAULT_VNI, port: 0, mtu: None, direct_routing: false, host_gw: true, wireguard: None }),
         // flannel's ipip backend (pkg/backend/ipip): DirectRouting is its only option; the
         // kernel's flannel.ipip device tunnels, the programs check what arrives. Where the
         // kernel has no ipip module, bringing the device up says so.
@@ -473,27 +514,80 @@ fn parse_backend(v: Option<&Value>, warnings: &mut Vec<String>) -> Result<Backen
                 mtu: None,
                 direct_routing: boolean(obj, "DirectRouting")?.unwrap_or(false),
                 host_gw: false,
+                wireguard: None,
             })
         }
-        // flannel's other kernel-module backends (docs/backends.md says what they would take).
-        kind @ ("wireguard" | "extension" | "ipsec") => Err(invalid(
+        // flannel's wireguard backend (pkg/backend/wireguard): the kernel's flannel-wg does the
+        // crypto; where the kernel has no wireguard module, bringing the device up says so.
+        "wireguard" => parse_wireguard(obj, port, warnings),
+        // flannel's other backends that are not kernel devices (docs/backends.md).
+        kind @ ("extension" | "ipsec") => Err(invalid(
             "Backend.Type",
             format!(
-                "{kind:?} is flannel's, not this agent's: it needs the kernel's {} module, which this \
-                 data plane does not drive (see docs/backends.md); use \"vxlan\" (flannel's default, \
-                 interoperable with stock nodes), \"host-gw\", \"ipip\" or \"udp\"",
+                "{kind:?} is flannel's, not this agent's: it needs {}, which this data plane does not drive \
+                 (see docs/backends.md); use \"vxlan\" (flannel's default, interoperable with stock nodes), \
+                 \"host-gw\", \"ipip\", \"wireguard\" or \"udp\"",
                 match kind {
-                    "wireguard" => "wireguard",
-                    "ipsec" => "xfrm/IPsec",
-                    _ => "helper-script (extension)",
+                    "ipsec" => "the kernel's xfrm/IPsec and strongSwan's charon",
+                    _ => "helper scripts (extension)",
                 }
             ),
         )),
         other => Err(invalid(
             "Backend.Type",
-            format!("{other:?} is not supported (this agent implements \"vxlan\", \"udp\", \"host-gw\" and \"ipip\")"),
+            format!("{other:?} is not supported (this agent implements \"vxlan\", \"udp\", \"host-gw\", \"ipip\" and \"wireguard\")"),
         )),
     }
+}
+
+/// flannel's wireguard options, as its backend reads them (Go's JSON: keys in any case);
+/// a PSK that is no wireguard key, a port that is none or an unknown Mode is refused here,
+/// before anything on the node changes.
+fn parse_wireguard(obj: &Map<String, Value>, port: u16, warnings: &mut Vec<String>) -> Result<BackendConfig, ConfigError> {
+    let port_of = |key: &'static str, default: u16| -> Result<u16, ConfigError> {
+        match uint(obj, key)? {
+            None | Some(0) => Ok(default),
+            Some(p) if p > 65535 => Err(invalid(key, format!("{p} is not a UDP port"))),
+            Some(p) => Ok(p as u16),
+        }
+    };
+    let listen_port = port_of("ListenPort", 51820)?;
+    let listen_port_v6 = port_of("ListenPortV6", 51821)?;
+    if port != 0 {
+        warnings.push("Backend.Port is ignored: wireguard listens on Backend.ListenPort".to_string());
+    }
+    let psk = match string(obj, "PSK")? {
+        None | Some("") => None,
+        Some(k) => Some(crate::wireguard::parse_key(k).map_err(|e| invalid("Backend.PSK", format!("is not a wireguard key: {e} (make one with `wg genpsk`)")))?),
+    };
+    let keepalive = match uint(obj, "PersistentKeepaliveInterval")? {
+        None => 0,
+        Some(k) if k > 65535 => return Err(invalid("Backend.PersistentKeepaliveInterval", format!("{k} s is more than wireguard's 65535"))),
+        Some(k) => k as u16,
+    };
+    let mode = match string(obj, "Mode")? {
+        None | Some("separate") => WireguardMode::Separate,
+        Some("auto") => WireguardMode::Auto,
+        Some("ipv4") => WireguardMode::Ipv4,
+        Some("ipv6") => WireguardMode::Ipv6,
+        Some(m) => return Err(invalid("Backend.Mode", format!("{m:?} is not one of flannel's: \"separate\" (the default), \"auto\", \"ipv4\", \"ipv6\""))),
+    };
+    let mtu = match uint(obj, "MTU")? {
+        None | Some(0) => None,
+        Some(m) if !(crate::wireguard::OVERHEAD as u64 + 68..=65535).contains(&m) => {
+            return Err(invalid("Backend.MTU", format!("{m} leaves no usable MTU after wireguard's {} bytes", crate::wireguard::OVERHEAD)))
+        }
+        Some(m) => Some(m as u32),
+    };
+    Ok(BackendConfig {
+        mode: EncapMode::Udp,
+        vni: DEFAULT_VNI,
+        port: listen_port,
+        mtu,
+        direct_routing: false,
+        host_gw: false,
+        wireguard: Some(WireguardConfig { listen_port, listen_port_v6, psk, keepalive, mode }),
+    })
 }
 
 #[cfg(test)]
@@ -512,7 +606,7 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(172, 17, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(172, 17, 255, 0));
-        assert_eq!(c.backend, BackendConfig { mode: EncapMode::Vxlan, vni: 1, port: 8472, mtu: None, direct_routing: false, host_gw: false });
+        assert_eq!(c.backend, BackendConfig { mode: EncapMode::Vxlan, vni: 1, port: 8472, mtu: None, direct_routing: false, host_gw: false, wireguard: None });
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         assert_eq!(c.subnets().count(), 255);
     }
@@ -537,6 +631,22 @@ mod tests {
             assert_eq!((c.backend.mode, c.backend.port), (mode, port), "{json}");
         }
         assert_eq!(ok(r#"{"network":"10.2.0.0/16","backend":{"type":"vxlan","vni":7}}"#).backend.vni, 7);
+        // flannel's wireguard: its defaults, and its options in any case (Go's JSON).
+        let wg = ok(r#"{"Network":"10.3.0.0/16","Backend":{"Type":"WireGuard"}}"#);
+        assert_eq!(wg.backend.type_name(), "wireguard");
+        assert_eq!(
+            wg.backend.wireguard,
+            Some(WireguardConfig { listen_port: 51820, listen_port_v6: 51821, psk: None, keepalive: 0, mode: WireguardMode::Separate })
+        );
+        assert_eq!((wg.backend.port, wg.backend.mtu), (51820, None));
+        let psk = "cGFzc3dvcmRwYXNzd29yZHBhc3N3b3JkcGFzc3dvcmQ=";
+        let wg = ok(&format!(
+            r#"{{"Network":"10.3.0.0/16","Backend":{{"Type":"wireguard","listenPort":51900,"PSK":"{psk}","PersistentKeepaliveInterval":25,"Mode":"auto","MTU":1400,"Port":1}}}}"#
+        ));
+        let w = wg.backend.wireguard.unwrap();
+        assert_eq!((w.listen_port, w.keepalive, w.mode, wg.backend.port, wg.backend.mtu), (51900, 25, WireguardMode::Auto, 51900, Some(1400)));
+        assert_eq!(w.psk.map(|k| crate::wireguard::format_key(&k)).as_deref(), Some(psk));
+        assert!(wg.warnings.iter().any(|w| w.contains("Backend.Port is ignored")), "{:?}", wg.warnings);
         // flannel's ipip: DirectRouting its one option; a port means nothing to it.
         let ipip = ok(r#"{"Network":"10.3.0.0/16","Backend":{"Type":"ipip","DirectRouting":true,"Port":9}}"#);
         assert!(ipip.backend.direct_routing && ipip.backend.type_name() == "ipip");
@@ -596,9 +706,16 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"10.0.9.0","SubnetMax":"10.0.8.0"}"#, "SubnetMin: 10.0.9.0 is above SubnetMax"),
             (r#"{"Network":"10.0.0.0/16","SubnetMin":"x"}"#, "SubnetMin: \"x\" is not an IPv4 address"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"gre"}}"#, "Backend.Type: \"gre\" is not supported"),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard"}}"#, "needs the kernel's wireguard module"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"ipsec"}}"#, "strongSwan"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","PSK":"c2hvcnQ="}}"#, "Backend.PSK: is not a wireguard key: a wireguard key is 32 bytes"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","PSK":"not base64!"}}"#, "wg genpsk"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","ListenPort":70000}}"#, "ListenPort: 70000 is not a UDP port"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"both"}}"#, "Backend.Mode: \"both\" is not one of flannel's"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#, "needs EnableIPv6"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","MTU":100}}"#, "no usable MTU"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#, "not \"wireguard\""),
             (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"ipip"}}"#, "not \"ipip\""),
-            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"WireGuard"}}"#, "use \"vxlan\""),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"Extension"}}"#, "use \"vxlan\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","Port":70000}}"#, "Backend.Port: 70000 is not a UDP port"),
             (r#"{"Network":"10.0.0.0/16","Backend":"vxlan"}"#, "Backend: must be an object"),

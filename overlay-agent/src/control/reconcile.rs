@@ -17,16 +17,20 @@ use crate::{
 
 /// The route a lease asks for on this node, or why it is skipped. Our own subnet and leases
 /// that name our own address get no route (they would send packets to ourselves).
-/// An IPv6-only node's lease has no IPv4 route.
-pub fn route_for(lease: &Lease, mode: EncapMode, my_subnet: Ipv4Net, my_ip: Ipv4Addr) -> Result<Option<Route>, LeaseFormatError> {
-    if lease.key().is_ipv6_only() || lease.subnet == my_subnet || lease.attrs.public_ip == my_ip {
+/// An IPv6-only node's lease has no IPv4 route. A wireguard node's route is a peer: the
+/// lease's public key and port (a lease without a port: ours, as flannel does).
+pub fn route_for(lease: &Lease, me: &Mine) -> Result<Option<Route>, LeaseFormatError> {
+    if lease.key().is_ipv6_only() || lease.subnet == me.subnet || lease.attrs.public_ip == me.public_ip {
         return Ok(None);
     }
-    let vtep_mac = match mode {
-        EncapMode::Vxlan => lease.attrs.vtep_mac()?,
-        EncapMode::Udp | EncapMode::Ipip => [0; 6],
-    };
-    Ok(Some(Route { subnet: lease.subnet, public_ip: lease.attrs.public_ip, vtep_mac }))
+    let mut route = Route { subnet: lease.subnet, public_ip: lease.attrs.public_ip, vtep_mac: [0; 6], wireguard: None };
+    if let Some(own_port) = me.wireguard_port {
+        let (public_key, port) = lease.attrs.wireguard_peer()?;
+        route.wireguard = Some(crate::maps::WireguardPeer { public_key, port: port.unwrap_or(own_port) });
+    } else if me.mode == EncapMode::Vxlan {
+        route.vtep_mac = lease.attrs.vtep_mac()?;
+    }
+    Ok(Some(route))
 }
 
 /// A dual-stack peer's IPv6 route (on `flannel-v6.<VNI>`): its IPv6 subnet, its public IPv6
@@ -77,16 +81,11 @@ pub fn route6_for(lease: &Lease, me6: &Mine6) -> Result<Option<Route6>, LeaseFor
 }
 
 /// Routes for all leases, and the leases skipped with the reason.
-pub fn desired_routes(
-    leases: &[Lease],
-    mode: EncapMode,
-    my_subnet: Ipv4Net,
-    my_ip: Ipv4Addr,
-) -> (Vec<Route>, Vec<(Ipv4Net, LeaseFormatError)>) {
+pub fn desired_routes(leases: &[Lease], me: &Mine) -> (Vec<Route>, Vec<(Ipv4Net, LeaseFormatError)>) {
     let mut routes = Vec::new();
     let mut skipped = Vec::new();
     for l in leases {
-        match route_for(l, mode, my_subnet, my_ip) {
+        match route_for(l, me) {
             Ok(Some(r)) => routes.push(r),
             Ok(None) => {}
             Err(e) => skipped.push((l.subnet, e)),
@@ -101,6 +100,15 @@ pub struct Mine {
     pub subnet: Ipv4Net,
     pub public_ip: Ipv4Addr,
     pub mode: EncapMode,
+    /// A wireguard node's listen port (the port of a peer whose lease names none).
+    pub wireguard_port: Option<u16>,
+}
+
+impl Mine {
+    /// A node of `mode` that is no wireguard node.
+    pub fn new(subnet: Ipv4Net, public_ip: Ipv4Addr, mode: EncapMode) -> Self {
+        Self { subnet, public_ip, mode, wireguard_port: None }
+    }
 }
 
 /// What one watched lease event asks of this node. The same decisions as a full listing
@@ -133,7 +141,7 @@ pub fn on_event(ev: &LeaseEvent, me: &Mine) -> EventAction {
                 EventAction::OwnNamesOther(lease.attrs.public_ip)
             }
         }
-        LeaseEvent::Put(lease) => match route_for(lease, me.mode, me.subnet, me.public_ip) {
+        LeaseEvent::Put(lease) => match route_for(lease, me) {
             Ok(route) => EventAction::SetRoute { subnet: lease.subnet, route, skipped: None },
             Err(e) => EventAction::SetRoute { subnet: lease.subnet, route: None, skipped: Some(e) },
         },
@@ -171,7 +179,7 @@ mod tests {
     use crate::lease::LeaseAttrs;
 
     fn route(s: &str, ip: u8, mac: u8) -> Route {
-        Route { subnet: s.parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, ip), vtep_mac: [mac; 6] }
+        Route { subnet: s.parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, ip), vtep_mac: [mac; 6], wireguard: None }
     }
 
     #[test]
@@ -272,7 +280,7 @@ mod tests {
         /// is the daemon's business and ends the sequence as it would end the watch.)
         #[test]
         fn events_and_listings_agree(start in proptest::collection::vec(event(), 0..8), events in proptest::collection::vec(event(), 0..40)) {
-            let me = Mine { subnet: "10.0.0.0/24".parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, 1), mode: EncapMode::Vxlan };
+            let me = Mine::new("10.0.0.0/24".parse().unwrap(), Ipv4Addr::new(192, 168, 0, 1), EncapMode::Vxlan);
             let mut store: BTreeMap<LeaseKey, Lease> = BTreeMap::new();
             let apply = |store: &mut BTreeMap<LeaseKey, Lease>, ev: &LeaseEvent| match ev {
                 LeaseEvent::Put(l) => { store.insert(l.key(), l.clone()); }
@@ -284,7 +292,7 @@ mod tests {
             }
             let listing = |store: &BTreeMap<LeaseKey, Lease>| {
                 let leases: Vec<Lease> = store.values().cloned().collect();
-                let (routes, _) = desired_routes(&leases, me.mode, me.subnet, me.public_ip);
+                let (routes, _) = desired_routes(&leases, &me);
                 routes.into_iter().map(|r| (r.subnet, r)).collect::<BTreeMap<_, _>>()
             };
             let mut routes = listing(&store);
@@ -303,7 +311,7 @@ mod tests {
 
     #[test]
     fn event_decisions() {
-        let me = Mine { subnet: "10.0.0.0/24".parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, 1), mode: EncapMode::Vxlan };
+        let me = Mine::new("10.0.0.0/24".parse().unwrap(), Ipv4Addr::new(192, 168, 0, 1), EncapMode::Vxlan);
         let other = Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]), etcd_lease: 2 };
         assert_eq!(on_event(&LeaseEvent::Put(other.clone()), &me), EventAction::SetRoute { subnet: other.subnet, route: Some(route("10.0.2.0/24", 2, 2)), skipped: None });
         let no_mac = Lease { attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 2)), ..other.clone() };
@@ -318,7 +326,7 @@ mod tests {
         };
         assert!(matches!(on_event(&LeaseEvent::Put(v6_only.clone()), &me), EventAction::Skipped(_, LeaseFormatError::Ipv6Only(_))));
         assert!(matches!(on_event(&LeaseEvent::Delete(v6_only.key()), &me), EventAction::Skipped(_, LeaseFormatError::Ipv6Only(_))));
-        assert_eq!(desired_routes(&[v6_only], me.mode, me.subnet, me.public_ip), (vec![], vec![]));
+        assert_eq!(desired_routes(&[v6_only], &me), (vec![], vec![]));
         let taken = Lease { subnet: me.subnet, ..other.clone() };
         assert_eq!(on_event(&LeaseEvent::Put(taken), &me), EventAction::OwnNamesOther(Ipv4Addr::new(192, 168, 0, 2)));
     }
@@ -333,12 +341,41 @@ mod tests {
             Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]), etcd_lease: 2 },
             Lease { subnet: "10.0.3.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::udp(Ipv4Addr::new(192, 168, 0, 3)), etcd_lease: 3 },
         ];
-        let (routes, skipped) = desired_routes(&leases, EncapMode::Vxlan, me, my_ip);
+        let (routes, skipped) = desired_routes(&leases, &Mine::new(me, my_ip, EncapMode::Vxlan));
         assert_eq!(routes, vec![route("10.0.2.0/24", 2, 2)]);
         assert_eq!(skipped, vec![("10.0.3.0/24".parse().unwrap(), LeaseFormatError::NoVtepMac)]);
-        let (routes, skipped) = desired_routes(&leases, EncapMode::Udp, me, my_ip);
+        let (routes, skipped) = desired_routes(&leases, &Mine::new(me, my_ip, EncapMode::Udp));
         assert_eq!(routes.len(), 2, "udp needs no VtepMAC");
         assert!(skipped.is_empty());
         assert_eq!(routes[1].vtep_mac, [0; 6]);
+    }
+
+    /// A wireguard node's routes are peers: each lease's key and port (its own listen port
+    /// for a lease without one); a lease of another backend, or with a bad key, is skipped
+    /// with the reason and disturbs no other.
+    #[test]
+    fn wireguard_leases_are_peers_and_bad_ones_are_skipped_alone() {
+        let me = Mine { wireguard_port: Some(51820), ..Mine::new("10.0.1.0/24".parse().unwrap(), Ipv4Addr::new(192, 168, 0, 1), EncapMode::Udp) };
+        let (k2, k3) = ([2u8; 32], [3u8; 32]);
+        let mut no_port = LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 0, 3), &k3, 1);
+        no_port.backend_data = Some(serde_json::json!({"PublicKey": crate::wireguard::format_key(&k3)}));
+        let mut bad_key = LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 0, 4), &k3, 1);
+        bad_key.backend_data = Some(serde_json::json!({"PublicKey": "AAAA", "Port": 51820}));
+        let leases = [
+            Lease { subnet: "10.0.2.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 0, 2), &k2, 51999), etcd_lease: 2 },
+            Lease { subnet: "10.0.3.0/24".parse().unwrap(), subnet6: None, attrs: no_port, etcd_lease: 3 },
+            Lease { subnet: "10.0.4.0/24".parse().unwrap(), subnet6: None, attrs: bad_key, etcd_lease: 4 },
+            Lease { subnet: "10.0.5.0/24".parse().unwrap(), subnet6: None, attrs: LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 5), 1, [5; 6]), etcd_lease: 5 },
+        ];
+        let (routes, skipped) = desired_routes(&leases, &me);
+        let peer = |k, port| Some(crate::maps::WireguardPeer { public_key: k, port });
+        assert_eq!(routes.iter().map(|r| (r.subnet.to_string(), r.wireguard)).collect::<Vec<_>>(), vec![
+            ("10.0.2.0/24".to_string(), peer(k2, 51999)),
+            ("10.0.3.0/24".to_string(), peer(k3, 51820)),
+        ]);
+        let skipped: Vec<String> = skipped.iter().map(|(s, e)| format!("{s}: {e}")).collect();
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(skipped[0].starts_with("10.0.4.0/24: wireguard lease refused: BackendData.PublicKey"), "{skipped:?}");
+        assert!(skipped[1].contains("not \"wireguard\""), "{skipped:?}");
     }
 }

@@ -25,8 +25,14 @@ use crate::{
 /// Where `status` finds that the node behind bpffs directory `bpffs_dir` runs degraded, and
 /// why (the file's content).
 pub fn marker(bpffs_dir: &Path) -> PathBuf {
+    marker_named(bpffs_dir, "degraded")
+}
+
+/// A file under /run/overlay-agent for the node behind `bpffs_dir` (one that runs no
+/// programs has no maps there to say what it runs): `<dir, flattened>.<kind>`.
+pub fn marker_named(bpffs_dir: &Path, kind: &str) -> PathBuf {
     let name: String = bpffs_dir.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    PathBuf::from("/run/overlay-agent").join(format!("{name}.degraded"))
+    PathBuf::from("/run/overlay-agent").join(format!("{name}.{kind}"))
 }
 
 /// Record (`Some(reason)`) or clear that the node runs degraded.
@@ -94,7 +100,7 @@ impl RouteTable for KernelVxlanRoutes {
             .map_err(host)?
             .into_iter()
             .filter(|(dst, gw)| *gw == dst.network())
-            .map(|(subnet, _)| self.known.get(&subnet).copied().unwrap_or(Route { subnet, public_ip: Ipv4Addr::UNSPECIFIED, vtep_mac: [0; 6] }))
+            .map(|(subnet, _)| self.known.get(&subnet).copied().unwrap_or(Route { subnet, public_ip: Ipv4Addr::UNSPECIFIED, vtep_mac: [0; 6], wireguard: None }))
             .collect())
     }
 

@@ -46,12 +46,12 @@ pub fn merged(kernel: &[(Ipv4Net, Ipv4Addr, u32)], map: Option<&[Route]>, expect
         .iter()
         .map(|(subnet, via, oif)| {
             let agrees = map.is_none_or(|m| m.iter().any(|r| r.subnet == *subnet && r.public_ip == *via)) && *oif == expected_oif(*via);
-            Route { subnet: *subnet, public_ip: if agrees { *via } else { none }, vtep_mac: [0; 6] }
+            Route { subnet: *subnet, public_ip: if agrees { *via } else { none }, vtep_mac: [0; 6], wireguard: None }
         })
         .collect();
     for r in map.unwrap_or_default() {
         if !kernel.iter().any(|(s, _, _)| *s == r.subnet) {
-            out.push(Route { subnet: r.subnet, public_ip: none, vtep_mac: [0; 6] });
+            out.push(Route { subnet: r.subnet, public_ip: none, vtep_mac: [0; 6], wireguard: None });
         }
     }
     out
@@ -123,7 +123,7 @@ mod tests {
     fn the_kernel_and_the_map_must_agree_for_a_route_to_count() {
         let s = |x: &str| -> Ipv4Net { x.parse().unwrap() };
         let (a, b): (Ipv4Addr, Ipv4Addr) = ("192.168.100.2".parse().unwrap(), "192.168.100.3".parse().unwrap());
-        let route = |subnet, public_ip| Route { subnet, public_ip, vtep_mac: [0; 6] };
+        let route = |subnet, public_ip| Route { subnet, public_ip, vtep_mac: [0; 6], wireguard: None };
         // Interface 7 is flannel.ipip, 2 the underlay; peer b is on the underlay's link.
         let oif = |via: Ipv4Addr| if via == b { 2 } else { 7 };
         let kernel = [(s("10.244.2.0/24"), a, 7), (s("10.244.3.0/24"), b, 7), (s("10.244.4.0/24"), a, 7), (s("10.244.6.0/24"), b, 2)];

@@ -74,6 +74,15 @@ pub struct Route {
     pub public_ip: Ipv4Addr,
     /// The peer's VTEP MAC (zero for the udp backend).
     pub vtep_mac: [u8; 6],
+    /// A wireguard peer's public key and the port it listens on (wireguard backend only).
+    pub wireguard: Option<WireguardPeer>,
+}
+
+/// A wireguard lease's peer, as a route needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WireguardPeer {
+    pub public_key: crate::wireguard::Key,
+    pub port: u16,
 }
 
 /// Per-peer counters summed over CPUs.
@@ -473,6 +482,7 @@ impl Maps {
                 subnet,
                 public_ip: Ipv4Addr::from(v.underlay_ip),
                 vtep_mac: v.vtep_mac,
+                wireguard: None,
             });
         }
         out.sort_by_key(|r| r.subnet);

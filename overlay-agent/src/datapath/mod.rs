@@ -11,3 +11,4 @@ pub mod maps;
 pub mod monitor;
 pub mod report;
 pub mod tun;
+pub mod wireguard;

@@ -72,6 +72,11 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
     // A dual-stack network's leases: two more columns, after a padded TIME-LEFT (which may
     // read "no TTL").
     let dual = rows.iter().any(|(l, _)| l.subnet6.is_some());
+    // A wireguard network's leases: each node's public key and listen port, last.
+    let wireguard = rows.iter().any(|(l, _)| l.attrs.backend_type == "wireguard");
+    if wireguard && !dual {
+        s = format!("{:<20} {:<16} {:<9} {:<18} {:<10} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "WIREGUARD-KEY:PORT");
+    }
     if dual {
         s = format!("{:<20} {:<16} {:<8} {:<18} {:<10} {:<44} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "IPV6-SUBNET", "PUBLIC-IPV6");
     }
@@ -99,6 +104,12 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
                 sub6,
                 ip6
             );
+        } else if wireguard {
+            let peer = match l.attrs.wireguard_peer() {
+                Ok((key, port)) => format!("{}:{}", crate::wireguard::format_key(&key), port.map_or("-".to_string(), |p| p.to_string())),
+                Err(_) => "-".to_string(),
+            };
+            let _ = writeln!(s, "{:<20} {:<16} {:<9} {:<18} {:<10} {}", subnet, public_ip, backend, mac, left, peer);
         } else {
             let _ = writeln!(s, "{:<20} {:<16} {:<8} {:<18} {}", subnet, public_ip, backend, mac, left);
         }
@@ -107,12 +118,32 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
 }
 
 #[cfg(test)]
+mod wireguard_tests {
+    use super::*;
+
+    #[test]
+    fn a_wireguard_networks_leases_show_each_nodes_key_and_port() {
+        let key = [7u8; 32];
+        let l = crate::lease::Lease {
+            subnet: "10.244.2.0/24".parse().unwrap(),
+            subnet6: None,
+            attrs: crate::lease::LeaseAttrs::wireguard("192.168.1.2".parse().unwrap(), &key, 51820),
+            etcd_lease: 1,
+        };
+        let t = leases_table(&[(l, 3600)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].ends_with("WIREGUARD-KEY:PORT"), "{t}");
+        assert!(lines[1].contains("wireguard") && lines[1].ends_with(&format!("{}:51820", crate::wireguard::format_key(&key))), "{t}");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn dual_stack_nodes_show_their_ipv6_side() {
-        let r = Route { subnet: "10.244.2.0/24".parse().unwrap(), public_ip: "192.168.1.2".parse().unwrap(), vtep_mac: [2; 6] };
+        let r = Route { subnet: "10.244.2.0/24".parse().unwrap(), public_ip: "192.168.1.2".parse().unwrap(), vtep_mac: [2; 6], wireguard: None };
         let t = routes_table(&[r], &[("fd00:0:0:2::/64".parse().unwrap(), "fd00::2".parse().unwrap())]);
         assert!(t.contains("10.244.2.0/24") && t.contains("IPV6-SUBNET") && t.contains("fd00:0:0:2::/64") && t.contains("fd00::2"), "{t}");
         assert!(!routes_table(&[r], &[]).contains("IPV6"), "an IPv4 node's table is as before");

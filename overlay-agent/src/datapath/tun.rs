@@ -124,7 +124,7 @@ pub struct HostGwRoutes {
 impl RouteTable for HostGwRoutes {
     fn routes(&self) -> Result<Vec<Route>, MapsError> {
         let routes = crate::netdev::direct_routes().map_err(|e| MapsError::Host(e.to_string()))?;
-        Ok(routes.into_iter().map(|(subnet, public_ip)| Route { subnet, public_ip, vtep_mac: [0; 6] }).collect())
+        Ok(routes.into_iter().map(|(subnet, public_ip)| Route { subnet, public_ip, vtep_mac: [0; 6], wireguard: None }).collect())
     }
     fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError> {
         let on_link = crate::netdev::directly_reachable(r.public_ip, &self.iface).map_err(|e| MapsError::Host(e.to_string()))?;
@@ -338,7 +338,7 @@ mod tests {
     use super::*;
 
     fn route(s: &str, ip: u8) -> Route {
-        Route { subnet: s.parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, ip), vtep_mac: [0; 6] }
+        Route { subnet: s.parse().unwrap(), public_ip: Ipv4Addr::new(192, 168, 0, ip), vtep_mac: [0; 6], wireguard: None }
     }
 
     #[test]

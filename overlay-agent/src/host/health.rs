@@ -184,6 +184,12 @@ impl Collector for AgentCollector {
             }
             return Ok(());
         }
+        // A wireguard node: its device's peers, as the kernel counts them (no maps).
+        if let Some((device, _)) = crate::datapath::wireguard::recorded(&s.bpffs_dir) {
+            if let Ok(d) = crate::wireguard::device(&device) {
+                wireguard_metrics(&mut e, &d)?;
+            }
+        }
         let Ok(maps) = Maps::open(&s.bpffs_dir) else { return Ok(()) };
         if let Ok(config) = maps.config() {
             program_stats(&mut e, s, &config)?;
@@ -248,6 +254,35 @@ impl Collector for AgentCollector {
         }
         Ok(())
     }
+}
+
+/// A wireguard node's peers: how many, each one's bytes and its last handshake (labelled by
+/// endpoint, as the other peer metrics are by address, and by public key).
+fn wireguard_metrics(e: &mut DescriptorEncoder, d: &crate::wireguard::DeviceInfo) -> Result<(), std::fmt::Error> {
+    gauge(e, "overlay_peers", "Peers (nodes some route points at)", d.peers.len() as i64)?;
+    let labels = |p: &crate::wireguard::PeerInfo| {
+        [("peer", p.endpoint.map_or("-".to_string(), |a| a.ip().to_string())), ("public_key", crate::wireguard::format_key(&p.public_key))]
+    };
+    {
+        let mut m = e.encode_descriptor("overlay_wireguard_peer_bytes", "Bytes wireguard sent to (tx) and received from (rx) each peer, encrypted", None, MetricType::Counter)?;
+        for p in &d.peers {
+            for (dir, v) in [("tx", p.tx_bytes), ("rx", p.rx_bytes)] {
+                let [a, b] = labels(p);
+                let l = [a, b, ("direction", dir.to_string())];
+                ConstCounter::new(v).encode(m.encode_family(&l)?)?;
+            }
+        }
+    }
+    let mut m = e.encode_descriptor(
+        "overlay_wireguard_peer_last_handshake_seconds",
+        "Unix time of each peer's last completed handshake (0: none yet)",
+        None,
+        MetricType::Gauge,
+    )?;
+    for p in &d.peers {
+        ConstGauge::new(p.last_handshake_secs as i64).encode(m.encode_family(&labels(p))?)?;
+    }
+    Ok(())
 }
 
 /// Each of the node's programs' runs and time in them, as the kernel counts them while the

@@ -9,3 +9,4 @@ pub mod netdev;
 pub mod subnet_file;
 pub mod tc;
 pub mod cni;
+pub mod wireguard;

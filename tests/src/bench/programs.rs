@@ -93,7 +93,7 @@ fn node(flags: u16) -> Result<(Ebpf, Maps, DataplaneConfig)> {
         _pad: [0; 2],
     };
     maps.set_config(&cfg)?;
-    maps.upsert_route(&Route { subnet: "10.244.2.0/24".parse()?, public_ip: PEER, vtep_mac: PEER_VTEP_MAC })?;
+    maps.upsert_route(&Route { subnet: "10.244.2.0/24".parse()?, public_ip: PEER, vtep_mac: PEER_VTEP_MAC, wireguard: None })?;
     Ok((ebpf, maps, cfg))
 }
 
@@ -160,7 +160,7 @@ fn measure(calls: usize) -> Result<Vec<ProgramFigure>> {
     let (mut big_node, mut bmaps, _) = node(config_flags::KERNEL_DECAP)?;
     for x in 0..BIG_TRIE {
         let subnet = format!("10.{}.{}.0/24", x / 256, x % 256).parse()?;
-        bmaps.upsert_route(&Route { subnet, public_ip: PEER, vtep_mac: PEER_VTEP_MAC })?;
+        bmaps.upsert_route(&Route { subnet, public_ip: PEER, vtep_mac: PEER_VTEP_MAC, wireguard: None })?;
     }
     let mac = cfg.vtep_mac;
     let to_peer = inner_frame([10, 244, 1, 5], [10, 244, 2, 7], 1398 - 40, mac, mac);

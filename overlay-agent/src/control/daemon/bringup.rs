@@ -36,6 +36,8 @@ pub(super) enum Plan {
     Ebpf,
     /// A TUN device and a userspace forwarder (flannel's udp backend design).
     Tun,
+    /// wireguard: the kernel's flannel-wg, a peer per lease; no programs.
+    Wireguard,
 }
 
 /// The data plane for `kind` (`--dataplane`) and the network config, or why the two do not
@@ -44,13 +46,15 @@ pub(super) fn plan(kind: DataplaneKind, cfg: &NetworkConfig) -> Result<Plan> {
     if kind == DataplaneKind::Tun && !cfg.enable_ipv4 {
         bail!("--dataplane tun carries IPv4 only; an IPv6-only network (EnableIPv4 false) runs on the eBPF data plane (leave --dataplane at ebpf)");
     }
-    if kind == DataplaneKind::Tun && cfg.backend.mode != EncapMode::Udp {
+    if kind == DataplaneKind::Tun && cfg.backend.type_name() != "udp" {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
     }
     Ok(if !cfg.enable_ipv4 {
         Plan::Ipv6Only
     } else if cfg.backend.host_gw {
         Plan::HostGw
+    } else if cfg.backend.wireguard.is_some() {
+        Plan::Wireguard
     } else if kind == DataplaneKind::Tun {
         Plan::Tun
     } else {
@@ -72,7 +76,11 @@ pub(super) fn node_spec(opts: &DaemonOptions, cfg: &NetworkConfig, (iface, publi
         vni: cfg.backend.vni,
         port: cfg.backend.port,
         // An IPv6-only node's one overlay device is flannel-v6's.
-        device: if cfg.enable_ipv4 { default_device(mode, cfg.backend.vni) } else { crate::datapath::ipv6::device_name(cfg.backend.vni) },
+        device: match (cfg.enable_ipv4, cfg.backend.wireguard) {
+            (true, Some(_)) => crate::wireguard::DEVICE.to_string(),
+            (true, None) => default_device(mode, cfg.backend.vni),
+            (false, _) => crate::datapath::ipv6::device_name(cfg.backend.vni),
+        },
         decap_hook: opts.decap_hook,
         bpffs_dir: opts.bpffs_dir.clone(),
         mtu: cfg.backend.mtu.map(dataplane::MtuAsked::Underlay),
@@ -141,6 +149,12 @@ pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&
     let attrs = match (v6, cfg.backend.mode) {
         (Some(o6), _) if !cfg.enable_ipv4 => LeaseAttrs::vxlan_ipv6_only(o6.public_ip, cfg.backend.vni, o6.mac),
         _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
+        // flannel-wg and its key before the lease: the lease announces the public key.
+        _ if cfg.backend.wireguard.is_some() => {
+            let w = cfg.backend.wireguard.expect("checked");
+            let dev = crate::datapath::wireguard::prepare(&w, &crate::datapath::wireguard::key_file())?;
+            LeaseAttrs::wireguard(public_ip, &dev.public_key, w.listen_port)
+        }
         (_, EncapMode::Vxlan) => {
             let (_, device, _, flannel_peers) = dataplane::prepare_device(spec)?;
             spec.flannel_peers = flannel_peers;
@@ -212,6 +226,23 @@ pub(super) async fn dataplane(
             spec.device = "none (host-gw)".into();
             tracing::info!(iface = %spec.iface, "host-gw: routing peers' subnets via their addresses, no encapsulation");
             (Box::new(crate::tun::HostGwRoutes { iface: spec.iface.clone() }), None, None, underlay.mtu)
+        }
+        // wireguard: flannel-wg (made before the lease) configured for the subnet; a run of
+        // another backend before leaves neither its device nor its programs behind.
+        Plan::Wireguard => {
+            let w = cfg.backend.wireguard.expect("the wireguard plan has its config");
+            let dev = crate::datapath::wireguard::prepare(&w, &crate::datapath::wireguard::key_file())?;
+            dataplane::detach_programs(spec)?;
+            dataplane::retire_other_backends(spec)?;
+            crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
+            let underlay = netdev::require_link(&spec.iface)?;
+            let mtu = crate::datapath::wireguard::mtu(cfg.backend.mtu, underlay.mtu);
+            let peers = crate::datapath::wireguard::WireguardPeers { dev, network: cfg.network, subnet: held.subnet, mtu };
+            peers.configure()?;
+            crate::datapath::wireguard::set_marker(&spec.bpffs_dir, Some((&spec.device, &spec.iface)))
+                .with_context(|| format!("writing {}", crate::datapath::wireguard::marker(&spec.bpffs_dir).display()))?;
+            tracing::info!(device = %spec.device, mtu, listen_port = w.listen_port, "wireguard up: the kernel encrypts, a peer per lease");
+            (Box::new(peers), None, None, mtu)
         }
         Plan::Ebpf => {
             let up = match opts.ebpf_unavailable {
@@ -370,6 +401,10 @@ mod tests {
         assert_eq!(plan(DataplaneKind::Tun, &udp).unwrap(), Plan::Tun);
         assert_eq!(plan(DataplaneKind::Ebpf, &host_gw).unwrap(), Plan::HostGw);
         assert_eq!(plan(DataplaneKind::Ebpf, &only6).unwrap(), Plan::Ipv6Only);
+        let wg = cfg(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#);
+        assert_eq!(plan(DataplaneKind::Ebpf, &wg).unwrap(), Plan::Wireguard);
+        let e = plan(DataplaneKind::Tun, &wg).unwrap_err().to_string();
+        assert!(e.contains("flannel's udp backend") && e.contains("\"wireguard\""), "{e}");
         let e = plan(DataplaneKind::Tun, &vxlan).unwrap_err().to_string();
         assert!(e.contains("flannel's udp backend") && e.contains("\"vxlan\""), "{e}");
         let e = plan(DataplaneKind::Tun, &only6).unwrap_err().to_string();

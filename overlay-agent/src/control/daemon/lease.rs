@@ -249,13 +249,15 @@ impl Daemon {
         }
         tracing::error!(old = %old, new = %held.key(), "re-acquired a DIFFERENT subnet: containers on this node must be restarted with the new subnet");
         let how = readdress(ReaddressInputs {
-            tun: self.tun.is_some(),
+            // A wireguard node's device address is set with its peers at start: a restart
+            // readdresses it (its key and peers stay).
+            tun: self.tun.is_some() || self.cfg.backend.wireguard.is_some(),
             ipv6_only: self.v6.is_some() && !self.cfg.enable_ipv4,
             host_gw: self.cfg.backend.host_gw,
             degraded: self.state.degraded.get().is_some(),
         });
         if how == Readdress::Restart {
-            bail!("the TUN data plane cannot change subnets while running; exiting so that it restarts with {}", held.subnet);
+            bail!("the {} data plane cannot change subnets while running; exiting so that it restarts with {}", if self.tun.is_some() { "TUN" } else { "wireguard" }, held.subnet);
         }
         self.spec.subnet = held.subnet;
         self.sync_blackhole()?;
@@ -283,7 +285,7 @@ impl Daemon {
 /// What a node is when its lease moves to a different subnet.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ReaddressInputs {
-    /// It runs the TUN data plane.
+    /// It runs the TUN data plane, or wireguard's (both restart to change subnets).
     pub tun: bool,
     /// Its one overlay device is flannel-v6 (already readdressed with the IPv6 subnet).
     pub ipv6_only: bool,

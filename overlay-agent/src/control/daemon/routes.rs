@@ -35,9 +35,17 @@ pub(super) fn stale_direct_routes(ours: &[(Ipv4Net, Ipv4Addr)], desired: &[Route
 }
 
 impl Daemon {
+    /// This node, as the route decisions need it.
+    fn mine(&self) -> reconcile::Mine {
+        reconcile::Mine {
+            wireguard_port: self.cfg.backend.wireguard.map(|w| w.listen_port),
+            ..reconcile::Mine::new(self.held.subnet, self.attrs.public_ip, self.spec.mode)
+        }
+    }
+
     /// Make the maps hold exactly the routes the leases ask for.
     pub(super) fn reconcile_all(&mut self, leases: &[crate::lease::Lease]) -> Result<()> {
-        let (desired, skipped) = reconcile::desired_routes(leases, self.spec.mode, self.held.subnet, self.attrs.public_ip);
+        let (desired, skipped) = reconcile::desired_routes(leases, &self.mine());
         for (subnet, e) in skipped {
             self.state.malformed_leases.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%subnet, error = %e, "lease skipped");
@@ -171,7 +179,7 @@ impl Daemon {
             }
             return Ok(());
         }
-        let me = reconcile::Mine { subnet: self.held.subnet, public_ip: self.attrs.public_ip, mode: self.spec.mode };
+        let me = self.mine();
         match reconcile::on_event(&ev, &me) {
             reconcile::EventAction::SetRoute { subnet, route, skipped } => {
                 if let Some(e) = skipped {
@@ -278,7 +286,7 @@ mod tests {
         let net = |s: &str| -> Ipv4Net { s.parse().unwrap() };
         let via: Ipv4Addr = "192.168.100.2".parse().unwrap();
         let ours = [(net("10.244.2.0/24"), via), (net("10.244.3.0/24"), via)];
-        let desired = [Route { subnet: net("10.244.2.0/24"), public_ip: via, vtep_mac: [0; 6] }];
+        let desired = [Route { subnet: net("10.244.2.0/24"), public_ip: via, vtep_mac: [0; 6], wireguard: None }];
         let mut b = crate::config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#).unwrap().backend;
         assert_eq!(stale_direct_routes(&ours, &desired, &b), vec![net("10.244.3.0/24")]);
         b.direct_routing = false;

@@ -19,6 +19,9 @@ pub enum LeaseFormatError {
     BadValue(String),
     #[error("vxlan lease without BackendData.VtepMAC (or with a malformed one)")]
     NoVtepMac,
+    /// A wireguard lease whose BackendData has no usable PublicKey (or is not wireguard's).
+    #[error("wireguard lease refused: {0}")]
+    BadWireguardData(String),
     /// A dual-stack peer's IPv6 subnet outside the network's IPv6 range, or ours.
     #[error("IPv6 subnet {0} is not one of the network's (outside IPv6Network's range, the wrong length, or this node's own)")]
     Ipv6SubnetRefused(String),
@@ -251,6 +254,36 @@ impl LeaseAttrs {
         Self { public_ip, public_ipv6: None, backend_type: "ipip".into(), backend_data: None, backend_v6_data: None }
     }
 
+    /// flannel's wireguard lease: the public key and listen port of its flannel-wg in
+    /// `BackendData` (`{"PublicKey":"<base64>","Port":51820}`).
+    pub fn wireguard(public_ip: Ipv4Addr, public_key: &crate::wireguard::Key, port: u16) -> Self {
+        let data = WireguardData { public_key: crate::wireguard::format_key(public_key), port: Some(port) };
+        Self {
+            public_ip,
+            public_ipv6: None,
+            backend_type: "wireguard".into(),
+            backend_data: Some(serde_json::to_value(data).expect("plain struct")),
+            backend_v6_data: None,
+        }
+    }
+
+    /// A wireguard lease's peer: its public key, and its port (`None`: a flannel before the
+    /// port was announced, whose peers use their own listen port). Another backend's lease,
+    /// or a key that is no wireguard key, is refused with what is wrong.
+    pub fn wireguard_peer(&self) -> Result<(crate::wireguard::Key, Option<u16>), LeaseFormatError> {
+        let bad = |m: String| LeaseFormatError::BadWireguardData(m);
+        if self.backend_type != "wireguard" {
+            return Err(bad(format!("its BackendType is {:?}, not \"wireguard\" (a node of another backend)", self.backend_type)));
+        }
+        let data: WireguardData = self
+            .backend_data
+            .clone()
+            .ok_or_else(|| bad("no BackendData".into()))
+            .and_then(|d| serde_json::from_value(d).map_err(|e| bad(format!("BackendData is not wireguard's: {e}"))))?;
+        let key = crate::wireguard::parse_key(&data.public_key).map_err(|e| bad(format!("BackendData.PublicKey: {e}")))?;
+        Ok((key, data.port.filter(|p| *p != 0)))
+    }
+
     /// What flannel's udp backend writes: the public IP only.
     pub fn udp(public_ip: Ipv4Addr) -> Self {
         Self { public_ip, public_ipv6: None, backend_type: String::new(), backend_data: None, backend_v6_data: None }
@@ -274,6 +307,15 @@ impl LeaseAttrs {
 fn vtep_mac_of(data: &Option<serde_json::Value>) -> Result<[u8; 6], LeaseFormatError> {
     let data: VxlanData = data.clone().and_then(|d| serde_json::from_value(d).ok()).ok_or(LeaseFormatError::NoVtepMac)?;
     crate::netdev::parse_mac(&data.vtep_mac).ok_or(LeaseFormatError::NoVtepMac)
+}
+
+/// `BackendData` of flannel's wireguard backend.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct WireguardData {
+    #[serde(rename = "PublicKey")]
+    public_key: String,
+    #[serde(rename = "Port", default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
 }
 
 /// A lease as read from etcd (`subnet` is `NO_IPV4` in an IPv6-only node's).
@@ -318,6 +360,30 @@ mod tests {
         let v = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 64, 3), 1, [0xc6, 0xd2, 0x32, 0x6f, 0x8f, 0x44]);
         assert_eq!(v.to_json(), STOCK_VXLAN);
         assert_eq!(LeaseAttrs::udp(Ipv4Addr::new(10, 0, 0, 1)).to_json(), r#"{"PublicIP":"10.0.0.1","PublicIPv6":null}"#);
+    }
+
+    /// Written by a stock flannel wireguard node (pkg/backend/wireguard: newSubnetAttrs).
+    const STOCK_WIREGUARD: &str = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"2EyOaJZNYnmtE/TgvDqQovpJBt+hivRrVQO0ssN3e3I=","Port":51820}}"#;
+
+    #[test]
+    fn wireguard_leases_are_flannels_and_bad_ones_say_why() {
+        let key = crate::wireguard::parse_key("2EyOaJZNYnmtE/TgvDqQovpJBt+hivRrVQO0ssN3e3I=").unwrap();
+        let w = LeaseAttrs::parse(STOCK_WIREGUARD.as_bytes()).unwrap();
+        assert_eq!(w.wireguard_peer(), Ok((key, Some(51820))));
+        assert_eq!(LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 64, 3), &key, 51820).to_json(), STOCK_WIREGUARD);
+        // An older flannel announced no port: its peers use their own.
+        let old = LeaseAttrs::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"wireguard","BackendData":{"PublicKey":"2EyOaJZNYnmtE/TgvDqQovpJBt+hivRrVQO0ssN3e3I="}}"#).unwrap();
+        assert_eq!(old.wireguard_peer(), Ok((key, None)));
+        for (bad, says) in [
+            (r#"{"PublicIP":"1.2.3.4","BackendType":"wireguard","BackendData":{"PublicKey":"short"}}"#, "BackendData.PublicKey"),
+            (r#"{"PublicIP":"1.2.3.4","BackendType":"wireguard","BackendData":{"PublicKey":"c2hvcnQ="}}"#, "32 bytes"),
+            (r#"{"PublicIP":"1.2.3.4","BackendType":"wireguard"}"#, "no BackendData"),
+            (r#"{"PublicIP":"1.2.3.4","BackendType":"wireguard","BackendData":{"VNI":1}}"#, "not wireguard's"),
+            (STOCK_VXLAN, "not \"wireguard\""),
+        ] {
+            let e = LeaseAttrs::parse(bad.as_bytes()).unwrap().wireguard_peer().unwrap_err().to_string();
+            assert!(e.starts_with("wireguard lease refused") && e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -394,13 +394,14 @@ pub fn prepare_device(spec: &NodeSpec) -> Result<(Link, Link, u32, Vec<FlannelPe
 /// changed its `Backend.Type`) go: one left up would go on taking its tunnel's packets with
 /// no check in front of it (the programs check only the backend the node runs), and a
 /// vxlan device's network route would shadow the per-lease routes of ipip.
-fn retire_other_backends(spec: &NodeSpec) -> Result<()> {
+pub fn retire_other_backends(spec: &NodeSpec) -> Result<()> {
     for (mode, name, kind) in [
         (EncapMode::Vxlan, format!("flannel.{}", spec.vni), "vxlan"),
         (EncapMode::Ipip, IPIP_DEVICE.to_string(), "ipip"),
         (EncapMode::Udp, "flannel0".to_string(), "veth"),
+        (EncapMode::Udp, crate::wireguard::DEVICE.to_string(), "wireguard"),
     ] {
-        if mode == spec.mode || name == spec.device {
+        if name == spec.device || (mode == spec.mode && spec.device != crate::wireguard::DEVICE && kind != "wireguard") {
             continue;
         }
         if netdev::link(&name)?.is_some_and(|l| l.kind.as_deref() == Some(kind)) {
@@ -493,7 +494,7 @@ pub fn up(spec: &NodeSpec) -> Result<Dataplane> {
 fn adopt_flannel_peers(maps: &mut Maps, device: &str, peers: Vec<FlannelPeer>) {
     let mut adopted = 0;
     for (subnet, public_ip, vtep_mac) in peers {
-        match maps.upsert_route(&crate::datapath::maps::Route { subnet, public_ip, vtep_mac }) {
+        match maps.upsert_route(&crate::datapath::maps::Route { subnet, public_ip, vtep_mac, wireguard: None }) {
             Ok(()) => adopted += 1,
             Err(e) => tracing::warn!(error = %e, %subnet, "adopting a peer flanneld left"),
         }

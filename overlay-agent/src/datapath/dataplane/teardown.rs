@@ -49,6 +49,12 @@ pub fn detach_programs(spec: &NodeSpec) -> Result<()> {
 /// routes are flanneld's as they stand. The udp backend has no kernel device to leave:
 /// refused, `teardown` removes it.
 pub fn release_to_flannel(dir: &Path) -> Result<()> {
+    // A wireguard node runs no programs: flannel-wg, its peers and route are a flanneld's to
+    // take (it makes the device again with the same key file).
+    if crate::datapath::wireguard::recorded(dir).is_some() {
+        crate::datapath::wireguard::set_marker(dir, None)?;
+        return remove_pin_dir(dir);
+    }
     let maps = Maps::open(dir).context("no data plane of this agent here (nothing to hand over)")?;
     let config = maps.config()?;
     if !config.is_ready() {
@@ -92,6 +98,7 @@ pub fn release_to_flannel(dir: &Path) -> Result<()> {
     if crate::nftables::has_nft() {
         remove_our_nft_tables();
     }
+    crate::datapath::wireguard::set_marker(dir, None)?;
     remove_pin_dir(dir)
 }
 
@@ -145,8 +152,10 @@ pub fn teardown(dir: &Path) -> Result<()> {
     let device6 = config.map(|c| crate::datapath::ipv6::device_name(c.vni));
     // A degraded run has no maps: its marker names its devices.
     let degraded = crate::datapath::degraded::devices(dir);
+    // A wireguard run's device (flannel removes it when it stops).
+    let wireguard = crate::datapath::wireguard::recorded(dir).map(|(d, _)| d);
     detach_and_unpin(dir, config)?;
-    for dev in device.into_iter().chain(device6).chain(degraded) {
+    for dev in device.into_iter().chain(device6).chain(degraded).chain(wireguard) {
         if netdev::link(&dev)?.is_some() {
             netdev::delete_link(&dev)?;
         }
@@ -159,5 +168,6 @@ pub fn teardown(dir: &Path) -> Result<()> {
     if crate::nftables::remove().is_ok() {
         remove_our_nft_tables();
     }
+    crate::datapath::wireguard::set_marker(dir, None)?;
     remove_pin_dir(dir)
 }

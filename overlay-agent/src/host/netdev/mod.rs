@@ -22,7 +22,7 @@ pub use self::{addr::*, neigh::*, route::*, underlay::*};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL,
+    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
 use netlink_packet_route::{
@@ -53,9 +53,17 @@ pub(super) type Result<T> = std::result::Result<T, NetdevError>;
 /// the library cannot decode (a newer kernel's) is skipped by its header's length rather
 /// than failing the whole dump.
 pub(crate) fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Vec<RouteNetlinkMessage>> {
+    request_on(NETLINK_ROUTE, op, msg, flags)
+}
+
+/// `request` on any netlink protocol (`NETLINK_GENERIC`: the wireguard family's messages).
+pub(crate) fn request_on<T>(protocol: isize, op: &str, msg: T, flags: u16) -> Result<Vec<T>>
+where
+    T: NetlinkSerializable + NetlinkDeserializable + Clone + std::fmt::Debug,
+{
     let mut attempts = 0;
     loop {
-        match request_once(op, msg.clone(), flags)? {
+        match request_once(protocol, op, msg.clone(), flags)? {
             (out, false) => return Ok(out),
             (out, true) if attempts >= 3 => return Ok(out),
             (_, true) => attempts += 1,
@@ -64,11 +72,14 @@ pub(crate) fn request(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<
 }
 
 /// One request: its messages, and whether a dump came back interrupted.
-fn request_once(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<(Vec<RouteNetlinkMessage>, bool)> {
+fn request_once<T>(protocol: isize, op: &str, msg: T, flags: u16) -> Result<(Vec<T>, bool)>
+where
+    T: NetlinkSerializable + NetlinkDeserializable + std::fmt::Debug,
+{
     let err = |cause: std::io::Error| NetdevError::Netlink { op: op.to_string(), cause };
-    let socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
+    let socket = Socket::new(protocol).map_err(err)?;
     socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-    let mut nl = NetlinkMessage::from(msg);
+    let mut nl = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(msg));
     nl.header.flags = NLM_F_REQUEST | flags;
     nl.header.sequence_number = 1;
     nl.finalize();
@@ -84,7 +95,7 @@ fn request_once(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<(Vec<R
             let len = u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
             let msg_flags = u16::from_ne_bytes([data[off + 6], data[off + 7]]);
             interrupted |= msg_flags & NLM_F_DUMP_INTR != 0;
-            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..]) {
+            match NetlinkMessage::<T>::deserialize(&data[off..]) {
                 Ok(m) => match m.payload {
                     NetlinkPayload::Done(_) => return Ok((out, interrupted)),
                     NetlinkPayload::Error(e) if e.code.is_none() => return Ok((out, interrupted)),
@@ -121,7 +132,7 @@ pub(super) fn change(op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<(
     request(op, msg, NLM_F_ACK | flags).map(drop)
 }
 
-pub(super) fn is_errno(e: &NetdevError, errno: i32) -> bool {
+pub(crate) fn is_errno(e: &NetdevError, errno: i32) -> bool {
     matches!(e, NetdevError::Netlink { cause, .. } if cause.raw_os_error() == Some(errno))
 }
 
@@ -327,6 +338,11 @@ pub fn ensure_ipip(name: &str, local: Ipv4Addr) -> std::result::Result<Link, any
         r => r?,
     }
     Ok(require_link(name)?)
+}
+
+/// Create a wireguard device `name` (its keys and peers are set over generic netlink).
+pub(crate) fn new_wireguard_link(name: &str) -> Result<()> {
+    new_link(&format!("create wireguard device {name}"), name, vec![LinkInfo::Kind(InfoKind::Wireguard)])
 }
 
 /// Bring `name` up with `mtu`, neighbour discovery left on (flannel-v6's neighbours are

@@ -127,6 +127,16 @@ pub fn route_network(network: Ipv4Net, device: &str) -> Result<()> {
     change(&format!("route {network} to {device}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
+/// Route the whole overlay network to a layer-3 device with no next hop (scope link): the
+/// wireguard backend's route through flannel-wg, as flannel's addRoute makes it.
+pub fn route_network_link(network: Ipv4Net, device: &str) -> Result<()> {
+    let l = require_link(device)?;
+    let mut m = route_message(network, RouteProtocol::Boot, RouteType::Unicast);
+    m.header.scope = RouteScope::Link;
+    m.attributes.push(RouteAttribute::Oif(l.ifindex));
+    change(&format!("route {network} to {device}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
 /// The metric of the `--ip-blackhole-route` route: worse than the bridge's own route to the
 /// subnet (metric 0), so it only catches traffic while the bridge or its route is missing.
 pub const BLACKHOLE_METRIC: u32 = 4096;

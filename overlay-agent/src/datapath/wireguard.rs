@@ -1,0 +1,307 @@
+//! flannel's wireguard backend (pkg/backend/wireguard): the kernel's `flannel-wg` encrypts,
+//! decrypts and checks. Each lease is a peer (its public key, endpoint PublicIP:Port, allowed
+//! IPs its subnet: cryptokey routing drops what a peer sends from outside its subnet), the
+//! whole network is routed through the device, a departed node's peer goes. No programs:
+//! every packet arriving on the tunnel is authenticated by the kernel before it is opened,
+//! which is more than the underlay checks could add. What this agent does beyond flannel:
+//! the device and its peers are kept across a restart (flannel deletes the device when it
+//! stops and makes it again), stray peers go, and a damaged device is put back.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use ipnet::Ipv4Net;
+
+use crate::{
+    config::WireguardConfig,
+    maps::{MapsError, Route, WireguardPeer},
+    netdev,
+    tun::RouteTable,
+    wireguard::{self as wg, Key},
+};
+
+/// A wireguard node's device as flannel configures it, and what it is configured with.
+#[derive(Clone, Debug)]
+pub struct WireguardDevice {
+    pub name: String,
+    pub private_key: Key,
+    pub public_key: Key,
+    pub listen_port: u16,
+    pub psk: Option<Key>,
+    pub keepalive: u16,
+}
+
+/// Before the lease is claimed (its `BackendData` needs the public key): the node's private
+/// key (kept in `key_file`, made there once), flannel-wg made or kept, and given the key and
+/// the listen port; the public key read back from the kernel.
+pub fn prepare(cfg: &WireguardConfig, key_file: &Path) -> Result<WireguardDevice> {
+    let private_key = wg::load_or_create_key(key_file)?;
+    wg::ensure_device(wg::DEVICE)?;
+    wg::configure(wg::DEVICE, &private_key, cfg.listen_port)?;
+    let public_key = wg::device(wg::DEVICE)?.public_key.context("the kernel gave flannel-wg no public key")?;
+    tracing::info!(device = wg::DEVICE, public_key = %wg::format_key(&public_key), listen_port = cfg.listen_port, key_file = %key_file.display(), "wireguard device ready");
+    Ok(WireguardDevice { name: wg::DEVICE.to_string(), private_key, public_key, listen_port: cfg.listen_port, psk: cfg.psk, keepalive: cfg.keepalive })
+}
+
+/// The key file: `WIREGUARD_KEY_FILE`, as flannel reads it, else /run/flannel/wgkey.
+pub fn key_file() -> PathBuf {
+    PathBuf::from(wg::key_file(std::env::var("WIREGUARD_KEY_FILE").ok()))
+}
+
+/// The MTU of flannel-wg and of containers: the underlay's (or `Backend.MTU`) less 80, as
+/// flannel computes it.
+pub fn mtu(asked: Option<u32>, underlay_mtu: u32) -> u32 {
+    asked.unwrap_or(underlay_mtu).saturating_sub(wg::OVERHEAD)
+}
+
+/// Where `status` and `teardown` find that the node behind `bpffs_dir` runs the wireguard
+/// backend (no programs, no maps): `device=<name> underlay=<iface>`.
+pub fn marker(bpffs_dir: &Path) -> PathBuf {
+    crate::datapath::degraded::marker_named(bpffs_dir, "wireguard")
+}
+
+/// Record (`Some((device, underlay))`) or clear that the node runs wireguard.
+pub fn set_marker(bpffs_dir: &Path, what: Option<(&str, &str)>) -> std::io::Result<()> {
+    let m = marker(bpffs_dir);
+    match what {
+        Some((device, underlay)) => {
+            std::fs::create_dir_all(m.parent().expect("a directory"))?;
+            std::fs::write(&m, format!("device={device} underlay={underlay}\n"))
+        }
+        None => match std::fs::remove_file(&m) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
+/// The device and underlay a wireguard run recorded.
+pub fn recorded(bpffs_dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(marker(bpffs_dir)).ok()?;
+    let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
+    Some((field("device=")?, field("underlay=").unwrap_or_default()))
+}
+
+/// `overlay-agent status` of a wireguard node: one line (the device, its key and port, its
+/// peers and how many have completed a handshake), and whether the device is up.
+pub fn status_line(bpffs_dir: &Path) -> Result<Option<(String, bool)>> {
+    let Some((device, underlay)) = recorded(bpffs_dir) else { return Ok(None) };
+    let link = netdev::link(&device)?;
+    let up = link.as_ref().is_some_and(|l| l.up && l.kind.as_deref() == Some("wireguard"));
+    let d = if up { wg::device(&device)? } else { wg::DeviceInfo::default() };
+    let handshaken = d.peers.iter().filter(|p| p.last_handshake_secs != 0).count();
+    let line = format!(
+        "device={device} underlay={underlay} encap=kernel decap=kernel attach=- guard=none ready={up} backend=wireguard public_key={} listen_port={} peers={} handshaken={handshaken}",
+        d.public_key.map_or("-".to_string(), |k| wg::format_key(&k)),
+        d.listen_port,
+        d.peers.len()
+    );
+    Ok(Some((line, up)))
+}
+
+/// The route table of a wireguard node: the device's peers.
+pub struct WireguardPeers {
+    pub dev: WireguardDevice,
+    /// The overlay network (routed through the device) and this node's subnet (its address).
+    pub network: Ipv4Net,
+    pub subnet: Ipv4Net,
+    pub mtu: u32,
+}
+
+fn host(e: impl std::fmt::Display) -> MapsError {
+    MapsError::Host(e.to_string())
+}
+
+impl WireguardPeers {
+    /// After the lease: flannel-wg up with its MTU, the subnet's network address (/32) on
+    /// it, the network routed through it (scope link), and peers that belong to no subnet
+    /// (a stray one left by a key change) gone.
+    pub fn configure(&self) -> Result<()> {
+        netdev::configure_up(&self.dev.name, Some(self.mtu))?;
+        netdev::set_device_address(&self.dev.name, self.subnet.network())?;
+        netdev::route_network_link(self.network, &self.dev.name)?;
+        self.remove_strays()?;
+        Ok(())
+    }
+
+    /// What is wrong with the device (`None`: intact): gone, made again by someone with
+    /// another key or port, down, without its address or its route.
+    pub fn damage(&self) -> Result<Option<&'static str>> {
+        let Some(l) = netdev::link(&self.dev.name)? else { return Ok(Some("the device is gone")) };
+        if l.kind.as_deref() != Some("wireguard") {
+            return Ok(Some("the device is no longer a wireguard device"));
+        }
+        let d = wg::device(&self.dev.name)?;
+        Ok(if d.public_key != Some(self.dev.public_key) || d.listen_port != self.dev.listen_port {
+            Some("its key or listen port changed")
+        } else if !l.up {
+            Some("the device is down")
+        } else if !netdev::has_address(&self.dev.name, self.subnet.network())? {
+            Some("its address is gone or changed")
+        } else if !netdev::network_route_via(self.network, &self.dev.name)? {
+            Some("the network's route no longer goes through it")
+        } else {
+            None
+        })
+    }
+
+    /// Make the device as at start (its peers come back with the next reconcile).
+    pub fn restore(&self) -> Result<()> {
+        if netdev::link(&self.dev.name)?.is_some_and(|l| l.kind.as_deref() != Some("wireguard")) {
+            netdev::delete_link(&self.dev.name)?;
+        }
+        wg::ensure_device(&self.dev.name)?;
+        wg::configure(&self.dev.name, &self.dev.private_key, self.dev.listen_port)?;
+        self.configure()
+    }
+
+    /// Peers with no subnet of their own (no allowed IPs: another peer took them, as the
+    /// kernel moves an allowed IP to the peer last given it) go.
+    fn remove_strays(&self) -> Result<()> {
+        for p in wg::device(&self.dev.name)?.peers {
+            if p.allowed_ips.is_empty() {
+                tracing::info!(peer = %wg::format_key(&p.public_key), "removing a wireguard peer that no longer has a subnet");
+                wg::remove_peer(&self.dev.name, &p.public_key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The routes a device's peers stand for: one per peer with exactly one IPv4 subnet, its
+/// endpoint's address and port, its key. One whose preshared key or keepalive is not what
+/// the config says, or with no IPv4 endpoint, is given no peer address, so that the reconcile
+/// writes it again (or removes it).
+pub fn peer_routes(peers: &[wg::PeerInfo], psk: Option<Key>, keepalive: u16) -> Vec<Route> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            let subnet = wg::single_ipv4_allowed(p)?;
+            let endpoint = wg::ipv4_endpoint(p).unwrap_or(wg::NO_ENDPOINT);
+            let current = p.preshared_key == psk && p.keepalive == keepalive;
+            let public_ip = if current { *endpoint.ip() } else { Ipv4Addr::UNSPECIFIED };
+            Some(Route { subnet, public_ip, vtep_mac: [0; 6], wireguard: Some(WireguardPeer { public_key: p.public_key, port: endpoint.port() }) })
+        })
+        .collect()
+}
+
+impl RouteTable for WireguardPeers {
+    fn routes(&self) -> Result<Vec<Route>, MapsError> {
+        let d = wg::device(&self.dev.name).map_err(host)?;
+        Ok(peer_routes(&d.peers, self.dev.psk, self.dev.keepalive))
+    }
+
+    fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError> {
+        let Some(peer) = r.wireguard else { return Err(MapsError::Host(format!("route {} has no wireguard peer", r.subnet))) };
+        wg::set_peer(
+            &self.dev.name,
+            &wg::PeerConfig {
+                public_key: peer.public_key,
+                endpoint: SocketAddrV4::new(r.public_ip, peer.port),
+                allowed: r.subnet,
+                preshared_key: self.dev.psk,
+                keepalive: self.dev.keepalive,
+            },
+        )
+        .map_err(host)?;
+        // A node whose key changed (its key file lost, on tmpfs after a reboot) left its old
+        // peer behind, now without the subnet.
+        self.remove_strays().map_err(host)
+    }
+
+    fn remove_route(&mut self, subnet: Ipv4Net) -> Result<(), MapsError> {
+        let d = wg::device(&self.dev.name).map_err(host)?;
+        let holds = |p: &wg::PeerInfo| {
+            p.allowed_ips.iter().any(|(a, len)| matches!(a, std::net::IpAddr::V4(a) if Ipv4Net::new(*a, *len).is_ok_and(|n| n.trunc() == subnet)))
+        };
+        let owners: Vec<Key> = d.peers.iter().filter(|p| holds(p)).map(|p| p.public_key).collect();
+        if owners.is_empty() {
+            return Err(MapsError::NoSuchRoute(subnet));
+        }
+        for k in owners {
+            wg::remove_peer(&self.dev.name, &k).map_err(host)?;
+        }
+        Ok(())
+    }
+
+    fn drifted(&self) -> bool {
+        // The device, its address or its route went (someone deleted it, or ran `wg set`
+        // with another key): put back, and the peers written again by a fresh reconcile.
+        match self.damage() {
+            Ok(None) => false,
+            Ok(Some(problem)) => {
+                tracing::error!(device = %self.dev.name, problem, "the wireguard device was damaged; restoring it");
+                match self.restore() {
+                    Ok(()) => tracing::warn!(device = %self.dev.name, "wireguard device restored: key, port, address, route; its peers follow"),
+                    Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the wireguard device failed; trying again"),
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(e.as_ref()), "checking the wireguard device");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(key: u8, endpoint: Option<&str>, allowed: &[&str], psk: Option<Key>, keepalive: u16) -> wg::PeerInfo {
+        wg::PeerInfo {
+            public_key: [key; 32],
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            allowed_ips: allowed
+                .iter()
+                .map(|a| {
+                    let n: ipnet::IpNet = a.parse().unwrap();
+                    (n.addr(), n.prefix_len())
+                })
+                .collect(),
+            preshared_key: psk,
+            keepalive,
+            last_handshake_secs: 0,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn peers_are_routes_and_those_not_as_configured_are_written_again() {
+        let psk = Some([9u8; 32]);
+        let peers = [
+            peer(1, Some("192.168.0.2:51820"), &["10.0.2.0/24"], psk, 25),
+            peer(2, Some("192.168.0.3:51999"), &["10.0.3.0/24"], None, 25),
+            peer(3, Some("192.168.0.4:51820"), &["10.0.4.0/24"], psk, 0),
+            peer(4, None, &["10.0.5.0/24"], psk, 25),
+            peer(5, Some("192.168.0.6:51820"), &[], psk, 25),
+            peer(6, Some("192.168.0.7:51820"), &["10.0.7.0/24", "10.0.8.0/24"], psk, 25),
+            peer(7, Some("[fd00::7]:51820"), &["10.0.9.0/24"], psk, 25),
+        ];
+        let got: Vec<(String, String, Option<WireguardPeer>)> =
+            peer_routes(&peers, psk, 25).into_iter().map(|r| (r.subnet.to_string(), r.public_ip.to_string(), r.wireguard)).collect();
+        let wgp = |k: u8, port| Some(WireguardPeer { public_key: [k; 32], port });
+        assert_eq!(
+            got,
+            vec![
+                ("10.0.2.0/24".into(), "192.168.0.2".into(), wgp(1, 51820)),
+                ("10.0.3.0/24".into(), "0.0.0.0".into(), wgp(2, 51999)),
+                ("10.0.4.0/24".into(), "0.0.0.0".into(), wgp(3, 51820)),
+                ("10.0.5.0/24".into(), "0.0.0.0".into(), wgp(4, 0)),
+                ("10.0.9.0/24".into(), "0.0.0.0".into(), wgp(7, 0)),
+            ],
+            "as configured: as is; another PSK or keepalive, or no IPv4 endpoint: no peer address; no single subnet: not a route"
+        );
+    }
+
+    #[test]
+    fn mtu_is_flannels() {
+        assert_eq!(mtu(None, 1500), 1420);
+        assert_eq!(mtu(Some(9001), 1500), 8921);
+    }
+}
