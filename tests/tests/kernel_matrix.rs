@@ -138,11 +138,30 @@ fn a_cluster_with_a_stock_node_works_on_this_kernel() {
     assert_eq!(probe.finish_after(1), vec![b"legit".to_vec()], "only the frame with its own source arrives");
 }
 
-/// Whether this kernel can make an ipip device (the ipip module: Debian's kernels have it,
-/// this machine's has not), asked in a namespace of the test's own.
-fn kernel_has_ipip() -> bool {
-    let ns = ok("probe namespace", overlay_tests::netns::Netns::new(&format!("kmip{}", std::process::id())));
-    ns.run("ip", &["link", "add", "probe.ipip", "type", "ipip", "local", "10.255.0.1"]).is_ok()
+/// Whether this kernel can make the device `ip link add probe <args>` asks for (a module
+/// Debian's kernels have and this machine's has not), asked in a namespace of the test's own.
+fn kernel_can_make(tag: &str, args: &[&str]) -> bool {
+    let ns = ok("probe namespace", overlay_tests::netns::Netns::new(&format!("km{tag}{}", std::process::id())));
+    ns.run("ip", &[&["link", "add", "probe"][..], args].concat()).is_ok()
+}
+
+/// Whether the kernel has `module` (Debian's, told from outside with OVERLAY_EXPECT_KERNEL,
+/// must); where it has not, an agent of `backend` refuses to start and names it.
+fn has_module_or_is_refused(has: bool, backend: Backend, prefix: &str, module: &str) -> bool {
+    if std::env::var("OVERLAY_EXPECT_KERNEL").is_ok() {
+        assert!(has, "Debian's kernel has the {module} module; this one could not make a {module} device");
+    }
+    if has {
+        return true;
+    }
+    let spec = ClusterSpec { nodes: vec![NodeKind::Agent { decap_hook: "auto" }], ..ClusterSpec::etcd(backend, "auto", 1) };
+    let e = match Cluster::new(prefix, &spec) {
+        Ok(_) => panic!("a {module} node came up on a kernel that cannot make a {module} device"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains(&format!("needs the kernel's {module} module")) && e.contains(&format!("modprobe {module}")), "{e}");
+    eprintln!("no {module} module here: the agent refused as it should");
+    false
 }
 
 /// flannel's ipip backend, where the kernel has the ipip module (the VM matrix's Debian
@@ -155,18 +174,7 @@ fn kernel_has_ipip() -> bool {
 #[test]
 fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_module() {
     require_root();
-    let has_ipip = kernel_has_ipip();
-    if std::env::var("OVERLAY_EXPECT_KERNEL").is_ok() {
-        assert!(has_ipip, "Debian's kernel has the ipip module; this one could not make an ipip device");
-    }
-    if !has_ipip {
-        let spec = ClusterSpec { nodes: vec![NodeKind::Agent { decap_hook: "auto" }], ..ClusterSpec::etcd(Backend::Ipip, "auto", 1) };
-        let e = match Cluster::new("kmr", &spec) {
-            Ok(_) => panic!("an ipip node came up on a kernel that cannot make an ipip device"),
-            Err(e) => format!("{e:#}"),
-        };
-        assert!(e.contains("needs the kernel's ipip module") && e.contains("modprobe ipip"), "{e}");
-        eprintln!("no ipip module here: the agent refused as it should ({})", e.lines().find(|l| l.contains("ipip module")).unwrap_or(""));
+    if !has_module_or_is_refused(kernel_can_make("ip", &["type", "ipip", "local", "10.255.0.1"]), Backend::Ipip, "kmr", "ipip") {
         return;
     }
     let spec = ClusterSpec {
@@ -308,4 +316,65 @@ fn send_ip_in_ip(ns: &overlay_tests::Netns, to: Ipv4Addr, inner: Vec<u8>) -> any
         }
         Ok(())
     })?
+}
+
+/// flannel's wireguard backend, where the kernel has the module (the VM matrix's Debian
+/// kernels; there it must): two agents and a stock flannel wireguard node set up with `wg`
+/// as flannel configures it, ping and TCP both ways between all, a restart that keeps the
+/// key (the lease's PublicKey unchanged) and the traffic flowing, a lease with a bad key
+/// skipped alone, and a departed node's peer removed. Where the kernel has no wireguard
+/// module (this machine's), the agent refuses to start and names the module.
+#[test]
+fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_without_the_module() {
+    require_root();
+    if !has_module_or_is_refused(kernel_can_make("wg", &["type", "wireguard"]), Backend::Wireguard, "kmwr", "wireguard") {
+        return;
+    }
+    let spec = ClusterSpec {
+        nodes: vec![NodeKind::Agent { decap_hook: "auto" }, NodeKind::Agent { decap_hook: "auto" }, NodeKind::StockFlannel],
+        full_mesh: false,
+        ..ClusterSpec::etcd(Backend::Wireguard, "auto", 3)
+    };
+    let mut c = Cluster::new("kmw", &spec).unwrap_or_else(|e| panic!("building the wireguard cluster failed: {e:#}"));
+    let lease_of = |c: &Cluster, i: usize| ok("lease", c.etcd().etcdctl(&["get", "--print-value-only", &format!("/coreos.com/network/subnets/{}-24", c.node(i).subnet.network())]));
+    for i in [1, 2] {
+        let status = ok("status", c.node(i).agent_cli(&["status"]));
+        assert!(status.contains("device=flannel-wg") && status.contains("backend=wireguard") && status.contains("ready=true"), "node {i}: {status}");
+        let lease = lease_of(&c, i);
+        assert!(lease.contains(r#""BackendType":"wireguard""#) && lease.contains(r#""Port":51820"#), "node {i}'s lease is flannel's: {lease}");
+        assert_eq!(ok("mtu", overlay_tests::link_mtu(&c.node(i).ns, "flannel-wg")), c.node(i).mtu, "FLANNEL_MTU is the device's");
+    }
+    for ours in [c.node(1), c.node(2)] {
+        ok("stock peer", c.add_route(c.node(3), ours));
+    }
+    seed_forward_rules(&c);
+    assert!(
+        wait_until(Duration::from_secs(60), || ping(&c.node(1).containers[0], c.node(3).container_ip(0), 1).is_ok()
+            && ping(&c.node(2).containers[0], c.node(1).container_ip(0), 1).is_ok()),
+        "the agents' peers did not come up:\n{}",
+        c.node(1).log_text()
+    );
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        ok(&format!("ping {a} -> {b}"), ping(&c.node(a).containers[0], c.node(b).container_ip(1), 2));
+        ok(&format!("TCP {a} -> {b}"), tcp_transfer(&c.node(a).containers[1], &c.node(b).containers[0], c.node(b).container_ip(0), 2 << 20));
+    }
+
+    // A restart keeps the key (the lease says the same PublicKey) and loses nothing.
+    let before = lease_of(&c, 1);
+    restart_under_a_stream_loses_nothing(&mut c, 2, 1, 7021);
+    assert_eq!(lease_of(&c, 1), before, "the restart kept node 1's key and lease");
+
+    // A lease with a bad key: skipped with a clear line, no other peer disturbed.
+    ok("bad lease", c.etcd().etcdctl(&["put", "/coreos.com/network/subnets/10.244.77.0-24",
+        r#"{"PublicIP":"192.168.100.77","PublicIPv6":null,"BackendType":"wireguard","BackendData":{"PublicKey":"c2hvcnQ=","Port":51820}}"#]));
+    assert!(wait_until(Duration::from_secs(30), || c.node(1).log_text().contains("wireguard lease refused")), "{}", c.node(1).log_text());
+    ok("still", ping(&c.node(1).containers[0], c.node(3).container_ip(0), 2));
+
+    // The stock node departs: its peer goes from both agents.
+    let key3 = ok("key", c.node(3).ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    ok("delete", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24", c.node(3).subnet.network())]));
+    for i in [1, 2] {
+        let has = |n: &overlay_tests::Node| n.ns.run("wg", &["show", "flannel-wg", "peers"]).map(|o| o.contains(key3.trim())).unwrap_or(true);
+        assert!(wait_until(Duration::from_secs(30), || !has(c.node(i))), "node {i} still has the departed peer");
+    }
 }

@@ -410,6 +410,9 @@ if [ $rc = 0 ]; then echo \"VM-RESULT: ok\"; else echo \"VM-RESULT: failed (the 
 OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_module --test-threads=1 --nocapture
 rc=$?
 if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the ipip cluster's exit status $rc)\"; fi
+OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_without_the_module --test-threads=1 --nocapture
+rc=$?
+if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the wireguard cluster's exit status $rc)\"; fi
 ",
             programs = programs.display(),
             ws = crate::workspace_root().display(),
