@@ -37,13 +37,18 @@ pub fn marker_named(bpffs_dir: &Path, kind: &str) -> PathBuf {
 
 /// Record (`Some(reason)`) or clear that the node runs degraded.
 pub fn set_marker(bpffs_dir: &Path, reason: Option<&str>) -> std::io::Result<()> {
-    let m = marker(bpffs_dir);
-    match reason {
-        Some(r) => {
-            std::fs::create_dir_all(m.parent().expect("a directory"))?;
-            std::fs::write(&m, r)
+    write_marker(&marker(bpffs_dir), reason)
+}
+
+/// Write a marker file (`Some(content)`, its directory made) or remove it (one already
+/// gone is no error).
+pub fn write_marker(path: &Path, content: Option<&str>) -> std::io::Result<()> {
+    match content {
+        Some(c) => {
+            std::fs::create_dir_all(path.parent().expect("a directory"))?;
+            std::fs::write(path, c)
         }
-        None => match std::fs::remove_file(&m) {
+        None => match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         },

@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// A wireguard node's device as flannel configures it, and what it is configured with.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WireguardDevice {
     pub name: String,
     pub private_key: Key,
@@ -32,6 +32,19 @@ pub struct WireguardDevice {
     pub listen_port: u16,
     pub psk: Option<Key>,
     pub keepalive: u16,
+}
+
+/// Everything but the private key, which no log line may show.
+impl std::fmt::Debug for WireguardDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireguardDevice")
+            .field("name", &self.name)
+            .field("public_key", &wg::format_key(&self.public_key))
+            .field("listen_port", &self.listen_port)
+            .field("psk", &self.psk.map(|_| "(set)"))
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
 }
 
 /// Before the lease is claimed (its `BackendData` needs the public key): the node's private
@@ -65,17 +78,8 @@ pub fn marker(bpffs_dir: &Path) -> PathBuf {
 
 /// Record (`Some((device, underlay))`) or clear that the node runs wireguard.
 pub fn set_marker(bpffs_dir: &Path, what: Option<(&str, &str)>) -> std::io::Result<()> {
-    let m = marker(bpffs_dir);
-    match what {
-        Some((device, underlay)) => {
-            std::fs::create_dir_all(m.parent().expect("a directory"))?;
-            std::fs::write(&m, format!("device={device} underlay={underlay}\n"))
-        }
-        None => match std::fs::remove_file(&m) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        },
-    }
+    let content = what.map(|(device, underlay)| format!("device={device} underlay={underlay}\n"));
+    crate::datapath::degraded::write_marker(&marker(bpffs_dir), content.as_deref())
 }
 
 /// The device and underlay a wireguard run recorded.

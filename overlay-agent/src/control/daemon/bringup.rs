@@ -17,7 +17,7 @@ use super::{
 use crate::{
     config::NetworkConfig,
     dataplane::{self, NodeSpec},
-    datapath::ipv6::Overlay6,
+    datapath::{ipv6::Overlay6, wireguard::WireguardDevice},
     health::AgentState,
     lease::LeaseAttrs,
     maps::Maps,
@@ -143,9 +143,11 @@ pub(super) fn ipv6_overlay(cfg: &NetworkConfig, spec: &NodeSpec, public_ipv6: Op
 
 /// What the lease says: the IPv4 side's (its device's MAC, the device made here, with the
 /// peers a flanneld before us left on it kept in `spec`), and flannel-v6's address and MAC on
-/// a dual-stack node; an IPv6-only node's has only the latter.
-pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&Overlay6>) -> Result<LeaseAttrs> {
+/// a dual-stack node; an IPv6-only node's has only the latter. A wireguard node's device,
+/// made here for its public key, is handed on to `dataplane`.
+pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&Overlay6>) -> Result<(LeaseAttrs, Option<WireguardDevice>)> {
     let public_ip = spec.public_ip;
+    let mut wireguard = None;
     let attrs = match (v6, cfg.backend.mode) {
         (Some(o6), _) if !cfg.enable_ipv4 => LeaseAttrs::vxlan_ipv6_only(o6.public_ip, cfg.backend.vni, o6.mac),
         _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
@@ -153,7 +155,9 @@ pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&
         _ if cfg.backend.wireguard.is_some() => {
             let w = cfg.backend.wireguard.expect("checked");
             let dev = crate::datapath::wireguard::prepare(&w, &crate::datapath::wireguard::key_file())?;
-            LeaseAttrs::wireguard(public_ip, &dev.public_key, w.listen_port)
+            let attrs = LeaseAttrs::wireguard(public_ip, &dev.public_key, w.listen_port);
+            wireguard = Some(dev);
+            attrs
         }
         (_, EncapMode::Vxlan) => {
             let (_, device, _, flannel_peers) = dataplane::prepare_device(spec)?;
@@ -163,10 +167,11 @@ pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&
         (_, EncapMode::Udp) => LeaseAttrs::udp(public_ip),
         (_, EncapMode::Ipip) => LeaseAttrs::ipip(public_ip),
     };
-    Ok(match v6 {
+    let attrs = match v6 {
         Some(o6) if cfg.enable_ipv4 => attrs.with_ipv6(o6.public_ip, cfg.backend.vni, o6.mac),
         _ => attrs,
-    })
+    };
+    Ok((attrs, wireguard))
 }
 
 /// The data plane that is up, and the MTU its containers get.
@@ -177,7 +182,9 @@ pub(super) struct Up {
     pub mtu: u32,
 }
 
-/// Bring up the data plane `plan` names for the subnet `held`.
+/// Bring up the data plane `plan` names for the subnet `held` (a wireguard node's on the
+/// device `lease_attrs` made, `wireguard`).
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn dataplane(
     plan: Plan,
     opts: &DaemonOptions,
@@ -186,6 +193,7 @@ pub(super) async fn dataplane(
     held: &Held,
     state: &AgentState,
     v6: Option<&Overlay6>,
+    wireguard: Option<WireguardDevice>,
 ) -> Result<Up> {
     let mode = cfg.backend.mode;
     let (maps, ebpf, tun, mtu): (Box<dyn crate::tun::RouteTable>, _, _, u32) = match plan {
@@ -231,7 +239,7 @@ pub(super) async fn dataplane(
         // another backend before leaves neither its device nor its programs behind.
         Plan::Wireguard => {
             let w = cfg.backend.wireguard.expect("the wireguard plan has its config");
-            let dev = crate::datapath::wireguard::prepare(&w, &crate::datapath::wireguard::key_file())?;
+            let dev = wireguard.context("the wireguard plan has the device lease_attrs made")?;
             dataplane::detach_programs(spec)?;
             dataplane::retire_other_backends(spec)?;
             crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;

@@ -251,7 +251,7 @@ impl Daemon {
         let how = readdress(ReaddressInputs {
             // A wireguard node's device address is set with its peers at start: a restart
             // readdresses it (its key and peers stay).
-            tun: self.tun.is_some() || self.cfg.backend.wireguard.is_some(),
+            restarts: self.tun.is_some() || self.cfg.backend.wireguard.is_some(),
             ipv6_only: self.v6.is_some() && !self.cfg.enable_ipv4,
             host_gw: self.cfg.backend.host_gw,
             degraded: self.state.degraded.get().is_some(),
@@ -285,8 +285,8 @@ impl Daemon {
 /// What a node is when its lease moves to a different subnet.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ReaddressInputs {
-    /// It runs the TUN data plane, or wireguard's (both restart to change subnets).
-    pub tun: bool,
+    /// Its data plane changes subnets only by restarting (TUN, wireguard).
+    pub restarts: bool,
     /// Its one overlay device is flannel-v6 (already readdressed with the IPv6 subnet).
     pub ipv6_only: bool,
     pub host_gw: bool,
@@ -297,7 +297,7 @@ pub(super) struct ReaddressInputs {
 /// How a node follows its new subnet, and where its containers' MTU comes from then.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Readdress {
-    /// The TUN data plane cannot change subnets while running: exit, to restart with it.
+    /// The data plane cannot change subnets while running: exit, to restart with it.
     Restart,
     /// flannel-v6's MTU.
     Ipv6Device,
@@ -310,7 +310,7 @@ pub(super) enum Readdress {
 }
 
 pub(super) fn readdress(n: ReaddressInputs) -> Readdress {
-    if n.tun {
+    if n.restarts {
         Readdress::Restart
     } else if n.ipv6_only {
         Readdress::Ipv6Device
@@ -339,14 +339,14 @@ mod tests {
 
     #[test]
     fn a_node_follows_a_new_subnet_the_way_its_data_plane_can() {
-        let base = ReaddressInputs { tun: false, ipv6_only: false, host_gw: false, degraded: false };
+        let base = ReaddressInputs { restarts: false, ipv6_only: false, host_gw: false, degraded: false };
         assert_eq!(readdress(base), Readdress::Dataplane);
-        assert_eq!(readdress(ReaddressInputs { tun: true, ..base }), Readdress::Restart);
+        assert_eq!(readdress(ReaddressInputs { restarts: true, ..base }), Readdress::Restart);
         assert_eq!(readdress(ReaddressInputs { ipv6_only: true, ..base }), Readdress::Ipv6Device);
         assert_eq!(readdress(ReaddressInputs { host_gw: true, ..base }), Readdress::Underlay);
         assert_eq!(readdress(ReaddressInputs { degraded: true, ..base }), Readdress::KernelDevice);
         // TUN cannot readdress whatever else holds; an IPv6-only node's device is flannel-v6.
-        assert_eq!(readdress(ReaddressInputs { tun: true, host_gw: true, degraded: true, ipv6_only: false }), Readdress::Restart);
+        assert_eq!(readdress(ReaddressInputs { restarts: true, host_gw: true, degraded: true, ipv6_only: false }), Readdress::Restart);
         assert_eq!(readdress(ReaddressInputs { ipv6_only: true, degraded: true, ..base }), Readdress::Ipv6Device);
     }
 

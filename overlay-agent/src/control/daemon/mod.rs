@@ -197,13 +197,13 @@ impl Daemon {
         let cfg = etcd::network_config(&mut reg).await?;
         let (mut spec, plan, public_ipv6) = bringup::underlay(&opts, &cfg)?;
         let mut v6 = bringup::ipv6_overlay(&cfg, &spec, public_ipv6)?;
-        let attrs = bringup::lease_attrs(&cfg, &mut spec, v6.as_ref())?;
+        let (attrs, wireguard) = bringup::lease_attrs(&cfg, &mut spec, v6.as_ref())?;
         notify(&[sd_notify::NotifyState::Status("acquiring a subnet lease")]);
         let previous = lease::previous_key(subnet_file::read_previous(&opts.subnet_file), cfg.enable_ipv4);
         let held = lease::acquire(&mut reg, &cfg, &attrs, previous, &opts).await?;
         state.set_lease(held.key().primary(), held.expires());
         spec.subnet = held.subnet;
-        let up = bringup::dataplane(plan, &opts, &cfg, &mut spec, &held, &state, v6.as_ref()).await?;
+        let up = bringup::dataplane(plan, &opts, &cfg, &mut spec, &held, &state, v6.as_ref(), wireguard).await?;
         bringup::ipv6_side(&cfg, &spec, &held, v6.as_mut(), up.ebpf.is_some())?;
         let mut d = Daemon {
             opts,
