@@ -48,7 +48,9 @@ enum Cmd {
     Bench {
         /// `control-plane` for the etcd/agent benchmark; `programs` for the programs' time per
         /// packet (BPF_PROG_TEST_RUN); `paired` for the default data plane against the kernel
-        /// device (with and without NOTRACK) in paired rounds only; `render` to write
+        /// device (with and without NOTRACK) in paired rounds only; `backends` for every
+        /// backend (ipip and wireguard too) in a VM on Debian's 6.12, figures for comparison
+        /// between backends only; `render` to write
         /// BENCHMARKS.md again from the last data-plane run's JSON (no measuring); nothing for
         /// the data plane (every path, then the paired rounds).
         what: Option<String>,
@@ -280,17 +282,31 @@ fn run(cli: Cli) -> Result<()> {
             require_root("cargo xtask bench")?;
             let agent = build_agent(true)?;
             status(cargo().args(["build", "--release", "--package", "overlay-tests", "--bin", "overlay-bench"]))?;
-            let mut c = Command::new(target_dir().join("release").join("overlay-bench"));
+            let bench = target_dir().join("release").join("overlay-bench");
+            let mut c = Command::new(&bench);
             c.current_dir(workspace_root()).env("OVERLAY_AGENT_BIN", &agent);
             match what.as_deref() {
                 None => {}
                 Some(sub @ ("control-plane" | "programs" | "paired" | "render")) => {
                     c.arg(sub);
                 }
+                Some("backends") => {
+                    // In a VM on Debian's kernel; its report is written here, then rendered
+                    // into BENCHMARKS.md on this side (a full run only).
+                    vm::bench_backends(&agent, &bench, quick, runs, &target_dir().join("bench"))?;
+                    let mut r = Command::new(&bench);
+                    r.current_dir(workspace_root()).arg("render-backends").arg("--out").arg(target_dir().join("bench"));
+                    if quick {
+                        eprintln!("bench backends: a --quick run leaves BENCHMARKS.md alone ({})", target_dir().join("bench/backends.json").display());
+                        return Ok(());
+                    }
+                    r.arg("--markdown").arg(workspace_root().join("BENCHMARKS.md"));
+                    return status(&mut r);
+                }
                 Some(other) => bail!(
                     "unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench control-plane`, \
-                     `cargo xtask bench programs`, `cargo xtask bench paired` or `cargo xtask bench render` \
-                     (BENCHMARKS.md again from the last run's JSON)"
+                     `cargo xtask bench programs`, `cargo xtask bench paired`, `cargo xtask bench backends` \
+                     (in a VM) or `cargo xtask bench render` (BENCHMARKS.md again from the last run's JSON)"
                 ),
             }
             c.arg("--out").arg(target_dir().join("bench"));

@@ -448,6 +448,60 @@ if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the wireguard cluster's exit sta
     Ok(())
 }
 
+/// How long the backends' benchmark may take in its VM (about 12 minutes for a full run
+/// under TCG here: seven clusters built, then five interleaved runs of each).
+const BENCH_TIMEOUT: Duration = Duration::from_secs(2700);
+
+/// `cargo xtask bench backends`: boot Debian's 6.12 (it has the ipip and wireguard modules)
+/// and run `overlay-bench backends` inside; its report comes back on the console's
+/// `VM-BENCH:` line and is written to `out/backends.json`.
+pub fn bench_backends(agent: &Path, bench: &Path, quick: bool, runs: Option<u32>, out: &Path) -> Result<PathBuf> {
+    setup::apt_install(PACKAGES, &crate::target_dir().join("setup").join("apt-vm.log"), "bench backends")?;
+    let kernels = fetch()?;
+    let k = kernels.iter().find(|k| k.label == "6.12").context("no 6.12 kernel")?;
+    let body = format!(
+        "cd {ws} && OVERLAY_AGENT_BIN={agent} {bench} backends --console --out /tmp/bench{quick}{runs}
+rc=$?
+if [ $rc = 0 ]; then echo \"VM-RESULT: ok\"; else echo \"VM-RESULT: failed (the benchmark's exit status $rc)\"; fi
+",
+        ws = crate::workspace_root().display(),
+        agent = agent.display(),
+        bench = bench.display(),
+        quick = if quick { " --quick" } else { "" },
+        runs = runs.map(|r| format!(" --runs {r}")).unwrap_or_default(),
+    );
+    let t = Instant::now();
+    eprintln!("bench backends: Linux {} ({}) under TCG: seven two-node clusters, then the runs (a full run takes about 12 minutes)", k.label, k.release);
+    let vm = boot(k, "bench-backends", &body, &[])?;
+    let (results, powered_off, log) = vm.finish(Instant::now() + BENCH_TIMEOUT);
+    if !powered_off || !results.iter().any(|r| r == "ok") || results.iter().any(|r| r.starts_with("failed")) {
+        bail!(
+            "the backends' benchmark failed in the VM after {} s: {results:?}{}\n{}",
+            t.elapsed().as_secs(),
+            if powered_off { "" } else { " (timed out)" },
+            tail(&log, 40)
+        );
+    }
+    let report = bench_report(&fs::read_to_string(&log)?).with_context(|| format!("no report on the console ({})", log.display()))?;
+    fs::create_dir_all(out)?;
+    let json = out.join("backends.json");
+    fs::write(&json, serde_json::to_string_pretty(&report)?)?;
+    eprintln!("bench backends: done in {} s (console: {})", t.elapsed().as_secs(), log.display());
+    Ok(json)
+}
+
+/// The report a guest printed on its console's `VM-BENCH:` line: the first JSON value after
+/// the mark (a kernel message the port wrote after it is not part of it).
+fn bench_report(console: &str) -> Result<serde_json::Value> {
+    let line = console.lines().rev().find_map(|l| l.split_once("VM-BENCH: ").map(|(_, r)| r)).context("no VM-BENCH: line")?;
+    let value = serde_json::Deserializer::from_str(line).into_iter::<serde_json::Value>().next().context("an empty VM-BENCH: line")?;
+    let value = value.context("the VM-BENCH: line is not JSON")?;
+    if !value["paths"].is_array() {
+        bail!("the VM-BENCH: line holds no report");
+    }
+    Ok(value)
+}
+
 /// A free TCP port on loopback for qemu's socket link between the two VMs.
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -569,7 +623,17 @@ echo "VM-RESULT: ok"
 
 #[cfg(test)]
 mod tests {
-    use super::{first_oops, result_of};
+    use super::{bench_report, first_oops, result_of};
+
+    #[test]
+    fn the_bench_report_is_the_json_on_the_console_line_without_what_follows() {
+        let console = "boot\nVM-BENCH: {\"date\":\"d\",\"paths\":[{\"label\":\"ipip\"}]}[   61.2] sysrq: Power Off\nVM-RESULT: ok\n";
+        let r = bench_report(console).unwrap();
+        assert_eq!(r["paths"][0]["label"], "ipip");
+        assert!(bench_report("VM-RESULT: ok\n").is_err());
+        assert!(bench_report("VM-BENCH: {\"date\":\"d\",\"paths\":[{\"lab").is_err(), "a cut line is no report");
+        assert!(bench_report("VM-BENCH: {\"date\":\"d\"}").is_err());
+    }
 
     #[test]
     fn a_kernel_message_inside_the_result_line_is_not_part_of_the_result() {

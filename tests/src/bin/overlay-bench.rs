@@ -12,6 +12,10 @@
 //! setup once, then again); each figure is the median of the runs with their min and max,
 //! and each ratio is taken run by run against the baseline measured next to it.
 //!
+//! `overlay-bench backends` (run inside a VM on Debian's kernel by `cargo xtask bench
+//! backends`): the same figures for every backend (routing, kernel vxlan, ours, host-gw,
+//! ipip as flannel and as the agent runs it, wireguard), for comparison between them only.
+//!
 //! `overlay-bench control-plane`: a real etcd holding 1000 and 5000 leases; time from agent
 //! start to filled maps, lease put/delete to map update (p50/p99), agent RSS.
 
@@ -47,6 +51,15 @@ enum PathKind {
     HostGw,
     /// vxlan with DirectRouting (etcd-driven): the peers share the link, so routed directly.
     EbpfVxlanDirect,
+    /// flannel's ipip backend run by the agent (etcd-driven): the kernel's flannel.ipip
+    /// encapsulates, our TC program checks what arrives (`backends`, in a VM: this machine's
+    /// kernel has no ipip module).
+    Ipip,
+    /// flannel's ipip backend as flannel sets it up (the kernel device alone, no checks).
+    IpipStock,
+    /// flannel's wireguard backend run by the agent (etcd-driven): the kernel's flannel-wg,
+    /// configured over netlink; no program on the path, so a stock node's path is the same.
+    Wireguard,
 }
 
 impl PathKind {
@@ -60,6 +73,9 @@ impl PathKind {
             Self::TunUdp => "TUN udp (flannel udp)",
             Self::HostGw => "host-gw (agent)",
             Self::EbpfVxlanDirect => "vxlan DirectRouting (agent)",
+            Self::Ipip => "ipip (agent, TC checks)",
+            Self::IpipStock => "kernel ipip (flannel)",
+            Self::Wireguard => "wireguard (agent)",
         }
     }
     /// For the chart's axis.
@@ -73,6 +89,9 @@ impl PathKind {
             Self::TunUdp => "TUN udp",
             Self::HostGw => "host-gw",
             Self::EbpfVxlanDirect => "DirectRouting",
+            Self::Ipip => "ipip",
+            Self::IpipStock => "kernel ipip",
+            Self::Wireguard => "wireguard",
         }
     }
     fn spec(self) -> ClusterSpec {
@@ -96,6 +115,15 @@ impl PathKind {
                     ..ClusterSpec::etcd(Backend::Vxlan, "tc", 2)
                 }
             }
+            Self::Ipip => ClusterSpec { containers_per_node: 1, ..ClusterSpec::etcd(Backend::Ipip, "tc", 2) },
+            // Stock nodes route each other by hand, as flannel's ipip backend would.
+            Self::IpipStock => ClusterSpec {
+                nodes: vec![NodeKind::StockFlannel; 2],
+                containers_per_node: 1,
+                full_mesh: true,
+                ..ClusterSpec::etcd(Backend::Ipip, "tc", 2)
+            },
+            Self::Wireguard => ClusterSpec { containers_per_node: 1, ..ClusterSpec::etcd(Backend::Wireguard, "tc", 2) },
         }
     }
 }
@@ -136,6 +164,14 @@ fn setups() -> Vec<Setup> {
         .map(|&path| Setup { path, underlay: Underlay::Veth })
         .chain(wire.iter().map(|&path| Setup { path, underlay: Underlay::Wire }))
         .collect()
+}
+
+/// `backends`, in a VM on Debian's 6.12 (which has the ipip and wireguard modules this
+/// machine's kernel lacks): every backend against the ceiling and the kernel vxlan device, on
+/// the veth underlay (under TCG the wire underlay's offload settings measure nothing more).
+fn backend_setups() -> Vec<Setup> {
+    use PathKind::*;
+    [Routing, KernelVxlan, EbpfVxlanTc, HostGw, IpipStock, Ipip, Wireguard].iter().map(|&path| Setup { path, underlay: Underlay::Veth }).collect()
 }
 
 /// One run's figures for one path.
@@ -490,12 +526,10 @@ struct Spread {
     max: f64,
 }
 
-fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result<()> {
-    let t = if quick { Timing { tcp: 1, rr: 1, udp: 1 } } else { Timing { tcp: 4, rr: 3, udp: 3 } };
-    let all = setups();
-    let pb = ProgressBar::new((all.len() * runs) as u64);
-    pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").unwrap());
-    pb.enable_steady_tick(Duration::from_millis(200));
+/// Build a two-node cluster per setup, measure them all `runs` times, interleaved, and the
+/// report with its run-by-run ratios. `pb`: hidden on a VM's console.
+fn measure_setups(all: &[Setup], t: &Timing, runs: usize, quick: bool, pb: ProgressBar) -> Result<Report> {
+    pb.set_length((all.len() * runs) as u64);
     pb.set_message(format!("building {} two-node clusters", all.len()));
     let mut clusters = Vec::new();
     for (i, s) in all.iter().enumerate() {
@@ -505,7 +539,7 @@ fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result
         // Every path must carry traffic before it is measured (etcd-driven nodes learn each
         // other's leases through their watches: a moment after they start).
         let carries = || overlay_tests::traffic::ping(&c.node(1).containers[0], c.node(2).container_ip(0), 1).is_ok();
-        if !wait_until(Duration::from_secs(20), carries) {
+        if !wait_until(Duration::from_secs(60), carries) {
             overlay_tests::traffic::ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2).with_context(|| format!("{what} carries no traffic"))?;
         }
         // DirectRouting measures the direct route, not the tunnel a ping also succeeds through.
@@ -523,7 +557,7 @@ fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result
     for run in 0..runs {
         for (i, s) in all.iter().enumerate() {
             let label = format!("run {}/{runs} · {} · {}", run + 1, s.underlay.name(), s.path.label());
-            samples[i].push(measure(&clusters[i], &t, &pb, &label).with_context(|| format!("measuring {label}"))?);
+            samples[i].push(measure(&clusters[i], t, &pb, &label).with_context(|| format!("measuring {label}"))?);
             pb.inc(1);
         }
     }
@@ -569,6 +603,19 @@ fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result
             })
             .collect(),
     };
+    Ok(report)
+}
+
+fn progress_bar() -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}").unwrap());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+fn data_plane(quick: bool, runs: usize, out: &Path, md: Option<&Path>) -> Result<()> {
+    let t = if quick { Timing { tcp: 1, rr: 1, udp: 1 } } else { Timing { tcp: 4, rr: 3, udp: 3 } };
+    let report = measure_setups(&setups(), &t, runs, quick, progress_bar())?;
     fs::create_dir_all(out)?;
     fs::write(out.join("dataplane.json"), serde_json::to_string_pretty(&report)?)?;
     chart(&report, &out.join("dataplane.svg"))?;
@@ -690,7 +737,8 @@ fn noise(report: &Report) -> String {
 
 fn write_benchmarks_md(md: &Path, report: &Report, table: &str) -> Result<()> {
     let old = fs::read_to_string(md).unwrap_or_default();
-    let paired = section(&old, PAIRED_START, PAIRED_END).map(|p| format!("{PAIRED_START}{p}{PAIRED_END}\n\n")).unwrap_or_default();
+    let paired = section(&old, PAIRED_START, PAIRED_END).map(|p| format!("{PAIRED_START}{p}{PAIRED_END}\n\n")).unwrap_or_default()
+        + &section(&old, BACKENDS_START, BACKENDS_END).map(|p| format!("{BACKENDS_START}{p}{BACKENDS_END}\n\n")).unwrap_or_default();
     let control = old.split_once("<!-- control-plane -->").map(|(_, c)| c.to_string()).unwrap_or_else(|| "\n_Not run yet: `cargo xtask bench control-plane`._\n".into());
     let text = format!(
         "# Benchmarks\n\nMeasured by `cargo xtask bench` ({runs} interleaved runs per figure: median, min and max) on {date}.\n\
@@ -745,12 +793,17 @@ fn section<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
     rest.split_once(end).map(|(s, _)| s)
 }
 
-/// The paired runs' section of BENCHMARKS.md, replaced where it is, else put before the
-/// control plane's.
-fn write_paired_md(md: &Path, report: &paired::Report) -> Result<()> {
+const BACKENDS_START: &str = "<!-- backends -->\n";
+const BACKENDS_END: &str = "<!-- /backends -->";
+
+/// A section of BENCHMARKS.md between `start` and `end` (the paired runs', the backends'),
+/// replaced where it is, else put before the control plane's. Every writer keeps the others'
+/// sections: the data plane's by name, the control plane's and the programs' as the text
+/// before their own.
+fn write_block_md(md: &Path, start: &str, end: &str, body: &str) -> Result<()> {
     let old = fs::read_to_string(md).unwrap_or_default();
-    let block = format!("{PAIRED_START}{}{PAIRED_END}", paired::markdown(report));
-    let text = if let (Some((head, _)), Some((_, tail))) = (old.split_once(PAIRED_START), old.split_once(PAIRED_END)) {
+    let block = format!("{start}{body}{end}");
+    let text = if let (Some((head, _)), Some((_, tail))) = (old.split_once(start), old.split_once(end)) {
         format!("{head}{block}{tail}")
     } else if let Some((head, tail)) = old.split_once("<!-- control-plane -->") {
         format!("{head}{block}\n\n<!-- control-plane -->{tail}")
@@ -759,6 +812,74 @@ fn write_paired_md(md: &Path, report: &paired::Report) -> Result<()> {
     };
     fs::write(md, text)?;
     Ok(())
+}
+
+fn write_paired_md(md: &Path, report: &paired::Report) -> Result<()> {
+    write_block_md(md, PAIRED_START, PAIRED_END, &paired::markdown(report))
+}
+
+/// `backends` (in the VM, started by `cargo xtask bench backends`): every backend's path on
+/// Debian's kernel, written to `out/backends.json` and, with `console`, printed on one
+/// `VM-BENCH:` line for the host to take (the guest's root is gone when it powers off).
+fn backends(quick: bool, runs: usize, out: &Path, console: bool) -> Result<()> {
+    let t = if quick { Timing { tcp: 1, rr: 1, udp: 1 } } else { Timing { tcp: 3, rr: 3, udp: 2 } };
+    // No progress bar on a VM's console: its redraws would fill the log.
+    let pb = if console { ProgressBar::hidden() } else { progress_bar() };
+    let report = measure_setups(&backend_setups(), &t, runs, quick, pb)?;
+    fs::create_dir_all(out)?;
+    fs::write(out.join("backends.json"), serde_json::to_string_pretty(&report)?)?;
+    println!("{}", table(&report));
+    for line in above_ceiling(&report) {
+        eprintln!("overlay-bench: above this run's ceiling (kept, said in the table's notes): {line}");
+    }
+    if console {
+        println!("VM-BENCH: {}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+/// BENCHMARKS.md's backends section from `out/backends.json` (a full run's).
+fn render_backends(out: &Path, md: Option<&Path>) -> Result<()> {
+    let json = out.join("backends.json");
+    let report: Report = serde_json::from_str(&fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?)
+        .with_context(|| format!("{} is not a backends report of this version", json.display()))?;
+    if report.quick {
+        bail!("{} holds a --quick run; BENCHMARKS.md is written from full runs only", json.display());
+    }
+    let md = md.context("render-backends needs --markdown FILE")?;
+    write_block_md(md, BACKENDS_START, BACKENDS_END, &backends_markdown(&report))?;
+    println!("updated {} from {}", md.display(), json.display());
+    Ok(())
+}
+
+fn backends_markdown(report: &Report) -> String {
+    let odd = above_ceiling(report);
+    let odd = if odd.is_empty() {
+        String::new()
+    } else {
+        format!("\nFigures above this run's own ceiling (TCG's noise, not the path): {}.\n", odd.join("; "))
+    };
+    format!(
+        "## Backends, in a VM (for comparison between backends only)\n\n\
+         Measured by `cargo xtask bench backends` ({runs} interleaved runs per figure) on {date}: the\n\
+         same two-node clusters and figures as above, inside a qemu VM under TCG (software\n\
+         emulation, 2 vCPUs on one host thread) booted on Debian's kernel {kernel}, because this\n\
+         machine's kernel has neither the ipip nor the wireguard module. Emulation makes every\n\
+         figure many times lower than on hardware and changes what costs most (wireguard's\n\
+         vectorised crypto is emulated instruction by instruction), so compare rows with each\n\
+         other, never with the tables above. VM: {machine}.\n\n\
+         ipip (agent) is the kernel's flannel.ipip with our TC program checking every IP-in-IP\n\
+         packet that arrives (peers only, inner source the peer's subnet); kernel ipip (flannel)\n\
+         is the device alone, as flannel leaves it: the difference is the check's cost. wireguard\n\
+         (agent) is the kernel's flannel-wg configured by the agent, with no program on the path,\n\
+         so a stock flannel wireguard node's path is the same one.\n\
+         {table}{odd}\n",
+        runs = report.runs,
+        date = report.date,
+        kernel = report.kernel,
+        machine = report.machine,
+        table = table(report),
+    )
 }
 
 fn run_paired(quick: bool, pairs: Option<usize>, only: Option<Underlay>, out: &Path, md: Option<&Path>) -> Result<()> {
@@ -961,6 +1082,10 @@ fn main() {
         programs::run(quick, &out, md.as_deref(), sh)
     } else if args.first().map(String::as_str) == Some("render") {
         render(&out, md.as_deref())
+    } else if args.first().map(String::as_str) == Some("backends") {
+        backends(quick, runs, &out, args.iter().any(|a| a == "--console"))
+    } else if args.first().map(String::as_str) == Some("render-backends") {
+        render_backends(&out, md.as_deref())
     } else if args.first().map(String::as_str) == Some("paired") {
         run_paired(quick, pairs, only, &out, md.as_deref())
     } else {
@@ -1011,6 +1136,43 @@ mod tests {
         let text = fs::read_to_string(&md).unwrap();
         assert!(text.contains("TABLE") && text.contains("on second") && text.ends_with("control\n"), "{text}");
         assert_eq!(text.matches(PAIRED_END).count(), 1, "{text}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_backends_section_survives_every_other_writer_and_is_replaced_in_place() {
+        let dir = std::env::temp_dir().join(format!("bench-backends-md-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let md = dir.join("BENCHMARKS.md");
+        fs::write(&md, "# Benchmarks\n\ndata plane\n\n<!-- control-plane -->\ncontrol\n").unwrap();
+        let out = dir.join("out");
+        fs::create_dir_all(&out).unwrap();
+        let mut report = Report { date: "first-run".into(), kernel: "6.12.0-vm".into(), machine: "vm".into(), quick: false, runs: 3, paths: Vec::new() };
+        let ipip = |kind| PathResult { vs_routing: BTreeMap::new(), ..path(kind, 1.0, 1.0) };
+        report.paths = vec![ipip(PathKind::IpipStock), ipip(PathKind::Ipip)];
+        for p in &mut report.paths {
+            p.spread = METRICS.iter().map(|(f, _, _)| (f.to_string(), Spread { median: 1.0, min: 1.0, max: 1.0 })).collect();
+        }
+        fs::write(out.join("backends.json"), serde_json::to_string(&report).unwrap()).unwrap();
+        render_backends(&out, Some(&md)).unwrap();
+        report.date = "second-run".into();
+        fs::write(out.join("backends.json"), serde_json::to_string(&report).unwrap()).unwrap();
+        render_backends(&out, Some(&md)).unwrap();
+        let data = Report { date: "d".into(), kernel: String::new(), machine: String::new(), quick: false, runs: 1, paths: Vec::new() };
+        write_benchmarks_md(&md, &data, "TABLE").unwrap();
+        let paired = paired::Report { date: "p".into(), kernel: String::new(), machine: String::new(), quick: false, pairs: 10, seconds: 3, underlays: Vec::new() };
+        write_paired_md(&md, &paired).unwrap();
+        let text = fs::read_to_string(&md).unwrap();
+        assert_eq!(text.matches(BACKENDS_START).count(), 1, "{text}");
+        assert!(text.contains("second-run") && !text.contains("first-run"), "{text}");
+        assert!(text.contains("| kernel ipip (flannel) |") && text.contains("| ipip (agent, TC checks) |"), "{text}");
+        assert!(text.contains("TABLE") && text.ends_with("control\n"), "{text}");
+        assert!(text.find(BACKENDS_END).unwrap() < text.find("<!-- control-plane -->").unwrap(), "{text}");
+        // A smoke run's figures are never written.
+        report.quick = true;
+        fs::write(out.join("backends.json"), serde_json::to_string(&report).unwrap()).unwrap();
+        assert!(render_backends(&out, Some(&md)).is_err());
+        assert!(fs::read_to_string(&md).unwrap().contains("second-run"));
         fs::remove_dir_all(&dir).unwrap();
     }
 
