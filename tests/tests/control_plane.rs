@@ -754,6 +754,20 @@ fn missing_config_is_waited_for_and_invalid_config_is_refused() {
     let status = c.node_mut(j).agent_exit().unwrap();
     assert!(!status.success());
     assert!(c.node(j).log_text().contains("Backend.Type: \"gre\" is not supported"), "{}", c.node(j).log_text());
+
+    // A wireguard config whose PSK is no wireguard key: refused at start, the field and the
+    // way to make one named, before any device is made (on every kernel, with the module or
+    // not), and the running node left alone.
+    let bad_psk = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"c2hvcnQ="}}"#;
+    ok("put", c.etcd().etcdctl(&["put", "/coreos.com/network/config", bad_psk]));
+    let k = ok("spawn", c.spawn_unready());
+    assert!(wait_until(Duration::from_secs(10), || c.node_mut(k).agent_exit().is_some()), "a bad PSK must stop the agent");
+    assert!(!c.node_mut(k).agent_exit().unwrap().success());
+    let log = c.node(k).log_text();
+    assert!(log.contains("Backend.PSK") && log.contains("wg genpsk"), "{log}");
+    assert!(!log.contains("c2hvcnQ="), "the key's text stays out of the log:\n{log}");
+    assert!(ok("links", c.node(k).ns.run("ip", &["-o", "link", "show"])).lines().all(|l| !l.contains("flannel-wg")), "no device for a refused config");
+    assert!(c.node_mut(i).agent_exit().is_none(), "the running node is not disturbed:\n{}", c.node(i).log_text());
 }
 
 /// `Backend.MTU` is the underlay's MTU, as flannel reads it: `{"MTU":1500}` on a 1500-byte

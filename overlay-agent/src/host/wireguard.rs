@@ -46,11 +46,12 @@ pub fn format_key(k: &Key) -> String {
 
 /// A key in wireguard's base64 form (surrounding whitespace ignored, as `wg` does), or what
 /// is wrong with it.
+///
+/// The error never holds the text: a private key or a PSK that is almost right is still a
+/// secret (a caller whose key is public, a lease's, names it).
 pub fn parse_key(s: &str) -> std::result::Result<Key, String> {
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(s.trim())
-        .map_err(|e| format!("{:?} is not base64 ({e})", s.trim()))?;
-    bytes.try_into().map_err(|b: Vec<u8>| format!("a wireguard key is 32 bytes; {:?} has {}", s.trim(), b.len()))
+    let bytes = base64::engine::general_purpose::STANDARD.decode(s.trim()).map_err(|e| format!("not base64 ({e})"))?;
+    bytes.try_into().map_err(|b: Vec<u8>| format!("a wireguard key is 32 bytes; this one has {}", b.len()))
 }
 
 /// The key file flannel reads: `WIREGUARD_KEY_FILE` if set, else /run/flannel/wgkey.
@@ -330,6 +331,12 @@ mod tests {
         assert!(e.contains("not base64"), "{e}");
         let e = parse_key("AAAA").unwrap_err();
         assert!(e.contains("32 bytes") && e.contains("has 3"), "{e}");
+        // A near-miss secret (a private key one byte short) is not repeated in the error.
+        let short = "YA4LzKwlZ2NVe5pMsrdvUKqjgyEFx2vYrsjTKKu/bw==";
+        let e = parse_key(short).unwrap_err();
+        assert!(e.contains("has 31") && !e.contains("YA4L"), "{e}");
+        let e = parse_key("YA4LzKwlZ2NVe5pMsrdvUKqjgyEFx2vYrsjTKKu/b3o!").unwrap_err();
+        assert!(!e.contains("YA4L"), "{e}");
         assert!(parse_key("").is_err());
     }
 

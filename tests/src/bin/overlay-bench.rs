@@ -859,6 +859,15 @@ fn backends_markdown(report: &Report) -> String {
     } else {
         format!("\nFigures above this run's own ceiling (TCG's noise, not the path): {}.\n", odd.join("; "))
     };
+    // How far runs of one path land apart here: no difference smaller than that is shown.
+    let scatter = report
+        .paths
+        .iter()
+        .find(|p| p.path == PathKind::Routing)
+        .and_then(|p| p.spread.get("tcp1_gbps"))
+        .filter(|s| s.min > 0.0)
+        .map(|s| format!(" Under emulation runs of one path scatter widely: plain routing's 1-stream TCP ran at {}-{} Gbit/s ({:.1}x apart), so a difference between rows smaller than that is not shown by these figures.", fmt(s.min), fmt(s.max), s.max / s.min))
+        .unwrap_or_default();
     format!(
         "## Backends, in a VM (for comparison between backends only)\n\n\
          Measured by `cargo xtask bench backends` ({runs} interleaved runs per figure) on {date}: the\n\
@@ -872,7 +881,7 @@ fn backends_markdown(report: &Report) -> String {
          packet that arrives (peers only, inner source the peer's subnet); kernel ipip (flannel)\n\
          is the device alone, as flannel leaves it: the difference is the check's cost. wireguard\n\
          (agent) is the kernel's flannel-wg configured by the agent, with no program on the path,\n\
-         so a stock flannel wireguard node's path is the same one.\n\
+         so a stock flannel wireguard node's path is the same one.{scatter}\n\
          {table}{odd}\n",
         runs = report.runs,
         date = report.date,

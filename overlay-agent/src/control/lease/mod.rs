@@ -280,7 +280,7 @@ impl LeaseAttrs {
             .clone()
             .ok_or_else(|| bad("no BackendData".into()))
             .and_then(|d| serde_json::from_value(d).map_err(|e| bad(format!("BackendData is not wireguard's: {e}"))))?;
-        let key = crate::wireguard::parse_key(&data.public_key).map_err(|e| bad(format!("BackendData.PublicKey: {e}")))?;
+        let key = crate::wireguard::parse_key(&data.public_key).map_err(|e| bad(format!("BackendData.PublicKey {:?}: {e}", data.public_key)))?;
         Ok((key, data.port.filter(|p| *p != 0)))
     }
 
