@@ -896,7 +896,9 @@ impl Cluster {
                 // 51820, MTU the underlay's less 80, the subnet's network address as a /32,
                 // the network routed through it (scope link); peers come with add_route.
                 let n = node.ns.name().to_string();
-                let key = node.log.with_extension("stock-wgkey");
+                // The key where this node's agent would read it (WIREGUARD_KEY_FILE), as
+                // flanneld and the agent share /run/flannel/wgkey: a takeover keeps it.
+                let key = node.log.with_extension("wgkey");
                 let private = run(Command::new("wg").arg("genkey"))?;
                 fs::write(&key, private.trim())?;
                 ip(&["-n", &n, "link", "add", "flannel-wg", "type", "wireguard"])?;

@@ -47,6 +47,29 @@ fn restart_under_a_stream_loses_nothing(c: &mut Cluster, from: usize, to: usize,
     assert_eq!(r.lost, 0, "datagrams lost across the restart: {r:?}");
 }
 
+/// Replacing flanneld in place on stock node `stock` (its lease, its device with the routes or
+/// peers flanneld gave it; a wireguard node's key in the file the agent reads, as flanneld and
+/// the agent share /run/flannel/wgkey) under a UDP stream from node `from`: nothing lost, the
+/// lease kept as flanneld wrote it, and traffic back from the node.
+fn take_over_under_a_stream_loses_nothing(c: &mut Cluster, from: usize, stock: usize, port: u16) {
+    let key = format!("/coreos.com/network/subnets/{}-24", c.node(stock).subnet.network());
+    let lease = |c: &Cluster| -> serde_json::Value {
+        let text = ok("lease", c.etcd().etcdctl(&["get", "--print-value-only", &key]));
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("lease {text:?}: {e}"))
+    };
+    let before = lease(c);
+    let stream = ok("stream", UdpStream::start(&c.node(from).containers[1], &c.node(stock).containers[0], c.node(stock).container_ip(0), port, 200));
+    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= 400), "the stream did not start");
+    ok("take over", c.take_over_stock_node(stock));
+    let after = stream.received_so_far();
+    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= after + 400), "the stream stalled after the takeover:\n{}", c.node(stock).log_text());
+    let r = ok("stream", stream.finish());
+    eprintln!("takeover: UDP sent {} received {} lost {} (receiver overflows {})", r.sent, r.received, r.lost, r.receiver_overflows);
+    assert_eq!(r.lost, 0, "datagrams lost across the takeover: {r:?}\n{}", c.node(stock).log_text());
+    assert_eq!(lease(c), before, "the agent kept flanneld's lease as it was");
+    ok("ping back", ping(&c.node(stock).containers[0], c.node(from).container_ip(0), 2));
+}
+
 /// The agents' nodes as the seed's are: docker's FORWARD DROP, and kube-proxy's drop of
 /// INVALID packets (so that conntrack must track every flow).
 fn seed_forward_rules(c: &Cluster) {
@@ -169,7 +192,8 @@ fn has_module_or_is_refused(has: bool, backend: Backend, prefix: &str, module: &
 /// and TCP both ways between all, a forged IP-in-IP packet from a peer (an inner source it
 /// does not lease) and one from a host that is no node dropped and counted by the checks on
 /// the underlay (flannel.ipip alone takes IP-in-IP from anywhere), a restart that keeps the
-/// traffic flowing, and a departed node's route removed. Where the kernel has no ipip
+/// traffic flowing, the stock node's flanneld replaced by an agent in place under a stream,
+/// and a departed node's route removed. Where the kernel has no ipip
 /// module (this machine's), the agent refuses to start and names the module.
 #[test]
 fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_module() {
@@ -286,7 +310,14 @@ fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_mod
     let links = ok("links", c.node(1).ns.run("ip", &["-o", "link"]));
     assert!(!links.contains("flannel.1") && links.contains("flannel.ipip"), "{links}");
 
-    // The stock node departs (its lease deleted): its route goes from both agents.
+    // flanneld on the stock node replaced by an agent in place: its routes on flannel.ipip
+    // adopted before the checks start, nothing lost.
+    take_over_under_a_stream_loses_nothing(&mut c, 1, 3, 7012);
+    let status = ok("status", c.node(3).agent_cli(&["status"]));
+    assert!(status.contains("device=flannel.ipip") && status.contains("ready=true"), "{status}");
+
+    // The node departs (its agent stopped, its lease deleted): its route goes from both agents.
+    ok("stop", c.stop_agent(3));
     let gone = c.node(3).subnet;
     ok("delete", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24", gone.network())]));
     for i in [1, 2] {
@@ -322,7 +353,8 @@ fn send_ip_in_ip(ns: &overlay_tests::Netns, to: Ipv4Addr, inner: Vec<u8>) -> any
 /// kernels; there it must): two agents and a stock flannel wireguard node set up with `wg`
 /// as flannel configures it, ping and TCP both ways between all, a restart that keeps the
 /// key (the lease's PublicKey unchanged) and the traffic flowing, a lease with a bad key
-/// skipped alone, and a departed node's peer removed. Where the kernel has no wireguard
+/// skipped alone, the stock node's flanneld replaced by an agent in place (the same key
+/// file) under a stream, and a departed node's peer removed. Where the kernel has no wireguard
 /// module (this machine's), the agent refuses to start and names the module.
 #[test]
 fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_without_the_module() {
@@ -370,8 +402,15 @@ fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_witho
     assert!(wait_until(Duration::from_secs(30), || c.node(1).log_text().contains("wireguard lease refused")), "{}", c.node(1).log_text());
     ok("still", ping(&c.node(1).containers[0], c.node(3).container_ip(0), 2));
 
-    // The stock node departs: its peer goes from both agents.
+    // flanneld on the stock node replaced by an agent in place, reading flanneld's key file:
+    // the same key (the lease unchanged), the device and its peers kept, nothing lost.
     let key3 = ok("key", c.node(3).ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    take_over_under_a_stream_loses_nothing(&mut c, 1, 3, 7022);
+    let status = ok("status", c.node(3).agent_cli(&["status"]));
+    assert!(status.contains("device=flannel-wg") && status.contains(&format!("public_key={}", key3.trim())) && status.contains("peers=2"), "{status}");
+
+    // The node departs (its agent stopped, its lease deleted): its peer goes from both agents.
+    ok("stop", c.stop_agent(3));
     ok("delete", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24", c.node(3).subnet.network())]));
     for i in [1, 2] {
         let has = |n: &overlay_tests::Node| n.ns.run("wg", &["show", "flannel-wg", "peers"]).map(|o| o.contains(key3.trim())).unwrap_or(true);
