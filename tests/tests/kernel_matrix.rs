@@ -47,12 +47,17 @@ fn restart_under_a_stream_loses_nothing(c: &mut Cluster, from: usize, to: usize,
     assert_eq!(r.lost, 0, "datagrams lost across the restart: {r:?}");
 }
 
-/// Replacing flanneld in place on stock node `stock` (its lease, its device with the routes or
-/// peers flanneld gave it; a wireguard node's key in the file the agent reads, as flanneld and
-/// the agent share /run/flannel/wgkey) under a UDP stream from node `from`: nothing lost, the
-/// lease kept as flanneld wrote it, and traffic back from the node.
-fn take_over_under_a_stream_loses_nothing(c: &mut Cluster, from: usize, stock: usize, port: u16) {
-    let key = format!("/coreos.com/network/subnets/{}-24", c.node(stock).subnet.network());
+/// Replacing flanneld in place on stock node `stock` under a UDP stream from node `from`: the
+/// lease, the device with the routes or peers flanneld gave it are there when the agent
+/// starts (a wireguard node's key in the file the agent reads, as flanneld and the agent
+/// share /run/flannel/wgkey). `flanneld_deletes`: the device flanneld removes when it stops
+/// (flannel-wg; flannel.ipip stays): deleted first, so traffic pauses until the agent has
+/// made it again and must then resume; otherwise nothing may be lost. Either way the agent
+/// keeps the node's subnet and its lease as flanneld wrote it (no second lease), and
+/// traffic flows back.
+fn take_over_under_a_stream(c: &mut Cluster, from: usize, stock: usize, port: u16, flanneld_deletes: Option<&str>) {
+    let subnet = c.node(stock).subnet;
+    let key = format!("/coreos.com/network/subnets/{}-24", subnet.network());
     let lease = |c: &Cluster| -> serde_json::Value {
         let text = ok("lease", c.etcd().etcdctl(&["get", "--print-value-only", &key]));
         serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("lease {text:?}: {e}"))
@@ -60,13 +65,23 @@ fn take_over_under_a_stream_loses_nothing(c: &mut Cluster, from: usize, stock: u
     let before = lease(c);
     let stream = ok("stream", UdpStream::start(&c.node(from).containers[1], &c.node(stock).containers[0], c.node(stock).container_ip(0), port, 200));
     assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= 400), "the stream did not start");
+    if let Some(device) = flanneld_deletes {
+        ok("flanneld stops", c.node(stock).ns.run("ip", &["link", "del", device]));
+    }
     ok("take over", c.take_over_stock_node(stock));
     let after = stream.received_so_far();
     assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= after + 400), "the stream stalled after the takeover:\n{}", c.node(stock).log_text());
     let r = ok("stream", stream.finish());
     eprintln!("takeover: UDP sent {} received {} lost {} (receiver overflows {})", r.sent, r.received, r.lost, r.receiver_overflows);
-    assert_eq!(r.lost, 0, "datagrams lost across the takeover: {r:?}\n{}", c.node(stock).log_text());
+    if flanneld_deletes.is_none() {
+        assert_eq!(r.lost, 0, "datagrams lost across the takeover: {r:?}\n{}", c.node(stock).log_text());
+    }
     assert_eq!(lease(c), before, "the agent kept flanneld's lease as it was");
+    let env = ok("subnet file", std::fs::read_to_string(&c.node(stock).subnet_file).map_err(anyhow::Error::from));
+    assert_eq!(overlay_tests::parse_subnet_env(&env).map(|(s, _)| s), Some(subnet), "the agent kept the node's subnet:\n{env}");
+    let public_ip = format!(r#""PublicIP":"{}""#, c.node(stock).underlay_ip);
+    let all = ok("leases", c.etcd().etcdctl(&["get", "--prefix", "--print-value-only", "/coreos.com/network/subnets/"]));
+    assert_eq!(all.lines().filter(|l| l.contains(&public_ip)).count(), 1, "one lease names the node:\n{all}");
     ok("ping back", ping(&c.node(stock).containers[0], c.node(from).container_ip(0), 2));
 }
 
@@ -312,7 +327,7 @@ fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_mod
 
     // flanneld on the stock node replaced by an agent in place: its routes on flannel.ipip
     // adopted before the checks start, nothing lost.
-    take_over_under_a_stream_loses_nothing(&mut c, 1, 3, 7012);
+    take_over_under_a_stream(&mut c, 1, 3, 7012, None);
     let status = ok("status", c.node(3).agent_cli(&["status"]));
     assert!(status.contains("device=flannel.ipip") && status.contains("ready=true"), "{status}");
 
@@ -353,8 +368,9 @@ fn send_ip_in_ip(ns: &overlay_tests::Netns, to: Ipv4Addr, inner: Vec<u8>) -> any
 /// kernels; there it must): two agents and a stock flannel wireguard node set up with `wg`
 /// as flannel configures it, ping and TCP both ways between all, a restart that keeps the
 /// key (the lease's PublicKey unchanged) and the traffic flowing, a lease with a bad key
-/// skipped alone, the stock node's flanneld replaced by an agent in place (the same key
-/// file) under a stream, and a departed node's peer removed. Where the kernel has no wireguard
+/// skipped alone, the stock node's flanneld replaced by an agent in place (flannel-wg gone
+/// with flanneld, made again from the same key file) under a stream that resumes, and a
+/// departed node's peer removed. Where the kernel has no wireguard
 /// module (this machine's), the agent refuses to start and names the module.
 #[test]
 fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_without_the_module() {
@@ -402,10 +418,11 @@ fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_witho
     assert!(wait_until(Duration::from_secs(30), || c.node(1).log_text().contains("wireguard lease refused")), "{}", c.node(1).log_text());
     ok("still", ping(&c.node(1).containers[0], c.node(3).container_ip(0), 2));
 
-    // flanneld on the stock node replaced by an agent in place, reading flanneld's key file:
-    // the same key (the lease unchanged), the device and its peers kept, nothing lost.
+    // flanneld on the stock node replaced by an agent in place: flanneld deletes flannel-wg
+    // when it stops; the agent, reading flanneld's key file, makes it again with the same key
+    // (the lease unchanged) and the peers, and traffic resumes.
     let key3 = ok("key", c.node(3).ns.run("wg", &["show", "flannel-wg", "public-key"]));
-    take_over_under_a_stream_loses_nothing(&mut c, 1, 3, 7022);
+    take_over_under_a_stream(&mut c, 1, 3, 7022, Some("flannel-wg"));
     let status = ok("status", c.node(3).agent_cli(&["status"]));
     assert!(status.contains("device=flannel-wg") && status.contains(&format!("public_key={}", key3.trim())) && status.contains("peers=2"), "{status}");
 

@@ -43,14 +43,16 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Set up, build (release) and benchmark the data plane against its baselines, the
-    /// control plane (`bench control-plane`), or each program's cost per packet (`bench
-    /// programs`). Writes target/bench/ and BENCHMARKS.md (root).
+    /// control plane (`bench control-plane`), each program's cost per packet (`bench
+    /// programs`), or every backend in a qemu VM on Debian's 6.12 (`bench backends`, about 12
+    /// minutes). Writes target/bench/ and BENCHMARKS.md (root).
     Bench {
         /// `control-plane` for the etcd/agent benchmark; `programs` for the programs' time per
         /// packet (BPF_PROG_TEST_RUN); `paired` for the default data plane against the kernel
         /// device (with and without NOTRACK) in paired rounds only; `backends` for every
         /// backend (ipip and wireguard too) in a VM on Debian's 6.12, figures for comparison
-        /// between backends only; `render` to write
+        /// between backends only (`render-backends` writes its section again from the last
+        /// run's JSON); `render` to write
         /// BENCHMARKS.md again from the last data-plane run's JSON (no measuring); nothing for
         /// the data plane (every path, then the paired rounds).
         what: Option<String>,
@@ -287,7 +289,7 @@ fn run(cli: Cli) -> Result<()> {
             c.current_dir(workspace_root()).env("OVERLAY_AGENT_BIN", &agent);
             match what.as_deref() {
                 None => {}
-                Some(sub @ ("control-plane" | "programs" | "paired" | "render")) => {
+                Some(sub @ ("control-plane" | "programs" | "paired" | "render" | "render-backends")) => {
                     c.arg(sub);
                 }
                 Some("backends") => {
@@ -306,7 +308,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(other) => bail!(
                     "unknown benchmark {other:?}: use `cargo xtask bench`, `cargo xtask bench control-plane`, \
                      `cargo xtask bench programs`, `cargo xtask bench paired`, `cargo xtask bench backends` \
-                     (in a VM) or `cargo xtask bench render` (BENCHMARKS.md again from the last run's JSON)"
+                     (in a VM), `cargo xtask bench render` or `render-backends` (BENCHMARKS.md again from the last run's JSON)"
                 ),
             }
             c.arg("--out").arg(target_dir().join("bench"));

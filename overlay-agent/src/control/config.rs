@@ -51,7 +51,8 @@ pub struct BackendConfig {
 }
 
 /// flannel's wireguard backend's options (pkg/backend/wireguard), its defaults applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// (`Debug` shows whether there is a PSK, never the key.)
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct WireguardConfig {
     /// `ListenPort` (51820): flannel-wg's port, and the `Port` of the lease.
     pub listen_port: u16,
@@ -62,6 +63,18 @@ pub struct WireguardConfig {
     /// `PersistentKeepaliveInterval`, seconds (0: off).
     pub keepalive: u16,
     pub mode: WireguardMode,
+}
+
+impl std::fmt::Debug for WireguardConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WireguardConfig")
+            .field("listen_port", &self.listen_port)
+            .field("listen_port_v6", &self.listen_port_v6)
+            .field("psk", &self.psk.map(|_| "(set)"))
+            .field("keepalive", &self.keepalive)
+            .field("mode", &self.mode)
+            .finish()
+    }
 }
 
 /// flannel's wireguard `Mode`: which devices and which of a peer's addresses.
@@ -216,10 +229,15 @@ fn uint(obj: &Map<String, Value>, key: &'static str) -> Result<Option<u64>, Conf
     }
 }
 
+/// Fields whose values no error or log line may show.
+const SECRETS: &[&str] = &["PSK"];
+
 fn string<'a>(obj: &'a Map<String, Value>, key: &'static str) -> Result<Option<&'a str>, ConfigError> {
     match get(obj, key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
+        // A secret given in the wrong shape is still a secret: its value is not repeated.
+        Some(_) if SECRETS.contains(&key) => Err(invalid(key, "must be a string (the value is not shown: it holds a secret)")),
         Some(v) => Err(invalid(key, format!("must be a string, got {v}"))),
     }
 }
@@ -709,6 +727,7 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"ipsec"}}"#, "strongSwan"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","PSK":"c2hvcnQ="}}"#, "Backend.PSK: is not a wireguard key: a wireguard key is 32 bytes"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","PSK":"not base64!"}}"#, "wg genpsk"),
+            (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","PSK":["FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE="]}}"#, "PSK: must be a string (the value is not shown"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","ListenPort":70000}}"#, "ListenPort: 70000 is not a UDP port"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"both"}}"#, "Backend.Mode: \"both\" is not one of flannel's"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#, "needs EnableIPv6"),
@@ -735,6 +754,7 @@ mod tests {
         for (json, want) in cases {
             let e = parse(json).expect_err(json).to_string();
             assert!(e.contains(want), "{json}: expected {want:?} in {e:?}");
+            assert!(!e.contains("FpCyhws9") && !e.contains("c2hvcnQ="), "{json}: a PSK's text in {e:?}");
         }
     }
 

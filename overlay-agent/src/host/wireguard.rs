@@ -148,8 +148,8 @@ fn wg_request(op: &str, cmd: WireguardCmd, attributes: Vec<WireguardAttribute>, 
     Ok(crate::netdev::request_on(NETLINK_GENERIC, op, m, flags)?.into_iter().map(|g| g.payload).collect())
 }
 
-/// A peer as the device holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A peer as the device holds it. (`Debug` hides the preshared key.)
+#[derive(Clone, PartialEq, Eq)]
 pub struct PeerInfo {
     pub public_key: Key,
     pub endpoint: Option<SocketAddr>,
@@ -159,6 +159,21 @@ pub struct PeerInfo {
     pub last_handshake_secs: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+}
+
+impl std::fmt::Debug for PeerInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerInfo")
+            .field("public_key", &format_key(&self.public_key))
+            .field("endpoint", &self.endpoint)
+            .field("allowed_ips", &self.allowed_ips)
+            .field("preshared_key", &self.preshared_key.map(|_| "(set)"))
+            .field("keepalive", &self.keepalive)
+            .field("last_handshake_secs", &self.last_handshake_secs)
+            .field("rx_bytes", &self.rx_bytes)
+            .field("tx_bytes", &self.tx_bytes)
+            .finish()
+    }
 }
 
 /// A device's state: its public key (none before a private key is set), listen port, peers.
@@ -248,8 +263,8 @@ pub fn configure(name: &str, private_key: &Key, listen_port: u16) -> Result<()> 
     .map(drop)
 }
 
-/// A peer as flannel configures it for a lease.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A peer as flannel configures it for a lease. (`Debug` hides the preshared key.)
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct PeerConfig {
     pub public_key: Key,
     pub endpoint: SocketAddrV4,
@@ -259,6 +274,18 @@ pub struct PeerConfig {
     pub preshared_key: Option<Key>,
     /// `PersistentKeepaliveInterval` in seconds (0: off).
     pub keepalive: u16,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("public_key", &format_key(&self.public_key))
+            .field("endpoint", &self.endpoint)
+            .field("allowed", &self.allowed)
+            .field("preshared_key", &self.preshared_key.map(|_| "(set)"))
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
 }
 
 /// Add or update a peer: its endpoint, its allowed IPs replaced by the lease's subnet, the
@@ -338,6 +365,19 @@ mod tests {
         let e = parse_key("YA4LzKwlZ2NVe5pMsrdvUKqjgyEFx2vYrsjTKKu/b3o!").unwrap_err();
         assert!(!e.contains("YA4L"), "{e}");
         assert!(parse_key("").is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_preshared_key() {
+        let psk = [0xabu8; 32];
+        let shown = [format_key(&psk), format!("{:?}", psk[0]), "171, 171".to_string()];
+        let peer = PeerConfig { public_key: [1; 32], endpoint: "192.0.2.1:51820".parse().unwrap(), allowed: "10.0.1.0/24".parse().unwrap(), preshared_key: Some(psk), keepalive: 25 };
+        let info = PeerInfo { public_key: [1; 32], endpoint: None, allowed_ips: Vec::new(), preshared_key: Some(psk), keepalive: 0, last_handshake_secs: 0, rx_bytes: 0, tx_bytes: 0 };
+        let cfg = crate::config::WireguardConfig { listen_port: 51820, listen_port_v6: 51821, psk: Some(psk), keepalive: 0, mode: crate::config::WireguardMode::Separate };
+        for text in [format!("{peer:?}"), format!("{info:?}"), format!("{cfg:?}")] {
+            assert!(text.contains("(set)"), "{text}");
+            assert!(!text.contains(&shown[0]) && !text.contains(&shown[2]), "{text}");
+        }
     }
 
     #[test]

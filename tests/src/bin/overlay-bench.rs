@@ -799,7 +799,7 @@ const BACKENDS_END: &str = "<!-- /backends -->";
 /// A section of BENCHMARKS.md between `start` and `end` (the paired runs', the backends'),
 /// replaced where it is, else put before the control plane's. Every writer keeps the others'
 /// sections: the data plane's by name, the control plane's and the programs' as the text
-/// before their own.
+/// before their own (so the block goes before theirs).
 fn write_block_md(md: &Path, start: &str, end: &str, body: &str) -> Result<()> {
     let old = fs::read_to_string(md).unwrap_or_default();
     let block = format!("{start}{body}{end}");
@@ -807,6 +807,9 @@ fn write_block_md(md: &Path, start: &str, end: &str, body: &str) -> Result<()> {
         format!("{head}{block}{tail}")
     } else if let Some((head, tail)) = old.split_once("<!-- control-plane -->") {
         format!("{head}{block}\n\n<!-- control-plane -->{tail}")
+    } else if let Some((head, tail)) = old.split_once(programs::MARKER) {
+        // Never after the programs' section: its writer keeps only what comes before it.
+        format!("{head}{block}\n\n{}{tail}", programs::MARKER)
     } else {
         format!("{old}\n{block}\n")
     };
@@ -1182,6 +1185,18 @@ mod tests {
         fs::write(out.join("backends.json"), serde_json::to_string(&report).unwrap()).unwrap();
         assert!(render_backends(&out, Some(&md)).is_err());
         assert!(fs::read_to_string(&md).unwrap().contains("second-run"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_a_control_plane_section_the_block_goes_before_the_programs_section() {
+        let dir = std::env::temp_dir().join(format!("bench-block-md-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let md = dir.join("BENCHMARKS.md");
+        fs::write(&md, format!("# Benchmarks\n\n{}\nprograms\n", programs::MARKER)).unwrap();
+        write_block_md(&md, BACKENDS_START, BACKENDS_END, "BACKENDS\n").unwrap();
+        let text = fs::read_to_string(&md).unwrap();
+        assert!(text.find("BACKENDS").unwrap() < text.find(programs::MARKER).unwrap() && text.ends_with("programs\n"), "{text}");
         fs::remove_dir_all(&dir).unwrap();
     }
 
