@@ -208,7 +208,8 @@ fn has_module_or_is_refused(has: bool, backend: Backend, prefix: &str, module: &
 /// does not lease) and one from a host that is no node dropped and counted by the checks on
 /// the underlay (flannel.ipip alone takes IP-in-IP from anywhere), a restart that keeps the
 /// traffic flowing, the stock node's flanneld replaced by an agent in place under a stream,
-/// and a departed node's route removed. Where the kernel has no ipip
+/// a departed node's route removed, and a node rolled back to flanneld (`teardown
+/// --leave-kernel-state`) under a stream. Where the kernel has no ipip
 /// module (this machine's), the agent refuses to start and names the module.
 #[test]
 fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_module() {
@@ -339,6 +340,32 @@ fn ipip_nodes_interoperate_with_a_stock_ipip_node_or_are_refused_without_the_mod
         let routed = |n: &overlay_tests::Node| n.ns.run("ip", &["route", "show", &gone.to_string()]).map(|o| !o.trim().is_empty()).unwrap_or(true);
         assert!(wait_until(Duration::from_secs(30), || !routed(c.node(i))), "node {i} still routes {gone}");
     }
+
+    // Rolling node 2 back to flanneld under a UDP stream from node 1: its agent stopped,
+    // `teardown --leave-kernel-state` leaves flannel.ipip, its address and its routes (what a
+    // flanneld started next adopts) and removes the programs and pins; nothing lost, and
+    // the kernel device alone carries traffic both ways afterwards.
+    let stream = ok("stream", UdpStream::start(&c.node(1).containers[1], &c.node(2).containers[0], c.node(2).container_ip(0), 7013, 200));
+    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= 400), "the stream did not start");
+    ok("stop", c.stop_agent(2));
+    ok("rollback", c.node(2).agent_cli(&["teardown", "--leave-kernel-state"]));
+    let after = stream.received_so_far();
+    assert!(wait_until(Duration::from_secs(60), || stream.received_so_far() >= after + 400), "the stream stalled after the rollback");
+    let r = ok("stream", stream.finish());
+    eprintln!("rollback: UDP sent {} received {} lost {} (receiver overflows {})", r.sent, r.received, r.lost, r.receiver_overflows);
+    assert_eq!(r.lost, 0, "datagrams lost across the rollback: {r:?}");
+    let n2 = c.node(2);
+    assert!(!n2.bpffs_dir.exists(), "pins left after teardown");
+    // (bpftool lists TC and TCX attachments alike: 6.1 has the one, 6.12 the other.)
+    let attached = ok("bpftool", n2.ns.run("bpftool", &["net", "show", "dev", "eth0"]));
+    assert!(!attached.contains("tc_ingress") && !attached.contains("tc_egress"), "programs left on the underlay:\n{attached}");
+    let routes = ok("routes", n2.ns.run("ip", &["route", "show", "dev", "flannel.ipip"]));
+    let to_1 = format!("{} via {} ", c.node(1).subnet, c.node(1).underlay_ip);
+    assert!(routes.lines().any(|l| l.starts_with(&to_1) && l.contains("onlink")), "{routes}");
+    let addr = ok("addr", n2.ns.run("ip", &["-4", "addr", "show", "dev", "flannel.ipip"]));
+    assert!(addr.contains(&format!("inet {}/32", n2.subnet.network())), "{addr}");
+    ok("ping 2 -> 1", ping(&n2.containers[0], c.node(1).container_ip(0), 2));
+    ok("ping 1 -> 2", ping(&c.node(1).containers[0], n2.container_ip(0), 2));
 }
 
 /// Send `inner` (an IPv4 packet) to `to` as IP-in-IP from inside `ns` (a raw socket of
