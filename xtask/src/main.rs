@@ -115,6 +115,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// The process a test or benchmark namespace or bpffs directory belongs to: clusters name
+/// theirs `ov<pid><tag>-<n>` (tests/src/lib.rs `unique_prefix`).
+fn owner_pid(name: &str) -> Option<u32> {
+    let digits: String = name.strip_prefix("ov")?.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// What a test or benchmark process killed outright left behind (SIGKILL, a machine
+/// restarted under it: its own clean-up never ran): the network namespaces and bpffs pins
+/// of processes that no longer exist. Those of a live process (a run going on beside this
+/// one) are left alone.
+fn sweep_dead_runs() {
+    let dead = |name: &str| owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect()).unwrap_or_default()
+    };
+    for ns in names("/run/netns").into_iter().filter(|n| dead(n)) {
+        eprintln!("xtask: removing network namespace {ns}, left by a run that no longer exists");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    }
+    for pins in names("/sys/fs/bpf").into_iter().filter(|n| dead(n)) {
+        eprintln!("xtask: removing /sys/fs/bpf/{pins}, left by a run that no longer exists");
+        let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf").join(&pins));
+    }
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
@@ -237,6 +263,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             require_root("cargo xtask test")?;
+            sweep_dead_runs();
             // A second build whose programs differ, for the live-upgrade test; then the
             // default build (which stays target/debug/overlay-agent).
             status(cargo().args(["build", "--package", "overlay-agent", "--bins", "--features", "upgrade-variant"]))
@@ -282,6 +309,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what, quick, runs, pairs } => {
             setup::run()?;
             require_root("cargo xtask bench")?;
+            sweep_dead_runs();
             let agent = build_agent(true)?;
             status(cargo().args(["build", "--release", "--package", "overlay-tests", "--bin", "overlay-bench"]))?;
             let bench = target_dir().join("release").join("overlay-bench");
@@ -346,5 +374,19 @@ fn run(cli: Cli) -> Result<()> {
             dist::run(!no_image).map(|_| ())
         }
         Cmd::FreshCheck { keep, uncommitted } => fresh::run(keep, &uncommitted),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_pid;
+
+    #[test]
+    fn a_clusters_names_tell_its_process() {
+        assert_eq!(owner_pid("ov22463q00-14-n1"), Some(22463));
+        assert_eq!(owner_pid("ov9kmw-3-ul"), Some(9));
+        assert_eq!(owner_pid("kmwg612"), None, "a probe namespace of another scheme");
+        assert_eq!(owner_pid("ovx-1"), None);
+        assert_eq!(owner_pid("maps.debug"), None);
     }
 }
