@@ -51,31 +51,19 @@ pub struct BackendConfig {
 }
 
 /// flannel's wireguard backend's options (pkg/backend/wireguard), its defaults applied.
-/// (`Debug` shows whether there is a PSK, never the key.)
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WireguardConfig {
     /// `ListenPort` (51820): flannel-wg's port, and the `Port` of the lease.
     pub listen_port: u16,
     /// `ListenPortV6` (51821): flannel-wg-v6's, in an IPv6 network with Mode `separate`.
     pub listen_port_v6: u16,
     /// `PSK`: one preshared key for every peer (the same on every node; never in a lease).
-    pub psk: Option<crate::wireguard::Key>,
+    pub psk: Option<crate::wireguard::Secret>,
     /// `PersistentKeepaliveInterval`, seconds (0: off).
     pub keepalive: u16,
     pub mode: WireguardMode,
 }
 
-impl std::fmt::Debug for WireguardConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WireguardConfig")
-            .field("listen_port", &self.listen_port)
-            .field("listen_port_v6", &self.listen_port_v6)
-            .field("psk", &self.psk.map(|_| "(set)"))
-            .field("keepalive", &self.keepalive)
-            .field("mode", &self.mode)
-            .finish()
-    }
-}
 
 /// flannel's wireguard `Mode`: which devices and which of a peer's addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -576,7 +564,7 @@ fn parse_wireguard(obj: &Map<String, Value>, port: u16, warnings: &mut Vec<Strin
     }
     let psk = match string(obj, "PSK")? {
         None | Some("") => None,
-        Some(k) => Some(crate::wireguard::parse_key(k).map_err(|e| invalid("Backend.PSK", format!("is not a wireguard key: {e} (make one with `wg genpsk`)")))?),
+        Some(k) => Some(crate::wireguard::parse_key(k).map(crate::wireguard::Secret).map_err(|e| invalid("Backend.PSK", format!("is not a wireguard key: {e} (make one with `wg genpsk`)")))?),
     };
     let keepalive = match uint(obj, "PersistentKeepaliveInterval")? {
         None => 0,
@@ -663,7 +651,7 @@ mod tests {
         ));
         let w = wg.backend.wireguard.unwrap();
         assert_eq!((w.listen_port, w.keepalive, w.mode, wg.backend.port, wg.backend.mtu), (51900, 25, WireguardMode::Auto, 51900, Some(1400)));
-        assert_eq!(w.psk.map(|k| crate::wireguard::format_key(&k)).as_deref(), Some(psk));
+        assert_eq!(w.psk.map(|k| crate::wireguard::format_key(&k.0)).as_deref(), Some(psk));
         assert!(wg.warnings.iter().any(|w| w.contains("Backend.Port is ignored")), "{:?}", wg.warnings);
         // flannel's ipip: DirectRouting its one option; a port means nothing to it.
         let ipip = ok(r#"{"Network":"10.3.0.0/16","Backend":{"Type":"ipip","DirectRouting":true,"Port":9}}"#);

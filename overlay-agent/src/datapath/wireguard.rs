@@ -23,35 +23,24 @@ use crate::{
     wireguard::{self as wg, Key},
 };
 
-/// A wireguard node's device as flannel configures it, and what it is configured with.
-#[derive(Clone)]
+/// A wireguard node's device as flannel configures it, and what it is configured with (its
+/// secrets `Secret`s, which `Debug` does not show).
+#[derive(Clone, Debug)]
 pub struct WireguardDevice {
     pub name: String,
-    pub private_key: Key,
+    pub private_key: wg::Secret,
     pub public_key: Key,
     pub listen_port: u16,
-    pub psk: Option<Key>,
+    pub psk: Option<wg::Secret>,
     pub keepalive: u16,
 }
 
-/// Everything but the private key, which no log line may show.
-impl std::fmt::Debug for WireguardDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WireguardDevice")
-            .field("name", &self.name)
-            .field("public_key", &wg::format_key(&self.public_key))
-            .field("listen_port", &self.listen_port)
-            .field("psk", &self.psk.map(|_| "(set)"))
-            .field("keepalive", &self.keepalive)
-            .finish()
-    }
-}
 
 /// Before the lease is claimed (its `BackendData` needs the public key): the node's private
 /// key (kept in `key_file`, made there once), flannel-wg made or kept, and given the key and
 /// the listen port; the public key read back from the kernel.
 pub fn prepare(cfg: &WireguardConfig, key_file: &Path) -> Result<WireguardDevice> {
-    let private_key = wg::load_or_create_key(key_file)?;
+    let private_key = wg::Secret(wg::load_or_create_key(key_file)?);
     wg::ensure_device(wg::DEVICE)?;
     wg::configure(wg::DEVICE, &private_key, cfg.listen_port)?;
     let public_key = wg::device(wg::DEVICE)?.public_key.context("the kernel gave flannel-wg no public key")?;
@@ -179,7 +168,7 @@ impl WireguardPeers {
 /// endpoint's address and port, its key. One whose preshared key or keepalive is not what
 /// the config says, or with no IPv4 endpoint, is given no peer address, so that the reconcile
 /// writes it again (or removes it).
-pub fn peer_routes(peers: &[wg::PeerInfo], psk: Option<Key>, keepalive: u16) -> Vec<Route> {
+pub fn peer_routes(peers: &[wg::PeerInfo], psk: Option<wg::Secret>, keepalive: u16) -> Vec<Route> {
     peers
         .iter()
         .filter_map(|p| {
@@ -256,7 +245,7 @@ impl RouteTable for WireguardPeers {
 mod tests {
     use super::*;
 
-    fn peer(key: u8, endpoint: Option<&str>, allowed: &[&str], psk: Option<Key>, keepalive: u16) -> wg::PeerInfo {
+    fn peer(key: u8, endpoint: Option<&str>, allowed: &[&str], psk: Option<wg::Secret>, keepalive: u16) -> wg::PeerInfo {
         wg::PeerInfo {
             public_key: [key; 32],
             endpoint: endpoint.map(|e| e.parse().unwrap()),
@@ -277,7 +266,7 @@ mod tests {
 
     #[test]
     fn peers_are_routes_and_those_not_as_configured_are_written_again() {
-        let psk = Some([9u8; 32]);
+        let psk = Some(wg::Secret([9u8; 32]));
         let peers = [
             peer(1, Some("192.168.0.2:51820"), &["10.0.2.0/24"], psk, 25),
             peer(2, Some("192.168.0.3:51999"), &["10.0.3.0/24"], None, 25),

@@ -39,6 +39,17 @@ pub const OVERHEAD: u32 = 80;
 /// A Curve25519 key (private, public or preshared), 32 bytes.
 pub type Key = [u8; 32];
 
+/// A key that is a secret (a node's private key, the network's PSK): `Debug` says only that
+/// it is set, so no log line or error built from a struct holding one can show it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Secret(pub Key);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(set)")
+    }
+}
+
 /// A key as wireguard's tools and flannel write it: standard base64 of its 32 bytes.
 pub fn format_key(k: &Key) -> String {
     base64::engine::general_purpose::STANDARD.encode(k)
@@ -148,33 +159,19 @@ fn wg_request(op: &str, cmd: WireguardCmd, attributes: Vec<WireguardAttribute>, 
     Ok(crate::netdev::request_on(NETLINK_GENERIC, op, m, flags)?.into_iter().map(|g| g.payload).collect())
 }
 
-/// A peer as the device holds it. (`Debug` hides the preshared key.)
-#[derive(Clone, PartialEq, Eq)]
+/// A peer as the device holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerInfo {
     pub public_key: Key,
     pub endpoint: Option<SocketAddr>,
     pub allowed_ips: Vec<(IpAddr, u8)>,
-    pub preshared_key: Option<Key>,
+    pub preshared_key: Option<Secret>,
     pub keepalive: u16,
     pub last_handshake_secs: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
 }
 
-impl std::fmt::Debug for PeerInfo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerInfo")
-            .field("public_key", &format_key(&self.public_key))
-            .field("endpoint", &self.endpoint)
-            .field("allowed_ips", &self.allowed_ips)
-            .field("preshared_key", &self.preshared_key.map(|_| "(set)"))
-            .field("keepalive", &self.keepalive)
-            .field("last_handshake_secs", &self.last_handshake_secs)
-            .field("rx_bytes", &self.rx_bytes)
-            .field("tx_bytes", &self.tx_bytes)
-            .finish()
-    }
-}
 
 /// A device's state: its public key (none before a private key is set), listen port, peers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -198,7 +195,7 @@ fn peer_info(p: &WireguardPeer) -> PeerInfo {
     for a in &p.0 {
         match a {
             WireguardPeerAttribute::PublicKey(k) => info.public_key = *k,
-            WireguardPeerAttribute::PresharedKey(k) => info.preshared_key = (*k != [0; 32]).then_some(*k),
+            WireguardPeerAttribute::PresharedKey(k) => info.preshared_key = (*k != [0; 32]).then_some(Secret(*k)),
             WireguardPeerAttribute::Endpoint(e) => info.endpoint = Some(*e),
             WireguardPeerAttribute::PersistentKeepalive(k) => info.keepalive = *k,
             WireguardPeerAttribute::LastHandshake(t) => info.last_handshake_secs = t.seconds as u64,
@@ -253,40 +250,29 @@ pub fn device(name: &str) -> Result<DeviceInfo> {
 }
 
 /// Give the device `name` its private key and listen port; its peers stay.
-pub fn configure(name: &str, private_key: &Key, listen_port: u16) -> Result<()> {
+pub fn configure(name: &str, private_key: &Secret, listen_port: u16) -> Result<()> {
     wg_request(
         &format!("configure wireguard device {name}"),
         WireguardCmd::SetDevice,
-        vec![WireguardAttribute::IfName(name.into()), WireguardAttribute::PrivateKey(*private_key), WireguardAttribute::ListenPort(listen_port)],
+        vec![WireguardAttribute::IfName(name.into()), WireguardAttribute::PrivateKey(private_key.0), WireguardAttribute::ListenPort(listen_port)],
         NLM_F_ACK,
     )
     .map(drop)
 }
 
-/// A peer as flannel configures it for a lease. (`Debug` hides the preshared key.)
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// A peer as flannel configures it for a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
     pub public_key: Key,
     pub endpoint: SocketAddrV4,
     /// The lease's subnet: what the peer may send from and is sent to.
     pub allowed: Ipv4Net,
     /// The network's `PSK` (none: no preshared key).
-    pub preshared_key: Option<Key>,
+    pub preshared_key: Option<Secret>,
     /// `PersistentKeepaliveInterval` in seconds (0: off).
     pub keepalive: u16,
 }
 
-impl std::fmt::Debug for PeerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerConfig")
-            .field("public_key", &format_key(&self.public_key))
-            .field("endpoint", &self.endpoint)
-            .field("allowed", &self.allowed)
-            .field("preshared_key", &self.preshared_key.map(|_| "(set)"))
-            .field("keepalive", &self.keepalive)
-            .finish()
-    }
-}
 
 /// Add or update a peer: its endpoint, its allowed IPs replaced by the lease's subnet, the
 /// preshared key and keepalive (flannel's addPeer).
@@ -299,7 +285,7 @@ pub fn set_peer(name: &str, p: &PeerConfig) -> Result<()> {
     let peer = WireguardPeer(vec![
         WireguardPeerAttribute::PublicKey(p.public_key),
         WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
-        WireguardPeerAttribute::PresharedKey(p.preshared_key.unwrap_or([0; 32])),
+        WireguardPeerAttribute::PresharedKey(p.preshared_key.map_or([0; 32], |k| k.0)),
         WireguardPeerAttribute::PersistentKeepalive(p.keepalive),
         WireguardPeerAttribute::Endpoint(SocketAddr::V4(p.endpoint)),
         WireguardPeerAttribute::AllowedIps(vec![allowed]),
@@ -371,9 +357,9 @@ mod tests {
     fn debug_output_never_shows_a_preshared_key() {
         let psk = [0xabu8; 32];
         let shown = [format_key(&psk), format!("{:?}", psk[0]), "171, 171".to_string()];
-        let peer = PeerConfig { public_key: [1; 32], endpoint: "192.0.2.1:51820".parse().unwrap(), allowed: "10.0.1.0/24".parse().unwrap(), preshared_key: Some(psk), keepalive: 25 };
-        let info = PeerInfo { public_key: [1; 32], endpoint: None, allowed_ips: Vec::new(), preshared_key: Some(psk), keepalive: 0, last_handshake_secs: 0, rx_bytes: 0, tx_bytes: 0 };
-        let cfg = crate::config::WireguardConfig { listen_port: 51820, listen_port_v6: 51821, psk: Some(psk), keepalive: 0, mode: crate::config::WireguardMode::Separate };
+        let peer = PeerConfig { public_key: [1; 32], endpoint: "192.0.2.1:51820".parse().unwrap(), allowed: "10.0.1.0/24".parse().unwrap(), preshared_key: Some(Secret(psk)), keepalive: 25 };
+        let info = PeerInfo { public_key: [1; 32], endpoint: None, allowed_ips: Vec::new(), preshared_key: Some(Secret(psk)), keepalive: 0, last_handshake_secs: 0, rx_bytes: 0, tx_bytes: 0 };
+        let cfg = crate::config::WireguardConfig { listen_port: 51820, listen_port_v6: 51821, psk: Some(Secret(psk)), keepalive: 0, mode: crate::config::WireguardMode::Separate };
         for text in [format!("{peer:?}"), format!("{info:?}"), format!("{cfg:?}")] {
             assert!(text.contains("(set)"), "{text}");
             assert!(!text.contains(&shown[0]) && !text.contains(&shown[2]), "{text}");

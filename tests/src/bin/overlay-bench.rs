@@ -843,12 +843,7 @@ fn backends(quick: bool, runs: usize, out: &Path, console: bool) -> Result<()> {
 
 /// BENCHMARKS.md's backends section from `out/backends.json` (a full run's).
 fn render_backends(out: &Path, md: Option<&Path>) -> Result<()> {
-    let json = out.join("backends.json");
-    let report: Report = serde_json::from_str(&fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?)
-        .with_context(|| format!("{} is not a backends report of this version", json.display()))?;
-    if report.quick {
-        bail!("{} holds a --quick run; BENCHMARKS.md is written from full runs only", json.display());
-    }
+    let (report, json) = full_report(out, "backends.json", "backends")?;
     let md = md.context("render-backends needs --markdown FILE")?;
     write_block_md(md, BACKENDS_START, BACKENDS_END, &backends_markdown(&report))?;
     println!("updated {} from {}", md.display(), json.display());
@@ -1055,15 +1050,22 @@ fn control_plane(quick: bool, out: &Path, md: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Write BENCHMARKS.md again from the last run's JSON (for a change of its text; no
-/// measuring). The figures stay those of the run, with its date.
-fn render(out: &Path, md: Option<&Path>) -> Result<()> {
-    let json = out.join("dataplane.json");
+/// The report in `out/file` (`what`: its kind, for the errors) and its path; a `--quick`
+/// run's is refused, since BENCHMARKS.md is written from full runs only.
+fn full_report(out: &Path, file: &str, what: &str) -> Result<(Report, PathBuf)> {
+    let json = out.join(file);
     let report: Report = serde_json::from_str(&fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?)
-        .with_context(|| format!("{} is not a data-plane report of this version", json.display()))?;
+        .with_context(|| format!("{} is not a {what} report of this version", json.display()))?;
     if report.quick {
         bail!("{} holds a --quick run; BENCHMARKS.md is written from full runs only", json.display());
     }
+    Ok((report, json))
+}
+
+/// Write BENCHMARKS.md again from the last run's JSON (for a change of its text; no
+/// measuring). The figures stay those of the run, with its date.
+fn render(out: &Path, md: Option<&Path>) -> Result<()> {
+    let (report, json) = full_report(out, "dataplane.json", "data-plane")?;
     let md = md.context("render needs --markdown FILE")?;
     write_benchmarks_md(md, &report, &table(&report))?;
     println!("updated {} from {}", md.display(), json.display());
