@@ -40,6 +40,9 @@ pub struct Route6 {
     pub subnet: Ipv6Net,
     pub public_ip: Ipv6Addr,
     pub vtep_mac: [u8; 6],
+    /// A wireguard node's IPv6 peer (on flannel-wg-v6): the lease's `BackendV6Data` key and
+    /// port; no VtepMAC then.
+    pub wireguard: Option<crate::maps::WireguardPeer>,
 }
 
 /// This node's IPv6 side, as the IPv6 decisions need it.
@@ -50,6 +53,9 @@ pub struct Mine6 {
     pub key: LeaseKey,
     pub public_ip: Ipv4Addr,
     pub public_ipv6: Option<Ipv6Addr>,
+    /// A wireguard node's IPv6 listen port (`ListenPortV6`: the port of a peer whose
+    /// `BackendV6Data` names none); `None` on a vxlan node.
+    pub wireguard_port_v6: Option<u16>,
 }
 
 impl Mine6 {
@@ -71,13 +77,26 @@ pub fn route6_for(lease: &Lease, me6: &Mine6) -> Result<Option<Route6>, LeaseFor
     if me6.owns(lease) {
         return Ok(None);
     }
-    let (Some(subnet), Some(public_ip), Ok(vtep_mac)) = (lease.subnet6, lease.attrs.public_ipv6, lease.attrs.vtep_mac_v6()) else {
+    let (Some(subnet), Some(public_ip)) = (lease.subnet6, lease.attrs.public_ipv6) else {
         return Ok(None);
+    };
+    // A vxlan peer needs its IPv6 device's VtepMAC; a wireguard peer its BackendV6Data (a
+    // lease without one is a node with no IPv6 side: no peer, as flannel skips it).
+    let (vtep_mac, wireguard) = match me6.wireguard_port_v6 {
+        Some(_) if lease.attrs.backend_v6_data.is_none() => return Ok(None),
+        Some(own) => {
+            let (public_key, port) = lease.attrs.wireguard_peer_v6()?;
+            ([0; 6], Some(crate::maps::WireguardPeer { public_key, port: port.unwrap_or(own) }))
+        }
+        None => match lease.attrs.vtep_mac_v6() {
+            Ok(mac) => (mac, None),
+            Err(_) => return Ok(None),
+        },
     };
     if !me6.config.fits(&subnet) || Some(subnet) == me6.key.v6 {
         return Err(LeaseFormatError::Ipv6SubnetRefused(subnet.to_string()));
     }
-    Ok(Some(Route6 { subnet, public_ip, vtep_mac }))
+    Ok(Some(Route6 { subnet, public_ip, vtep_mac, wireguard }))
 }
 
 /// Routes for all leases, and the leases skipped with the reason.
@@ -194,10 +213,11 @@ mod tests {
             key: LeaseKey { v4: me, v6: Some("fd00:0:0:1::/64".parse().unwrap()) },
             public_ip: my_ip,
             public_ipv6: Some("fd00::1".parse().unwrap()),
+            wireguard_port_v6: None,
         };
         assert_eq!(
             route6_for(&peer, &me6),
-            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6] }))
+            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6], wireguard: None }))
         );
         assert_eq!(route6_for(&Lease { subnet6: None, ..peer.clone() }, &me6), Ok(None), "an IPv4-only peer");
         let v4_only_attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]);
@@ -207,6 +227,46 @@ mod tests {
             let l = Lease { subnet6: Some(bad.parse().unwrap()), ..peer.clone() };
             assert!(matches!(route6_for(&l, &me6), Err(LeaseFormatError::Ipv6SubnetRefused(_))), "{bad}");
         }
+    }
+
+    /// A dual-stack wireguard node (Mode separate): a peer's IPv6 side is a peer on
+    /// flannel-wg-v6 with the key and port of its BackendV6Data (its own port where the lease
+    /// names none); an IPv4-only wireguard peer has none; a bad IPv6 key is refused.
+    #[test]
+    fn dual_stack_wireguard_peers_get_an_ipv6_peer() {
+        let cfg = crate::config::parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let me6 = Mine6 {
+            config: cfg.ipv6.unwrap(),
+            key: LeaseKey { v4: "10.0.1.0/24".parse().unwrap(), v6: Some("fd00:0:0:1::/64".parse().unwrap()) },
+            public_ip: Ipv4Addr::new(192, 168, 0, 1),
+            public_ipv6: Some("fd00:64::1".parse().unwrap()),
+            wireguard_port_v6: Some(51821),
+        };
+        let key = [7u8; 32];
+        let v4 = LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 0, 2), &key, 51820);
+        let peer = Lease {
+            subnet: "10.0.2.0/24".parse().unwrap(),
+            subnet6: Some("fd00:0:0:2::/64".parse().unwrap()),
+            attrs: v4.clone().with_wireguard_v6("fd00:64::2".parse().unwrap(), &key, 51999),
+            etcd_lease: 2,
+        };
+        let want = |port| Route6 {
+            subnet: "fd00:0:0:2::/64".parse().unwrap(),
+            public_ip: "fd00:64::2".parse().unwrap(),
+            vtep_mac: [0; 6],
+            wireguard: Some(crate::maps::WireguardPeer { public_key: key, port }),
+        };
+        assert_eq!(route6_for(&peer, &me6), Ok(Some(want(51999))));
+        let mut no_port = peer.clone();
+        no_port.attrs.backend_v6_data = Some(serde_json::json!({"PublicKey": crate::wireguard::format_key(&key)}));
+        assert_eq!(route6_for(&no_port, &me6), Ok(Some(want(51821))), "our own port where the lease names none");
+        let v4_only = Lease { attrs: LeaseAttrs { public_ipv6: Some("fd00:64::2".parse().unwrap()), ..v4 }, ..peer.clone() };
+        assert_eq!(route6_for(&v4_only, &me6), Ok(None), "no BackendV6Data: no IPv6 peer");
+        let mut bad = peer.clone();
+        bad.attrs.backend_v6_data = Some(serde_json::json!({"PublicKey": "c2hvcnQ=", "Port": 51821}));
+        assert!(matches!(route6_for(&bad, &me6), Err(LeaseFormatError::BadWireguardData(_))));
+        // A vxlan node ignores the wireguard parts (no IPv6 VtepMAC: no route).
+        assert_eq!(route6_for(&peer, &Mine6 { wireguard_port_v6: None, ..me6 }), Ok(None));
     }
 
     /// In an IPv6-only network every lease says PublicIP 0.0.0.0 and has the key's 0.0.0.0/0:
@@ -219,6 +279,7 @@ mod tests {
             key: LeaseKey::ipv6_only("fd00:0:0:1::/64".parse().unwrap()),
             public_ip: Ipv4Addr::UNSPECIFIED,
             public_ipv6: Some("fd00:64::1".parse().unwrap()),
+            wireguard_port_v6: None,
         };
         let lease = |s6: &str, ip6: &str| {
             let k = LeaseKey::ipv6_only(s6.parse().unwrap());
@@ -226,7 +287,7 @@ mod tests {
         };
         assert_eq!(
             route6_for(&lease("fd00:0:0:2::/64", "fd00:64::2"), &me6),
-            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00:64::2".parse().unwrap(), vtep_mac: [6; 6] }))
+            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00:64::2".parse().unwrap(), vtep_mac: [6; 6], wireguard: None }))
         );
         assert_eq!(route6_for(&lease("fd00:0:0:1::/64", "fd00:64::1"), &me6), Ok(None), "our own");
         assert_eq!(route6_for(&lease("fd00:0:0:3::/64", "fd00:64::1"), &me6), Ok(None), "another lease naming our address");

@@ -96,7 +96,7 @@ impl Daemon {
     /// This node's IPv6 side, on a dual-stack or IPv6-only node.
     fn mine6(&self) -> Option<reconcile::Mine6> {
         let o6 = self.v6.as_ref()?;
-        Some(reconcile::Mine6 { config: self.cfg.ipv6?, key: self.held.key(), public_ip: self.attrs.public_ip, public_ipv6: Some(o6.public_ip) })
+        Some(reconcile::Mine6 { config: self.cfg.ipv6?, key: self.held.key(), public_ip: self.attrs.public_ip, public_ipv6: Some(o6.public_ip), wireguard_port_v6: None })
     }
 
     /// Whether leases of `key`'s kind are this network's (`NetworkConfig::takes`); the others

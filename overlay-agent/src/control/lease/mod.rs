@@ -267,20 +267,39 @@ impl LeaseAttrs {
         }
     }
 
+    /// A dual-stack wireguard node's IPv6 side, as flannel writes it (newSubnetAttrs):
+    /// `PublicIPv6` and `BackendV6Data` with the same public key (both devices share the
+    /// private key) and `ListenPortV6`.
+    pub fn with_wireguard_v6(mut self, public_ipv6: Ipv6Addr, public_key: &crate::wireguard::Key, port_v6: u16) -> Self {
+        let data = WireguardData { public_key: crate::wireguard::format_key(public_key), port: Some(port_v6) };
+        self.public_ipv6 = Some(public_ipv6);
+        self.backend_v6_data = Some(serde_json::to_value(data).expect("plain struct"));
+        self
+    }
+
     /// A wireguard lease's peer: its public key, and its port (`None`: a flannel before the
     /// port was announced, whose peers use their own listen port). Another backend's lease,
     /// or a key that is no wireguard key, is refused with what is wrong.
     pub fn wireguard_peer(&self) -> Result<(crate::wireguard::Key, Option<u16>), LeaseFormatError> {
+        self.wireguard_data(&self.backend_data, "BackendData")
+    }
+
+    /// The same for a dual-stack or IPv6-only lease's IPv6 side (`BackendV6Data`), the peer
+    /// on flannel-wg-v6.
+    pub fn wireguard_peer_v6(&self) -> Result<(crate::wireguard::Key, Option<u16>), LeaseFormatError> {
+        self.wireguard_data(&self.backend_v6_data, "BackendV6Data")
+    }
+
+    fn wireguard_data(&self, data: &Option<serde_json::Value>, field: &str) -> Result<(crate::wireguard::Key, Option<u16>), LeaseFormatError> {
         let bad = |m: String| LeaseFormatError::BadWireguardData(m);
         if self.backend_type != "wireguard" {
             return Err(bad(format!("its BackendType is {:?}, not \"wireguard\" (a node of another backend)", self.backend_type)));
         }
-        let data: WireguardData = self
-            .backend_data
+        let data: WireguardData = data
             .clone()
-            .ok_or_else(|| bad("no BackendData".into()))
-            .and_then(|d| serde_json::from_value(d).map_err(|e| bad(format!("BackendData is not wireguard's: {e}"))))?;
-        let key = crate::wireguard::parse_key(&data.public_key).map_err(|e| bad(format!("BackendData.PublicKey {:?}: {e}", data.public_key)))?;
+            .ok_or_else(|| bad(format!("no {field}")))
+            .and_then(|d| serde_json::from_value(d).map_err(|e| bad(format!("{field} is not wireguard's: {e}"))))?;
+        let key = crate::wireguard::parse_key(&data.public_key).map_err(|e| bad(format!("{field}.PublicKey {:?}: {e}", data.public_key)))?;
         Ok((key, data.port.filter(|p| *p != 0)))
     }
 
@@ -384,6 +403,26 @@ mod tests {
             let e = LeaseAttrs::parse(bad.as_bytes()).unwrap().wireguard_peer().unwrap_err().to_string();
             assert!(e.starts_with("wireguard lease refused") && e.contains(says), "{bad}: {e}");
         }
+    }
+
+    /// Written by a stock flannel wireguard node in a dual-stack network (Mode separate):
+    /// both sides announce the one public key, each its own port.
+    const STOCK_WIREGUARD_DUAL: &str = r#"{"PublicIP":"192.168.64.3","PublicIPv6":"fd00:64::3","BackendType":"wireguard","BackendData":{"PublicKey":"2EyOaJZNYnmtE/TgvDqQovpJBt+hivRrVQO0ssN3e3I=","Port":51820},"BackendV6Data":{"PublicKey":"2EyOaJZNYnmtE/TgvDqQovpJBt+hivRrVQO0ssN3e3I=","Port":51821}}"#;
+
+    #[test]
+    fn dual_stack_wireguard_leases_are_flannels() {
+        let key = crate::wireguard::parse_key("2EyOaJZNYnmtE/TgvDqQovpJBt+hivRrVQO0ssN3e3I=").unwrap();
+        let w = LeaseAttrs::parse(STOCK_WIREGUARD_DUAL.as_bytes()).unwrap();
+        assert_eq!(w.wireguard_peer(), Ok((key, Some(51820))));
+        assert_eq!(w.wireguard_peer_v6(), Ok((key, Some(51821))));
+        let ours = LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 64, 3), &key, 51820).with_wireguard_v6("fd00:64::3".parse().unwrap(), &key, 51821);
+        assert_eq!(ours.to_json(), STOCK_WIREGUARD_DUAL);
+        // An IPv4-only wireguard lease has no IPv6 peer; a bad IPv6 side says which field.
+        let e = LeaseAttrs::parse(STOCK_WIREGUARD.as_bytes()).unwrap().wireguard_peer_v6().unwrap_err().to_string();
+        assert!(e.contains("no BackendV6Data"), "{e}");
+        let bad = STOCK_WIREGUARD_DUAL.replace(r#""Port":51821"#, r#""Port":"x""#);
+        let e = LeaseAttrs::parse(bad.as_bytes()).unwrap().wireguard_peer_v6().unwrap_err().to_string();
+        assert!(e.contains("BackendV6Data is not wireguard's"), "{e}");
     }
 
     #[test]
