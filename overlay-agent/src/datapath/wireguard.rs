@@ -193,8 +193,8 @@ impl RouteTable for WireguardPeers {
             &self.dev.name,
             &wg::PeerConfig {
                 public_key: peer.public_key,
-                endpoint: SocketAddrV4::new(r.public_ip, peer.port),
-                allowed: r.subnet,
+                endpoint: SocketAddrV4::new(r.public_ip, peer.port).into(),
+                allowed: r.subnet.into(),
                 preshared_key: self.dev.psk,
                 keepalive: self.dev.keepalive,
             },
@@ -238,6 +238,96 @@ impl RouteTable for WireguardPeers {
                 false
             }
         }
+    }
+}
+
+/// flannel-wg-v6's name (flannel's, Mode `separate`).
+pub const DEVICE_V6: &str = "flannel-wg-v6";
+
+/// Before the lease, on a dual-stack or IPv6-only node (Mode `separate`): flannel-wg-v6 made
+/// or kept and given the node's one private key (as flannel's both devices share the key
+/// file) and `ListenPortV6`.
+pub fn prepare_v6(cfg: &WireguardConfig, private_key: Key) -> Result<WireguardDevice> {
+    wg::ensure_device(DEVICE_V6)?;
+    wg::configure(DEVICE_V6, &private_key, cfg.listen_port_v6)?;
+    let public_key = wg::device(DEVICE_V6)?.public_key.context("the kernel gave flannel-wg-v6 no public key")?;
+    tracing::info!(device = DEVICE_V6, public_key = %wg::format_key(&public_key), listen_port = cfg.listen_port_v6, "wireguard IPv6 device ready");
+    Ok(WireguardDevice { name: DEVICE_V6.to_string(), private_key, public_key, listen_port: cfg.listen_port_v6, psk: cfg.psk, keepalive: cfg.keepalive })
+}
+
+/// The IPv6 half of a wireguard node (Mode `separate`): flannel-wg-v6's peers, one per
+/// lease with an IPv6 side (endpoint [PublicIPv6]:Port of its BackendV6Data, allowed IPs its
+/// IPv6 subnet), kept by lease key as the vxlan IPv6 half keeps its routes.
+pub struct WireguardPeers6 {
+    pub dev: WireguardDevice,
+    pub network: ipnet::Ipv6Net,
+    pub subnet: ipnet::Ipv6Net,
+    pub mtu: u32,
+    routes: std::collections::BTreeMap<crate::lease::LeaseKey, crate::reconcile::Route6>,
+}
+
+impl WireguardPeers6 {
+    pub fn new(dev: WireguardDevice, network: ipnet::Ipv6Net, subnet: ipnet::Ipv6Net, mtu: u32) -> Self {
+        Self { dev, network, subnet, mtu, routes: Default::default() }
+    }
+
+    /// After the lease: up with its MTU, the IPv6 subnet's network address (/128) on it, the
+    /// IPv6 network routed through it (scope link).
+    pub fn configure(&self) -> Result<()> {
+        netdev::configure_up(&self.dev.name, Some(self.mtu))?;
+        netdev::set_device_address6(&self.dev.name, self.subnet.network())?;
+        netdev::route_network_link6(self.network, &self.dev.name)?;
+        Ok(())
+    }
+
+    fn peer_config(&self, r: &crate::reconcile::Route6) -> Result<wg::PeerConfig> {
+        let peer = r.wireguard.with_context(|| format!("IPv6 route {} has no wireguard peer", r.subnet))?;
+        Ok(wg::PeerConfig {
+            public_key: peer.public_key,
+            endpoint: std::net::SocketAddrV6::new(r.public_ip, peer.port, 0, 0).into(),
+            allowed: r.subnet.into(),
+            preshared_key: self.dev.psk,
+            keepalive: self.dev.keepalive,
+        })
+    }
+
+    /// The peer for the lease `key` (`None`: its peer goes). A peer whose key changed is
+    /// written anew and the old one removed.
+    pub fn set(&mut self, key: crate::lease::LeaseKey, want: Option<crate::reconcile::Route6>) -> Result<()> {
+        let old = self.routes.get(&key).copied();
+        if let Some(r) = &want {
+            wg::set_peer(&self.dev.name, &self.peer_config(r)?)?;
+        }
+        let old_key = old.and_then(|o| o.wireguard).map(|p| p.public_key);
+        let new_key = want.and_then(|w| w.wireguard).map(|p| p.public_key);
+        if let Some(k) = old_key.filter(|k| Some(*k) != new_key) {
+            wg::remove_peer(&self.dev.name, &k)?;
+        }
+        match want {
+            Some(r) => self.routes.insert(key, r),
+            None => self.routes.remove(&key),
+        };
+        Ok(())
+    }
+
+    /// Make the peers exactly `desired`: every desired peer written, every other peer on the
+    /// device (a departed node's, one a previous run left) removed.
+    pub fn sync(&mut self, desired: &std::collections::BTreeMap<crate::lease::LeaseKey, crate::reconcile::Route6>) -> Result<()> {
+        for (k, r) in desired {
+            self.set(*k, Some(*r))?;
+        }
+        let gone: Vec<_> = self.routes.keys().filter(|k| !desired.contains_key(k)).copied().collect();
+        for k in gone {
+            self.set(k, None)?;
+        }
+        let wanted: std::collections::BTreeSet<Key> = desired.values().filter_map(|r| r.wireguard.map(|p| p.public_key)).collect();
+        for p in wg::device(&self.dev.name)?.peers {
+            if !wanted.contains(&p.public_key) {
+                tracing::info!(peer = %wg::format_key(&p.public_key), device = %self.dev.name, "removing a wireguard peer no lease asks for");
+                wg::remove_peer(&self.dev.name, &p.public_key)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -264,9 +264,11 @@ pub fn configure(name: &str, private_key: &Secret, listen_port: u16) -> Result<(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerConfig {
     pub public_key: Key,
-    pub endpoint: SocketAddrV4,
-    /// The lease's subnet: what the peer may send from and is sent to.
-    pub allowed: Ipv4Net,
+    /// PublicIP:Port on flannel-wg, [PublicIPv6]:Port on flannel-wg-v6.
+    pub endpoint: SocketAddr,
+    /// The lease's subnet (IPv4 on flannel-wg, IPv6 on flannel-wg-v6): what the peer may send
+    /// from and is sent to.
+    pub allowed: ipnet::IpNet,
     /// The network's `PSK` (none: no preshared key).
     pub preshared_key: Option<Secret>,
     /// `PersistentKeepaliveInterval` in seconds (0: off).
@@ -277,9 +279,13 @@ pub struct PeerConfig {
 /// Add or update a peer: its endpoint, its allowed IPs replaced by the lease's subnet, the
 /// preshared key and keepalive (flannel's addPeer).
 pub fn set_peer(name: &str, p: &PeerConfig) -> Result<()> {
+    let family = match p.allowed {
+        ipnet::IpNet::V4(_) => WireguardAddressFamily::Ipv4,
+        ipnet::IpNet::V6(_) => WireguardAddressFamily::Ipv6,
+    };
     let allowed = WireguardAllowedIp(vec![
-        WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
-        WireguardAllowedIpAttr::IpAddr(IpAddr::V4(p.allowed.network())),
+        WireguardAllowedIpAttr::Family(family),
+        WireguardAllowedIpAttr::IpAddr(p.allowed.network()),
         WireguardAllowedIpAttr::Cidr(p.allowed.prefix_len()),
     ]);
     let peer = WireguardPeer(vec![
@@ -287,7 +293,7 @@ pub fn set_peer(name: &str, p: &PeerConfig) -> Result<()> {
         WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
         WireguardPeerAttribute::PresharedKey(p.preshared_key.map_or([0; 32], |k| k.0)),
         WireguardPeerAttribute::PersistentKeepalive(p.keepalive),
-        WireguardPeerAttribute::Endpoint(SocketAddr::V4(p.endpoint)),
+        WireguardPeerAttribute::Endpoint(p.endpoint),
         WireguardPeerAttribute::AllowedIps(vec![allowed]),
     ]);
     wg_request(
@@ -316,6 +322,22 @@ pub fn remove_peer(name: &str, public_key: &Key) -> Result<()> {
 pub fn single_ipv4_allowed(p: &PeerInfo) -> Option<Ipv4Net> {
     match p.allowed_ips.as_slice() {
         [(IpAddr::V4(a), len)] => Ipv4Net::new(*a, *len).ok().map(|n| n.trunc()),
+        _ => None,
+    }
+}
+
+/// The IPv6 allowed IP of a peer on flannel-wg-v6 as a network, if it has exactly one.
+pub fn single_ipv6_allowed(p: &PeerInfo) -> Option<ipnet::Ipv6Net> {
+    match p.allowed_ips.as_slice() {
+        [(IpAddr::V6(a), len)] => ipnet::Ipv6Net::new(*a, *len).ok().map(|n| n.trunc()),
+        _ => None,
+    }
+}
+
+/// The IPv6 endpoint of a peer.
+pub fn ipv6_endpoint(p: &PeerInfo) -> Option<std::net::SocketAddrV6> {
+    match p.endpoint {
+        Some(SocketAddr::V6(e)) => Some(e),
         _ => None,
     }
 }

@@ -38,6 +38,16 @@ pub fn set_peer_route6(dev: &str, subnet: Ipv6Net) -> Result<()> {
     change(&format!("route {subnet} via {dev}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
 }
 
+/// The IPv6 network routed through `device` (scope link): flannel's wireguard backend's
+/// route on flannel-wg-v6.
+pub fn route_network_link6(network: Ipv6Net, device: &str) -> Result<()> {
+    let l = require_link(device)?;
+    let mut m = route6_message(network);
+    m.header.scope = RouteScope::Link;
+    m.attributes.push(RouteAttribute::Oif(l.ifindex));
+    change(&format!("route {network} to {device}"), RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_REPLACE)
+}
+
 pub fn del_peer_route6(subnet: Ipv6Net) -> Result<()> {
     delete_route(&format!("remove route {subnet}"), route6_message(subnet))
 }
