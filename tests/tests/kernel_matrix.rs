@@ -17,8 +17,8 @@ use std::{
 use overlay_common::Counter;
 use overlay_tests::{
     require_root,
-    traffic::{ping, send_raw_frames, send_udp, tcp_transfer, tcp_transfer_via, UdpProbe, UdpStream},
-    wait_until, Backend, Cluster, ClusterSpec, NodeKind,
+    traffic::{ping, ping6, send_raw_frames, send_udp, tcp_transfer, tcp_transfer_via, UdpProbe, UdpStream},
+    wait_until, Backend, Cluster, ClusterSpec, Control, NodeKind,
 };
 
 fn ok<T>(what: &str, r: anyhow::Result<T>) -> T {
@@ -451,4 +451,74 @@ fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_witho
         let has = |n: &overlay_tests::Node| n.ns.run("wg", &["show", "flannel-wg", "peers"]).map(|o| o.contains(key3.trim())).unwrap_or(true);
         assert!(wait_until(Duration::from_secs(30), || !has(c.node(i))), "node {i} still has the departed peer");
     }
+}
+
+/// flannel's wireguard backend in a dual-stack network (Mode separate), where the kernel has
+/// the module: two agents, each with flannel-wg and flannel-wg-v6 (the same key, ports 51820
+/// and 51821), leases with BackendV6Data as flannel writes them, IPv6 containers reaching
+/// each other both ways through flannel-wg-v6, and a departed node's IPv6 peer removed.
+/// (WIP: no stock dual-stack wireguard node yet.)
+#[test]
+fn dual_stack_wireguard_nodes_carry_ipv6_both_ways() {
+    require_root();
+    if !kernel_can_make("wg6", &["type", "wireguard"]) {
+        assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
+        eprintln!("no wireguard module here: the dual-stack wireguard test runs in the VM matrix");
+        return;
+    }
+    let config = format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"wireguard","PSK":"{}","PersistentKeepaliveInterval":25}}}}"#,
+        overlay_tests::WIREGUARD_PSK
+    );
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config },
+        ipv6_underlay: true,
+        ..ClusterSpec::etcd(Backend::Wireguard, "auto", 2)
+    };
+    let mut c = Cluster::new("kmw6", &spec).unwrap_or_else(|e| panic!("building the dual-stack wireguard cluster failed: {e:#}"));
+    let subnet6 = |n: &overlay_tests::Node| -> ipnet::Ipv6Net {
+        let text = std::fs::read_to_string(&n.subnet_file).expect("subnet file");
+        let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in:\n{text}"));
+        line.parse::<ipnet::Ipv6Net>().expect("an IPv6 CIDR").trunc()
+    };
+    let host = |net: ipnet::Ipv6Net, i: u128| std::net::Ipv6Addr::from(u128::from(net.network()) + i);
+    let mut sub6 = Vec::new();
+    for n in [c.node(1), c.node(2)] {
+        let s6 = subnet6(n);
+        let key = format!("/coreos.com/network/subnets/{}-24&{}-64", n.subnet.network(), s6.network());
+        let value = ok("lease", c.etcd().etcdctl(&["get", &key, "--print-value-only"]));
+        let v: serde_json::Value = serde_json::from_str(value.trim()).unwrap_or_else(|e| panic!("lease {key}: {e}: {value:?}"));
+        let public_key = ok("key", n.ns.run("wg", &["show", "flannel-wg", "public-key"]));
+        assert_eq!(v["BackendData"]["PublicKey"], public_key.trim(), "{value}");
+        assert_eq!(v["BackendV6Data"]["PublicKey"], public_key.trim(), "one key for both devices: {value}");
+        assert_eq!(v["BackendV6Data"]["Port"], 51821, "{value}");
+        assert_eq!(v["PublicIPv6"], overlay_tests::underlay_ipv6(n.index).to_string(), "{value}");
+        let key6 = ok("key6", n.ns.run("wg", &["show", "flannel-wg-v6", "public-key"]));
+        assert_eq!(key6.trim(), public_key.trim());
+        // docker0 gets the subnet's first IPv6 address, each container the next ones.
+        let gw = host(s6, 1);
+        ok("docker0 v6", n.ns.run("ip", &["addr", "add", &format!("{gw}/64"), "dev", "docker0", "nodad"]));
+        for (k, ct) in n.containers.iter().enumerate() {
+            ok("container v6", ct.run("ip", &["addr", "add", &format!("{}/64", host(s6, k as u128 + 2)), "dev", "eth0", "nodad"]));
+            ok("container v6 route", ct.run("ip", &["-6", "route", "add", "default", "via", &gw.to_string(), "mtu", &n.mtu.to_string()]));
+        }
+        ok("v6 forwarding", n.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
+        sub6.push(s6);
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || ping6(&c.node(1).containers[0], host(sub6[1], 2), 1).is_ok()
+            && ping6(&c.node(2).containers[0], host(sub6[0], 2), 1).is_ok()),
+        "no IPv6 between the containers:\n{}\n{}",
+        c.node(1).log_text(),
+        ok("wg", c.node(1).ns.run("wg", &["show", "flannel-wg-v6"]))
+    );
+    // IPv4 still flows through flannel-wg.
+    ok("ping 1 -> 2", ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2));
+    // Node 2 departs (its agent stopped, its lease deleted): its IPv6 peer goes from node
+    // 1's flannel-wg-v6.
+    let key2 = ok("key", c.node(2).ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    ok("stop", c.stop_agent(2));
+    ok("delete", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24&{}-64", c.node(2).subnet.network(), sub6[1].network())]));
+    let has = || c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "peers"]).map(|o| o.contains(key2.trim())).unwrap_or(true);
+    assert!(wait_until(Duration::from_secs(30), || !has()), "node 1 still has node 2's IPv6 peer");
 }

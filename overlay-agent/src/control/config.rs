@@ -335,7 +335,16 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     }
 
     let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
-    if ipv6.is_some() && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
+    // wireguard's dual stack: Mode separate (flannel-wg and flannel-wg-v6).
+    let wireguard_dual = backend.wireguard.is_some_and(|w| w.mode == WireguardMode::Separate) && enable_ipv4;
+    if ipv6.is_some() && backend.wireguard.is_some() && !wireguard_dual {
+        return Err(invalid(
+            "Backend.Mode",
+            "wireguard with IPv6 is implemented for dual stack with Mode \"separate\" (flannel-wg and flannel-wg-v6), \
+             not IPv6-only networks or one device for both families",
+        ));
+    }
+    if ipv6.is_some() && !wireguard_dual && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
         return Err(invalid(
             "EnableIPv6",
             format!("dual stack is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
@@ -720,7 +729,8 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"both"}}"#, "Backend.Mode: \"both\" is not one of flannel's"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#, "needs EnableIPv6"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","MTU":100}}"#, "no usable MTU"),
-            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#, "not \"wireguard\""),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"auto"}}"#, "Mode \"separate\""),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#, "IPv6-only network) is implemented for the vxlan backend"),
             (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"ipip"}}"#, "not \"ipip\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"Extension"}}"#, "use \"vxlan\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
@@ -744,6 +754,14 @@ mod tests {
             assert!(e.contains(want), "{json}: expected {want:?} in {e:?}");
             assert!(!e.contains("FpCyhws9") && !e.contains("c2hvcnQ="), "{json}: a PSK's text in {e:?}");
         }
+    }
+
+    #[test]
+    fn dual_stack_wireguard_is_accepted_in_mode_separate() {
+        let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","ListenPortV6":51999}}"#);
+        let w = c.backend.wireguard.unwrap();
+        assert_eq!((w.mode, w.listen_port, w.listen_port_v6), (WireguardMode::Separate, 51820, 51999));
+        assert!(c.ipv6.is_some());
     }
 
     #[test]

@@ -241,18 +241,15 @@ impl RouteTable for WireguardPeers {
     }
 }
 
-/// flannel-wg-v6's name (flannel's, Mode `separate`).
-pub const DEVICE_V6: &str = "flannel-wg-v6";
-
 /// Before the lease, on a dual-stack or IPv6-only node (Mode `separate`): flannel-wg-v6 made
 /// or kept and given the node's one private key (as flannel's both devices share the key
 /// file) and `ListenPortV6`.
 pub fn prepare_v6(cfg: &WireguardConfig, private_key: Key) -> Result<WireguardDevice> {
-    wg::ensure_device(DEVICE_V6)?;
-    wg::configure(DEVICE_V6, &private_key, cfg.listen_port_v6)?;
-    let public_key = wg::device(DEVICE_V6)?.public_key.context("the kernel gave flannel-wg-v6 no public key")?;
-    tracing::info!(device = DEVICE_V6, public_key = %wg::format_key(&public_key), listen_port = cfg.listen_port_v6, "wireguard IPv6 device ready");
-    Ok(WireguardDevice { name: DEVICE_V6.to_string(), private_key, public_key, listen_port: cfg.listen_port_v6, psk: cfg.psk, keepalive: cfg.keepalive })
+    wg::ensure_device(wg::DEVICE_V6)?;
+    wg::configure(wg::DEVICE_V6, &private_key, cfg.listen_port_v6)?;
+    let public_key = wg::device(wg::DEVICE_V6)?.public_key.context("the kernel gave flannel-wg-v6 no public key")?;
+    tracing::info!(device = wg::DEVICE_V6, public_key = %wg::format_key(&public_key), listen_port = cfg.listen_port_v6, "wireguard IPv6 device ready");
+    Ok(WireguardDevice { name: wg::DEVICE_V6.to_string(), private_key, public_key, listen_port: cfg.listen_port_v6, psk: cfg.psk, keepalive: cfg.keepalive })
 }
 
 /// The IPv6 half of a wireguard node (Mode `separate`): flannel-wg-v6's peers, one per
@@ -260,6 +257,8 @@ pub fn prepare_v6(cfg: &WireguardConfig, private_key: Key) -> Result<WireguardDe
 /// IPv6 subnet), kept by lease key as the vxlan IPv6 half keeps its routes.
 pub struct WireguardPeers6 {
     pub dev: WireguardDevice,
+    /// The node's public IPv6 address (the lease's PublicIPv6; peers send to it).
+    pub public_ip: std::net::Ipv6Addr,
     pub network: ipnet::Ipv6Net,
     pub subnet: ipnet::Ipv6Net,
     pub mtu: u32,
@@ -267,8 +266,13 @@ pub struct WireguardPeers6 {
 }
 
 impl WireguardPeers6 {
-    pub fn new(dev: WireguardDevice, network: ipnet::Ipv6Net, subnet: ipnet::Ipv6Net, mtu: u32) -> Self {
-        Self { dev, network, subnet, mtu, routes: Default::default() }
+    pub fn new(dev: WireguardDevice, public_ip: std::net::Ipv6Addr, network: ipnet::Ipv6Net, subnet: ipnet::Ipv6Net, mtu: u32) -> Self {
+        Self { dev, public_ip, network, subnet, mtu, routes: Default::default() }
+    }
+
+    /// How many peers the IPv6 side holds.
+    pub fn route_count(&self) -> usize {
+        self.routes.len()
     }
 
     /// After the lease: up with its MTU, the IPv6 subnet's network address (/128) on it, the

@@ -122,16 +122,28 @@ pub(super) fn underlay(opts: &DaemonOptions, cfg: &NetworkConfig) -> Result<(Nod
     Ok((spec, plan, public_ipv6))
 }
 
-/// Dual stack and IPv6-only: flannel-v6.<VNI> on the node's public IPv6 address.
+/// The node's public IPv6 address in a network with IPv6: `--public-ipv6`, else the
+/// underlay's first global one.
+pub(super) fn public_ipv6(cfg: &NetworkConfig, spec: &NodeSpec, public_ipv6: Option<Ipv6Addr>) -> Result<Option<Ipv6Addr>> {
+    if cfg.ipv6.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(match public_ipv6 {
+        Some(a) => a,
+        None => netdev::first_ipv6(&spec.iface)?
+            .with_context(|| format!("EnableIPv6 is set but {} has no global IPv6 address: give it one or pass --public-ipv6", spec.iface))?,
+    }))
+}
+
+/// Dual stack and IPv6-only: flannel-v6.<VNI> on the node's public IPv6 address (a wireguard
+/// node's IPv6 side is flannel-wg-v6 instead, made with its peers in `wireguard_v6`).
 pub(super) fn ipv6_overlay(cfg: &NetworkConfig, spec: &NodeSpec, public_ipv6: Option<Ipv6Addr>) -> Result<Option<Overlay6>> {
+    if cfg.backend.wireguard.is_some() {
+        return Ok(None);
+    }
     Ok(match cfg.ipv6 {
         Some(_) => {
-            let public_ipv6 = match public_ipv6 {
-                Some(a) => a,
-                None => netdev::first_ipv6(&spec.iface)?.with_context(|| {
-                    format!("EnableIPv6 is set but {} has no global IPv6 address: give it one or pass --public-ipv6", spec.iface)
-                })?,
-            };
+            let public_ipv6 = self::public_ipv6(cfg, spec, public_ipv6)?.expect("the network has IPv6");
             let o6 = crate::datapath::ipv6::Overlay6::up(cfg.backend.vni, cfg.backend.port, public_ipv6, &spec.iface, cfg.backend.mtu)?;
             let stack = if cfg.enable_ipv4 { "dual stack" } else { "IPv6-only" };
             tracing::info!(device = %o6.device, %public_ipv6, vtep_mac = %netdev::format_mac(&o6.mac), mtu = o6.mtu, "IPv6 overlay device up ({stack})");
@@ -145,7 +157,12 @@ pub(super) fn ipv6_overlay(cfg: &NetworkConfig, spec: &NodeSpec, public_ipv6: Op
 /// peers a flanneld before us left on it kept in `spec`), and flannel-v6's address and MAC on
 /// a dual-stack node; an IPv6-only node's has only the latter. A wireguard node's device,
 /// made here for its public key, is handed on to `dataplane`.
-pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&Overlay6>) -> Result<(LeaseAttrs, Option<WireguardDevice>)> {
+pub(super) fn lease_attrs(
+    cfg: &NetworkConfig,
+    spec: &mut NodeSpec,
+    v6: Option<&Overlay6>,
+    wireguard_ipv6: Option<Ipv6Addr>,
+) -> Result<(LeaseAttrs, Option<WireguardDevice>)> {
     let public_ip = spec.public_ip;
     let mut wireguard = None;
     let attrs = match (v6, cfg.backend.mode) {
@@ -155,7 +172,11 @@ pub(super) fn lease_attrs(cfg: &NetworkConfig, spec: &mut NodeSpec, v6: Option<&
         _ if cfg.backend.wireguard.is_some() => {
             let w = cfg.backend.wireguard.expect("checked");
             let dev = crate::datapath::wireguard::prepare(&w, &crate::datapath::wireguard::key_file())?;
-            let attrs = LeaseAttrs::wireguard(public_ip, &dev.public_key, w.listen_port);
+            let mut attrs = LeaseAttrs::wireguard(public_ip, &dev.public_key, w.listen_port);
+            // Dual stack (Mode separate): the IPv6 side announces the same key and ListenPortV6.
+            if let Some(ip6) = wireguard_ipv6 {
+                attrs = attrs.with_wireguard_v6(ip6, &dev.public_key, w.listen_port_v6);
+            }
             wireguard = Some(dev);
             attrs
         }
@@ -358,6 +379,26 @@ pub(super) fn ipv6_side(cfg: &NetworkConfig, spec: &NodeSpec, held: &Held, v6: O
         (None, _) => {}
     }
     Ok(())
+}
+
+/// A dual-stack wireguard node's IPv6 side once a subnet is held: flannel-wg-v6 with the
+/// node's key and ListenPortV6, up with wireguard's MTU, the IPv6 subnet's address on it and
+/// the IPv6 network routed through it; its peers follow with the routes.
+pub(super) fn wireguard_v6(
+    cfg: &NetworkConfig,
+    spec: &NodeSpec,
+    held: &Held,
+    dev: Option<&WireguardDevice>,
+    public_ipv6: Option<Ipv6Addr>,
+) -> Result<Option<crate::datapath::wireguard::WireguardPeers6>> {
+    let (Some(w), Some(c6), Some(dev), Some(ip6)) = (cfg.backend.wireguard, cfg.ipv6, dev, public_ipv6) else { return Ok(None) };
+    let s6 = held.subnet6.context("a dual-stack wireguard node's lease has no IPv6 subnet")?;
+    let dev6 = crate::datapath::wireguard::prepare_v6(&w, dev.private_key)?;
+    let mtu = crate::datapath::wireguard::mtu(cfg.backend.mtu, netdev::require_link(&spec.iface)?.mtu);
+    let peers = crate::datapath::wireguard::WireguardPeers6::new(dev6, ip6, c6.network, s6, mtu);
+    peers.configure()?;
+    tracing::info!(device = %peers.dev.name, subnet = %s6, mtu, "wireguard IPv6 side up");
+    Ok(Some(peers))
 }
 
 /// The error `--ebpf-unavailable` stands in for.

@@ -110,6 +110,8 @@ struct Daemon {
     tun: Option<crate::tun::TunDataplane>,
     /// A dual-stack node's IPv6 device and its peer routes.
     v6: Option<crate::datapath::ipv6::Overlay6>,
+    /// A dual-stack wireguard node's IPv6 side: flannel-wg-v6 and its peers.
+    wg6: Option<crate::datapath::wireguard::WireguardPeers6>,
     state: Arc<AgentState>,
     /// The iptables chains this node should have (masquerade and/or forward), shared with the
     /// resync task.
@@ -197,12 +199,17 @@ impl Daemon {
         let cfg = etcd::network_config(&mut reg).await?;
         let (mut spec, plan, public_ipv6) = bringup::underlay(&opts, &cfg)?;
         let mut v6 = bringup::ipv6_overlay(&cfg, &spec, public_ipv6)?;
-        let (attrs, wireguard) = bringup::lease_attrs(&cfg, &mut spec, v6.as_ref())?;
+        let wireguard_ipv6 = match cfg.backend.wireguard {
+            Some(_) => bringup::public_ipv6(&cfg, &spec, public_ipv6)?,
+            None => None,
+        };
+        let (attrs, wireguard) = bringup::lease_attrs(&cfg, &mut spec, v6.as_ref(), wireguard_ipv6)?;
         notify(&[sd_notify::NotifyState::Status("acquiring a subnet lease")]);
         let previous = lease::previous_key(subnet_file::read_previous(&opts.subnet_file), cfg.enable_ipv4);
         let held = lease::acquire(&mut reg, &cfg, &attrs, previous, &opts).await?;
         state.set_lease(held.key().primary(), held.expires());
         spec.subnet = held.subnet;
+        let wg6 = bringup::wireguard_v6(&cfg, &spec, &held, wireguard.as_ref(), wireguard_ipv6)?;
         let up = bringup::dataplane(plan, &opts, &cfg, &mut spec, &held, &state, v6.as_ref(), wireguard).await?;
         bringup::ipv6_side(&cfg, &spec, &held, v6.as_mut(), up.ebpf.is_some())?;
         let mut d = Daemon {
@@ -216,6 +223,7 @@ impl Daemon {
             ebpf: up.ebpf,
             tun: up.tun,
             v6,
+            wg6,
             state,
             rules: SharedRules::default(),
             keeper: None,
@@ -276,7 +284,7 @@ impl Daemon {
             }
             self.reconcile_all(&listing.leases)?;
             if !self.state.ready.swap(true, Ordering::SeqCst) {
-                let routes6 = self.v6.as_ref().map_or(0, |o6| o6.route_count());
+                let routes6 = self.v6.as_ref().map_or(0, |o6| o6.route_count()) + self.wg6.as_ref().map_or(0, |w6| w6.route_count());
                 let status = format!("lease {} held; {} routes, {routes6} IPv6 routes", self.held.key(), self.maps.routes()?.len());
                 notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
                 tracing::info!("ready: {status}");

@@ -95,8 +95,12 @@ impl Daemon {
 
     /// This node's IPv6 side, on a dual-stack or IPv6-only node.
     fn mine6(&self) -> Option<reconcile::Mine6> {
-        let o6 = self.v6.as_ref()?;
-        Some(reconcile::Mine6 { config: self.cfg.ipv6?, key: self.held.key(), public_ip: self.attrs.public_ip, public_ipv6: Some(o6.public_ip), wireguard_port_v6: None })
+        let (public_ipv6, wireguard_port_v6) = match (&self.v6, &self.wg6) {
+            (Some(o6), _) => (o6.public_ip, None),
+            (None, Some(w6)) => (w6.public_ip, Some(w6.dev.listen_port)),
+            (None, None) => return None,
+        };
+        Some(reconcile::Mine6 { config: self.cfg.ipv6?, key: self.held.key(), public_ip: self.attrs.public_ip, public_ipv6: Some(public_ipv6), wireguard_port_v6 })
     }
 
     /// Whether leases of `key`'s kind are this network's (`NetworkConfig::takes`); the others
@@ -122,8 +126,12 @@ impl Daemon {
     /// Make the IPv6 device's peer routes exactly `desired` (a failure is counted and logged:
     /// the IPv4 overlay goes on).
     fn sync_v6(&mut self, desired: &BTreeMap<LeaseKey, reconcile::Route6>) {
-        let Some(o6) = self.v6.as_mut() else { return };
-        if let Err(e) = o6.sync(desired) {
+        let r = match (self.v6.as_mut(), self.wg6.as_mut()) {
+            (Some(o6), _) => o6.sync(desired),
+            (None, Some(w6)) => w6.sync(desired),
+            (None, None) => return,
+        };
+        if let Err(e) = r {
             self.state.route_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %crate::error_chain(e.as_ref()), "could not set the IPv6 routes");
         }
@@ -131,8 +139,12 @@ impl Daemon {
 
     /// One lease's IPv6 route (`None`: none), as `reconcile::route6_for` decides it.
     fn set_route6(&mut self, key: LeaseKey, want: Option<reconcile::Route6>) {
-        let Some(o6) = self.v6.as_mut() else { return };
-        if let Err(e) = o6.set(key, want) {
+        let r = match (self.v6.as_mut(), self.wg6.as_mut()) {
+            (Some(o6), _) => o6.set(key, want),
+            (None, Some(w6)) => w6.set(key, want),
+            (None, None) => return,
+        };
+        if let Err(e) = r {
             self.state.route_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(lease = %key, error = %crate::error_chain(e.as_ref()), "could not set the IPv6 route");
         }

@@ -400,8 +400,14 @@ pub fn retire_other_backends(spec: &NodeSpec) -> Result<()> {
         (EncapMode::Ipip, IPIP_DEVICE.to_string(), "ipip"),
         (EncapMode::Udp, "flannel0".to_string(), "veth"),
         (EncapMode::Udp, crate::wireguard::DEVICE.to_string(), "wireguard"),
+        (EncapMode::Udp, crate::wireguard::DEVICE_V6.to_string(), "wireguard"),
     ] {
         if name == spec.device || (mode == spec.mode && spec.device != crate::wireguard::DEVICE && kind != "wireguard") {
+            continue;
+        }
+        // A wireguard node keeps flannel-wg-v6 (its IPv6 side, made before this runs).
+        // (WIP: a wireguard node whose network lost IPv6 should remove it.)
+        if spec.device == crate::wireguard::DEVICE && kind == "wireguard" {
             continue;
         }
         if netdev::link(&name)?.is_some_and(|l| l.kind.as_deref() == Some(kind)) {
