@@ -60,37 +60,75 @@ pub fn mtu(asked: Option<u32>, underlay_mtu: u32) -> u32 {
 }
 
 /// Where `status` and `teardown` find that the node behind `bpffs_dir` runs the wireguard
-/// backend (no programs, no maps): `device=<name> underlay=<iface>`.
+/// backend (no programs, no maps): `device=<name> underlay=<iface>`, and
+/// `device6=flannel-wg-v6` on a dual-stack node.
 pub fn marker(bpffs_dir: &Path) -> PathBuf {
     crate::datapath::degraded::marker_named(bpffs_dir, "wireguard")
 }
 
-/// Record (`Some((device, underlay))`) or clear that the node runs wireguard.
-pub fn set_marker(bpffs_dir: &Path, what: Option<(&str, &str)>) -> std::io::Result<()> {
-    let content = what.map(|(device, underlay)| format!("device={device} underlay={underlay}\n"));
+/// Record (`Some((device, underlay, IPv6 device))`) or clear that the node runs wireguard.
+pub fn set_marker(bpffs_dir: &Path, what: Option<(&str, &str, Option<&str>)>) -> std::io::Result<()> {
+    let content = what.map(|(device, underlay, device6)| match device6 {
+        Some(d6) => format!("device={device} underlay={underlay} device6={d6}\n"),
+        None => format!("device={device} underlay={underlay}\n"),
+    });
     crate::datapath::degraded::write_marker(&marker(bpffs_dir), content.as_deref())
 }
 
-/// The device and underlay a wireguard run recorded.
-pub fn recorded(bpffs_dir: &Path) -> Option<(String, String)> {
-    let text = std::fs::read_to_string(marker(bpffs_dir)).ok()?;
+/// What a wireguard run recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub device: String,
+    pub underlay: String,
+    /// flannel-wg-v6 on a dual-stack node.
+    pub device6: Option<String>,
+}
+
+impl Recorded {
+    /// The node's wireguard devices.
+    pub fn devices(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.device.as_str()).chain(self.device6.as_deref())
+    }
+}
+
+/// The devices and underlay a wireguard run recorded.
+pub fn recorded(bpffs_dir: &Path) -> Option<Recorded> {
+    parse_marker(&std::fs::read_to_string(marker(bpffs_dir)).ok()?)
+}
+
+fn parse_marker(text: &str) -> Option<Recorded> {
     let field = |k: &str| text.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-    Some((field("device=")?, field("underlay=").unwrap_or_default()))
+    Some(Recorded { device: field("device=")?, underlay: field("underlay=").unwrap_or_default(), device6: field("device6=") })
+}
+
+/// One device's part of the status line (`prefix` before each key), and whether it is up.
+fn device_status(device: &str, prefix: &str) -> Result<(String, bool)> {
+    let link = netdev::link(device)?;
+    let up = link.as_ref().is_some_and(|l| l.up && l.kind.as_deref() == Some("wireguard"));
+    let d = if up { wg::device(device)? } else { wg::DeviceInfo::default() };
+    let handshaken = d.peers.iter().filter(|p| p.last_handshake_secs != 0).count();
+    let public_key = d.public_key.map_or("-".to_string(), |k| wg::format_key(&k));
+    let keyed = if prefix.is_empty() { format!(" public_key={public_key}") } else { String::new() };
+    Ok((format!("{keyed} {prefix}listen_port={} {prefix}peers={} {prefix}handshaken={handshaken}", d.listen_port, d.peers.len()), up))
 }
 
 /// `overlay-agent status` of a wireguard node: one line (the device, its key and port, its
-/// peers and how many have completed a handshake), and whether the device is up.
+/// peers and how many have completed a handshake; the same for flannel-wg-v6 with `v6_`
+/// keys on a dual-stack node), and whether its devices are up.
 pub fn status_line(bpffs_dir: &Path) -> Result<Option<(String, bool)>> {
-    let Some((device, underlay)) = recorded(bpffs_dir) else { return Ok(None) };
-    let link = netdev::link(&device)?;
-    let up = link.as_ref().is_some_and(|l| l.up && l.kind.as_deref() == Some("wireguard"));
-    let d = if up { wg::device(&device)? } else { wg::DeviceInfo::default() };
-    let handshaken = d.peers.iter().filter(|p| p.last_handshake_secs != 0).count();
+    let Some(r) = recorded(bpffs_dir) else { return Ok(None) };
+    let (v4, up4) = device_status(&r.device, "")?;
+    let (v6, up6) = match &r.device6 {
+        Some(d6) => {
+            let (s, up) = device_status(d6, "v6_")?;
+            (format!(" v6_device={d6}{s}"), up)
+        }
+        None => (String::new(), true),
+    };
+    let up = up4 && up6;
     let line = format!(
-        "device={device} underlay={underlay} encap=kernel decap=kernel attach=- guard=none ready={up} backend=wireguard public_key={} listen_port={} peers={} handshaken={handshaken}",
-        d.public_key.map_or("-".to_string(), |k| wg::format_key(&k)),
-        d.listen_port,
-        d.peers.len()
+        "device={} underlay={} encap=kernel decap=kernel attach=- guard=none ready={up} backend=wireguard{v4}{v6}",
+        r.device, r.underlay
     );
     Ok(Some((line, up)))
 }
@@ -120,34 +158,14 @@ impl WireguardPeers {
         Ok(())
     }
 
-    /// What is wrong with the device (`None`: intact): gone, made again by someone with
-    /// another key or port, down, without its address or its route.
+    /// What is wrong with the device (`None`: intact): see `device_damage`.
     pub fn damage(&self) -> Result<Option<&'static str>> {
-        let Some(l) = netdev::link(&self.dev.name)? else { return Ok(Some("the device is gone")) };
-        if l.kind.as_deref() != Some("wireguard") {
-            return Ok(Some("the device is no longer a wireguard device"));
-        }
-        let d = wg::device(&self.dev.name)?;
-        Ok(if d.public_key != Some(self.dev.public_key) || d.listen_port != self.dev.listen_port {
-            Some("its key or listen port changed")
-        } else if !l.up {
-            Some("the device is down")
-        } else if !netdev::has_address(&self.dev.name, self.subnet.network())? {
-            Some("its address is gone or changed")
-        } else if !netdev::network_route_via(self.network, &self.dev.name)? {
-            Some("the network's route no longer goes through it")
-        } else {
-            None
-        })
+        device_damage(&self.dev, || netdev::has_address(&self.dev.name, self.subnet.network()), || netdev::network_route_via(self.network, &self.dev.name))
     }
 
     /// Make the device as at start (its peers come back with the next reconcile).
     pub fn restore(&self) -> Result<()> {
-        if netdev::link(&self.dev.name)?.is_some_and(|l| l.kind.as_deref() != Some("wireguard")) {
-            netdev::delete_link(&self.dev.name)?;
-        }
-        wg::ensure_device(&self.dev.name)?;
-        wg::configure(&self.dev.name, &self.dev.private_key, self.dev.listen_port)?;
+        remake(&self.dev)?;
         self.configure()
     }
 
@@ -162,6 +180,42 @@ impl WireguardPeers {
         }
         Ok(())
     }
+}
+
+/// What is wrong with a wireguard device (`None`: intact): gone, made again by someone with
+/// another key or port, down, without its address (`has_address`) or the network's route
+/// through it (`has_route`).
+fn device_damage(
+    dev: &WireguardDevice,
+    has_address: impl FnOnce() -> Result<bool, netdev::NetdevError>,
+    has_route: impl FnOnce() -> Result<bool, netdev::NetdevError>,
+) -> Result<Option<&'static str>> {
+    let Some(l) = netdev::link(&dev.name)? else { return Ok(Some("the device is gone")) };
+    if l.kind.as_deref() != Some("wireguard") {
+        return Ok(Some("the device is no longer a wireguard device"));
+    }
+    let d = wg::device(&dev.name)?;
+    Ok(if d.public_key != Some(dev.public_key) || d.listen_port != dev.listen_port {
+        Some("its key or listen port changed")
+    } else if !l.up {
+        Some("the device is down")
+    } else if !has_address()? {
+        Some("its address is gone or changed")
+    } else if !has_route()? {
+        Some("the network's route no longer goes through it")
+    } else {
+        None
+    })
+}
+
+/// The device made again (a link of another kind in its place removed first) with its key
+/// and listen port; no peers, no address yet.
+fn remake(dev: &WireguardDevice) -> Result<()> {
+    if netdev::link(&dev.name)?.is_some_and(|l| l.kind.as_deref() != Some("wireguard")) {
+        netdev::delete_link(&dev.name)?;
+    }
+    wg::ensure_device(&dev.name)?;
+    wg::configure(&dev.name, &dev.private_key, dev.listen_port)
 }
 
 /// The routes a device's peers stand for: one per peer with exactly one IPv4 subnet, its
@@ -244,7 +298,7 @@ impl RouteTable for WireguardPeers {
 /// Before the lease, on a dual-stack or IPv6-only node (Mode `separate`): flannel-wg-v6 made
 /// or kept and given the node's one private key (as flannel's both devices share the key
 /// file) and `ListenPortV6`.
-pub fn prepare_v6(cfg: &WireguardConfig, private_key: Key) -> Result<WireguardDevice> {
+pub fn prepare_v6(cfg: &WireguardConfig, private_key: wg::Secret) -> Result<WireguardDevice> {
     wg::ensure_device(wg::DEVICE_V6)?;
     wg::configure(wg::DEVICE_V6, &private_key, cfg.listen_port_v6)?;
     let public_key = wg::device(wg::DEVICE_V6)?.public_key.context("the kernel gave flannel-wg-v6 no public key")?;
@@ -281,6 +335,21 @@ impl WireguardPeers6 {
         netdev::configure_up(&self.dev.name, Some(self.mtu))?;
         netdev::set_device_address6(&self.dev.name, self.subnet.network())?;
         netdev::route_network_link6(self.network, &self.dev.name)?;
+        Ok(())
+    }
+
+    /// What is wrong with flannel-wg-v6 (`None`: intact), as for flannel-wg.
+    pub fn damage(&self) -> Result<Option<&'static str>> {
+        device_damage(&self.dev, || netdev::has_address6(&self.dev.name, self.subnet.network()), || netdev::network_route6_via(self.network, &self.dev.name))
+    }
+
+    /// flannel-wg-v6 made as at start, and every peer written again.
+    pub fn restore(&mut self) -> Result<()> {
+        remake(&self.dev)?;
+        self.configure()?;
+        for r in self.routes.values() {
+            wg::set_peer(&self.dev.name, &self.peer_config(r)?)?;
+        }
         Ok(())
     }
 
@@ -384,6 +453,23 @@ mod tests {
             ],
             "as configured: as is; another PSK or keepalive, or no IPv4 endpoint: no peer address; no single subnet: not a route"
         );
+    }
+
+    #[test]
+    fn the_marker_names_both_devices_of_a_dual_stack_node() {
+        let dir = std::env::temp_dir().join(format!("ov-wg-marker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        set_marker(&dir, Some(("flannel-wg", "eth0", Some("flannel-wg-v6")))).unwrap();
+        let r = recorded(&dir).unwrap();
+        assert_eq!(r.devices().collect::<Vec<_>>(), ["flannel-wg", "flannel-wg-v6"]);
+        assert_eq!(r.underlay, "eth0");
+        set_marker(&dir, Some(("flannel-wg", "eth0", None))).unwrap();
+        assert_eq!(recorded(&dir).unwrap().devices().collect::<Vec<_>>(), ["flannel-wg"]);
+        // A marker written before IPv6 (no device6) reads as IPv4 only.
+        assert_eq!(parse_marker("device=flannel-wg underlay=eth1\n").unwrap().device6, None);
+        set_marker(&dir, None).unwrap();
+        assert!(recorded(&dir).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -185,9 +185,10 @@ impl Collector for AgentCollector {
             return Ok(());
         }
         // A wireguard node: its device's peers, as the kernel counts them (no maps).
-        if let Some((device, _)) = crate::datapath::wireguard::recorded(&s.bpffs_dir) {
-            if let Ok(d) = crate::wireguard::device(&device) {
-                wireguard_metrics(&mut e, &d)?;
+        if let Some(r) = crate::datapath::wireguard::recorded(&s.bpffs_dir) {
+            let devices: Vec<(&str, crate::wireguard::DeviceInfo)> = r.devices().filter_map(|d| crate::wireguard::device(d).ok().map(|i| (d, i))).collect();
+            if !devices.is_empty() {
+                wireguard_metrics(&mut e, &devices)?;
             }
         }
         let Ok(maps) = Maps::open(&s.bpffs_dir) else { return Ok(()) };
@@ -258,17 +259,24 @@ impl Collector for AgentCollector {
 
 /// A wireguard node's peers: how many, each one's bytes and its last handshake (labelled by
 /// endpoint, as the other peer metrics are by address, and by public key).
-fn wireguard_metrics(e: &mut DescriptorEncoder, d: &crate::wireguard::DeviceInfo) -> Result<(), std::fmt::Error> {
-    gauge(e, "overlay_peers", "Peers (nodes some route points at)", d.peers.len() as i64)?;
-    let labels = |p: &crate::wireguard::PeerInfo| {
-        [("peer", p.endpoint.map_or("-".to_string(), |a| a.ip().to_string())), ("public_key", crate::wireguard::format_key(&p.public_key))]
+fn wireguard_metrics(e: &mut DescriptorEncoder, devices: &[(&str, crate::wireguard::DeviceInfo)]) -> Result<(), std::fmt::Error> {
+    // A dual-stack node has each peer on both devices: nodes are counted once.
+    let nodes: std::collections::BTreeSet<_> = devices.iter().flat_map(|(_, d)| d.peers.iter().map(|p| p.public_key)).collect();
+    gauge(e, "overlay_peers", "Peers (nodes some route points at)", nodes.len() as i64)?;
+    let peers = || devices.iter().flat_map(|(dev, d)| d.peers.iter().map(move |p| (*dev, p)));
+    let labels = |dev: &str, p: &crate::wireguard::PeerInfo| {
+        [
+            ("device", dev.to_string()),
+            ("peer", p.endpoint.map_or("-".to_string(), |a| a.ip().to_string())),
+            ("public_key", crate::wireguard::format_key(&p.public_key)),
+        ]
     };
     {
         let mut m = e.encode_descriptor("overlay_wireguard_peer_bytes", "Bytes wireguard sent to (tx) and received from (rx) each peer, encrypted", None, MetricType::Counter)?;
-        for p in &d.peers {
+        for (dev, p) in peers() {
             for (dir, v) in [("tx", p.tx_bytes), ("rx", p.rx_bytes)] {
-                let [a, b] = labels(p);
-                let l = [a, b, ("direction", dir.to_string())];
+                let [a, b, c] = labels(dev, p);
+                let l = [a, b, c, ("direction", dir.to_string())];
                 ConstCounter::new(v).encode(m.encode_family(&l)?)?;
             }
         }
@@ -279,8 +287,8 @@ fn wireguard_metrics(e: &mut DescriptorEncoder, d: &crate::wireguard::DeviceInfo
         None,
         MetricType::Gauge,
     )?;
-    for p in &d.peers {
-        ConstGauge::new(p.last_handshake_secs as i64).encode(m.encode_family(&labels(p))?)?;
+    for (dev, p) in peers() {
+        ConstGauge::new(p.last_handshake_secs as i64).encode(m.encode_family(&labels(dev, p))?)?;
     }
     Ok(())
 }
@@ -424,6 +432,45 @@ mod tests {
         assert_eq!(parse_proc_net_dev(text, "lo"), Some(TxStats { errors: 0, dropped: 0 }));
         assert_eq!(parse_proc_net_dev(text, "eth"), None);
         assert_eq!(parse_proc_net_dev("garbage\n\nx: 1 2\n", "x"), None);
+    }
+
+    /// A dual-stack wireguard node has each peer on flannel-wg and flannel-wg-v6: nodes are
+    /// counted once, each device's traffic is its own series.
+    #[test]
+    fn wireguard_metrics_count_a_node_once_and_label_each_device() {
+        #[derive(Debug)]
+        struct Devices(Vec<(&'static str, crate::wireguard::DeviceInfo)>);
+        impl Collector for Devices {
+            fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+                wireguard_metrics(&mut e, &self.0)
+            }
+        }
+        let peer = |key: u8, endpoint: &str, tx: u64| crate::wireguard::PeerInfo {
+            public_key: [key; 32],
+            endpoint: Some(endpoint.parse().unwrap()),
+            allowed_ips: Vec::new(),
+            preshared_key: None,
+            keepalive: 0,
+            last_handshake_secs: 7,
+            rx_bytes: 0,
+            tx_bytes: tx,
+        };
+        let dev = |peers| crate::wireguard::DeviceInfo { public_key: Some([9; 32]), listen_port: 51820, peers };
+        let devices = Devices(vec![
+            ("flannel-wg", dev(vec![peer(1, "192.168.0.2:51820", 100), peer(2, "192.168.0.3:51820", 200)])),
+            ("flannel-wg-v6", dev(vec![peer(1, "[fd00::2]:51821", 300), peer(2, "[fd00::3]:51821", 400)])),
+        ]);
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(devices));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("overlay_peers 2\n"), "{text}");
+        let key1 = crate::wireguard::format_key(&[1; 32]);
+        for (device, peer, tx) in [("flannel-wg", "192.168.0.2", 100), ("flannel-wg-v6", "fd00::2", 300)] {
+            let series = format!("overlay_wireguard_peer_bytes_total{{device=\"{device}\",peer=\"{peer}\",public_key=\"{key1}\",direction=\"tx\"}} {tx}");
+            assert!(text.contains(&series), "{series} not in:\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE overlay_wireguard_peer_bytes").count(), 1, "one family for both devices:\n{text}");
     }
 
     #[test]

@@ -263,12 +263,18 @@ pub(super) async fn dataplane(
             let dev = wireguard.context("the wireguard plan has the device lease_attrs made")?;
             dataplane::detach_programs(spec)?;
             dataplane::retire_other_backends(spec)?;
+            // A dual-stack run before left flannel-wg-v6; this network has no IPv6 now.
+            if cfg.ipv6.is_none() && netdev::link(crate::wireguard::DEVICE_V6)?.is_some_and(|l| l.kind.as_deref() == Some("wireguard")) {
+                tracing::warn!(device = crate::wireguard::DEVICE_V6, "removing the IPv6 wireguard device: the network no longer has IPv6");
+                netdev::delete_link(crate::wireguard::DEVICE_V6)?;
+            }
             crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
             let underlay = netdev::require_link(&spec.iface)?;
             let mtu = crate::datapath::wireguard::mtu(cfg.backend.mtu, underlay.mtu);
             let peers = crate::datapath::wireguard::WireguardPeers { dev, network: cfg.network, subnet: held.subnet, mtu };
             peers.configure()?;
-            crate::datapath::wireguard::set_marker(&spec.bpffs_dir, Some((&spec.device, &spec.iface)))
+            let device6 = cfg.ipv6.map(|_| crate::wireguard::DEVICE_V6);
+            crate::datapath::wireguard::set_marker(&spec.bpffs_dir, Some((&spec.device, &spec.iface, device6)))
                 .with_context(|| format!("writing {}", crate::datapath::wireguard::marker(&spec.bpffs_dir).display()))?;
             tracing::info!(device = %spec.device, mtu, listen_port = w.listen_port, "wireguard up: the kernel encrypts, a peer per lease");
             (Box::new(peers), None, None, mtu)

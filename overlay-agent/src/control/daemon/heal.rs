@@ -1,6 +1,6 @@
 //! Self-healing and address following, checked every second from the watch loop: the
 //! overlay device, its address, its route and its filters put back when someone removes
-//! them (`damage` decides from what was seen); flannel-v6 likewise; the data plane and the
+//! them (`damage` decides from what was seen); flannel-v6 and flannel-wg-v6 likewise; the data plane and the
 //! lease moved when the node's public address changes (`address_moved`, `ipv6_moved`).
 
 use std::{
@@ -158,6 +158,23 @@ impl Daemon {
     /// The same for a dual-stack node's flannel-v6 device: made again with its address and
     /// every peer's route, neighbour and forwarding entry (`settle_v6` announces a new MAC).
     pub(super) async fn heal_v6(&mut self) -> Result<()> {
+        if let Some(w6) = self.wg6.as_mut() {
+            match w6.damage() {
+                Ok(None) => {}
+                Ok(Some(problem)) => {
+                    tracing::error!(device = %w6.dev.name, problem, "the wireguard IPv6 device was damaged; restoring it");
+                    match w6.restore() {
+                        Ok(()) => {
+                            self.state.device_repairs.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(device = %w6.dev.name, peers = w6.route_count(), "wireguard IPv6 device restored: key, port, address, route and peers");
+                        }
+                        Err(e) => tracing::error!(error = %crate::error_chain(e.as_ref()), "restoring the wireguard IPv6 device failed; trying again"),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %crate::error_chain(e.as_ref()), "checking the wireguard IPv6 device"),
+            }
+            return Ok(());
+        }
         let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return Ok(()) };
         let damage = match o6.damage(s6) {
             Ok(Some(d)) => d,
@@ -184,6 +201,14 @@ impl Daemon {
     /// made to say the device's address and MAC if it does not (a rebuild, a move, or an
     /// earlier rewrite that failed). Errors no retry can fix end the agent, as for IPv4.
     pub(super) async fn settle_v6(&mut self) -> Result<()> {
+        if let Some(ip) = self.wg6.as_ref().map(|w6| w6.public_ip).filter(|ip| self.attrs.public_ipv6 != Some(*ip)) {
+            // A wireguard node's IPv6 side: peers send to the lease's PublicIPv6.
+            let mut attrs = self.attrs.clone();
+            attrs.public_ipv6 = Some(ip);
+            self.announce(attrs).await?;
+            tracing::warn!(public_ipv6 = %ip, "the lease now names the node's new public IPv6 address");
+            return Ok(());
+        }
         let Some(o6) = self.v6.as_mut() else { return Ok(()) };
         if let Err(e) = o6.retry() {
             tracing::warn!(error = %crate::error_chain(e.as_ref()), "IPv6 peers' entries");
@@ -205,6 +230,17 @@ impl Daemon {
     pub(super) async fn follow_public_ipv6(&mut self) -> Result<bool> {
         if self.opts.public_ipv6.is_some() {
             return Ok(false);
+        }
+        if let Some(w6) = self.wg6.as_mut() {
+            // flannel-wg-v6 is bound to no address: the lease is rewritten with the new one
+            // (`settle_v6`), and the peers' endpoints follow their leases.
+            let first = netdev::first_ipv6(&self.spec.iface).ok().flatten();
+            let kept = first.is_some_and(|ip| ip != w6.public_ip) && netdev::has_ipv6(&self.spec.iface, w6.public_ip).unwrap_or(true);
+            let Some(ip) = ipv6_moved(w6.public_ip, first, kept) else { return Ok(false) };
+            tracing::warn!(old = %w6.public_ip, new = %ip, "this node's public IPv6 address changed; the lease follows it");
+            w6.public_ip = ip;
+            self.state.public_ip_changes.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
         }
         let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return Ok(false) };
         let first = netdev::first_ipv6(&self.spec.iface).ok().flatten();

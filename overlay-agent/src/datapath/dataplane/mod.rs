@@ -405,8 +405,8 @@ pub fn retire_other_backends(spec: &NodeSpec) -> Result<()> {
         if name == spec.device || (mode == spec.mode && spec.device != crate::wireguard::DEVICE && kind != "wireguard") {
             continue;
         }
-        // A wireguard node keeps flannel-wg-v6 (its IPv6 side, made before this runs).
-        // (WIP: a wireguard node whose network lost IPv6 should remove it.)
+        // A wireguard node keeps flannel-wg-v6 here: its IPv6 side, made before this runs
+        // (the bring-up removes it where the network has no IPv6).
         if spec.device == crate::wireguard::DEVICE && kind == "wireguard" {
             continue;
         }

@@ -152,8 +152,8 @@ pub fn teardown(dir: &Path) -> Result<()> {
     let device6 = config.map(|c| crate::datapath::ipv6::device_name(c.vni));
     // A degraded run has no maps: its marker names its devices.
     let degraded = crate::datapath::degraded::devices(dir);
-    // A wireguard run's device (flannel removes it when it stops).
-    let wireguard = crate::datapath::wireguard::recorded(dir).map(|(d, _)| d);
+    // A wireguard run's devices (flannel removes them when it stops).
+    let wireguard: Vec<String> = crate::datapath::wireguard::recorded(dir).map_or(Vec::new(), |r| r.devices().map(str::to_string).collect());
     detach_and_unpin(dir, config)?;
     for dev in device.into_iter().chain(device6).chain(degraded).chain(wireguard) {
         if netdev::link(&dev)?.is_some() {

@@ -69,6 +69,20 @@ pub fn peer_routes6(dev: &str) -> Result<Vec<Ipv6Net>> {
         .collect())
 }
 
+/// Whether the route for the whole IPv6 `network` goes to `device` (flannel-wg-v6's).
+pub fn network_route6_via(network: Ipv6Net, device: &str) -> Result<bool> {
+    let Some(l) = link(device)? else { return Ok(false) };
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    let msgs = request("list IPv6 routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    Ok(msgs.iter().filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None }).any(|r| {
+        r.header.table == RouteHeader::RT_TABLE_MAIN
+            && r.header.destination_prefix_length == network.prefix_len()
+            && r.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet6(network.network())))
+            && r.attributes.contains(&RouteAttribute::Oif(l.ifindex))
+    }))
+}
+
 /// flannel's vxlan route for a peer (IPv4, the kernel device carrying the traffic): its
 /// subnet via the subnet's network address, `onlink` on the device (the neighbour entry
 /// gives that address the peer's VtepMAC).
