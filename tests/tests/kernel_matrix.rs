@@ -17,7 +17,7 @@ use std::{
 use overlay_common::Counter;
 use overlay_tests::{
     require_root,
-    traffic::{ping, ping6, send_raw_frames, send_udp, tcp_transfer, tcp_transfer_via, UdpProbe, UdpStream},
+    traffic::{ping, ping6, send_raw_frames, send_udp, tcp_transfer, tcp_transfer6, tcp_transfer_via, UdpProbe, UdpStream},
     wait_until, Backend, Cluster, ClusterSpec, Control, NodeKind,
 };
 
@@ -453,48 +453,108 @@ fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_witho
     }
 }
 
+/// The wireguard network's dual-stack config (Mode separate: flannel-wg and flannel-wg-v6).
+fn dual_stack_wireguard_config() -> String {
+    format!(
+        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"wireguard","PSK":"{}","PersistentKeepaliveInterval":{}}}}}"#,
+        overlay_tests::WIREGUARD_PSK,
+        overlay_tests::WIREGUARD_KEEPALIVE
+    )
+}
+
+/// The stock node of `c` (node `index`, set up by the harness as flannel's IPv4 wireguard
+/// node) made dual-stack as flannel makes it in Mode separate: flannel-wg-v6 with the same
+/// private key (its key file) and port 51821, the MTU of flannel-wg, the IPv6 subnet's network
+/// address as a /128, the IPv6 network routed through it (scope link); its lease replaced by
+/// the dual-stack one flannel writes (key `<v4>-24&<v6>-64`, `PublicIPv6`, `BackendV6Data`).
+fn make_stock_wireguard_node_dual_stack(c: &Cluster, index: usize, s6: ipnet::Ipv6Net) {
+    let n = c.node(index);
+    let key = n.log.with_extension("wgkey");
+    ok("v6 device", n.ns.run("ip", &["link", "add", "flannel-wg-v6", "type", "wireguard"]));
+    ok("v6 key", n.ns.run("wg", &["set", "flannel-wg-v6", "private-key", &key.display().to_string(), "listen-port", "51821"]));
+    ok("v6 up", n.ns.run("ip", &["link", "set", "flannel-wg-v6", "mtu", &n.mtu.to_string(), "up"]));
+    ok("v6 addr", n.ns.run("ip", &["-6", "addr", "add", &format!("{}/128", s6.network()), "dev", "flannel-wg-v6", "nodad"]));
+    ok("v6 route", n.ns.run("ip", &["-6", "route", "replace", "fd00:10:244::/56", "dev", "flannel-wg-v6", "scope", "link"]));
+    let public_key = ok("key", n.ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    let value = format!(
+        r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"wireguard","BackendData":{{"PublicKey":"{k}","Port":51820}},"BackendV6Data":{{"PublicKey":"{k}","Port":51821}}}}"#,
+        n.underlay_ip,
+        overlay_tests::underlay_ipv6(n.index),
+        k = public_key.trim()
+    );
+    ok("old lease", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24", n.subnet.network())]));
+    ok("lease", c.etcd().etcdctl(&["put", &format!("/coreos.com/network/subnets/{}-24&{}-64", n.subnet.network(), s6.network()), &value]));
+}
+
+/// flannel's addPeer on a stock node's flannel-wg-v6: the peer's key, endpoint
+/// [PublicIPv6]:51821, allowed IPs its IPv6 subnet, the PSK and keepalive.
+fn stock_ipv6_peer(from: &overlay_tests::Node, to: &overlay_tests::Node, to_ipv6: std::net::Ipv6Addr, s6: ipnet::Ipv6Net) {
+    let key = ok("key", to.ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    let psk = from.log.with_extension("stock-psk");
+    ok("psk", std::fs::write(&psk, overlay_tests::WIREGUARD_PSK).map_err(anyhow::Error::from));
+    ok(
+        "stock v6 peer",
+        from.ns.run(
+            "wg",
+            &[
+                "set", "flannel-wg-v6", "peer", key.trim(), "endpoint", &format!("[{to_ipv6}]:51821"), "allowed-ips", &s6.to_string(),
+                "preshared-key", &psk.display().to_string(), "persistent-keepalive", &overlay_tests::WIREGUARD_KEEPALIVE.to_string(),
+            ],
+        ),
+    );
+}
+
 /// flannel's wireguard backend in a dual-stack network (Mode separate), where the kernel has
-/// the module: two agents, each with flannel-wg and flannel-wg-v6 (the same key, ports 51820
-/// and 51821), leases with BackendV6Data as flannel writes them, IPv6 containers reaching
-/// each other both ways through flannel-wg-v6, and a departed node's IPv6 peer removed.
-/// (WIP: no stock dual-stack wireguard node yet.)
+/// the module (the VM matrix's Debian kernels): two agents, each with flannel-wg and
+/// flannel-wg-v6 (the same key, ports 51820 and 51821), and a stock flannel node set up with
+/// `wg` as flannel makes a dual-stack wireguard node; leases with BackendV6Data as flannel
+/// writes them; IPv6 ping and TCP between all three both ways through flannel-wg-v6 (IPv4
+/// still through flannel-wg); `status` naming both devices; flannel-wg-v6 deleted by hand put
+/// back with its peers; a node's public IPv6 address changed under it followed into its
+/// lease (and by its peers' endpoints); a departed node's IPv6 peer removed; `teardown`
+/// removing both devices; a node whose network lost IPv6 removing flannel-wg-v6.
 #[test]
-fn dual_stack_wireguard_nodes_carry_ipv6_both_ways() {
+fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
     require_root();
     if !kernel_can_make("wg6", &["type", "wireguard"]) {
         assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
         eprintln!("no wireguard module here: the dual-stack wireguard test runs in the VM matrix");
         return;
     }
-    let config = format!(
-        r#"{{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{{"Type":"wireguard","PSK":"{}","PersistentKeepaliveInterval":25}}}}"#,
-        overlay_tests::WIREGUARD_PSK
-    );
     let spec = ClusterSpec {
-        control: Control::Etcd { tls: false, config },
+        control: Control::Etcd { tls: false, config: dual_stack_wireguard_config() },
         ipv6_underlay: true,
-        ..ClusterSpec::etcd(Backend::Wireguard, "auto", 2)
+        nodes: vec![NodeKind::Agent { decap_hook: "auto" }, NodeKind::Agent { decap_hook: "auto" }, NodeKind::StockFlannel],
+        full_mesh: false,
+        ..ClusterSpec::etcd(Backend::Wireguard, "auto", 3)
     };
     let mut c = Cluster::new("kmw6", &spec).unwrap_or_else(|e| panic!("building the dual-stack wireguard cluster failed: {e:#}"));
+    let stock6: ipnet::Ipv6Net = "fd00:10:244:67::/64".parse().unwrap();
+    make_stock_wireguard_node_dual_stack(&c, 3, stock6);
     let subnet6 = |n: &overlay_tests::Node| -> ipnet::Ipv6Net {
         let text = std::fs::read_to_string(&n.subnet_file).expect("subnet file");
         let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in:\n{text}"));
         line.parse::<ipnet::Ipv6Net>().expect("an IPv6 CIDR").trunc()
     };
+    let lease_key = |n: &overlay_tests::Node, s6: ipnet::Ipv6Net| format!("/coreos.com/network/subnets/{}-24&{}-64", n.subnet.network(), s6.network());
+    let lease = |c: &Cluster, key: &str| -> serde_json::Value {
+        let value = ok("lease", c.etcd().etcdctl(&["get", key, "--print-value-only"]));
+        serde_json::from_str(value.trim()).unwrap_or_else(|e| panic!("lease {key}: {e}: {value:?}"))
+    };
     let host = |net: ipnet::Ipv6Net, i: u128| std::net::Ipv6Addr::from(u128::from(net.network()) + i);
     let mut sub6 = Vec::new();
-    for n in [c.node(1), c.node(2)] {
-        let s6 = subnet6(n);
-        let key = format!("/coreos.com/network/subnets/{}-24&{}-64", n.subnet.network(), s6.network());
-        let value = ok("lease", c.etcd().etcdctl(&["get", &key, "--print-value-only"]));
-        let v: serde_json::Value = serde_json::from_str(value.trim()).unwrap_or_else(|e| panic!("lease {key}: {e}: {value:?}"));
-        let public_key = ok("key", n.ns.run("wg", &["show", "flannel-wg", "public-key"]));
-        assert_eq!(v["BackendData"]["PublicKey"], public_key.trim(), "{value}");
-        assert_eq!(v["BackendV6Data"]["PublicKey"], public_key.trim(), "one key for both devices: {value}");
-        assert_eq!(v["BackendV6Data"]["Port"], 51821, "{value}");
-        assert_eq!(v["PublicIPv6"], overlay_tests::underlay_ipv6(n.index).to_string(), "{value}");
-        let key6 = ok("key6", n.ns.run("wg", &["show", "flannel-wg-v6", "public-key"]));
-        assert_eq!(key6.trim(), public_key.trim());
+    for n in [c.node(1), c.node(2), c.node(3)] {
+        let s6 = if n.kind == NodeKind::StockFlannel { stock6 } else { subnet6(n) };
+        if n.kind != NodeKind::StockFlannel {
+            let v = lease(&c, &lease_key(n, s6));
+            let public_key = ok("key", n.ns.run("wg", &["show", "flannel-wg", "public-key"]));
+            assert_eq!(v["BackendData"]["PublicKey"], public_key.trim(), "{v}");
+            assert_eq!(v["BackendV6Data"]["PublicKey"], public_key.trim(), "one key for both devices: {v}");
+            assert_eq!(v["BackendV6Data"]["Port"], 51821, "{v}");
+            assert_eq!(v["PublicIPv6"], overlay_tests::underlay_ipv6(n.index).to_string(), "{v}");
+            let key6 = ok("key6", n.ns.run("wg", &["show", "flannel-wg-v6", "public-key"]));
+            assert_eq!(key6.trim(), public_key.trim());
+        }
         // docker0 gets the subnet's first IPv6 address, each container the next ones.
         let gw = host(s6, 1);
         ok("docker0 v6", n.ns.run("ip", &["addr", "add", &format!("{gw}/64"), "dev", "docker0", "nodad"]));
@@ -505,20 +565,92 @@ fn dual_stack_wireguard_nodes_carry_ipv6_both_ways() {
         ok("v6 forwarding", n.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
         sub6.push(s6);
     }
+    // The stock node's peers, as its flanneld would add them from the agents' leases.
+    for i in [1, 2] {
+        ok("stock peer", c.add_route(c.node(3), c.node(i)));
+        stock_ipv6_peer(c.node(3), c.node(i), overlay_tests::underlay_ipv6(i), sub6[i - 1]);
+    }
+    seed_forward_rules(&c);
+    let ct6 = |node: usize, k: u128| host(sub6[node - 1], k + 2);
     assert!(
-        wait_until(Duration::from_secs(60), || ping6(&c.node(1).containers[0], host(sub6[1], 2), 1).is_ok()
-            && ping6(&c.node(2).containers[0], host(sub6[0], 2), 1).is_ok()),
+        wait_until(Duration::from_secs(60), || [(1, 2), (2, 1), (1, 3), (3, 2)].iter().all(|&(a, b)| ping6(&c.node(a).containers[0], ct6(b, 0), 1).is_ok())),
         "no IPv6 between the containers:\n{}\n{}",
         c.node(1).log_text(),
         ok("wg", c.node(1).ns.run("wg", &["show", "flannel-wg-v6"]))
     );
-    // IPv4 still flows through flannel-wg.
-    ok("ping 1 -> 2", ping(&c.node(1).containers[0], c.node(2).container_ip(0), 2));
-    // Node 2 departs (its agent stopped, its lease deleted): its IPv6 peer goes from node
-    // 1's flannel-wg-v6.
-    let key2 = ok("key", c.node(2).ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        ok(&format!("ping6 {a} -> {b}"), ping6(&c.node(a).containers[0], ct6(b, 1), 2));
+        ok(&format!("TCP6 {a} -> {b}"), tcp_transfer6(&c.node(a).containers[1], &c.node(b).containers[0], ct6(b, 0), 1 << 20));
+    }
+    // IPv4 still flows through flannel-wg, the stock node's included.
+    ok("ping 1 -> 3", ping(&c.node(1).containers[0], c.node(3).container_ip(0), 2));
+    let status = ok("status", c.node(1).agent_cli(&["status"]));
+    for want in ["device=flannel-wg ", "ready=true", "v6_device=flannel-wg-v6", "v6_listen_port=51821", "v6_peers=2"] {
+        assert!(status.contains(want), "{want} not in: {status}");
+    }
+
+    // flannel-wg-v6 deleted under the agent: put back with its key, port and peers.
+    ok("delete v6 device", c.node(1).ns.run("ip", &["link", "del", "flannel-wg-v6"]));
+    assert!(
+        wait_until(Duration::from_secs(30), || c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "peers"]).is_ok_and(|p| p.lines().count() == 2)
+            && ping6(&c.node(1).containers[0], ct6(3, 0), 1).is_ok()),
+        "flannel-wg-v6 was not restored:\n{}",
+        c.node(1).log_text()
+    );
+    assert!(c.node(1).log_text().contains("wireguard IPv6 device restored"), "{}", c.node(1).log_text());
+    let port = ok("port", c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "listen-port"]));
+    assert_eq!(port.trim(), "51821");
+
+    // Node 2's public IPv6 address changes (SLAAC, an operator): its lease follows (same
+    // subnets), node 1's peer endpoint follows the lease, the stock node's is moved as its
+    // flanneld would, and IPv6 flows to it again.
+    let (old6, new6) = (overlay_tests::underlay_ipv6(2), std::net::Ipv6Addr::from(u128::from(overlay_tests::underlay_ipv6(2)) + 0x100));
+    ok("new address", c.node(2).ns.run("ip", &["-6", "addr", "add", &format!("{new6}/64"), "dev", "eth0", "nodad"]));
+    ok("old address", c.node(2).ns.run("ip", &["-6", "addr", "del", &format!("{old6}/64"), "dev", "eth0"]));
+    let key2 = lease_key(c.node(2), sub6[1]);
+    assert!(
+        wait_until(Duration::from_secs(30), || lease(&c, &key2)["PublicIPv6"] == new6.to_string()),
+        "node 2's lease did not follow its address: {}\n{}",
+        lease(&c, &key2),
+        c.node(2).log_text()
+    );
+    let endpoint = format!("[{new6}]:51821");
+    assert!(
+        wait_until(Duration::from_secs(30), || c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "endpoints"]).is_ok_and(|e| e.contains(&endpoint))),
+        "node 1's peer for node 2 did not follow the lease: {}",
+        ok("wg", c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "endpoints"]))
+    );
+    stock_ipv6_peer(c.node(3), c.node(2), new6, sub6[1]);
+    for from in [1, 3] {
+        assert!(wait_until(Duration::from_secs(30), || ping6(&c.node(from).containers[0], ct6(2, 0), 1).is_ok()), "node {from} cannot reach node 2 at its new address");
+    }
+
+    // Node 2 departs (its agent stopped, its lease deleted): its IPv6 peer goes from node 1's
+    // flannel-wg-v6.
+    let pk2 = ok("key", c.node(2).ns.run("wg", &["show", "flannel-wg", "public-key"]));
     ok("stop", c.stop_agent(2));
-    ok("delete", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24&{}-64", c.node(2).subnet.network(), sub6[1].network())]));
-    let has = || c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "peers"]).map(|o| o.contains(key2.trim())).unwrap_or(true);
+    ok("delete", c.etcd().etcdctl(&["del", &key2]));
+    let has = || c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "peers"]).map(|o| o.contains(pk2.trim())).unwrap_or(true);
     assert!(wait_until(Duration::from_secs(30), || !has()), "node 1 still has node 2's IPv6 peer");
+
+    // `teardown` removes both devices (flannel removes them when it stops).
+    ok("stop 1", c.stop_agent(1));
+    ok("teardown", c.node(1).agent_cli(&["teardown"]));
+    for dev in ["flannel-wg", "flannel-wg-v6"] {
+        assert!(c.node(1).ns.run("ip", &["link", "show", dev]).is_err(), "{dev} left after teardown");
+    }
+
+    // The network loses IPv6: node 2's next run removes the flannel-wg-v6 its last run left.
+    assert!(c.node(2).ns.run("ip", &["link", "show", "flannel-wg-v6"]).is_ok(), "a stopped agent leaves its devices");
+    let v4_only = dual_stack_wireguard_config().replace(r#""EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","#, "");
+    assert!(!v4_only.contains("IPv6"), "{v4_only}");
+    ok("config", c.etcd().etcdctl(&["put", "/coreos.com/network/config", &v4_only]));
+    ok("start 2", c.restart_agent(2));
+    assert!(
+        wait_until(Duration::from_secs(30), || c.node(2).ns.run("ip", &["link", "show", "flannel-wg-v6"]).is_err()),
+        "flannel-wg-v6 stayed in an IPv4-only network:\n{}",
+        c.node(2).log_text()
+    );
+    let status = ok("status", c.node(2).agent_cli(&["status"]));
+    assert!(status.contains("ready=true") && !status.contains("v6_device"), "{status}");
 }

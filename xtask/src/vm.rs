@@ -415,7 +415,7 @@ if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the ipip cluster's exit status $
 OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_without_the_module --test-threads=1 --nocapture
 rc=$?
 if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the wireguard cluster's exit status $rc)\"; fi
-OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact dual_stack_wireguard_nodes_carry_ipv6_both_ways --test-threads=1 --nocapture
+OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6 --test-threads=1 --nocapture
 rc=$?
 if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the dual-stack wireguard cluster's exit status $rc)\"; fi
 ",
