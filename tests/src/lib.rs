@@ -33,6 +33,8 @@ use overlay_common::Counter;
 
 /// The overlay network every cluster uses.
 pub const NETWORK: &str = "10.244.0.0/16";
+/// The IPv6 network of dual-stack and IPv6-only clusters (stock nodes' subnets are in it).
+pub const NETWORK6: &str = "fd00:10:244::/56";
 /// Where a cluster's etcd serves clients (on the underlay bridge, inside the underlay
 /// namespace).
 pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 254);
@@ -767,7 +769,8 @@ impl Cluster {
             subnet_file: self.workdir.join(format!("n{index}-subnet.env")),
             agent_args: Vec::new(),
             agent_env: self.agent_env.clone(),
-            mtu: UNDERLAY_MTU - if spec.ipv6_only { 70 } else { spec.backend.overhead() },
+            // flannel-v6 over IPv6 takes 70 bytes; wireguard takes its 80 whatever the family.
+            mtu: UNDERLAY_MTU - if spec.ipv6_only && spec.backend != Backend::Wireguard { 70 } else { spec.backend.overhead() },
             notify: None,
             notifications: Vec::new(),
             bin: None,
@@ -870,6 +873,22 @@ impl Cluster {
                 }
             }
             NodeKind::PlainRouting => {}
+            NodeKind::StockFlannel if self.spec.ipv6_only && backend == Backend::Wireguard => {
+                // flannel's wireguard backend on an IPv6-only node (Mode separate):
+                // flannel-wg-v6 alone with a key of its own (in the file its agent would
+                // read) and port 51821, the IPv6 subnet's network address as a /128, the
+                // IPv6 network routed through it; peers come from the test.
+                let n = node.ns.name().to_string();
+                let s6 = node.subnet6.expect("stock IPv6-only node's subnet");
+                let key = node.log.with_extension("wgkey");
+                let private = run(Command::new("wg").arg("genkey"))?;
+                fs::write(&key, private.trim())?;
+                ip(&["-n", &n, "link", "add", "flannel-wg-v6", "type", "wireguard"])?;
+                node.ns.run("wg", &["set", "flannel-wg-v6", "private-key", &key.display().to_string(), "listen-port", "51821"])?;
+                ip(&["-n", &n, "link", "set", "flannel-wg-v6", "mtu", &node.mtu.to_string(), "up"])?;
+                ip(&["-n", &n, "addr", "add", &format!("{}/128", s6.network()), "dev", "flannel-wg-v6", "nodad"])?;
+                ip(&["-n", &n, "-6", "route", "replace", NETWORK6, "dev", "flannel-wg-v6", "scope", "link"])?;
+            }
             NodeKind::StockFlannel if self.spec.ipv6_only => {
                 // flannel's vxlan backend on an IPv6-only node: flannel-v6.1 only, bound to
                 // the public IPv6 address, the subnet's network address as a /128.
@@ -920,12 +939,24 @@ impl Cluster {
         }
         // (A host-gw agent makes no device: no VtepMAC.)
         let host_gw = matches!(&self.spec.control, Control::Etcd { config, .. } if config.contains("host-gw"));
-        if self.spec.ipv6_only {
+        if self.spec.ipv6_only && backend == Backend::Wireguard {
+            // No VtepMAC: peers are keys.
+        } else if self.spec.ipv6_only {
             node.vtep_mac = link_mac(&node.ns, "flannel-v6.1")?;
         } else if !matches!(node.kind, NodeKind::TunAgent | NodeKind::PlainRouting) && !host_gw && !matches!(backend, Backend::Ipip | Backend::Wireguard) {
             node.vtep_mac = link_mac(&node.ns, backend.device())?;
         }
-        if let (NodeKind::StockFlannel, Some(etcd), Some(s6)) = (node.kind, &self.etcd, node.subnet6) {
+        if let (NodeKind::StockFlannel, Some(etcd), Some(s6), Backend::Wireguard) = (node.kind, &self.etcd, node.subnet6, backend) {
+            // What a stock flannel wireguard node writes for itself in an IPv6-only network.
+            let key = node.ns.run("wg", &["show", "flannel-wg-v6", "public-key"])?;
+            let value = format!(
+                r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{}","BackendType":"wireguard","BackendV6Data":{{"PublicKey":"{}","Port":51821}}}}"#,
+                underlay_ipv6(node.index),
+                key.trim()
+            );
+            let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-{}", s6.network(), s6.prefix_len());
+            etcd.etcdctl(&["put", &key, &value])?;
+        } else if let (NodeKind::StockFlannel, Some(etcd), Some(s6)) = (node.kind, &self.etcd, node.subnet6) {
             // What a stock flannel vxlan node writes for itself in an IPv6-only network.
             let value = format!(
                 r#"{{"PublicIP":"0.0.0.0","PublicIPv6":"{}","BackendType":"vxlan","BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,

@@ -489,7 +489,7 @@ fn make_stock_wireguard_node_dual_stack(c: &Cluster, index: usize, s6: ipnet::Ip
 /// flannel's addPeer on a stock node's flannel-wg-v6: the peer's key, endpoint
 /// [PublicIPv6]:51821, allowed IPs its IPv6 subnet, the PSK and keepalive.
 fn stock_ipv6_peer(from: &overlay_tests::Node, to: &overlay_tests::Node, to_ipv6: std::net::Ipv6Addr, s6: ipnet::Ipv6Net) {
-    let key = ok("key", to.ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    let key = ok("key", to.ns.run("wg", &["show", "flannel-wg-v6", "public-key"]));
     let psk = from.log.with_extension("stock-psk");
     ok("psk", std::fs::write(&psk, overlay_tests::WIREGUARD_PSK).map_err(anyhow::Error::from));
     ok(
@@ -502,6 +502,74 @@ fn stock_ipv6_peer(from: &overlay_tests::Node, to: &overlay_tests::Node, to_ipv6
             ],
         ),
     );
+}
+
+/// flannel's wireguard backend in an IPv6-only network (EnableIPv4 false, Mode separate),
+/// where the kernel has the module: two agents with flannel-wg-v6 alone (no flannel-wg),
+/// leases as flannel writes them (PublicIP 0.0.0.0, BackendV6Data only), and a stock flannel
+/// IPv6-only wireguard node set up with `wg`; IPv6 ping and TCP between all three both ways;
+/// `status` on flannel-wg-v6; a departed node's peer removed.
+#[test]
+fn ipv6_only_wireguard_nodes_interoperate_with_a_stock_node() {
+    require_root();
+    if !kernel_can_make("wg6o", &["type", "wireguard"]) {
+        assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
+        eprintln!("no wireguard module here: the IPv6-only wireguard test runs in the VM matrix");
+        return;
+    }
+    let config = format!(
+        r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{}","Backend":{{"Type":"wireguard","PSK":"{}","PersistentKeepaliveInterval":{}}}}}"#,
+        overlay_tests::NETWORK6,
+        overlay_tests::WIREGUARD_PSK,
+        overlay_tests::WIREGUARD_KEEPALIVE
+    );
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config },
+        ipv6_only: true,
+        nodes: vec![NodeKind::Agent { decap_hook: "auto" }, NodeKind::Agent { decap_hook: "auto" }, NodeKind::StockFlannel],
+        full_mesh: false,
+        ..ClusterSpec::etcd(Backend::Wireguard, "auto", 3)
+    };
+    let mut c = Cluster::new("kmw6o", &spec).unwrap_or_else(|e| panic!("building the IPv6-only wireguard cluster failed: {e:#}"));
+    let s6 = |c: &Cluster, i: usize| c.node(i).subnet6.expect("an IPv6 subnet");
+    for i in [1, 2] {
+        let n = c.node(i);
+        let key = format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", s6(&c, i).network());
+        let value = ok("lease", c.etcd().etcdctl(&["get", &key, "--print-value-only"]));
+        let v: serde_json::Value = serde_json::from_str(value.trim()).unwrap_or_else(|e| panic!("lease {key}: {e}: {value:?}"));
+        let public_key = ok("key", n.ns.run("wg", &["show", "flannel-wg-v6", "public-key"]));
+        assert_eq!(v["PublicIP"], "0.0.0.0", "{v}");
+        assert_eq!(v["PublicIPv6"], overlay_tests::underlay_ipv6(i).to_string(), "{v}");
+        assert_eq!(v["BackendV6Data"]["PublicKey"], public_key.trim(), "{v}");
+        assert_eq!(v["BackendV6Data"]["Port"], 51821, "{v}");
+        assert!(v.get("BackendData").is_none(), "no IPv4 side: {v}");
+        assert!(n.ns.run("ip", &["link", "show", "flannel-wg"]).is_err(), "node {i} made flannel-wg in an IPv6-only network");
+        assert_eq!(ok("mtu", overlay_tests::link_mtu(&n.ns, "flannel-wg-v6")), n.mtu, "FLANNEL_MTU is the device's");
+        let status = ok("status", n.agent_cli(&["status"]));
+        assert!(status.contains("device=flannel-wg-v6 ") && status.contains("backend=wireguard") && status.contains("ready=true"), "node {i}: {status}");
+    }
+    for i in [1, 2] {
+        stock_ipv6_peer(c.node(3), c.node(i), overlay_tests::underlay_ipv6(i), s6(&c, i));
+    }
+    for n in [c.node(1), c.node(2), c.node(3)] {
+        ok("v6 forwarding", n.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || [(1, 2), (2, 1), (1, 3), (3, 2)].iter().all(|&(a, b)| ping6(&c.node(a).containers[0], c.node(b).container_ip6(0), 1).is_ok())),
+        "no IPv6 between the containers:\n{}\n{}",
+        c.node(1).log_text(),
+        ok("wg", c.node(1).ns.run("wg", &["show", "flannel-wg-v6"]))
+    );
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        ok(&format!("ping6 {a} -> {b}"), ping6(&c.node(a).containers[0], c.node(b).container_ip6(1), 2));
+        ok(&format!("TCP6 {a} -> {b}"), tcp_transfer6(&c.node(a).containers[1], &c.node(b).containers[0], c.node(b).container_ip6(0), 1 << 20));
+    }
+    // Node 2 departs: its peer goes from node 1.
+    let pk2 = ok("key", c.node(2).ns.run("wg", &["show", "flannel-wg-v6", "public-key"]));
+    ok("stop", c.stop_agent(2));
+    ok("delete", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/0.0.0.0-0&{}-64", s6(&c, 2).network())]));
+    let has = || c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "peers"]).map(|o| o.contains(pk2.trim())).unwrap_or(true);
+    assert!(wait_until(Duration::from_secs(30), || !has()), "node 1 still has node 2's peer");
 }
 
 /// flannel's wireguard backend in a dual-stack network (Mode separate), where the kernel has

@@ -78,6 +78,18 @@ pub enum WireguardMode {
     Ipv6,
 }
 
+impl WireguardMode {
+    /// The name in the network config.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Separate => "separate",
+            Self::Auto => "auto",
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
 impl BackendConfig {
     /// The name flannel uses in `BackendType`.
     pub fn type_name(&self) -> &'static str {
@@ -336,15 +348,8 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
 
     let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
     // wireguard's dual stack: Mode separate (flannel-wg and flannel-wg-v6).
-    let wireguard_dual = backend.wireguard.is_some_and(|w| w.mode == WireguardMode::Separate) && enable_ipv4;
-    if ipv6.is_some() && backend.wireguard.is_some() && !wireguard_dual {
-        return Err(invalid(
-            "Backend.Mode",
-            "wireguard with IPv6 is implemented for dual stack with Mode \"separate\" (flannel-wg and flannel-wg-v6), \
-             not IPv6-only networks or one device for both families",
-        ));
-    }
-    if ipv6.is_some() && !wireguard_dual && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
+    let wireguard_separate = wireguard_ipv6_mode(&backend, ipv6.is_some())?;
+    if ipv6.is_some() && !wireguard_separate && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
         return Err(invalid(
             "EnableIPv6",
             format!("dual stack is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
@@ -357,6 +362,24 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
         ));
     }
     Ok(NetworkConfig { enable_ipv4, network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, ipv6, warnings })
+}
+
+/// Whether a wireguard network with IPv6 (`ipv6`) runs in Mode separate (flannel-wg-v6 for
+/// the IPv6 side), or why its Mode is refused: Modes auto, ipv4 and ipv6 put both families on
+/// one device (flannel-wg), which is not implemented.
+fn wireguard_ipv6_mode(backend: &BackendConfig, ipv6: bool) -> Result<bool, ConfigError> {
+    match backend.wireguard {
+        Some(w) if ipv6 && w.mode != WireguardMode::Separate => Err(invalid(
+            "Backend.Mode",
+            format!(
+                "{:?} puts IPv4 and IPv6 on one device (flannel-wg), which is not implemented: with IPv6 use Mode \"separate\" \
+                 (the default: flannel-wg and flannel-wg-v6)",
+                w.mode.name()
+            ),
+        )),
+        Some(_) => Ok(ipv6),
+        None => Ok(false),
+    }
 }
 
 /// What stands for the IPv4 network of an IPv6-only network: a /32 of the unspecified
@@ -380,7 +403,9 @@ fn ipv6_only(
         }
     }
     let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
-    if backend.mode != EncapMode::Vxlan || backend.host_gw {
+    // wireguard: flannel-wg-v6 alone (Mode separate).
+    let wireguard_separate = wireguard_ipv6_mode(&backend, true)?;
+    if !wireguard_separate && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
         return Err(invalid(
             "EnableIPv4",
             format!("false (an IPv6-only network) is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
@@ -730,7 +755,8 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#, "needs EnableIPv6"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","MTU":100}}"#, "no usable MTU"),
             (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"auto"}}"#, "Mode \"separate\""),
-            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#, "IPv6-only network) is implemented for the vxlan backend"),
+            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#, "\"ipv6\" puts IPv4 and IPv6 on one device"),
+            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"ipv4"}}"#, "use Mode \"separate\""),
             (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"ipip"}}"#, "not \"ipip\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"Extension"}}"#, "use \"vxlan\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
@@ -757,11 +783,16 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_wireguard_is_accepted_in_mode_separate() {
+    fn dual_stack_and_ipv6_only_wireguard_are_accepted_in_mode_separate() {
         let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","ListenPortV6":51999}}"#);
         let w = c.backend.wireguard.unwrap();
         assert_eq!((w.mode, w.listen_port, w.listen_port_v6), (WireguardMode::Separate, 51820, 51999));
-        assert!(c.ipv6.is_some());
+        assert!(c.ipv6.is_some() && c.enable_ipv4);
+        let c = ok(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"separate"}}"#);
+        assert!(c.ipv6.is_some() && !c.enable_ipv4 && c.backend.wireguard.is_some());
+        // Mode ipv4 in an IPv4-only network is the one device flannel-wg, as separate.
+        let c = ok(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv4"}}"#);
+        assert_eq!(c.backend.wireguard.unwrap().mode, WireguardMode::Ipv4);
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub fn prepare(cfg: &WireguardConfig, key_file: &Path) -> Result<WireguardDevice
     Ok(WireguardDevice { name: wg::DEVICE.to_string(), private_key, public_key, listen_port: cfg.listen_port, psk: cfg.psk, keepalive: cfg.keepalive })
 }
 
+/// Before the lease of an IPv6-only node: flannel-wg-v6 alone, with the node's key (kept in
+/// `key_file` as on any wireguard node) and `ListenPortV6`.
+pub fn prepare_v6_only(cfg: &WireguardConfig, key_file: &Path) -> Result<WireguardDevice> {
+    prepare_v6(cfg, wg::Secret(wg::load_or_create_key(key_file)?))
+}
+
 /// The key file: `WIREGUARD_KEY_FILE`, as flannel reads it, else /run/flannel/wgkey.
 pub fn key_file() -> PathBuf {
     PathBuf::from(wg::key_file(std::env::var("WIREGUARD_KEY_FILE").ok()))

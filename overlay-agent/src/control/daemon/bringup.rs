@@ -49,12 +49,12 @@ pub(super) fn plan(kind: DataplaneKind, cfg: &NetworkConfig) -> Result<Plan> {
     if kind == DataplaneKind::Tun && cfg.backend.type_name() != "udp" {
         bail!("--dataplane tun implements flannel's udp backend; the network config has Backend.Type {:?} (set \"udp\")", cfg.backend.type_name());
     }
-    Ok(if !cfg.enable_ipv4 {
+    Ok(if cfg.backend.wireguard.is_some() {
+        Plan::Wireguard
+    } else if !cfg.enable_ipv4 {
         Plan::Ipv6Only
     } else if cfg.backend.host_gw {
         Plan::HostGw
-    } else if cfg.backend.wireguard.is_some() {
-        Plan::Wireguard
     } else if kind == DataplaneKind::Tun {
         Plan::Tun
     } else {
@@ -75,11 +75,12 @@ pub(super) fn node_spec(opts: &DaemonOptions, cfg: &NetworkConfig, (iface, publi
         mode,
         vni: cfg.backend.vni,
         port: cfg.backend.port,
-        // An IPv6-only node's one overlay device is flannel-v6's.
+        // An IPv6-only node's one overlay device is flannel-v6's (flannel-wg-v6's).
         device: match (cfg.enable_ipv4, cfg.backend.wireguard) {
             (true, Some(_)) => crate::wireguard::DEVICE.to_string(),
             (true, None) => default_device(mode, cfg.backend.vni),
-            (false, _) => crate::datapath::ipv6::device_name(cfg.backend.vni),
+            (false, Some(_)) => crate::wireguard::DEVICE_V6.to_string(),
+            (false, None) => crate::datapath::ipv6::device_name(cfg.backend.vni),
         },
         decap_hook: opts.decap_hook,
         bpffs_dir: opts.bpffs_dir.clone(),
@@ -169,6 +170,15 @@ pub(super) fn lease_attrs(
         (Some(o6), _) if !cfg.enable_ipv4 => LeaseAttrs::vxlan_ipv6_only(o6.public_ip, cfg.backend.vni, o6.mac),
         _ if cfg.backend.host_gw => LeaseAttrs::host_gw(public_ip),
         // flannel-wg and its key before the lease: the lease announces the public key.
+        // IPv6-only: flannel-wg-v6 alone; the lease has only the IPv6 side.
+        _ if cfg.backend.wireguard.is_some() && !cfg.enable_ipv4 => {
+            let w = cfg.backend.wireguard.expect("checked");
+            let ip6 = wireguard_ipv6.context("an IPv6-only node has a public IPv6 address")?;
+            let dev = crate::datapath::wireguard::prepare_v6_only(&w, &crate::datapath::wireguard::key_file())?;
+            let attrs = LeaseAttrs::wireguard_ipv6_only(ip6, &dev.public_key, w.listen_port_v6);
+            wireguard = Some(dev);
+            attrs
+        }
         _ if cfg.backend.wireguard.is_some() => {
             let w = cfg.backend.wireguard.expect("checked");
             let dev = crate::datapath::wireguard::prepare(&w, &crate::datapath::wireguard::key_file())?;
@@ -258,6 +268,18 @@ pub(super) async fn dataplane(
         }
         // wireguard: flannel-wg (made before the lease) configured for the subnet; a run of
         // another backend before leaves neither its device nor its programs behind.
+        // An IPv6-only wireguard node: flannel-wg-v6 alone (made with its peers beside the
+        // lease, as a dual-stack node's IPv6 side); no IPv4 routes.
+        Plan::Wireguard if !cfg.enable_ipv4 => {
+            dataplane::detach_programs(spec)?;
+            dataplane::retire_other_backends(spec)?;
+            crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
+            let mtu = crate::datapath::wireguard::mtu(cfg.backend.mtu, netdev::require_link(&spec.iface)?.mtu);
+            crate::datapath::wireguard::set_marker(&spec.bpffs_dir, Some((&spec.device, &spec.iface, None)))
+                .with_context(|| format!("writing {}", crate::datapath::wireguard::marker(&spec.bpffs_dir).display()))?;
+            tracing::info!(device = %spec.device, mtu, "wireguard up (IPv6-only): the kernel encrypts, a peer per lease");
+            (Box::new(crate::datapath::degraded::NoIpv4Routes), None, None, mtu)
+        }
         Plan::Wireguard => {
             let w = cfg.backend.wireguard.expect("the wireguard plan has its config");
             let dev = wireguard.context("the wireguard plan has the device lease_attrs made")?;

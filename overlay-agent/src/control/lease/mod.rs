@@ -267,6 +267,13 @@ impl LeaseAttrs {
         }
     }
 
+    /// An IPv6-only wireguard node's, as flannel writes it: PublicIP 0.0.0.0, no
+    /// `BackendData`, the IPv6 side's `BackendV6Data`.
+    pub fn wireguard_ipv6_only(public_ipv6: Ipv6Addr, public_key: &crate::wireguard::Key, port_v6: u16) -> Self {
+        Self { public_ip: Ipv4Addr::UNSPECIFIED, public_ipv6: None, backend_type: "wireguard".into(), backend_data: None, backend_v6_data: None }
+            .with_wireguard_v6(public_ipv6, public_key, port_v6)
+    }
+
     /// A dual-stack wireguard node's IPv6 side, as flannel writes it (newSubnetAttrs):
     /// `PublicIPv6` and `BackendV6Data` with the same public key (both devices share the
     /// private key) and `ListenPortV6`.
@@ -417,6 +424,12 @@ mod tests {
         assert_eq!(w.wireguard_peer_v6(), Ok((key, Some(51821))));
         let ours = LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 64, 3), &key, 51820).with_wireguard_v6("fd00:64::3".parse().unwrap(), &key, 51821);
         assert_eq!(ours.to_json(), STOCK_WIREGUARD_DUAL);
+        // An IPv6-only node's (EnableIPv4 false): PublicIP 0.0.0.0, no BackendData.
+        let stock_v6_only = r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:64::3","BackendType":"wireguard","BackendV6Data":{"PublicKey":"2EyOaJZNYnmtE/TgvDqQovpJBt+hivRrVQO0ssN3e3I=","Port":51821}}"#;
+        assert_eq!(LeaseAttrs::wireguard_ipv6_only("fd00:64::3".parse().unwrap(), &key, 51821).to_json(), stock_v6_only);
+        let w = LeaseAttrs::parse(stock_v6_only.as_bytes()).unwrap();
+        assert_eq!(w.wireguard_peer_v6(), Ok((key, Some(51821))));
+        assert!(w.wireguard_peer().is_err(), "no IPv4 side");
         // An IPv4-only wireguard lease has no IPv6 peer; a bad IPv6 side says which field.
         let e = LeaseAttrs::parse(STOCK_WIREGUARD.as_bytes()).unwrap().wireguard_peer_v6().unwrap_err().to_string();
         assert!(e.contains("no BackendV6Data"), "{e}");
