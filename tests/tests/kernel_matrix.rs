@@ -504,6 +504,121 @@ fn stock_ipv6_peer(from: &overlay_tests::Node, to: &overlay_tests::Node, to_ipv6
     );
 }
 
+/// flannel's wireguard backend with one device for both families (dual stack, Mode `ipv6`),
+/// where the kernel has the module: two agents whose flannel-wg carries IPv4 and IPv6 (no
+/// flannel-wg-v6), each peer with both subnets as allowed IPs and its IPv6 endpoint at the
+/// port its one device listens on, and a stock node made as flannel makes a Mode ipv6 node
+/// (its peers at [PublicIPv6]:51820, as flannel before its PR #2200); ping both families and
+/// TCP over IPv6 between all three both ways; flannel-wg deleted under an agent put back with
+/// both addresses, both routes and its peers.
+#[test]
+fn one_device_wireguard_nodes_carry_both_families_with_a_stock_node() {
+    require_root();
+    if !kernel_can_make("wg1d", &["type", "wireguard"]) {
+        assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
+        eprintln!("no wireguard module here: the one-device wireguard test runs in the VM matrix");
+        return;
+    }
+    let config = dual_stack_wireguard_config().replace(r#""Type":"wireguard","#, r#""Type":"wireguard","Mode":"ipv6","#);
+    assert!(config.contains(r#""Mode":"ipv6""#), "{config}");
+    let spec = ClusterSpec {
+        control: Control::Etcd { tls: false, config },
+        ipv6_underlay: true,
+        nodes: vec![NodeKind::Agent { decap_hook: "auto" }, NodeKind::Agent { decap_hook: "auto" }, NodeKind::StockFlannel],
+        full_mesh: false,
+        ..ClusterSpec::etcd(Backend::Wireguard, "auto", 3)
+    };
+    let c = Cluster::new("kmw1d", &spec).unwrap_or_else(|e| panic!("building the one-device wireguard cluster failed: {e:#}"));
+    let subnet6 = |n: &overlay_tests::Node| -> ipnet::Ipv6Net {
+        let text = std::fs::read_to_string(&n.subnet_file).expect("subnet file");
+        let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in:\n{text}"));
+        line.parse::<ipnet::Ipv6Net>().expect("an IPv6 CIDR").trunc()
+    };
+    let stock6: ipnet::Ipv6Net = "fd00:10:244:67::/64".parse().unwrap();
+    let sub6 = [subnet6(c.node(1)), subnet6(c.node(2)), stock6];
+    // The stock node as flannel makes a Mode ipv6 node: flannel-wg (made by the harness, port
+    // 51820) given the IPv6 subnet's address and the IPv6 network's route too, and the
+    // dual-stack lease flannel writes (BackendV6Data's port is ListenPortV6, 51821).
+    let n3 = c.node(3);
+    ok("v6 addr", n3.ns.run("ip", &["-6", "addr", "add", &format!("{}/128", stock6.network()), "dev", "flannel-wg", "nodad"]));
+    ok("v6 route", n3.ns.run("ip", &["-6", "route", "replace", overlay_tests::NETWORK6, "dev", "flannel-wg", "scope", "link"]));
+    let pk3 = ok("key", n3.ns.run("wg", &["show", "flannel-wg", "public-key"]));
+    let value = format!(
+        r#"{{"PublicIP":"{}","PublicIPv6":"{}","BackendType":"wireguard","BackendData":{{"PublicKey":"{k}","Port":51820}},"BackendV6Data":{{"PublicKey":"{k}","Port":51821}}}}"#,
+        n3.underlay_ip,
+        overlay_tests::underlay_ipv6(3),
+        k = pk3.trim()
+    );
+    ok("old lease", c.etcd().etcdctl(&["del", &format!("/coreos.com/network/subnets/{}-24", n3.subnet.network())]));
+    ok("lease", c.etcd().etcdctl(&["put", &format!("/coreos.com/network/subnets/{}-24&{}-64", n3.subnet.network(), stock6.network()), &value]));
+    let psk = n3.log.with_extension("stock-psk");
+    ok("psk", std::fs::write(&psk, overlay_tests::WIREGUARD_PSK).map_err(anyhow::Error::from));
+    for i in [1, 2] {
+        let n = c.node(i);
+        let key = ok("key", n.ns.run("wg", &["show", "flannel-wg", "public-key"]));
+        ok(
+            "stock peer",
+            n3.ns.run(
+                "wg",
+                &[
+                    "set", "flannel-wg", "peer", key.trim(), "endpoint", &format!("[{}]:51820", overlay_tests::underlay_ipv6(i)),
+                    "allowed-ips", &format!("{},{}", n.subnet, sub6[i - 1]), "preshared-key", &psk.display().to_string(),
+                    "persistent-keepalive", &overlay_tests::WIREGUARD_KEEPALIVE.to_string(),
+                ],
+            ),
+        );
+        assert!(n.ns.run("ip", &["link", "show", "flannel-wg-v6"]).is_err(), "node {i} made flannel-wg-v6 in Mode ipv6");
+        let addrs = ok("addr", n.ns.run("ip", &["addr", "show", "dev", "flannel-wg"]));
+        assert!(addrs.contains(&format!("inet {}/32", n.subnet.network())) && addrs.contains(&format!("inet6 {}/128", sub6[i - 1].network())), "{addrs}");
+    }
+    let host = |net: ipnet::Ipv6Net, i: u128| std::net::Ipv6Addr::from(u128::from(net.network()) + i);
+    for (i, n) in [c.node(1), c.node(2), c.node(3)].into_iter().enumerate() {
+        let gw = host(sub6[i], 1);
+        ok("docker0 v6", n.ns.run("ip", &["addr", "add", &format!("{gw}/64"), "dev", "docker0", "nodad"]));
+        for (k, ct) in n.containers.iter().enumerate() {
+            ok("container v6", ct.run("ip", &["addr", "add", &format!("{}/64", host(sub6[i], k as u128 + 2)), "dev", "eth0", "nodad"]));
+            ok("container v6 route", ct.run("ip", &["-6", "route", "add", "default", "via", &gw.to_string(), "mtu", &n.mtu.to_string()]));
+        }
+        ok("v6 forwarding", n.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
+    }
+    seed_forward_rules(&c);
+    let ct6 = |node: usize, k: u128| host(sub6[node - 1], k + 2);
+    let all_up = || [(1, 2), (2, 1), (1, 3), (3, 2)].iter().all(|&(a, b)| {
+        ping6(&c.node(a).containers[0], ct6(b, 0), 1).is_ok() && ping(&c.node(a).containers[0], c.node(b).container_ip(0), 1).is_ok()
+    });
+    assert!(
+        wait_until(Duration::from_secs(60), all_up),
+        "no traffic between the containers:\n{}\n{}",
+        c.node(1).log_text(),
+        ok("wg", c.node(1).ns.run("wg", &["show", "flannel-wg"]))
+    );
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1), (2, 3), (3, 2)] {
+        ok(&format!("ping {a} -> {b}"), ping(&c.node(a).containers[0], c.node(b).container_ip(1), 2));
+        ok(&format!("ping6 {a} -> {b}"), ping6(&c.node(a).containers[0], ct6(b, 1), 2));
+        ok(&format!("TCP6 {a} -> {b}"), tcp_transfer6(&c.node(a).containers[1], &c.node(b).containers[0], ct6(b, 0), 1 << 20));
+    }
+    // Each agent's peers: IPv6 endpoints at the port the peer's one device listens on, both
+    // subnets allowed.
+    for i in [1, 2] {
+        let endpoints = ok("endpoints", c.node(i).ns.run("wg", &["show", "flannel-wg", "endpoints"]));
+        assert_eq!(endpoints.lines().count(), 2, "{endpoints}");
+        assert!(endpoints.lines().all(|l| l.contains("]:51820")), "node {i}: {endpoints}");
+        let allowed = ok("allowed", c.node(i).ns.run("wg", &["show", "flannel-wg", "allowed-ips"]));
+        assert!(allowed.contains(&format!("{} {}", c.node(3).subnet, stock6)) || (allowed.contains(&c.node(3).subnet.to_string()) && allowed.contains(&stock6.to_string())), "node {i}: {allowed}");
+        let status = ok("status", c.node(i).agent_cli(&["status"]));
+        assert!(status.contains("device=flannel-wg ") && status.contains("peers=2") && !status.contains("v6_device"), "node {i}: {status}");
+    }
+    // flannel-wg deleted under node 1's agent: put back with both addresses, routes and peers.
+    ok("delete", c.node(1).ns.run("ip", &["link", "del", "flannel-wg"]));
+    assert!(
+        wait_until(Duration::from_secs(30), || c.node(1).ns.run("wg", &["show", "flannel-wg", "peers"]).is_ok_and(|p| p.lines().count() == 2)
+            && ping6(&c.node(1).containers[0], ct6(3, 0), 1).is_ok()
+            && ping(&c.node(1).containers[0], c.node(3).container_ip(0), 1).is_ok()),
+        "flannel-wg was not restored:\n{}",
+        c.node(1).log_text()
+    );
+}
+
 /// flannel's wireguard backend in an IPv6-only network (EnableIPv4 false, Mode separate),
 /// where the kernel has the module: two agents with flannel-wg-v6 alone (no flannel-wg),
 /// leases as flannel writes them (PublicIP 0.0.0.0, BackendV6Data only), and a stock flannel

@@ -421,6 +421,9 @@ if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the dual-stack wireguard cluster
 OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact ipv6_only_wireguard_nodes_interoperate_with_a_stock_node --test-threads=1 --nocapture
 rc=$?
 if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the IPv6-only wireguard cluster's exit status $rc)\"; fi
+OVERLAY_EXPECT_KERNEL={label} OVERLAY_AGENT_BIN={agent} RUST_BACKTRACE=1 {tests} --exact one_device_wireguard_nodes_carry_both_families_with_a_stock_node --test-threads=1 --nocapture
+rc=$?
+if [ $rc != 0 ]; then echo \"VM-RESULT: failed (the one-device wireguard cluster's exit status $rc)\"; fi
 ",
             programs = programs.display(),
             ws = crate::workspace_root().display(),

@@ -161,6 +161,12 @@ impl Ipv6Config {
 }
 
 impl NetworkConfig {
+    /// A wireguard network with IPv6 whose one device, flannel-wg, carries both families
+    /// (Modes auto, ipv4, ipv6; Mode separate has flannel-wg-v6 for IPv6).
+    pub fn wireguard_joint(&self) -> bool {
+        self.ipv6.is_some() && self.backend.wireguard.is_some_and(|w| w.mode != WireguardMode::Separate)
+    }
+
     /// Every subnet leases may use, from SubnetMin to SubnetMax.
     pub fn subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
         let step = 1u64 << (32 - self.subnet_len);
@@ -347,39 +353,19 @@ pub fn parse(json: &str) -> Result<NetworkConfig, ConfigError> {
     }
 
     let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
-    // wireguard's dual stack: Mode separate (flannel-wg and flannel-wg-v6).
-    let wireguard_separate = wireguard_ipv6_mode(&backend, ipv6.is_some())?;
-    if ipv6.is_some() && !wireguard_separate && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
+    // wireguard's dual stack: flannel-wg-v6 beside flannel-wg (Mode separate), or both
+    // families on flannel-wg.
+    let wireguard = backend.wireguard.is_some();
+    if ipv6.is_some() && !wireguard && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
         return Err(invalid(
             "EnableIPv6",
             format!("dual stack is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
         ));
     }
-    if backend.wireguard.is_some_and(|w| w.mode == WireguardMode::Ipv6) {
-        return Err(invalid(
-            "Backend.Mode",
-            "\"ipv6\" sends to peers' IPv6 addresses, which needs EnableIPv6 (wireguard here carries IPv4 networks); use \"separate\" or \"ipv4\"",
-        ));
+    if ipv6.is_none() && backend.wireguard.is_some_and(|w| w.mode == WireguardMode::Ipv6) {
+        return Err(invalid("Backend.Mode", "\"ipv6\" sends to peers' IPv6 addresses, which needs EnableIPv6; use \"separate\" or \"ipv4\""));
     }
     Ok(NetworkConfig { enable_ipv4, network, subnet_len, subnet_min, subnet_max, backend, enable_nftables, ipv6, warnings })
-}
-
-/// Whether a wireguard network with IPv6 (`ipv6`) runs in Mode separate (flannel-wg-v6 for
-/// the IPv6 side), or why its Mode is refused: Modes auto, ipv4 and ipv6 put both families on
-/// one device (flannel-wg), which is not implemented.
-fn wireguard_ipv6_mode(backend: &BackendConfig, ipv6: bool) -> Result<bool, ConfigError> {
-    match backend.wireguard {
-        Some(w) if ipv6 && w.mode != WireguardMode::Separate => Err(invalid(
-            "Backend.Mode",
-            format!(
-                "{:?} puts IPv4 and IPv6 on one device (flannel-wg), which is not implemented: with IPv6 use Mode \"separate\" \
-                 (the default: flannel-wg and flannel-wg-v6)",
-                w.mode.name()
-            ),
-        )),
-        Some(_) => Ok(ipv6),
-        None => Ok(false),
-    }
 }
 
 /// What stands for the IPv4 network of an IPv6-only network: a /32 of the unspecified
@@ -403,9 +389,9 @@ fn ipv6_only(
         }
     }
     let backend = parse_backend(get(obj, "Backend"), &mut warnings)?;
-    // wireguard: flannel-wg-v6 alone (Mode separate).
-    let wireguard_separate = wireguard_ipv6_mode(&backend, true)?;
-    if !wireguard_separate && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
+    // wireguard: flannel-wg-v6 alone (Mode separate), or flannel-wg for IPv6.
+    let wireguard = backend.wireguard.is_some();
+    if !wireguard && (backend.mode != EncapMode::Vxlan || backend.host_gw) {
         return Err(invalid(
             "EnableIPv4",
             format!("false (an IPv6-only network) is implemented for the vxlan backend (flannel-v6.<VNI>), not {:?}", backend.type_name()),
@@ -754,9 +740,6 @@ mod tests {
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"both"}}"#, "Backend.Mode: \"both\" is not one of flannel's"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#, "needs EnableIPv6"),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","MTU":100}}"#, "no usable MTU"),
-            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"auto"}}"#, "Mode \"separate\""),
-            (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"ipv6"}}"#, "\"ipv6\" puts IPv4 and IPv6 on one device"),
-            (r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"ipv4"}}"#, "use Mode \"separate\""),
             (r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"ipip"}}"#, "not \"ipip\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"Extension"}}"#, "use \"vxlan\""),
             (r#"{"Network":"10.0.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#, "Backend.VNI: 16777216 does not fit"),
@@ -783,16 +766,25 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_and_ipv6_only_wireguard_are_accepted_in_mode_separate() {
+    fn dual_stack_and_ipv6_only_wireguard_are_accepted_in_every_mode() {
         let c = ok(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","ListenPortV6":51999}}"#);
         let w = c.backend.wireguard.unwrap();
         assert_eq!((w.mode, w.listen_port, w.listen_port_v6), (WireguardMode::Separate, 51820, 51999));
         assert!(c.ipv6.is_some() && c.enable_ipv4);
         let c = ok(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"separate"}}"#);
         assert!(c.ipv6.is_some() && !c.enable_ipv4 && c.backend.wireguard.is_some());
+        assert!(!c.wireguard_joint());
+        // Modes auto, ipv4 and ipv6: one device for both families, where there is IPv6.
+        for (mode, ipv6_only) in [("auto", false), ("ipv4", false), ("ipv6", false), ("ipv6", true), ("auto", true)] {
+            let enable4 = if ipv6_only { r#""EnableIPv4":false,"# } else { r#""Network":"10.0.0.0/16","# };
+            let c = ok(&format!(r#"{{{enable4}"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{{"Type":"wireguard","Mode":"{mode}"}}}}"#));
+            assert!(c.wireguard_joint(), "{mode}");
+            assert_eq!(c.backend.wireguard.unwrap().mode.name(), mode);
+        }
         // Mode ipv4 in an IPv4-only network is the one device flannel-wg, as separate.
         let c = ok(r#"{"Network":"10.0.0.0/16","Backend":{"Type":"wireguard","Mode":"ipv4"}}"#);
         assert_eq!(c.backend.wireguard.unwrap().mode, WireguardMode::Ipv4);
+        assert!(!c.wireguard_joint(), "no IPv6: nothing to join");
     }
 
     #[test]

@@ -43,6 +43,45 @@ pub struct Route6 {
     /// A wireguard node's IPv6 peer (on flannel-wg-v6): the lease's `BackendV6Data` key and
     /// port; no VtepMAC then.
     pub wireguard: Option<crate::maps::WireguardPeer>,
+    /// Where one wireguard device carries both families (Modes auto, ipv4, ipv6): the
+    /// peer's IPv4 subnet too, and the endpoint its Mode chose.
+    pub joint: Option<JointPeer>,
+}
+
+/// A peer on the one device of Modes auto, ipv4 and ipv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JointPeer {
+    /// The lease's IPv4 subnet (none in an IPv6-only network).
+    pub subnet4: Option<Ipv4Net>,
+    /// PublicIP:Port or [PublicIPv6]:Port, as the Mode chose.
+    pub endpoint: std::net::SocketAddr,
+}
+
+/// This node's side of a one-device wireguard network (Modes auto, ipv4, ipv6 with IPv6).
+#[derive(Clone, Copy, Debug)]
+pub struct JointSide {
+    pub mode: crate::config::WireguardMode,
+    /// flannel-wg's `ListenPort`: the port of a peer whose lease has no `BackendData.Port`.
+    pub listen_port: u16,
+    /// The IPv4 network and our public IPv4 address (none in an IPv6-only network).
+    pub network4: Option<Ipv4Net>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Ipv6Addr,
+}
+
+/// Which of a peer's addresses Mode `auto` sends to, as flannel's selectMode: IPv4 if the
+/// peer has no IPv6 address, or if its IPv4 address is public and we have one; IPv6 if its
+/// IPv6 address and ours are both public (not fc00::/7); else IPv4.
+pub fn select_family(peer4: Ipv4Addr, peer6: Option<Ipv6Addr>, ours4: Option<Ipv4Addr>, ours6: Ipv6Addr) -> crate::config::WireguardMode {
+    use crate::config::WireguardMode::{Ipv4, Ipv6};
+    let private4 = |a: Ipv4Addr| a.is_private();
+    let private6 = |a: Ipv6Addr| a.octets()[0] & 0xfe == 0xfc;
+    match peer6 {
+        None => Ipv4,
+        Some(_) if !private4(peer4) && ours4.is_some() => Ipv4,
+        Some(p6) if !private6(p6) && !private6(ours6) => Ipv6,
+        Some(_) => Ipv4,
+    }
 }
 
 /// This node's IPv6 side, as the IPv6 decisions need it.
@@ -56,6 +95,8 @@ pub struct Mine6 {
     /// A wireguard node's IPv6 listen port (`ListenPortV6`: the port of a peer whose
     /// `BackendV6Data` names none); `None` on a vxlan node.
     pub wireguard_port_v6: Option<u16>,
+    /// A wireguard node whose one device carries both families (Modes auto, ipv4, ipv6).
+    pub joint: Option<JointSide>,
 }
 
 impl Mine6 {
@@ -82,6 +123,9 @@ pub fn route6_for(lease: &Lease, me6: &Mine6) -> Result<Option<Route6>, LeaseFor
     };
     // A vxlan peer needs its IPv6 device's VtepMAC; a wireguard peer its BackendV6Data (a
     // lease without one is a node with no IPv6 side: no peer, as flannel skips it).
+    if let Some(j) = me6.joint {
+        return joint_route_for(lease, me6, &j, subnet, public_ip);
+    }
     let (vtep_mac, wireguard) = match me6.wireguard_port_v6 {
         Some(_) if lease.attrs.backend_v6_data.is_none() => return Ok(None),
         Some(own) => {
@@ -96,7 +140,46 @@ pub fn route6_for(lease: &Lease, me6: &Mine6) -> Result<Option<Route6>, LeaseFor
     if !me6.config.fits(&subnet) || Some(subnet) == me6.key.v6 {
         return Err(LeaseFormatError::Ipv6SubnetRefused(subnet.to_string()));
     }
-    Ok(Some(Route6 { subnet, public_ip, vtep_mac, wireguard }))
+    Ok(Some(Route6 { subnet, public_ip, vtep_mac, wireguard, joint: None }))
+}
+
+/// A peer on the one device of Modes auto, ipv4 and ipv6: its key (BackendData's, else
+/// BackendV6Data's), both its subnets as allowed IPs, its endpoint in the family the Mode
+/// chooses, at the port its one device listens on: `BackendData.Port` (its `ListenPort`),
+/// else ours. (flannel sends to `BackendV6Data.Port`, the `ListenPortV6` no device listens on
+/// in these Modes; see docs/backends.md.)
+fn joint_route_for(lease: &Lease, me6: &Mine6, j: &JointSide, subnet: Ipv6Net, public_ipv6: Ipv6Addr) -> Result<Option<Route6>, LeaseFormatError> {
+    use crate::config::WireguardMode::{Auto, Ipv4, Ipv6, Separate};
+    let (public_key, port) = match lease.attrs.backend_data {
+        Some(_) => lease.attrs.wireguard_peer()?,
+        None => (lease.attrs.wireguard_peer_v6()?.0, None),
+    };
+    let port = port.unwrap_or(j.listen_port);
+    let subnet4 = match j.network4 {
+        Some(n) if n.contains(&lease.subnet) && lease.subnet.prefix_len() > n.prefix_len() && lease.subnet != me6.key.v4 => Some(lease.subnet),
+        Some(_) => return Err(LeaseFormatError::BadWireguardData(format!("IPv4 subnet {} is not one of the network's", lease.subnet))),
+        None => None,
+    };
+    let family = match j.mode {
+        Auto => select_family(lease.attrs.public_ip, Some(public_ipv6), j.public_ip, j.public_ipv6),
+        m @ (Ipv4 | Ipv6) => m,
+        Separate => unreachable!("Mode separate has two devices"),
+    };
+    let endpoint = match family {
+        // A peer without an IPv4 address (an IPv6-only network) is reached over IPv6.
+        Ipv4 if !lease.attrs.public_ip.is_unspecified() => std::net::SocketAddr::from((lease.attrs.public_ip, port)),
+        _ => std::net::SocketAddr::from((public_ipv6, port)),
+    };
+    if !me6.config.fits(&subnet) || Some(subnet) == me6.key.v6 {
+        return Err(LeaseFormatError::Ipv6SubnetRefused(subnet.to_string()));
+    }
+    Ok(Some(Route6 {
+        subnet,
+        public_ip: public_ipv6,
+        vtep_mac: [0; 6],
+        wireguard: Some(crate::maps::WireguardPeer { public_key, port }),
+        joint: Some(JointPeer { subnet4, endpoint }),
+    }))
 }
 
 /// Routes for all leases, and the leases skipped with the reason.
@@ -214,10 +297,11 @@ mod tests {
             public_ip: my_ip,
             public_ipv6: Some("fd00::1".parse().unwrap()),
             wireguard_port_v6: None,
+            joint: None,
         };
         assert_eq!(
             route6_for(&peer, &me6),
-            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6], wireguard: None }))
+            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00::2".parse().unwrap(), vtep_mac: [6; 6], wireguard: None, joint: None }))
         );
         assert_eq!(route6_for(&Lease { subnet6: None, ..peer.clone() }, &me6), Ok(None), "an IPv4-only peer");
         let v4_only_attrs = LeaseAttrs::vxlan(Ipv4Addr::new(192, 168, 0, 2), 1, [2; 6]);
@@ -241,6 +325,7 @@ mod tests {
             public_ip: Ipv4Addr::new(192, 168, 0, 1),
             public_ipv6: Some("fd00:64::1".parse().unwrap()),
             wireguard_port_v6: Some(51821),
+            joint: None,
         };
         let key = [7u8; 32];
         let v4 = LeaseAttrs::wireguard(Ipv4Addr::new(192, 168, 0, 2), &key, 51820);
@@ -255,6 +340,7 @@ mod tests {
             public_ip: "fd00:64::2".parse().unwrap(),
             vtep_mac: [0; 6],
             wireguard: Some(crate::maps::WireguardPeer { public_key: key, port }),
+            joint: None,
         };
         assert_eq!(route6_for(&peer, &me6), Ok(Some(want(51999))));
         let mut no_port = peer.clone();
@@ -269,6 +355,70 @@ mod tests {
         assert_eq!(route6_for(&peer, &Mine6 { wireguard_port_v6: None, ..me6 }), Ok(None));
     }
 
+    /// Modes auto, ipv4 and ipv6 (one device): a peer with both subnets, its endpoint in the
+    /// Mode's family at its BackendData port (its one device's ListenPort), never ListenPortV6.
+    #[test]
+    fn one_device_wireguard_peers_carry_both_subnets_and_the_modes_endpoint() {
+        use crate::config::WireguardMode::{Auto, Ipv4, Ipv6};
+        let cfg = crate::config::parse(r#"{"Network":"10.0.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"auto"}}"#).unwrap();
+        let side = |mode, ours4: Ipv4Addr, ours6: &str| JointSide {
+            mode,
+            listen_port: 51820,
+            network4: Some(cfg.network),
+            public_ip: Some(ours4),
+            public_ipv6: ours6.parse().unwrap(),
+        };
+        let me6 = |j: JointSide| Mine6 {
+            config: cfg.ipv6.unwrap(),
+            key: LeaseKey { v4: "10.0.1.0/24".parse().unwrap(), v6: Some("fd00:0:0:1::/64".parse().unwrap()) },
+            public_ip: j.public_ip.unwrap(),
+            public_ipv6: Some(j.public_ipv6),
+            wireguard_port_v6: Some(51821),
+            joint: Some(j),
+        };
+        let key = [7u8; 32];
+        let peer = |ip4: Ipv4Addr, ip6: &str| Lease {
+            subnet: "10.0.2.0/24".parse().unwrap(),
+            subnet6: Some("fd00:0:0:2::/64".parse().unwrap()),
+            attrs: LeaseAttrs::wireguard(ip4, &key, 51999).with_wireguard_v6(ip6.parse().unwrap(), &key, 51821),
+            etcd_lease: 2,
+        };
+        let private4 = Ipv4Addr::new(192, 168, 0, 1);
+        let lease = peer(Ipv4Addr::new(192, 168, 0, 2), "fd00:64::2");
+        let endpoint = |l: &Lease, j| route6_for(l, &me6(j)).unwrap().unwrap().joint.unwrap().endpoint.to_string();
+        assert_eq!(endpoint(&lease, side(Ipv4, private4, "fd00:64::1")), "192.168.0.2:51999");
+        assert_eq!(endpoint(&lease, side(Ipv6, private4, "fd00:64::1")), "[fd00:64::2]:51999", "the peer's one port, not its ListenPortV6");
+        assert_eq!(endpoint(&lease, side(Auto, private4, "fd00:64::1")), "192.168.0.2:51999", "private addresses: IPv4, as flannel");
+        let public6 = peer(Ipv4Addr::new(192, 168, 0, 2), "2001:db8::2");
+        assert_eq!(endpoint(&public6, side(Auto, private4, "2001:db8::1")), "[2001:db8::2]:51999", "both IPv6 public, IPv4 private: IPv6");
+        assert_eq!(endpoint(&public6, side(Auto, private4, "fd00:64::1")), "192.168.0.2:51999", "our IPv6 is private: IPv4");
+        let public4 = peer(Ipv4Addr::new(198, 51, 100, 2), "2001:db8::2");
+        assert_eq!(endpoint(&public4, side(Auto, private4, "2001:db8::1")), "198.51.100.2:51999", "a public IPv4 address wins");
+        let r = route6_for(&lease, &me6(side(Ipv4, private4, "fd00:64::1"))).unwrap().unwrap();
+        assert_eq!(r.joint.unwrap().subnet4, Some("10.0.2.0/24".parse().unwrap()));
+        assert_eq!(r.wireguard, Some(crate::maps::WireguardPeer { public_key: key, port: 51999 }));
+        // A lease without a port: our ListenPort; an IPv4 subnet outside the network: refused.
+        let mut no_port = lease.clone();
+        no_port.attrs.backend_data = Some(serde_json::json!({"PublicKey": crate::wireguard::format_key(&key)}));
+        assert_eq!(endpoint(&no_port, side(Ipv6, private4, "fd00:64::1")), "[fd00:64::2]:51820");
+        let outside = Lease { subnet: "172.16.0.0/24".parse().unwrap(), ..peer(Ipv4Addr::new(192, 168, 0, 9), "fd00:64::9") };
+        assert!(matches!(route6_for(&outside, &me6(side(Ipv4, private4, "fd00:64::1"))), Err(LeaseFormatError::BadWireguardData(_))));
+    }
+
+    #[test]
+    fn auto_mode_chooses_the_family_as_flannels_select_mode() {
+        use crate::config::WireguardMode::{Ipv4, Ipv6};
+        let (p4, pub4): (Ipv4Addr, Ipv4Addr) = ("10.1.2.3".parse().unwrap(), "203.0.113.3".parse().unwrap());
+        let (ula, global): (Ipv6Addr, Ipv6Addr) = ("fd00::3".parse().unwrap(), "2001:db8::3".parse().unwrap());
+        assert_eq!(select_family(pub4, None, Some(p4), global), Ipv4, "no IPv6 address");
+        assert_eq!(select_family(pub4, Some(global), Some(p4), global), Ipv4);
+        assert_eq!(select_family(pub4, Some(global), None, global), Ipv6, "a public IPv4 peer, but we have no IPv4");
+        assert_eq!(select_family(p4, Some(global), Some(p4), global), Ipv6);
+        assert_eq!(select_family(p4, Some(ula), Some(p4), global), Ipv4, "the peer's IPv6 is private");
+        assert_eq!(select_family("172.31.0.1".parse().unwrap(), Some(global), Some(p4), "fc00::1".parse().unwrap()), Ipv4, "ours is private");
+        assert_eq!(select_family("172.32.0.1".parse().unwrap(), Some(global), Some(p4), global), Ipv4, "172.32/16 is public to flannel");
+    }
+
     /// In an IPv6-only network every lease says PublicIP 0.0.0.0 and has the key's 0.0.0.0/0:
     /// peers are told apart from us by their IPv6 subnet and address.
     #[test]
@@ -280,6 +430,7 @@ mod tests {
             public_ip: Ipv4Addr::UNSPECIFIED,
             public_ipv6: Some("fd00:64::1".parse().unwrap()),
             wireguard_port_v6: None,
+            joint: None,
         };
         let lease = |s6: &str, ip6: &str| {
             let k = LeaseKey::ipv6_only(s6.parse().unwrap());
@@ -287,7 +438,7 @@ mod tests {
         };
         assert_eq!(
             route6_for(&lease("fd00:0:0:2::/64", "fd00:64::2"), &me6),
-            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00:64::2".parse().unwrap(), vtep_mac: [6; 6], wireguard: None }))
+            Ok(Some(Route6 { subnet: "fd00:0:0:2::/64".parse().unwrap(), public_ip: "fd00:64::2".parse().unwrap(), vtep_mac: [6; 6], wireguard: None, joint: None }))
         );
         assert_eq!(route6_for(&lease("fd00:0:0:1::/64", "fd00:64::1"), &me6), Ok(None), "our own");
         assert_eq!(route6_for(&lease("fd00:0:0:3::/64", "fd00:64::1"), &me6), Ok(None), "another lease naming our address");

@@ -224,6 +224,25 @@ fn remake(dev: &WireguardDevice) -> Result<()> {
     wg::configure(&dev.name, &dev.private_key, dev.listen_port)
 }
 
+/// The IPv4 table of a node whose one wireguard device carries both families (Modes auto,
+/// ipv4, ipv6 with IPv6): each peer is written whole, with both its subnets, by the IPv6 side
+/// (`WireguardPeers6` with `ipv4`); the IPv4 routes are only kept here for the reconcile.
+#[derive(Default)]
+pub struct JointIpv4Routes(std::collections::BTreeMap<Ipv4Net, Route>);
+
+impl RouteTable for JointIpv4Routes {
+    fn routes(&self) -> Result<Vec<Route>, MapsError> {
+        Ok(self.0.values().copied().collect())
+    }
+    fn upsert_route(&mut self, r: &Route) -> Result<(), MapsError> {
+        self.0.insert(r.subnet, *r);
+        Ok(())
+    }
+    fn remove_route(&mut self, subnet: Ipv4Net) -> Result<(), MapsError> {
+        self.0.remove(&subnet).map(drop).ok_or(MapsError::NoSuchRoute(subnet))
+    }
+}
+
 /// The routes a device's peers stand for: one per peer with exactly one IPv4 subnet, its
 /// endpoint's address and port, its key. One whose preshared key or keepalive is not what
 /// the config says, or with no IPv4 endpoint, is given no peer address, so that the reconcile
@@ -255,6 +274,7 @@ impl RouteTable for WireguardPeers {
                 public_key: peer.public_key,
                 endpoint: SocketAddrV4::new(r.public_ip, peer.port).into(),
                 allowed: r.subnet.into(),
+                also_allowed: None,
                 preshared_key: self.dev.psk,
                 keepalive: self.dev.keepalive,
             },
@@ -322,12 +342,15 @@ pub struct WireguardPeers6 {
     pub network: ipnet::Ipv6Net,
     pub subnet: ipnet::Ipv6Net,
     pub mtu: u32,
+    /// Where one device carries both families (flannel-wg in Modes auto, ipv4, ipv6 of a
+    /// dual-stack network): its IPv4 network and subnet, set up and checked here too.
+    pub ipv4: Option<(Ipv4Net, Ipv4Net)>,
     routes: std::collections::BTreeMap<crate::lease::LeaseKey, crate::reconcile::Route6>,
 }
 
 impl WireguardPeers6 {
     pub fn new(dev: WireguardDevice, public_ip: std::net::Ipv6Addr, network: ipnet::Ipv6Net, subnet: ipnet::Ipv6Net, mtu: u32) -> Self {
-        Self { dev, public_ip, network, subnet, mtu, routes: Default::default() }
+        Self { dev, public_ip, network, subnet, mtu, ipv4: None, routes: Default::default() }
     }
 
     /// How many peers the IPv6 side holds.
@@ -339,6 +362,10 @@ impl WireguardPeers6 {
     /// IPv6 network routed through it (scope link).
     pub fn configure(&self) -> Result<()> {
         netdev::configure_up(&self.dev.name, Some(self.mtu))?;
+        if let Some((network4, subnet4)) = self.ipv4 {
+            netdev::set_device_address(&self.dev.name, subnet4.network())?;
+            netdev::route_network_link(network4, &self.dev.name)?;
+        }
         netdev::set_device_address6(&self.dev.name, self.subnet.network())?;
         netdev::route_network_link6(self.network, &self.dev.name)?;
         Ok(())
@@ -346,7 +373,12 @@ impl WireguardPeers6 {
 
     /// What is wrong with flannel-wg-v6 (`None`: intact), as for flannel-wg.
     pub fn damage(&self) -> Result<Option<&'static str>> {
-        device_damage(&self.dev, || netdev::has_address6(&self.dev.name, self.subnet.network()), || netdev::network_route6_via(self.network, &self.dev.name))
+        let name = &self.dev.name;
+        device_damage(
+            &self.dev,
+            || Ok(netdev::has_address6(name, self.subnet.network())? && self.ipv4.map_or(Ok(true), |(_, s4)| netdev::has_address(name, s4.network()))?),
+            || Ok(netdev::network_route6_via(self.network, name)? && self.ipv4.map_or(Ok(true), |(n4, _)| netdev::network_route_via(n4, name))?),
+        )
     }
 
     /// flannel-wg-v6 made as at start, and every peer written again.
@@ -363,8 +395,10 @@ impl WireguardPeers6 {
         let peer = r.wireguard.with_context(|| format!("IPv6 route {} has no wireguard peer", r.subnet))?;
         Ok(wg::PeerConfig {
             public_key: peer.public_key,
-            endpoint: std::net::SocketAddrV6::new(r.public_ip, peer.port, 0, 0).into(),
+            // One device for both families: the endpoint the Mode chose.
+            endpoint: r.joint.map_or(std::net::SocketAddrV6::new(r.public_ip, peer.port, 0, 0).into(), |j| j.endpoint),
             allowed: r.subnet.into(),
+            also_allowed: r.joint.and_then(|j| j.subnet4).map(Into::into),
             preshared_key: self.dev.psk,
             keepalive: self.dev.keepalive,
         })

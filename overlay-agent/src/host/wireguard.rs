@@ -269,6 +269,9 @@ pub struct PeerConfig {
     /// The lease's subnet (IPv4 on flannel-wg, IPv6 on flannel-wg-v6): what the peer may send
     /// from and is sent to.
     pub allowed: ipnet::IpNet,
+    /// Its other subnet, where one device carries both families (Modes auto, ipv4, ipv6 with
+    /// IPv6): the lease's IPv4 subnet beside its IPv6 one.
+    pub also_allowed: Option<ipnet::IpNet>,
     /// The network's `PSK` (none: no preshared key).
     pub preshared_key: Option<Secret>,
     /// `PersistentKeepaliveInterval` in seconds (0: off).
@@ -279,22 +282,25 @@ pub struct PeerConfig {
 /// Add or update a peer: its endpoint, its allowed IPs replaced by the lease's subnet, the
 /// preshared key and keepalive (flannel's addPeer).
 pub fn set_peer(name: &str, p: &PeerConfig) -> Result<()> {
-    let family = match p.allowed {
-        ipnet::IpNet::V4(_) => WireguardAddressFamily::Ipv4,
-        ipnet::IpNet::V6(_) => WireguardAddressFamily::Ipv6,
+    let allowed_ip = |n: ipnet::IpNet| {
+        let family = match n {
+            ipnet::IpNet::V4(_) => WireguardAddressFamily::Ipv4,
+            ipnet::IpNet::V6(_) => WireguardAddressFamily::Ipv6,
+        };
+        WireguardAllowedIp(vec![
+            WireguardAllowedIpAttr::Family(family),
+            WireguardAllowedIpAttr::IpAddr(n.network()),
+            WireguardAllowedIpAttr::Cidr(n.prefix_len()),
+        ])
     };
-    let allowed = WireguardAllowedIp(vec![
-        WireguardAllowedIpAttr::Family(family),
-        WireguardAllowedIpAttr::IpAddr(p.allowed.network()),
-        WireguardAllowedIpAttr::Cidr(p.allowed.prefix_len()),
-    ]);
+    let allowed: Vec<_> = std::iter::once(p.allowed).chain(p.also_allowed).map(allowed_ip).collect();
     let peer = WireguardPeer(vec![
         WireguardPeerAttribute::PublicKey(p.public_key),
         WireguardPeerAttribute::Flags(WireguardPeerFlags::ReplaceAllowedIps),
         WireguardPeerAttribute::PresharedKey(p.preshared_key.map_or([0; 32], |k| k.0)),
         WireguardPeerAttribute::PersistentKeepalive(p.keepalive),
         WireguardPeerAttribute::Endpoint(p.endpoint),
-        WireguardPeerAttribute::AllowedIps(vec![allowed]),
+        WireguardPeerAttribute::AllowedIps(allowed),
     ]);
     wg_request(
         &format!("set wireguard peer {} on {name}", format_key(&p.public_key)),
@@ -379,7 +385,7 @@ mod tests {
     fn debug_output_never_shows_a_preshared_key() {
         let psk = [0xabu8; 32];
         let shown = [format_key(&psk), format!("{:?}", psk[0]), "171, 171".to_string()];
-        let peer = PeerConfig { public_key: [1; 32], endpoint: "192.0.2.1:51820".parse().unwrap(), allowed: "10.0.1.0/24".parse().unwrap(), preshared_key: Some(Secret(psk)), keepalive: 25 };
+        let peer = PeerConfig { public_key: [1; 32], endpoint: "192.0.2.1:51820".parse().unwrap(), allowed: "10.0.1.0/24".parse().unwrap(), also_allowed: None, preshared_key: Some(Secret(psk)), keepalive: 25 };
         let info = PeerInfo { public_key: [1; 32], endpoint: None, allowed_ips: Vec::new(), preshared_key: Some(Secret(psk)), keepalive: 0, last_handshake_secs: 0, rx_bytes: 0, tx_bytes: 0 };
         let cfg = crate::config::WireguardConfig { listen_port: 51820, listen_port_v6: 51821, psk: Some(Secret(psk)), keepalive: 0, mode: crate::config::WireguardMode::Separate };
         for text in [format!("{peer:?}"), format!("{info:?}"), format!("{cfg:?}")] {

@@ -79,7 +79,8 @@ pub(super) fn node_spec(opts: &DaemonOptions, cfg: &NetworkConfig, (iface, publi
         device: match (cfg.enable_ipv4, cfg.backend.wireguard) {
             (true, Some(_)) => crate::wireguard::DEVICE.to_string(),
             (true, None) => default_device(mode, cfg.backend.vni),
-            (false, Some(_)) => crate::wireguard::DEVICE_V6.to_string(),
+            (false, Some(_)) if !cfg.wireguard_joint() => crate::wireguard::DEVICE_V6.to_string(),
+            (false, Some(_)) => crate::wireguard::DEVICE.to_string(),
             (false, None) => crate::datapath::ipv6::device_name(cfg.backend.vni),
         },
         decap_hook: opts.decap_hook,
@@ -174,7 +175,12 @@ pub(super) fn lease_attrs(
         _ if cfg.backend.wireguard.is_some() && !cfg.enable_ipv4 => {
             let w = cfg.backend.wireguard.expect("checked");
             let ip6 = wireguard_ipv6.context("an IPv6-only node has a public IPv6 address")?;
-            let dev = crate::datapath::wireguard::prepare_v6_only(&w, &crate::datapath::wireguard::key_file())?;
+            // flannel-wg-v6 in Mode separate, flannel-wg (ListenPort) in the others, as flannel.
+            let key_file = crate::datapath::wireguard::key_file();
+            let dev = match cfg.wireguard_joint() {
+                false => crate::datapath::wireguard::prepare_v6_only(&w, &key_file)?,
+                true => crate::datapath::wireguard::prepare(&w, &key_file)?,
+            };
             let attrs = LeaseAttrs::wireguard_ipv6_only(ip6, &dev.public_key, w.listen_port_v6);
             wireguard = Some(dev);
             attrs
@@ -268,17 +274,29 @@ pub(super) async fn dataplane(
         }
         // wireguard: flannel-wg (made before the lease) configured for the subnet; a run of
         // another backend before leaves neither its device nor its programs behind.
-        // An IPv6-only wireguard node: flannel-wg-v6 alone (made with its peers beside the
-        // lease, as a dual-stack node's IPv6 side); no IPv4 routes.
-        Plan::Wireguard if !cfg.enable_ipv4 => {
+        // An IPv6-only wireguard node (flannel-wg-v6 alone; flannel-wg in Modes other than
+        // separate), or one whose flannel-wg carries both families: the device and its peers
+        // are the IPv6 side's (made beside the lease); the IPv4 table holds no peers.
+        Plan::Wireguard if !cfg.enable_ipv4 || cfg.wireguard_joint() => {
             dataplane::detach_programs(spec)?;
             dataplane::retire_other_backends(spec)?;
+            // One device for both families: a Mode separate run's flannel-wg-v6 goes.
+            if cfg.wireguard_joint() && netdev::link(crate::wireguard::DEVICE_V6)?.is_some_and(|l| l.kind.as_deref() == Some("wireguard")) {
+                tracing::warn!(device = crate::wireguard::DEVICE_V6, "removing the IPv6 wireguard device: in this Mode flannel-wg carries IPv6");
+                netdev::delete_link(crate::wireguard::DEVICE_V6)?;
+            }
             crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
             let mtu = crate::datapath::wireguard::mtu(cfg.backend.mtu, netdev::require_link(&spec.iface)?.mtu);
             crate::datapath::wireguard::set_marker(&spec.bpffs_dir, Some((&spec.device, &spec.iface, None)))
                 .with_context(|| format!("writing {}", crate::datapath::wireguard::marker(&spec.bpffs_dir).display()))?;
-            tracing::info!(device = %spec.device, mtu, "wireguard up (IPv6-only): the kernel encrypts, a peer per lease");
-            (Box::new(crate::datapath::degraded::NoIpv4Routes), None, None, mtu)
+            let mode = cfg.backend.wireguard.map_or("-", |w| w.mode.name());
+            let stack = if cfg.enable_ipv4 { "both families on one device" } else { "IPv6-only" };
+            tracing::info!(device = %spec.device, mtu, mode, "wireguard up ({stack}): the kernel encrypts, a peer per lease");
+            let routes: Box<dyn crate::tun::RouteTable> = match cfg.enable_ipv4 {
+                true => Box::new(crate::datapath::wireguard::JointIpv4Routes::default()),
+                false => Box::new(crate::datapath::degraded::NoIpv4Routes),
+            };
+            (routes, None, None, mtu)
         }
         Plan::Wireguard => {
             let w = cfg.backend.wireguard.expect("the wireguard plan has its config");
@@ -421,11 +439,19 @@ pub(super) fn wireguard_v6(
 ) -> Result<Option<crate::datapath::wireguard::WireguardPeers6>> {
     let (Some(w), Some(c6), Some(dev), Some(ip6)) = (cfg.backend.wireguard, cfg.ipv6, dev, public_ipv6) else { return Ok(None) };
     let s6 = held.subnet6.context("a dual-stack wireguard node's lease has no IPv6 subnet")?;
-    let dev6 = crate::datapath::wireguard::prepare_v6(&w, dev.private_key)?;
     let mtu = crate::datapath::wireguard::mtu(cfg.backend.mtu, netdev::require_link(&spec.iface)?.mtu);
-    let peers = crate::datapath::wireguard::WireguardPeers6::new(dev6, ip6, c6.network, s6, mtu);
+    // Modes auto, ipv4, ipv6: flannel-wg carries both families (its IPv4 side set up here
+    // too); Mode separate: flannel-wg-v6, with the same key.
+    let peers = match cfg.wireguard_joint() {
+        true => {
+            let mut p = crate::datapath::wireguard::WireguardPeers6::new(dev.clone(), ip6, c6.network, s6, mtu);
+            p.ipv4 = cfg.enable_ipv4.then_some((cfg.network, held.subnet));
+            p
+        }
+        false => crate::datapath::wireguard::WireguardPeers6::new(crate::datapath::wireguard::prepare_v6(&w, dev.private_key)?, ip6, c6.network, s6, mtu),
+    };
     peers.configure()?;
-    tracing::info!(device = %peers.dev.name, subnet = %s6, mtu, "wireguard IPv6 side up");
+    tracing::info!(device = %peers.dev.name, subnet = %s6, mtu, mode = w.mode.name(), "wireguard IPv6 side up");
     Ok(Some(peers))
 }
 

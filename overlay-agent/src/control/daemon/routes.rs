@@ -100,7 +100,15 @@ impl Daemon {
             (None, Some(w6)) => (w6.public_ip, Some(w6.dev.listen_port)),
             (None, None) => return None,
         };
-        Some(reconcile::Mine6 { config: self.cfg.ipv6?, key: self.held.key(), public_ip: self.attrs.public_ip, public_ipv6: Some(public_ipv6), wireguard_port_v6 })
+        // One wireguard device for both families (Modes auto, ipv4, ipv6).
+        let joint = self.cfg.backend.wireguard.filter(|w| w.mode != crate::config::WireguardMode::Separate).map(|w| reconcile::JointSide {
+            mode: w.mode,
+            listen_port: w.listen_port,
+            network4: self.cfg.enable_ipv4.then_some(self.cfg.network),
+            public_ip: self.cfg.enable_ipv4.then_some(self.attrs.public_ip),
+            public_ipv6,
+        });
+        Some(reconcile::Mine6 { config: self.cfg.ipv6?, key: self.held.key(), public_ip: self.attrs.public_ip, public_ipv6: Some(public_ipv6), wireguard_port_v6, joint })
     }
 
     /// Whether leases of `key`'s kind are this network's (`NetworkConfig::takes`); the others
