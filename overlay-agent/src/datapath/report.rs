@@ -78,7 +78,14 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
         s = format!("{:<20} {:<16} {:<9} {:<18} {:<10} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "WIREGUARD-KEY:PORT");
     }
     if dual {
-        s = format!("{:<20} {:<16} {:<8} {:<18} {:<10} {:<44} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "IPV6-SUBNET", "PUBLIC-IPV6");
+        s = format!("{:<20} {:<16} {:<9} {:<18} {:<10} {:<44} {}\n", "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "IPV6-SUBNET", "PUBLIC-IPV6");
+        if wireguard {
+            // And the node's key with both ports (IPv4/IPv6), last.
+            s = format!(
+                "{:<20} {:<16} {:<9} {:<18} {:<10} {:<44} {:<40} {}\n",
+                "SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TIME-LEFT", "IPV6-SUBNET", "PUBLIC-IPV6", "WIREGUARD-KEY:PORT/PORTV6"
+            );
+        }
     }
     for (l, left) in rows {
         // An IPv6-only node's lease has neither an IPv4 subnet nor a PublicIP (0.0.0.0/0 and
@@ -93,17 +100,14 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
         if dual {
             let sub6 = l.subnet6.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
             let ip6 = l.attrs.public_ipv6.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
-            let _ = writeln!(
-                s,
-                "{:<20} {:<16} {:<8} {:<18} {:<10} {:<44} {}",
-                subnet,
-                public_ip,
-                backend,
-                mac,
-                left,
-                sub6,
-                ip6
-            );
+            let _ = write!(s, "{:<20} {:<16} {:<9} {:<18} {:<10} {:<44} {}", subnet, public_ip, backend, mac, left, sub6, ip6);
+            if wireguard {
+                let _ = write!(s, "{:<pad$}", "", pad = 40usize.saturating_sub(ip6.len()));
+                let key = l.attrs.wireguard_peer().or_else(|_| l.attrs.wireguard_peer_v6()).map(|(k, _)| crate::wireguard::format_key(&k));
+                let port = |p: Result<(crate::wireguard::Key, Option<u16>), _>| p.ok().and_then(|(_, p)| p).map_or("-".to_string(), |p| p.to_string());
+                let _ = write!(s, " {}:{}/{}", key.unwrap_or_else(|_| "-".into()), port(l.attrs.wireguard_peer()), port(l.attrs.wireguard_peer_v6()));
+            }
+            let _ = writeln!(s);
         } else if wireguard {
             let peer = match l.attrs.wireguard_peer() {
                 Ok((key, port)) => format!("{}:{}", crate::wireguard::format_key(&key), port.map_or("-".to_string(), |p| p.to_string())),
@@ -120,6 +124,21 @@ pub fn leases_table(rows: &[(crate::lease::Lease, i64)]) -> String {
 #[cfg(test)]
 mod wireguard_tests {
     use super::*;
+
+    #[test]
+    fn a_dual_stack_wireguard_networks_leases_show_each_nodes_key_and_both_ports() {
+        let key = [3u8; 32];
+        let attrs = crate::lease::LeaseAttrs::wireguard("192.168.1.2".parse().unwrap(), &key, 51820).with_wireguard_v6("fd00:64::2".parse().unwrap(), &key, 51821);
+        let lease = crate::lease::Lease { subnet: "10.244.2.0/24".parse().unwrap(), subnet6: Some("fd00:10:244:2::/64".parse().unwrap()), attrs, etcd_lease: 1 };
+        let v6_only = crate::lease::LeaseAttrs::wireguard_ipv6_only("fd00:64::3".parse().unwrap(), &key, 51821);
+        let lease6 = crate::lease::Lease { subnet: "0.0.0.0/0".parse().unwrap(), subnet6: Some("fd00:10:244:3::/64".parse().unwrap()), attrs: v6_only, etcd_lease: 1 };
+        let t = leases_table(&[(lease, 60), (lease6, 60)]);
+        let lines: Vec<&str> = t.lines().collect();
+        let col = lines[0].find("WIREGUARD-KEY").unwrap();
+        let k = crate::wireguard::format_key(&key);
+        assert_eq!(&lines[1][col..], format!("{k}:51820/51821"), "{t}");
+        assert_eq!(&lines[2][col..], format!("{k}:-/51821"), "an IPv6-only lease has no IPv4 port:\n{t}");
+    }
 
     #[test]
     fn a_wireguard_networks_leases_show_each_nodes_key_and_port() {
