@@ -507,8 +507,9 @@ fn stock_ipv6_peer(from: &overlay_tests::Node, to: &overlay_tests::Node, to_ipv6
 /// flannel's wireguard backend with one device for both families (dual stack, Mode `ipv6`),
 /// where the kernel has the module: two agents whose flannel-wg carries IPv4 and IPv6 (no
 /// flannel-wg-v6), each peer with both subnets as allowed IPs and its IPv6 endpoint at the
-/// port its one device listens on, and a stock node made as flannel makes a Mode ipv6 node
-/// (its peers at [PublicIPv6]:51820, as flannel before its PR #2200); ping both families and
+/// port its one device listens on (which their leases' BackendV6Data names), and a stock
+/// node made as flannel makes a Mode ipv6 node (its peers at [PublicIPv6]:51820, the port our
+/// leases name; its own lease names ListenPortV6 51821, as flannel's); ping both families and
 /// TCP over IPv6 between all three both ways; flannel-wg deleted under an agent put back with
 /// both addresses, both routes and its peers.
 #[test]
@@ -603,8 +604,16 @@ fn one_device_wireguard_nodes_carry_both_families_with_a_stock_node() {
         let endpoints = ok("endpoints", c.node(i).ns.run("wg", &["show", "flannel-wg", "endpoints"]));
         assert_eq!(endpoints.lines().count(), 2, "{endpoints}");
         assert!(endpoints.lines().all(|l| l.contains("]:51820")), "node {i}: {endpoints}");
+        // The stock node's peer: both its subnets on the one peer.
         let allowed = ok("allowed", c.node(i).ns.run("wg", &["show", "flannel-wg", "allowed-ips"]));
-        assert!(allowed.contains(&format!("{} {}", c.node(3).subnet, stock6)) || (allowed.contains(&c.node(3).subnet.to_string()) && allowed.contains(&stock6.to_string())), "node {i}: {allowed}");
+        let line = allowed.lines().find(|l| l.starts_with(pk3.trim())).unwrap_or_else(|| panic!("node {i} has no peer for node 3: {allowed}"));
+        let mut nets: Vec<&str> = line.split_whitespace().skip(1).collect();
+        nets.sort();
+        assert_eq!(nets, [c.node(3).subnet.to_string(), stock6.to_string()], "node {i}: {allowed}");
+        // Its lease names flannel-wg's port on the IPv6 side too (where that device listens).
+        let key = format!("/coreos.com/network/subnets/{}-24&{}-64", c.node(i).subnet.network(), sub6[i - 1].network());
+        let lease: serde_json::Value = serde_json::from_str(ok("lease", c.etcd().etcdctl(&["get", &key, "--print-value-only"])).trim()).expect("lease JSON");
+        assert_eq!((lease["BackendData"]["Port"].as_u64(), lease["BackendV6Data"]["Port"].as_u64()), (Some(51820), Some(51820)), "{lease}");
         let status = ok("status", c.node(i).agent_cli(&["status"]));
         assert!(status.contains("device=flannel-wg ") && status.contains("peers=2") && !status.contains("v6_device"), "node {i}: {status}");
     }
@@ -788,6 +797,10 @@ fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
     // subnets), node 1's peer endpoint follows the lease, the stock node's is moved as its
     // flanneld would, and IPv6 flows to it again.
     let (old6, new6) = (overlay_tests::underlay_ipv6(2), std::net::Ipv6Addr::from(u128::from(overlay_tests::underlay_ipv6(2)) + 0x100));
+    // Node 2 may not reach node 1's flannel-wg-v6 meanwhile: wireguard's roaming would move
+    // node 1's endpoint by itself on the first datagram from the new address.
+    let block = ["-w", "OUTPUT", "-p", "udp", "-d", &overlay_tests::underlay_ipv6(1).to_string(), "--dport", "51821", "-j", "DROP"];
+    ok("block", c.node(2).ns.run("ip6tables", &[&["-I"][..], &block[..]].concat()));
     ok("new address", c.node(2).ns.run("ip", &["-6", "addr", "add", &format!("{new6}/64"), "dev", "eth0", "nodad"]));
     ok("old address", c.node(2).ns.run("ip", &["-6", "addr", "del", &format!("{old6}/64"), "dev", "eth0"]));
     let key2 = lease_key(c.node(2), sub6[1]);
@@ -803,6 +816,7 @@ fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
         "node 1's peer for node 2 did not follow the lease: {}",
         ok("wg", c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "endpoints"]))
     );
+    ok("unblock", c.node(2).ns.run("ip6tables", &[&["-D"][..], &block[..]].concat()));
     stock_ipv6_peer(c.node(3), c.node(2), new6, sub6[1]);
     for from in [1, 3] {
         assert!(wait_until(Duration::from_secs(30), || ping6(&c.node(from).containers[0], ct6(2, 0), 1).is_ok()), "node {from} cannot reach node 2 at its new address");

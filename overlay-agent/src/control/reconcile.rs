@@ -145,14 +145,16 @@ pub fn route6_for(lease: &Lease, me6: &Mine6) -> Result<Option<Route6>, LeaseFor
 
 /// A peer on the one device of Modes auto, ipv4 and ipv6: its key (BackendData's, else
 /// BackendV6Data's), both its subnets as allowed IPs, its endpoint in the family the Mode
-/// chooses, at the port its one device listens on: `BackendData.Port` (its `ListenPort`),
-/// else ours. (flannel sends to `BackendV6Data.Port`, the `ListenPortV6` no device listens on
-/// in these Modes; see docs/backends.md.)
+/// chooses (IPv6 for a peer with no IPv4 address), at the port its one device listens on:
+/// `BackendData.Port` (its `ListenPort`), else (an IPv6-only network) `BackendV6Data.Port`,
+/// else ours. (flannel sends to `BackendV6Data.Port` whatever the family, where a flannel
+/// node announces a `ListenPortV6` no device listens on in these Modes; docs/backends.md.)
 fn joint_route_for(lease: &Lease, me6: &Mine6, j: &JointSide, subnet: Ipv6Net, public_ipv6: Ipv6Addr) -> Result<Option<Route6>, LeaseFormatError> {
     use crate::config::WireguardMode::{Auto, Ipv4, Ipv6, Separate};
     let (public_key, port) = match lease.attrs.backend_data {
         Some(_) => lease.attrs.wireguard_peer()?,
-        None => (lease.attrs.wireguard_peer_v6()?.0, None),
+        // An IPv6-only network: our leases name flannel-wg's ListenPort there.
+        None => lease.attrs.wireguard_peer_v6()?,
     };
     let port = port.unwrap_or(j.listen_port);
     let subnet4 = match j.network4 {

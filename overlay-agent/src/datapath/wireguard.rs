@@ -346,11 +346,13 @@ pub struct WireguardPeers6 {
     /// dual-stack network): its IPv4 network and subnet, set up and checked here too.
     pub ipv4: Option<(Ipv4Net, Ipv4Net)>,
     routes: std::collections::BTreeMap<crate::lease::LeaseKey, crate::reconcile::Route6>,
+    /// A peer write or removal failed: `retry` makes the device match `routes`.
+    dirty: bool,
 }
 
 impl WireguardPeers6 {
     pub fn new(dev: WireguardDevice, public_ip: std::net::Ipv6Addr, network: ipnet::Ipv6Net, subnet: ipnet::Ipv6Net, mtu: u32) -> Self {
-        Self { dev, public_ip, network, subnet, mtu, ipv4: None, routes: Default::default() }
+        Self { dev, public_ip, network, subnet, mtu, ipv4: None, routes: Default::default(), dirty: false }
     }
 
     /// How many peers the IPv6 side holds.
@@ -381,14 +383,13 @@ impl WireguardPeers6 {
         )
     }
 
-    /// flannel-wg-v6 made as at start, and every peer written again.
+    /// flannel-wg-v6 made as at start, and every peer written again (one that fails is left
+    /// to `retry`).
     pub fn restore(&mut self) -> Result<()> {
         remake(&self.dev)?;
         self.configure()?;
-        for r in self.routes.values() {
-            wg::set_peer(&self.dev.name, &self.peer_config(r)?)?;
-        }
-        Ok(())
+        self.dirty = true;
+        self.retry()
     }
 
     fn peer_config(&self, r: &crate::reconcile::Route6) -> Result<wg::PeerConfig> {
@@ -405,35 +406,80 @@ impl WireguardPeers6 {
     }
 
     /// The peer for the lease `key` (`None`: its peer goes). A peer whose key changed is
-    /// written anew and the old one removed.
+    /// written anew and the old one removed, unless another lease names that key (a node
+    /// that took a new subnet while its old lease lives out its TTL): then that lease's peer
+    /// is written again. What fails is recorded as wanted and left to `retry`.
     pub fn set(&mut self, key: crate::lease::LeaseKey, want: Option<crate::reconcile::Route6>) -> Result<()> {
-        let old = self.routes.get(&key).copied();
+        let old = match want {
+            Some(r) => self.routes.insert(key, r),
+            None => self.routes.remove(&key),
+        };
+        let r = self.write(old, want);
+        if r.is_err() {
+            self.dirty = true;
+        }
+        r
+    }
+
+    fn write(&self, old: Option<crate::reconcile::Route6>, want: Option<crate::reconcile::Route6>) -> Result<()> {
         if let Some(r) = &want {
             wg::set_peer(&self.dev.name, &self.peer_config(r)?)?;
         }
         let old_key = old.and_then(|o| o.wireguard).map(|p| p.public_key);
         let new_key = want.and_then(|w| w.wireguard).map(|p| p.public_key);
         if let Some(k) = old_key.filter(|k| Some(*k) != new_key) {
-            wg::remove_peer(&self.dev.name, &k)?;
+            match self.routes.values().find(|r| r.wireguard.map(|p| p.public_key) == Some(k)) {
+                Some(other) => wg::set_peer(&self.dev.name, &self.peer_config(other)?)?,
+                None => wg::remove_peer(&self.dev.name, &k)?,
+            }
         }
-        match want {
-            Some(r) => self.routes.insert(key, r),
-            None => self.routes.remove(&key),
-        };
         Ok(())
     }
 
     /// Make the peers exactly `desired`: every desired peer written, every other peer on the
-    /// device (a departed node's, one a previous run left) removed.
+    /// device (a departed node's, one a previous run left) removed. A peer that fails does
+    /// not stop the others; `retry` writes it later.
     pub fn sync(&mut self, desired: &std::collections::BTreeMap<crate::lease::LeaseKey, crate::reconcile::Route6>) -> Result<()> {
+        let mut first_error = None;
         for (k, r) in desired {
-            self.set(*k, Some(*r))?;
+            if let Err(e) = self.set(*k, Some(*r)) {
+                first_error.get_or_insert(e);
+            }
         }
         let gone: Vec<_> = self.routes.keys().filter(|k| !desired.contains_key(k)).copied().collect();
         for k in gone {
-            self.set(k, None)?;
+            if let Err(e) = self.set(k, None) {
+                first_error.get_or_insert(e);
+            }
         }
-        let wanted: std::collections::BTreeSet<Key> = desired.values().filter_map(|r| r.wireguard.map(|p| p.public_key)).collect();
+        if let Err(e) = self.remove_unwanted() {
+            self.dirty = true;
+            first_error.get_or_insert(e);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// After a failure: every peer the leases ask for written again, every other removed.
+    pub fn retry(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.dirty) {
+            return Ok(());
+        }
+        let mut first_error = None;
+        for r in self.routes.values() {
+            if let Err(e) = self.peer_config(r).and_then(|p| wg::set_peer(&self.dev.name, &p)) {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Err(e) = self.remove_unwanted() {
+            first_error.get_or_insert(e);
+        }
+        self.dirty = first_error.is_some();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Peers on the device whose key no lease names.
+    fn remove_unwanted(&self) -> Result<()> {
+        let wanted: std::collections::BTreeSet<Key> = self.routes.values().filter_map(|r| r.wireguard.map(|p| p.public_key)).collect();
         for p in wg::device(&self.dev.name)?.peers {
             if !wanted.contains(&p.public_key) {
                 tracing::info!(peer = %wg::format_key(&p.public_key), device = %self.dev.name, "removing a wireguard peer no lease asks for");

@@ -181,7 +181,7 @@ pub(super) fn lease_attrs(
                 false => crate::datapath::wireguard::prepare_v6_only(&w, &key_file)?,
                 true => crate::datapath::wireguard::prepare(&w, &key_file)?,
             };
-            let attrs = LeaseAttrs::wireguard_ipv6_only(ip6, &dev.public_key, w.listen_port_v6);
+            let attrs = LeaseAttrs::wireguard_ipv6_only(ip6, &dev.public_key, v6_port(cfg));
             wireguard = Some(dev);
             attrs
         }
@@ -191,7 +191,7 @@ pub(super) fn lease_attrs(
             let mut attrs = LeaseAttrs::wireguard(public_ip, &dev.public_key, w.listen_port);
             // Dual stack (Mode separate): the IPv6 side announces the same key and ListenPortV6.
             if let Some(ip6) = wireguard_ipv6 {
-                attrs = attrs.with_wireguard_v6(ip6, &dev.public_key, w.listen_port_v6);
+                attrs = attrs.with_wireguard_v6(ip6, &dev.public_key, v6_port(cfg));
             }
             wireguard = Some(dev);
             attrs
@@ -209,6 +209,17 @@ pub(super) fn lease_attrs(
         _ => attrs,
     };
     Ok((attrs, wireguard))
+}
+
+/// The port a wireguard lease's `BackendV6Data` names: flannel-wg-v6's `ListenPortV6` in Mode
+/// separate; in the one-device Modes flannel-wg's `ListenPort`, where that device listens
+/// (flannel writes `ListenPortV6` there too, a port nothing listens on: docs/backends.md).
+fn v6_port(cfg: &NetworkConfig) -> u16 {
+    match cfg.backend.wireguard {
+        Some(w) if cfg.wireguard_joint() => w.listen_port,
+        Some(w) => w.listen_port_v6,
+        None => 0,
+    }
 }
 
 /// The data plane that is up, and the MTU its containers get.
@@ -280,6 +291,7 @@ pub(super) async fn dataplane(
         Plan::Wireguard if !cfg.enable_ipv4 || cfg.wireguard_joint() => {
             dataplane::detach_programs(spec)?;
             dataplane::retire_other_backends(spec)?;
+            retire_vxlan_ipv6(cfg)?;
             // One device for both families: a Mode separate run's flannel-wg-v6 goes.
             if cfg.wireguard_joint() && netdev::link(crate::wireguard::DEVICE_V6)?.is_some_and(|l| l.kind.as_deref() == Some("wireguard")) {
                 tracing::warn!(device = crate::wireguard::DEVICE_V6, "removing the IPv6 wireguard device: in this Mode flannel-wg carries IPv6");
@@ -303,6 +315,12 @@ pub(super) async fn dataplane(
             let dev = wireguard.context("the wireguard plan has the device lease_attrs made")?;
             dataplane::detach_programs(spec)?;
             dataplane::retire_other_backends(spec)?;
+            retire_vxlan_ipv6(cfg)?;
+            // A run in a one-device Mode left IPv6 on flannel-wg: here it carries IPv4 only.
+            let cleared = netdev::clear_ipv6(&spec.device)?;
+            if cleared > 0 {
+                tracing::warn!(device = %spec.device, cleared, "removed IPv6 addresses and routes a previous run left on the device");
+            }
             // A dual-stack run before left flannel-wg-v6; this network has no IPv6 now.
             if cfg.ipv6.is_none() && netdev::link(crate::wireguard::DEVICE_V6)?.is_some_and(|l| l.kind.as_deref() == Some("wireguard")) {
                 tracing::warn!(device = crate::wireguard::DEVICE_V6, "removing the IPv6 wireguard device: the network no longer has IPv6");
@@ -453,6 +471,17 @@ pub(super) fn wireguard_v6(
     peers.configure()?;
     tracing::info!(device = %peers.dev.name, subnet = %s6, mtu, mode = w.mode.name(), "wireguard IPv6 side up");
     Ok(Some(peers))
+}
+
+/// A vxlan run's flannel-v6.<VNI> (and with it its per-peer IPv6 routes, which would take
+/// IPv6 traffic from the wireguard device) removed from a node that now runs wireguard.
+fn retire_vxlan_ipv6(cfg: &NetworkConfig) -> Result<()> {
+    let dev6 = crate::datapath::ipv6::device_name(cfg.backend.vni);
+    if netdev::link(&dev6)?.is_some_and(|l| l.kind.as_deref() == Some("vxlan")) {
+        tracing::warn!(device = %dev6, "removing the IPv6 vxlan device of the backend a previous run used");
+        netdev::delete_link(&dev6)?;
+    }
+    Ok(())
 }
 
 /// The error `--ebpf-unavailable` stands in for.

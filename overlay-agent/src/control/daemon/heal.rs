@@ -201,6 +201,11 @@ impl Daemon {
     /// made to say the device's address and MAC if it does not (a rebuild, a move, or an
     /// earlier rewrite that failed). Errors no retry can fix end the agent, as for IPv4.
     pub(super) async fn settle_v6(&mut self) -> Result<()> {
+        if let Some(w6) = self.wg6.as_mut() {
+            if let Err(e) = w6.retry() {
+                tracing::warn!(device = %w6.dev.name, error = %crate::error_chain(e.as_ref()), "wireguard IPv6 peers");
+            }
+        }
         if let Some(ip) = self.wg6.as_ref().map(|w6| w6.public_ip).filter(|ip| self.attrs.public_ipv6 != Some(*ip)) {
             // A wireguard node's IPv6 side: peers send to the lease's PublicIPv6.
             let mut attrs = self.attrs.clone();

@@ -402,7 +402,8 @@ pub fn retire_other_backends(spec: &NodeSpec) -> Result<()> {
         (EncapMode::Udp, crate::wireguard::DEVICE.to_string(), "wireguard"),
         (EncapMode::Udp, crate::wireguard::DEVICE_V6.to_string(), "wireguard"),
     ] {
-        if name == spec.device || (mode == spec.mode && spec.device != crate::wireguard::DEVICE && kind != "wireguard") {
+        let wireguard_node = spec.device == crate::wireguard::DEVICE || spec.device == crate::wireguard::DEVICE_V6;
+        if name == spec.device || (mode == spec.mode && !wireguard_node && kind != "wireguard") {
             continue;
         }
         // A wireguard node keeps flannel-wg-v6 here: its IPv6 side, made before this runs

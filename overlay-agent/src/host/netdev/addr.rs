@@ -161,6 +161,22 @@ pub(super) fn has_only_address(name: &str, addr: IpAddr) -> Result<bool> {
     Ok(addresses_like(l.ifindex, addr)? == [(addr, host_len(addr))])
 }
 
+/// Remove `name`'s global IPv6 addresses and the IPv6 routes through it (a wireguard device
+/// that carried IPv6 in a run before and no longer does). How many went.
+pub fn clear_ipv6(name: &str) -> Result<usize> {
+    let l = require_link(name)?;
+    let op = format!("remove the IPv6 addresses of {name}");
+    let addresses = ipv6_addresses(l.ifindex)?;
+    for (a, len) in &addresses {
+        change(&op, RouteNetlinkMessage::DelAddress(address_message(l.ifindex, IpAddr::V6(*a), *len)), 0)?;
+    }
+    let routes = super::route::routes6_through(l.ifindex)?;
+    for r in &routes {
+        super::route::del_route6_through(*r, l.ifindex)?;
+    }
+    Ok(addresses.len() + routes.len())
+}
+
 /// Give the overlay device exactly one address, the subnet's network address as a /32 (as
 /// flannel does): the source the host uses to reach remote containers.
 pub fn set_device_address(name: &str, addr: Ipv4Addr) -> Result<()> {

@@ -69,6 +69,32 @@ pub fn peer_routes6(dev: &str) -> Result<Vec<Ipv6Net>> {
         .collect())
 }
 
+/// The main table's IPv6 routes through `ifindex` other than link-local and multicast ones.
+pub(super) fn routes6_through(ifindex: u32) -> Result<Vec<Ipv6Net>> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet6;
+    let msgs = request("list IPv6 routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None })
+        .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN && r.attributes.contains(&RouteAttribute::Oif(ifindex)))
+        .filter_map(|r| {
+            let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet6(d)) = a { Some(*d) } else { None })?;
+            Ipv6Net::new(dst, r.header.destination_prefix_length).ok()
+        })
+        .filter(|n| n.network().segments()[0] & 0xffc0 != 0xfe80 && !n.network().is_multicast())
+        .collect())
+}
+
+/// Remove the IPv6 route to `dst` through `ifindex`.
+pub(super) fn del_route6_through(dst: Ipv6Net, ifindex: u32) -> Result<()> {
+    let mut m = route6_message(dst);
+    m.header.protocol = RouteProtocol::Unspec;
+    m.header.scope = RouteScope::Universe;
+    m.attributes.push(RouteAttribute::Oif(ifindex));
+    delete_route(&format!("remove route {dst}"), m)
+}
+
 /// Whether the route for the whole IPv6 `network` goes to `device` (flannel-wg-v6's).
 pub fn network_route6_via(network: Ipv6Net, device: &str) -> Result<bool> {
     let Some(l) = link(device)? else { return Ok(false) };
