@@ -799,8 +799,8 @@ fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
     let (old6, new6) = (overlay_tests::underlay_ipv6(2), std::net::Ipv6Addr::from(u128::from(overlay_tests::underlay_ipv6(2)) + 0x100));
     // Node 2 may not reach node 1's flannel-wg-v6 meanwhile: wireguard's roaming would move
     // node 1's endpoint by itself on the first datagram from the new address.
-    let block = ["-w", "OUTPUT", "-p", "udp", "-d", &overlay_tests::underlay_ipv6(1).to_string(), "--dport", "51821", "-j", "DROP"];
-    ok("block", c.node(2).ns.run("ip6tables", &[&["-I"][..], &block[..]].concat()));
+    let block = ["OUTPUT", "-p", "udp", "-d", &overlay_tests::underlay_ipv6(1).to_string(), "--dport", "51821", "-j", "DROP"];
+    ok("block", c.node(2).ns.run("ip6tables", &[&["-w", "-I"][..], &block[..]].concat()));
     ok("new address", c.node(2).ns.run("ip", &["-6", "addr", "add", &format!("{new6}/64"), "dev", "eth0", "nodad"]));
     ok("old address", c.node(2).ns.run("ip", &["-6", "addr", "del", &format!("{old6}/64"), "dev", "eth0"]));
     let key2 = lease_key(c.node(2), sub6[1]);
@@ -816,7 +816,7 @@ fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
         "node 1's peer for node 2 did not follow the lease: {}",
         ok("wg", c.node(1).ns.run("wg", &["show", "flannel-wg-v6", "endpoints"]))
     );
-    ok("unblock", c.node(2).ns.run("ip6tables", &[&["-D"][..], &block[..]].concat()));
+    ok("unblock", c.node(2).ns.run("ip6tables", &[&["-w", "-D"][..], &block[..]].concat()));
     stock_ipv6_peer(c.node(3), c.node(2), new6, sub6[1]);
     for from in [1, 3] {
         assert!(wait_until(Duration::from_secs(30), || ping6(&c.node(from).containers[0], ct6(2, 0), 1).is_ok()), "node {from} cannot reach node 2 at its new address");
