@@ -453,6 +453,43 @@ fn wireguard_nodes_interoperate_with_a_stock_wireguard_node_or_are_refused_witho
     }
 }
 
+/// Whether the kernel can make a wireguard device (`tag` names the probe). Where it cannot,
+/// the VM matrix must not be running (Debian's kernels have the module): the test says it
+/// runs there and returns false.
+fn wireguard_module(tag: &str, what: &str) -> bool {
+    if kernel_can_make(tag, &["type", "wireguard"]) {
+        return true;
+    }
+    assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
+    eprintln!("no wireguard module here: the {what} test runs in the VM matrix");
+    false
+}
+
+/// A dual-stack agent's IPv6 subnet, from its subnet file.
+fn subnet6_of(n: &overlay_tests::Node) -> ipnet::Ipv6Net {
+    let text = std::fs::read_to_string(&n.subnet_file).expect("subnet file");
+    let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in:\n{text}"));
+    line.parse::<ipnet::Ipv6Net>().expect("an IPv6 CIDR").trunc()
+}
+
+/// The `i`th address of `net`.
+fn host6(net: ipnet::Ipv6Net, i: u128) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from(u128::from(net.network()) + i)
+}
+
+/// A dual-stack node's containers given IPv6 from `s6` (the harness gives them IPv4 only):
+/// docker0 the subnet's first address, container k the (k+2)th with a default route via
+/// docker0 at the node's MTU; the node forwards IPv6.
+fn give_containers_ipv6(n: &overlay_tests::Node, s6: ipnet::Ipv6Net) {
+    let gw = host6(s6, 1);
+    ok("docker0 v6", n.ns.run("ip", &["addr", "add", &format!("{gw}/64"), "dev", "docker0", "nodad"]));
+    for (k, ct) in n.containers.iter().enumerate() {
+        ok("container v6", ct.run("ip", &["addr", "add", &format!("{}/64", host6(s6, k as u128 + 2)), "dev", "eth0", "nodad"]));
+        ok("container v6 route", ct.run("ip", &["-6", "route", "add", "default", "via", &gw.to_string(), "mtu", &n.mtu.to_string()]));
+    }
+    ok("v6 forwarding", n.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
+}
+
 /// The wireguard network's dual-stack config (Mode separate: flannel-wg and flannel-wg-v6).
 fn dual_stack_wireguard_config() -> String {
     format!(
@@ -515,9 +552,7 @@ fn stock_ipv6_peer(from: &overlay_tests::Node, to: &overlay_tests::Node, to_ipv6
 #[test]
 fn one_device_wireguard_nodes_carry_both_families_with_a_stock_node() {
     require_root();
-    if !kernel_can_make("wg1d", &["type", "wireguard"]) {
-        assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
-        eprintln!("no wireguard module here: the one-device wireguard test runs in the VM matrix");
+    if !wireguard_module("wg1d", "one-device wireguard") {
         return;
     }
     let config = dual_stack_wireguard_config().replace(r#""Type":"wireguard","#, r#""Type":"wireguard","Mode":"ipv6","#);
@@ -530,13 +565,8 @@ fn one_device_wireguard_nodes_carry_both_families_with_a_stock_node() {
         ..ClusterSpec::etcd(Backend::Wireguard, "auto", 3)
     };
     let c = Cluster::new("kmw1d", &spec).unwrap_or_else(|e| panic!("building the one-device wireguard cluster failed: {e:#}"));
-    let subnet6 = |n: &overlay_tests::Node| -> ipnet::Ipv6Net {
-        let text = std::fs::read_to_string(&n.subnet_file).expect("subnet file");
-        let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in:\n{text}"));
-        line.parse::<ipnet::Ipv6Net>().expect("an IPv6 CIDR").trunc()
-    };
     let stock6: ipnet::Ipv6Net = "fd00:10:244:67::/64".parse().unwrap();
-    let sub6 = [subnet6(c.node(1)), subnet6(c.node(2)), stock6];
+    let sub6 = [subnet6_of(c.node(1)), subnet6_of(c.node(2)), stock6];
     // The stock node as flannel makes a Mode ipv6 node: flannel-wg (made by the harness, port
     // 51820) given the IPv6 subnet's address and the IPv6 network's route too, and the
     // dual-stack lease flannel writes (BackendV6Data's port is ListenPortV6, 51821).
@@ -572,18 +602,11 @@ fn one_device_wireguard_nodes_carry_both_families_with_a_stock_node() {
         let addrs = ok("addr", n.ns.run("ip", &["addr", "show", "dev", "flannel-wg"]));
         assert!(addrs.contains(&format!("inet {}/32", n.subnet.network())) && addrs.contains(&format!("inet6 {}/128", sub6[i - 1].network())), "{addrs}");
     }
-    let host = |net: ipnet::Ipv6Net, i: u128| std::net::Ipv6Addr::from(u128::from(net.network()) + i);
     for (i, n) in [c.node(1), c.node(2), c.node(3)].into_iter().enumerate() {
-        let gw = host(sub6[i], 1);
-        ok("docker0 v6", n.ns.run("ip", &["addr", "add", &format!("{gw}/64"), "dev", "docker0", "nodad"]));
-        for (k, ct) in n.containers.iter().enumerate() {
-            ok("container v6", ct.run("ip", &["addr", "add", &format!("{}/64", host(sub6[i], k as u128 + 2)), "dev", "eth0", "nodad"]));
-            ok("container v6 route", ct.run("ip", &["-6", "route", "add", "default", "via", &gw.to_string(), "mtu", &n.mtu.to_string()]));
-        }
-        ok("v6 forwarding", n.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
+        give_containers_ipv6(n, sub6[i]);
     }
     seed_forward_rules(&c);
-    let ct6 = |node: usize, k: u128| host(sub6[node - 1], k + 2);
+    let ct6 = |node: usize, k: u128| host6(sub6[node - 1], k + 2);
     let all_up = || [(1, 2), (2, 1), (1, 3), (3, 2)].iter().all(|&(a, b)| {
         ping6(&c.node(a).containers[0], ct6(b, 0), 1).is_ok() && ping(&c.node(a).containers[0], c.node(b).container_ip(0), 1).is_ok()
     });
@@ -636,9 +659,7 @@ fn one_device_wireguard_nodes_carry_both_families_with_a_stock_node() {
 #[test]
 fn ipv6_only_wireguard_nodes_interoperate_with_a_stock_node() {
     require_root();
-    if !kernel_can_make("wg6o", &["type", "wireguard"]) {
-        assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
-        eprintln!("no wireguard module here: the IPv6-only wireguard test runs in the VM matrix");
+    if !wireguard_module("wg6o", "IPv6-only wireguard") {
         return;
     }
     let config = format!(
@@ -708,9 +729,7 @@ fn ipv6_only_wireguard_nodes_interoperate_with_a_stock_node() {
 #[test]
 fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
     require_root();
-    if !kernel_can_make("wg6", &["type", "wireguard"]) {
-        assert!(std::env::var("OVERLAY_EXPECT_KERNEL").is_err(), "Debian's kernel has the wireguard module");
-        eprintln!("no wireguard module here: the dual-stack wireguard test runs in the VM matrix");
+    if !wireguard_module("wg6", "dual-stack wireguard") {
         return;
     }
     let spec = ClusterSpec {
@@ -723,20 +742,14 @@ fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
     let mut c = Cluster::new("kmw6", &spec).unwrap_or_else(|e| panic!("building the dual-stack wireguard cluster failed: {e:#}"));
     let stock6: ipnet::Ipv6Net = "fd00:10:244:67::/64".parse().unwrap();
     make_stock_wireguard_node_dual_stack(&c, 3, stock6);
-    let subnet6 = |n: &overlay_tests::Node| -> ipnet::Ipv6Net {
-        let text = std::fs::read_to_string(&n.subnet_file).expect("subnet file");
-        let line = text.lines().find_map(|l| l.strip_prefix("FLANNEL_IPV6_SUBNET=")).unwrap_or_else(|| panic!("no FLANNEL_IPV6_SUBNET in:\n{text}"));
-        line.parse::<ipnet::Ipv6Net>().expect("an IPv6 CIDR").trunc()
-    };
     let lease_key = |n: &overlay_tests::Node, s6: ipnet::Ipv6Net| format!("/coreos.com/network/subnets/{}-24&{}-64", n.subnet.network(), s6.network());
     let lease = |c: &Cluster, key: &str| -> serde_json::Value {
         let value = ok("lease", c.etcd().etcdctl(&["get", key, "--print-value-only"]));
         serde_json::from_str(value.trim()).unwrap_or_else(|e| panic!("lease {key}: {e}: {value:?}"))
     };
-    let host = |net: ipnet::Ipv6Net, i: u128| std::net::Ipv6Addr::from(u128::from(net.network()) + i);
     let mut sub6 = Vec::new();
     for n in [c.node(1), c.node(2), c.node(3)] {
-        let s6 = if n.kind == NodeKind::StockFlannel { stock6 } else { subnet6(n) };
+        let s6 = if n.kind == NodeKind::StockFlannel { stock6 } else { subnet6_of(n) };
         if n.kind != NodeKind::StockFlannel {
             let v = lease(&c, &lease_key(n, s6));
             let public_key = ok("key", n.ns.run("wg", &["show", "flannel-wg", "public-key"]));
@@ -747,14 +760,7 @@ fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
             let key6 = ok("key6", n.ns.run("wg", &["show", "flannel-wg-v6", "public-key"]));
             assert_eq!(key6.trim(), public_key.trim());
         }
-        // docker0 gets the subnet's first IPv6 address, each container the next ones.
-        let gw = host(s6, 1);
-        ok("docker0 v6", n.ns.run("ip", &["addr", "add", &format!("{gw}/64"), "dev", "docker0", "nodad"]));
-        for (k, ct) in n.containers.iter().enumerate() {
-            ok("container v6", ct.run("ip", &["addr", "add", &format!("{}/64", host(s6, k as u128 + 2)), "dev", "eth0", "nodad"]));
-            ok("container v6 route", ct.run("ip", &["-6", "route", "add", "default", "via", &gw.to_string(), "mtu", &n.mtu.to_string()]));
-        }
-        ok("v6 forwarding", n.ns.sysctl("net.ipv6.conf.all.forwarding", "1"));
+        give_containers_ipv6(n, s6);
         sub6.push(s6);
     }
     // The stock node's peers, as its flanneld would add them from the agents' leases.
@@ -763,7 +769,7 @@ fn dual_stack_wireguard_nodes_interoperate_with_a_stock_node_over_ipv6() {
         stock_ipv6_peer(c.node(3), c.node(i), overlay_tests::underlay_ipv6(i), sub6[i - 1]);
     }
     seed_forward_rules(&c);
-    let ct6 = |node: usize, k: u128| host(sub6[node - 1], k + 2);
+    let ct6 = |node: usize, k: u128| host6(sub6[node - 1], k + 2);
     assert!(
         wait_until(Duration::from_secs(60), || [(1, 2), (2, 1), (1, 3), (3, 2)].iter().all(|&(a, b)| ping6(&c.node(a).containers[0], ct6(b, 0), 1).is_ok())),
         "no IPv6 between the containers:\n{}\n{}",

@@ -245,6 +245,8 @@ impl Daemon {
             tracing::warn!(old = %w6.public_ip, new = %ip, "this node's public IPv6 address changed; the lease follows it");
             w6.public_ip = ip;
             self.state.public_ip_changes.fetch_add(1, Ordering::Relaxed);
+            // Mode auto chose each peer's family by our address too: choose again.
+            self.relist = self.cfg.wireguard_joint() && self.cfg.backend.wireguard.is_some_and(|w| w.mode == crate::config::WireguardMode::Auto);
             return Ok(true);
         }
         let (Some(o6), Some(s6)) = (self.v6.as_mut(), self.held.subnet6) else { return Ok(false) };

@@ -120,6 +120,9 @@ struct Daemon {
     keeper: Option<(tokio::task::JoinHandle<()>, mpsc::UnboundedReceiver<KeeperEvent>)>,
     /// What else runs on the underlay's TC ingress hook, as last logged.
     decap_chain: crate::datapath::attach::Chain,
+    /// The peers' routes must be worked out again from a fresh listing (wireguard Mode auto
+    /// chooses each peer's address family by our own IPv6 address, which moved).
+    relist: bool,
     /// When the routes were last reconciled again because they had drifted.
     drift_reconciled: Option<Instant>,
 }
@@ -228,6 +231,7 @@ impl Daemon {
             rules: SharedRules::default(),
             keeper: None,
             decap_chain: Default::default(),
+            relist: false,
             drift_reconciled: None,
         };
         d.start_keeper();
@@ -320,6 +324,9 @@ impl Daemon {
                             self.heal_v6().await?;
                         }
                         self.settle_v6().await?;
+                        if std::mem::take(&mut self.relist) {
+                            break;
+                        }
                         if self.follow_public_ip().await? {
                             // The watch's connection came from the old address: list and
                             // watch again on the new one.

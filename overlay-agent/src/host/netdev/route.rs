@@ -52,36 +52,38 @@ pub fn del_peer_route6(subnet: Ipv6Net) -> Result<()> {
     delete_route(&format!("remove route {subnet}"), route6_message(subnet))
 }
 
-/// The IPv6 routes through `dev` that have a gateway (the peer routes), by destination.
-pub fn peer_routes6(dev: &str) -> Result<Vec<Ipv6Net>> {
-    let Some(l) = link(dev)? else { return Ok(Vec::new()) };
+/// Every IPv6 route the kernel has, each with its destination network (where it has one).
+fn routes6() -> Result<Vec<(RouteMessage, Option<Ipv6Net>)>> {
     let mut m = RouteMessage::default();
     m.header.address_family = AddressFamily::Inet6;
     let msgs = request("list IPv6 routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
     Ok(msgs
-        .iter()
+        .into_iter()
         .filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None })
-        .filter(|r| r.attributes.contains(&RouteAttribute::Oif(l.ifindex)) && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))))
-        .filter_map(|r| {
-            let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet6(d)) = a { Some(*d) } else { None })?;
-            Ipv6Net::new(dst, r.header.destination_prefix_length).ok()
+        .map(|r| {
+            let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet6(d)) = a { Some(*d) } else { None });
+            let net = dst.and_then(|d| Ipv6Net::new(d, r.header.destination_prefix_length).ok());
+            (r, net)
         })
+        .collect())
+}
+
+/// The IPv6 routes through `dev` that have a gateway (the peer routes), by destination.
+pub fn peer_routes6(dev: &str) -> Result<Vec<Ipv6Net>> {
+    let Some(l) = link(dev)? else { return Ok(Vec::new()) };
+    Ok(routes6()?
+        .into_iter()
+        .filter(|(r, _)| r.attributes.contains(&RouteAttribute::Oif(l.ifindex)) && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_))))
+        .filter_map(|(_, n)| n)
         .collect())
 }
 
 /// The main table's IPv6 routes through `ifindex` other than link-local and multicast ones.
 pub(super) fn routes6_through(ifindex: u32) -> Result<Vec<Ipv6Net>> {
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet6;
-    let msgs = request("list IPv6 routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
-    Ok(msgs
-        .iter()
-        .filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None })
-        .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN && r.attributes.contains(&RouteAttribute::Oif(ifindex)))
-        .filter_map(|r| {
-            let dst = r.attributes.iter().find_map(|a| if let RouteAttribute::Destination(RouteAddress::Inet6(d)) = a { Some(*d) } else { None })?;
-            Ipv6Net::new(dst, r.header.destination_prefix_length).ok()
-        })
+    Ok(routes6()?
+        .into_iter()
+        .filter(|(r, _)| r.header.table == RouteHeader::RT_TABLE_MAIN && r.attributes.contains(&RouteAttribute::Oif(ifindex)))
+        .filter_map(|(_, n)| n)
         .filter(|n| n.network().segments()[0] & 0xffc0 != 0xfe80 && !n.network().is_multicast())
         .collect())
 }
@@ -98,15 +100,9 @@ pub(super) fn del_route6_through(dst: Ipv6Net, ifindex: u32) -> Result<()> {
 /// Whether the route for the whole IPv6 `network` goes to `device` (flannel-wg-v6's).
 pub fn network_route6_via(network: Ipv6Net, device: &str) -> Result<bool> {
     let Some(l) = link(device)? else { return Ok(false) };
-    let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet6;
-    let msgs = request("list IPv6 routes", RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
-    Ok(msgs.iter().filter_map(|m| if let RouteNetlinkMessage::NewRoute(r) = m { Some(r) } else { None }).any(|r| {
-        r.header.table == RouteHeader::RT_TABLE_MAIN
-            && r.header.destination_prefix_length == network.prefix_len()
-            && r.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet6(network.network())))
-            && r.attributes.contains(&RouteAttribute::Oif(l.ifindex))
-    }))
+    Ok(routes6()?
+        .iter()
+        .any(|(r, n)| r.header.table == RouteHeader::RT_TABLE_MAIN && *n == Some(network) && r.attributes.contains(&RouteAttribute::Oif(l.ifindex))))
 }
 
 /// flannel's vxlan route for a peer (IPv4, the kernel device carrying the traffic): its
