@@ -332,22 +332,6 @@ pub fn single_ipv4_allowed(p: &PeerInfo) -> Option<Ipv4Net> {
     }
 }
 
-/// The IPv6 allowed IP of a peer on flannel-wg-v6 as a network, if it has exactly one.
-pub fn single_ipv6_allowed(p: &PeerInfo) -> Option<ipnet::Ipv6Net> {
-    match p.allowed_ips.as_slice() {
-        [(IpAddr::V6(a), len)] => ipnet::Ipv6Net::new(*a, *len).ok().map(|n| n.trunc()),
-        _ => None,
-    }
-}
-
-/// The IPv6 endpoint of a peer.
-pub fn ipv6_endpoint(p: &PeerInfo) -> Option<std::net::SocketAddrV6> {
-    match p.endpoint {
-        Some(SocketAddr::V6(e)) => Some(e),
-        _ => None,
-    }
-}
-
 /// The IPv4 endpoint of a peer.
 pub fn ipv4_endpoint(p: &PeerInfo) -> Option<SocketAddrV4> {
     match p.endpoint {

@@ -293,9 +293,8 @@ pub(super) async fn dataplane(
             dataplane::retire_other_backends(spec)?;
             retire_vxlan_ipv6(cfg)?;
             // One device for both families: a Mode separate run's flannel-wg-v6 goes.
-            if cfg.wireguard_joint() && netdev::link(crate::wireguard::DEVICE_V6)?.is_some_and(|l| l.kind.as_deref() == Some("wireguard")) {
-                tracing::warn!(device = crate::wireguard::DEVICE_V6, "removing the IPv6 wireguard device: in this Mode flannel-wg carries IPv6");
-                netdev::delete_link(crate::wireguard::DEVICE_V6)?;
+            if cfg.wireguard_joint() {
+                remove_left_device(crate::wireguard::DEVICE_V6, "wireguard", "in this Mode flannel-wg carries IPv6")?;
             }
             crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
             let mtu = crate::datapath::wireguard::mtu(cfg.backend.mtu, netdev::require_link(&spec.iface)?.mtu);
@@ -322,9 +321,8 @@ pub(super) async fn dataplane(
                 tracing::warn!(device = %spec.device, cleared, "removed IPv6 addresses and routes a previous run left on the device");
             }
             // A dual-stack run before left flannel-wg-v6; this network has no IPv6 now.
-            if cfg.ipv6.is_none() && netdev::link(crate::wireguard::DEVICE_V6)?.is_some_and(|l| l.kind.as_deref() == Some("wireguard")) {
-                tracing::warn!(device = crate::wireguard::DEVICE_V6, "removing the IPv6 wireguard device: the network no longer has IPv6");
-                netdev::delete_link(crate::wireguard::DEVICE_V6)?;
+            if cfg.ipv6.is_none() {
+                remove_left_device(crate::wireguard::DEVICE_V6, "wireguard", "the network no longer has IPv6")?;
             }
             crate::datapath::degraded::set_marker(&spec.bpffs_dir, None)?;
             let underlay = netdev::require_link(&spec.iface)?;
@@ -476,10 +474,14 @@ pub(super) fn wireguard_v6(
 /// A vxlan run's flannel-v6.<VNI> (and with it its per-peer IPv6 routes, which would take
 /// IPv6 traffic from the wireguard device) removed from a node that now runs wireguard.
 fn retire_vxlan_ipv6(cfg: &NetworkConfig) -> Result<()> {
-    let dev6 = crate::datapath::ipv6::device_name(cfg.backend.vni);
-    if netdev::link(&dev6)?.is_some_and(|l| l.kind.as_deref() == Some("vxlan")) {
-        tracing::warn!(device = %dev6, "removing the IPv6 vxlan device of the backend a previous run used");
-        netdev::delete_link(&dev6)?;
+    remove_left_device(&crate::datapath::ipv6::device_name(cfg.backend.vni), "vxlan", "the backend a previous run used")
+}
+
+/// The device `name` of `kind` a previous run left, removed (logged with `why`).
+fn remove_left_device(name: &str, kind: &str, why: &str) -> Result<()> {
+    if netdev::link(name)?.is_some_and(|l| l.kind.as_deref() == Some(kind)) {
+        tracing::warn!(device = %name, why, "removing a device a previous run left");
+        netdev::delete_link(name)?;
     }
     Ok(())
 }

@@ -101,7 +101,7 @@ impl Daemon {
             (None, None) => return None,
         };
         // One wireguard device for both families (Modes auto, ipv4, ipv6).
-        let joint = self.cfg.backend.wireguard.filter(|w| w.mode != crate::config::WireguardMode::Separate).map(|w| reconcile::JointSide {
+        let joint = self.cfg.backend.wireguard.filter(|_| self.cfg.wireguard_joint()).map(|w| reconcile::JointSide {
             mode: w.mode,
             listen_port: w.listen_port,
             network4: self.cfg.enable_ipv4.then_some(self.cfg.network),
